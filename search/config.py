@@ -1,0 +1,241 @@
+"""The run's configuration: YAML plus `--set` overrides, checked once, at the edge.
+
+Each part's dataclass lives beside its owner (`trainables.config`, `search.space`,
+`analysis.config`); this module composes them, converts YAML values to the declared
+types (YAML reads `1e-4` as a string and `no` as false), and reports every problem at
+once as a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from analysis.config import SelectionConfig
+from search.space import SpaceConfig
+from trainables.config import DataConfig, ModelConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """Bad input: the CLI prints it as one paragraph and exits 2."""
+
+
+@dataclass
+class BudgetConfig:
+    num_samples: int = field(default=8, metadata={"help": "configurations the search tries"})
+    max_steps: int = field(default=40, metadata={"help": "optimizer steps of a trial at full budget (the fidelity ASHA allocates)"})
+    eval_every: int = field(default=10, metadata={"help": "steps between evaluations; ASHA decides at these"})
+    grace_period: int = field(default=10, metadata={"help": "steps every trial gets before ASHA may stop it"})
+    reduction_factor: int = field(default=2, metadata={"help": "ASHA keeps 1/reduction_factor of trials at each rung"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear learning-rate warm-up before cosine decay"})
+
+    def problems(self) -> list[str]:
+        out = [f"budget.{k} is {getattr(self, k)}; allowed: an integer >= 1"
+               for k in ("num_samples", "max_steps", "eval_every", "grace_period", "batch_size") if getattr(self, k) < 1]
+        if self.reduction_factor < 2:
+            out.append(f"budget.reduction_factor is {self.reduction_factor}; allowed: an integer >= 2")
+        if self.warmup_steps < 0:
+            out.append(f"budget.warmup_steps is {self.warmup_steps}; allowed: an integer >= 0")
+        if self.grace_period > self.max_steps >= 1:
+            out.append(f"budget.grace_period is {self.grace_period}, above budget.max_steps={self.max_steps}; allowed: 1 to max_steps")
+        if self.eval_every > self.max_steps >= 1:
+            out.append(f"budget.eval_every is {self.eval_every}, above budget.max_steps={self.max_steps}; allowed: 1 to max_steps")
+        return out
+
+
+@dataclass
+class ResourcesConfig:
+    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial; fractions pack several trials on one GPU; auto: none without CUDA, else a share by model size"})
+    cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
+    max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the resources allow"})
+    max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
+
+    def gpus(self, cuda: bool, total_params: int) -> float:
+        """The GPU share per trial; `auto` packs small models several to a GPU (each trial
+        holds its own CUDA context and copy of the base model)."""
+        if self.gpus_per_trial != "auto":
+            return float(self.gpus_per_trial)
+        if not cuda:
+            return 0.0
+        return 0.25 if total_params < 1e9 else 0.5 if total_params < 4e9 else 1.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.gpus_per_trial, str):
+            if self.gpus_per_trial != "auto":
+                out.append(f"resources.gpus_per_trial is {self.gpus_per_trial!r}; allowed: auto, 0, a fraction in (0, 1], or a whole number")
+        elif self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
+            out.append(f"resources.gpus_per_trial is {self.gpus_per_trial}; allowed: 0, a fraction in (0, 1], or a whole number")
+        if self.cpus_per_trial < 1:
+            out.append(f"resources.cpus_per_trial is {self.cpus_per_trial}; allowed: an integer >= 1")
+        if self.max_concurrent_trials < 0:
+            out.append(f"resources.max_concurrent_trials is {self.max_concurrent_trials}; allowed: 0 (no limit) or more")
+        if self.max_failures < 0:
+            out.append(f"resources.max_failures is {self.max_failures}; allowed: an integer >= 0")
+        return out
+
+
+@dataclass
+class Config:
+    name: str = field(default="default", metadata={"help": "run name: results go to <output>/<name>/"})
+    seed: int = field(default=0, metadata={"help": "seeds the sampler, the data order and the trials"})
+    output: str = field(default="runs", metadata={"help": "directory that holds the runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SpaceConfig = field(default_factory=SpaceConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not _NAME.match(self.name):
+            out.append(f"name is {self.name!r}; allowed: letters, digits, '.', '_', '-', not starting with '.' "
+                       "(a run name cannot leave the output directory)")
+        return out
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML (the embedded default when `path` is None), apply `key.sub=value`
+    overrides (values read as YAML), and return a checked Config or raise ConfigError
+    listing every problem."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {source}: cannot read it ({e.strerror}). Fix: give an existing YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {source} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {source} must hold a mapping of keys, found {type(raw).__name__}")
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    config = _build(Config, raw, "", problems)
+    problems += _all_problems(config)  # fields that failed conversion kept their (valid) defaults
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        problems.append(f"--set {item!r} is not KEY=VALUE; example: --set search.ranks=[8,16]")
+        return
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            problems.append(f"--set {key}: {part!r} is not a section")
+            return
+        node = child
+    node[leaf] = value
+
+
+def _all_problems(obj) -> list[str]:
+    out = obj.problems() if hasattr(obj, "problems") else []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _all_problems(value)
+    return out
+
+
+def _build(cls, raw, prefix: str, problems: list[str]):
+    """A `cls` instance from a mapping; unknown keys and wrong types go to `problems`."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'the config'} must be a mapping, found {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"unknown key {prefix}{key}; allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    values = {}
+    for name in fields:
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], prefix + name, problems)
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not _BAD})
+    except TypeError as e:
+        problems.append(f"{prefix.rstrip('.')}: {e}")
+        return cls()
+
+
+_BAD = object()
+
+
+def _convert(value, hint, key: str, problems: list[str]):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".", problems)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            converted = _convert(value, arg, key, trial)
+            if not trial:
+                return converted
+        problems.append(f"{key} is {value!r}; allowed: {_describe(hint)}")
+        return _BAD
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key} is {value!r}; allowed: a list of {_describe(args[0])}, e.g. [a, b]")
+            return _BAD
+        items = [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in items) else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key} is {value!r}; allowed: {_describe(hint)}")
+    return _BAD
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

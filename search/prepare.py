@@ -1,0 +1,82 @@
+"""Everything checked and prepared before Ray starts: the base model's location, its
+module sets resolved against its own layers, the ranks it can take, the device, and the
+tokenized data. Any problem here is bad input (exit 2), found before a GPU is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from search import modules
+from search.config import Config, ConfigError
+from search.space import module_set_key
+from trainables.model import SMOLLM2_ALIAS, smollm2_checkpoint
+
+
+@dataclass
+class PreparedModel:
+    path: str                                     # local directory with config.json (and weights)
+    model: object                                 # the base model on the meta device: shapes only
+    total_params: int
+    resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers
+
+
+def model_path(config: Config) -> str:
+    """A local directory for model.path: the converted embedded default, a directory,
+    or a hub id already in the local cache (nothing is downloaded)."""
+    path = config.model.path
+    if path == SMOLLM2_ALIAS:
+        return str(smollm2_checkpoint())
+    if Path(path).is_dir():
+        return str(Path(path).resolve())
+    if Path(path).exists():
+        raise ConfigError(f"model.path {path!r} is a file; allowed: 'smollm2', a model directory, or a cached hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:
+        raise ConfigError(
+            f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
+            f"Fix: download it once (huggingface-cli download {path}) or give its directory"
+        ) from None
+
+
+def prepare_model(config: Config) -> PreparedModel:
+    """Resolve the model and every module set of the space; check every rank fits."""
+    path = model_path(config)
+    if config.model.trust_remote_code:
+        print(f"model.trust_remote_code is true: code from {path} will run in every trial")
+    try:
+        model_config = modules.load_model_config(path, trust_remote_code=config.model.trust_remote_code)
+        model = modules.meta_model(model_config)
+        resolved = {module_set_key(spec): modules.resolve(model, spec) for spec in config.search.module_sets}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    problems = []
+    for key, res in resolved.items():
+        limit = modules.max_rank(model, res)
+        too_big = [r for r in config.search.ranks if r > limit]
+        if too_big:
+            problems.append(f"search.ranks {too_big} exceed the smallest dimension ({limit}) of a layer in module set {key!r}; "
+                            f"allowed: ranks up to {limit}")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return PreparedModel(path=path, model=model, total_params=modules.base_param_count(model), resolved=resolved)
+
+
+def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
+    """4-bit needs CUDA; on a local run without one that is bad input, not a crash."""
+    import torch
+
+    if not local:
+        return  # the cluster's nodes, not this driver, hold the GPUs; Ray checks the request
+    cuda = torch.cuda.is_available()
+    if config.model.quantization == "4bit" and not cuda:
+        raise ConfigError("model.quantization is '4bit' but this machine has no CUDA GPU; bitsandbytes 4-bit needs one. "
+                          "Fix: --set model.quantization=none, or run on a GPU machine")
+    available = torch.cuda.device_count() if cuda else 0
+    if gpus_per_trial > available:
+        raise ConfigError(f"resources.gpus_per_trial is {gpus_per_trial} but this machine has {available} GPU(s). "
+                          "Fix: lower it, or join a cluster that has them with --address")

@@ -1,0 +1,95 @@
+"""The search space: ordinary Optuna code that reads like the decision it encodes.
+
+`define_space` returns Optuna's define-by-run function for `OptunaSearch(space=...)`.
+Beside the sampled values it returns `lora_config`, the exact `LoraConfig` arguments,
+built here once and used unchanged by the trial and by the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from search.modules import MODULE_SETS, ResolvedModules
+
+
+@dataclass
+class SpaceConfig:
+    module_sets: list[str | list[str]] = field(
+        default_factory=lambda: ["attention_qv", "attention", "mlp", "all_linear"],
+        metadata={"help": f"semantic sets ({', '.join(MODULE_SETS)}) or explicit lists of layer names"})
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "LoRA ranks r to try"})
+    alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={"help": "lora_alpha / r ratios to try"})
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1], metadata={"help": "[low, high] range of lora_dropout"})
+    use_rslora: list[bool] = field(default_factory=lambda: [False, True], metadata={"help": "RSLoRA choices (scale alpha/sqrt(r))"})
+    use_dora: list[bool] = field(default_factory=lambda: [False], metadata={"help": "DoRA choices (slower steps)"})
+    learning_rate: list[float] = field(default_factory=lambda: [2e-4, 3e-3], metadata={"help": "[low, high] range, sampled on a log scale"})
+    loraplus_lr_ratio: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("module_sets", "ranks", "alpha_ratios", "use_rslora", "use_dora", "loraplus_lr_ratio"):
+            if not getattr(self, key):
+                out.append(f"search.{key} is empty; give at least one choice")
+        for i, spec in enumerate(self.module_sets):
+            if isinstance(spec, str) and spec not in MODULE_SETS:
+                out.append(f"search.module_sets[{i}] is {spec!r}; allowed: {', '.join(MODULE_SETS)}, or a list of layer names")
+            if isinstance(spec, list) and not spec:
+                out.append(f"search.module_sets[{i}] is an empty list; give layer names such as [q_proj, v_proj]")
+        out += [f"search.ranks contains {r}; allowed: positive integers" for r in self.ranks if r < 1]
+        out += [f"search.alpha_ratios contains {a}; allowed: positive numbers" for a in self.alpha_ratios if a <= 0]
+        out += [f"search.loraplus_lr_ratio contains {a}; allowed: numbers >= 1" for a in self.loraplus_lr_ratio if a < 1]
+        out += _range_problems("search.dropout", self.dropout, low_ok=lambda x: x >= 0, high_ok=lambda x: x < 1, allowed="0 <= low <= high < 1")
+        out += _range_problems("search.learning_rate", self.learning_rate, low_ok=lambda x: x > 0, high_ok=lambda x: x < 1, allowed="0 < low <= high < 1")
+        return out
+
+
+def _range_problems(key: str, value: list[float], low_ok, high_ok, allowed: str) -> list[str]:
+    if len(value) != 2 or not (low_ok(value[0]) and high_ok(value[1]) and value[0] <= value[1]):
+        return [f"{key} is {value}; allowed: [low, high] with {allowed}"]
+    return []
+
+
+def module_set_key(spec: str | list[str]) -> str:
+    """The categorical value Optuna sees for a module set: its name, or the explicit names joined."""
+    return spec if isinstance(spec, str) else "+".join(spec)
+
+
+def lora_config(resolved: ResolvedModules, r: int, alpha_ratio: float, dropout: float, use_rslora: bool, use_dora: bool) -> dict:
+    """The exact keyword arguments of PEFT's LoraConfig; lora_alpha = alpha_ratio * r."""
+    alpha = alpha_ratio * r
+    return {
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(resolved.target_modules),
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "fan_in_fan_out": resolved.fan_in_fan_out,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def define_space(space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int):
+    """Optuna's define-by-run function over `space`; `resolved` maps module_set_key -> modules."""
+    dropout_low, dropout_high = space.dropout
+    lr_low, lr_high = space.learning_rate
+
+    def define(trial) -> dict:
+        module_set = trial.suggest_categorical("module_set", list(resolved))
+        r = trial.suggest_categorical("r", space.ranks)
+        alpha_ratio = trial.suggest_categorical("alpha_ratio", space.alpha_ratios)
+        dropout = trial.suggest_float("lora_dropout", dropout_low, dropout_high) if dropout_high > dropout_low else dropout_low
+        use_rslora = trial.suggest_categorical("use_rslora", space.use_rslora)
+        use_dora = trial.suggest_categorical("use_dora", space.use_dora)
+        learning_rate = trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_high > lr_low else lr_low
+        trial.suggest_categorical("loraplus_lr_ratio", space.loraplus_lr_ratio)
+        return {
+            "lora_config": lora_config(resolved[module_set], r, alpha_ratio, dropout, use_rslora, use_dora),
+            "lora_dropout": dropout,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "origin": "search",
+        }
+
+    return define

@@ -1,0 +1,88 @@
+"""The config is checked once, at the edge: every problem named, with what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.config import ConfigError, load
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load(path)
+
+
+def test_default_config_is_the_embedded_default():
+    config = load()
+    assert config.model.path == "smollm2"
+    assert config.data.train == "builtin:atlas"
+
+
+def test_overrides_are_read_as_yaml():
+    config = load(None, ["search.ranks=[8,16]", "search.module_sets=[attention,[q_proj,v_proj]]",
+                         "search.learning_rate=[1e-4,1e-3]", "budget.num_samples=3"])
+    assert config.search.ranks == [8, 16]
+    assert config.search.module_sets == ["attention", ["q_proj", "v_proj"]]
+    assert config.search.learning_rate == [1e-4, 1e-3]  # YAML 1.1 reads 1e-4 as a string; coerced
+    assert config.budget.num_samples == 3
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load(None, ["search.ranks=[0,8]", "selection.tolerance=1.5", "budget.max_steps=abc"])
+    message = str(e.value)
+    assert "search.ranks contains 0" in message
+    assert "selection.tolerance" in message
+    assert "budget.max_steps is 'abc'; allowed: an integer" in message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("budget.nm_samples=3", "unknown key budget.nm_samples"),
+    ("colour=red", "unknown key colour"),
+    ("search.ranks=8", "search.ranks is 8; allowed: a list of an integer"),
+    ("search.ranks=[8.5]", "search.ranks[0] is 8.5"),
+    ("search.ranks=[true]", "search.ranks[0] is True"),
+    ("search.ranks=[-4]", "search.ranks contains -4; allowed: positive integers"),
+    ("search.ranks=[]", "search.ranks is empty"),
+    ("search.alpha_ratios=[0]", "search.alpha_ratios contains 0.0; allowed: positive numbers"),
+    ("search.dropout=[0.2,1.0]", "search.dropout is [0.2, 1.0]; allowed: [low, high] with 0 <= low <= high < 1"),
+    ("search.dropout=[0.3,0.1]", "search.dropout is [0.3, 0.1]"),
+    ("search.learning_rate=[0,1e-3]", "search.learning_rate is [0.0, 0.001]"),
+    ("search.module_sets=[]", "search.module_sets is empty"),
+    ("search.module_sets=[attn]", "search.module_sets[0] is 'attn'; allowed: attention_qv"),
+    ("search.module_sets=[[]]", "search.module_sets[0] is an empty list"),
+    ("search.use_dora=[maybe]", "search.use_dora[0] is 'maybe'; allowed: true or false"),
+    ("selection.tolerance=0", "selection.tolerance"),
+    ("selection.mode=up", "selection.mode"),
+    ("selection.metric=bleu", "selection.metric"),
+    ("budget.grace_period=100", "budget.grace_period is 100, above budget.max_steps=40"),
+    ("budget.reduction_factor=1", "budget.reduction_factor is 1; allowed: an integer >= 2"),
+    ("budget.batch_size=0", "budget.batch_size is 0; allowed: an integer >= 1"),
+    ("resources.gpus_per_trial=1.5", "resources.gpus_per_trial is 1.5"),
+    ("resources.gpus_per_trial=lots", "resources.gpus_per_trial is 'lots'"),
+    ("model.quantization=8bit", "model.quantization is '8bit'; allowed: none, 4bit"),
+    ("model.dtype=fp8", "model.dtype is 'fp8'"),
+    ("data.search_fraction=0", "data.search_fraction is 0.0; allowed: a number in (0, 1]"),
+    ("name=../escape", "name is '../escape'"),
+    ("budget", "--set 'budget' is not KEY=VALUE"),
+])
+def test_bad_values_are_named_with_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load(None, [override])
+    assert expected in str(e.value)
+
+
+def test_a_config_that_is_not_yaml_is_an_input_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
+
+
+def test_a_missing_config_file_is_an_input_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load(tmp_path / "nope.yaml")

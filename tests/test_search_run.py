@@ -1,0 +1,120 @@
+"""End to end: real Ray Tune, real Optuna, real PEFT, on a tiny model and on the default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, local_ray, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    code = main([
+        "--output", str(output), "--name", "tiny",
+        "--set", f"model.path={tiny_model_dir}",
+        "--set", "search.module_sets=[attention_qv,mlp,all_linear]",
+        "--set", "search.ranks=[2,4,8]",
+        "--set", "search.learning_rate=[1e-3,2e-2]",
+        "--set", "budget.num_samples=9",
+        "--set", "budget.max_steps=12",
+        "--set", "budget.eval_every=3",
+        "--set", "budget.grace_period=3",
+        "--set", "budget.reduction_factor=3",
+        "--set", "budget.batch_size=4",
+        "--set", "data.eval_examples=8",
+    ])
+    return code, output / "tiny"
+
+
+def test_search_finishes_and_writes_the_four_outputs(tiny_run):
+    code, run_dir = tiny_run
+    assert code == 0
+    for name in ("trials.csv", "pick.json", "adapter/adapter_config.json", "report.md"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_asha_stops_some_trials_before_the_full_budget(tiny_run):
+    _, run_dir = tiny_run
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == 9
+    stopped = trials[trials.status == "stopped"]
+    assert len(stopped) >= 1 and (stopped.step < 12).all()
+    assert (trials[trials.status == "finished"].step == 12).all()
+
+
+def test_every_trial_reports_the_contract_metrics(tiny_run):
+    _, run_dir = tiny_run
+    trials = pd.read_csv(run_dir / "trials.csv")
+    ok = trials[trials.status != "failed"]
+    for column in ("eval_loss", "eval_accuracy", "train_loss", "trainable_params", "trainable_pct",
+                   "train_seconds", "tokens_per_second", "peak_memory_gb"):
+        assert ok[column].notna().all() and (ok[column] >= 0).all(), column
+    assert (ok.lora_alpha == ok.alpha_ratio * ok.r).all()
+
+
+def test_exported_config_is_the_picked_trials_and_applies_to_the_base_model(tiny_run, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir = tiny_run
+    pick = json.loads((run_dir / "pick.json").read_text())
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    row = trials.loc[pick["trial_id"]]
+    assert row.status == "finished"
+    exported = LoraConfig.from_pretrained(run_dir / "adapter")
+    assert exported.lora_alpha == row.alpha_ratio * row.r and exported.r == row.r
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layer_suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert set(exported.target_modules) <= layer_suffixes
+    peft_model = get_peft_model(model, exported)
+    assert peft_model.get_nb_trainable_parameters()[0] == row.trainable_params
+
+
+def test_default_config_runs_with_a_tiny_budget(local_ray, tmp_path):
+    code = main(["--output", str(tmp_path), "--name", "default-tiny",
+                 "--set", "budget.num_samples=2", "--set", "budget.max_steps=2", "--set", "budget.eval_every=1",
+                 "--set", "budget.grace_period=1", "--set", "budget.warmup_steps=1", "--set", "data.eval_examples=4"])
+    assert code == 0
+    trials = pd.read_csv(tmp_path / "default-tiny" / "trials.csv")
+    assert len(trials) == 2 and (trials.status != "failed").all()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "search.ranks=[0]"], "search.ranks contains 0"),
+    (["--set", "search.module_sets=[[q_proj,qproj]]"], "qproj"),
+    (["--set", "search.ranks=[1024]"], "exceed the smallest dimension"),
+    (["--set", "data.train=missing.jsonl"], "does not exist"),
+    (["--set", "model.quantization=4bit"], "no CUDA GPU"),
+    (["--set", "resources.gpus_per_trial=1"], "has 0 GPU"),
+    (["--config", "nowhere.yaml"], "cannot read it"),
+])
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, args, expected):
+    result = _cli(*args, "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_run_directory_is_refused_and_left_untouched(tmp_path):
+    run_dir = tmp_path / "out" / "default"
+    run_dir.mkdir(parents=True)
+    (run_dir / "keep.txt").write_text("mine")
+    result = _cli("--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert [p.name for p in run_dir.iterdir()] == ["keep.txt"]

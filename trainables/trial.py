@@ -1,0 +1,193 @@
+"""What runs inside one trial: a PEFT fine-tune of the cached base model.
+
+Reads top to bottom: set up (base model from the worker's cache, adapter from the
+trial's exact `lora_config`, optimizer with the LoRA+ ratio), train, and every
+`eval_every` steps evaluate, checkpoint the adapter and report to Tune. Whatever happens,
+the adapter is removed from the cached base model and its memory freed before the
+worker takes the next trial (Tune reuses the worker).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainables.config import TrialSetup
+from trainables.data import IGNORE, batch_indices, collate, load_split
+from trainables.model import forget_base_model, load_base_model
+
+EVAL_BATCH = 16
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite: the trial ends as failed, never as a result."""
+
+
+def train_lora(params: dict, setup: TrialSetup) -> None:
+    """Train one configuration; report `step, eval_loss, eval_accuracy, train_loss,
+    trainable_params, trainable_pct, train_seconds, tokens_per_second, peak_memory_gb`
+    to Tune every `setup.eval_every` steps and at `setup.max_steps`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(setup.cpu_threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device)
+    train_rows = load_split(setup.data_dir, "train" if params.get("full_data") else "search_train")
+    eval_rows = load_split(setup.data_dir, "eval")
+
+    torch.manual_seed(params["seed"])
+    model = get_peft_model(base, LoraConfig(**params["lora_config"]))
+    optimizer = scheduler = None
+    try:
+        optimizer = _optimizer(model, params["learning_rate"], params["loraplus_lr_ratio"], cuda)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda)
+    finally:
+        del optimizer, scheduler
+        try:
+            model.unload()
+        except Exception:
+            forget_base_model()
+            raise
+        finally:
+            del model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def _optimizer(model, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW; with LoRA+ the B matrices learn `loraplus_lr_ratio` times faster than A."""
+    a_params, b_params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b_params if "lora_B" in name else a_params).append(p)
+    groups = [{"params": a_params, "lr": learning_rate}, {"params": b_params, "lr": learning_rate * loraplus_lr_ratio}]
+    return torch.optim.AdamW(groups, weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
+
+
+def _schedule(warmup_steps: int, max_steps: int):
+    """Linear warm-up, then cosine decay to 10% at max_steps: the same for every trial,
+    so trials compared at a rung saw the same schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool) -> None:
+    from ray import tune
+
+    trainable_params = model.get_nb_trainable_parameters()[0]
+    step, train_seconds, tokens = _restore(model, optimizer, scheduler)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    model.train()
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    while step < setup.max_steps:
+        started = time.perf_counter()
+        examples = [train_rows[i] for i in batch_indices(len(train_rows), setup.batch_size, params["seed"], step)]
+        batch = collate(examples, setup.pad_token_id, device)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        loss_count += 1
+        step += 1
+        tokens += sum(len(ids) for ids, _ in examples)
+        if step % setup.eval_every and step != setup.max_steps:
+            train_seconds += time.perf_counter() - started
+            continue
+        train_loss = (loss_sum / loss_count).item()  # the one host sync between reports
+        train_seconds += time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"train loss became {train_loss} by step {step}")
+        eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast)
+        if not math.isfinite(eval_loss):
+            raise TrialDiverged(f"eval loss became {eval_loss} at step {step}")
+        metrics = {
+            "step": step,
+            "eval_loss": eval_loss,
+            "eval_accuracy": eval_accuracy,
+            "train_loss": train_loss,
+            "trainable_params": trainable_params,
+            "trainable_pct": 100.0 * trainable_params / setup.total_params,
+            "train_seconds": train_seconds,
+            "tokens_per_second": tokens / train_seconds,
+            "peak_memory_gb": _peak_memory_gb(cuda),
+        }
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, tokens)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_token_id: int, device, autocast) -> tuple[float, float]:
+    """Mean loss and accuracy over all answer tokens of `rows` (teacher forcing): every
+    token weighs the same, whatever batch it falls in."""
+    model.eval()
+    loss_total, correct, count = 0.0, 0, 0
+    for start in range(0, len(rows), EVAL_BATCH):
+        batch = collate(rows[start : start + EVAL_BATCH], pad_token_id, device)
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        loss_total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == labels[keep]).sum().item()
+        count += keep.sum().item()
+    model.train()
+    return loss_total / count, correct / count
+
+
+def _peak_memory_gb(cuda: bool) -> float:
+    """GPU: peak allocated by this trial. CPU: the worker process's peak resident set."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds: float, tokens: int) -> None:
+    """Adapter weights and optimizer state only: never the base model."""
+    from peft import get_peft_model_state_dict
+
+    torch.save({
+        "adapter": get_peft_model_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "train_seconds": train_seconds,
+        "tokens": tokens,
+    }, directory / "state.pt")
+
+
+def _restore(model, optimizer, scheduler) -> tuple[int, float, int]:
+    """Continue from Tune's checkpoint of this trial, if there is one: (step, train_seconds, tokens)."""
+    from peft import set_peft_model_state_dict
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0.0, 0
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+    set_peft_model_state_dict(model, state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["train_seconds"], state["tokens"]
