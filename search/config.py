@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from analysis.config import SelectionConfig
+from search.prior import TaskConfig
 from search.space import SpaceConfig
 from trainables.config import DataConfig, ModelConfig
 
@@ -92,6 +93,7 @@ class Config:
     output: str = field(default="runs", metadata={"help": "directory that holds the runs"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     search: SpaceConfig = field(default_factory=SpaceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

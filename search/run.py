@@ -89,8 +89,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_dir: Path) -> int:
     import ray
 
-    from analysis.report import analyse
-    from search.space import define_space
+    from search.prior import prior_point
+    from search.space import LoraSpace
     from search.tuner import build_tuner
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
@@ -117,7 +117,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
             # A local run listens on loopback only, with no dashboard.
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        tuner = build_tuner(config, setup, define_space(config.search, prepared.resolved, config.seed), run_dir)
+        space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
+        prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
+        tuner = build_tuner(config, setup, space, prior, gpus, run_dir)
         tuner.fit()
     except KeyboardInterrupt:
         print(f"interrupted; partial results stay in {run_dir}", file=sys.stderr)
@@ -128,6 +130,8 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
     finally:
         if started_here:
             ray.shutdown()
+    from analysis.report import analyse
+
     return analyse(run_dir)
 
 

@@ -1,6 +1,6 @@
 """The search space: ordinary Optuna code that reads like the decision it encodes.
 
-`define_space` returns Optuna's define-by-run function for `OptunaSearch(space=...)`.
+`LoraSpace` is Optuna's define-by-run function for `OptunaSearch(space=...)`.
 Beside the sampled values it returns `lora_config`, the exact `LoraConfig` arguments,
 built here once and used unchanged by the trial and by the export.
 """
@@ -70,13 +70,18 @@ def lora_config(resolved: ResolvedModules, r: int, alpha_ratio: float, dropout: 
     }
 
 
-def define_space(space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int):
-    """Optuna's define-by-run function over `space`; `resolved` maps module_set_key -> modules."""
-    dropout_low, dropout_high = space.dropout
-    lr_low, lr_high = space.learning_rate
+class LoraSpace:
+    """Optuna's define-by-run function over a SpaceConfig (a class, not a closure, because
+    Tune pickles the searcher, and with it the space, into the experiment state)."""
 
-    def define(trial) -> dict:
-        module_set = trial.suggest_categorical("module_set", list(resolved))
+    def __init__(self, space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int, with_prior: bool = False):
+        self.space, self.resolved, self.seed, self.with_prior = space, resolved, seed, with_prior
+
+    def __call__(self, trial) -> dict:
+        space = self.space
+        dropout_low, dropout_high = space.dropout
+        lr_low, lr_high = space.learning_rate
+        module_set = trial.suggest_categorical("module_set", list(self.resolved))
         r = trial.suggest_categorical("r", space.ranks)
         alpha_ratio = trial.suggest_categorical("alpha_ratio", space.alpha_ratios)
         dropout = trial.suggest_float("lora_dropout", dropout_low, dropout_high) if dropout_high > dropout_low else dropout_low
@@ -85,11 +90,10 @@ def define_space(space: SpaceConfig, resolved: dict[str, ResolvedModules], seed:
         learning_rate = trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_high > lr_low else lr_low
         trial.suggest_categorical("loraplus_lr_ratio", space.loraplus_lr_ratio)
         return {
-            "lora_config": lora_config(resolved[module_set], r, alpha_ratio, dropout, use_rslora, use_dora),
+            "lora_config": lora_config(self.resolved[module_set], r, alpha_ratio, dropout, use_rslora, use_dora),
             "lora_dropout": dropout,
             "learning_rate": learning_rate,
-            "seed": seed,
-            "origin": "search",
+            "seed": self.seed,
+            # Optuna asks enqueued points first: trial 0 is the rule-of-thumb prior when there is one
+            "origin": "prior" if self.with_prior and trial.number == 0 else "search",
         }
-
-    return define

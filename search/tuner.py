@@ -53,9 +53,15 @@ class LoraOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(value, result["step"])
 
 
-def build_tuner(config: Config, setup: TrialSetup, space, run_dir: Path) -> tune.Tuner:
+def trial_dirname(trial) -> str:
+    """Short, stable trial directories (Ray's default spells the whole config into the path)."""
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(config: Config, setup: TrialSetup, space, prior: dict, gpus_per_trial: float, run_dir: Path) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
-    over `space`, ASHA on training steps, results under `run_dir/tune`."""
+    over `space` with the rule-of-thumb `prior` as its first trial, ASHA on training
+    steps, `gpus_per_trial` (resolved, not 'auto') per trial, results under `run_dir/tune`."""
     import optuna
 
     budget, selection = config.budget, config.selection
@@ -65,14 +71,14 @@ def build_tuner(config: Config, setup: TrialSetup, space, run_dir: Path) -> tune
         n_startup_trials=max(2, min(10, budget.num_samples // 3)),
     )
     searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
-                                sampler=sampler, max_steps=budget.max_steps)
+                                sampler=sampler, points_to_evaluate=[prior], max_steps=budget.max_steps)
     scheduler = ASHAScheduler(
         time_attr="step",
         max_t=budget.max_steps,
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    resources = {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial}
+    resources = {"cpu": config.resources.cpus_per_trial, "gpu": gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(train_lora, setup=setup), resources)
     return tune.Tuner(
         trainable,
@@ -84,6 +90,7 @@ def build_tuner(config: Config, setup: TrialSetup, space, run_dir: Path) -> tune
             num_samples=budget.num_samples,
             max_concurrent_trials=config.resources.max_concurrent_trials or None,
             reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,

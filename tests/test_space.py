@@ -7,7 +7,7 @@ import pytest
 
 from search import modules
 from search.config import load
-from search.space import define_space, module_set_key
+from search.space import LoraSpace, module_set_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -25,7 +25,7 @@ def space_setup(tiny_model_dir):
 
 def _proposals(config, resolved, seed: int, n: int) -> list[dict]:
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-    define = define_space(config.search, resolved, seed)
+    define = LoraSpace(config.search, resolved, seed)
     out = []
     for _ in range(n):
         trial = study.ask()
