@@ -12,10 +12,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from search.config import Config, ConfigError, load, to_dict
+from search.resume import CREATED_BY, RUN_CONFIG, record_driver
+
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="directory that holds runs (overrides the config's output)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="join a Ray cluster: auto or ray://HOST:PORT (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same name and config: finished trials are kept, "
+                             "unfinished ones continue from their last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     parser.add_argument("--dry-run", action="store_true",
                         help="print module sets, ranks and trainable parameter counts from the model's config; no Ray, no training")
@@ -62,28 +68,42 @@ def run(config: Config, args: argparse.Namespace) -> int:
     gpus = config.resources.gpus(torch.cuda.is_available(), prepared.total_params)
     check_device(config, gpus, local=args.address is None)
     run_dir = config.run_dir
-    _check_run_dir(run_dir, args.overwrite)
+    if args.resume:
+        from search.resume import check_driver_gone, resume_check, stop_leftover_workers
 
+        data_info = resume_check(run_dir, config)
+        check_driver_gone(run_dir)
+        stop_leftover_workers(run_dir)
+    else:
+        data_info = _start(config, prepared, gpus, run_dir, args.overwrite)
+    record_driver(run_dir)
+    return _search(config, args, prepared, gpus, data_info, run_dir)
+
+
+def _start(config: Config, prepared, gpus: float, run_dir: Path, overwrite: bool) -> dict:
+    """Tokenize the data (in memory: bad data is input error with nothing written), then
+    create the run directory with the data and the resolved config."""
     from trainables.data import prepare, save_splits
 
+    _check_run_dir(run_dir, overwrite)
     try:
         splits, data_info = prepare(config.data, prepared.path, config.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     save_splits(splits, run_dir / "data")
-    _write_json(run_dir / "run_config.json", {
+    _write_json(run_dir / RUN_CONFIG, {
         **to_dict(config),
         "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus},
         "base_model": {"path": prepared.path, "total_params": prepared.total_params},
         "data_info": data_info,
         "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
                         for k, v in prepared.resolved.items()},
+        "created_by": CREATED_BY,
     })
-    return _search(config, args, prepared, gpus, data_info, run_dir)
+    return data_info
 
 
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_dir: Path) -> int:
@@ -91,7 +111,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
 
     from search.prior import prior_point
     from search.space import LoraSpace
-    from search.tuner import build_tuner
+    from search.tuner import EXPERIMENT, build_tuner, fit_or_restore, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
 
@@ -109,6 +129,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
         total_params=prepared.total_params,
         pad_token_id=data_info["pad_token_id"],
     )
+    # Experiment state written at most every second (Ray's default: 10 s), so a killed
+    # run loses at most a second of bookkeeping and no finished trial is trained twice.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     started_here = not ray.is_initialized()
     if started_here:
         if args.address:
@@ -116,13 +139,16 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
         else:
             # A local run listens on loopback only, with no dashboard.
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    stop = GracefulStop()
     try:
-        space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
-        prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
-        tuner = build_tuner(config, setup, space, prior, gpus, run_dir)
-        tuner.fit()
+        with stop:
+            trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
+            space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
+            prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
+            fit_or_restore(EXPERIMENT, run_dir, trainable, lambda: build_tuner(config, trainable, space, prior, run_dir))
     except KeyboardInterrupt:
-        print(f"interrupted; partial results stay in {run_dir}", file=sys.stderr)
+        print(f"stopped at once by {stop.requested or 'Ctrl+C'}; continue with the same command and --resume",
+              file=sys.stderr)
         return 1
     except Exception as e:  # a failure of the search itself, not of one trial (those are results)
         print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -132,7 +158,45 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
             ray.shutdown()
     from analysis.report import analyse
 
-    return analyse(run_dir)
+    code = analyse(run_dir)
+    if stop.requested:
+        print(f"stopped by {stop.requested}: the state is saved; continue with the same command and --resume",
+              file=sys.stderr)
+        return 1
+    return code
+
+
+class GracefulStop:
+    """SIGTERM (what Slurm and Kubernetes send) and Ctrl+C end the run the same way: Tune
+    stops its trials and writes its state one last time, so `--resume` continues it.
+
+    Tune's own handler covers SIGINT only; both signals are routed to its SIGUSR1
+    handler, which does the same graceful stop, and remembered so the CLI can say so.
+    A second signal stops at once.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def __enter__(self):
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        first = self.requested is None
+        self.requested = signal.Signals(signum).name
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if not (first and tune_listens):
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _check_run_dir(run_dir: Path, overwrite: bool) -> None:

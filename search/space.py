@@ -96,4 +96,7 @@ class LoraSpace:
             "seed": self.seed,
             # Optuna asks enqueued points first: trial 0 is the rule-of-thumb prior when there is one
             "origin": "prior" if self.with_prior and trial.number == 0 else "search",
+            "parent": None,       # the trial a promoted, confirming or retrained trial repeats
+            "start_from": None,   # a checkpoint directory to continue from (promotion)
+            "full_data": False,   # search trials train on data.search_fraction of the data
         }

@@ -4,7 +4,9 @@ function. Everything else (restore, storage, progress, retries) is Ray's own.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 from ray import tune
@@ -53,15 +55,72 @@ class LoraOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(value, result["step"])
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive `Tuner.restore`.
+
+    Ray pickles the scheduler once, when the Tuner is created, and restores that empty
+    copy (ray-project/ray#30838): a resumed run would forget every value recorded at
+    every rung and let weak trials through. Here the rungs are written to `state_path`
+    after every decision and read back when the scheduler is unpickled on restore.
+    """
+
+    def __init__(self, *, state_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._state_path = state_path
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save_rungs()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save_rungs()
+
+    def _save_rungs(self) -> None:
+        rungs = [[[milestone, recorded] for milestone, recorded in bracket._rungs] for bracket in self._brackets]
+        tmp = f"{self._state_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rungs, f)
+        os.replace(tmp, self._state_path)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.path.exists(self._state_path):
+            with open(self._state_path) as f:
+                saved = json.load(f)
+            for bracket, rungs in zip(self._brackets, saved):
+                # same milestones: a resume with a different budget is refused before this
+                for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, rungs):
+                    recorded.update(saved_recorded)
+
+
+def fit_or_restore(name: str, run_dir: Path, trainable, build) -> None:
+    """Fit the experiment `run_dir/name`: restored from its own state when it exists
+    (finished trials kept, unfinished ones continue from their last checkpoint, failed
+    ones stay failed), else the Tuner that `build()` makes."""
+    path = str((run_dir / name).resolve())
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = build()
+    tuner.fit()
+
+
+def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
+    """The trial function with its setup (by object reference, once) and resources."""
+    return tune.with_resources(tune.with_parameters(train_lora, setup=setup), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+
+
 def trial_dirname(trial) -> str:
     """Short, stable trial directories (Ray's default spells the whole config into the path)."""
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(config: Config, setup: TrialSetup, space, prior: dict, gpus_per_trial: float, run_dir: Path) -> tune.Tuner:
+def build_tuner(config: Config, trainable, space, prior: dict, run_dir: Path) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
     over `space` with the rule-of-thumb `prior` as its first trial, ASHA on training
-    steps, `gpus_per_trial` (resolved, not 'auto') per trial, results under `run_dir/tune`."""
+    steps, results under `run_dir/tune`."""
     import optuna
 
     budget, selection = config.budget, config.selection
@@ -72,14 +131,13 @@ def build_tuner(config: Config, setup: TrialSetup, space, prior: dict, gpus_per_
     )
     searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
                                 sampler=sampler, points_to_evaluate=[prior], max_steps=budget.max_steps)
-    scheduler = ASHAScheduler(
+    scheduler = ResumableASHA(
+        state_path=str((run_dir / "asha_state.json").resolve()),
         time_attr="step",
         max_t=budget.max_steps,
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    resources = {"cpu": config.resources.cpus_per_trial, "gpu": gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(train_lora, setup=setup), resources)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -14,6 +14,7 @@ import math
 import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,7 +33,13 @@ class TrialDiverged(RuntimeError):
 def train_lora(params: dict, setup: TrialSetup) -> None:
     """Train one configuration; report `step, eval_loss, eval_accuracy, train_loss,
     trainable_params, trainable_pct, train_seconds, tokens_per_second, peak_memory_gb`
-    to Tune every `setup.eval_every` steps and at `setup.max_steps`."""
+    to Tune every `setup.eval_every` steps and at `setup.max_steps`.
+
+    `params` is a trial's config as the space or a later stage builds it: `lora_config`
+    (LoraConfig kwargs, used unchanged), `learning_rate`, `loraplus_lr_ratio`, `seed`
+    (weights init and data order), `full_data` (train on all the data, not the search
+    share), `start_from` (a checkpoint directory to continue from, or None), and
+    bookkeeping the analysis reads (`module_set`, `r`, `alpha_ratio`, `origin`, `parent`)."""
     from peft import LoraConfig, get_peft_model
 
     torch.set_num_threads(setup.cpu_threads)
@@ -41,7 +48,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device)
-    train_rows = load_split(setup.data_dir, "train" if params.get("full_data") else "search_train")
+    train_rows = load_split(setup.data_dir, "train" if params["full_data"] else "search_train")
     eval_rows = load_split(setup.data_dir, "eval")
 
     torch.manual_seed(params["seed"])
@@ -92,7 +99,7 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
     from ray import tune
 
     trainable_params = model.get_nb_trainable_parameters()[0]
-    step, train_seconds, tokens = _restore(model, optimizer, scheduler)
+    step, train_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     model.train()
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -164,30 +171,37 @@ def _peak_memory_gb(cuda: bool) -> float:
 
 
 def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds: float, tokens: int) -> None:
-    """Adapter weights and optimizer state only: never the base model."""
-    from peft import get_peft_model_state_dict
-
+    """Adapter (a loadable PEFT adapter directory: config and safetensors) and optimizer
+    state only: never the base model."""
+    model.save_pretrained(directory / "adapter")
     torch.save({
-        "adapter": get_peft_model_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
         "train_seconds": train_seconds,
         "tokens": tokens,
-    }, directory / "state.pt")
+        "rng": torch.get_rng_state(),  # dropout masks continue as they would have
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, directory / "trainer_state.pt")
 
 
-def _restore(model, optimizer, scheduler) -> tuple[int, float, int]:
-    """Continue from Tune's checkpoint of this trial, if there is one: (step, train_seconds, tokens)."""
+def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, float, int]:
+    """Continue from Tune's checkpoint of this trial (a retry or a resumed run), else from
+    `start_from` (a stopped trial promoted to the full budget), else from scratch.
+    Returns (step, train_seconds, tokens)."""
     from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None and start_from is None:
         return 0, 0.0, 0
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-    set_peft_model_state_dict(model, state["adapter"])
+    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(start_from)) as directory:
+        set_peft_model_state_dict(model, load_peft_weights(str(Path(directory) / "adapter"), device="cpu"))
+        state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["train_seconds"], state["tokens"]

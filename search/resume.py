@@ -1,0 +1,112 @@
+"""Continuing an interrupted run: check it is ours and unchanged, and that nothing of the
+dead run still runs (a SIGKILLed driver leaves its Ray workers alive for about a minute,
+holding their GPU memory and still writing checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from search.config import Config, ConfigError, to_dict
+
+RUN_CONFIG = "run_config.json"
+CREATED_BY = "lora-search"
+
+
+def resume_check(run_dir: Path, config: Config) -> dict:
+    """The stored data facts of a run that may be resumed with `config`; ConfigError when
+    the directory is not a run of this tool, belongs to someone else, or was started with
+    a different configuration (resources may change: they say where it runs, not what)."""
+    stored_path = run_dir / RUN_CONFIG
+    if not stored_path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no {RUN_CONFIG}, so it is not a run this tool started. "
+                          f"Fix: check --output and --name, or start a new run without --resume")
+    if stored_path.stat().st_uid != os.getuid():
+        raise ConfigError(f"--resume: {run_dir} belongs to another user; its state files are pickles and are only "
+                          f"read from runs you created")
+    stored = json.loads(stored_path.read_text())
+    if stored.get("created_by") != CREATED_BY:
+        raise ConfigError(f"--resume: {stored_path} was not written by this tool")
+    current = to_dict(config)
+    differing = [key for section in current if section not in ("resources",)
+                 for key in _differences(current[section], stored.get(section), section)]
+    if differing:
+        raise ConfigError(f"--resume: the configuration differs from the one {run_dir} was started with, at "
+                          f"{', '.join(differing)}. Fix: resume with the original settings, or start a new run (--name)")
+    return stored["data_info"]
+
+
+def _differences(current, stored, key: str) -> list[str]:
+    if isinstance(current, dict) and isinstance(stored, dict):
+        return [k for name in current for k in _differences(current[name], stored.get(name), f"{key}.{name}")]
+    return [] if current == stored else [key]
+
+
+def stop_leftover_workers(run_dir: Path, grace_seconds: float = 10.0) -> list[int]:
+    """End the Ray worker processes that trained this run's trials and are still alive
+    (found by the `pid` Ray records in every result row): SIGTERM, then SIGKILL after
+    `grace_seconds`. Returns the pids that had to be stopped."""
+    alive = [pid for pid in _worker_pids(run_dir) if _is_ray_worker(pid)]
+    for pid in alive:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(_is_ray_worker(pid) for pid in alive):
+        time.sleep(0.2)
+    for pid in alive:
+        if _is_ray_worker(pid):
+            _signal(pid, signal.SIGKILL)
+    if alive:
+        print(f"stopped {len(alive)} worker process(es) left over from the interrupted run: {alive}")
+    return alive
+
+
+def _worker_pids(run_dir: Path) -> set[int]:
+    pids = set()
+    for result in run_dir.glob("*/trial_*/result.json"):
+        for line in result.read_text().splitlines():
+            try:
+                pids.add(int(json.loads(line)["pid"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return pids
+
+
+def _is_ray_worker(pid: int) -> bool:
+    """True for a live process of ours whose command line is a Ray worker's."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmdline.startswith(b"ray::") or b"default_worker.py" in cmdline
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+DRIVER = "driver.pid"
+
+
+def record_driver(run_dir: Path) -> None:
+    (run_dir / DRIVER).write_text(str(os.getpid()))
+
+
+def check_driver_gone(run_dir: Path) -> None:
+    """Refuse to resume a run whose driver is still alive: two drivers would train the same trials."""
+    try:
+        pid = int((run_dir / DRIVER).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if pid != os.getpid() and b"search.run" in cmdline:
+        raise ConfigError(f"--resume: the run in {run_dir} is still going (driver pid {pid}). "
+                          f"Fix: stop it first (Ctrl+C or kill {pid}), then resume")
