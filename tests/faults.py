@@ -1,0 +1,27 @@
+"""Faults injected into chosen trials through Ray's own `worker_process_setup_hook` (runs in
+every worker before it unpickles the trainable): a CUDA out-of-memory error cannot happen on
+a CPU, so it is raised the way PyTorch raises it; the NaN is real, made by poisoning one
+adapter weight, so the trial's own divergence check is what catches it.
+
+Which trials: rank 8 runs out of memory; module set `mlp` (at other ranks) diverges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def install() -> None:
+    import trainables.trial as trial
+
+    original = trial._train
+
+    def faulty_train(model, optimizer, scheduler, params, *rest):
+        if params["r"] == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        if params["module_set"] == "mlp":
+            with torch.no_grad():
+                next(p for name, p in model.named_parameters() if "lora_B" in name).fill_(float("nan"))
+        return original(model, optimizer, scheduler, params, *rest)
+
+    trial._train = faulty_train

@@ -1,0 +1,80 @@
+"""A trial that runs out of memory or diverges is a failed trial with its reason: the search
+goes on, the pick is among the healthy trials, and Optuna's record agrees with Tune's."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DRIVER = """
+import ray, sys
+ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+         runtime_env={"worker_process_setup_hook": "tests.faults.install", "env_vars": {"PYTHONPATH": %r}})
+from search.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("faulty")
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp,all_linear]", "search.ranks=[2,4,8]",
+            "search.learning_rate=[1e-3,2e-2]", "budget.num_samples=10", "budget.max_steps=6", "budget.eval_every=3",
+            "budget.grace_period=3", "budget.batch_size=4", "data.eval_examples=8"]
+    args = ["--output", str(output), "--name", "faulty", *[x for s in sets for x in ("--set", s)]]
+    result = subprocess.run([sys.executable, "-c", DRIVER % str(ROOT), *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    run_dir = output / "faulty"
+    assert (run_dir / "trials.csv").exists(), result.stdout[-2000:] + result.stderr[-3000:]
+    return result.returncode, run_dir, pd.read_csv(run_dir / "trials.csv")
+
+
+def test_the_search_goes_on_and_every_trial_has_a_row(faulty_run):
+    code, _, trials = faulty_run
+    assert code == 0
+    assert len(trials) == 10
+
+
+def test_out_of_memory_trials_are_failed_with_the_reason(faulty_run):
+    _, _, trials = faulty_run
+    oom = trials[trials.r == 8]
+    assert len(oom) >= 1
+    assert (oom.status == "failed").all()
+    assert oom.error.str.contains("OutOfMemoryError").all()
+
+
+def test_diverged_trials_are_failed_with_the_reason(faulty_run):
+    _, _, trials = faulty_run
+    nan = trials[(trials.module_set == "mlp") & (trials.r != 8)]
+    assert len(nan) >= 1
+    assert (nan.status == "failed").all()
+    assert nan.error.str.contains("TrialDiverged").all() and nan.error.str.contains("nan").all()
+
+
+def test_the_pick_is_among_the_healthy_trials(faulty_run):
+    _, run_dir, trials = faulty_run
+    pick = json.loads((run_dir / "pick.json").read_text())
+    row = trials.set_index("trial_id").loc[pick["trial_id"]]
+    assert row.status == "finished" and row.r != 8 and row.module_set != "mlp"
+
+
+def test_every_optuna_trial_ends_in_one_state_matching_tune(faulty_run):
+    from optuna.trial import TrialState
+
+    _, run_dir, trials = faulty_run
+    (state_file,) = (run_dir / "tune").glob("searcher-state-*.pkl")
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]  # our own run's state
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.FAIL) == (trials.status == "failed").sum()
+    assert states.count(TrialState.PRUNED) == (trials.status == "stopped").sum()
+    assert states.count(TrialState.COMPLETE) == (trials.status == "finished").sum()
