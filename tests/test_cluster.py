@@ -1,0 +1,45 @@
+"""Several machines only through Ray: a two-node cluster (ray.cluster_utils.Cluster, each
+node on its own loopback address) runs trials on both nodes into one run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Ray turns a 127.0.0.1 address into the machine's own IP before connecting, which the
+# loopback-only nodes do not listen on; this keeps the driver on loopback too.
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+DRIVER = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
+cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
+cluster.wait_for_nodes()
+from search.run import main
+code = main(["--address", cluster.address, *sys.argv[1:]])
+cluster.shutdown()
+sys.exit(code)
+"""
+
+
+def test_trials_run_on_both_nodes_and_land_in_one_run_directory(tiny_model_dir, tmp_path):
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4]",
+            "budget.num_samples=4", "budget.max_steps=4", "budget.eval_every=2", "budget.grace_period=2",
+            "budget.batch_size=4", "data.eval_examples=4", "selection.tolerance=1"]
+    args = ["--output", str(tmp_path), "--name", "cluster", *[x for s in sets for x in ("--set", s)]]
+    result = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **LOOPBACK}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "cluster"
+    nodes = set()
+    for result_file in (run_dir / "tune").glob("trial_*/result.json"):
+        nodes.update(json.loads(line)["node_ip"] for line in result_file.read_text().splitlines())
+    assert nodes == {"127.0.0.1", "127.0.0.2"}
+    assert len(list((run_dir / "tune").glob("trial_*"))) == 4
+    assert (run_dir / "pick.json").is_file()
