@@ -109,6 +109,7 @@ def _start(config: Config, prepared, gpus: float, run_dir: Path, overwrite: bool
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_dir: Path) -> int:
     import ray
 
+    from search.cluster import connect
     from search.prior import prior_point
     from search.space import LoraSpace
     from search.tuner import EXPERIMENT, build_tuner, fit_or_restore, trainable_for
@@ -132,13 +133,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
     # Experiment state written at most every second (Ray's default: 10 s), so a killed
     # run loses at most a second of bookkeeping and no finished trial is trained twice.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            # A local run listens on loopback only, with no dashboard.
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    started_here = connect(args.address)
     stop = GracefulStop()
     try:
         with stop:
@@ -206,8 +201,9 @@ def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
     parent = run_dir.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output {run_dir.parent} is not writable (checked {parent}). Fix: choose another --output")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"output {run_dir.parent} is not writable ({parent} is not a writable directory). "
+                          f"Fix: choose another --output")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -38,6 +38,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from search.cluster import connect
+
+    connect(None, num_cpus=2)
     yield ray
     ray.shutdown()

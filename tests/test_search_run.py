@@ -118,3 +118,11 @@ def test_an_existing_run_directory_is_refused_and_left_untouched(tmp_path):
     result = _cli("--output", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2 and "already exists" in result.stderr
     assert [p.name for p in run_dir.iterdir()] == ["keep.txt"]
+
+
+def test_ray_auth_token_is_readable_by_its_owner_only(local_ray):
+    import stat
+
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.exists()
+    assert token.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0

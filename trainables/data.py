@@ -34,10 +34,12 @@ def load_rows(source: str, split: str, key: str):
     if path.suffix in _FORMATS:
         if not path.is_file():
             raise ValueError(f"{key} is {source!r}, which does not exist. Fix: give an existing JSONL, Parquet or CSV file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{key} is {source!r}, an empty file; it needs rows with 'messages' or 'prompt' and 'completion'")
         try:
             return datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
-            raise ValueError(f"{key}: {source!r} could not be read as {_FORMATS[path.suffix]}: {e}") from None
+            raise ValueError(f"{key}: {source!r} could not be read as {_FORMATS[path.suffix]} ({type(e).__name__}: {e})") from None
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:

@@ -1,0 +1,81 @@
+"""Bad input: exit 2 within seconds, a message naming the key, the value and what is allowed,
+no traceback, no Ray started, nothing written."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import search.cluster
+from search.run import main
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for bad input")
+
+    monkeypatch.setattr(search.cluster, "connect", refuse)
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {"wrong": wrong, "empty": empty, "no_answer": no_answer, "a_file": a_file}
+
+
+CASES = [
+    (["--set", "budget.nm_samples=3"], "unknown key budget.nm_samples"),
+    (["--set", "search.ranks=[0]"], "search.ranks contains 0; allowed: positive integers"),
+    (["--set", "search.ranks=[4.5]"], "search.ranks[0] is 4.5; allowed: an integer"),
+    (["--set", "search.ranks=4"], "search.ranks is 4; allowed: a list"),
+    (["--set", "search.alpha_ratios=[-1]"], "search.alpha_ratios contains -1.0; allowed: positive numbers"),
+    (["--set", "search.dropout=[0.0,1.0]"], "search.dropout is [0.0, 1.0]; allowed: [low, high] with 0 <= low <= high < 1"),
+    (["--set", "search.module_sets=[]"], "search.module_sets is empty"),
+    (["--set", "search.module_sets=[attn]"], "search.module_sets[0] is 'attn'"),
+    (["--set", "search.module_sets=[[qproj]]"], "q_proj"),  # the message lists the real names
+    (["--set", "search.module_sets=[[q_proj,qproj]]"], "qproj"),
+    (["--set", "search.ranks=[64]"], "exceed the smallest dimension (16)"),
+    (["--set", "search.learning_rate=[abc,1e-3]"], "search.learning_rate[0] is 'abc'; allowed: a number"),
+    (["--set", "selection.tolerance=1.5"], "selection.tolerance=1.5 is outside (0, 1]"),
+    (["--set", "selection.tolerance=0"], "selection.tolerance=0.0 is outside (0, 1]"),
+    (["--set", "selection.metric=bleu"], "selection.metric='bleu'"),
+    (["--set", "budget.grace_period=50"], "budget.grace_period is 50, above budget.max_steps=40"),
+    (["--set", "resources.gpus_per_trial=1"], "resources.gpus_per_trial is 1.0 but this machine has 0 GPU(s)"),
+    (["--set", "model.quantization=4bit"], "model.quantization is '4bit' but this machine has no CUDA GPU"),
+    (["--set", "model.path=/nowhere/model"], "model.path '/nowhere/model' is neither"),
+    (["--set", "data.train=missing.jsonl"], "data.train is 'missing.jsonl', which does not exist"),
+    (["--set", "data.train={wrong}"], "data.train has columns ['answer', 'question']; allowed: 'messages'"),
+    (["--set", "data.train={empty}"], "data.train is '{empty}', an empty file"),
+    (["--set", "data.eval={no_answer}"], "data.eval row 0 does not end with an assistant answer"),
+    (["--output", "{a_file}/runs"], "is not a writable directory"),
+    (["--name", "../../etc"], "name is '../../etc'"),
+    (["--set", "budget"], "--set 'budget' is not KEY=VALUE"),
+    (["--config", "/nowhere.yaml"], "cannot read it"),
+]
+
+
+@pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_exits_2_naming_the_problem_with_nothing_started_or_written(
+        args, expected, tiny_model_dir, data_files, tmp_path, capsys, no_ray):
+    args = [a.format(**data_files) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    started = time.monotonic()
+    code = main(["--set", f"model.path={tiny_model_dir}", "--set", "search.ranks=[2,4,8]", *args])
+    seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected.format(**data_files) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert seconds < 15
