@@ -126,3 +126,21 @@ def test_ray_auth_token_is_readable_by_its_owner_only(local_ray):
     token = Path.home() / ".ray" / "auth_token"
     assert token.exists()
     assert token.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0
+
+
+def test_dry_run_works_from_a_config_json_alone_with_exact_counts(tmp_path, capsys, monkeypatch):
+    import search.cluster
+
+    monkeypatch.setattr(search.cluster, "connect", lambda *a, **k: pytest.fail("dry run started Ray"))
+    model_dir = tmp_path / "llama-2-7b-shape"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}))
+    code = main(["--dry-run", "--set", f"model.path={model_dir}", "--set", "search.module_sets=[attention_qv,all_linear]",
+                 "--set", "search.ranks=[4,16]", "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2,097,152" in out            # q and v at r=4: 32 layers x 2 x 4 x (4096 + 4096)
+    assert "39,976,960" in out           # all seven at r=16: 32 x 16 x (4 x 8192 + 3 x 15104)
+    assert not (tmp_path / "out").exists()
