@@ -1,0 +1,73 @@
+"""The dry run: for each module set and rank, what LoRA would train, from the model's shapes alone
+(a meta-device model: no weights, no Ray)."""
+
+from __future__ import annotations
+
+from search.modules import adapter_param_count, base_param_count, resolve
+from search.space import module_set_key
+
+# LoRA adapters usually train 0.05% to 1% of the base model; a row outside that range deserves a
+# second look: too few parameters to learn the task, or a cost approaching full fine-tuning's.
+LOW_PCT = 0.05
+HIGH_PCT = 1.0
+FP32_BYTES = 4
+MIB = 2**20
+
+
+def dry_run_rows(model, module_sets: list, ranks: list[int], use_dora_choices: list[bool]) -> list[dict]:
+    """One row per module set x rank x distinct DoRA choice, in the order given. Each row holds:
+    module_set (the set's name, or an explicit list's names joined by "+"), target_modules,
+    layers (number of adapted layers), r, use_dora, trainable_params (exact), trainable_pct
+    (percent of the base model's parameters), adapter_mb (the adapter's size in fp32, in MiB of
+    2**20 bytes), flag ("below 0.05%", "above 1%" or "") and note (the resolution's note, or "").
+    Raises ValueError as `resolve` does for a set the model cannot take."""
+    base = base_param_count(model)
+    rows = []
+    for spec in module_sets:
+        resolved = resolve(model, spec)
+        for r in ranks:
+            for use_dora in dict.fromkeys(use_dora_choices):
+                trainable = adapter_param_count(model, resolved, r, use_dora)
+                pct = 100 * trainable / base
+                rows.append({
+                    "module_set": module_set_key(spec),
+                    "target_modules": resolved.target_modules,
+                    "layers": len(resolved.layers),
+                    "r": r,
+                    "use_dora": use_dora,
+                    "trainable_params": trainable,
+                    "trainable_pct": pct,
+                    "adapter_mb": trainable * FP32_BYTES / MIB,
+                    "flag": _flag(pct),
+                    "note": resolved.note or "",
+                })
+    return rows
+
+
+def format_table(rows: list[dict], model_name: str) -> str:
+    """A plain-text report: each module set's target modules, layer count and note once, then
+    one aligned table line per row of `dry_run_rows`."""
+    sets = {row["module_set"]: row for row in rows}
+    lines = [f"LoRA dry run for {model_name}", "", "Module sets:"]
+    for name, row in sets.items():
+        lines.append(f"  {name}: {', '.join(row['target_modules'])} ({row['layers']} layers)")
+        lines += [f"    note: {row['note']}"] if row["note"] else []
+    header = ["module_set", "r", "dora", "trainable params", "% of base", "adapter MiB (fp32)", "flag"]
+    cells = [[row["module_set"], str(row["r"]), "yes" if row["use_dora"] else "no", f"{row['trainable_params']:,}",
+              f"{row['trainable_pct']:.3f}", f"{row['adapter_mb']:.2f}", row["flag"]] for row in rows]
+    widths = [max(len(line[i]) for line in [header] + cells) for i in range(len(header))]
+    left_aligned = {0, 6}
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i in left_aligned else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+    return "\n".join(lines + ["", line(header)] + [line(values) for values in cells])
+
+
+def _flag(pct: float) -> str:
+    """"below 0.05%" or "above 1%" for a trainable share outside the usual LoRA range, else ""."""
+    if pct < LOW_PCT:
+        return f"below {LOW_PCT}%"
+    if pct > HIGH_PCT:
+        return f"above {HIGH_PCT:g}%"
+    return ""
