@@ -1,0 +1,24 @@
+"""Export the picked configuration as PEFT's own `adapter_config.json`."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from peft import LoraConfig
+
+
+def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str | os.PathLike) -> Path:
+    """Write `<out_dir>/adapter_config.json` for `LoraConfig(**lora_config)` on `base_model_path`; return its path.
+
+    `lora_config` is used unchanged: it is the dict the trial trained with. The file is PEFT's
+    `save_pretrained` output, so `LoraConfig.from_pretrained(out_dir)` loads it; it replaces
+    any earlier one atomically, and other files in `out_dir` (adapter weights) are left alone.
+    PEFT rejects impossible arguments with its own ValueError.
+    """
+    config = LoraConfig(**lora_config, base_model_name_or_path=str(base_model_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".adapter_config.") as staging:
+        config.save_pretrained(staging)
+        os.replace(Path(staging) / "adapter_config.json", out_dir / "adapter_config.json")
+    return out_dir / "adapter_config.json"

@@ -1,0 +1,299 @@
+"""Analyse a run directory: trials.csv, pick.json, adapter/adapter_config.json, plots/ and report.md.
+
+    python -m analysis.report RUN_DIR [--tolerance T] [--cost C] [--metric M --mode MODE]
+
+Re-analyses a finished or interrupted run without training. Exit 0 with a pick, 1 when no
+trial is eligible (report.md and trials.csv still say why), 2 on bad input.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
+from analysis.files import write_text_atomic
+from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
+from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
+
+if TYPE_CHECKING:
+    from analysis.plots import Plots
+
+TOP_TRIALS = 10
+# Search settings sampled from a [low, high] range rather than chosen from a list.
+_RANGES = ("dropout", "learning_rate")
+_FIELD_HELP = {f.name: f.metadata["help"] for f in fields(SelectionConfig)}
+
+
+def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None) -> int:
+    """Write the analysis of `run_dir` into it; return 0 with a pick, 1 when no trial is eligible.
+
+    `selection` replaces run_config.json's selection settings when given. Writes (each file
+    atomically) trials.csv, plots/*.png and report.md, and with a pick pick.json and
+    adapter/adapter_config.json; without one it removes those two stale files if an earlier
+    analysis left them, and prints why to stderr. Raises ValueError for bad input (not a run
+    directory, invalid selection settings).
+    """
+    run_dir = Path(run_dir)
+    run_config = read_run_config(run_dir)
+    selection = selection or selection_from_run_config(run_config)
+    problems = selection.problems()
+    if problems:
+        raise ValueError(" ".join(problems))
+    max_steps = run_config["budget"]["max_steps"]
+    trials = load_trials(run_dir)
+    write_trials_csv(trials, run_dir / "trials.csv")
+    try:
+        chosen = pick(
+            trials, selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps, load_lora_configs(run_dir)
+        )
+        no_pick = None
+    except NoCandidate as error:
+        chosen, no_pick = None, str(error)
+    # Imported here, not at the top, so that --help and input errors answer at once:
+    # matplotlib and optuna take about a second to import, peft (through torch) about five.
+    from analysis.plots import write_plots
+
+    plots = write_plots(trials, load_curves(run_dir), selection, chosen, run_dir / "plots")
+    if chosen is None:
+        (run_dir / "pick.json").unlink(missing_ok=True)
+        (run_dir / "adapter" / "adapter_config.json").unlink(missing_ok=True)
+    else:
+        from analysis.export import export_adapter_config
+
+        write_text_atomic(run_dir / "pick.json", json.dumps(asdict(chosen), indent=2) + "\n")
+        export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / "adapter")
+    write_text_atomic(run_dir / "report.md", render_report(run_config, trials, selection, chosen, no_pick, plots))
+    if chosen is None:
+        print(f"analysis: {no_pick} The report is {run_dir / 'report.md'}.", file=sys.stderr)
+        return 1
+    print(
+        f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
+        f"{chosen.cost_name} {chosen.cost:,.6g}. Report: {run_dir / 'report.md'}"
+    )
+    return 0
+
+
+def selection_from_run_config(run_config: dict) -> SelectionConfig:
+    """The selection settings recorded in run_config.json; ValueError naming any key it does not know."""
+    settings = run_config["selection"]
+    unknown = sorted(set(settings) - set(_FIELD_HELP))
+    if unknown:
+        raise ValueError(f"run_config.json: selection has unknown keys {unknown}; the known keys are {list(_FIELD_HELP)}.")
+    return SelectionConfig(**settings)
+
+
+def render_report(
+    run_config: dict,
+    trials: pd.DataFrame,
+    selection: SelectionConfig,
+    chosen: Pick | None,
+    no_pick: str | None,
+    plots: "Plots",
+) -> str:
+    """report.md's text: what was searched, what it cost, the pick and why, the top trials, the plots, the config.
+
+    `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None.
+    """
+    sections = [
+        _title(run_config, selection),
+        _searched(run_config),
+        _spent(trials, run_config["budget"]["max_steps"]),
+        _pick_section(trials, chosen, no_pick),
+        _top_trials(trials, selection, chosen),
+        _plots_section(plots),
+    ]
+    if chosen is not None:
+        sections.append(_snippet_section(chosen, trials))
+    return "\n\n".join(sections) + "\n"
+
+
+def rationale(chosen: Pick, trials: pd.DataFrame) -> str:
+    """One sentence on why `chosen` won: its value, the best, the tolerance, and what it saves against the best trial."""
+    if chosen.trial_id == chosen.best_trial_id:
+        return (
+            f"Trial `{chosen.trial_id}` has the best {chosen.metric} ({chosen.value:.4g} at step {chosen.step}) "
+            f"and is also the cheapest by {chosen.cost_name} of the {chosen.candidates} trials within tolerance "
+            f"{chosen.tolerance:g} of it, so it saves nothing against the best."
+        )
+    row, best = _row(trials, chosen.trial_id), _row(trials, chosen.best_trial_id)
+    return (
+        f"Trial `{chosen.trial_id}` reaches {chosen.metric} {chosen.value:.4g} at step {chosen.step} against the best "
+        f"{chosen.best_value:.4g} (trial `{chosen.best_trial_id}`), within tolerance {chosen.tolerance:g}, and trains "
+        f"{row['trainable_params']:,} parameters instead of {best['trainable_params']:,} "
+        f"({_relative(row['trainable_params'], best['trainable_params'], 'fewer')}) in "
+        f"{row['train_seconds']:,.0f} s instead of {best['train_seconds']:,.0f} s "
+        f"({_relative(row['train_seconds'], best['train_seconds'], 'less')})."
+    )
+
+
+def lora_config_snippet(lora_config: dict) -> str:
+    """Python source that builds the same `LoraConfig`, one keyword argument per line."""
+    arguments = "".join(f"    {key}={value!r},\n" for key, value in lora_config.items())
+    return f"from peft import LoraConfig\n\nconfig = LoraConfig(\n{arguments})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0 picked, 1 nothing eligible, 2 bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report",
+        description="Re-analyse a LoRA search run without training. Writes trials.csv, pick.json, "
+        "adapter/adapter_config.json, plots/ and report.md into RUN_DIR. Options override the "
+        "selection settings the run was started with.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="A run directory (holds run_config.json and tune/).")
+    parser.add_argument("--tolerance", type=float, help=_FIELD_HELP["tolerance"])
+    parser.add_argument("--cost", choices=COSTS, help=_FIELD_HELP["cost"])
+    parser.add_argument("--metric", choices=list(METRIC_MODES), help=_FIELD_HELP["metric"])
+    parser.add_argument("--mode", choices=MODES, help=_FIELD_HELP["mode"])
+    try:
+        arguments = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage and what was wrong, or --help
+        return stop.code
+    overrides = {
+        name: getattr(arguments, name)
+        for name in ("metric", "mode", "tolerance", "cost")
+        if getattr(arguments, name) is not None
+    }
+    try:
+        selection = replace(selection_from_run_config(read_run_config(arguments.run_dir)), **overrides)
+        return analyse(arguments.run_dir, selection)
+    except ValueError as error:
+        print(f"analysis: {error}", file=sys.stderr)
+        return 2
+
+
+def _title(run_config: dict, selection: SelectionConfig) -> str:
+    base = run_config["base_model"]
+    return (
+        f"# LoRA search: {run_config['name']}\n\n"
+        f"Base model `{base['path']}` ({base['total_params']:,} parameters), seed {run_config['seed']}. "
+        f"Selection: the cheapest trial by `{selection.cost}` whose `{selection.metric}` "
+        f"({'higher' if selection.mode == 'max' else 'lower'} is better) is within {selection.tolerance:g} of the best."
+    )
+
+
+def _searched(run_config: dict) -> str:
+    rows = [
+        (f"`{key}`", f"from {values[0]:g} to {values[1]:g}" if key in _RANGES else ", ".join(map(str, values)))
+        for key, values in run_config["search"].items()
+    ]
+    budget = run_config["budget"]
+    return (
+        "## What was searched\n\n"
+        + _markdown_table(("setting", "values"), rows)
+        + f"\n\nBudget: up to {budget['num_samples']} trials of {budget['max_steps']} optimizer steps "
+        f"(batch size {budget['batch_size']}), evaluated every {budget['eval_every']} steps; ASHA may stop "
+        f"a trial from step {budget['grace_period']} on, keeping 1 in {budget['reduction_factor']} at each rung."
+    )
+
+
+def _spent(trials: pd.DataFrame, max_steps: int) -> str:
+    counts = trials["status"].value_counts()
+    seconds = trials["train_seconds"].sum()
+    text = (
+        "## What it cost\n\n"
+        f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
+        f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
+        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})."
+    )
+    failed = trials[trials["status"] == "failed"]
+    if failed.empty:
+        return text
+    lines = [f"- `{row.trial_id}` ({row.module_set}, r={row.r}): {row.error}" for row in failed.itertuples()]
+    return text + "\n\nFailed trials:\n\n" + "\n".join(lines)
+
+
+def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None) -> str:
+    if chosen is None:
+        return f"## The pick\n\n**No pick.** {no_pick}"
+    row = _row(trials, chosen.trial_id)
+    return (
+        f"## The pick\n\n"
+        f"**Trial `{chosen.trial_id}`**: {row['module_set']} (`{row['target_modules']}`), r={row['r']}, "
+        f"lora_alpha={row['lora_alpha']:g}, dropout {row['lora_dropout']:.3g}, RSLoRA {row['use_rslora']}, "
+        f"DoRA {row['use_dora']}, learning rate {row['learning_rate']:.3g}.\n\n"
+        f"{rationale(chosen, trials)}\n\n"
+        f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
+    )
+
+
+def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick | None) -> str:
+    finished = finished_trials(trials, selection.metric, selection.cost)
+    if finished.empty:
+        return "## Top trials\n\nNo trial finished the full budget."
+    top = rank_by_metric(finished, selection.metric, selection.mode).head(TOP_TRIALS)
+    headers = (
+        "trial", "origin", "module set", "r", "lora_alpha", "dropout", "RSLoRA", "DoRA", "learning rate",
+        selection.metric, "trainable params", "train s", "",
+    )
+    rows = [
+        (
+            f"`{row.trial_id}`", row.origin, row.module_set, row.r, f"{row.lora_alpha:g}", f"{row.lora_dropout:.3g}",
+            row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{getattr(row, selection.metric):.4g}",
+            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", _marks(row.trial_id, chosen),
+        )
+        for row in top.itertuples()
+    ]
+    return (
+        f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {selection.metric}.\n\n"
+        + _markdown_table(headers, rows)
+    )
+
+
+def _plots_section(plots: "Plots") -> str:
+    images = [f"![{path.stem.replace('_', ' ')}](plots/{path.name})" for path in plots.files]
+    skipped = [f"- `plots/{name}` not drawn: {reason}." for name, reason in plots.skipped.items()]
+    return "## Plots\n\n" + "\n\n".join(images + (["\n".join(skipped)] if skipped else []))
+
+
+def _snippet_section(chosen: Pick, trials: pd.DataFrame) -> str:
+    row = _row(trials, chosen.trial_id)
+    return (
+        "## Use it\n\n```python\n"
+        + lora_config_snippet(chosen.lora_config)
+        + f"\n```\n\nTrain with learning rate {row['learning_rate']:.3g} (LoRA+ learning-rate ratio "
+        f"{row['loraplus_lr_ratio']:g}), as the trial did."
+    )
+
+
+def _marks(trial_id: str, chosen: Pick | None) -> str:
+    if chosen is None:
+        return ""
+    marks = (("pick", chosen.trial_id), ("best", chosen.best_trial_id))
+    return ", ".join(mark for mark, marked_trial in marks if marked_trial == trial_id)
+
+
+def _row(trials: pd.DataFrame, trial_id: str) -> pd.Series:
+    return trials[trials["trial_id"] == trial_id].iloc[0]
+
+
+def _relative(value: float, reference: float, less: str) -> str:
+    """'75% fewer' / '10% more' for `value` against `reference`; 'not comparable' without a positive reference."""
+    if not reference > 0 or math.isnan(value):
+        return "not comparable"
+    change = (reference - value) / reference
+    return f"{change:.0%} {less}" if change >= 0 else f"{-change:.0%} more"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _markdown_table(headers: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

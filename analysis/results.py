@@ -1,0 +1,256 @@
+"""Read a run directory into tables: one row per trial, and every reported step for curves.
+
+The run directory is the only input (see DESIGN.md): `run_config.json` written by the driver,
+and one Ray Tune experiment directory per stage (`EXPERIMENTS`), each with one sub-directory
+per trial. Seen with Ray 2.60, a trial directory holds:
+- `params.json`: the trial's config (it carries no trial id);
+- `result.json`: one JSON object per `tune.report` call, each with Ray's `trial_id` added (and
+  the config repeated under `config`, which we ignore in favour of `params.json`);
+- `error.txt`: when the trial raised, "Failure # N (occurred at ...)" then the traceback, once
+  per failure; a trial can fail before its first report and then has no result rows.
+Its name is the driver's `trial_<trial id>`, or Ray's default
+`<trainable>_<trial id>_<index>_<short config>_<date>`; the trial id is 8 hex digits with a
+searcher (`ab12cd34`) or `<5 hex>_<5 digits>` without one (`711d0_00001`).
+Ray's `done` flag is not used: it was seen false on the last row of a finished trial and true
+on a row where ASHA stopped a trial.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.files import atomic_path
+
+COLUMNS = (
+    "trial_id", "status", "origin", "module_set", "target_modules", "r", "alpha_ratio",
+    "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
+    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "train_loss",
+    "trainable_params", "trainable_pct", "train_seconds", "tokens_per_second",
+    "peak_memory_gb", "error",
+)
+CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "train_loss")
+# What a trial reports at each step; a trial that failed before its first report has none.
+REPORTED_COLUMNS = (
+    "step", "eval_loss", "eval_accuracy", "train_loss", "trainable_params", "trainable_pct",
+    "train_seconds", "tokens_per_second", "peak_memory_gb",
+)
+# Integer columns that are missing for a trial without reports: pandas' nullable integers.
+_NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
+_TRIAL_PARAMS = ("origin", "module_set", "alpha_ratio", "learning_rate", "loraplus_lr_ratio", "seed", "lora_config")
+_LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
+_REQUIRED_RUN_CONFIG = (
+    "name", "seed", "search", "selection", "base_model.path", "base_model.total_params",
+    "budget.num_samples", "budget.max_steps", "budget.eval_every", "budget.grace_period",
+    "budget.reduction_factor", "budget.batch_size",
+)
+
+# The stages whose trials compete: the search, promotions of stopped trials to the full budget,
+# confirmations with other seeds. Not "retrain": it trains the pick on all the data, so its
+# metrics are not comparable with the others'.
+EXPERIMENTS = ("tune", "promote", "confirm")
+_TRIAL_ID_IN_NAME = re.compile(r"_(?P<trial_id>[0-9a-f]{8}|[0-9a-f]{5}_[0-9]{5})(?:_|$)")
+_FAILURE_HEADER = re.compile(r"^Failure # \d+ .*$", re.MULTILINE)
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Za-z_]\w*): (?P<message>.*\S)")
+
+
+@dataclass(frozen=True)
+class TrialFiles:
+    """What one trial directory holds, parsed: `rows` in report order, `error` "" unless it failed."""
+
+    trial_id: str
+    params: dict
+    rows: list[dict]
+    error: str
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The run's resolved config from `<run_dir>/run_config.json`, as plain JSON values.
+
+    Raises ValueError naming the path when the directory or file is missing or unreadable,
+    or listing every key the analysis needs that the file lacks.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"Run directory {str(run_dir)!r} does not exist. Fix: pass the directory a search wrote, such as runs/<name>.")
+    path = run_dir / "run_config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{str(path)!r} is missing, so {str(run_dir)!r} is not a run directory. "
+            "Fix: pass the directory a search wrote (it holds run_config.json and tune/)."
+        )
+    config = _read_json(path)
+    missing = [key for key in _REQUIRED_RUN_CONFIG if not _has_dotted(config, key)]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {missing}; it was not written by this version of the search.")
+    return config
+
+
+def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
+    """Every trial of the run's `EXPERIMENTS`, experiment by experiment, by directory name; [] when none started.
+
+    A trial directory is any sub-directory of an experiment directory holding `params.json`.
+    """
+    trial_dirs = [
+        params.parent
+        for experiment in EXPERIMENTS
+        for params in sorted(Path(run_dir, experiment).glob("*/params.json"))
+    ]
+    return [_read_trial(trial_dir) for trial_dir in trial_dirs]
+
+
+def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per trial with exactly `COLUMNS`, in `read_trial_files` order.
+
+    `status` is "failed" when Ray recorded an error (then `error` is its one-line summary),
+    "finished" when the trial reported step `budget.max_steps` of run_config.json, and
+    "stopped" otherwise (stopped early by the scheduler, or the run was interrupted).
+    Metrics are those of the trial's last report, at `step`; NaN (NA for the integer
+    columns `step` and `trainable_params`) when it never reported.
+    """
+    max_steps = read_run_config(run_dir)["budget"]["max_steps"]
+    records = [trial_record(trial, max_steps) for trial in read_trial_files(run_dir)]
+    table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+    return table.astype({column: "Int64" for column in _NULLABLE_INTEGER_COLUMNS})
+
+
+def load_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every reported step of every trial: `CURVE_COLUMNS`, trials in `read_trial_files` order, steps ascending.
+
+    When a restored trial reported a step twice, the later report wins.
+    """
+    records = [record for trial in read_trial_files(run_dir) for record in _curve_records(trial)]
+    return pd.DataFrame.from_records(records, columns=list(CURVE_COLUMNS))
+
+
+def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """The exact PEFT `LoraConfig` keyword arguments each trial trained with, by trial id."""
+    return {trial.trial_id: trial.params["lora_config"] for trial in read_trial_files(run_dir)}
+
+
+def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the trial table to `path` as CSV (no index), atomically; return `path`."""
+    with atomic_path(path) as temporary:
+        trials.to_csv(temporary, index=False)
+    return Path(path)
+
+
+def trial_record(trial: TrialFiles, max_steps: int) -> dict:
+    """One trial's row of the trial table, as a dict keyed by `COLUMNS`."""
+    lora_config = trial.params["lora_config"]
+    last = trial.rows[-1] if trial.rows else {}
+    reported = {key: last.get(key, math.nan) for key in REPORTED_COLUMNS}
+    return {
+        "trial_id": trial.trial_id,
+        "status": trial_status(reported["step"], trial.error, max_steps),
+        "origin": trial.params["origin"],
+        "module_set": trial.params["module_set"],
+        "target_modules": json.dumps(lora_config["target_modules"]),
+        "r": lora_config["r"],
+        "alpha_ratio": trial.params["alpha_ratio"],
+        "lora_alpha": lora_config["lora_alpha"],
+        "lora_dropout": lora_config["lora_dropout"],
+        "use_rslora": lora_config["use_rslora"],
+        "use_dora": lora_config["use_dora"],
+        "learning_rate": trial.params["learning_rate"],
+        "loraplus_lr_ratio": trial.params["loraplus_lr_ratio"],
+        "seed": trial.params["seed"],
+        **reported,
+        "error": trial.error,
+    }
+
+
+def trial_status(step: float, error: str, max_steps: int) -> str:
+    """The status of a trial: "failed" with an error, else "finished" at `max_steps` or beyond, else "stopped".
+
+    `step` is NaN for a trial that never reported.
+    """
+    if error:
+        return "failed"
+    if step >= max_steps:
+        return "finished"
+    return "stopped"
+
+
+def error_summary(error_text: str) -> str:
+    """The one line that says why a trial failed, from the text of Ray's `error.txt`.
+
+    Reads the last failure only (Ray appends one block per failure). Within it, the last
+    unindented `package.module.Name: message` line, without the module path
+    ("trainables.train.TrialDiverged: loss became nan" -> "TrialDiverged: loss became nan");
+    for errors without a traceback (a worker that died), the block's first line.
+    """
+    last_failure = _FAILURE_HEADER.split(error_text)[-1]
+    lines = [line for line in last_failure.splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            return f"{match['name']}: {match['message']}"
+    return lines[0].strip() if lines else "failed without a message"
+
+
+def _read_trial(trial_dir: Path) -> TrialFiles:
+    params = _read_json(trial_dir / "params.json")
+    missing = [key for key in _TRIAL_PARAMS if key not in params]
+    missing += [f"lora_config.{key}" for key in _LORA_CONFIG_KEYS if key not in params.get("lora_config", {})]
+    if missing:
+        raise ValueError(f"{str(trial_dir / 'params.json')!r} lacks {missing}; the trial was not started by this version of the search.")
+    rows = _read_result_rows(trial_dir / "result.json")
+    error_path = trial_dir / "error.txt"
+    error = error_summary(error_path.read_text(encoding="utf-8", errors="replace")) if error_path.is_file() else ""
+    trial_id = rows[0]["trial_id"] if rows else _trial_id_from_name(trial_dir.name)
+    return TrialFiles(trial_id=trial_id, params=params, rows=rows, error=error)
+
+
+def _read_result_rows(path: Path) -> list[dict]:
+    """The JSON lines of `result.json`; [] when absent.
+
+    A kill while Ray appends can leave the last line cut short: that line is dropped.
+    Any other line that is not JSON raises ValueError naming the file and line.
+    """
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{str(path)!r} line {number} is not JSON ({error.msg}).") from None
+    return rows
+
+
+def _trial_id_from_name(dir_name: str) -> str:
+    """Ray's trial id inside a trial directory's name; the whole name when it has none."""
+    match = _TRIAL_ID_IN_NAME.search(dir_name)
+    return match["trial_id"] if match else dir_name
+
+
+def _curve_records(trial: TrialFiles) -> list[dict]:
+    by_step = {row["step"]: row for row in trial.rows}
+    return [
+        {"trial_id": trial.trial_id, **{key: by_step[step].get(key, math.nan) for key in CURVE_COLUMNS[1:]}}
+        for step in sorted(by_step)
+    ]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+
+
+def _has_dotted(config: dict, dotted_key: str) -> bool:
+    node = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True

@@ -1,0 +1,153 @@
+"""The pick: the cheapest trial whose quality at the full budget is within tolerance of the best.
+
+Pure functions over the trial table (`analysis.results.load_trials`). Only trials that
+finished the full budget compete: a trial stopped early is never compared with a finished
+one (DESIGN.md, decision 1). Metrics are assumed non-negative (losses, accuracies), so
+"within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
+value <= best / tolerance.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+class NoCandidate(Exception):
+    """No trial finished the full budget with a finite metric and cost, so there is nothing to pick."""
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The chosen trial and why; `pick.json` is this, field for field."""
+
+    trial_id: str
+    lora_config: dict
+    metric: str
+    mode: str
+    value: float
+    best_value: float
+    best_trial_id: str
+    tolerance: float
+    cost_name: str
+    cost: float
+    step: int
+    rule: str
+    candidates: int
+
+
+def pick(
+    trials: pd.DataFrame,
+    metric: str,
+    mode: str,
+    tolerance: float,
+    cost: str,
+    max_steps: int,
+    lora_configs: Mapping[str, dict],
+) -> Pick:
+    """Pick the cheapest trial within `tolerance` of the best, among trials that finished `max_steps`.
+
+    Eligible: status "finished", step == `max_steps`, finite `metric` and `cost`. The best
+    eligible value sets the bar; every eligible trial at or past the bar is a candidate
+    (including the best); the most preferred candidate (`rank_candidates`) wins.
+    `lora_configs` maps trial ids to their exact LoraConfig arguments
+    (`analysis.results.load_lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
+    """
+    eligible = finished_trials(trials, metric, cost)
+    eligible = eligible[eligible["step"] == max_steps]
+    if eligible.empty:
+        raise NoCandidate(_why_no_candidate(trials, metric, cost, max_steps))
+    best = rank_by_metric(eligible, metric, mode).iloc[0]
+    bar = tolerance_bar(best[metric], tolerance, mode)
+    candidates = eligible[[within_bar(value, bar, mode) for value in eligible[metric]]]
+    chosen = rank_candidates(candidates, metric, mode, cost).iloc[0]
+    comparison = ">=" if mode == "max" else "<="
+    rule = (
+        f"Cheapest by {cost} among the {len(candidates)} trials that finished {max_steps} steps with "
+        f"{metric} {comparison} {bar:.6g}, the best ({best[metric]:.6g}) "
+        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}."
+    )
+    return Pick(
+        trial_id=chosen["trial_id"],
+        lora_config=dict(lora_configs[chosen["trial_id"]]),
+        metric=metric,
+        mode=mode,
+        value=float(chosen[metric]),
+        best_value=float(best[metric]),
+        best_trial_id=best["trial_id"],
+        tolerance=float(tolerance),
+        cost_name=cost,
+        cost=float(chosen[cost]),
+        step=int(chosen["step"]),
+        rule=rule,
+        candidates=len(candidates),
+    )
+
+
+def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
+    """The worst value still within `tolerance` of `best_value`: best * tolerance (max) or best / tolerance (min)."""
+    return tolerance * best_value if mode == "max" else best_value / tolerance
+
+
+def within_bar(value: float, bar: float, mode: str) -> bool:
+    """True when `value` is at `bar` or better in the direction `mode` ("min" or "max") improves.
+
+    A value equal to the bar on paper counts even where floating point puts the bar a hair
+    past it (0.9 * 0.2 is 0.18000000000000002).
+    """
+    return (value >= bar if mode == "max" else value <= bar) or math.isclose(value, bar, rel_tol=1e-12)
+
+
+def rank_candidates(candidates: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
+    """Candidates from most to least preferred.
+
+    Cheapest `cost` first; ties go to fewer trainable parameters, then the better metric,
+    then the smaller trial id, so the order never depends on row order. This is the one
+    place where further tie-breakers belong (such as the spread of a config across seeds).
+    """
+    keys = list(dict.fromkeys([cost, "trainable_params", metric, "trial_id"]))
+    ascending = [key != metric or mode == "min" for key in keys]
+    return candidates.sort_values(keys, ascending=ascending, kind="stable")
+
+
+def rank_by_metric(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Trials from best to worst `metric`; ties go to the smaller trial id."""
+    return trials.sort_values([metric, "trial_id"], ascending=[mode == "min", True], kind="stable")
+
+
+def pareto_front(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
+    """The finished trials that no other finished trial beats on both `cost` and `metric`, cheapest first.
+
+    A trial is dominated when another is at most as costly and at least as good, and
+    strictly better on one of the two; of trials equal on both, the smaller trial id stays.
+    """
+    sign = 1.0 if mode == "min" else -1.0
+    ordered = finished_trials(trials, metric, cost).assign(_loss=lambda t: sign * t[metric])
+    ordered = ordered.sort_values([cost, "_loss", "trial_id"], kind="stable")
+    # Sweeping from the cheapest, a trial is on the front when it beats every cheaper one.
+    best_so_far = ordered["_loss"].cummin().shift(fill_value=math.inf)
+    return ordered[ordered["_loss"] < best_so_far].drop(columns="_loss")
+
+
+def finished_trials(trials: pd.DataFrame, metric: str, cost: str) -> pd.DataFrame:
+    """Trials with status "finished" and a finite `metric` and `cost`: the ones that can be compared."""
+    finite = np.isfinite(trials[metric].astype(float)) & np.isfinite(trials[cost].astype(float))
+    return trials[(trials["status"] == "finished") & finite]
+
+
+def _why_no_candidate(trials: pd.DataFrame, metric: str, cost: str, max_steps: int) -> str:
+    counts = trials["status"].value_counts()
+    summary = ", ".join(f"{counts.get(status, 0)} {status}" for status in ("finished", "stopped", "failed"))
+    if trials.empty:
+        return "The run has no trials yet, so there is nothing to pick. Fix: run the search (or resume it) first."
+    if counts.get("finished", 0) == 0:
+        return (
+            f"No trial reached step {max_steps}, the full budget ({summary}), so there is nothing to pick. "
+            "Fix: read the errors in trials.csv, then resume the run or start it again."
+        )
+    return (
+        f"No finished trial reported a finite {metric} and {cost} at step {max_steps} ({summary}), "
+        f"so there is nothing to pick. Fix: select by a metric and cost that the trials report."
+    )

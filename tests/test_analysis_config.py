@@ -1,0 +1,49 @@
+"""SelectionConfig: which settings the pick accepts, and what it says about the others."""
+
+import math
+
+import pytest
+
+from analysis.config import SelectionConfig
+
+
+def test_default_selection_has_no_problems():
+    assert SelectionConfig().problems() == []
+
+
+@pytest.mark.parametrize("metric, mode", [("eval_loss", "min"), ("train_loss", "min"), ("eval_accuracy", "max")])
+def test_every_metric_with_its_own_direction_is_accepted(metric, mode):
+    assert SelectionConfig(metric=metric, mode=mode).problems() == []
+
+
+def test_an_unknown_metric_is_named_with_the_allowed_ones():
+    (problem,) = SelectionConfig(metric="bleu").problems()
+
+    assert "selection.metric='bleu'" in problem and "eval_accuracy" in problem
+
+
+def test_a_mode_against_the_metrics_direction_is_a_problem_with_a_fix():
+    (problem,) = SelectionConfig(metric="eval_accuracy", mode="min").problems()
+
+    assert "Fix: set selection.mode to 'max'" in problem
+
+
+@pytest.mark.parametrize("tolerance", [0, -0.5, 1.5, math.nan, "0.9", True])
+def test_tolerance_must_be_a_number_in_zero_to_one(tolerance):
+    (problem,) = SelectionConfig(tolerance=tolerance).problems()
+
+    assert "selection.tolerance" in problem
+
+
+def test_tolerance_one_is_allowed():
+    assert SelectionConfig(tolerance=1).problems() == []
+
+
+def test_an_unknown_cost_is_named_with_the_allowed_ones():
+    (problem,) = SelectionConfig(cost="dollars").problems()
+
+    assert "selection.cost='dollars'" in problem and "train_seconds" in problem
+
+
+def test_every_problem_is_reported_at_once():
+    assert len(SelectionConfig(metric="bleu", mode="up", tolerance=2, cost="dollars").problems()) == 4

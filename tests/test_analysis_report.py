@@ -1,0 +1,228 @@
+"""analyse() and `python -m analysis.report`: from a run directory to trials.csv, pick.json, the adapter config, plots and report.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from peft import LoraConfig
+
+from analysis.config import SelectionConfig
+from analysis.report import analyse, main
+from test_analysis_rundir import add_trial, write_run_config
+
+PLOTS = {"metric_vs_rank.png", "train_seconds_vs_rank.png", "cost_vs_metric.png", "learning_curves.png", "importance.png"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(run_dir: Path, **selection) -> Path:
+    """A run with a known answer: best aaaa0001 (loss 0.50), pick aaaa0002 (0.52 <= 0.50 / 0.95, a quarter of the parameters)."""
+    write_run_config(run_dir, **selection)
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, module_set="attention_qv", r=16, train_seconds=160.0)
+    add_trial(run_dir, "aaaa0002", eval_loss=0.52, module_set="attention_qv", r=4, train_seconds=40.0)
+    add_trial(run_dir, "aaaa0003", eval_loss=0.51, module_set="attention", r=8, train_seconds=80.0)
+    add_trial(run_dir, "aaaa0004", eval_loss=0.60, module_set="mlp", r=4, train_seconds=50.0)
+    add_trial(run_dir, "aaaa0005", eval_loss=0.30, module_set="attention_qv", r=2, last_step=50)  # better, but stopped early
+    add_trial(run_dir, "aaaa0006", module_set="mlp", r=16, last_step=25,
+              error="trainables.train.TrialDiverged: loss became nan at step 12")
+    add_trial(run_dir, "aaaa0007", module_set="attention", r=4, last_step=None, origin="prior",
+              error="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB.")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory) -> Path:
+    run_dir = make_run(tmp_path_factory.mktemp("analysed") / "run")
+    assert analyse(run_dir) == 0
+    return run_dir
+
+
+def read_pick(run_dir: Path) -> dict:
+    return json.loads((run_dir / "pick.json").read_text())
+
+
+def read_trials_csv(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "trials.csv", keep_default_na=False, na_values=[""])
+
+
+def test_analyse_writes_every_result_file(analysed):
+    for name in ("trials.csv", "pick.json", "adapter/adapter_config.json", "report.md"):
+        assert (analysed / name).is_file(), name
+
+
+def test_the_pick_is_the_cheapest_within_tolerance_not_the_better_early_stopped_trial(analysed):
+    picked = read_pick(analysed)
+
+    assert (picked["trial_id"], picked["best_trial_id"], picked["value"], picked["best_value"]) == ("aaaa0002", "aaaa0001", 0.52, 0.50)
+    assert (picked["metric"], picked["mode"], picked["tolerance"], picked["cost_name"]) == ("eval_loss", "min", 0.95, "trainable_params")
+
+
+def test_pick_json_agrees_with_trials_csv(analysed):
+    picked = read_pick(analysed)
+    trials = read_trials_csv(analysed).set_index("trial_id")
+    row = trials.loc[picked["trial_id"]]
+    finished = trials[trials["status"] == "finished"]
+
+    assert (row["eval_loss"], row["trainable_params"], row["step"]) == (picked["value"], picked["cost"], picked["step"])
+    assert finished["eval_loss"].min() == picked["best_value"]
+    assert json.loads(row["target_modules"]) == picked["lora_config"]["target_modules"]
+    assert (row["r"], row["lora_alpha"]) == (picked["lora_config"]["r"], picked["lora_config"]["lora_alpha"])
+
+
+def test_failed_trials_stay_in_trials_csv_with_their_error(analysed):
+    trials = read_trials_csv(analysed).set_index("trial_id")
+
+    assert trials.loc["aaaa0006", ["status", "error"]].tolist() == ["failed", "TrialDiverged: loss became nan at step 12"]
+    assert trials.loc["aaaa0007", "status"] == "failed" and pd.isna(trials.loc["aaaa0007", "eval_loss"])
+    assert trials.loc["aaaa0005", "status"] == "stopped"
+
+
+def test_the_adapter_config_is_the_picked_trials_lora_config_on_the_base_model(analysed):
+    loaded = LoraConfig.from_pretrained(analysed / "adapter")
+
+    assert (loaded.r, loaded.lora_alpha, loaded.base_model_name_or_path) == (4, 8.0, "/models/tiny")
+
+
+def test_plots_are_non_empty_png_files(analysed):
+    plots = list((analysed / "plots").iterdir())
+
+    assert {p.name for p in plots} == PLOTS
+    for plot in plots:
+        assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 5_000, plot.name
+
+
+def test_report_explains_the_pick_against_the_best_trial(analysed):
+    report = (analysed / "report.md").read_text()
+
+    assert "Trial `aaaa0002` reaches eval_loss 0.52 at step 100 against the best 0.5 (trial `aaaa0001`), within tolerance 0.95" in report
+    assert "8,000 parameters instead of 32,000 (75% fewer) in 40 s instead of 160 s (75% less)" in report
+
+
+def test_report_states_the_space_and_the_budget_spent(analysed):
+    report = (analysed / "report.md").read_text()
+
+    assert "| `ranks` | 4, 8, 16 |" in report and "| `learning_rate` | from 0.0001 to 0.001 |" in report
+    assert "7 trials: 4 finished all 100 steps, 1 stopped early (by ASHA, or the run was interrupted), 2 failed." in report
+    assert "- `aaaa0006` (mlp, r=16): TrialDiverged: loss became nan at step 12" in report
+    assert "- `aaaa0007` (attention, r=4): OutOfMemoryError: CUDA out of memory." in report
+
+
+def test_report_ranks_the_top_trials_and_embeds_every_plot(analysed):
+    report = (analysed / "report.md").read_text()
+
+    table_rows = [line for line in report.splitlines() if line.startswith("| `aaaa")]
+    assert [row.split("|")[1].strip() for row in table_rows] == ["`aaaa0001`", "`aaaa0003`", "`aaaa0002`", "`aaaa0004`"]
+    for name in PLOTS:
+        assert f"(plots/{name})" in report
+
+
+def test_report_snippet_builds_the_picked_lora_config(analysed):
+    report = (analysed / "report.md").read_text()
+    snippet = report.split("```python\n")[1].split("```")[0]
+
+    namespace = {}
+    exec(snippet, namespace)
+
+    picked = read_pick(analysed)["lora_config"]
+    assert {key: getattr(namespace["config"], key) for key in ("r", "lora_alpha", "lora_dropout", "use_rslora")} == {
+        key: picked[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+
+
+def test_no_temporary_file_is_left_behind(analysed):
+    assert [p for p in analysed.rglob("*") if ".tmp" in p.name or p.name.startswith(".adapter_config")] == []
+
+
+def test_a_metric_to_maximise_picks_the_cheapest_trial_within_tolerance_of_the_highest(tmp_path):
+    run_dir = write_run_config(tmp_path / "run", metric="eval_accuracy", mode="max")
+    add_trial(run_dir, "bbbb0001", eval_accuracy=0.90, r=16)
+    add_trial(run_dir, "bbbb0002", eval_accuracy=0.80, r=4)  # below 0.95 * 0.90
+    add_trial(run_dir, "bbbb0003", eval_accuracy=0.86, r=8)
+
+    assert analyse(run_dir) == 0
+    assert (read_pick(run_dir)["trial_id"], read_pick(run_dir)["best_value"]) == ("bbbb0003", 0.90)
+
+
+def test_importance_plot_is_skipped_with_a_reason_when_fewer_than_three_trials_finished(tmp_path):
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "cccc0001", eval_loss=0.5, r=16)
+    add_trial(run_dir, "cccc0002", eval_loss=0.6, r=4)
+
+    assert analyse(run_dir) == 0
+    assert not (run_dir / "plots" / "importance.png").exists()
+    assert "`plots/importance.png` not drawn: only 2 trial(s) finished the full budget" in (run_dir / "report.md").read_text()
+
+
+def test_all_trials_failed_exits_1_and_still_writes_the_report_and_trials_csv(tmp_path, capsys):
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "dddd0001", last_step=None, error="torch.OutOfMemoryError: CUDA out of memory.")
+    add_trial(run_dir, "dddd0002", last_step=25, error="trainables.train.TrialDiverged: loss became nan at step 30")
+    (run_dir / "adapter").mkdir()
+    for stale in ("pick.json", "adapter/adapter_config.json"):  # left by an earlier analysis
+        (run_dir / stale).write_text("{}")
+
+    assert analyse(run_dir) == 1
+
+    assert "No trial reached step 100" in capsys.readouterr().err
+    assert read_trials_csv(run_dir)["status"].tolist() == ["failed", "failed"]
+    report = (run_dir / "report.md").read_text()
+    assert "**No pick.** No trial reached step 100, the full budget (0 finished, 0 stopped, 2 failed)" in report
+    assert "OutOfMemoryError: CUDA out of memory." in report
+    assert not (run_dir / "pick.json").exists() and not (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_cli_tolerance_one_picks_the_best_trial(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+
+    assert main([str(run_dir), "--tolerance", "1"]) == 0
+    assert read_pick(run_dir)["trial_id"] == "aaaa0001"
+
+
+def test_cli_cost_train_seconds_picks_the_fastest_trial_within_tolerance(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+
+    assert main([str(run_dir), "--cost", "train_seconds"]) == 0
+    assert (read_pick(run_dir)["trial_id"], read_pick(run_dir)["cost"]) == ("aaaa0002", 40.0)
+
+
+def test_cli_metric_and_mode_switch_to_a_metric_to_maximise(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+
+    assert main([str(run_dir), "--metric", "eval_accuracy", "--mode", "max"]) == 0
+    assert (read_pick(run_dir)["metric"], read_pick(run_dir)["mode"]) == ("eval_accuracy", "max")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tolerance", "2"], "selection.tolerance=2.0 is outside (0, 1]"),
+    (["--tolerance", "abc"], "invalid float value"),
+    (["--cost", "dollars"], "invalid choice"),
+    (["--metric", "eval_accuracy"], "Fix: set selection.mode to 'max'"),
+    (["--unknown"], "unrecognized arguments"),
+])
+def test_cli_exits_2_on_bad_arguments_with_a_message_and_no_traceback(tmp_path, capsys, arguments, message):
+    run_dir = make_run(tmp_path / "run")
+
+    assert main([str(run_dir), *arguments]) == 2
+
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (run_dir / "trials.csv").exists()
+
+
+def test_cli_exits_2_on_a_missing_run_directory(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_analyse_rejects_invalid_selection_settings(tmp_path):
+    with pytest.raises(ValueError, match="selection.cost='dollars'"):
+        analyse(make_run(tmp_path / "run"), SelectionConfig(cost="dollars"))
+
+
+def test_module_entry_point_exits_2_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "analysis.report", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,284 @@
+"""Reading a run directory: the helpers here write run directories in the layout Ray 2.60 was seen to write.
+
+The helpers (`write_run_config`, `add_trial`, `ray_traceback`) are shared by the other
+analysis tests. Layout, as seen with a real `Tuner` (see analysis/results.py):
+`<run>/<experiment>/trial_<trial id>/` (the driver's names; Ray's default is
+`<trainable>_<trial id>_<index>_<tag>_<date>`) with `params.json`, `result.json` (JSON lines,
+Ray's keys added, the config repeated) and `error.txt` when the trial raised.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.results import (
+    COLUMNS,
+    CURVE_COLUMNS,
+    error_summary,
+    load_curves,
+    load_lora_configs,
+    load_trials,
+    read_run_config,
+    write_trials_csv,
+)
+
+MAX_STEPS = 100
+EVAL_EVERY = 25
+MODULE_SETS = {"attention_qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+               "mlp": ["gate_proj", "up_proj", "down_proj"]}
+
+RAY_TRACEBACK = """Failure # 1 (occurred at 2026-11-23_09-37-09)
+\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=3123, ip=192.0.2.2, actor_id=09b7da19, repr=train_lora)
+           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/venv/lib/python3.11/site-packages/ray/tune/trainable/function_trainable.py", line 249, in _trainable_func
+    output = fn()
+             ^^^^
+  File "/work/main/trainables/train.py", line 88, in train_lora
+    raise TrialDiverged(f"loss became nan at step {step}")
+ERROR_LINE
+"""
+
+
+def ray_traceback(error_line: str) -> str:
+    """error.txt as Ray writes it for a trial that raised, ending in `error_line`."""
+    return RAY_TRACEBACK.replace("ERROR_LINE", error_line)
+
+ACTOR_DIED = """Failure # 1 (occurred at 2026-11-23_09-42-12)
+The actor died unexpectedly before finishing this task.
+\tclass_name: ImplicitFunc
+\tactor_id: e9ad2462d803c52a17152f1a01000000
+\tpid: 5507
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR
+"""
+
+
+def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_path: str = "/models/tiny",
+                     metric: str = "eval_loss", mode: str = "min", tolerance: float = 0.95,
+                     cost: str = "trainable_params") -> Path:
+    """Write `<run_dir>/run_config.json` as the driver does; return `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "name": "demo", "seed": 0,
+        "model": {"path": base_model_path},
+        "data": {"task": "arithmetic"},
+        "search": {"module_sets": list(MODULE_SETS), "ranks": [4, 8, 16], "alpha_ratios": [1.0, 2.0],
+                   "dropout": [0.0, 0.1], "use_rslora": [False, True], "use_dora": [False],
+                   "learning_rate": [1e-4, 1e-3], "loraplus_lr_ratio": [1.0]},
+        "budget": {"num_samples": 8, "max_steps": max_steps, "eval_every": EVAL_EVERY, "grace_period": 25,
+                   "reduction_factor": 2, "batch_size": 8},
+        "selection": {"metric": metric, "mode": mode, "tolerance": tolerance, "cost": cost},
+        "base_model": {"path": base_model_path, "total_params": 1_000_000},
+    }
+    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    return run_dir
+
+
+def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS, eval_loss: float = 1.0,
+              eval_accuracy: float | None = None, trainable_params: int | None = None,
+              train_seconds: float | None = None, error: str | None = None, error_text: str | None = None,
+              experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
+              alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
+              learning_rate: float = 2e-4, origin: str = "search") -> Path:
+    """Write one trial directory the way Ray does; return it.
+
+    Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
+    carries `eval_loss` (earlier ones are worse). `error` is the last line of a Ray traceback
+    in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
+    `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
+    train_seconds a tenth of a second per step and rank.
+    """
+    trial_dir = run_dir / experiment / (dir_name or f"trial_{trial_id}")
+    trial_dir.mkdir(parents=True)
+    targets = MODULE_SETS[module_set]
+    lora_config = {"r": r, "lora_alpha": alpha_ratio * r, "lora_dropout": lora_dropout, "target_modules": targets,
+                   "use_rslora": use_rslora, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
+                   "task_type": "CAUSAL_LM"}
+    params = {"module_set": module_set, "r": r, "alpha_ratio": alpha_ratio, "lora_dropout": lora_dropout,
+              "use_rslora": use_rslora, "use_dora": False, "learning_rate": learning_rate,
+              "loraplus_lr_ratio": 1.0, "seed": 0, "origin": origin, "lora_config": lora_config}
+    (trial_dir / "params.json").write_text(json.dumps(params, indent=2))
+    trainable_params = trainable_params if trainable_params is not None else r * 1_000 * len(targets)
+    rows = []
+    for step in range(EVAL_EVERY, (last_step or 0) + 1, EVAL_EVERY):
+        loss = eval_loss + (last_step - step) / 100
+        rows.append({
+            "step": step, "eval_loss": loss,
+            "eval_accuracy": eval_accuracy if eval_accuracy is not None else 1 - loss / 4,
+            "train_loss": loss * 0.9, "trainable_params": trainable_params,
+            "trainable_pct": 100 * trainable_params / 1_000_000,
+            "train_seconds": train_seconds if train_seconds is not None else 0.1 * step * r,
+            "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
+            # What Ray adds to every reported row:
+            "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
+            "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,
+            "pid": 3122, "hostname": "vm", "node_ip": "192.0.2.2", "config": params,
+            "time_since_restore": 0.1 * step, "iterations_since_restore": step // EVAL_EVERY,
+        })
+    if rows:
+        (trial_dir / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if error is not None or error_text is not None:
+        (trial_dir / "error.txt").write_text(error_text or ray_traceback(error))
+    return trial_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return write_run_config(tmp_path / "run")
+
+
+def test_load_trials_has_one_row_per_trial_with_the_design_columns_in_order(run_dir):
+    add_trial(run_dir, "aaaa0001")
+    add_trial(run_dir, "aaaa0002", last_step=50)
+
+    trials = load_trials(run_dir)
+
+    assert tuple(trials.columns) == COLUMNS
+    assert list(trials["trial_id"]) == ["aaaa0001", "aaaa0002"]
+
+
+def test_trial_reaching_max_steps_is_finished_and_one_cut_short_is_stopped(run_dir):
+    add_trial(run_dir, "aaaa0001", last_step=MAX_STEPS)
+    add_trial(run_dir, "aaaa0002", last_step=50)
+
+    trials = load_trials(run_dir).set_index("trial_id")
+
+    assert trials.at["aaaa0001", "status"] == "finished"
+    assert trials.at["aaaa0002", "status"] == "stopped"
+    assert trials.at["aaaa0002", "step"] == 50
+
+
+def test_metrics_and_config_come_from_the_last_report_and_params_json(run_dir):
+    add_trial(run_dir, "aaaa0001", eval_loss=0.42, module_set="attention", r=16, alpha_ratio=0.5, origin="prior")
+
+    row = load_trials(run_dir).iloc[0]
+
+    assert (row["eval_loss"], row["step"], row["trainable_params"]) == (0.42, MAX_STEPS, 16 * 1_000 * 4)
+    assert (row["module_set"], row["r"], row["lora_alpha"], row["origin"]) == ("attention", 16, 8.0, "prior")
+    assert json.loads(row["target_modules"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert row["error"] == ""
+
+
+def test_failed_trial_keeps_its_config_and_a_one_line_error_without_the_module_path(run_dir):
+    add_trial(run_dir, "aaaa0001", last_step=50, error="trainables.train.TrialDiverged: loss became nan at step 12")
+
+    row = load_trials(run_dir).iloc[0]
+
+    assert row["status"] == "failed"
+    assert row["error"] == "TrialDiverged: loss became nan at step 12"
+    assert row["r"] == 8
+
+
+def test_trial_that_failed_before_its_first_report_still_gets_a_row(run_dir):
+    add_trial(run_dir, "aaaa0001", last_step=None, error="torch.OutOfMemoryError: CUDA out of memory.")
+
+    row = load_trials(run_dir).iloc[0]
+
+    assert (row["trial_id"], row["status"], row["error"]) == ("aaaa0001", "failed", "OutOfMemoryError: CUDA out of memory.")
+    assert pd.isna(row["step"]) and math.isnan(row["eval_loss"])
+
+
+@pytest.mark.parametrize("dir_name, trial_id", [
+    ("train_lora_711d0_00001_1_kind=fail,x=1.0000_2026-11-23_09-37-06", "711d0_00001"),  # Ray's default, no searcher
+    ("train_lora_19095ad2_2_lora_alpha=8,r=4_2026-11-23_09-38-36", "19095ad2"),  # Ray's default, with a searcher
+    ("trial_19095ad2", "19095ad2"),  # the driver's trial_dirname
+])
+def test_a_trial_that_never_reported_gets_its_id_from_the_directory_name(run_dir, dir_name, trial_id):
+    add_trial(run_dir, trial_id, last_step=None, error="RuntimeError: boom", dir_name=dir_name)
+
+    assert load_trials(run_dir)["trial_id"].tolist() == [trial_id]
+
+
+def test_trials_are_read_stage_by_stage_and_retraining_is_not_a_trial(run_dir):
+    add_trial(run_dir, "cccc0001", experiment="confirm", origin="confirm")
+    add_trial(run_dir, "eeee0001", experiment="retrain", origin="retrain")
+    add_trial(run_dir, "bbbb0001", experiment="promote", origin="promoted")
+    add_trial(run_dir, "ffff0001")
+    add_trial(run_dir, "aaaa0001")
+
+    trials = load_trials(run_dir)
+
+    assert trials["trial_id"].tolist() == ["aaaa0001", "ffff0001", "bbbb0001", "cccc0001"]
+    assert trials["origin"].tolist() == ["search", "search", "promoted", "confirm"]
+
+
+def test_error_summary_of_a_worker_that_died_is_the_first_line_of_the_failure():
+    assert error_summary(ACTOR_DIED) == "The actor died unexpectedly before finishing this task."
+
+
+def test_error_summary_reads_only_the_last_failure():
+    text = ray_traceback("ValueError: first") + ray_traceback("KeyError: 'second'").replace("# 1", "# 2")
+
+    assert error_summary(text) == "KeyError: 'second'"
+
+
+def test_a_cut_short_last_line_of_result_json_is_ignored(run_dir):
+    trial_dir = add_trial(run_dir, "aaaa0001", last_step=50)
+    with open(trial_dir / "result.json", "a") as result:
+        result.write('{"step": 75, "eval_lo')
+
+    assert load_trials(run_dir).iloc[0]["step"] == 50
+
+
+def test_a_broken_line_inside_result_json_is_a_clear_error(run_dir):
+    trial_dir = add_trial(run_dir, "aaaa0001", last_step=50)
+    result = trial_dir / "result.json"
+    result.write_text("not json\n" + result.read_text())
+
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        load_trials(run_dir)
+
+
+def test_load_curves_lists_every_reported_step_and_a_repeated_step_keeps_the_later_report(run_dir):
+    trial_dir = add_trial(run_dir, "aaaa0001", last_step=50, eval_loss=0.5)
+    add_trial(run_dir, "aaaa0002", last_step=25, eval_loss=0.9)
+    with open(trial_dir / "result.json", "a") as result:  # a restored trial reports step 50 again
+        result.write(json.dumps({"step": 50, "eval_loss": 0.4, "eval_accuracy": 0.9, "train_loss": 0.3, "trial_id": "aaaa0001"}) + "\n")
+
+    curves = load_curves(run_dir)
+
+    assert tuple(curves.columns) == CURVE_COLUMNS
+    assert curves[["trial_id", "step"]].values.tolist() == [["aaaa0001", 25], ["aaaa0001", 50], ["aaaa0002", 25]]
+    assert curves["eval_loss"].tolist() == [0.75, 0.4, 0.9]
+
+
+def test_load_lora_configs_gives_each_trials_exact_peft_arguments(run_dir):
+    add_trial(run_dir, "aaaa0001", r=4, alpha_ratio=1.0)
+
+    assert load_lora_configs(run_dir) == {"aaaa0001": {
+        "r": 4, "lora_alpha": 4.0, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": False,
+        "use_dora": False, "fan_in_fan_out": False, "bias": "none", "task_type": "CAUSAL_LM"}}
+
+
+def test_write_trials_csv_round_trips_and_leaves_no_temporary_file(run_dir):
+    add_trial(run_dir, "aaaa0001")
+    add_trial(run_dir, "aaaa0002", last_step=None, error="RuntimeError: boom")
+    trials = load_trials(run_dir)
+
+    path = write_trials_csv(trials, run_dir / "trials.csv")
+
+    again = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    assert list(again.columns) == list(COLUMNS)
+    assert again["status"].tolist() == ["finished", "failed"]
+    assert again["error"].fillna("").tolist() == ["", "RuntimeError: boom"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run_config.json", "trials.csv", "tune"]
+
+
+def test_a_run_without_a_tune_directory_has_no_trials(run_dir):
+    trials = load_trials(run_dir)
+
+    assert trials.empty and tuple(trials.columns) == COLUMNS
+
+
+def test_a_directory_without_run_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="run_config.json' is missing"):
+        read_run_config(tmp_path)
+
+
+def test_a_run_config_lacking_keys_lists_them_all(tmp_path):
+    (tmp_path / "run_config.json").write_text(json.dumps({"name": "x", "seed": 0}))
+
+    with pytest.raises(ValueError, match=r"lacks \['search', 'selection', 'base_model.path'"):
+        read_run_config(tmp_path)
