@@ -28,6 +28,23 @@ class SelectionConfig:
         default="trainable_params",
         metadata={"help": f"What 'cheaper' means, one of {list(COSTS)}."},
     )
+    promote: bool = field(
+        default=True,
+        metadata={"help": "Continue to the full budget the trials ASHA stopped within tolerance of their rung's best "
+                          "and cheaper than the pick, so early stopping cannot hide the cheapest good configuration."},
+    )
+    confirm_top_k: int = field(
+        default=2,
+        metadata={"help": "Leading candidates re-run with other seeds at the full budget; the pick uses their mean. 0: off."},
+    )
+    confirm_seeds: int = field(
+        default=1,
+        metadata={"help": "Extra seeds per confirmed candidate."},
+    )
+    retrain: bool = field(
+        default=False,
+        metadata={"help": "Train the pick once more on all the training data and export its adapter weights."},
+    )
 
     def problems(self) -> list[str]:
         """Every problem with these settings, one message per problem; empty when valid."""
@@ -55,4 +72,8 @@ class SelectionConfig:
             )
         if self.cost not in COSTS:
             found.append(f"selection.cost={self.cost!r} is not a cost the trials report. Fix: use one of {list(COSTS)}.")
+        for key in ("confirm_top_k", "confirm_seeds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                found.append(f"selection.{key}={value!r} is not a whole number >= 0. Fix: use 0 (off) or more.")
         return found

@@ -1,5 +1,6 @@
 """Export the picked configuration as PEFT's own `adapter_config.json`."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +23,25 @@ def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str 
         config.save_pretrained(staging)
         os.replace(Path(staging) / "adapter_config.json", out_dir / "adapter_config.json")
     return out_dir / "adapter_config.json"
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def export_retrained_weights(run_dir: str | os.PathLike, trial_id: str, out_dir: str | os.PathLike) -> Path | None:
+    """Copy the adapter weights of the retrain of `trial_id` (the `retrain` experiment's
+    trial whose parent it is, at its last checkpoint) into `out_dir`; return the path, or
+    None when the pick was not retrained, in which case a stale weights file is removed
+    (it would belong to another configuration)."""
+    target = Path(out_dir) / WEIGHTS
+    for params in sorted(Path(run_dir, "retrain").glob("*/params.json")):
+        if json.loads(params.read_text()).get("parent") != trial_id:
+            continue
+        checkpoints = sorted(params.parent.glob("checkpoint_*/adapter/" + WEIGHTS))
+        if checkpoints:
+            with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".weights.", delete=False) as staging:
+                staging.write(checkpoints[-1].read_bytes())
+            os.replace(staging.name, target)
+            return target
+    target.unlink(missing_ok=True)
+    return None

@@ -65,10 +65,11 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         (run_dir / "pick.json").unlink(missing_ok=True)
         (run_dir / "adapter" / "adapter_config.json").unlink(missing_ok=True)
     else:
-        from analysis.export import export_adapter_config
+        from analysis.export import export_adapter_config, export_retrained_weights
 
         write_text_atomic(run_dir / "pick.json", json.dumps(asdict(chosen), indent=2) + "\n")
         export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / "adapter")
+        export_retrained_weights(run_dir, chosen.trial_id, run_dir / "adapter")
     write_text_atomic(run_dir / "report.md", render_report(run_config, trials, selection, chosen, no_pick, plots))
     if chosen is None:
         print(f"analysis: {no_pick} The report is {run_dir / 'report.md'}.", file=sys.stderr)
@@ -106,6 +107,7 @@ def render_report(
         _searched(run_config),
         _spent(trials, run_config["budget"]["max_steps"]),
         _pick_section(trials, chosen, no_pick),
+        _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen),
         _plots_section(plots),
     ]
@@ -196,12 +198,17 @@ def _searched(run_config: dict) -> str:
 
 def _spent(trials: pd.DataFrame, max_steps: int) -> str:
     counts = trials["status"].value_counts()
-    seconds = trials["train_seconds"].sum()
+    # A promoted trial continued its parent's checkpoint and reports their time together.
+    inherited = trials.set_index("trial_id")["train_seconds"].reindex(trials.loc[trials["origin"] == "promoted", "parent"])
+    seconds = trials["train_seconds"].sum() - inherited.fillna(0).sum()
+    stages = trials["origin"].value_counts()
     text = (
         "## What it cost\n\n"
         f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
         f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
         f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})."
+        f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
+        f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
     )
     failed = trials[trials["status"] == "failed"]
     if failed.empty:
@@ -220,8 +227,28 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         f"lora_alpha={row['lora_alpha']:g}, dropout {row['lora_dropout']:.3g}, RSLoRA {row['use_rslora']}, "
         f"DoRA {row['use_dora']}, learning rate {row['learning_rate']:.3g}.\n\n"
         f"{rationale(chosen, trials)}\n\n"
-        f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
+        + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
+           if chosen.seeds > 1 else "")
+        + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )
+
+
+def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: SelectionConfig, max_steps: int) -> str:
+    """How the pick compares with the rule-of-thumb configuration the search started from."""
+    prior = trials[trials["origin"] == "prior"]
+    if prior.empty or chosen is None:
+        return "## Against the rule of thumb\n\nThe run has no rule-of-thumb trial to compare with."
+    row = prior.iloc[0]
+    described = f"{row['module_set']}, r={row['r']}, learning rate {row['learning_rate']:.3g}"
+    if row["status"] != "finished":
+        outcome = (f"it was {row['status']} at step {row['step']} ({selection.metric} {row[selection.metric]:.4g})"
+                   + (f": {row['error']}" if row["status"] == "failed" else ", below its rung's cut"))
+    else:
+        outcome = (f"it reached {selection.metric} {row[selection.metric]:.4g} at step {max_steps} against the pick's "
+                   f"{chosen.value:.4g}, with {int(row['trainable_params']):,} trainable parameters against "
+                   f"{int(_row(trials, chosen.trial_id)['trainable_params']):,}")
+    same = " The pick is the rule of thumb itself." if row["trial_id"] == chosen.trial_id else ""
+    return f"## Against the rule of thumb\n\nThe search's first trial was the rule of thumb ({described}): {outcome}.{same}"
 
 
 def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick | None) -> str:

@@ -27,7 +27,7 @@ import pandas as pd
 from analysis.files import atomic_path
 
 COLUMNS = (
-    "trial_id", "status", "origin", "module_set", "target_modules", "r", "alpha_ratio",
+    "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
     "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "train_loss",
     "trainable_params", "trainable_pct", "train_seconds", "tokens_per_second",
@@ -41,7 +41,7 @@ REPORTED_COLUMNS = (
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
-_TRIAL_PARAMS = ("origin", "module_set", "alpha_ratio", "learning_rate", "loraplus_lr_ratio", "seed", "lora_config")
+_TRIAL_PARAMS = ("origin", "parent", "module_set", "alpha_ratio", "learning_rate", "loraplus_lr_ratio", "seed", "lora_config")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
 _REQUIRED_RUN_CONFIG = (
     "name", "seed", "search", "selection", "base_model.path", "base_model.total_params",
@@ -66,6 +66,7 @@ class TrialFiles:
     params: dict
     rows: list[dict]
     error: str
+    directory: Path
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -148,6 +149,7 @@ def trial_record(trial: TrialFiles, max_steps: int) -> dict:
         "trial_id": trial.trial_id,
         "status": trial_status(reported["step"], trial.error, max_steps),
         "origin": trial.params["origin"],
+        "parent": trial.params["parent"],
         "module_set": trial.params["module_set"],
         "target_modules": json.dumps(lora_config["target_modules"]),
         "r": lora_config["r"],
@@ -203,7 +205,7 @@ def _read_trial(trial_dir: Path) -> TrialFiles:
     error_path = trial_dir / "error.txt"
     error = error_summary(error_path.read_text(encoding="utf-8", errors="replace")) if error_path.is_file() else ""
     trial_id = rows[0]["trial_id"] if rows else _trial_id_from_name(trial_dir.name)
-    return TrialFiles(trial_id=trial_id, params=params, rows=rows, error=error)
+    return TrialFiles(trial_id=trial_id, params=params, rows=rows, error=error, directory=trial_dir)
 
 
 def _read_result_rows(path: Path) -> list[dict]:

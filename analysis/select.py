@@ -36,6 +36,8 @@ class Pick:
     step: int
     rule: str
     candidates: int
+    seeds: int      # runs of the chosen configuration averaged into `value`
+    spread: float   # their standard deviation (0 for one run)
 
 
 def pick(
@@ -59,15 +61,17 @@ def pick(
     eligible = eligible[eligible["step"] == max_steps]
     if eligible.empty:
         raise NoCandidate(_why_no_candidate(trials, metric, cost, max_steps))
+    eligible = by_configuration(eligible, trials, metric)
     best = rank_by_metric(eligible, metric, mode).iloc[0]
     bar = tolerance_bar(best[metric], tolerance, mode)
     candidates = eligible[[within_bar(value, bar, mode) for value in eligible[metric]]]
     chosen = rank_candidates(candidates, metric, mode, cost).iloc[0]
     comparison = ">=" if mode == "max" else "<="
+    averaged = " (a configuration run with several seeds counts by its mean)" if eligible["seeds"].max() > 1 else ""
     rule = (
-        f"Cheapest by {cost} among the {len(candidates)} trials that finished {max_steps} steps with "
+        f"Cheapest by {cost} among the {len(candidates)} configurations that finished {max_steps} steps with "
         f"{metric} {comparison} {bar:.6g}, the best ({best[metric]:.6g}) "
-        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}."
+        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}{averaged}."
     )
     return Pick(
         trial_id=chosen["trial_id"],
@@ -83,7 +87,43 @@ def pick(
         step=int(chosen["step"]),
         rule=rule,
         candidates=len(candidates),
+        seeds=int(chosen["seeds"]),
+        spread=float(chosen["spread"]),
     )
+
+
+def configuration_root(trials: pd.DataFrame) -> dict[str, str]:
+    """trial_id -> the id of the search trial it repeats (following `parent`), itself for a search trial."""
+    parents = dict(zip(trials["trial_id"], trials["parent"]))
+
+    def root(trial_id: str) -> str:
+        seen = set()
+        while isinstance(parents.get(trial_id), str) and trial_id not in seen:
+            seen.add(trial_id)
+            trial_id = parents[trial_id]
+        return trial_id
+
+    return {trial_id: root(trial_id) for trial_id in trials["trial_id"]}
+
+
+def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per configuration among `eligible` (finished) runs: a search trial together
+    with its promoted continuation and its confirming runs with other seeds. The row is
+    that of the configuration's first run that is not a confirmation, with `metric` (and
+    the cost columns) replaced by the mean over the runs, `seeds` their count and `spread`
+    the standard deviation of `metric` (0 for one run)."""
+    roots = configuration_root(trials)
+    eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
+                               _confirm=(eligible["origin"] == "confirm").astype(int))
+    rows = []
+    for _, group in eligible.groupby("_root", sort=False):
+        row = group.sort_values(["_confirm", "trial_id"], kind="stable").iloc[0].copy()
+        for column in (metric, "train_seconds", "peak_memory_gb"):
+            row[column] = group[column].mean()
+        row["seeds"] = len(group)
+        row["spread"] = float(group[metric].std(ddof=0)) if len(group) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows).drop(columns=["_root", "_confirm"]).reset_index(drop=True)
 
 
 def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
@@ -107,8 +147,8 @@ def rank_candidates(candidates: pd.DataFrame, metric: str, mode: str, cost: str)
     then the smaller trial id, so the order never depends on row order. This is the one
     place where further tie-breakers belong (such as the spread of a config across seeds).
     """
-    keys = list(dict.fromkeys([cost, "trainable_params", metric, "trial_id"]))
-    ascending = [key != metric or mode == "min" for key in keys]
+    keys = list(dict.fromkeys([cost, "trainable_params", *(["spread"] if "spread" in candidates else []), metric, "trial_id"]))
+    ascending = [key != metric or mode == "min" for key in keys]  # spread: lower first
     return candidates.sort_values(keys, ascending=ascending, kind="stable")
 
 

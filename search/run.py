@@ -112,6 +112,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
     from search.cluster import connect
     from search.prior import prior_point
     from search.space import LoraSpace
+    from search.stages import after_search
     from search.tuner import EXPERIMENT, build_tuner, fit_or_restore, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
@@ -141,6 +142,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
             space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
             prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
             fit_or_restore(EXPERIMENT, run_dir, trainable, lambda: build_tuner(config, trainable, space, prior, run_dir))
+            after_search(config, trainable, run_dir, stopped=lambda: stop.requested is not None)
     except KeyboardInterrupt:
         print(f"stopped at once by {stop.requested or 'Ctrl+C'}; continue with the same command and --resume",
               file=sys.stderr)

@@ -12,29 +12,44 @@ budget (no searcher, no early stopping), in its own experiment under the run dir
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ray import tune
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search import Searcher
 
 from search.config import Config
-from trainables.config import TrialSetup
-from trainables.trial import train_lora
-
-STAGES = ("promote", "confirm", "retrain")
+from search.tuner import fit_or_restore, trial_dirname
 
 
-def run_stage(name: str, configs: list[dict], config: Config, setup: TrialSetup, gpus_per_trial: float,
-              run_dir: Path) -> None:
-    """Train each of `configs` (complete trial configs) to the full budget as Tune trials
-    of the experiment `run_dir/<name>`."""
-    from search.tuner import trial_dirname
+class GivenConfigs(Searcher):
+    """Hands out exactly `configs`, in order, then finishes. (Tune's BasicVariantGenerator
+    accepts preset points only for keys of a param_space; ours are complete configs.)"""
 
-    resources = {"cpu": config.resources.cpus_per_trial, "gpu": gpus_per_trial}
-    tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_lora, setup=setup), resources),
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self._configs = list(configs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        return self._configs.pop(0) if self._configs else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self._configs))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._configs = json.loads(Path(checkpoint_path).read_text())
+
+
+def stage_tuner(name: str, configs: list[dict], config: Config, trainable, run_dir: Path) -> tune.Tuner:
+    """A Tuner that trains each of `configs` (complete trial configs) to the full budget,
+    as the experiment `run_dir/<name>`."""
+    return tune.Tuner(
+        trainable,
         tune_config=tune.TuneConfig(
-            search_alg=BasicVariantGenerator(points_to_evaluate=configs),
+            search_alg=GivenConfigs(configs),
             num_samples=len(configs),
             max_concurrent_trials=config.resources.max_concurrent_trials or None,
             reuse_actors=True,
@@ -47,7 +62,50 @@ def run_stage(name: str, configs: list[dict], config: Config, setup: TrialSetup,
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             verbose=1,
         ),
-    ).fit()
+    )
+
+
+def after_search(config: Config, trainable, run_dir: Path, stopped) -> None:
+    """Promote, confirm, retrain, each only when it has work and no stop was requested
+    (`stopped()` is checked between stages). A stage already started is restored."""
+    from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
+    from analysis.results import load_curves, load_trials, read_trial_files
+
+    selection, max_steps = config.selection, config.budget.max_steps
+    rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
+
+    def stage(name: str, configs: list[dict]) -> None:
+        if configs and not stopped():
+            fit_or_restore(name, run_dir, trainable, lambda: stage_tuner(name, configs, config, trainable, run_dir))
+
+    def files() -> dict:
+        return {trial.trial_id: trial for trial in read_trial_files(run_dir)}
+
+    if selection.promote:
+        trials = load_trials(run_dir)
+        chosen = promotion_candidates(trials, load_curves(run_dir), *rule[:4], max_steps,
+                                      current_pick_cost(trials, *rule))
+        by_id = files()
+        stage("promote", [repeat(by_id[t].params, "promoted", t, start_from=str(_last_checkpoint(by_id[t].directory)))
+                          for t in chosen if _last_checkpoint(by_id[t].directory)])
+    if selection.confirm_top_k and selection.confirm_seeds:
+        leading = confirmation_candidates(load_trials(run_dir), *rule, selection.confirm_top_k)
+        by_id = files()
+        stage("confirm", [repeat(by_id[t].params, "confirm", t, seed=config.seed + 1 + k)
+                          for t in leading for k in range(selection.confirm_seeds)])
+    if selection.retrain:
+        from analysis.report import analyse
+
+        analyse(run_dir)  # the pick to retrain
+        pick_path = run_dir / "pick.json"
+        if pick_path.exists():
+            picked = json.loads(pick_path.read_text())["trial_id"]
+            stage("retrain", [repeat(files()[picked].params, "retrain", picked, seed=config.seed, full_data=True)])
+
+
+def _last_checkpoint(trial_dir: Path) -> Path | None:
+    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+    return checkpoints[-1].resolve() if checkpoints else None
 
 
 def repeat(params: dict, origin: str, parent: str, **changes) -> dict:

@@ -81,7 +81,8 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
               train_seconds: float | None = None, error: str | None = None, error_text: str | None = None,
               experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
               alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
-              learning_rate: float = 2e-4, origin: str = "search") -> Path:
+              learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
+              seed: int = 0) -> Path:
     """Write one trial directory the way Ray does; return it.
 
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
@@ -98,7 +99,8 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
                    "task_type": "CAUSAL_LM"}
     params = {"module_set": module_set, "r": r, "alpha_ratio": alpha_ratio, "lora_dropout": lora_dropout,
               "use_rslora": use_rslora, "use_dora": False, "learning_rate": learning_rate,
-              "loraplus_lr_ratio": 1.0, "seed": 0, "origin": origin, "lora_config": lora_config}
+              "loraplus_lr_ratio": 1.0, "seed": seed, "origin": origin, "parent": parent,
+              "lora_config": lora_config}
     (trial_dir / "params.json").write_text(json.dumps(params, indent=2))
     trainable_params = trainable_params if trainable_params is not None else r * 1_000 * len(targets)
     rows = []

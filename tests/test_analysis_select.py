@@ -134,7 +134,7 @@ def test_pick_returns_the_lora_config_the_trial_trained_with_and_a_rule_sentence
     chosen = pick_from(trials)
 
     assert chosen.lora_config == {"r": 4, "lora_alpha": 8}
-    assert chosen.rule.startswith("Cheapest by trainable_params among the 1 trials") and chosen.rule.endswith(".")
+    assert chosen.rule.startswith("Cheapest by trainable_params among the 1 configurations") and chosen.rule.endswith(".")
 
 
 def test_no_trial_at_the_full_budget_raises_no_candidate_with_the_counts():

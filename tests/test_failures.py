@@ -41,7 +41,7 @@ def faulty_run(tiny_model_dir, tmp_path_factory):
 def test_the_search_goes_on_and_every_trial_has_a_row(faulty_run):
     code, _, trials = faulty_run
     assert code == 0
-    assert len(trials) == 10
+    assert trials.origin.isin(["search", "prior"]).sum() == 10
 
 
 def test_out_of_memory_trials_are_failed_with_the_reason(faulty_run):
@@ -73,6 +73,7 @@ def test_every_optuna_trial_ends_in_one_state_matching_tune(faulty_run):
     _, run_dir, trials = faulty_run
     (state_file,) = (run_dir / "tune").glob("searcher-state-*.pkl")
     study = pickle.loads(state_file.read_bytes())["_ot_study"]  # our own run's state
+    trials = trials[trials.origin.isin(["search", "prior"])]  # Optuna proposes these; later stages are Tune's
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states
     assert states.count(TrialState.FAIL) == (trials.status == "failed").sum()

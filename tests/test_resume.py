@@ -70,10 +70,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
 
     trials = pd.read_csv(run_dir / "trials.csv")
     plain = pd.read_csv(uninterrupted / "trials.csv")
-    assert len(trials) == 6 and (trials.status != "failed").all()
-    key = ["module_set", "r", "alpha_ratio", "learning_rate", "step"]
+    assert trials.origin.isin(["search", "prior"]).sum() == 6 and len(trials) == len(plain)
+    assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
+    key = ["origin", "module_set", "r", "alpha_ratio", "learning_rate", "seed", "step"]
     assert sorted(map(tuple, trials[key].round(12).values)) == sorted(map(tuple, plain[key].round(12).values))
-    for name, steps in _steps_reported(run_dir).items():
+    for name, steps in _steps_reported(run_dir).items():  # the search experiment
         assert steps == sorted(set(steps)), f"{name} reported a step twice: {steps}"
     pick = json.loads((run_dir / "pick.json").read_text())
     plain_pick = json.loads((uninterrupted / "pick.json").read_text())
@@ -94,7 +95,8 @@ def test_sigterm_stops_gracefully_and_the_run_resumes(tiny_model_dir, tmp_path):
     resumed = _cli(["--resume", *_args(tiny_model_dir, tmp_path, "termed")])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
-    assert len(pd.read_csv(run_dir / "trials.csv")) == 6
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert trials.origin.isin(["search", "prior"]).sum() == 6
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_model_dir, uninterrupted):

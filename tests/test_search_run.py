@@ -32,6 +32,7 @@ def tiny_run(tiny_model_dir, local_ray, tmp_path_factory):
         "--set", "budget.reduction_factor=3",
         "--set", "budget.batch_size=4",
         "--set", "data.eval_examples=8",
+        "--set", "selection.retrain=true",
     ])
     return code, output / "tiny"
 
@@ -46,10 +47,48 @@ def test_search_finishes_and_writes_the_four_outputs(tiny_run):
 def test_asha_stops_some_trials_before_the_full_budget(tiny_run):
     _, run_dir = tiny_run
     trials = pd.read_csv(run_dir / "trials.csv")
+    trials = trials[trials.origin.isin(["search", "prior"])]
     assert len(trials) == 9
     stopped = trials[trials.status == "stopped"]
     assert len(stopped) >= 1 and (stopped.step < 12).all()
     assert (trials[trials.status == "finished"].step == 12).all()
+
+
+def test_stopped_trials_within_tolerance_are_promoted_from_their_checkpoint(tiny_run):
+    _, run_dir = tiny_run
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    promoted = trials[trials.origin == "promoted"]
+    assert len(promoted) >= 1
+    for trial_id, row in promoted.iterrows():
+        parent = trials.loc[row.parent]
+        assert parent.status == "stopped" and row.status == "finished" and row.step == 12
+        assert (parent.r, parent.learning_rate, parent.module_set) == (row.r, row.learning_rate, row.module_set)
+        steps = [json.loads(line)["step"] for line in next((run_dir / "promote").glob(f"trial_{trial_id}/result.json")).read_text().splitlines()]
+        assert steps[0] > parent.step  # continued from the parent's checkpoint, not from scratch
+
+
+def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mean(tiny_run):
+    _, run_dir = tiny_run
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    confirm = trials[trials.origin == "confirm"]
+    assert len(confirm) == 2
+    for _, row in confirm.iterrows():
+        assert trials.loc[row.parent].status == "finished" and row.seed != trials.loc[row.parent].seed
+    pick = json.loads((run_dir / "pick.json").read_text())
+    if pick["seeds"] > 1:
+        runs = trials[(trials.index == pick["trial_id"]) | (trials.parent == pick["trial_id"]) & (trials.origin == "confirm")]
+        assert pick["value"] == pytest.approx(runs.eval_loss.mean())
+
+
+def test_retrained_pick_exports_loadable_adapter_weights(tiny_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir = tiny_run
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
 
 
 def test_every_trial_reports_the_contract_metrics(tiny_run):
@@ -86,7 +125,8 @@ def test_default_config_runs_with_a_tiny_budget(local_ray, tmp_path):
                  "--set", "budget.grace_period=1", "--set", "budget.warmup_steps=1", "--set", "data.eval_examples=4"])
     assert code == 0
     trials = pd.read_csv(tmp_path / "default-tiny" / "trials.csv")
-    assert len(trials) == 2 and (trials.status != "failed").all()
+    assert (trials.status != "failed").all()
+    assert trials.origin.isin(["search", "prior"]).sum() == 2
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
