@@ -134,6 +134,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
     # Experiment state written at most every second (Ray's default: 10 s), so a killed
     # run loses at most a second of bookkeeping and no finished trial is trained twice.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
     started_here = connect(args.address)
     stop = GracefulStop()
     try:
