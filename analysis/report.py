@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
+from analysis.diagnose import diagnose
 from analysis.files import write_text_atomic
 from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
 from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
@@ -60,7 +61,8 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     # matplotlib and optuna take about a second to import, peft (through torch) about five.
     from analysis.plots import write_plots
 
-    plots = write_plots(trials, load_curves(run_dir), selection, chosen, run_dir / "plots")
+    curves = load_curves(run_dir)
+    plots = write_plots(trials, curves, selection, chosen, run_dir / "plots")
     if chosen is None:
         (run_dir / "pick.json").unlink(missing_ok=True)
         (run_dir / "adapter" / "adapter_config.json").unlink(missing_ok=True)
@@ -70,7 +72,8 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         write_text_atomic(run_dir / "pick.json", json.dumps(asdict(chosen), indent=2) + "\n")
         export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / "adapter")
         export_retrained_weights(run_dir, chosen.trial_id, run_dir / "adapter")
-    write_text_atomic(run_dir / "report.md", render_report(run_config, trials, selection, chosen, no_pick, plots))
+    write_text_atomic(run_dir / "report.md", render_report(run_config, trials, selection, chosen, no_pick, plots,
+                                                                  diagnose(trials, curves)))
     if chosen is None:
         print(f"analysis: {no_pick} The report is {run_dir / 'report.md'}.", file=sys.stderr)
         return 1
@@ -97,18 +100,21 @@ def render_report(
     chosen: Pick | None,
     no_pick: str | None,
     plots: "Plots",
+    diagnoses: dict[str, str],
 ) -> str:
     """report.md's text: what was searched, what it cost, the pick and why, the top trials, the plots, the config.
 
-    `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None.
+    `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None;
+    `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve.
     """
     sections = [
         _title(run_config, selection),
         _searched(run_config),
+        _module_notes(run_config),
         _spent(trials, run_config["budget"]["max_steps"]),
         _pick_section(trials, chosen, no_pick),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
-        _top_trials(trials, selection, chosen),
+        _top_trials(trials, selection, chosen, diagnoses),
         _plots_section(plots),
     ]
     if chosen is not None:
@@ -196,6 +202,14 @@ def _searched(run_config: dict) -> str:
     )
 
 
+def _module_notes(run_config: dict) -> str:
+    """How each module set was resolved on this model, with what had to be inferred or approximated."""
+    lines = [f"- `{name}`: {', '.join(info['target_modules'])} ({info['layers']} layers)"
+             + (f". {info['note']}" if info.get("note") else "")
+             for name, info in run_config.get("module_sets", {}).items()]
+    return "## Module sets on this model\n\n" + ("\n".join(lines) if lines else "Not recorded in run_config.json.")
+
+
 def _spent(trials: pd.DataFrame, max_steps: int) -> str:
     counts = trials["status"].value_counts()
     # A promoted trial continued its parent's checkpoint and reports their time together.
@@ -251,20 +265,21 @@ def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: Selecti
     return f"## Against the rule of thumb\n\nThe search's first trial was the rule of thumb ({described}): {outcome}.{same}"
 
 
-def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick | None) -> str:
+def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick | None, diagnoses: dict[str, str]) -> str:
     finished = finished_trials(trials, selection.metric, selection.cost)
     if finished.empty:
         return "## Top trials\n\nNo trial finished the full budget."
     top = rank_by_metric(finished, selection.metric, selection.mode).head(TOP_TRIALS)
     headers = (
         "trial", "origin", "module set", "r", "lora_alpha", "dropout", "RSLoRA", "DoRA", "learning rate",
-        selection.metric, "trainable params", "train s", "",
+        selection.metric, "trainable params", "train s", "curve", "",
     )
     rows = [
         (
             f"`{row.trial_id}`", row.origin, row.module_set, row.r, f"{row.lora_alpha:g}", f"{row.lora_dropout:.3g}",
             row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{getattr(row, selection.metric):.4g}",
-            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", _marks(row.trial_id, chosen),
+            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", diagnoses.get(row.trial_id, ""),
+            _marks(row.trial_id, chosen),
         )
         for row in top.itertuples()
     ]
