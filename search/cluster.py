@@ -30,3 +30,15 @@ def tighten_auth_token() -> None:
             path.chmod(0o600)
     except FileNotFoundError:
         pass
+
+
+def check_cluster_gpus(gpus_per_trial: float) -> None:
+    """A trial asking for more GPUs than any node has would wait forever: bad input."""
+    import ray
+
+    from search.config import ConfigError
+
+    largest = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if gpus_per_trial > largest:
+        raise ConfigError(f"resources.gpus_per_trial is {gpus_per_trial} but the largest node of the Ray cluster has "
+                          f"{largest:g} GPU(s); no trial could ever start. Fix: lower it, or add GPU nodes")

@@ -67,6 +67,11 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     gpus = config.resources.gpus(torch.cuda.is_available(), prepared.total_params)
     check_device(config, gpus, local=args.address is None)
+    if args.address:  # a cluster: ask it before anything is written
+        from search.cluster import check_cluster_gpus, connect
+
+        connect(args.address)
+        check_cluster_gpus(gpus)
     run_dir = config.run_dir
     if args.resume:
         from search.resume import check_driver_gone, resume_check, stop_leftover_workers
@@ -135,7 +140,8 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
     # run loses at most a second of bookkeeping and no finished trial is trained twice.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
-    started_here = connect(args.address)
+    # True when this process started Ray, or joined a cluster in `run`: then it lets go at the end.
+    started_here = connect(args.address) or args.address is not None
     stop = GracefulStop()
     try:
         with stop:

@@ -23,6 +23,8 @@ cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
 cluster.wait_for_nodes()
 from search.run import main
 code = main(["--address", cluster.address, *sys.argv[1:]])
+import ray
+ray.shutdown()
 cluster.shutdown()
 sys.exit(code)
 """
@@ -43,3 +45,13 @@ def test_trials_run_on_both_nodes_and_land_in_one_run_directory(tiny_model_dir, 
     assert nodes == {"127.0.0.1", "127.0.0.2"}
     assert len(list((run_dir / "tune").glob("trial_*"))) == 4
     assert (run_dir / "pick.json").is_file()
+
+
+def test_more_gpus_per_trial_than_any_node_has_is_refused_with_exit_2(tiny_model_dir, tmp_path):
+    sets = [f"model.path={tiny_model_dir}", "search.ranks=[2,4]", "resources.gpus_per_trial=2"]
+    args = ["--output", str(tmp_path), "--name", "too-big", *[x for s in sets for x in ("--set", s)]]
+    result = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **LOOPBACK}, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "resources.gpus_per_trial is 2.0 but the largest node of the Ray cluster has 0 GPU(s)" in result.stderr
+    assert not (tmp_path / "too-big").exists()

@@ -84,8 +84,11 @@ def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         kwargs["device_map"] = {"": device}
+    elif device.type == "cuda" and torch.cuda.device_count() > 1:
+        # a trial given several GPUs holds a model too large for one: spread its layers
+        kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quantization != "4bit":
+    if "device_map" not in kwargs:
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
