@@ -1,0 +1,158 @@
+"""Trial throughput and packing on one GPU, side by side with the hand-made Trainer setup.
+
+    python bench/trial_throughput.py [--steps 60] [--packing 1,2,4,8]
+
+1. The anchor: Hugging Face Trainer + PEFT, all seven Llama projections r=16 RSLoRA alpha 16,
+   micro-batch 2 x gradient accumulation 4, lr 2e-4, cosine, 10 warm-up steps, bf16 (the grid
+   in ../shared/bench/README.md), on the builtin atlas task, SmolLM2-135M-Instruct.
+2. One of our trials, same model, configuration, data and 8 sequences per optimizer step, run
+   through the real search (Ray Tune, one trial, no early stopping): its own tokens_per_second.
+3. Packing: N concurrent trials on the one GPU (gpus_per_trial = 1/N), aggregate tokens/s.
+
+Prints a short table last and writes bench/results/trial_throughput.json (device, versions,
+date, figures) and updates bench/results/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
+    """The anchor setup's training throughput, timed per optimizer step after 5 warm-up steps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from trainables.config import DataConfig
+    from trainables.data import prepare
+
+    splits, info = prepare(DataConfig(), model_path, seed=0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:  # as our trials do: pad with end-of-sequence, masked out of the loss
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules=ALL_SEVEN,
+                                             task_type="CAUSAL_LM"))
+    train = splits["train"]
+    step_times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.started)
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                   learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=10, bf16=True,
+                                   max_steps=steps, logging_steps=1000, save_strategy="no", report_to=[],
+                                   eval_strategy="no", seed=0, dataloader_num_workers=0),
+            train_dataset=train,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[Clock()],
+        )
+        started = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - started
+    mean_tokens = sum(len(x) for x in train["input_ids"]) / len(train)
+    per_step = sum(step_times[5:]) / len(step_times[5:])
+    return {"seconds_per_step": per_step, "tokens_per_second": 8 * mean_tokens / per_step, "wall_seconds": wall,
+            "steps": steps}
+
+
+def search_trials(concurrent: int, steps: int, output: Path) -> dict:
+    """`concurrent` identical-config trials through the real search, sharing the GPU."""
+    import pandas as pd
+
+    from search.run import main
+
+    name = f"packing-{concurrent}"
+    sets = ["search.module_sets=[[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]]", "search.ranks=[16]",
+            "search.alpha_ratios=[1.0]", "search.use_rslora=[true]", "search.dropout=[0.0,0.0]",
+            "search.learning_rate=[2e-4,2e-4]", f"budget.num_samples={concurrent}", f"budget.max_steps={steps}",
+            f"budget.eval_every={steps}", f"budget.grace_period={steps}", "budget.batch_size=8",
+            "budget.warmup_steps=10", f"resources.gpus_per_trial={1 / concurrent}", "resources.cpus_per_trial=1",
+            "selection.promote=false", "selection.confirm_top_k=0", "data.eval_examples=32"]
+    started = time.perf_counter()
+    code = main(["--output", str(output), "--name", name, "--overwrite", *[x for s in sets for x in ("--set", s)]])
+    wall = time.perf_counter() - started
+    trials = pd.read_csv(output / name / "trials.csv")
+    trials = trials[trials.origin.isin(["search", "prior"])]
+    return {"exit_code": code, "trials": len(trials), "tokens_per_second_each": trials.tokens_per_second.tolist(),
+            "tokens_per_second_total": float(trials.tokens_per_second.sum()),
+            "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--packing", default="1,2,4,8")
+    args = parser.parse_args()
+    import peft
+    import ray
+    import torch
+    import transformers
+
+    from trainables.model import smollm2_checkpoint
+
+    model_path = str(smollm2_checkpoint())
+    anchor = trainer_tokens_per_second(model_path, args.steps)
+    packing = {}
+    with tempfile.TemporaryDirectory() as output:
+        for n in [int(x) for x in args.packing.split(",")]:
+            packing[n] = search_trials(n, args.steps, Path(output))
+    one = packing[min(packing)]["tokens_per_second_total"]
+    best_n = max(packing, key=lambda n: packing[n]["tokens_per_second_total"])
+    figures = {
+        "trial_speedup": one / anchor["tokens_per_second"],
+        "packing_speedup": packing[best_n]["tokens_per_second_total"] / one,
+        "packing_best_concurrent": best_n,
+    }
+    record = {
+        "benchmark": "trial_throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "ray": ray.__version__, "python": platform.python_version()},
+        "config": "all seven projections, r=16, alpha 16, RSLoRA, 8 sequences per optimizer step, atlas task, SmolLM2-135M",
+        "anchor_trainer": anchor,
+        "packing": packing,
+        "figures": figures,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trial_throughput.json").write_text(json.dumps(record, indent=2))
+    summary_path = RESULTS / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update({k: figures[k] for k in ("trial_speedup", "packing_speedup")}, device=record["device"], date=record["date"])
+    summary_path.write_text(json.dumps(summary, indent=2))
+    print(f"\n{'setup':<34}{'tokens/s':>12}")
+    print(f"{'Trainer (2 x 4 accumulation)':<34}{anchor['tokens_per_second']:>12,.0f}")
+    for n, p in packing.items():
+        print(f"{f'our trials, {n} on the GPU (total)':<34}{p['tokens_per_second_total']:>12,.0f}")
+    print(f"trial_speedup {figures['trial_speedup']:.2f}  packing_speedup {figures['packing_speedup']:.2f} (at {best_n})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
