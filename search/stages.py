@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ray import tune
 from ray.tune.search import Searcher
 
 from search.config import Config
-from search.tuner import fit_or_restore, trial_dirname
+from search.tuner import experiment, fit_or_restore
 
 
 class GivenConfigs(Searcher):
@@ -43,26 +42,10 @@ class GivenConfigs(Searcher):
         self._configs = json.loads(Path(checkpoint_path).read_text())
 
 
-def stage_tuner(name: str, configs: list[dict], config: Config, trainable, run_dir: Path) -> tune.Tuner:
+def stage_tuner(name: str, configs: list[dict], config: Config, trainable, run_dir: Path):
     """A Tuner that trains each of `configs` (complete trial configs) to the full budget,
     as the experiment `run_dir/<name>`."""
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=GivenConfigs(configs),
-            num_samples=len(configs),
-            max_concurrent_trials=config.resources.max_concurrent_trials or None,
-            reuse_actors=True,
-            trial_dirname_creator=trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(run_dir.resolve()),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
-            verbose=1,
-        ),
-    )
+    return experiment(name, trainable, config, run_dir, GivenConfigs(configs), len(configs))
 
 
 def after_search(config: Config, trainable, run_dir: Path, stopped) -> None:

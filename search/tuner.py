@@ -138,20 +138,27 @@ def build_tuner(config: Config, trainable, space, prior: dict, run_dir: Path) ->
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
+    return experiment(EXPERIMENT, trainable, config, run_dir, searcher, budget.num_samples,
+                      metric=selection.metric, mode=selection.mode, scheduler=scheduler)
+
+
+def experiment(name: str, trainable, config: Config, run_dir: Path, search_alg, num_samples: int,
+               **tune_config) -> tune.Tuner:
+    """A Tuner for the experiment `run_dir/<name>`, with what every experiment of a run shares:
+    reused workers (the base model stays loaded), short trial directories, adapter-only
+    checkpoints of which one is kept, and the retry policy."""
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=selection.metric,
-            mode=selection.mode,
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=budget.num_samples,
+            search_alg=search_alg,
+            num_samples=num_samples,
             max_concurrent_trials=config.resources.max_concurrent_trials or None,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
+            **tune_config,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT,
+            name=name,
             storage_path=str(run_dir.resolve()),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),

@@ -49,7 +49,7 @@ CASES = [
     (["--set", "selection.tolerance=1.5"], "selection.tolerance=1.5 is outside (0, 1]"),
     (["--set", "selection.tolerance=0"], "selection.tolerance=0.0 is outside (0, 1]"),
     (["--set", "selection.metric=bleu"], "selection.metric='bleu'"),
-    (["--set", "budget.grace_period=50"], "budget.grace_period is 50, above budget.max_steps=40"),
+    (["--set", "budget.max_steps=40", "--set", "budget.grace_period=50"], "budget.grace_period is 50, above budget.max_steps=40"),
     (["--set", "resources.gpus_per_trial=1"], "resources.gpus_per_trial is 1.0 but this machine has 0 GPU(s)"),
     (["--set", "model.quantization=4bit"], "model.quantization is '4bit' but this machine has no CUDA GPU"),
     (["--set", "model.path=/nowhere/model"], "model.path '/nowhere/model' is neither"),
