@@ -184,3 +184,27 @@ def test_dry_run_works_from_a_config_json_alone_with_exact_counts(tmp_path, caps
     assert "2,097,152" in out            # q and v at r=4: 32 layers x 2 x 4 x (4096 + 4096)
     assert "39,976,960" in out           # all seven at r=16: 32 x 16 x (4 x 8192 + 3 x 15104)
     assert not (tmp_path / "out").exists()
+
+
+def test_pick_agrees_with_trials_csv_under_the_stated_rule_and_plots_are_real_pngs(tiny_run):
+    _, run_dir = tiny_run
+    pick = json.loads((run_dir / "pick.json").read_text())
+    trials = pd.read_csv(run_dir / "trials.csv")
+    done = trials[(trials.status == "finished") & (trials.step == 12)].copy()
+    by_id = trials.set_index("trial_id")
+
+    def root(trial_id):
+        while isinstance(by_id.loc[trial_id].parent, str):
+            trial_id = by_id.loc[trial_id].parent
+        return trial_id
+
+    done["root"] = done.trial_id.map(root)
+    means = done.groupby("root").agg(loss=("eval_loss", "mean"), params=("trainable_params", "first"))
+    bar = means.loss.min() / pick["tolerance"]
+    within = means[means.loss <= bar + 1e-12]
+    assert pick["value"] == pytest.approx(means.loc[root(pick["trial_id"])].loss)
+    assert pick["value"] <= bar + 1e-12 and pick["cost"] == within.params.min()
+    plots = sorted((run_dir / "plots").glob("*.png"))
+    assert len(plots) >= 4
+    for png in plots:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
