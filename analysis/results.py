@@ -7,7 +7,11 @@ per trial. Seen with Ray 2.60, a trial directory holds:
 - `result.json`: one JSON object per `tune.report` call, each with Ray's `trial_id` added (and
   the config repeated under `config`, which we ignore in favour of `params.json`);
 - `error.txt`: when the trial raised, "Failure # N (occurred at ...)" then the traceback, once
-  per failure; a trial can fail before its first report and then has no result rows.
+  per failure; a trial can fail before its first report and then has no result rows. It stays
+  when Tune retried the trial (`resources.max_failures`) and the retry finished, so the
+  trial's status comes from the experiment's `experiment_state-*.json` (Tune's own record,
+  plain JSON) where one was written: a trial failed when Tune says `ERROR`, or when
+  `error.txt` holds more failures than that snapshot counted (it predates the last one).
 Its name is the driver's `trial_<trial id>`, or Ray's default
 `<trainable>_<trial id>_<index>_<short config>_<date>`; the trial id is 8 hex digits with a
 searcher (`ab12cd34`) or `<5 hex>_<5 digits>` without one (`711d0_00001`).
@@ -96,12 +100,27 @@ def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
 
     A trial directory is any sub-directory of an experiment directory holding `params.json`.
     """
-    trial_dirs = [
-        params.parent
-        for experiment in EXPERIMENTS
-        for params in sorted(Path(run_dir, experiment).glob("*/params.json"))
-    ]
-    return [_read_trial(trial_dir) for trial_dir in trial_dirs]
+    trials = []
+    for experiment in EXPERIMENTS:
+        tune_status = _tune_statuses(Path(run_dir, experiment))
+        for params in sorted(Path(run_dir, experiment).glob("*/params.json")):
+            trials.append(_read_trial(params.parent, tune_status))
+    return trials
+
+
+def _tune_statuses(experiment_dir: Path) -> dict[str, tuple[str, int]]:
+    """Tune's status of each trial (`TERMINATED`, `ERROR`, `RUNNING`, ...) and its count of
+    failures, by trial id, from the newest `experiment_state-*.json`; {} when Tune wrote none
+    (killed before its first snapshot) or the file cannot be read: the trial files decide."""
+    states = sorted(experiment_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        trial_data = json.loads(states[-1].read_text(encoding="utf-8"))["trial_data"]
+        records = [(json.loads(trial_json), json.loads(run_json)) for trial_json, run_json in trial_data]
+        return {trial["trial_id"]: (trial["status"], run["num_failures"]) for trial, run in records}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -195,7 +214,7 @@ def error_summary(error_text: str) -> str:
     return lines[0].strip() if lines else "failed without a message"
 
 
-def _read_trial(trial_dir: Path) -> TrialFiles:
+def _read_trial(trial_dir: Path, tune_status: dict[str, tuple[str, int]]) -> TrialFiles:
     params = _read_json(trial_dir / "params.json")
     missing = [key for key in _TRIAL_PARAMS if key not in params]
     missing += [f"lora_config.{key}" for key in _LORA_CONFIG_KEYS if key not in params.get("lora_config", {})]
@@ -203,8 +222,11 @@ def _read_trial(trial_dir: Path) -> TrialFiles:
         raise ValueError(f"{str(trial_dir / 'params.json')!r} lacks {missing}; the trial was not started by this version of the search.")
     rows = _read_result_rows(trial_dir / "result.json")
     error_path = trial_dir / "error.txt"
-    error = error_summary(error_path.read_text(encoding="utf-8", errors="replace")) if error_path.is_file() else ""
     trial_id = rows[0]["trial_id"] if rows else _trial_id_from_name(trial_dir.name)
+    error_text = error_path.read_text(encoding="utf-8", errors="replace") if error_path.is_file() else ""
+    status, failures_seen = tune_status.get(trial_id, ("ERROR", 0))
+    failed = bool(error_text) and (status == "ERROR" or len(_FAILURE_HEADER.findall(error_text)) > failures_seen)
+    error = error_summary(error_text) if failed else ""
     return TrialFiles(trial_id=trial_id, params=params, rows=rows, error=error, directory=trial_dir)
 
 

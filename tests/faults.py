@@ -25,3 +25,23 @@ def install() -> None:
         return original(model, optimizer, scheduler, params, *rest)
 
     trial._train = faulty_train
+
+
+def install_transient() -> None:
+    """Every trial dies once, just after its second report (a lost node, a preempted GPU);
+    the marker file beside its checkpoints remembers that it already did."""
+    import os
+    from pathlib import Path
+
+    from ray import tune
+
+    original_report = tune.report
+
+    def report_then_fail_once(metrics, checkpoint=None):
+        original_report(metrics, checkpoint=checkpoint)
+        marker = Path(os.environ["FAULT_DIR"]) / f"{tune.get_context().get_trial_id()}.failed"
+        if metrics["step"] >= 6 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("worker lost (injected by the test)")
+
+    tune.report = report_then_fail_once  # the trial looks tune.report up at call time

@@ -173,6 +173,37 @@ def test_failed_trial_keeps_its_config_and_a_one_line_error_without_the_module_p
     assert row["r"] == 8
 
 
+def write_experiment_state(run_dir: Path, trials: dict[str, tuple[str, int]], experiment: str = "tune") -> None:
+    """Tune's experiment_state JSON as Ray 2.60 writes it: per trial, a JSON string of the
+    trial (with `status`) and one of its run metadata (with `num_failures`)."""
+    trial_data = [[json.dumps({"trial_id": trial_id, "status": status, "config": {}}),
+                   json.dumps({"num_failures": failures, "last_result": {}})]
+                  for trial_id, (status, failures) in trials.items()]
+    state = {"trial_data": trial_data, "runner_data": {}, "stats": {}}
+    (run_dir / experiment / "experiment_state-2026-11-23_12-21-08.json").write_text(json.dumps(state))
+
+
+def test_a_trial_that_tune_retried_to_the_end_is_finished_despite_its_error_file(run_dir):
+    add_trial(run_dir, "aaaa0001", error="builtins.RuntimeError: worker lost")
+    add_trial(run_dir, "aaaa0002", last_step=50, error="torch.OutOfMemoryError: CUDA out of memory.")
+    write_experiment_state(run_dir, {"aaaa0001": ("TERMINATED", 1), "aaaa0002": ("ERROR", 2)})
+
+    trials = load_trials(run_dir).set_index("trial_id")
+
+    assert (trials.at["aaaa0001", "status"], trials.at["aaaa0001", "error"]) == ("finished", "")
+    assert trials.at["aaaa0002", "status"] == "failed"
+
+
+def test_a_failure_newer_than_tunes_last_snapshot_is_still_a_failure(run_dir):
+    # Tune's snapshot saw the trial running with no failure; then it raised and the driver died.
+    add_trial(run_dir, "aaaa0001", last_step=50, error="trainables.trial.TrialDiverged: loss became nan at step 52")
+    write_experiment_state(run_dir, {"aaaa0001": ("RUNNING", 0)})
+
+    row = load_trials(run_dir).iloc[0]
+
+    assert (row["status"], row["error"]) == ("failed", "TrialDiverged: loss became nan at step 52")
+
+
 def test_trial_that_failed_before_its_first_report_still_gets_a_row(run_dir):
     add_trial(run_dir, "aaaa0001", last_step=None, error="torch.OutOfMemoryError: CUDA out of memory.")
 

@@ -79,3 +79,22 @@ def test_every_optuna_trial_ends_in_one_state_matching_tune(faulty_run):
     assert states.count(TrialState.FAIL) == (trials.status == "failed").sum()
     assert states.count(TrialState.PRUNED) == (trials.status == "stopped").sum()
     assert states.count(TrialState.COMPLETE) == (trials.status == "finished").sum()
+
+
+def test_a_transient_failure_is_retried_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    driver = DRIVER.replace("tests.faults.install", "tests.faults.install_transient").replace(
+        '"env_vars": {"PYTHONPATH": %r}', '"env_vars": {"PYTHONPATH": %r, "FAULT_DIR": %r}')
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv]", "search.ranks=[2,4]",
+            "budget.num_samples=2", "budget.max_steps=9", "budget.eval_every=3", "budget.grace_period=9",
+            "budget.batch_size=4", "data.eval_examples=8", "resources.max_failures=1",
+            "selection.promote=false", "selection.confirm_top_k=0"]
+    args = ["--output", str(tmp_path), "--name", "retried", *[x for s in sets for x in ("--set", s)]]
+    result = subprocess.run([sys.executable, "-c", driver % (str(ROOT), str(tmp_path)), *args], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.glob("*.failed"))) == 2  # each trial really failed once
+    trials = pd.read_csv(tmp_path / "retried" / "trials.csv")
+    assert (trials.status == "finished").all() and (trials.step == 9).all()
+    for result_file in (tmp_path / "retried" / "tune").glob("trial_*/result.json"):
+        steps = [json.loads(line)["step"] for line in result_file.read_text().splitlines()]
+        assert steps == [3, 6, 9]  # continued after step 6 from its checkpoint, not from scratch
