@@ -1,13 +1,16 @@
 """Trial throughput and packing on one GPU, side by side with the hand-made Trainer setup.
 
-    python bench/trial_throughput.py [--steps 60] [--packing 1,2,4,8]
+    python bench/trial_throughput.py [--steps 100] [--anchor-steps 30] [--packing 1,2,4,8]
 
 1. The anchor: Hugging Face Trainer + PEFT, all seven Llama projections r=16 RSLoRA alpha 16,
    micro-batch 2 x gradient accumulation 4, lr 2e-4, cosine, 10 warm-up steps, bf16 (the grid
    in ../shared/bench/README.md), on the builtin atlas task, SmolLM2-135M-Instruct.
 2. One of our trials, same model, configuration, data and 8 sequences per optimizer step, run
-   through the real search (Ray Tune, one trial, no early stopping): its own tokens_per_second.
-3. Packing: N concurrent trials on the one GPU (gpus_per_trial = 1/N), aggregate tokens/s.
+   through the real search (Ray Tune, one trial, no early stopping): its own tokens_per_second
+   (its train_seconds include the CUDA graph's capture), with `resources.cuda_graphs` on (the
+   default) and off.
+3. Packing: N concurrent trials on the one GPU (gpus_per_trial = 1/N), aggregate tokens/s,
+   with CUDA graphs.
 
 Prints a short table last and writes bench/results/trial_throughput.json (device, versions,
 date, figures) and updates bench/results/summary.json.
@@ -81,19 +84,20 @@ def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
             "steps": steps}
 
 
-def search_trials(concurrent: int, steps: int, output: Path) -> dict:
+def search_trials(concurrent: int, steps: int, output: Path, cuda_graphs: bool = True) -> dict:
     """`concurrent` identical-config trials through the real search, sharing the GPU."""
     import pandas as pd
 
     from search.run import main
 
-    name = f"packing-{concurrent}"
+    name = f"packing-{concurrent}-{'graph' if cuda_graphs else 'eager'}"
     sets = ["search.module_sets=[[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]]", "search.ranks=[16]",
             "search.alpha_ratios=[1.0]", "search.use_rslora=[true]", "search.dropout=[0.0,0.0]",
             "search.learning_rate=[2e-4,2e-4]", f"budget.num_samples={concurrent}", f"budget.max_steps={steps}",
             f"budget.eval_every={steps}", f"budget.grace_period={steps}", "budget.batch_size=8",
             "budget.warmup_steps=10", f"resources.gpus_per_trial={1 / concurrent}", "resources.cpus_per_trial=1",
-            "selection.promote=false", "selection.confirm_top_k=0", "data.eval_examples=32"]
+            "selection.promote=false", "selection.confirm_top_k=0", "data.eval_examples=32",
+            f"resources.cuda_graphs={str(cuda_graphs).lower()}"]
     started = time.perf_counter()
     code = main(["--output", str(output), "--name", name, "--overwrite", *[x for s in sets for x in ("--set", s)]])
     wall = time.perf_counter() - started
@@ -101,12 +105,22 @@ def search_trials(concurrent: int, steps: int, output: Path) -> dict:
     trials = trials[trials.origin.isin(["search", "prior"])]
     return {"exit_code": code, "trials": len(trials), "tokens_per_second_each": trials.tokens_per_second.tolist(),
             "tokens_per_second_total": float(trials.tokens_per_second.sum()),
-            "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall}
+            "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall,
+            "step_modes": _step_modes(output / name)}
+
+
+def _step_modes(run_dir: Path) -> list[str]:
+    modes = []
+    for result in sorted((run_dir / "tune").glob("*/result.json")):
+        lines = result.read_text().splitlines()
+        modes.append(json.loads(lines[-1]).get("step_mode", "?") if lines else "none")
+    return modes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--anchor-steps", type=int, default=30)
     parser.add_argument("--packing", default="1,2,4,8")
     args = parser.parse_args()
     import peft
@@ -117,15 +131,19 @@ def main() -> int:
     from trainables.model import smollm2_checkpoint
 
     model_path = str(smollm2_checkpoint())
-    anchor = trainer_tokens_per_second(model_path, args.steps)
+    anchor = trainer_tokens_per_second(model_path, args.anchor_steps)
     packing = {}
     with tempfile.TemporaryDirectory() as output:
+        eager = search_trials(1, args.steps, Path(output), cuda_graphs=False)
+        print("eager", json.dumps(eager), flush=True)
         for n in [int(x) for x in args.packing.split(",")]:
             packing[n] = search_trials(n, args.steps, Path(output))
+            print(n, json.dumps(packing[n]), flush=True)
     one = packing[min(packing)]["tokens_per_second_total"]
     best_n = max(packing, key=lambda n: packing[n]["tokens_per_second_total"])
     figures = {
         "trial_speedup": one / anchor["tokens_per_second"],
+        "trial_speedup_eager": eager["tokens_per_second_total"] / anchor["tokens_per_second"],
         "packing_speedup": packing[best_n]["tokens_per_second_total"] / one,
         "packing_best_concurrent": best_n,
     }
@@ -137,6 +155,7 @@ def main() -> int:
                      "ray": ray.__version__, "python": platform.python_version()},
         "config": "all seven projections, r=16, alpha 16, RSLoRA, 8 sequences per optimizer step, atlas task, SmolLM2-135M",
         "anchor_trainer": anchor,
+        "one_trial_eager": eager,
         "packing": packing,
         "figures": figures,
     }
@@ -148,8 +167,9 @@ def main() -> int:
     summary_path.write_text(json.dumps(summary, indent=2))
     print(f"\n{'setup':<34}{'tokens/s':>12}")
     print(f"{'Trainer (2 x 4 accumulation)':<34}{anchor['tokens_per_second']:>12,.0f}")
+    print(f"{'our trial, eager steps':<34}{eager['tokens_per_second_total']:>12,.0f}")
     for n, p in packing.items():
-        print(f"{f'our trials, {n} on the GPU (total)':<34}{p['tokens_per_second_total']:>12,.0f}")
+        print(f"{f'our trials, graph, {n} on the GPU':<34}{p['tokens_per_second_total']:>12,.0f}")
     print(f"trial_speedup {figures['trial_speedup']:.2f}  packing_speedup {figures['packing_speedup']:.2f} (at {best_n})")
     return 0
 

@@ -60,6 +60,7 @@ class ResourcesConfig:
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the resources allow"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
+    cuda_graphs: bool = field(default=False, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py); off until measured on a GPU (bench/step_modes.py)"})
 
     def gpus(self, cuda: bool, total_params: int) -> float:
         """The GPU share per trial; `auto` packs small models several to a GPU (each trial

@@ -72,3 +72,4 @@ class TrialSetup:
     warmup_steps: int
     total_params: int        # the base model's parameter count, for trainable_pct
     pad_token_id: int
+    cuda_graphs: bool = False  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)

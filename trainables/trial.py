@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from trainables.config import TrialSetup
-from trainables.data import IGNORE, batch_indices, collate, load_split
+from trainables.data import IGNORE, collate, load_split
 from trainables.model import forget_base_model, load_base_model
+from trainables.step import TrainStep
 
-EVAL_BATCH = 16
+EVAL_BATCH = 16  # 64 on GPU
 
 
 class TrialDiverged(RuntimeError):
@@ -96,27 +97,35 @@ def _schedule(warmup_steps: int, max_steps: int):
 
 
 def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool) -> None:
-    from ray import tune
-
     trainable_params = model.get_nb_trainable_parameters()[0]
-    step, train_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
+    step, train_seconds, eval_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     model.train()
+    started = time.perf_counter()
+    train_step = TrainStep(model, train_rows, setup.batch_size, params["seed"], setup.max_steps, setup.pad_token_id,
+                           device, cuda_graph=setup.cuda_graphs)
+    train_seconds += time.perf_counter() - started  # the capture counts as training time
+    try:
+        _loop(model, optimizer, scheduler, train_step, setup, eval_rows, device, cuda, autocast, trainable_params,
+              step, train_seconds, eval_seconds, tokens)
+    finally:
+        train_step.close()
+
+
+def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows, device, cuda: bool, autocast,
+          trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int) -> None:
+    from ray import tune
+
     loss_sum, loss_count = torch.zeros((), device=device), 0
     while step < setup.max_steps:
         started = time.perf_counter()
-        examples = [train_rows[i] for i in batch_indices(len(train_rows), setup.batch_size, params["seed"], step)]
-        batch = collate(examples, setup.pad_token_id, device)
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
+        loss, batch_tokens = train_step(step)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        loss_sum += loss
         loss_count += 1
         step += 1
-        tokens += sum(len(ids) for ids, _ in examples)
+        tokens += batch_tokens
         if step % setup.eval_every and step != setup.max_steps:
             train_seconds += time.perf_counter() - started
             continue
@@ -124,7 +133,9 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
         train_seconds += time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"train loss became {train_loss} by step {step}")
+        eval_started = time.perf_counter()
         eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast)
+        eval_seconds += time.perf_counter() - eval_started
         if not math.isfinite(eval_loss):
             raise TrialDiverged(f"eval loss became {eval_loss} at step {step}")
         metrics = {
@@ -137,9 +148,11 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
             "train_seconds": train_seconds,
             "tokens_per_second": tokens / train_seconds,
             "peak_memory_gb": _peak_memory_gb(cuda),
+            "eval_seconds": eval_seconds,
+            "step_mode": train_step.mode,
         }
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, tokens)
+            _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, eval_seconds, tokens)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         loss_sum, loss_count = torch.zeros((), device=device), 0
 
@@ -150,8 +163,9 @@ def evaluate(model, rows, pad_token_id: int, device, autocast) -> tuple[float, f
     token weighs the same, whatever batch it falls in."""
     model.eval()
     loss_total, correct, count = 0.0, 0, 0
-    for start in range(0, len(rows), EVAL_BATCH):
-        batch = collate(rows[start : start + EVAL_BATCH], pad_token_id, device)
+    size = 4 * EVAL_BATCH if device.type == "cuda" else EVAL_BATCH
+    for start in range(0, len(rows), size):
+        batch = collate(rows[start : start + size], pad_token_id, device)
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
@@ -170,7 +184,8 @@ def _peak_memory_gb(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds: float, tokens: int) -> None:
+def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds: float, eval_seconds: float,
+          tokens: int) -> None:
     """Adapter (a loadable PEFT adapter directory: config and safetensors) and optimizer
     state only: never the base model."""
     model.save_pretrained(directory / "adapter")
@@ -179,23 +194,24 @@ def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds
         "scheduler": scheduler.state_dict(),
         "step": step,
         "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
         "tokens": tokens,
         "rng": torch.get_rng_state(),  # dropout masks continue as they would have
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, directory / "trainer_state.pt")
 
 
-def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, float, int]:
+def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, float, float, int]:
     """Continue from Tune's checkpoint of this trial (a retry or a resumed run), else from
     `start_from` (a stopped trial promoted to the full budget), else from scratch.
-    Returns (step, train_seconds, tokens)."""
+    Returns (step, train_seconds, eval_seconds, tokens)."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and start_from is None:
-        return 0, 0.0, 0
+        return 0, 0.0, 0.0, 0
     with (checkpoint.as_directory() if checkpoint is not None else nullcontext(start_from)) as directory:
         set_peft_model_state_dict(model, load_peft_weights(str(Path(directory) / "adapter"), device="cpu"))
         state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -204,4 +220,4 @@ def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, 
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["train_seconds"], state["tokens"]
+    return state["step"], state["train_seconds"], state["eval_seconds"], state["tokens"]

@@ -1,0 +1,110 @@
+"""The search against the hand-made grid on the reference task, and where a search's time goes.
+
+    python bench/search_vs_grid.py [--samples 16]
+
+Runs `python -m search.run` on the reference task of ../shared/bench/README.md (the `facts`
+knowledge-injection set, copied to bench/data/facts/: 2,400 train rows, 1,200 eval rows,
+SmolLM2-135M-Instruct) with the anchor grid's budget per trial, 100 optimizer steps of 8
+sequences, the default search space, `--samples` trials, ASHA rungs at 50 and 100 steps, the
+promotion and confirmation stages on, every eval on all 1,200 eval rows.
+
+Figures:
+- `search_gpu_seconds`: the whole run's wall time on the one GPU (Ray start, data
+  preparation, every stage, the report and export included), and `search_eval_loss`: the
+  pick's eval loss at step 100 (the mean over its seeds), to set beside the grid's.
+- `overhead_share`: the share of the trial slots' time spent inside train and eval steps:
+  the sum over trials of train_seconds + eval_seconds, over wall time x concurrent slots
+  (1 / gpus_per_trial).
+The grid itself (six Trainer runs, about 10 GPU-minutes) was not rerun here: its figures
+are the ones measured in ../shared/bench/README.md, recorded beside ours as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+FACTS = ROOT / "bench" / "data" / "facts"
+# ../shared/bench/README.md, measured on one H100 (Trainer, 100 steps each, not rerun here)
+GRID_README = {"grid_eval_loss": 0.4223, "grid_train_seconds_five_configs": 69.2 + 89.3 + 86.8 + 108.8 + 116.5,
+               "note": "six configs; DoRA did not finish in 190 s; figures from ../shared/bench/README.md"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--gpus-per-trial", type=float, default=0.25)
+    parser.add_argument("--eval-examples", type=int, default=1200)
+    parser.add_argument("--max-steps", type=int, default=100, help="per trial (100: the grid's budget); eval at half and end")
+    args = parser.parse_args()
+    import pandas as pd
+    import peft
+    import ray
+    import torch
+    import transformers
+
+    from search.run import main as search
+
+    sets = [f"data.train={FACTS / 'facts_train.jsonl'}", f"data.eval={FACTS / 'facts_eval.jsonl'}",
+            f"data.eval_examples={args.eval_examples}", f"budget.num_samples={args.samples}", f"budget.max_steps={args.max_steps}",
+            f"budget.eval_every={args.max_steps // 2}", f"budget.grace_period={args.max_steps // 2}",
+            "budget.batch_size=8", f"budget.warmup_steps={min(10, args.max_steps // 2)}",
+            f"resources.gpus_per_trial={args.gpus_per_trial}", "task.kind=domain"]
+    with tempfile.TemporaryDirectory() as output:
+        started = time.perf_counter()
+        code = search(["--output", output, "--name", "facts", *[x for s in sets for x in ("--set", s)]])
+        wall = time.perf_counter() - started
+        run_dir = Path(output) / "facts"
+        trials = pd.read_csv(run_dir / "trials.csv")
+        pick = json.loads((run_dir / "pick.json").read_text()) if (run_dir / "pick.json").exists() else {}
+        inside = 0.0
+        modes = []
+        for result in run_dir.glob("*/trial_*/result.json"):
+            lines = result.read_text().splitlines()
+            if lines:
+                last = json.loads(lines[-1])
+                inside += last["train_seconds"] + last.get("eval_seconds", 0.0)
+                modes.append(last.get("step_mode", "?"))
+        report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
+    slots = max(1, round(1 / args.gpus_per_trial)) if args.gpus_per_trial else 1
+    figures = {
+        "search_gpu_seconds": wall,
+        "search_eval_loss": pick.get("value", pick.get("metric_value")),
+        "overhead_share": inside / (wall * slots),
+    }
+    record = {
+        "benchmark": "search_vs_grid",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "ray": ray.__version__, "python": platform.python_version()},
+        "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
+        "inside_steps_seconds": inside, "slots": slots, "step_modes": modes, "grid_from_readme": GRID_README,
+        "figures": figures, "report": report,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "search_vs_grid.json").write_text(json.dumps(record, indent=2, default=str))
+    summary_path = RESULTS / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update(figures)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    counts = trials.groupby(["origin", "status"]).size().to_dict()
+    print(f"\ntrials by origin and status: {counts}")
+    print(f"{'':<34}{'GPU-seconds':>12}{'eval loss':>11}")
+    print(f"{'grid (README, not rerun)':<34}{GRID_README['grid_train_seconds_five_configs']:>12,.0f}{GRID_README['grid_eval_loss']:>11.4f}")
+    print(f"{'search (this run)':<34}{wall:>12,.0f}{figures['search_eval_loss'] or float('nan'):>11.4f}")
+    print(f"overhead_share {figures['overhead_share']:.2f} (inside steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""The trial's train step on one GPU, eager against CUDA graph, on two models:
+
+    python bench/step_modes.py [--out bench/results/step_modes.json]
+
+1. SmolLM2-135M shapes (random init, bf16), 8 sequences of 64 tokens (loss on the last 32),
+   the trial's own step (`trainables.step.TrainStep`) and fused AdamW: plain LoRA (q,v r8;
+   all seven projections r16 RSLoRA) and DoRA (all seven r16), each eager and as a CUDA graph.
+   The graph's capture time is measured and reported beside its step time: it is paid once
+   per trial. Gives `dora_step_time_ratio` (DoRA over plain LoRA, same rank and modules).
+2. A Llama-shaped 1.1B model (TinyLlama's shapes: hidden 2048, 22 layers, MLP 5632, vocab
+   32000), all seven projections r16, at batches that fill the GPU: `mfu_1b`, counting
+   4 x (non-embedding parameters) FLOPs per token (forward, and backward to the inputs only:
+   the base is frozen) plus 12 x layers x sequence x hidden for attention, against the GPU's
+   dense bf16 peak.
+3. The same 1.1B model's peak memory for one training step at 8 x 512 tokens, bf16 base
+   against bitsandbytes NF4 (QLoRA): `bf16_peak_memory_gb`, `qlora_peak_memory_gb`.
+
+Each part is recorded as it finishes (a failure is recorded with its error, never
+skipped). Prints a short table last; writes the JSON and updates bench/results/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# dense bf16 tensor-core peak (no sparsity), from NVIDIA's data sheets
+PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12, "H100 NVL": 835.0e12}
+
+
+def peak_flops(name: str) -> float:
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    raise ValueError(f"no bf16 peak known for {name!r}")
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                       rope_theta=100000.0, pad_token_id=2)
+
+
+def llama_1b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+                       max_position_embeddings=4096, pad_token_id=0)
+
+
+def rows(n: int, length: int, vocab: int, answer_from: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        out.append((ids, [-100] * answer_from + ids[answer_from:]))
+    return out
+
+
+def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_graph: bool, steps: int,
+               base=None) -> dict:
+    """One trial's steps: build the adapter, capture (or not), time `steps` optimizer steps
+    after 3 untimed ones. Returns ms per step, capture seconds, tokens/s, peak memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainables.step import TrainStep
+
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    if base is None:
+        base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16).to(device)
+    base.requires_grad_(False)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    model.train()
+    data = rows(max(64, 4 * batch), length, model_config.vocab_size, length // 2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    step = TrainStep(model, data, batch, seed=0, max_steps=3 + steps, pad_token_id=0, device=device,
+                     cuda_graph=cuda_graph)
+    torch.cuda.synchronize()
+    capture = time.perf_counter() - started
+    try:
+        for k in range(3):
+            step(k)
+            optimizer.step()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        tokens = 0
+        for k in range(3, 3 + steps):
+            loss, _ = step(k)
+            optimizer.step()
+            tokens += batch * length
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        loss = float(loss)
+    finally:
+        step.close()
+        mode = step.mode
+        del optimizer, step
+        model.unload()
+    return {"mode": mode, "ms_per_step": 1000 * seconds / steps, "capture_seconds": capture,
+            "tokens_per_second": tokens / seconds, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "loss": loss, "batch": batch, "length": length, "steps": steps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "step_modes.json"))
+    parser.add_argument("--parts", default="small,1b,memory")
+    args = parser.parse_args()
+    import peft
+    import torch
+    import transformers
+
+    device_name = torch.cuda.get_device_name(0)
+    record = {"benchmark": "step_modes", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                                 "peft": peft.__version__, "python": platform.python_version()},
+              "small": {}, "1b": {}, "memory": {}, "errors": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(record, indent=2))
+
+    def attempt(part: str, key: str, fn):
+        try:
+            record[part][key] = fn()
+            print(part, key, json.dumps(record[part][key]), flush=True)
+        except Exception:  # noqa: BLE001 - recorded, and the benchmark goes on
+            record["errors"][f"{part}/{key}"] = traceback.format_exc()[-3000:]
+            print(part, key, "FAILED", traceback.format_exc()[-1500:], flush=True)
+        torch.cuda.empty_cache()
+        save()
+
+    parts = args.parts.split(",")
+    small = smollm2_config()
+    configs = {
+        "qv_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05),
+        "all7_r16": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=ALL_SEVEN, lora_dropout=0.05),
+        "all7_r16_dora": dict(r=16, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=ALL_SEVEN,
+                              lora_dropout=0.05),
+    }
+    if "small" in parts:
+        for name, lora in configs.items():
+            for graph in (False, True):
+                attempt("small", f"{name}/{'graph' if graph else 'eager'}",
+                        lambda: time_steps(small, lora, 8, 64, graph, steps=50))
+    big = llama_1b_config()
+    if "1b" in parts:
+        base = None
+        try:
+            base = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).to("cuda")
+        except Exception:  # noqa: BLE001
+            record["errors"]["1b/build"] = traceback.format_exc()[-3000:]
+        if base is not None:
+            lora = configs["all7_r16"] | {"lora_dropout": 0.0}
+            for batch, length in ((8, 512), (16, 1024), (32, 1024)):
+                for graph in (True, False):
+                    attempt("1b", f"b{batch}x{length}/{'graph' if graph else 'eager'}",
+                            lambda: time_steps(big, lora, batch, length, graph, steps=10, base=base))
+            params = sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n)
+            del base
+            torch.cuda.empty_cache()
+            record["1b"]["non_embedding_params"] = params
+            flops_per_token = {f"{b}x{s}": 4 * params + 12 * big.num_hidden_layers * s * big.hidden_size
+                               for b, s in ((8, 512), (16, 1024), (32, 1024))}
+            peak = peak_flops(device_name)
+            mfus = {}
+            for key, value in record["1b"].items():
+                if isinstance(value, dict) and "tokens_per_second" in value:
+                    shape = key.split("/")[0][1:]
+                    mfus[key] = value["tokens_per_second"] * flops_per_token[shape] / peak
+            record["1b"]["mfu"] = mfus
+            record["1b"]["peak_bf16_flops"] = peak
+            save()
+    if "memory" in parts:
+        lora = configs["all7_r16"] | {"lora_dropout": 0.0}
+        attempt("memory", "bf16", lambda: time_steps(big, lora, 8, 512, True, steps=5))
+
+        def qlora():
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            with tempfile.TemporaryDirectory() as path:
+                torch.manual_seed(0)
+                AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).save_pretrained(path)
+                torch.cuda.reset_peak_memory_stats()
+                base = AutoModelForCausalLM.from_pretrained(
+                    path, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+                        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+            return time_steps(big, lora, 8, 512, True, steps=5, base=base)
+
+        attempt("memory", "qlora_nf4", qlora)
+
+    figures = {}
+    small_runs = record["small"]
+    if "all7_r16_dora/graph" in small_runs and "all7_r16/graph" in small_runs:
+        figures["dora_step_time_ratio"] = small_runs["all7_r16_dora/graph"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
+    if "all7_r16_dora/eager" in small_runs and "all7_r16/eager" in small_runs:
+        figures["dora_step_time_ratio_eager"] = small_runs["all7_r16_dora/eager"]["ms_per_step"] / small_runs["all7_r16/eager"]["ms_per_step"]
+    if "all7_r16/graph" in small_runs and "all7_r16/eager" in small_runs:
+        figures["graph_step_speedup"] = small_runs["all7_r16/eager"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
+    if record["1b"].get("mfu"):
+        figures["mfu_1b"] = max(record["1b"]["mfu"].values())
+    for key, name in (("bf16", "bf16_peak_memory_gb"), ("qlora_nf4", "qlora_peak_memory_gb")):
+        if key in record["memory"]:
+            figures[name] = record["memory"][key]["peak_memory_gb"]
+    record["figures"] = figures
+    save()
+    summary_path = RESULTS / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update({k: v for k, v in figures.items() if k in ("dora_step_time_ratio", "mfu_1b", "bf16_peak_memory_gb",
+                                                             "qlora_peak_memory_gb")})
+    summary_path.write_text(json.dumps(summary, indent=2))
+
+    print(f"\n{'run':<28}{'mode':>11}{'ms/step':>10}{'capture s':>11}{'tokens/s':>12}{'peak GB':>9}")
+    for part in ("small", "1b", "memory"):
+        for key, value in record[part].items():
+            if isinstance(value, dict) and "ms_per_step" in value:
+                print(f"{part + ' ' + key:<28}{value['mode']:>11}{value['ms_per_step']:>10.1f}"
+                      f"{value['capture_seconds']:>11.2f}{value['tokens_per_second']:>12,.0f}{value['peak_memory_gb']:>9.2f}")
+    print("figures", json.dumps(figures))
+    print("errors", list(record["errors"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

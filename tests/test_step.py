@@ -1,0 +1,55 @@
+"""The trial's train step: the padded, mask-free batch it trains on gives exactly the loss
+the model computes with its attention mask and labels, batch by seed and step.
+(The CUDA-graph capture itself needs a GPU: it is run on the device, bench/step_modes.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.data import IGNORE, batch_indices, collate
+from trainables.step import TrainStep, answer_loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (5, 9, 13, 7, 11, 6):  # uneven lengths: padding matters
+        ids = torch.randint(3, 100, (n,), generator=g).tolist()
+        labels = [IGNORE] * (n // 2) + ids[n // 2:]  # loss on the "answer" half only
+        rows.append((ids, labels))
+    return model, rows
+
+
+def test_answer_loss_on_right_padded_rows_without_a_mask_equals_the_models_masked_loss(tiny):
+    model, rows = tiny
+    batch = collate(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(**batch).loss
+        # padded to a wider fixed width, as a captured step is
+        wide_ids = torch.nn.functional.pad(batch["input_ids"], (0, 7), value=0)
+        wide_labels = torch.nn.functional.pad(batch["labels"], (0, 7), value=IGNORE)
+        got = answer_loss(model, wide_ids, wide_labels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_trains_on_the_seeded_batch_of_its_step_and_counts_real_tokens(tiny):
+    model, rows = tiny
+    model.requires_grad_(True)
+    step = TrainStep(model, rows, batch_size=2, seed=3, max_steps=6, pad_token_id=0, device=torch.device("cpu"), cuda_graph=True)
+    assert step.mode == "eager"  # no CUDA here: a graph is never attempted
+    loss, tokens = step(4)
+    chosen = [rows[i] for i in batch_indices(len(rows), 2, 3, 4)]
+    assert tokens == sum(len(ids) for ids, _ in chosen)
+    with torch.no_grad():
+        expected = model(**collate(chosen, 0, torch.device("cpu"))).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in model.parameters())
+    model.requires_grad_(False)

@@ -1,0 +1,128 @@
+"""The training step of a trial: forward and backward of one batch, as a CUDA graph on GPU.
+
+At these model sizes a step is bound by kernel launches from Python (PEFT and the model's
+modules, about 5,000 launches a step for SmolLM2 with all seven projections adapted),
+not by the GPU. Replaying the step's forward and backward as one captured CUDA graph
+removes that cost without compiling anything: capture takes a few eager steps (about a
+second), once per trial, for any configuration, DoRA included. `torch.compile` was the
+other way (see ../shared/bench/README.md and bench/step_modes.py): 90-110 s to compile per
+set of shapes, which one trial of a search never pays back.
+
+What a graph needs, and how it is kept exact:
+- Static shapes: every batch is right-padded to the train split's longest example. No
+  attention mask is passed: attention is causal and the padding sits after every real
+  token, so no real token attends to it; the loss ignores it (answer tokens only).
+- Static memory: the batch is gathered on the GPU into the graph's own input tensors, and
+  the backward refills the same `.grad` tensors on every replay, so gradients are never
+  zeroed or set to None between steps; the (fused, eager) optimizer reads them in place.
+- No host synchronisation inside the step: the loss stays on the GPU until a report.
+The warm-up passes before capture run forward and backward only, never the optimizer:
+the trial's weights are untouched by them.
+If capture fails (a model whose forward synchronises with the host, an unsupported kernel),
+the trial runs the same step eagerly, says so in the worker's log, and reports
+`step_mode: eager`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from trainables.data import IGNORE, batch_indices
+
+WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator)
+log = logging.getLogger(__name__)
+
+
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (labels != IGNORE), next-token shifted: the
+    same value as the model's own loss with `labels`, without its host-side checks."""
+    logits = model(input_ids=input_ids).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+class TrainStep:
+    """`step(k)` runs forward and backward on optimizer step k's batch (the batch depends
+    on the seed and k only); the caller steps the optimizer and never zeroes gradients.
+    `mode` is "cuda_graph" or "eager"."""
+
+    def __init__(self, model, rows: list[tuple[list[int], list[int]]], batch_size: int, seed: int, max_steps: int,
+                 pad_token_id: int, device: torch.device, cuda_graph: bool):
+        self.model, self.device = model, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        width = 8 * math.ceil(max(len(ids) for ids, _ in rows) / 8)
+        self.ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        self.labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        self.lengths = torch.tensor([len(ids) for ids, _ in rows])
+        for i, (ids, labels) in enumerate(rows):
+            self.ids[i, : len(ids)] = torch.tensor(ids)
+            self.labels[i, : len(labels)] = torch.tensor(labels)
+        self.ids, self.labels = self.ids.to(device), self.labels.to(device)
+        # every step's batch, chosen up front and copied to the device once: a copy per step
+        # from pageable memory would wait for the GPU to drain its queue
+        self.schedule = torch.tensor([batch_indices(len(rows), batch_size, seed, k) for k in range(max_steps)])
+        self.device_schedule = self.schedule.to(device)
+        cuda = device.type == "cuda"
+        # no weight cache: a graph must re-read the (trained) LoRA weights on every replay
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda \
+            else torch.autocast("cpu", enabled=False)
+        self.graph = None
+        self.mode = "eager"
+        if cuda_graph and cuda:
+            try:
+                self._capture()
+                self.mode = "cuda_graph"
+            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+                self.graph = None
+                for p in self.params:
+                    p.grad = None
+                log.warning("CUDA graph capture failed (%s: %s); this trial runs its steps eagerly",
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, int]:
+        """(loss on the GPU, real unpadded tokens in the batch) of optimizer step `step`."""
+        lengths = self.lengths[self.schedule[step]]
+        index = self.device_schedule[step]
+        if self.graph is None:
+            width = int(lengths.max())
+            for p in self.params:
+                p.grad = None
+            with self.autocast:
+                loss = answer_loss(self.model, self.ids[index, :width], self.labels[index, :width])
+            loss.backward()
+            return loss.detach(), int(lengths.sum())
+        torch.index_select(self.ids, 0, index, out=self.static_ids)
+        torch.index_select(self.labels, 0, index, out=self.static_labels)
+        self.graph.replay()
+        return self.static_loss, int(lengths.sum())
+
+    def _capture(self) -> None:
+        first = self.device_schedule[0]
+        self.static_ids, self.static_labels = self.ids[first].clone(), self.labels[first].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                with self.autocast:
+                    loss = answer_loss(self.model, self.static_ids, self.static_labels)
+                loss.backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:  # the captured backward allocates them from the graph's pool
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            with self.autocast:
+                loss = answer_loss(self.model, self.static_ids, self.static_labels)
+            loss.backward()
+        self.static_loss = loss.detach()
+        self.graph = graph
+
+    def close(self) -> None:
+        """Free the graph's memory and the gradients that live in it."""
+        self.graph = None
+        for p in self.params:
+            p.grad = None
