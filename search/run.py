@@ -18,6 +18,8 @@ from pathlib import Path
 
 from search.config import Config, ConfigError, load, to_dict
 from search.resume import CREATED_BY, RUN_CONFIG, record_driver
+from search.storage import RunLocation, locate
+from trainables.model import cache_root
 
 
 
@@ -72,29 +74,35 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
         connect(args.address)
         check_cluster_gpus(gpus)
-    run_dir = config.run_dir
+    location = locate(config.output, config.name, cache_root())
+    run_dir = location.local
     if args.resume:
         from search.resume import check_driver_gone, resume_check, stop_leftover_workers
 
+        location.check_writable()
+        location.pull()  # a run kept at a URI resumes from any machine
         data_info = resume_check(run_dir, config)
         check_driver_gone(run_dir)
         stop_leftover_workers(run_dir)
     else:
-        data_info = _start(config, prepared, gpus, run_dir, args.overwrite)
+        data_info = _start(config, prepared, gpus, location, args.overwrite)
     record_driver(run_dir)
-    return _search(config, args, prepared, gpus, data_info, run_dir)
+    return _search(config, args, prepared, gpus, data_info, location)
 
 
-def _start(config: Config, prepared, gpus: float, run_dir: Path, overwrite: bool) -> dict:
+def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool) -> dict:
     """Tokenize the data (in memory: bad data is input error with nothing written), then
-    create the run directory with the data and the resolved config."""
+    create the run directory with the data and the resolved config (uploaded at once to a
+    URI output, where every node reads the data)."""
     from trainables.data import prepare, save_splits
 
-    _check_run_dir(run_dir, overwrite)
+    run_dir = location.local
+    _check_run_dir(location, overwrite)
     try:
         splits, data_info = prepare(config.data, prepared.path, config.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    location.delete_remote()  # only reached with --overwrite when it holds anything
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -108,10 +116,11 @@ def _start(config: Config, prepared, gpus: float, run_dir: Path, overwrite: bool
                         for k, v in prepared.resolved.items()},
         "created_by": CREATED_BY,
     })
+    location.push()
     return data_info
 
 
-def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_dir: Path) -> int:
+def _search(config: Config, args, prepared, gpus: float, data_info: dict, location: RunLocation) -> int:
     import ray
 
     from search.cluster import connect
@@ -127,7 +136,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
         dtype=resolve_dtype(config.model.dtype, cuda=gpus > 0),
         quantization=config.model.quantization,
         trust_remote_code=config.model.trust_remote_code,
-        data_dir=str((run_dir / "data").resolve()),
+        data_dir=location.data_dir(),
         max_steps=config.budget.max_steps,
         eval_every=config.budget.eval_every,
         batch_size=config.budget.batch_size,
@@ -149,13 +158,16 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
             trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
             space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
             prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
-            fit_or_restore(EXPERIMENT, run_dir, trainable, lambda: build_tuner(config, trainable, space, prior, run_dir))
-            after_search(config, trainable, run_dir, stopped=lambda: stop.requested is not None)
+            fit_or_restore(EXPERIMENT, location, trainable,
+                           lambda: build_tuner(config, trainable, space, prior, location))
+            after_search(config, trainable, location, stopped=lambda: stop.requested is not None)
     except KeyboardInterrupt:
+        _push(location)
         print(f"stopped at once by {stop.requested or 'Ctrl+C'}; continue with the same command and --resume",
               file=sys.stderr)
         return 1
     except Exception as e:  # a failure of the search itself, not of one trial (those are results)
+        _push(location)
         print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
@@ -163,7 +175,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, run_di
             ray.shutdown()
     from analysis.report import analyse
 
-    code = analyse(run_dir)
+    code = analyse(location.local)
+    if not _push(location):
+        code = code or 1
     if stop.requested:
         print(f"stopped by {stop.requested}: the state is saved; continue with the same command and --resume",
               file=sys.stderr)
@@ -204,8 +218,25 @@ class GracefulStop:
         return False
 
 
-def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+def _push(location: RunLocation) -> bool:
+    """Upload the driver's files to a URI output; on failure say where they are kept."""
+    try:
+        location.push()
+        return True
+    except Exception as e:  # noqa: BLE001 - the run's results are safe locally: say so, exit 1
+        print(f"error: could not upload the run's files to {location.remote} ({type(e).__name__}: {e}); "
+              f"they are in {location.local}, and --resume uploads them again", file=sys.stderr)
+        return False
+
+
+def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
+    run_dir = location.local
+    if location.remote:
+        location.check_writable()
+        if location.remote_exists() and not overwrite:
+            raise ConfigError(f"the run {location.remote} already exists and is not empty; nothing in it was touched. "
+                              f"Fix: choose another --name, or pass --overwrite to replace it")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(f"the run directory {run_dir} already exists and is not empty; nothing in it was touched. "
                           f"Fix: choose another --name, or pass --overwrite to replace it")
     parent = run_dir.parent

@@ -18,6 +18,7 @@ from pathlib import Path
 from ray.tune.search import Searcher
 
 from search.config import Config
+from search.storage import RunLocation
 from search.tuner import experiment, fit_or_restore
 
 
@@ -42,24 +43,25 @@ class GivenConfigs(Searcher):
         self._configs = json.loads(Path(checkpoint_path).read_text())
 
 
-def stage_tuner(name: str, configs: list[dict], config: Config, trainable, run_dir: Path):
+def stage_tuner(name: str, configs: list[dict], config: Config, trainable, location: RunLocation):
     """A Tuner that trains each of `configs` (complete trial configs) to the full budget,
-    as the experiment `run_dir/<name>`."""
-    return experiment(name, trainable, config, run_dir, GivenConfigs(configs), len(configs))
+    as the run's experiment `name`."""
+    return experiment(name, trainable, config, location, GivenConfigs(configs), len(configs))
 
 
-def after_search(config: Config, trainable, run_dir: Path, stopped) -> None:
+def after_search(config: Config, trainable, location: RunLocation, stopped) -> None:
     """Promote, confirm, retrain, each only when it has work and no stop was requested
     (`stopped()` is checked between stages). A stage already started is restored."""
     from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
     from analysis.results import load_curves, load_trials, read_trial_files
 
     selection, max_steps = config.selection, config.budget.max_steps
+    run_dir = location.local  # the local copy: each experiment is pulled into it after its fit
     rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
 
     def stage(name: str, configs: list[dict]) -> None:
         if configs and not stopped():
-            fit_or_restore(name, run_dir, trainable, lambda: stage_tuner(name, configs, config, trainable, run_dir))
+            fit_or_restore(name, location, trainable, lambda: stage_tuner(name, configs, config, trainable, location))
 
     def files() -> dict:
         return {trial.trial_id: trial for trial in read_trial_files(run_dir)}
@@ -69,7 +71,8 @@ def after_search(config: Config, trainable, run_dir: Path, stopped) -> None:
         chosen = promotion_candidates(trials, load_curves(run_dir), *rule[:4], max_steps,
                                       current_pick_cost(trials, *rule))
         by_id = files()
-        stage("promote", [repeat(by_id[t].params, "promoted", t, start_from=str(_last_checkpoint(by_id[t].directory)))
+        stage("promote", [repeat(by_id[t].params, "promoted", t,
+                                 start_from=location.storage_path_of(_last_checkpoint(by_id[t].directory)))
                           for t in chosen if _last_checkpoint(by_id[t].directory)])
     if selection.confirm_top_k and selection.confirm_seeds:
         leading = confirmation_candidates(load_trials(run_dir), *rule, selection.confirm_top_k)

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import Config
+from search.storage import RunLocation, join_uri
 from trainables.config import TrialSetup
 from trainables.trial import train_lora
 
@@ -95,16 +96,20 @@ class ResumableASHA(ASHAScheduler):
                     recorded.update(saved_recorded)
 
 
-def fit_or_restore(name: str, run_dir: Path, trainable, build) -> None:
-    """Fit the experiment `run_dir/name`: restored from its own state when it exists
+def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
+    """Fit the experiment `name` of the run: restored from its own state when it exists
     (finished trials kept, unfinished ones continue from their last checkpoint, failed
-    ones stay failed), else the Tuner that `build()` makes."""
-    path = str((run_dir / name).resolve())
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = build()
-    tuner.fit()
+    ones stay failed), else the Tuner that `build()` makes. Then the experiment is in the
+    local copy of the run for the analysis, however the fit ended."""
+    path = join_uri(location.storage, name) if location.remote else str((location.local / name).resolve())
+    try:
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = build()
+        tuner.fit()
+    finally:
+        location.pull((name,))
 
 
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
@@ -117,10 +122,10 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(config: Config, trainable, space, prior: dict, run_dir: Path) -> tune.Tuner:
+def build_tuner(config: Config, trainable, space, prior: dict, location: RunLocation) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
     over `space` with the rule-of-thumb `prior` as its first trial, ASHA on training
-    steps, results under `run_dir/tune`."""
+    steps, results in the run's `tune` experiment."""
     import optuna
 
     budget, selection = config.budget, config.selection
@@ -132,19 +137,19 @@ def build_tuner(config: Config, trainable, space, prior: dict, run_dir: Path) ->
     searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
                                 sampler=sampler, points_to_evaluate=[prior], max_steps=budget.max_steps)
     scheduler = ResumableASHA(
-        state_path=str((run_dir / "asha_state.json").resolve()),
+        state_path=str((location.local / "asha_state.json").resolve()),
         time_attr="step",
         max_t=budget.max_steps,
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    return experiment(EXPERIMENT, trainable, config, run_dir, searcher, budget.num_samples,
+    return experiment(EXPERIMENT, trainable, config, location, searcher, budget.num_samples,
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
-def experiment(name: str, trainable, config: Config, run_dir: Path, search_alg, num_samples: int,
+def experiment(name: str, trainable, config: Config, location: RunLocation, search_alg, num_samples: int,
                **tune_config) -> tune.Tuner:
-    """A Tuner for the experiment `run_dir/<name>`, with what every experiment of a run shares:
+    """A Tuner for the run's experiment `name`, with what every experiment of a run shares:
     reused workers (the base model stays loaded), short trial directories, adapter-only
     checkpoints of which one is kept, and the retry policy."""
     return tune.Tuner(
@@ -159,7 +164,7 @@ def experiment(name: str, trainable, config: Config, run_dir: Path, search_alg, 
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(run_dir.resolve()),
+            storage_path=location.storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             verbose=1,

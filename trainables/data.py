@@ -121,14 +121,42 @@ _loaded: dict = {}
 
 
 def load_split(data_dir: str, name: str) -> list[tuple[list[int], list[int]]]:
-    """A tokenized split as (input_ids, labels) pairs, read once per worker process."""
+    """A tokenized split as (input_ids, labels) pairs, read once per worker process;
+    `data_dir` is a directory or a storage URI (downloaded once per node)."""
     key = (data_dir, name)
     if key not in _loaded:
         import datasets
 
-        split = datasets.load_from_disk(str(Path(data_dir) / name))
+        split = datasets.load_from_disk(str(_local_data_dir(data_dir) / name))
         _loaded[key] = list(zip(split["input_ids"], split["labels"]))
     return _loaded[key]
+
+
+def _local_data_dir(data_dir: str) -> Path:
+    """`data_dir` itself, or for a URI (`s3://...`, a run kept in object storage) its copy
+    in this node's cache, downloaded once (to a temporary name, then renamed)."""
+    if "://" not in data_dir:
+        return Path(data_dir)
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from trainables.model import cache_root
+
+    fs, path = pafs.FileSystem.from_uri(data_dir)
+    # keyed by the files as stored: a new run at the same URI never reads an old copy
+    listing = sorted((f.path, f.size, f.mtime_ns) for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    target = cache_root() / "data" / hashlib.sha256(repr((data_dir, listing)).encode()).hexdigest()[:16]
+    if not target.is_dir():
+        partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.replace(partial, target)
+        except OSError:  # another worker of this node was first
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def collate(examples, pad_id: int, device) -> dict[str, torch.Tensor]:

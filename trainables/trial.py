@@ -14,7 +14,6 @@ import math
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -212,7 +211,9 @@ def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and start_from is None:
         return 0, 0.0, 0.0, 0
-    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(start_from)) as directory:
+    if checkpoint is None:  # a local directory or a storage URI, as Tune stored it
+        checkpoint = tune.Checkpoint(start_from)
+    with checkpoint.as_directory() as directory:
         set_peft_model_state_dict(model, load_peft_weights(str(Path(directory) / "adapter"), device="cpu"))
         state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

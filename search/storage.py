@@ -1,0 +1,182 @@
+"""Where a run lives: a directory (local or shared, such as NFS), or a URI that Ray's
+storage understands (`s3://`, `gs://`, `abfs://`, `hdfs://`, also with pyarrow's query
+options: `s3://bucket/runs?endpoint_override=host:9000&scheme=http` for MinIO).
+
+With a URI, Ray Tune writes every experiment (trial results, checkpoints, its state)
+there directly from whichever node runs the trial, and the tokenized data is uploaded there
+once, before any trial, for every node to read. The driver keeps a working copy of the run
+directory on its own disk, `<cache>/remote-runs/<uri as a path>/<name>`: it writes its own
+files there (config, data, ASHA's rungs, the analysis' outputs) and pushes them to the URI;
+it pulls each experiment back after it ran, for the analysis (which reads local files
+only). A resume pulls the whole run first, so it works from any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from search.config import ConfigError
+
+# Experiment directories that Tune writes (to the URI); everything else is the driver's.
+EXPERIMENTS = ("tune", "promote", "confirm", "retrain")
+# The driver's pid: meaningful on this machine only.
+LOCAL_ONLY = ("driver.pid",)
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(output: str) -> bool:
+    return bool(_URI.match(output))
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """`local` is the run directory the driver and the analysis read; `remote` the run's
+    URI when `output` is one (Tune's storage then), else None."""
+
+    local: Path
+    remote: str | None = None
+
+    @property
+    def storage(self) -> str:
+        """Where Tune keeps the run's experiments (each a sub-directory)."""
+        return self.remote if self.remote else str(self.local.resolve())
+
+    def data_dir(self) -> str:
+        """The tokenized data as every node reads it."""
+        return join_uri(self.remote, "data") if self.remote else str((self.local / "data").resolve())
+
+    def storage_path_of(self, local_path: Path) -> str:
+        """The path or URI, as Tune stores it, of a file under the local copy."""
+        if not self.remote:
+            return str(local_path.resolve())
+        return join_uri(self.remote, local_path.resolve().relative_to(self.local.resolve()).as_posix())
+
+    # --- the remote copy (each a no-op for a plain directory) ---
+
+    def _fs(self):
+        fs, path = _filesystem(self.remote)
+        return fs, path.rstrip("/")
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object at the URI: a wrong bucket, missing credentials or
+        an unreachable endpoint is an input error before Ray starts."""
+        if not self.remote:
+            return
+        fs, path = self._fs()
+        probe = f"{path}/.write-probe-{os.getpid()}"
+        try:
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(probe) as stream:
+                stream.write(b"lora-search")
+            fs.delete_file(probe)
+        except Exception as error:  # noqa: BLE001 - pyarrow raises OSError and more, all of them mean "not writable"
+            raise ConfigError(f"output {self.remote!r} is not writable ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no message'}). "
+                              "Fix: check the URI, its credentials and that the bucket exists") from None
+
+    def remote_exists(self) -> bool:
+        """True when the URI already holds anything."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return False
+        fs, path = self._fs()
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return False
+        if info.type == pafs.FileType.File:
+            return True
+        return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+    def delete_remote(self) -> None:
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return
+        fs, path = self._fs()
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    def push(self) -> None:
+        """Upload the driver's own files (not the experiments: Tune wrote those there)."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return
+        fs, path = self._fs()
+        local_fs = pafs.LocalFileSystem()
+        for entry in sorted(self.local.iterdir()):
+            if entry.name in EXPERIMENTS or entry.name in LOCAL_ONLY or entry.name.endswith(".tmp"):
+                continue
+            target = f"{path}/{entry.name}"
+            if entry.is_dir():
+                pafs.copy_files(str(entry.resolve()), target, source_filesystem=local_fs, destination_filesystem=fs)
+            else:
+                with entry.open("rb") as source, fs.open_output_stream(target) as stream:
+                    shutil.copyfileobj(source, stream)
+
+    def pull(self, names: tuple[str, ...] | None = None) -> None:
+        """Download `names` (default: the whole run) from the URI into the local copy,
+        replacing what the local copy had of them."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return
+        fs, path = self._fs()
+        self.local.mkdir(parents=True, exist_ok=True)
+        if names is None:
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return
+            names = tuple(Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
+        for name in names:
+            info = fs.get_file_info(f"{path}/{name}")
+            if info.type == pafs.FileType.NotFound:
+                continue
+            target = self.local / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            if info.type == pafs.FileType.File:
+                _download(fs, info.path, target)
+                continue
+            for item in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+                if item.type == pafs.FileType.File:
+                    _download(fs, item.path, target / item.path[len(info.path) + 1:])
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(f"output {uri!r} is not a storage URI that pyarrow (Ray's storage) can open "
+                          f"({type(error).__name__}: {error}). Allowed: a directory, or s3://, gs://, abfs://, "
+                          "hdfs:// or file:// URIs") from None
+
+
+def _download(fs, path: str, target: Path) -> None:
+    """One file, creating its local directories (pyarrow's copy_files does not)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(path) as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """`s3://b/runs?opts` + parts -> `s3://b/runs/<parts>?opts` (pyarrow reads options from the query)."""
+    base, _, query = uri.partition("?")
+    joined = "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+    return f"{joined}?{query}" if query else joined
+
+
+def locate(output: str, name: str, cache: Path) -> RunLocation:
+    """The run's location for `output` and `name`; a URI gets its working copy under `cache`."""
+    if not is_uri(output):
+        return RunLocation(Path(output) / name)
+    _filesystem(output)  # an unknown scheme is an input error now
+    scheme, rest = output.split("://", 1)
+    rest = rest.split("?", 1)[0].strip("/")
+    return RunLocation(cache / "remote-runs" / scheme / rest / name, join_uri(output, name))

@@ -1,0 +1,149 @@
+"""A run kept in object storage: `--output s3://...` against a real S3 protocol server
+(moto's, on loopback: S3 itself cannot be reached from here). Tune writes the experiments
+there from the workers, the driver uploads its own files, and a resume from a machine
+that has no local copy pulls the run and ends with the same answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.config import ConfigError
+from search.storage import RunLocation, is_uri, join_uri, locate
+
+ROOT = Path(__file__).resolve().parent.parent
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on loopback with the bucket `runs`; yields the URI options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    saved = {key: os.environ.get(key) for key in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="runs")
+    yield f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _objects(uri: str) -> dict[str, bytes]:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as stream:
+                out[info.path[len(path) + 1:]] = stream.read()
+    return out
+
+
+def _search(tiny_model_dir, output: str, name: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4]",
+            "search.dropout=[0.0,0.0]", "budget.num_samples=3", "budget.max_steps=6", "budget.eval_every=3",
+            "budget.grace_period=3", "budget.batch_size=4", "data.eval_examples=8",
+            "resources.max_concurrent_trials=1", "selection.retrain=true"]
+    args = ["--output", output, "--name", name, *[x for s in sets for x in ("--set", s)], *extra]
+    env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT), "LORA_SEARCH_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, tiny_model_dir, tmp_path_factory):
+    output = f"s3://runs/team?{s3}"
+    cache = tmp_path_factory.mktemp("driver-cache")
+    result = _search(tiny_model_dir, output, "first", cache)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return output, cache, join_uri(output, "first")
+
+
+def test_the_whole_run_lands_in_the_bucket(s3_run):
+    _, _, run_uri = s3_run
+    objects = _objects(run_uri)
+    for name in ("run_config.json", "trials.csv", "pick.json", "report.md", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "asha_state.json"):
+        assert name in objects, sorted(objects)
+    assert any(name.startswith("data/search_train/") for name in objects)
+    assert any(name.startswith("tune/experiment_state-") for name in objects)
+    trial_results = [name for name in objects if name.startswith("tune/trial_") and name.endswith("/result.json")]
+    assert len(trial_results) == 3
+    assert any(name.startswith("tune/trial_") and "/checkpoint_" in name for name in objects)  # written by workers
+    assert "driver.pid" not in objects  # a pid means nothing on another machine
+
+
+def test_the_bucket_and_the_drivers_copy_agree(s3_run):
+    output, cache, run_uri = s3_run
+    local = locate(output, "first", cache).local
+    objects = _objects(run_uri)
+    assert objects["trials.csv"] == (local / "trials.csv").read_bytes()
+    assert objects["pick.json"] == (local / "pick.json").read_bytes()
+    trials = pd.read_csv(local / "trials.csv")
+    assert len(trials[trials.origin.isin(["search", "prior"])]) == 3 and (trials.status != "failed").all()
+
+
+def test_a_resume_from_another_machine_pulls_the_run_and_trains_nothing_again(s3_run, tiny_model_dir, tmp_path):
+    output, _, run_uri = s3_run
+    before = _objects(run_uri)
+    other_machine = tmp_path / "other-cache"  # no local copy of the run at all
+    result = _search(tiny_model_dir, output, "first", other_machine, "--resume")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    after = _objects(run_uri)
+    results = [name for name in before if name.endswith("/result.json")]
+    assert {name: after[name] for name in results} == {name: before[name] for name in results}
+    assert json.loads(after["pick.json"])["trial_id"] == json.loads(before["pick.json"])["trial_id"]
+    assert (locate(output, "first", other_machine).local / "report.md").is_file()
+
+
+def test_a_new_run_over_a_run_in_the_bucket_is_refused_and_nothing_is_touched(s3_run, tiny_model_dir, tmp_path):
+    output, _, run_uri = s3_run
+    before = _objects(run_uri)
+    result = _search(tiny_model_dir, output, "first", tmp_path / "cache")
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert _objects(run_uri) == before
+
+
+def test_a_bucket_that_does_not_exist_is_an_input_error(s3, tiny_model_dir, tmp_path):
+    result = _search(tiny_model_dir, f"s3://no-such-bucket/x?{s3}", "r", tmp_path / "cache")
+    assert result.returncode == 2
+    assert "not writable" in result.stderr and "no-such-bucket" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_uri_options_stay_at_the_end_when_paths_are_joined():
+    uri = "s3://b/runs?endpoint_override=h:9000&scheme=http"
+    assert join_uri(uri, "name", "data/") == "s3://b/runs/name/data?endpoint_override=h:9000&scheme=http"
+    assert join_uri("gs://b/runs/", "name") == "gs://b/runs/name"
+    assert is_uri(uri) and is_uri("file:///tmp/x") and not is_uri("runs/s3:/x") and not is_uri("/data/runs")
+
+
+def test_a_uri_runs_working_copy_is_in_the_cache_and_maps_back_to_the_uri(tmp_path):
+    location = locate("s3://b/runs?endpoint_override=h:9000", "exp", tmp_path)
+    assert location.local == tmp_path / "remote-runs" / "s3" / "b" / "runs" / "exp"
+    assert location.storage == "s3://b/runs/exp?endpoint_override=h:9000"
+    assert location.data_dir() == "s3://b/runs/exp/data?endpoint_override=h:9000"
+    checkpoint = location.local / "tune" / "trial_1" / "checkpoint_000001"
+    assert location.storage_path_of(checkpoint) == "s3://b/runs/exp/tune/trial_1/checkpoint_000001?endpoint_override=h:9000"
+    plain = locate("runs", "exp", tmp_path)
+    assert plain == RunLocation(Path("runs") / "exp") and plain.storage == str((Path("runs") / "exp").resolve())
+
+
+def test_an_unknown_scheme_is_an_input_error(tmp_path):
+    with pytest.raises(ConfigError, match="nosuch://x.*Allowed"):
+        locate("nosuch://x", "exp", tmp_path)
