@@ -132,7 +132,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     from trainables.model import resolve_dtype
 
     setup = TrialSetup(
-        model_path=prepared.path,
+        # the alias or a hub id is resolved on the node that runs the trial (its own cache);
+        # a directory is passed as resolved here and must be visible to every node
+        model_path=prepared.path if Path(config.model.path).is_dir() else config.model.path,
         dtype=resolve_dtype(config.model.dtype, cuda=gpus > 0),
         quantization=config.model.quantization,
         trust_remote_code=config.model.trust_remote_code,

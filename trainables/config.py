@@ -60,7 +60,7 @@ class TrialSetup:
     """Everything a trial needs besides its sampled parameters; handed to Tune once
     through `tune.with_parameters`, so it travels by object reference, not per trial."""
 
-    model_path: str          # a local directory with config.json and safetensors weights
+    model_path: str          # 'smollm2', a hub id in each node's cache, or a directory every node sees
     dtype: str               # resolved: float32, bfloat16 or float16
     quantization: str
     trust_remote_code: bool

@@ -65,6 +65,20 @@ def resolve_dtype(dtype: str, cuda: bool) -> str:
     return "bfloat16" if cuda else "float32"
 
 
+def local_model_dir(reference: str) -> str:
+    """The model directory on this node for `reference`: the alias `smollm2` (converted once
+    per node), a directory (which every node must see at that path), or a hub id in this
+    node's cache. Trials resolve it where they run, so a cluster's nodes need not share
+    the driver's caches."""
+    if reference == SMOLLM2_ALIAS:
+        return str(smollm2_checkpoint())
+    if Path(reference).is_dir():
+        return reference
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(reference, local_files_only=True)
+
+
 _cached: dict = {}
 
 
@@ -87,7 +101,7 @@ def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code:
     elif device.type == "cuda" and torch.cuda.device_count() > 1:
         # a trial given several GPUs holds a model too large for one: spread its layers
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir(path), **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
     model.requires_grad_(False)
