@@ -146,7 +146,8 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         warmup_steps=config.budget.warmup_steps,
         total_params=prepared.total_params,
         pad_token_id=data_info["pad_token_id"],
-        cuda_graphs=config.resources.cuda_graphs,
+        cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
+        gradient_checkpointing=config.model.gradient_checkpointing,
     )
     # Experiment state written at most every second (Ray's default: 10 s), so a killed
     # run loses at most a second of bookkeeping and no finished trial is trained twice.

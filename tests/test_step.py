@@ -53,3 +53,32 @@ def test_a_step_trains_on_the_seeded_batch_of_its_step_and_counts_real_tokens(ti
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert all(p.grad is not None for p in model.parameters())
     model.requires_grad_(False)
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_model_dir, tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from trainables.model import forget_base_model, load_base_model
+
+    _, rows = tiny
+    rows = [([min(t, 90) for t in ids], [t if t == IGNORE else min(t, 90) for t in labels]) for ids, labels in rows]
+    grads = {}
+    for checkpointing in (False, True):
+        forget_base_model()
+        base = load_base_model(str(tiny_model_dir), "float32", "none", False, torch.device("cpu"), checkpointing)
+        assert base.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False))  # B != 0: A gets gradients too
+        model.train()
+        step = TrainStep(model, rows, batch_size=3, seed=1, max_steps=1, pad_token_id=0, device=torch.device("cpu"),
+                         cuda_graph=False)
+        loss, _ = step(0)
+        grads[checkpointing] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.unload()
+    forget_base_model()
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    assert grads[True][1].keys() == grads[False][1].keys() and len(grads[True][1]) == 12
+    for name, grad in grads[False][1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][1][name], grad, rtol=1e-4, atol=1e-6)

@@ -20,6 +20,7 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU, float32 on CPU"})
     quantization: str = field(default="none", metadata={"help": "none, or 4bit (bitsandbytes NF4, CUDA only)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code; off unless you trust it"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory for large models, about a third more compute; steps then run eagerly"})
 
     def problems(self) -> list[str]:
         out = []
@@ -72,4 +73,5 @@ class TrialSetup:
     warmup_steps: int
     total_params: int        # the base model's parameter count, for trainable_pct
     pad_token_id: int
+    gradient_checkpointing: bool = False
     cuda_graphs: bool = False  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)

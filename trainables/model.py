@@ -82,9 +82,10 @@ def local_model_dir(reference: str) -> str:
 _cached: dict = {}
 
 
-def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code: bool, device: torch.device):
+def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code: bool, device: torch.device,
+                    gradient_checkpointing: bool = False):
     """The base model for this worker, loaded once and reused while the key is unchanged."""
-    key = (path, dtype, quantization, trust_remote_code, str(device))
+    key = (path, dtype, quantization, trust_remote_code, str(device), gradient_checkpointing)
     if _cached.get("key") == key:
         return _cached["model"]
     _cached.clear()
@@ -106,6 +107,9 @@ def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code:
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
+    if gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters although no base weight needs them
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _cached.update(key=key, model=model)
     return model
 

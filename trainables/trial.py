@@ -47,7 +47,8 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device)
+    base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device,
+                           setup.gradient_checkpointing)
     train_rows = load_split(setup.data_dir, "train" if params["full_data"] else "search_train")
     eval_rows = load_split(setup.data_dir, "eval")
 
