@@ -181,6 +181,8 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     code = analyse(location.local)
     if not _push(location):
         code = code or 1
+    elif location.remote:
+        print(f"The run is at {location.remote} (working copy: {location.local})")
     if stop.requested:
         print(f"stopped by {stop.requested}: the state is saved; continue with the same command and --resume",
               file=sys.stderr)
