@@ -46,7 +46,8 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
     base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device,
                            setup.gradient_checkpointing)
     train_rows = load_split(setup.data_dir, "train" if params["full_data"] else "search_train")
@@ -178,9 +179,10 @@ def evaluate(model, rows, pad_token_id: int, device, autocast) -> tuple[float, f
 
 
 def _peak_memory_gb(cuda: bool) -> float:
-    """GPU: peak allocated by this trial. CPU: the worker process's peak resident set."""
+    """GPU: peak allocated by this trial, over its GPUs. CPU: the worker process's peak resident set."""
     if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
+        # a trial given several GPUs (device_map="auto") counts them all
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
