@@ -1,6 +1,6 @@
 """The trial's train step: the padded, mask-free batch it trains on gives exactly the loss
 the model computes with its attention mask and labels, batch by seed and step.
-(The CUDA-graph capture itself needs a GPU: it is run on the device, bench/step_modes.py.)"""
+(The CUDA-graph capture itself needs a GPU: bench/step_modes.py exercises it on one.)"""
 
 from __future__ import annotations
 
