@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
