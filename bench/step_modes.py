@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # dense bf16 tensor-core peak (no sparsity), from NVIDIA's data sheets
+DEVICE = "cuda"  # a CPU smoke run of the script's plumbing sets "cpu"
 PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12, "H100 NVL": 835.0e12}
 
 
@@ -83,7 +84,7 @@ def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_gr
 
     from trainables.step import TrainStep
 
-    device = torch.device("cuda", 0)
+    device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)
     torch.manual_seed(0)
     if base is None:
         base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16).to(device)
@@ -171,7 +172,7 @@ def main() -> int:
     if "1b" in parts:
         base = None
         try:
-            base = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).to("cuda")
+            base = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).to(DEVICE)
         except Exception:  # noqa: BLE001
             record["errors"]["1b/build"] = traceback.format_exc()[-3000:]
         if base is not None:
@@ -215,11 +216,12 @@ def main() -> int:
 
     figures = {}
     small_runs = record["small"]
-    if "all7_r16_dora/graph" in small_runs and "all7_r16/graph" in small_runs:
+    graphed = {k for k, v in small_runs.items() if v.get("mode") == "cuda_graph"}
+    if {"all7_r16_dora/graph", "all7_r16/graph"} <= graphed:
         figures["dora_step_time_ratio"] = small_runs["all7_r16_dora/graph"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
     if "all7_r16_dora/eager" in small_runs and "all7_r16/eager" in small_runs:
         figures["dora_step_time_ratio_eager"] = small_runs["all7_r16_dora/eager"]["ms_per_step"] / small_runs["all7_r16/eager"]["ms_per_step"]
-    if "all7_r16/graph" in small_runs and "all7_r16/eager" in small_runs:
+    if "all7_r16/graph" in graphed and "all7_r16/eager" in small_runs:
         figures["graph_step_speedup"] = small_runs["all7_r16/eager"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
     if record["1b"].get("mfu"):
         figures["mfu_1b"] = max(record["1b"]["mfu"].values())
