@@ -82,3 +82,15 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_model
     for name, grad in grads[False][1].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[True][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
+    from trainables.trial import evaluate
+
+    model, rows = tiny
+    model.eval()
+    no_autocast = torch.autocast("cpu", enabled=False)
+    by_rows = evaluate(model, rows, 0, torch.device("cpu"), no_autocast)
+    for budget in (13, 30, 1000):  # one row per batch (the longest has 13 tokens), some, all
+        by_tokens = evaluate(model, rows, 0, torch.device("cpu"), no_autocast, token_budget=budget)
+        assert by_tokens[0] == pytest.approx(by_rows[0], rel=1e-5) and by_tokens[1] == by_rows[1]

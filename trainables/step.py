@@ -62,6 +62,7 @@ class TrainStep:
             self.ids[i, : len(ids)] = torch.tensor(ids)
             self.labels[i, : len(labels)] = torch.tensor(labels)
         self.ids, self.labels = self.ids.to(device), self.labels.to(device)
+        self.tokens_per_batch = batch_size * width  # padded tokens a step holds in memory
         # every step's batch, chosen up front and copied to the device once: a copy per step
         # from pageable memory would wait for the GPU to drain its queue
         self.schedule = torch.tensor([batch_indices(len(rows), batch_size, seed, k) for k in range(max_steps)])

@@ -23,7 +23,11 @@ from trainables.data import IGNORE, collate, load_split
 from trainables.model import forget_base_model, load_base_model
 from trainables.step import TrainStep
 
-EVAL_BATCH = 16  # 64 on GPU
+EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
+# Eval keeps no activations for a backward pass: per token it holds the logits and one layer's
+# transients, about an eighth of what a train step holds (SmolLM2: ~120 KB against ~1 MB in
+# bf16; an 8B Llama: ~0.4 MB against ~5.7 MB), so it may take 8x a train step's tokens.
+EVAL_TOKENS_PER_TRAIN_TOKEN = 8
 
 
 class TrialDiverged(RuntimeError):
@@ -135,7 +139,9 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"train loss became {train_loss} by step {step}")
         eval_started = time.perf_counter()
-        eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast)
+        eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast,
+                                            token_budget=EVAL_TOKENS_PER_TRAIN_TOKEN * train_step.tokens_per_batch
+                                            if cuda else 0)
         eval_seconds += time.perf_counter() - eval_started
         if not math.isfinite(eval_loss):
             raise TrialDiverged(f"eval loss became {eval_loss} at step {step}")
@@ -159,21 +165,31 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
 
 
 @torch.no_grad()
-def evaluate(model, rows, pad_token_id: int, device, autocast) -> tuple[float, float]:
+def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0) -> tuple[float, float]:
     """Mean loss and accuracy over all answer tokens of `rows` (teacher forcing): every
-    token weighs the same, whatever batch it falls in."""
+    token weighs the same, whatever batch it falls in. Batches hold up to `token_budget`
+    padded tokens (on GPU: a small model's eval is then a few launches), or without one
+    (CPU) EVAL_BATCH rows."""
     model.eval()
     loss_total, correct, count = 0.0, 0, 0
-    size = 4 * EVAL_BATCH if device.type == "cuda" else EVAL_BATCH
-    for start in range(0, len(rows), size):
-        batch = collate(rows[start : start + size], pad_token_id, device)
+    rows = sorted(rows, key=lambda row: len(row[0]))  # similar lengths together: less padding
+    start = 0
+    while start < len(rows):
+        end = min(len(rows), start + EVAL_BATCH)
+        if token_budget:  # as many rows as fit: (rows) x (the longest's length)
+            end = start + 1
+            while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= token_budget:
+                end += 1
+        batch = collate(rows[start:end], pad_token_id, device)
+        start = end
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        labels = batch["labels"][:, 1:]
         keep = labels != IGNORE
-        loss_total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-        correct += (logits[keep].argmax(-1) == labels[keep]).sum().item()
-        count += keep.sum().item()
+        answer_logits, answer_labels = logits[:, :-1][keep].float(), labels[keep]  # answer positions only
+        loss_total += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
+        correct += (answer_logits.argmax(-1) == answer_labels).sum().item()
+        count += answer_labels.numel()
     model.train()
     return loss_total / count, correct / count
 
