@@ -23,6 +23,8 @@ from search.config import ConfigError
 
 # Experiment directories that Tune writes (to the URI); everything else is the driver's.
 EXPERIMENTS = ("tune", "promote", "confirm", "retrain")
+# The experiment whose checkpoints the driver downloads: the retrained pick, for its weights.
+KEEP_CHECKPOINTS = "retrain"
 # The driver's pid: meaningful on this machine only.
 LOCAL_ONLY = ("driver.pid",)
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -121,7 +123,10 @@ class RunLocation:
 
     def pull(self, names: tuple[str, ...] | None = None) -> None:
         """Download `names` (default: the whole run) from the URI into the local copy,
-        replacing what the local copy had of them."""
+        replacing what the local copy had of them. Trial checkpoints stay at the URI (a run
+        of many trials of a large model holds gigabytes of them; Tune and a promoted trial
+        read them there): only their directories are made locally, so the latest one is
+        known. The retrained pick's checkpoint is downloaded: its weights are exported."""
         import pyarrow.fs as pafs
 
         if not self.remote:
@@ -143,8 +148,15 @@ class RunLocation:
                 _download(fs, info.path, target)
                 continue
             for item in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
-                if item.type == pafs.FileType.File:
-                    _download(fs, item.path, target / item.path[len(info.path) + 1:])
+                relative = item.path[len(info.path) + 1:]
+                if item.type != pafs.FileType.File:
+                    continue
+                parts = relative.split("/")
+                checkpoint = next((i for i, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")), None)
+                if checkpoint is not None and name != KEEP_CHECKPOINTS:
+                    (target / "/".join(parts[: checkpoint + 1])).mkdir(parents=True, exist_ok=True)
+                else:
+                    _download(fs, item.path, target / relative)
 
 
 def _filesystem(uri: str):

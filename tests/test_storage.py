@@ -94,6 +94,14 @@ def test_the_bucket_and_the_drivers_copy_agree(s3_run):
     objects = _objects(run_uri)
     assert objects["trials.csv"] == (local / "trials.csv").read_bytes()
     assert objects["pick.json"] == (local / "pick.json").read_bytes()
+    # trial checkpoints stay in the bucket (only their directories are made locally);
+    # the retrained pick's are downloaded, and its weights exported from them
+    remote_checkpoints = {name[: name.index("/", name.index("/checkpoint_") + 1)] for name in objects
+                          if name.startswith("tune/") and "/checkpoint_" in name}
+    assert remote_checkpoints and all((local / c).is_dir() and not any((local / c).rglob("*.safetensors"))
+                                      for c in remote_checkpoints)
+    assert list((local / "retrain").rglob("checkpoint_*/adapter/adapter_model.safetensors"))
+    assert (local / "adapter" / "adapter_model.safetensors").read_bytes() == objects["adapter/adapter_model.safetensors"]
     trials = pd.read_csv(local / "trials.csv")
     assert len(trials[trials.origin.isin(["search", "prior"])]) == 3 and (trials.status != "failed").all()
 
@@ -147,3 +155,37 @@ def test_a_uri_runs_working_copy_is_in_the_cache_and_maps_back_to_the_uri(tmp_pa
 def test_an_unknown_scheme_is_an_input_error(tmp_path):
     with pytest.raises(ConfigError, match="nosuch://x.*Allowed"):
         locate("nosuch://x", "exp", tmp_path)
+
+
+def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, tmp_path):
+    """What a promoted trial does when the run is in a bucket: start_from is the URI."""
+    import pyarrow.fs as pafs
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainables.trial import _optimizer, _restore, _save, _schedule
+
+    def trial_state():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        optimizer = _optimizer(model, 1e-3, 1.0, cuda=False)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(2, 10))
+
+    model, optimizer, scheduler = trial_state()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()  # trained weights, unlike a fresh adapter's
+    _save(tmp_path / "checkpoint_000001", model, optimizer, scheduler, step=5, train_seconds=1.5, eval_seconds=0.5,
+          tokens=321)
+    uri = f"s3://runs/ckpt/trial_1/checkpoint_000001?{s3}"
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(tmp_path / "checkpoint_000001"), path, destination_filesystem=fs)
+
+    fresh, fresh_optimizer, fresh_scheduler = trial_state()
+    assert _restore(fresh, fresh_optimizer, fresh_scheduler, uri) == (5, 1.5, 0.5, 321)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trained[name])
