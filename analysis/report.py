@@ -213,14 +213,17 @@ def _module_notes(run_config: dict) -> str:
 def _spent(trials: pd.DataFrame, max_steps: int) -> str:
     counts = trials["status"].value_counts()
     # A promoted trial continued its parent's checkpoint and reports their time together.
-    inherited = trials.set_index("trial_id")["train_seconds"].reindex(trials.loc[trials["origin"] == "promoted", "parent"])
-    seconds = trials["train_seconds"].sum() - inherited.fillna(0).sum()
+    parents = trials.loc[trials["origin"] == "promoted", "parent"]
+    by_id = trials.set_index("trial_id")
+    seconds = trials["train_seconds"].sum() - by_id["train_seconds"].reindex(parents).fillna(0).sum()
+    eval_seconds = trials["eval_seconds"].sum() - by_id["eval_seconds"].reindex(parents).fillna(0).sum()
     stages = trials["origin"].value_counts()
     text = (
         "## What it cost\n\n"
         f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
         f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
-        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})."
+        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})"
+        f"{f', evaluation {eval_seconds:,.0f}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
     )

@@ -34,14 +34,14 @@ COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
     "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "train_loss",
-    "trainable_params", "trainable_pct", "train_seconds", "tokens_per_second",
+    "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "tokens_per_second",
     "peak_memory_gb", "error",
 )
 CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "train_loss")
 # What a trial reports at each step; a trial that failed before its first report has none.
 REPORTED_COLUMNS = (
     "step", "eval_loss", "eval_accuracy", "train_loss", "trainable_params", "trainable_pct",
-    "train_seconds", "tokens_per_second", "peak_memory_gb",
+    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gb",
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")

@@ -226,3 +226,10 @@ def test_module_entry_point_exits_2_without_a_traceback(tmp_path):
 
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_report_states_the_training_and_evaluation_time_spent(analysed):
+    trials = read_trials_csv(analysed)
+    report = (analysed / "report.md").read_text()
+    assert f"Training took {trials.train_seconds.sum():,.0f} trial-seconds" in report
+    assert f"evaluation {trials.eval_seconds.sum():,.0f}." in report

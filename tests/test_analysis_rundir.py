@@ -112,6 +112,7 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             "train_loss": loss * 0.9, "trainable_params": trainable_params,
             "trainable_pct": 100 * trainable_params / 1_000_000,
             "train_seconds": train_seconds if train_seconds is not None else 0.1 * step * r,
+            "eval_seconds": 0.2 * step,
             "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
