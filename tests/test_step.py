@@ -94,3 +94,15 @@ def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
     for budget in (13, 30, 1000):  # one row per batch (the longest has 13 tokens), some, all
         by_tokens = evaluate(model, rows, 0, torch.device("cpu"), no_autocast, token_budget=budget)
         assert by_tokens[0] == pytest.approx(by_rows[0], rel=1e-5) and by_tokens[1] == by_rows[1]
+
+
+def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(tiny):
+    model, rows = tiny
+    cpu = torch.device("cpu")
+    first = TrainStep(model, rows, batch_size=2, seed=0, max_steps=1, pad_token_id=0, device=cpu, cuda_graph=False)
+    again = TrainStep(model, rows, batch_size=4, seed=1, max_steps=1, pad_token_id=0, device=cpu, cuda_graph=False)
+    assert again.ids is first.ids  # the next trial of the worker reuses it
+    other_rows = rows[:3]
+    other = TrainStep(model, other_rows, batch_size=2, seed=0, max_steps=1, pad_token_id=0, device=cpu, cuda_graph=False)
+    assert other.ids is not first.ids and other.ids.shape[0] == 3
+    assert other.ids.shape[1] % 8 == 0 and other.ids.shape[1] >= max(len(ids) for ids, _ in other_rows)

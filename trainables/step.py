@@ -54,15 +54,8 @@ class TrainStep:
                  pad_token_id: int, device: torch.device, cuda_graph: bool):
         self.model, self.device = model, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        width = 8 * math.ceil(max(len(ids) for ids, _ in rows) / 8)
-        self.ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        self.labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        self.lengths = torch.tensor([len(ids) for ids, _ in rows])
-        for i, (ids, labels) in enumerate(rows):
-            self.ids[i, : len(ids)] = torch.tensor(ids)
-            self.labels[i, : len(labels)] = torch.tensor(labels)
-        self.ids, self.labels = self.ids.to(device), self.labels.to(device)
-        self.tokens_per_batch = batch_size * width  # padded tokens a step holds in memory
+        self.ids, self.labels, self.lengths = _padded(rows, pad_token_id, device)
+        self.tokens_per_batch = batch_size * self.ids.shape[1]  # padded tokens a step holds in memory
         # every step's batch, chosen up front and copied to the device once: a copy per step
         # from pageable memory would wait for the GPU to drain its queue
         self.schedule = torch.tensor([batch_indices(len(rows), batch_size, seed, k) for k in range(max_steps)])
@@ -93,17 +86,17 @@ class TrainStep:
             for p in self.params:
                 p.grad = None
             with self.autocast:
-                loss = answer_loss(self.model, self.ids[index, :width], self.labels[index, :width])
+                loss = answer_loss(self.model, self.ids[index, :width].long(), self.labels[index, :width].long())
             loss.backward()
             return loss.detach(), int(lengths.sum())
-        torch.index_select(self.ids, 0, index, out=self.static_ids)
-        torch.index_select(self.labels, 0, index, out=self.static_labels)
+        self.static_ids.copy_(self.ids[index])
+        self.static_labels.copy_(self.labels[index])
         self.graph.replay()
         return self.static_loss, int(lengths.sum())
 
     def _capture(self) -> None:
         first = self.device_schedule[0]
-        self.static_ids, self.static_labels = self.ids[first].clone(), self.labels[first].clone()
+        self.static_ids, self.static_labels = self.ids[first].long(), self.labels[first].long()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -127,3 +120,26 @@ class TrainStep:
         self.graph = None
         for p in self.params:
             p.grad = None
+
+
+_padded_cache: dict = {}
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device):
+    """All rows right-padded to the longest (rounded up to a multiple of 8), as int32 on the
+    device (half the memory of int64; a batch is widened when gathered), and their lengths
+    on the host. Kept for the worker's next trial: the rows are the same objects (load_split
+    reads a split once per worker)."""
+    key = (id(rows), len(rows), pad_token_id, str(device))
+    if _padded_cache.get("key") == key:
+        return _padded_cache["value"]
+    width = 8 * math.ceil(max(len(ids) for ids, _ in rows) / 8)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int32)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.int32)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.int32)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.int32)
+    value = (ids.to(device), labels.to(device), torch.tensor([len(row_ids) for row_ids, _ in rows]))
+    _padded_cache.clear()
+    _padded_cache.update(key=key, value=value, rows=rows)  # holding rows keeps id(rows) from being reused
+    return value
