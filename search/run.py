@@ -116,7 +116,11 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
                         for k, v in prepared.resolved.items()},
         "created_by": CREATED_BY,
     })
-    location.push()
+    try:
+        location.push(data=True)  # every node reads the data from there
+    except Exception as e:  # noqa: BLE001 - the output was writable a moment ago: say what failed
+        raise ConfigError(f"could not upload the run's data to {location.remote} ({type(e).__name__}: {e}). "
+                          f"Fix: check the URI and its credentials, then start again with --overwrite") from None
     return data_info
 
 

@@ -103,8 +103,9 @@ class RunLocation:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
 
-    def push(self) -> None:
-        """Upload the driver's own files (not the experiments: Tune wrote those there)."""
+    def push(self, data: bool = False) -> None:
+        """Upload the driver's own files (not the experiments: Tune wrote those there; the
+        tokenized data only with `data`, once, when the run starts)."""
         import pyarrow.fs as pafs
 
         if not self.remote:
@@ -113,6 +114,8 @@ class RunLocation:
         local_fs = pafs.LocalFileSystem()
         for entry in sorted(self.local.iterdir()):
             if entry.name in EXPERIMENTS or entry.name in LOCAL_ONLY or entry.name.endswith(".tmp"):
+                continue
+            if entry.name == "data" and not data:
                 continue
             target = f"{path}/{entry.name}"
             if entry.is_dir():

@@ -157,6 +157,7 @@ def test_an_unknown_scheme_is_an_input_error(tmp_path):
         locate("nosuch://x", "exp", tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:`get_checkpoint` is meant to only be called:UserWarning")  # no Tune session here
 def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, tmp_path):
     """What a promoted trial does when the run is in a bucket: start_from is the URI."""
     import pyarrow.fs as pafs
