@@ -190,3 +190,41 @@ def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, t
     for name, p in fresh.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, trained[name])
+
+
+CLUSTER_DRIVER = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
+cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2", env_vars={"LORA_SEARCH_CACHE": sys.argv[1]})
+cluster.wait_for_nodes()
+from search.run import main
+code = main(["--address", cluster.address, *sys.argv[2:]])
+import ray
+ray.shutdown()
+cluster.shutdown()
+sys.exit(code)
+"""
+
+
+def test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket(s3, tiny_model_dir, tmp_path):
+    from test_cluster import LOOPBACK
+
+    head_cache, node_cache = tmp_path / "head-cache", tmp_path / "node-cache"
+    output = f"s3://runs/cluster?{s3}"
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4]",
+            "budget.num_samples=4", "budget.max_steps=4", "budget.eval_every=2", "budget.grace_period=2",
+            "budget.batch_size=4", "data.eval_examples=4", "selection.tolerance=1"]
+    args = ["--output", output, "--name", "two-nodes", *[x for s in sets for x in ("--set", s)]]
+    env = {**os.environ, **CREDENTIALS, **LOOPBACK, "PYTHONPATH": str(ROOT), "LORA_SEARCH_CACHE": str(head_cache)}
+    result = subprocess.run([sys.executable, "-c", CLUSTER_DRIVER, str(node_cache), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    objects = _objects(join_uri(output, "two-nodes"))
+    nodes = {json.loads(line)["node_ip"] for name, body in objects.items() if name.endswith("/result.json")
+             for line in body.decode().splitlines()}
+    assert nodes == {"127.0.0.1", "127.0.0.2"}
+    for cache in (head_cache, node_cache):  # each node downloaded the tokenized data once, into its own cache
+        assert [p.name for p in (cache / "data").iterdir()] and list((cache / "data").glob("*/search_train"))
+    assert not (node_cache / "remote-runs").exists()  # the run's working copy is the driver's alone
