@@ -1,12 +1,13 @@
-"""The training step of a trial: forward and backward of one batch, as a CUDA graph on GPU.
+"""The training step of a trial: forward and backward of one batch, eagerly or as a CUDA
+graph on GPU (`resources.cuda_graphs`, off until bench/step_modes.py has measured it).
 
 At these model sizes a step is bound by kernel launches from Python (PEFT and the model's
-modules, about 5,000 launches a step for SmolLM2 with all seven projections adapted),
+modules launch thousands of kernels a step for SmolLM2 with all seven projections adapted),
 not by the GPU. Replaying the step's forward and backward as one captured CUDA graph
-removes that cost without compiling anything: capture takes a few eager steps (about a
-second), once per trial, for any configuration, DoRA included. `torch.compile` was the
-other way (see ../shared/bench/README.md and bench/step_modes.py): 90-110 s to compile per
-set of shapes, which one trial of a search never pays back.
+removes that cost without compiling anything: capture is a few eager passes, once per
+trial, for any configuration, DoRA included. `torch.compile` is the other way: measured in
+../shared/bench/README.md at 90-110 s to compile per set of shapes, more than a whole trial
+of a search trains.
 
 What a graph needs, and how it is kept exact:
 - Static shapes: every batch is right-padded to the train split's longest example. No
