@@ -1,7 +1,9 @@
-"""Result files appear whole or not at all."""
+"""Result files appear whole or not at all; runs kept at a storage URI are copied in and out."""
 
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,3 +32,71 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# --- runs kept at a storage URI (s3://, gs://, ...), through pyarrow as Ray's storage does ---
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(location: str) -> bool:
+    return bool(_URI.match(str(location)))
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """`s3://b/runs?opts` + parts -> `s3://b/runs/<parts>?opts` (pyarrow reads options from the query)."""
+    base, _, query = uri.partition("?")
+    joined = "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+    return f"{joined}?{query}" if query else joined
+
+
+def download_tree(uri: str, target: Path, keep: Callable[[str], bool] = lambda relative: True) -> bool:
+    """Copy the files under `uri` into `target` (replacing it), with their directories;
+    a file whose relative path `keep` refuses only gets its directory. False when `uri`
+    holds nothing. (pyarrow's copy_files does not create local directories.)"""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    root = root.rstrip("/")
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    if target.is_dir():
+        shutil.rmtree(target)
+    items = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    for item in items:
+        if item.type != pafs.FileType.File:
+            continue
+        relative = item.path[len(root) + 1:] if item.path != root else ""
+        destination = target / relative if relative else target
+        if not keep(relative):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(item.path) as source, open(destination, "wb") as out:
+            shutil.copyfileobj(source, out)
+    return True
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file or directory tree to `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if local.is_dir():
+        pafs.copy_files(str(local.resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    else:
+        with local.open("rb") as source, fs.open_output_stream(path) as stream:
+            shutil.copyfileobj(source, stream)
+
+
+def remove(uri: str) -> None:
+    """Delete the file or directory tree at `uri`, if any."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)

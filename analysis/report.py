@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.files import write_text_atomic
+from analysis.files import download_tree, is_uri, join_uri, remove, upload, write_text_atomic
 from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
 from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
 
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapter/adapter_config.json, plots/ and report.md into RUN_DIR. Options override the "
         "selection settings the run was started with.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="A run directory (holds run_config.json and tune/).")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="A run directory (holds run_config.json and tune/), or its storage URI (s3://..., gs://...).")
     parser.add_argument("--tolerance", type=float, help=_FIELD_HELP["tolerance"])
     parser.add_argument("--cost", choices=COSTS, help=_FIELD_HELP["cost"])
     parser.add_argument("--metric", choices=list(METRIC_MODES), help=_FIELD_HELP["metric"])
@@ -170,11 +171,41 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(arguments, name) is not None
     }
     try:
+        if is_uri(arguments.run_dir):
+            return _analyse_at_uri(arguments.run_dir, overrides)
         selection = replace(selection_from_run_config(read_run_config(arguments.run_dir)), **overrides)
         return analyse(arguments.run_dir, selection)
     except ValueError as error:
         print(f"analysis: {error}", file=sys.stderr)
         return 2
+
+
+# What the analysis writes into a run directory, and so uploads back to a run kept at a URI.
+OUTPUTS = ("trials.csv", "pick.json", "adapter", "plots", "report.md")
+
+
+def _analyse_at_uri(uri: str, overrides: dict) -> int:
+    """Download the run (trial checkpoints only where weights are exported: the retrained
+    pick's), analyse it in a temporary directory, upload the outputs back next to it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as temporary:
+        run_dir = Path(temporary) / "run"
+        try:
+            found = download_tree(uri, run_dir, keep=lambda relative: relative.startswith("retrain/")
+                                  or "/checkpoint_" not in f"/{relative}")
+        except OSError as error:
+            raise ValueError(f"cannot read {uri!r} ({type(error).__name__}: {error}).") from None
+        if not found:
+            raise ValueError(f"{uri!r} holds nothing. Fix: pass the URI a search wrote, <output>/<name>.")
+        selection = replace(selection_from_run_config(read_run_config(run_dir)), **overrides)
+        code = analyse(run_dir, selection)
+        for name in OUTPUTS:
+            remove(join_uri(uri, name))  # an output this analysis did not write (no pick) must not stay behind
+            if (run_dir / name).exists():
+                upload(run_dir / name, join_uri(uri, name))
+        print(f"analysis: the outputs were uploaded to {uri}", file=sys.stderr)
+        return code
 
 
 def _title(run_config: dict, selection: SelectionConfig) -> str:

@@ -14,11 +14,10 @@ only). A resume pulls the whole run first, so it works from any machine.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.files import download_tree, is_uri, join_uri, upload
 from search.config import ConfigError
 
 # Experiment directories that Tune writes (to the URI); everything else is the driver's.
@@ -27,11 +26,7 @@ EXPERIMENTS = ("tune", "promote", "confirm", "retrain")
 KEEP_CHECKPOINTS = "retrain"
 # The driver's pid: meaningful on this machine only.
 LOCAL_ONLY = ("driver.pid",)
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def is_uri(output: str) -> bool:
-    return bool(_URI.match(output))
+__all__ = ["RunLocation", "is_uri", "join_uri", "locate"]
 
 
 @dataclass(frozen=True)
@@ -106,23 +101,14 @@ class RunLocation:
     def push(self, data: bool = False) -> None:
         """Upload the driver's own files (not the experiments: Tune wrote those there; the
         tokenized data only with `data`, once, when the run starts)."""
-        import pyarrow.fs as pafs
-
         if not self.remote:
             return
-        fs, path = self._fs()
-        local_fs = pafs.LocalFileSystem()
         for entry in sorted(self.local.iterdir()):
             if entry.name in EXPERIMENTS or entry.name in LOCAL_ONLY or entry.name.endswith(".tmp"):
                 continue
             if entry.name == "data" and not data:
                 continue
-            target = f"{path}/{entry.name}"
-            if entry.is_dir():
-                pafs.copy_files(str(entry.resolve()), target, source_filesystem=local_fs, destination_filesystem=fs)
-            else:
-                with entry.open("rb") as source, fs.open_output_stream(target) as stream:
-                    shutil.copyfileobj(source, stream)
+            upload(entry, join_uri(self.remote, entry.name))
 
     def pull(self, names: tuple[str, ...] | None = None) -> None:
         """Download `names` (default: the whole run) from the URI into the local copy,
@@ -141,25 +127,12 @@ class RunLocation:
                 return
             names = tuple(Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
         for name in names:
-            info = fs.get_file_info(f"{path}/{name}")
-            if info.type == pafs.FileType.NotFound:
-                continue
-            target = self.local / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            if info.type == pafs.FileType.File:
-                _download(fs, info.path, target)
-                continue
-            for item in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
-                relative = item.path[len(info.path) + 1:]
-                if item.type != pafs.FileType.File:
-                    continue
-                parts = relative.split("/")
-                checkpoint = next((i for i, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")), None)
-                if checkpoint is not None and name != KEEP_CHECKPOINTS:
-                    (target / "/".join(parts[: checkpoint + 1])).mkdir(parents=True, exist_ok=True)
-                else:
-                    _download(fs, item.path, target / relative)
+            download_tree(join_uri(self.remote, name), self.local / name,
+                          keep=lambda relative, name=name: name == KEEP_CHECKPOINTS or not _in_checkpoint(relative))
+
+
+def _in_checkpoint(relative: str) -> bool:
+    return any(part.startswith("checkpoint_") for part in relative.split("/")[:-1])
 
 
 def _filesystem(uri: str):
@@ -171,20 +144,6 @@ def _filesystem(uri: str):
         raise ConfigError(f"output {uri!r} is not a storage URI that pyarrow (Ray's storage) can open "
                           f"({type(error).__name__}: {error}). Allowed: a directory, or s3://, gs://, abfs://, "
                           "hdfs:// or file:// URIs") from None
-
-
-def _download(fs, path: str, target: Path) -> None:
-    """One file, creating its local directories (pyarrow's copy_files does not)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_input_stream(path) as source, open(target, "wb") as out:
-        shutil.copyfileobj(source, out)
-
-
-def join_uri(uri: str, *parts: str) -> str:
-    """`s3://b/runs?opts` + parts -> `s3://b/runs/<parts>?opts` (pyarrow reads options from the query)."""
-    base, _, query = uri.partition("?")
-    joined = "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
-    return f"{joined}?{query}" if query else joined
 
 
 def locate(output: str, name: str, cache: Path) -> RunLocation:

@@ -228,3 +228,26 @@ def test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket(
     for cache in (head_cache, node_cache):  # each node downloaded the tokenized data once, into its own cache
         assert [p.name for p in (cache / "data").iterdir()] and list((cache / "data").glob("*/search_train"))
     assert not (node_cache / "remote-runs").exists()  # the run's working copy is the driver's alone
+
+
+def test_the_analysis_redoes_the_pick_of_a_run_in_the_bucket_and_uploads_it_back(s3_run):
+    _, _, run_uri = s3_run
+    before = _objects(run_uri)
+    env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "analysis.report", run_uri, "--tolerance", "0.5"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = _objects(run_uri)
+    assert json.loads(after["pick.json"])["tolerance"] == 0.5 and json.loads(before["pick.json"])["tolerance"] == 0.95
+    assert "within 0.5 of the best" in after["report.md"].decode()
+    # the retrained weights are exported again from the run's own retrain checkpoint
+    assert after["adapter/adapter_model.safetensors"] == before["adapter/adapter_model.safetensors"]
+    untouched = [name for name in before if not name.split("/")[0] in ("trials.csv", "pick.json", "report.md", "adapter", "plots")]
+    assert {name: after[name] for name in untouched} == {name: before[name] for name in untouched}
+
+
+def test_the_analysis_of_an_empty_uri_is_an_input_error(s3):
+    env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "analysis.report", f"s3://runs/nothing-here?{s3}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "holds nothing" in result.stderr and "Traceback" not in result.stderr
