@@ -99,14 +99,57 @@ def search_trials(concurrent: int, steps: int, output: Path, cuda_graphs: bool =
             "selection.promote=false", "selection.confirm_top_k=0", "data.eval_examples=32",
             f"resources.cuda_graphs={str(cuda_graphs).lower()}"]
     started = time.perf_counter()
-    code = main(["--output", str(output), "--name", name, "--overwrite", *[x for s in sets for x in ("--set", s)]])
+    with GpuMemorySampler() as memory:
+        code = main(["--output", str(output), "--name", name, "--overwrite", *[x for s in sets for x in ("--set", s)]])
     wall = time.perf_counter() - started
     trials = pd.read_csv(output / name / "trials.csv")
     trials = trials[trials.origin.isin(["search", "prior"])]
     return {"exit_code": code, "trials": len(trials), "tokens_per_second_each": trials.tokens_per_second.tolist(),
             "tokens_per_second_total": float(trials.tokens_per_second.sum()),
             "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall,
-            "step_modes": _step_modes(output / name)}
+            "step_modes": _step_modes(output / name),
+            # what packing costs: every trial process holds its own CUDA context and base model
+            "gpu_memory_gb_peak_total": memory.peak_total_gb, "gpu_memory_gb_peak_per_process": memory.peak_per_process_gb}
+
+
+class GpuMemorySampler:
+    """Polls nvidia-smi twice a second while the block runs: the peak memory in use on the GPU
+    and each process's peak (CUDA context included, which torch's own counters leave out).
+    Both None where nvidia-smi is missing."""
+
+    def __enter__(self):
+        import shutil
+        import threading
+
+        self.peak_total_gb = self.peak_per_process_gb = None
+        self._per_process: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True) if shutil.which("nvidia-smi") else None
+        if self._thread:
+            self.peak_total_gb = 0.0
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        import subprocess
+
+        while not self._stop.wait(0.5):
+            total = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True).stdout.split()
+            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True).stdout.splitlines()
+            if total:
+                self.peak_total_gb = max(self.peak_total_gb, float(total[0]) / 1024)
+            for line in apps:
+                pid, used = (x.strip() for x in line.split(","))
+                self._per_process[pid] = max(self._per_process.get(pid, 0.0), float(used) / 1024)
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self.peak_per_process_gb = sorted(self._per_process.values(), reverse=True)
+        return False
 
 
 def _step_modes(run_dir: Path) -> list[str]:
@@ -171,6 +214,9 @@ def main() -> int:
     for n, p in packing.items():
         print(f"{f'our trials, graph, {n} on the GPU':<34}{p['tokens_per_second_total']:>12,.0f}")
     print(f"trial_speedup {figures['trial_speedup']:.2f}  packing_speedup {figures['packing_speedup']:.2f} (at {best_n})")
+    for n, p in packing.items():
+        print(f"{n} on the GPU: peak GPU memory {p['gpu_memory_gb_peak_total']} GB in all, per process "
+              f"{p['gpu_memory_gb_peak_per_process']} GB")
     return 0
 
 
