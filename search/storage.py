@@ -111,7 +111,7 @@ class RunLocation:
             upload(entry, join_uri(self.remote, entry.name))
 
     def pull(self, names: tuple[str, ...] | None = None) -> None:
-        """Download `names` (default: the whole run) from the URI into the local copy,
+        """Download `names` (default: the whole run but its data) from the URI into the local copy,
         replacing what the local copy had of them. Trial checkpoints stay at the URI (a run
         of many trials of a large model holds gigabytes of them; Tune and a promoted trial
         read them there): only their directories are made locally, so the latest one is
@@ -125,7 +125,9 @@ class RunLocation:
         if names is None:
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 return
-            names = tuple(Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
+            # all but the tokenized data: trials read it at the URI, the driver never needs it again
+            names = tuple(name for name in (Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
+                          if name != "data")
         for name in names:
             download_tree(join_uri(self.remote, name), self.local / name,
                           keep=lambda relative, name=name: name == KEEP_CHECKPOINTS or not _in_checkpoint(relative))

@@ -116,7 +116,9 @@ def test_a_resume_from_another_machine_pulls_the_run_and_trains_nothing_again(s3
     results = [name for name in before if name.endswith("/result.json")]
     assert {name: after[name] for name in results} == {name: before[name] for name in results}
     assert json.loads(after["pick.json"])["trial_id"] == json.loads(before["pick.json"])["trial_id"]
-    assert (locate(output, "first", other_machine).local / "report.md").is_file()
+    local = locate(output, "first", other_machine).local
+    assert (local / "report.md").is_file()
+    assert not (local / "data").exists()  # the trials read the data at the URI; the driver needs no copy
 
 
 def test_a_new_run_over_a_run_in_the_bucket_is_refused_and_nothing_is_touched(s3_run, tiny_model_dir, tmp_path):
