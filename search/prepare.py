@@ -11,7 +11,7 @@ from pathlib import Path
 from search import modules
 from search.config import Config, ConfigError
 from search.space import module_set_key
-from trainables.model import SMOLLM2_ALIAS, smollm2_checkpoint
+from trainables.model import SMOLLM2_ALIAS, local_model_dir
 
 
 @dataclass
@@ -24,23 +24,21 @@ class PreparedModel:
 
 def model_path(config: Config) -> str:
     """A local directory for model.path: the converted embedded default, a directory,
-    or a hub id already in the local cache (nothing is downloaded)."""
+    or a hub id already in the local cache (nothing is downloaded). The resolution is the
+    one every trial does on its own node (`local_model_dir`); here it is checked."""
     path = config.model.path
-    if path == SMOLLM2_ALIAS:
-        return str(smollm2_checkpoint())
-    if Path(path).is_dir():
-        return str(Path(path).resolve())
-    if Path(path).exists():
+    if Path(path).exists() and not Path(path).is_dir():
         raise ConfigError(f"model.path {path!r} is a file; allowed: 'smollm2', a model directory, or a cached hub id")
-    from huggingface_hub import snapshot_download
-
     try:
-        return snapshot_download(path, local_files_only=True)
+        resolved = local_model_dir(path)
     except Exception:
+        if path == SMOLLM2_ALIAS:
+            raise  # its own message names the package to install
         raise ConfigError(
             f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
             f"Fix: download it once (huggingface-cli download {path}) or give its directory"
         ) from None
+    return str(Path(resolved).resolve()) if Path(path).is_dir() else resolved
 
 
 def prepare_model(config: Config) -> PreparedModel:
