@@ -27,11 +27,10 @@ the trial runs the same step eagerly, says so in the worker's log, and reports
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-from trainables.data import IGNORE, batch_indices
+from trainables.data import IGNORE, batch_indices, collate
 
 WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator)
 log = logging.getLogger(__name__)
@@ -134,13 +133,11 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int, device: 
     key = (id(rows), len(rows), pad_token_id, str(device))
     if _padded_cache.get("key") == key:
         return _padded_cache["value"]
-    width = 8 * math.ceil(max(len(ids) for ids, _ in rows) / 8)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int32)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.int32)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.int32)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.int32)
-    value = (ids.to(device), labels.to(device), torch.tensor([len(row_ids) for row_ids, _ in rows]))
+    batch = collate(rows, pad_token_id, torch.device("cpu"))
+    extra = -batch["input_ids"].shape[1] % 8
+    ids = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id).to(torch.int32)
+    labels = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE).to(torch.int32)
+    value = (ids.to(device), labels.to(device), batch["attention_mask"].sum(dim=1))
     _padded_cache.clear()
     _padded_cache.update(key=key, value=value, rows=rows)  # holding rows keeps id(rows) from being reused
     return value
