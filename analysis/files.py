@@ -50,6 +50,14 @@ def join_uri(uri: str, *parts: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
+def without_trial_checkpoints(relative: str) -> bool:
+    """Whether a run's file at `relative` is worth downloading: anything but the trials'
+    checkpoints (gigabytes in a large search; Tune and a promoted trial read them where
+    they are), except the retrained pick's, whose weights are exported."""
+    parts = relative.split("/")
+    return parts[0] == "retrain" or not any(part.startswith("checkpoint_") for part in parts[:-1])
+
+
 def download_tree(uri: str, target: Path, keep: Callable[[str], bool] = lambda relative: True) -> bool:
     """Copy the files under `uri` into `target` (replacing it), with their directories;
     a file whose relative path `keep` refuses only gets its directory. False when `uri`

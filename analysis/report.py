@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.files import download_tree, is_uri, join_uri, remove, upload, write_text_atomic
+from analysis.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints, write_text_atomic
 from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
 from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
 
@@ -192,8 +192,7 @@ def _analyse_at_uri(uri: str, overrides: dict) -> int:
     with tempfile.TemporaryDirectory() as temporary:
         run_dir = Path(temporary) / "run"
         try:
-            found = download_tree(uri, run_dir, keep=lambda relative: relative.startswith("retrain/")
-                                  or "/checkpoint_" not in f"/{relative}")
+            found = download_tree(uri, run_dir, keep=without_trial_checkpoints)
         except OSError as error:
             raise ValueError(f"cannot read {uri!r} ({type(error).__name__}: {error}).") from None
         if not found:

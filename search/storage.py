@@ -17,13 +17,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.files import download_tree, is_uri, join_uri, upload
+from analysis.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints
 from search.config import ConfigError
 
 # Experiment directories that Tune writes (to the URI); everything else is the driver's.
 EXPERIMENTS = ("tune", "promote", "confirm", "retrain")
-# The experiment whose checkpoints the driver downloads: the retrained pick, for its weights.
-KEEP_CHECKPOINTS = "retrain"
 # The driver's pid: meaningful on this machine only.
 LOCAL_ONLY = ("driver.pid",)
 __all__ = ["RunLocation", "is_uri", "join_uri", "locate"]
@@ -90,13 +88,8 @@ class RunLocation:
         return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
     def delete_remote(self) -> None:
-        import pyarrow.fs as pafs
-
-        if not self.remote:
-            return
-        fs, path = self._fs()
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
+        if self.remote:
+            remove(self.remote)
 
     def push(self, data: bool = False) -> None:
         """Upload the driver's own files (not the experiments: Tune wrote those there; the
@@ -112,10 +105,9 @@ class RunLocation:
 
     def pull(self, names: tuple[str, ...] | None = None) -> None:
         """Download `names` (default: the whole run but its data) from the URI into the local copy,
-        replacing what the local copy had of them. Trial checkpoints stay at the URI (a run
-        of many trials of a large model holds gigabytes of them; Tune and a promoted trial
-        read them there): only their directories are made locally, so the latest one is
-        known. The retrained pick's checkpoint is downloaded: its weights are exported."""
+        replacing what the local copy had of them. Trial checkpoints (but the retrained
+        pick's) stay at the URI, see `without_trial_checkpoints`: only their directories are
+        made locally, so the latest one is known."""
         import pyarrow.fs as pafs
 
         if not self.remote:
@@ -130,11 +122,7 @@ class RunLocation:
                           if name != "data")
         for name in names:
             download_tree(join_uri(self.remote, name), self.local / name,
-                          keep=lambda relative, name=name: name == KEEP_CHECKPOINTS or not _in_checkpoint(relative))
-
-
-def _in_checkpoint(relative: str) -> bool:
-    return any(part.startswith("checkpoint_") for part in relative.split("/")[:-1])
+                          keep=lambda relative, name=name: without_trial_checkpoints(f"{name}/{relative}"))
 
 
 def _filesystem(uri: str):
