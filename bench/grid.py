@@ -43,30 +43,39 @@ GRID = [
 ]
 
 
+def anchor_trainer(model, model_path: str, train, steps: int, output_dir: str, cuda: bool, callbacks=()):
+    """The anchor's Trainer: micro-batch 2 x accumulation 4, lr 2e-4, cosine, 10 warm-up steps,
+    bf16 on GPU; padding with end-of-sequence as our trials do, masked out of the loss."""
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                               learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=10, bf16=cuda,
+                               use_cpu=not cuda, max_steps=steps, logging_steps=1000, save_strategy="no",
+                               report_to=[], eval_strategy="no", seed=0, dataloader_num_workers=0),
+        train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=list(callbacks),
+    )
+
+
 def run_config(name: str, lora: dict, model_path: str, splits: dict, pad_token_id: int, steps: int, cuda: bool) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     from trainables.data import load_split
     from trainables.trial import evaluate
 
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:  # as our trials do: pad with end-of-sequence, masked out of the loss
-        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
     model = get_peft_model(model.to("cuda" if cuda else "cpu"), LoraConfig(task_type="CAUSAL_LM", **lora))
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                   learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=10, bf16=cuda,
-                                   use_cpu=not cuda, max_steps=steps, logging_steps=1000, save_strategy="no",
-                                   report_to=[], eval_strategy="no", seed=0, dataloader_num_workers=0),
-            train_dataset=splits["train"],
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        )
+        trainer = anchor_trainer(model, model_path, splits["train"], steps, out, cuda)
         train_started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - train_started

@@ -30,25 +30,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from bench.grid import ALL_SEVEN  # noqa: E402 - after the path is set
 
 
 def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
     """The anchor setup's training throughput, timed per optimizer step after 5 warm-up steps."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
+    from bench.grid import anchor_trainer
     from trainables.config import DataConfig
     from trainables.data import prepare
 
     splits, info = prepare(DataConfig(), model_path, seed=0)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:  # as our trials do: pad with end-of-sequence, masked out of the loss
-        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules=ALL_SEVEN,
                                              task_type="CAUSAL_LM"))
@@ -65,16 +60,7 @@ def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
             step_times.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                   learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=10, bf16=True,
-                                   max_steps=steps, logging_steps=1000, save_strategy="no", report_to=[],
-                                   eval_strategy="no", seed=0, dataloader_num_workers=0),
-            train_dataset=train,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[Clock()],
-        )
+        trainer = anchor_trainer(model, model_path, train, steps, out, cuda=True, callbacks=[Clock()])
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
