@@ -107,10 +107,6 @@ class Config:
                        "(a run name cannot leave the output directory)")
         return out
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output) / self.name
-
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read YAML (the embedded default when `path` is None), apply `key.sub=value`
