@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--gpus-per-trial", type=float, default=0.25)
     parser.add_argument("--eval-examples", type=int, default=1200)
     parser.add_argument("--max-steps", type=int, default=100, help="per trial (100: the grid's budget); eval at half and end")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides for the search, as search.run's --set (after the benchmark's own)")
     args = parser.parse_args()
     import pandas as pd
     import peft
@@ -59,7 +61,7 @@ def main() -> int:
             f"data.eval_examples={args.eval_examples}", f"budget.num_samples={args.samples}", f"budget.max_steps={args.max_steps}",
             f"budget.eval_every={args.max_steps // 2}", f"budget.grace_period={args.max_steps // 2}",
             "budget.batch_size=8", f"budget.warmup_steps={min(10, args.max_steps // 2)}",
-            f"resources.gpus_per_trial={args.gpus_per_trial}", "task.kind=domain"]
+            f"resources.gpus_per_trial={args.gpus_per_trial}", "task.kind=domain", *args.set]
     with tempfile.TemporaryDirectory() as output:
         started = time.perf_counter()
         code = search(["--output", output, "--name", "facts", *[x for s in sets for x in ("--set", s)]])
@@ -102,7 +104,7 @@ def main() -> int:
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
         "inside_steps_seconds": inside, "slots": slots, "step_modes": modes, "grid": grid_figures,
-        "figures": figures, "report": report,
+        "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "search_vs_grid.json").write_text(json.dumps(record, indent=2, default=str))

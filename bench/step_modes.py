@@ -87,7 +87,8 @@ def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_gr
     device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)
     torch.manual_seed(0)
     if base is None:
-        base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16).to(device)
+        with device:
+            base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
     base.requires_grad_(False)
     base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
@@ -172,7 +173,8 @@ def main() -> int:
     if "1b" in parts:
         base = None
         try:
-            base = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).to(DEVICE)
+            with torch.device(DEVICE):  # random init on the GPU: seconds, not a minute on the host
+                base = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16)
         except Exception:  # noqa: BLE001
             record["errors"]["1b/build"] = traceback.format_exc()[-3000:]
         if base is not None:
@@ -205,7 +207,8 @@ def main() -> int:
 
             with tempfile.TemporaryDirectory() as path:
                 torch.manual_seed(0)
-                AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).save_pretrained(path)
+                with torch.device(DEVICE):
+                    AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16).save_pretrained(path)
                 torch.cuda.reset_peak_memory_stats()
                 base = AutoModelForCausalLM.from_pretrained(
                     path, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
