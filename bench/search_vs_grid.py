@@ -12,9 +12,12 @@ Figures:
 - `search_gpu_seconds`: the whole run's wall time on the one GPU (Ray start, data
   preparation, every stage, the report and export included), and `search_eval_loss`: the
   pick's eval loss at step 100 (the mean over its seeds), to set beside the grid's.
-- `overhead_share`: the share of the trial slots' time spent inside train and eval steps:
-  the sum over trials of train_seconds + eval_seconds, over wall time x concurrent slots
-  (1 / gpus_per_trial).
+- `overhead_share`: the share of the search's wall time in which the GPU was inside a train
+  or eval step of some trial: the union of the trials' busy windows (each report gives the
+  window since the last one in which the trial only trained and evaluated; the CUDA graph's
+  capture counts as training) over the wall time.
+- `slot_busy_share`, the stricter figure: the same windows summed, over wall time x
+  concurrent slots (1 / gpus_per_trial): how much of every trial slot's time was steps.
 The grid itself (six Trainer runs, over 10 GPU-minutes) is `bench/grid.py`; its figures are
 read from bench/results/grid.json when it holds all six configs from the same device, else
 the ones measured in ../shared/bench/README.md are recorded beside ours, as such.
@@ -40,10 +43,32 @@ GRID_README = {"grid_eval_loss": 0.4223, "grid_train_seconds_five_configs": 69.2
                "note": "six configs; DoRA did not finish in 190 s; figures from ../shared/bench/README.md"}
 
 
+def union_seconds(windows: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) windows."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(windows):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def busy_windows(run_dir: Path) -> tuple[list[tuple[float, float]], list[str]]:
+    """Every trial's busy windows, from every report of every experiment of the run, and
+    each trial's step mode."""
+    windows, modes = [], []
+    for result in sorted(run_dir.glob("*/trial_*/result.json")):
+        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        windows += [(r["busy_from"], r["busy_to"]) for r in reports if "busy_from" in r]
+        if reports:
+            modes.append(reports[-1].get("step_mode", "?"))
+    return windows, modes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--gpus-per-trial", type=float, default=0.25)
+    parser.add_argument("--gpus-per-trial", default="auto", help="resources.gpus_per_trial (auto: by model size)")
     parser.add_argument("--eval-examples", type=int, default=1200)
     parser.add_argument("--max-steps", type=int, default=100, help="per trial (100: the grid's budget); eval at half and end")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -63,25 +88,22 @@ def main() -> int:
             "budget.batch_size=8", f"budget.warmup_steps={min(10, args.max_steps // 2)}",
             f"resources.gpus_per_trial={args.gpus_per_trial}", "task.kind=domain", *args.set]
     with tempfile.TemporaryDirectory() as output:
-        started = time.perf_counter()
+        started, started_epoch = time.perf_counter(), time.time()
         code = search(["--output", output, "--name", "facts", *[x for s in sets for x in ("--set", s)]])
         wall = time.perf_counter() - started
         run_dir = Path(output) / "facts"
         trials = pd.read_csv(run_dir / "trials.csv")
         pick = json.loads((run_dir / "pick.json").read_text()) if (run_dir / "pick.json").exists() else {}
-        inside = 0.0
-        modes = []
-        for result in run_dir.glob("*/trial_*/result.json"):
-            lines = result.read_text().splitlines()
-            if lines:
-                last = json.loads(lines[-1])
-                inside += last["train_seconds"] + last.get("eval_seconds", 0.0)
-                modes.append(last.get("step_mode", "?"))
+        config = json.loads((run_dir / "run_config.json").read_text())
+        windows, modes = busy_windows(run_dir)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
+    inside = sum(end - start for start, end in windows)
+    busy = union_seconds(windows)
     import os
 
     # trials that can run at once: GPU shares, or on a CPU-only machine one per core
-    slots = max(1, round(1 / args.gpus_per_trial)) if args.gpus_per_trial else os.cpu_count() or 1
+    gpus_per_trial = config["resources"]["gpus_per_trial"]  # as resolved (auto: by model size)
+    slots = max(1, round(1 / gpus_per_trial)) if gpus_per_trial else os.cpu_count() or 1
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     grid_path = RESULTS / "grid.json"
     grid = json.loads(grid_path.read_text()) if grid_path.exists() else {}
@@ -94,7 +116,8 @@ def main() -> int:
     figures = {
         "search_gpu_seconds": wall,
         "search_eval_loss": pick.get("value", pick.get("metric_value")),
-        "overhead_share": inside / (wall * slots),
+        "overhead_share": busy / wall,
+        "slot_busy_share": inside / (wall * slots),
     }
     record = {
         "benchmark": "search_vs_grid",
@@ -103,7 +126,7 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
-        "inside_steps_seconds": inside, "slots": slots, "step_modes": modes, "grid": grid_figures,
+        "inside_steps_seconds": inside, "busy_seconds": busy, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -118,7 +141,8 @@ def main() -> int:
     print(f"{grid_figures['label']:<34}{grid_figures['grid_gpu_seconds']:>12,.0f}"
           f"{grid_figures['grid_eval_loss']:>11.4f}")
     print(f"{'search (this run)':<34}{wall:>12,.0f}{figures['search_eval_loss'] or float('nan'):>11.4f}")
-    print(f"overhead_share {figures['overhead_share']:.2f} (inside steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")
+    print(f"overhead_share {figures['overhead_share']:.2f} (some trial inside a step {busy:.0f} s of {wall:.0f} s); "
+          f"slot_busy_share {figures['slot_busy_share']:.2f} (steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")
     return 0
 
 

@@ -126,10 +126,39 @@ def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_gr
             "loss": loss, "batch": batch, "length": length, "steps": steps}
 
 
+def graph_matches_eager(model_config, lora_kwargs: dict, batch: int, length: int) -> dict:
+    """The same batch's loss and adapter gradients, eager and replayed from the captured graph
+    (no dropout, so both compute the same function): the largest relative gradient difference."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainables.step import TrainStep
+
+    device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)
+    torch.manual_seed(0)
+    with device:
+        base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+    base.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora_kwargs))
+    model.train()
+    data = rows(4 * batch, length, model_config.vocab_size, length // 2)
+    out = {}
+    for graph in (False, True):
+        step = TrainStep(model, data, batch, seed=0, max_steps=2, pad_token_id=0, device=device, cuda_graph=graph)
+        loss, _ = step(1)  # not the batch captured on: the replay must read the new inputs
+        out[step.mode] = (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad})
+        step.close()
+    (eager_loss, eager), (graph_loss, graphed) = out["eager"], out["cuda_graph"]
+    worst = max(float((graphed[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in eager.items())
+    return {"eager_loss": eager_loss, "graph_loss": graph_loss, "max_relative_grad_difference": worst,
+            "tensors": len(eager)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "step_modes.json"))
-    parser.add_argument("--parts", default="small,1b,memory")
+    parser.add_argument("--parts", default="check,small,1b,memory")
     args = parser.parse_args()
     import peft
     import torch
@@ -139,7 +168,7 @@ def main() -> int:
     record = {"benchmark": "step_modes", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_name, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                                  "peft": peft.__version__, "python": platform.python_version()},
-              "small": {}, "1b": {}, "memory": {}, "errors": {}}
+              "check": {}, "small": {}, "1b": {}, "memory": {}, "errors": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -164,6 +193,9 @@ def main() -> int:
         "all7_r16_dora": dict(r=16, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=ALL_SEVEN,
                               lora_dropout=0.05),
     }
+    if "check" in parts:
+        for name in ("qv_r8", "all7_r16", "all7_r16_dora"):
+            attempt("check", name, lambda: graph_matches_eager(small, configs[name] | {"lora_dropout": 0.0}, 8, 64))
     if "small" in parts:
         for name, lora in configs.items():
             for graph in (False, True):

@@ -87,3 +87,13 @@ def test_a_missing_config_file_is_an_input_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read it"):
         load(tmp_path / "nope.yaml")
 
+
+
+def test_auto_gpu_share_packs_small_models_and_gives_large_ones_a_whole_gpu():
+    from search.config import ResourcesConfig
+
+    auto = ResourcesConfig()
+    assert auto.gpus(cuda=False, total_params=135e6) == 0.0  # CPU: no GPU request at all
+    shares = [auto.gpus(cuda=True, total_params=n) for n in (135e6, 0.7e9, 1.1e9, 8e9)]
+    assert shares == sorted(shares) and shares[0] == 0.125 and shares[-1] == 1.0
+    assert ResourcesConfig(gpus_per_trial=0.5).gpus(cuda=True, total_params=135e6) == 0.5  # explicit wins

@@ -106,3 +106,24 @@ def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(ti
     other = TrainStep(model, other_rows, batch_size=2, seed=0, max_steps=1, pad_token_id=0, device=cpu, cuda_graph=False)
     assert other.ids is not first.ids and other.ids.shape[0] == 3
     assert other.ids.shape[1] % 8 == 0 and other.ids.shape[1] >= max(len(ids) for ids, _ in other_rows)
+
+
+def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny):
+    """evaluate passes no attention mask: the padding after a row must not change its loss or accuracy."""
+    from trainables.data import IGNORE
+    from trainables.trial import evaluate
+
+    model, rows = tiny
+    model.eval()
+    losses, hits, count = 0.0, 0, 0
+    with torch.no_grad():
+        for ids, labels in rows:  # unpadded, one at a time
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE
+            losses += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            hits += (logits[keep].argmax(-1) == target[keep]).sum().item()
+            count += int(keep.sum())
+    assert len({len(ids) for ids, _ in rows}) > 1  # batches really hold padding
+    loss, accuracy = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=1000)
+    assert loss == pytest.approx(losses / count, rel=1e-5) and accuracy == hits / count

@@ -74,4 +74,4 @@ class TrialSetup:
     total_params: int        # the base model's parameter count, for trainable_pct
     pad_token_id: int
     gradient_checkpointing: bool = False
-    cuda_graphs: bool = False  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
+    cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)

@@ -1,5 +1,5 @@
 """The training step of a trial: forward and backward of one batch, eagerly or as a CUDA
-graph on GPU (`resources.cuda_graphs`, off until bench/step_modes.py has measured it).
+graph on GPU (`resources.cuda_graphs`, on by default: bench/step_modes.py measured it).
 
 At these model sizes a step is bound by kernel launches from Python (PEFT and the model's
 modules launch thousands of kernels a step for SmolLM2 with all seven projections adapted),

@@ -26,8 +26,16 @@ from trainables.step import TrainStep
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
 # Eval keeps no activations for a backward pass: per token it holds the logits and one layer's
 # transients, about an eighth of what a train step holds (SmolLM2: ~120 KB against ~1 MB in
-# bf16; an 8B Llama: ~0.4 MB against ~5.7 MB), so it may take 8x a train step's tokens.
+# bf16; an 8B Llama: ~0.4 MB against ~5.7 MB), so it may take 8x a train step's tokens; and
+# at least as many as keep the batch's bf16 logits within EVAL_LOGITS_BYTES (a small model's
+# short train batches would otherwise make its eval dozens of launch-bound passes).
 EVAL_TOKENS_PER_TRAIN_TOKEN = 8
+EVAL_LOGITS_BYTES = 1 << 30
+
+
+def eval_token_budget(train_tokens_per_batch: int, vocab_size: int) -> int:
+    """Padded tokens per eval batch on GPU."""
+    return max(EVAL_TOKENS_PER_TRAIN_TOKEN * train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
 
 
 class TrialDiverged(RuntimeError):
@@ -106,19 +114,25 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
     step, train_seconds, eval_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     model.train()
+    busy_from = time.time()
     started = time.perf_counter()
     train_step = TrainStep(model, train_rows, setup.batch_size, params["seed"], setup.max_steps, setup.pad_token_id,
                            device, cuda_graph=setup.cuda_graphs)
     train_seconds += time.perf_counter() - started  # the capture counts as training time
     try:
         _loop(model, optimizer, scheduler, train_step, setup, eval_rows, device, cuda, autocast, trainable_params,
-              step, train_seconds, eval_seconds, tokens)
+              step, train_seconds, eval_seconds, tokens, busy_from)
     finally:
         train_step.close()
 
 
 def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows, device, cuda: bool, autocast,
-          trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int) -> None:
+          trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int,
+          busy_from: float) -> None:
+    """Steps, and every eval_every steps an evaluation and a report. Each report also gives
+    the wall-clock window (`busy_from`, `busy_to`, epoch seconds) in which this trial did
+    nothing but train and evaluate since the last report, for bench/search_vs_grid.py's
+    account of where a search's time goes."""
     from ray import tune
 
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -140,7 +154,8 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
             raise TrialDiverged(f"train loss became {train_loss} by step {step}")
         eval_started = time.perf_counter()
         eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast,
-                                            token_budget=EVAL_TOKENS_PER_TRAIN_TOKEN * train_step.tokens_per_batch
+                                            token_budget=eval_token_budget(train_step.tokens_per_batch,
+                                                                           model.config.get_text_config().vocab_size)
                                             if cuda else 0)
         eval_seconds += time.perf_counter() - eval_started
         if not math.isfinite(eval_loss):
@@ -157,11 +172,14 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
             "peak_memory_gb": _peak_memory_gb(cuda),
             "eval_seconds": eval_seconds,
             "step_mode": train_step.mode,
+            "busy_from": busy_from,
+            "busy_to": time.time(),
         }
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, eval_seconds, tokens)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         loss_sum, loss_count = torch.zeros((), device=device), 0
+        busy_from = time.time()
 
 
 @torch.no_grad()
@@ -169,9 +187,13 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
     """Mean loss and accuracy over all answer tokens of `rows` (teacher forcing): every
     token weighs the same, whatever batch it falls in. Batches hold up to `token_budget`
     padded tokens (on GPU: a small model's eval is then a few launches), or without one
-    (CPU) EVAL_BATCH rows."""
+    (CPU) EVAL_BATCH rows. Rows are right-padded and no attention mask is passed, as in
+    training (causal attention: no real token sees the padding after it). The sums stay on
+    the device until the end: one host synchronisation per evaluation."""
     model.eval()
-    loss_total, correct, count = 0.0, 0, 0
+    loss_total = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
     rows = sorted(rows, key=lambda row: len(row[0]))  # similar lengths together: less padding
     start = 0
     while start < len(rows):
@@ -180,18 +202,20 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
             end = start + 1
             while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= token_budget:
                 end += 1
-        batch = collate(rows[start:end], pad_token_id, device)
+        chunk = rows[start:end]
         start = end
+        count += sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in chunk)
+        batch = collate(chunk, pad_token_id, torch.device("cpu"))
+        ids, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels"))
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+            logits = model(input_ids=ids).logits
+        labels = labels[:, 1:]
         keep = labels != IGNORE
         answer_logits, answer_labels = logits[:, :-1][keep].float(), labels[keep]  # answer positions only
-        loss_total += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
-        correct += (answer_logits.argmax(-1) == answer_labels).sum().item()
-        count += answer_labels.numel()
+        loss_total += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum")
+        correct += (answer_logits.argmax(-1) == answer_labels).sum()
     model.train()
-    return loss_total / count, correct / count
+    return loss_total.item() / count, correct.item() / count
 
 
 def _peak_memory_gb(cuda: bool) -> float:
