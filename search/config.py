@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class BudgetConfig:
     num_samples: int = field(default=8, metadata={"help": "configurations the search tries"})
-    max_steps: int = field(default=40, metadata={"help": "optimizer steps of a trial at full budget (the fidelity ASHA allocates)"})
+    max_steps: int = field(default=30, metadata={"help": "optimizer steps of a trial at full budget (the fidelity ASHA allocates)"})
     eval_every: int = field(default=10, metadata={"help": "steps between evaluations; ASHA decides at these"})
     grace_period: int = field(default=10, metadata={"help": "steps every trial gets before ASHA may stop it"})
     reduction_factor: int = field(default=2, metadata={"help": "ASHA keeps 1/reduction_factor of trials at each rung"})

@@ -27,7 +27,7 @@ _KNOWLEDGE_HEAVY = ("domain", "code")
 
 @dataclass
 class TaskConfig:
-    kind: str = field(default="instruction", metadata={"help": f"one of {', '.join(TASK_KINDS)}: shapes the rule-of-thumb first trial"})
+    kind: str = field(default="domain", metadata={"help": f"one of {', '.join(TASK_KINDS)}: shapes the rule-of-thumb first trial"})
 
     def problems(self) -> list[str]:
         if self.kind not in TASK_KINDS:

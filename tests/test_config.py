@@ -97,3 +97,14 @@ def test_auto_gpu_share_packs_small_models_and_gives_large_ones_a_whole_gpu():
     shares = [auto.gpus(cuda=True, total_params=n) for n in (135e6, 0.7e9, 1.1e9, 8e9)]
     assert shares == sorted(shares) and shares[0] == 0.125 and shares[-1] == 1.0
     assert ResourcesConfig(gpus_per_trial=0.5).gpus(cuda=True, total_params=135e6) == 0.5  # explicit wins
+
+
+def test_the_embedded_default_yaml_and_the_dataclass_defaults_agree():
+    """A user's partial --config file gets the dataclass defaults for the keys it leaves out; the
+    default run gets configs/default.yaml. Both must be the same configuration (they once
+    disagreed on resources.cuda_graphs, and a benchmark ran eager without anyone asking)."""
+    from dataclasses import asdict
+
+    from search.config import Config, load
+
+    assert asdict(load()) == asdict(Config())

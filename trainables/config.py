@@ -39,7 +39,7 @@ class DataConfig:
     eval: str = field(default="builtin:atlas", metadata={"help": "same forms as train; with a builtin task, its held-out split"})
     max_length: int = field(default=128, metadata={"help": "tokens per example; longer examples are truncated"})
     search_fraction: float = field(default=1.0, metadata={"help": "share of the training data that search trials use; a retrain of the pick uses all"})
-    eval_examples: int = field(default=48, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
+    eval_examples: int = field(default=32, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
 
     def problems(self) -> list[str]:
         out = []
