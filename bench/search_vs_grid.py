@@ -53,16 +53,56 @@ def union_seconds(windows: list[tuple[float, float]]) -> float:
     return total
 
 
-def busy_windows(run_dir: Path) -> tuple[list[tuple[float, float]], list[str]]:
-    """Every trial's busy windows, from every report of every experiment of the run, and
-    each trial's step mode."""
-    windows, modes = [], []
+def reports_by_trial(run_dir: Path) -> dict[str, list[dict]]:
+    """Every report of every trial of every experiment of the run ("experiment/trial_x")."""
+    out = {}
     for result in sorted(run_dir.glob("*/trial_*/result.json")):
-        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        windows += [(r["busy_from"], r["busy_to"]) for r in reports if "busy_from" in r]
-        if reports:
-            modes.append(reports[-1].get("step_mode", "?"))
+        out[f"{result.parent.parent.name}/{result.parent.name}"] = [
+            json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return out
+
+
+def time_account(reports: dict[str, list[dict]], started: float, ended: float) -> dict:
+    """Where the wall time went, from the trials' own clocks: before the first trial began
+    its setup (Ray start, data preparation, worker start), the trials' setups (base model,
+    data, adapter: entered_at to the first busy window), how many worker processes were
+    started and how long after the experiment's first trial entered each of them did, and
+    for each experiment the span from its first trial's entry to its last report."""
+    first = {k: r[0] for k, r in reports.items() if r and "entered_at" in r[0]}
+    if not first:
+        return {}
+    experiments: dict[str, list[dict]] = {}
+    for key, report in first.items():
+        experiments.setdefault(key.split("/")[0], []).append(report)
+    spans = {}
+    for name, trials in experiments.items():
+        last = max(r[-1]["busy_to"] for k, r in reports.items() if k.startswith(name + "/") and r)
+        spans[name] = {"from_start": min(t["entered_at"] for t in trials) - started,
+                       "seconds": last - min(t["entered_at"] for t in trials)}
+    workers = sorted({r["worker_started_at"] for r in first.values()})
+    return {
+        "before_first_trial": min(r["entered_at"] for r in first.values()) - started,
+        "trial_setup_seconds": sum(r["busy_from"] - r["entered_at"] for r in first.values()),
+        "worker_processes": len(workers),
+        "experiments": spans,
+        "after_last_report": ended - max(r[-1]["busy_to"] for r in reports.values() if r),
+    }
+
+
+def busy_windows(reports: dict[str, list[dict]]) -> tuple[list[tuple[float, float]], list[str]]:
+    """Every trial's busy windows, from every report, and each trial's step mode."""
+    windows, modes = [], []
+    for trial_reports in reports.values():
+        windows += [(r["busy_from"], r["busy_to"]) for r in trial_reports if "busy_from" in r]
+        if trial_reports:
+            modes.append(trial_reports[-1].get("step_mode", "?"))
     return windows, modes
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 1) if isinstance(value, float) else value
 
 
 def main() -> int:
@@ -91,11 +131,14 @@ def main() -> int:
         started, started_epoch = time.perf_counter(), time.time()
         code = search(["--output", output, "--name", "facts", *[x for s in sets for x in ("--set", s)]])
         wall = time.perf_counter() - started
+        ended_epoch = time.time()
         run_dir = Path(output) / "facts"
         trials = pd.read_csv(run_dir / "trials.csv")
         pick = json.loads((run_dir / "pick.json").read_text()) if (run_dir / "pick.json").exists() else {}
         config = json.loads((run_dir / "run_config.json").read_text())
-        windows, modes = busy_windows(run_dir)
+        reports = reports_by_trial(run_dir)
+        windows, modes = busy_windows(reports)
+        account = time_account(reports, started_epoch, ended_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
     inside = sum(end - start for start, end in windows)
     busy = union_seconds(windows)
@@ -126,7 +169,7 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
-        "inside_steps_seconds": inside, "busy_seconds": busy, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
+        "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -141,6 +184,7 @@ def main() -> int:
     print(f"{grid_figures['label']:<34}{grid_figures['grid_gpu_seconds']:>12,.0f}"
           f"{grid_figures['grid_eval_loss']:>11.4f}")
     print(f"{'search (this run)':<34}{wall:>12,.0f}{figures['search_eval_loss'] or float('nan'):>11.4f}")
+    print("where the time went (s):", json.dumps(_rounded(account)))
     print(f"overhead_share {figures['overhead_share']:.2f} (some trial inside a step {busy:.0f} s of {wall:.0f} s); "
           f"slot_busy_share {figures['slot_busy_share']:.2f} (steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")
     return 0

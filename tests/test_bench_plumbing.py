@@ -31,3 +31,22 @@ def test_the_grid_runs_end_to_end_in_smoke_mode(smollm2_dir):
     (run,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"')]
     assert run["config"] == "q,v r8" and run["trainable_params"] == 460_800  # the anchor's count
     assert 0 < run["eval_loss"] < 20 and 0 <= run["eval_accuracy"] <= 1
+
+
+def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_for_setup():
+    sys.path.insert(0, str(ROOT))
+    from bench.search_vs_grid import time_account, union_seconds
+
+    assert union_seconds([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # 0-12 and 20-25
+    assert union_seconds([]) == 0
+    reports = {  # two trials on two workers in the search, one on a new worker in confirm
+        "tune/trial_a": [{"entered_at": 110, "worker_started_at": 105, "busy_from": 114, "busy_to": 120},
+                         {"entered_at": 110, "worker_started_at": 105, "busy_from": 121, "busy_to": 130}],
+        "tune/trial_b": [{"entered_at": 112, "worker_started_at": 106, "busy_from": 113, "busy_to": 125}],
+        "confirm/trial_c": [{"entered_at": 150, "worker_started_at": 140, "busy_from": 152, "busy_to": 160}],
+    }
+    account = time_account(reports, started=100, ended=165)
+    assert account["before_first_trial"] == 10 and account["trial_setup_seconds"] == 4 + 1 + 2
+    assert account["worker_processes"] == 3 and account["after_last_report"] == 5
+    assert account["experiments"]["tune"] == {"from_start": 10, "seconds": 20}
+    assert account["experiments"]["confirm"] == {"from_start": 50, "seconds": 10}

@@ -38,6 +38,9 @@ def eval_token_budget(train_tokens_per_batch: int, vocab_size: int) -> int:
     return max(EVAL_TOKENS_PER_TRAIN_TOKEN * train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
 
 
+WORKER_STARTED = time.time()  # when this worker process first loaded the trial code (a reused worker keeps it)
+
+
 class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial ends as failed, never as a result."""
 
@@ -54,6 +57,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     bookkeeping the analysis reads (`module_set`, `r`, `alpha_ratio`, `origin`, `parent`)."""
     from peft import LoraConfig, get_peft_model
 
+    entered = time.time()
     torch.set_num_threads(setup.cpu_threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -71,7 +75,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     try:
         optimizer = _optimizer(model, params["learning_rate"], params["loraplus_lr_ratio"], cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
-        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda)
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda, entered)
     finally:
         del optimizer, scheduler
         try:
@@ -109,7 +113,8 @@ def _schedule(warmup_steps: int, max_steps: int):
     return factor
 
 
-def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool) -> None:
+def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool,
+           entered: float) -> None:
     trainable_params = model.get_nb_trainable_parameters()[0]
     step, train_seconds, eval_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -121,18 +126,20 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
     train_seconds += time.perf_counter() - started  # the capture counts as training time
     try:
         _loop(model, optimizer, scheduler, train_step, setup, eval_rows, device, cuda, autocast, trainable_params,
-              step, train_seconds, eval_seconds, tokens, busy_from)
+              step, train_seconds, eval_seconds, tokens, busy_from, entered)
     finally:
         train_step.close()
 
 
 def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows, device, cuda: bool, autocast,
           trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int,
-          busy_from: float) -> None:
+          busy_from: float, entered: float) -> None:
     """Steps, and every eval_every steps an evaluation and a report. Each report also gives
     the wall-clock window (`busy_from`, `busy_to`, epoch seconds) in which this trial did
-    nothing but train and evaluate since the last report, for bench/search_vs_grid.py's
-    account of where a search's time goes."""
+    nothing but train and evaluate since the last report, when the trial function was
+    entered (`entered_at`: its setup is entered_at to the first busy_from) and when its
+    worker process started (`worker_started_at`), for bench/search_vs_grid.py's account of
+    where a search's time goes."""
     from ray import tune
 
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -174,6 +181,8 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
             "step_mode": train_step.mode,
             "busy_from": busy_from,
             "busy_to": time.time(),
+            "entered_at": entered,
+            "worker_started_at": WORKER_STARTED,
         }
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, eval_seconds, tokens)
