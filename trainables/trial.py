@@ -198,7 +198,8 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
     padded tokens (on GPU: a small model's eval is then a few launches), or without one
     (CPU) EVAL_BATCH rows. Rows are right-padded and no attention mask is passed, as in
     training (causal attention: no real token sees the padding after it). The sums stay on
-    the device until the end: one host synchronisation per evaluation."""
+    the device and are read once at the end (selecting the answer positions still waits for
+    each batch's logits)."""
     model.eval()
     loss_total = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
