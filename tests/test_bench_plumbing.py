@@ -35,7 +35,7 @@ def test_the_grid_runs_end_to_end_in_smoke_mode(smollm2_dir):
 
 def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_for_setup():
     sys.path.insert(0, str(ROOT))
-    from bench.search_vs_grid import time_account, union_seconds
+    from bench.search_vs_grid import first_full_budget_result_at_least_as_good, time_account, union_seconds
 
     assert union_seconds([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # 0-12 and 20-25
     assert union_seconds([]) == 0
@@ -50,3 +50,10 @@ def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_
     assert account["worker_processes"] == 3 and account["after_last_report"] == 5
     assert account["experiments"]["tune"] == {"from_start": 10, "seconds": 20}
     assert account["experiments"]["confirm"] == {"from_start": 50, "seconds": 10}
+    for trial, losses in (("tune/trial_a", (0.5, 0.41)), ("tune/trial_b", (0.39,)), ("confirm/trial_c", (0.38,))):
+        for report, loss in zip(reports[trial], losses):
+            report.update(step=100 if report is reports[trial][-1] else 50, eval_loss=loss)
+    # trial_a: 0.41 at step 100 (t=130); trial_b: 0.39 at step 100 (t=125); the 0.5 at step 50 never counts
+    assert first_full_budget_result_at_least_as_good(reports, 100, 0.42, started=100) == 25
+    assert first_full_budget_result_at_least_as_good(reports, 100, 0.385, started=100) == 60  # only confirm's
+    assert first_full_budget_result_at_least_as_good(reports, 100, 0.3, started=100) is None
