@@ -54,24 +54,41 @@ class BudgetConfig:
         return out
 
 
+TRIAL_FIXED_GB = 2.5  # CUDA context, allocator slack, an eval batch's logits (up to 1 GiB): SmolLM2 trials peaked at 1.4-2.7 GB
+
+
+def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
+    """A rough upper estimate of one trial's GPU memory: the fixed part, and four times the
+    base weights (the weights, and activations, adapter and optimizer state that grow with them)."""
+    return TRIAL_FIXED_GB + 4 * total_params * bytes_per_param / 2**30
+
+
 @dataclass
 class ResourcesConfig:
-    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial; fractions pack several trials on one GPU; auto: none without CUDA, else a share by model size"})
+    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial; fractions pack several trials on one GPU; auto: none without CUDA, else a share by model size (1/8 under 0.5B parameters), larger where a trial would not fit the GPU's memory"})
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the resources allow"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
 
-    def gpus(self, cuda: bool, total_params: int) -> float:
+    def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
+             bytes_per_param: float = 2.0) -> float:
         """The GPU share per trial; `auto` packs small models several to a GPU (each trial
         holds its own CUDA context and copy of the base model). Measured on one H100
         (bench/results/trial_throughput.json): SmolLM2-135M trials run as fast 8 at a time as
-        alone, 9.6x the tokens per second of one, in 8.2 GB of GPU memory together."""
+        alone, 9.6x the tokens per second of one, in 8.2 GB of GPU memory together (1.4-2.7 GB
+        a process). Where the GPU's memory is known (a local run), the share is then doubled
+        until a trial's estimated memory fits in it: a small GPU packs fewer."""
         if self.gpus_per_trial != "auto":
             return float(self.gpus_per_trial)
         if not cuda:
             return 0.0
-        return 0.125 if total_params < 0.5e9 else 0.25 if total_params < 1e9 else 0.5 if total_params < 4e9 else 1.0
+        share = 0.125 if total_params < 0.5e9 else 0.25 if total_params < 1e9 else 0.5 if total_params < 4e9 else 1.0
+        if gpu_memory_gb:
+            need = trial_memory_gb(total_params, bytes_per_param)
+            while share < 1.0 and share * gpu_memory_gb < need:
+                share *= 2
+        return share
 
     def problems(self) -> list[str]:
         out = []

@@ -67,8 +67,12 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     import torch
 
-    gpus = config.resources.gpus(torch.cuda.is_available(), prepared.total_params)
-    check_device(config, gpus, local=args.address is None)
+    cuda, local = torch.cuda.is_available(), args.address is None
+    # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
+    gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda and local else None
+    bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
+    gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
+    check_device(config, gpus, local=local)
     if args.address:  # a cluster: ask it before anything is written
         from search.cluster import check_cluster_gpus, connect
 

@@ -99,6 +99,19 @@ def test_auto_gpu_share_packs_small_models_and_gives_large_ones_a_whole_gpu():
     assert ResourcesConfig(gpus_per_trial=0.5).gpus(cuda=True, total_params=135e6) == 0.5  # explicit wins
 
 
+def test_auto_gpu_share_grows_until_a_trial_fits_the_gpus_memory():
+    from search.config import ResourcesConfig, trial_memory_gb
+
+    auto = ResourcesConfig()
+    assert auto.gpus(cuda=True, total_params=135e6, gpu_memory_gb=80) == 0.125  # the H100: 8 SmolLM2 trials
+    small_gpu = auto.gpus(cuda=True, total_params=135e6, gpu_memory_gb=16)
+    assert small_gpu == 0.25 and small_gpu * 16 >= trial_memory_gb(135e6, 2.0) > 0.125 * 16
+    assert auto.gpus(cuda=True, total_params=3e9, gpu_memory_gb=24) == 1.0  # a 3B bf16 trial needs the whole card
+    # 4-bit weights take a quarter of bf16's: the same model packs tighter
+    assert auto.gpus(cuda=True, total_params=3e9, gpu_memory_gb=24, bytes_per_param=0.5) == 0.5
+    assert auto.gpus(cuda=True, total_params=8e9, gpu_memory_gb=8) == 1.0  # never more than one GPU by itself
+
+
 def test_the_embedded_default_yaml_and_the_dataclass_defaults_agree():
     """A user's partial --config file gets the dataclass defaults for the keys it leaves out; the
     default run gets configs/default.yaml. Both must be the same configuration (they once
