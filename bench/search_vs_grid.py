@@ -58,12 +58,11 @@ def union_seconds(windows: list[tuple[float, float]]) -> float:
 
 
 def reports_by_trial(run_dir: Path) -> dict[str, list[dict]]:
-    """Every report of every trial of every experiment of the run ("experiment/trial_x")."""
-    out = {}
-    for result in sorted(run_dir.glob("*/trial_*/result.json")):
-        out[f"{result.parent.parent.name}/{result.parent.name}"] = [
-            json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-    return out
+    """Every report of every trial of every experiment of the run ("experiment/trial_x"), as
+    the analysis reads them."""
+    from analysis.results import read_trial_files
+
+    return {f"{trial.directory.parent.name}/{trial.directory.name}": trial.rows for trial in read_trial_files(run_dir)}
 
 
 def time_account(reports: dict[str, list[dict]], started: float, ended: float) -> dict:

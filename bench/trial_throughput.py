@@ -139,11 +139,10 @@ class GpuMemorySampler:
 
 
 def _step_modes(run_dir: Path) -> list[str]:
-    modes = []
-    for result in sorted((run_dir / "tune").glob("*/result.json")):
-        lines = result.read_text().splitlines()
-        modes.append(json.loads(lines[-1]).get("step_mode", "?") if lines else "none")
-    return modes
+    """Each trial's step mode (eager or cuda_graph) from its last report; "none" without one."""
+    from analysis.results import read_trial_files
+
+    return [trial.rows[-1].get("step_mode", "?") if trial.rows else "none" for trial in read_trial_files(run_dir)]
 
 
 def main() -> int:
