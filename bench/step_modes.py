@@ -74,15 +74,12 @@ def rows(n: int, length: int, vocab: int, answer_from: int, seed: int = 0):
     return out
 
 
-def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_graph: bool, steps: int,
-               base=None) -> dict:
-    """One trial's steps: build the adapter, capture (or not), time `steps` optimizer steps
-    after 3 untimed ones. Returns ms per step, capture seconds, tokens/s, peak memory."""
+def adapted(model_config, lora_kwargs: dict, base=None):
+    """(device, model): `base`, or a random-init bf16 model of `model_config` built on the
+    device, frozen, with a PEFT adapter of `lora_kwargs`, in train mode (seeded)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from trainables.step import TrainStep
 
     device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)
     torch.manual_seed(0)
@@ -93,6 +90,18 @@ def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_gr
     base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
     model.train()
+    return device, model
+
+
+def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_graph: bool, steps: int,
+               base=None) -> dict:
+    """One trial's steps: build the adapter, capture (or not), time `steps` optimizer steps
+    after 3 untimed ones. Returns ms per step, capture seconds, tokens/s, peak memory."""
+    import torch
+
+    from trainables.step import TrainStep
+
+    device, model = adapted(model_config, lora_kwargs, base)
     data = rows(max(64, 4 * batch), length, model_config.vocab_size, length // 2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     torch.cuda.synchronize()
@@ -129,19 +138,9 @@ def time_steps(model_config, lora_kwargs: dict, batch: int, length: int, cuda_gr
 def graph_matches_eager(model_config, lora_kwargs: dict, batch: int, length: int) -> dict:
     """The same batch's loss and adapter gradients, eager and replayed from the captured graph
     (no dropout, so both compute the same function): the largest relative gradient difference."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from trainables.step import TrainStep
 
-    device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)
-    torch.manual_seed(0)
-    with device:
-        base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora_kwargs))
-    model.train()
+    device, model = adapted(model_config, lora_kwargs | {"init_lora_weights": False})  # B != 0: every tensor gets gradients
     data = rows(4 * batch, length, model_config.vocab_size, length // 2)
     out = {}
     for graph in (False, True):

@@ -110,7 +110,6 @@ def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(ti
 
 def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny):
     """evaluate passes no attention mask: the padding after a row must not change its loss or accuracy."""
-    from trainables.data import IGNORE
     from trainables.trial import evaluate
 
     model, rows = tiny
