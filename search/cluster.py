@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -42,3 +43,15 @@ def check_cluster_gpus(gpus_per_trial: float) -> None:
     if gpus_per_trial > largest:
         raise ConfigError(f"resources.gpus_per_trial is {gpus_per_trial} but the largest node of the Ray cluster has "
                           f"{largest:g} GPU(s); no trial could ever start. Fix: lower it, or add GPU nodes")
+
+
+def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
+    """How many trials the Ray cluster can run at once, from its total resources: GPU slots
+    where trials take GPUs (a node's CPUs permitting), else CPU slots. At least 1."""
+    import ray
+
+    total = ray.cluster_resources()
+    slots = math.floor(total.get("CPU", 1) / cpus_per_trial + 1e-9)
+    if gpus_per_trial > 0:
+        slots = min(slots, math.floor(total.get("GPU", 0) / gpus_per_trial + 1e-9))
+    return max(1, slots)

@@ -67,7 +67,7 @@ def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
 class ResourcesConfig:
     gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial; fractions pack several trials on one GPU; auto: none without CUDA, else a share by model size (1/8 under 0.5B parameters), larger where a trial would not fit the GPU's memory"})
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
-    max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the resources allow"})
+    max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from search.config import Config, ConfigError, load, to_dict
@@ -131,7 +132,7 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, location: RunLocation) -> int:
     import ray
 
-    from search.cluster import connect
+    from search.cluster import connect, trial_slots
     from search.prior import prior_point
     from search.space import LoraSpace
     from search.stages import after_search
@@ -163,6 +164,13 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
     # True when this process started Ray, or joined a cluster in `run`: then it lets go at the end.
     started_here = connect(args.address) or args.address is not None
+    if not config.resources.max_concurrent_trials:
+        # Tune keeps one trial pending at a time for a searcher without a concurrency limit
+        # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
+        # after another: on an H100 with 8 slots, 3 were running 30 s in. With the limit at the
+        # cluster's slot count, every slot starts at once, and Optuna proposes only when a slot is free.
+        slots = trial_slots(gpus, config.resources.cpus_per_trial)
+        config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
     stop = GracefulStop()
     try:
         with stop:
