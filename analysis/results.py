@@ -53,9 +53,10 @@ _REQUIRED_RUN_CONFIG = (
     "budget.reduction_factor", "budget.batch_size",
 )
 
-# The stages whose trials compete: the search, promotions of stopped trials to the full budget,
-# confirmations with other seeds. Not "retrain": it trains the pick on all the data, so its
-# metrics are not comparable with the others'.
+# The experiments whose trials compete: "tune" holds the search, the promotions of stopped trials
+# to the full budget and the confirmations with other seeds, all from one Tuner (runs written by
+# earlier versions kept promotions and confirmations in experiments of their own, read here too). Not
+# "retrain": it trains the pick on all the data, so its metrics are not comparable with the others'.
 EXPERIMENTS = ("tune", "promote", "confirm")
 _TRIAL_ID_IN_NAME = re.compile(r"_(?P<trial_id>[0-9a-f]{8}|[0-9a-f]{5}_[0-9]{5})(?:_|$)")
 _FAILURE_HEADER = re.compile(r"^Failure # \d+ .*$", re.MULTILINE)
@@ -64,13 +65,14 @@ _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Za-z_]\w*): (?P<m
 
 @dataclass(frozen=True)
 class TrialFiles:
-    """What one trial directory holds, parsed: `rows` in report order, `error` "" unless it failed."""
+    """What one trial directory holds, parsed: `rows` in report order, `error` "" unless it
+    failed. `directory` is None for a trial known from its reports only (the driver's searcher)."""
 
     trial_id: str
     params: dict
     rows: list[dict]
     error: str
-    directory: Path
+    directory: Path | None
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -132,8 +134,12 @@ def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
     Metrics are those of the trial's last report, at `step`; NaN (NA for the integer
     columns `step` and `trainable_params`) when it never reported.
     """
-    max_steps = read_run_config(run_dir)["budget"]["max_steps"]
-    records = [trial_record(trial, max_steps) for trial in read_trial_files(run_dir)]
+    return trials_table(read_trial_files(run_dir), read_run_config(run_dir)["budget"]["max_steps"])
+
+
+def trials_table(trials: list[TrialFiles], max_steps: int) -> pd.DataFrame:
+    """The trial table (`load_trials`) of `trials`, read from files or known from their reports."""
+    records = [trial_record(trial, max_steps) for trial in trials]
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     return table.astype({column: "Int64" for column in _NULLABLE_INTEGER_COLUMNS})
 
@@ -143,7 +149,12 @@ def load_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
 
     When a restored trial reported a step twice, the later report wins.
     """
-    records = [record for trial in read_trial_files(run_dir) for record in _curve_records(trial)]
+    return curves_table(read_trial_files(run_dir))
+
+
+def curves_table(trials: list[TrialFiles]) -> pd.DataFrame:
+    """The curves (`load_curves`) of `trials`, read from files or known from their reports."""
+    records = [record for trial in trials for record in _curve_records(trial)]
     return pd.DataFrame.from_records(records, columns=list(CURVE_COLUMNS))
 
 

@@ -69,25 +69,25 @@ def time_account(reports: dict[str, list[dict]], started: float, ended: float) -
     """Where the wall time went, from the trials' own clocks: before the first trial began
     its setup (Ray start, data preparation, worker start), the trials' setups (base model,
     data, adapter: entered_at to the first busy window), how many worker processes were
-    started and how long after the experiment's first trial entered each of them did, and
-    for each experiment the span from its first trial's entry to its last report."""
+    started, and for each stage (the search, promotions, confirmations, a retrain: the
+    trials' origin) the span from its first trial's entry to its last report."""
     first = {k: r[0] for k, r in reports.items() if r and "entered_at" in r[0]}
     if not first:
         return {}
-    experiments: dict[str, list[dict]] = {}
+    stages: dict[str, list[str]] = {}
     for key, report in first.items():
-        experiments.setdefault(key.split("/")[0], []).append(report)
+        origin = report.get("config", {}).get("origin", key.split("/")[0])
+        stages.setdefault("search" if origin == "prior" else origin, []).append(key)
     spans = {}
-    for name, trials in experiments.items():
-        last = max(r[-1]["busy_to"] for k, r in reports.items() if k.startswith(name + "/") and r)
-        spans[name] = {"from_start": min(t["entered_at"] for t in trials) - started,
-                       "seconds": last - min(t["entered_at"] for t in trials)}
+    for name, keys in stages.items():
+        entered = min(first[k]["entered_at"] for k in keys)
+        spans[name] = {"from_start": entered - started, "seconds": max(reports[k][-1]["busy_to"] for k in keys) - entered}
     workers = sorted({r["worker_started_at"] for r in first.values()})
     return {
         "before_first_trial": min(r["entered_at"] for r in first.values()) - started,
         "trial_setup_seconds": sum(r["busy_from"] - r["entered_at"] for r in first.values()),
         "worker_processes": len(workers),
-        "experiments": spans,
+        "stages": spans,
         "after_last_report": ended - max(r[-1]["busy_to"] for r in reports.values() if r),
     }
 

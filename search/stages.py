@@ -1,11 +1,13 @@
-"""The stages after the search, each a plain Tune run of given configurations at the full
-budget (no searcher, no early stopping), in its own experiment under the run directory:
+"""The stages after the search, and how they run.
 
+In the search's own Tuner (`StagedSearch`), so the workers that trained the search (each
+with the base model loaded) train these too:
 - promote: trials ASHA stopped while within the tolerance of their rung's best and
   cheaper than the current pick continue from their last checkpoint to the full budget,
   so the cheapest-within-tolerance rule sees exactly what early stopping would hide;
 - confirm: the leading candidates are trained again with other seeds, and the pick is
-  made on the mean, so one lucky run cannot win;
+  made on the mean, so one lucky run cannot win.
+After it, as a Tune run of its own (`after_search`):
 - retrain: the pick is trained once more on all the training data and its adapter
   weights are exported.
 """
@@ -18,8 +20,133 @@ from pathlib import Path
 from ray.tune.search import Searcher
 
 from search.config import Config
-from search.storage import RunLocation
-from search.tuner import experiment, fit_or_restore
+from search.storage import RunLocation, is_uri, join_uri
+from search.tuner import STAGE_ORIGINS, experiment, fit_or_restore, trial_directory
+
+__all__ = ["STAGE_ORIGINS", "GivenConfigs", "StagedSearch", "after_search", "repeat"]
+
+
+class StagedSearch(Searcher):
+    """The search and its stages from one Tuner: the first `num_samples` trials come from
+    `searcher` (Optuna); once every one of them has ended, the promotions; once those have
+    ended, the confirmations; then it is finished. While a stage waits for trials to end it
+    answers None (Tune asks again), so free slots stay free rather than run guesses.
+
+    A Tune search wrapper, as ConcurrencyLimiter is one: the wrapped searcher is `.searcher`
+    and sees only the search's trials; `get_state`/`set_state` carry this wrapper's own state,
+    which Tune saves beside the wrapped searcher's and restores with `Tuner.restore`. The
+    candidates come from the trials' reports as they arrive (the same tables and rules the
+    analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
+
+    def __init__(self, searcher: Searcher, num_samples: int, config: Config, checkpoint_root: str):
+        selection = config.selection
+        super().__init__(metric=selection.metric, mode=selection.mode)
+        self.searcher = searcher
+        self._num_samples = num_samples
+        self._rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, config.budget.max_steps)
+        self._promote = selection.promote
+        self._confirm = (selection.confirm_top_k, selection.confirm_seeds) if selection.confirm_seeds else (0, 0)
+        self._seed = config.seed
+        self._checkpoint_root = checkpoint_root  # the experiment's directory or URI, as Tune stores it
+        self._stage = "search"
+        self._queue: list[dict] = []
+        self._params: dict[str, dict] = {}  # every trial handed out, by trial id
+        self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
+        self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._stage == "search" and len(self._params) < self._num_samples:
+            proposal = self.searcher.suggest(trial_id)
+            if proposal == Searcher.FINISHED:  # a space with fewer points than num_samples
+                self._num_samples = len(self._params)
+            elif proposal is not None:
+                self._params[trial_id] = proposal
+                return proposal
+            else:
+                return None
+        while not self._queue:
+            if len(self._ended) < len(self._params):
+                return None  # the next stage's candidates depend on trials still running
+            if self._stage == "search":
+                self._stage, self._queue = "promote", self._promotions()
+            elif self._stage == "promote":
+                self._stage, self._queue = "confirm", self._confirmations()
+            else:
+                self._stage = "done"
+                return Searcher.FINISHED
+        self._params[trial_id] = self._queue.pop(0)
+        return self._params[trial_id]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._record(trial_id, result)
+        if self._from_search(trial_id):
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # a trial ASHA stopped has its last result here only (Tune passes it to on_trial_result otherwise)
+        self._record(trial_id, result)
+        self._ended[trial_id] = error
+        if self._from_search(trial_id):
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "searcher"}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def _from_search(self, trial_id: str) -> bool:
+        return self._params.get(trial_id, {}).get("origin") not in STAGE_ORIGINS
+
+    def _record(self, trial_id: str, result: dict | None) -> None:
+        if not result or "step" not in result:
+            return
+        if trial_id not in self._params and isinstance(result.get("config"), dict):
+            self._params[trial_id] = result["config"]  # handed out before the state Tune restored was saved
+        row = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        rows = self._rows.setdefault(trial_id, [])
+        if rows and rows[-1]["step"] == row["step"]:
+            rows[-1] = row
+        else:
+            rows.append(row)
+
+    def _tables(self):
+        from analysis.results import TrialFiles, curves_table, trials_table
+
+        trials = [TrialFiles(trial_id, params, self._rows.get(trial_id, []),
+                             "failed" if self._ended.get(trial_id) else "", None)
+                  for trial_id, params in self._params.items()]
+        return trials_table(trials, self._rule[-1]), curves_table(trials)
+
+    def _promotions(self) -> list[dict]:
+        from analysis.candidates import current_pick_cost, promotion_candidates
+
+        if not self._promote:
+            return []
+        trials, curves = self._tables()
+        chosen = promotion_candidates(trials, curves, *self._rule[:4], self._rule[-1], current_pick_cost(trials, *self._rule))
+        out = []
+        for trial_id in chosen:
+            checkpoint = self._rows[trial_id][-1].get("checkpoint_dir_name")
+            if checkpoint:  # every report carries one; a trial without any cannot continue
+                parts = (trial_directory(trial_id), checkpoint)
+                start_from = join_uri(self._checkpoint_root, *parts) if is_uri(self._checkpoint_root) \
+                    else str(Path(self._checkpoint_root, *parts))
+                out.append(repeat(self._params[trial_id], "promoted", trial_id, start_from=start_from))
+        return out
+
+    def _confirmations(self) -> list[dict]:
+        from analysis.candidates import confirmation_candidates
+
+        top_k, seeds = self._confirm
+        if not top_k:
+            return []
+        trials, _ = self._tables()
+        leading = confirmation_candidates(trials, *self._rule, top_k)
+        return [repeat(self._params[t], "confirm", t, seed=self._seed + 1 + k) for t in leading for k in range(seeds)]
 
 
 class GivenConfigs(Searcher):
@@ -43,55 +170,23 @@ class GivenConfigs(Searcher):
         self._configs = json.loads(Path(checkpoint_path).read_text())
 
 
-def stage_tuner(name: str, configs: list[dict], config: Config, trainable, location: RunLocation):
-    """A Tuner that trains each of `configs` (complete trial configs) to the full budget,
-    as the run's experiment `name`."""
-    return experiment(name, trainable, config, location, GivenConfigs(configs), len(configs))
-
-
 def after_search(config: Config, trainable, location: RunLocation, stopped) -> None:
-    """Promote, confirm, retrain, each only when it has work and no stop was requested
-    (`stopped()` is checked between stages). A stage already started is restored."""
-    from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
-    from analysis.results import load_curves, load_trials, read_trial_files
+    """Retrain the pick on all the data, when asked for and no stop was requested (a
+    retrain already started is restored)."""
+    if not config.selection.retrain or stopped():
+        return
+    from analysis.report import analyse
+    from analysis.results import read_trial_files
 
-    selection, max_steps = config.selection, config.budget.max_steps
     run_dir = location.local  # the local copy: each experiment is pulled into it after its fit
-    rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
-
-    def stage(name: str, configs: list[dict]) -> None:
-        if configs and not stopped():
-            fit_or_restore(name, location, trainable, lambda: stage_tuner(name, configs, config, trainable, location))
-
-    def files() -> dict:
-        return {trial.trial_id: trial for trial in read_trial_files(run_dir)}
-
-    if selection.promote:
-        trials = load_trials(run_dir)
-        chosen = promotion_candidates(trials, load_curves(run_dir), *rule[:4], max_steps,
-                                      current_pick_cost(trials, *rule))
-        by_id = files()
-        stage("promote", [repeat(by_id[t].params, "promoted", t,
-                                 start_from=location.storage_path_of(_last_checkpoint(by_id[t].directory)))
-                          for t in chosen if _last_checkpoint(by_id[t].directory)])
-    if selection.confirm_top_k and selection.confirm_seeds:
-        leading = confirmation_candidates(load_trials(run_dir), *rule, selection.confirm_top_k)
-        by_id = files()
-        stage("confirm", [repeat(by_id[t].params, "confirm", t, seed=config.seed + 1 + k)
-                          for t in leading for k in range(selection.confirm_seeds)])
-    if selection.retrain:
-        from analysis.report import analyse
-
-        analyse(run_dir)  # the pick to retrain
-        pick_path = run_dir / "pick.json"
-        if pick_path.exists():
-            picked = json.loads(pick_path.read_text())["trial_id"]
-            stage("retrain", [repeat(files()[picked].params, "retrain", picked, seed=config.seed, full_data=True)])
-
-
-def _last_checkpoint(trial_dir: Path) -> Path | None:
-    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
-    return checkpoints[-1].resolve() if checkpoints else None
+    analyse(run_dir)  # the pick to retrain
+    pick_path = run_dir / "pick.json"
+    if pick_path.exists():
+        picked = json.loads(pick_path.read_text())["trial_id"]
+        params = {trial.trial_id: trial.params for trial in read_trial_files(run_dir)}[picked]
+        configs = [repeat(params, "retrain", picked, seed=config.seed, full_data=True)]
+        fit_or_restore("retrain", location, trainable,
+                       lambda: experiment("retrain", trainable, config, location, GivenConfigs(configs), len(configs)))
 
 
 def repeat(params: dict, origin: str, parent: str, **changes) -> dict:

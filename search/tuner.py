@@ -18,6 +18,9 @@ from trainables.config import TrialSetup
 from trainables.trial import train_lora
 
 EXPERIMENT = "tune"
+# Trials that the stages after the search add to its Tuner (search/stages.py): they train to the
+# full budget, so ASHA neither stops them nor records them at its rungs.
+STAGE_ORIGINS = ("promoted", "confirm")
 
 
 class LoraOptunaSearch(OptunaSearch):
@@ -68,14 +71,26 @@ class ResumableASHA(ASHAScheduler):
         super().__init__(**kwargs)
         self._state_path = state_path
 
+    def on_trial_add(self, tune_controller, trial):
+        if not _from_stage(trial):
+            super().on_trial_add(tune_controller, trial)
+
     def on_trial_result(self, tune_controller, trial, result):
+        if _from_stage(trial):
+            return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         self._save_rungs()
         return action
 
     def on_trial_complete(self, tune_controller, trial, result):
+        if _from_stage(trial):
+            return
         super().on_trial_complete(tune_controller, trial, result)
         self._save_rungs()
+
+    def on_trial_remove(self, tune_controller, trial):
+        if not _from_stage(trial):
+            super().on_trial_remove(tune_controller, trial)
 
     def _save_rungs(self) -> None:
         rungs = [[[milestone, recorded] for milestone, recorded in bracket._rungs] for bracket in self._brackets]
@@ -95,12 +110,16 @@ class ResumableASHA(ASHAScheduler):
                     recorded.update(saved_recorded)
 
 
+def _from_stage(trial) -> bool:
+    return trial.config.get("origin") in STAGE_ORIGINS
+
+
 def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
     """Fit the experiment `name` of the run: restored from its own state when it exists
     (finished trials kept, unfinished ones continue from their last checkpoint, failed
     ones stay failed), else the Tuner that `build()` makes. Then the experiment is in the
     local copy of the run for the analysis, however the fit ended."""
-    path = join_uri(location.storage, name) if location.remote else str((location.local / name).resolve())
+    path = experiment_path(name, location)
     try:
         if tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -111,6 +130,11 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
         location.pull((name,))
 
 
+def experiment_path(name: str, location: RunLocation) -> str:
+    """The experiment's directory or URI, as Tune stores it."""
+    return join_uri(location.storage, name) if location.remote else str((location.local / name).resolve())
+
+
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
     """The trial function with its setup (by object reference, once) and resources."""
     return tune.with_resources(tune.with_parameters(train_lora, setup=setup), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
@@ -118,14 +142,21 @@ def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float)
 
 def trial_dirname(trial) -> str:
     """Short, stable trial directories (Ray's default spells the whole config into the path)."""
-    return f"trial_{trial.trial_id}"
+    return trial_directory(trial.trial_id)
+
+
+def trial_directory(trial_id: str) -> str:
+    return f"trial_{trial_id}"
 
 
 def build_tuner(config: Config, trainable, space, prior: dict, location: RunLocation) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
     over `space` with the rule-of-thumb `prior` as its first trial, ASHA on training
-    steps, results in the run's `tune` experiment."""
+    steps, then the promotions and confirmations (search/stages.py) on the same workers,
+    results in the run's `tune` experiment."""
     import optuna
+
+    from search.stages import StagedSearch
 
     budget, selection = config.budget, config.selection
     sampler = optuna.samplers.TPESampler(
@@ -142,7 +173,9 @@ def build_tuner(config: Config, trainable, space, prior: dict, location: RunLoca
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    return experiment(EXPERIMENT, trainable, config, location, searcher, budget.num_samples,
+    staged = StagedSearch(searcher, budget.num_samples, config, experiment_path(EXPERIMENT, location))
+    # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
+    return experiment(EXPERIMENT, trainable, config, location, staged, -1,
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 

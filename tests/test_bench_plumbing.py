@@ -39,18 +39,21 @@ def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_
 
     assert union_seconds([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # 0-12 and 20-25
     assert union_seconds([]) == 0
-    reports = {  # two trials on two workers in the search, one on a new worker in confirm
-        "tune/trial_a": [{"entered_at": 110, "worker_started_at": 105, "busy_from": 114, "busy_to": 120},
-                         {"entered_at": 110, "worker_started_at": 105, "busy_from": 121, "busy_to": 130}],
-        "tune/trial_b": [{"entered_at": 112, "worker_started_at": 106, "busy_from": 113, "busy_to": 125}],
-        "confirm/trial_c": [{"entered_at": 150, "worker_started_at": 140, "busy_from": 152, "busy_to": 160}],
+    reports = {  # the prior and a search trial on two workers, then a confirmation on a new worker
+        "tune/trial_a": [{"entered_at": 110, "worker_started_at": 105, "busy_from": 114, "busy_to": 120,
+                          "config": {"origin": "prior"}},
+                         {"entered_at": 110, "worker_started_at": 105, "busy_from": 121, "busy_to": 130,
+                          "config": {"origin": "prior"}}],
+        "tune/trial_b": [{"entered_at": 112, "worker_started_at": 106, "busy_from": 113, "busy_to": 125,
+                          "config": {"origin": "search"}}],
+        "tune/trial_c": [{"entered_at": 150, "worker_started_at": 140, "busy_from": 152, "busy_to": 160,
+                          "config": {"origin": "confirm"}}],
     }
     account = time_account(reports, started=100, ended=165)
     assert account["before_first_trial"] == 10 and account["trial_setup_seconds"] == 4 + 1 + 2
     assert account["worker_processes"] == 3 and account["after_last_report"] == 5
-    assert account["experiments"]["tune"] == {"from_start": 10, "seconds": 20}
-    assert account["experiments"]["confirm"] == {"from_start": 50, "seconds": 10}
-    for trial, losses in (("tune/trial_a", (0.5, 0.41)), ("tune/trial_b", (0.39,)), ("confirm/trial_c", (0.38,))):
+    assert account["stages"] == {"search": {"from_start": 10, "seconds": 20}, "confirm": {"from_start": 50, "seconds": 10}}
+    for trial, losses in (("tune/trial_a", (0.5, 0.41)), ("tune/trial_b", (0.39,)), ("tune/trial_c", (0.38,))):
         for report, loss in zip(reports[trial], losses):
             report.update(step=100 if report is reports[trial][-1] else 50, eval_loss=loss)
     # trial_a: 0.41 at step 100 (t=130); trial_b: 0.39 at step 100 (t=125); the 0.5 at step 50 never counts

@@ -63,8 +63,20 @@ def test_stopped_trials_within_tolerance_are_promoted_from_their_checkpoint(tiny
         parent = trials.loc[row.parent]
         assert parent.status == "stopped" and row.status == "finished" and row.step == 12
         assert (parent.r, parent.learning_rate, parent.module_set) == (row.r, row.learning_rate, row.module_set)
-        steps = [json.loads(line)["step"] for line in next((run_dir / "promote").glob(f"trial_{trial_id}/result.json")).read_text().splitlines()]
+        steps = [json.loads(line)["step"] for line in (run_dir / "tune" / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
         assert steps[0] > parent.step  # continued from the parent's checkpoint, not from scratch
+
+
+def test_promotions_and_confirmations_run_in_the_searchs_tuner_on_its_workers(tiny_run):
+    _, run_dir = tiny_run
+    assert not (run_dir / "promote").exists() and not (run_dir / "confirm").exists()
+    workers = {}
+    for result_file in (run_dir / "tune").glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines()]
+        workers[rows[0]["trial_id"]] = (rows[0]["config"]["origin"], rows[0]["worker_started_at"])
+    search_workers = {started for origin, started in workers.values() if origin in ("search", "prior")}
+    stage_workers = {started for origin, started in workers.values() if origin in ("promoted", "confirm")}
+    assert stage_workers and stage_workers <= search_workers  # no new worker process (model loaded again) for a stage
 
 
 def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mean(tiny_run):
@@ -74,6 +86,7 @@ def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mea
     assert len(confirm) == 2
     for _, row in confirm.iterrows():
         assert trials.loc[row.parent].status == "finished" and row.seed != trials.loc[row.parent].seed
+        assert row.status == "finished" and row.step == 12  # ASHA never stops a confirmation
     pick = json.loads((run_dir / "pick.json").read_text())
     if pick["seeds"] > 1:
         runs = trials[(trials.index == pick["trial_id"]) | (trials.parent == pick["trial_id"]) & (trials.origin == "confirm")]

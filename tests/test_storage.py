@@ -83,7 +83,10 @@ def test_the_whole_run_lands_in_the_bucket(s3_run):
     assert any(name.startswith("data/search_train/") for name in objects)
     assert any(name.startswith("tune/experiment_state-") for name in objects)
     trial_results = [name for name in objects if name.startswith("tune/trial_") and name.endswith("/result.json")]
-    assert len(trial_results) == 3
+    params = [json.loads(objects[name.replace("result.json", "params.json")]) for name in trial_results]
+    assert sum(p["origin"] in ("search", "prior") for p in params) == 3  # and the stages' trials, same experiment
+    promoted = [p for p in params if p["origin"] == "promoted"]
+    assert all(p["start_from"].startswith("s3://runs/team/first/tune/trial_") for p in promoted)
     assert any(name.startswith("tune/trial_") and "/checkpoint_" in name for name in objects)  # written by workers
     assert "driver.pid" not in objects  # a pid means nothing on another machine
 

@@ -1,0 +1,134 @@
+"""The stages after the search run in the search's own Tuner: the staged searcher's order
+(search, promotions, confirmations), its state across Tune's save and restore, and ASHA
+leaving stage trials alone. Real Optuna, real Tune wrappers; the trials' reports are
+written by hand (the end-to-end run is in test_search_run.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.search_generator import SearchGenerator
+
+from search import modules
+from search.config import load
+from search.space import LoraSpace, module_set_key
+from search.stages import StagedSearch
+from search.tuner import LoraOptunaSearch, ResumableASHA
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MAX_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_model_dir):
+    config = load(None, ["search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4,8]",
+                         f"budget.max_steps={MAX_STEPS}", "budget.eval_every=2", "budget.grace_period=2", "budget.num_samples=4",
+                         "selection.confirm_top_k=2", "selection.confirm_seeds=1", "seed=3"])
+    model = modules.meta_model(modules.load_model_config(str(tiny_model_dir)))
+    resolved = {module_set_key(s): modules.resolve(model, s) for s in config.search.module_sets}
+    return config, resolved
+
+
+def staged(run_config) -> StagedSearch:
+    config, resolved = run_config
+    inner = LoraOptunaSearch(space=LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
+                             sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
+    return StagedSearch(inner, config.budget.num_samples, config, "/runs/x/tune")
+
+
+def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False):
+    result = {"step": step, "eval_loss": loss, "trainable_params": params, "train_seconds": step * 0.5,
+              "checkpoint_dir_name": f"checkpoint_{step // 2 - 1:06d}", "trial_id": trial_id}
+    if stop or last:  # Tune passes a stopped trial's last result to on_trial_complete only
+        if not stop:
+            search.on_trial_result(trial_id, result)
+        search.on_trial_complete(trial_id, result)
+    else:
+        search.on_trial_result(trial_id, result)
+
+
+def play_search(search: Searcher) -> dict[str, dict]:
+    """Four search trials: a and b finish (a best, b within 95% of it and cheaper), c is stopped
+    at step 2 within tolerance and cheaper than both (a promotion), d fails."""
+    configs = {t: search.suggest(t) for t in "abcd"}
+    assert all(isinstance(c, dict) and c["origin"] in ("search", "prior") for c in configs.values())
+    assert search.suggest("e") is None  # the search's trials are all out: wait for them
+    report(search, "a", 2, 0.60, 9000)
+    report(search, "a", 4, 0.50, 9000, last=True)
+    report(search, "b", 2, 0.62, 4000)
+    report(search, "b", 4, 0.52, 4000, last=True)
+    report(search, "c", 2, 0.61, 1000, stop=True)
+    assert search.suggest("e") is None  # d still runs
+    search.on_trial_complete("d", None, error=True)
+    return configs
+
+
+def test_search_then_promotions_then_confirmations_then_finished(run_config):
+    search = staged(run_config)
+    configs = play_search(search)
+
+    promoted = search.suggest("p")
+    assert promoted["origin"] == "promoted" and promoted["parent"] == "c"
+    assert promoted["start_from"] == "/runs/x/tune/trial_c/checkpoint_000000"  # c's last checkpoint
+    assert promoted["lora_config"] == configs["c"]["lora_config"]
+    assert search.suggest("q") is None  # confirmations wait for the promotion's result
+    report(search, "p", 4, 0.515, 1000, last=True)
+
+    confirmations = [search.suggest(t) for t in ("r", "s")]
+    # the leading candidates now: p (cheapest within tolerance), then b
+    assert [(c["origin"], c["parent"], c["seed"]) for c in confirmations] == [("confirm", "p", 4), ("confirm", "b", 4)]
+    assert confirmations[0]["lora_config"] == configs["c"]["lora_config"]
+    assert search.suggest("t") is None
+    report(search, "r", 4, 0.51, 1000, last=True)
+    report(search, "s", 4, 0.53, 4000, last=True)
+    assert search.suggest("t") == Searcher.FINISHED
+
+
+def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
+    search = staged(run_config)
+    play_search(search)
+    study = search.searcher._ot_study
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
+    assert search.suggest("p")["origin"] == "promoted"
+    report(search, "p", 4, 0.515, 1000, last=True)
+    assert len(study.trials) == 4  # the promotion is not an Optuna trial
+
+
+def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tmp_path):
+    search = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
+    inner = search.searcher.searcher
+    configs = play_search(inner)
+    search.save_to_dir(str(tmp_path), session_str="s")
+
+    restored = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
+    restored.restore_from_dir(str(tmp_path))
+    again = restored.searcher.searcher
+    assert len(again.searcher._ot_study.trials) == 4  # Optuna's study came back too
+    promoted = again.suggest("p")
+    assert promoted["parent"] == "c" and promoted["lora_config"] == configs["c"]["lora_config"]
+    assert inner.suggest("p") == promoted  # the same as the run that was not interrupted
+
+
+def test_asha_neither_stops_nor_records_stage_trials(tmp_path):
+    asha = ResumableASHA(state_path=str(tmp_path / "rungs.json"), time_attr="step", metric="eval_loss", mode="min",
+                         max_t=8, grace_period=2, reduction_factor=2)
+    controller = SimpleNamespace(get_live_trials=lambda: [])
+
+    def trial(trial_id, origin):
+        t = Trial("t", config={"origin": origin}, trial_id=trial_id, stub=True)
+        asha.on_trial_add(controller, t)
+        return t
+
+    good, confirm, bad = trial("good", "search"), trial("conf", "confirm"), trial("bad", "search")
+    assert asha.on_trial_result(controller, good, {"step": 2, "eval_loss": 0.1}) == asha.CONTINUE
+    # a confirmation far worse than the rung's best still continues, and is not recorded there
+    assert asha.on_trial_result(controller, confirm, {"step": 2, "eval_loss": 9.0}) == asha.CONTINUE
+    assert all(9.0 not in recorded.values() for bracket in asha._brackets for _, recorded in bracket._rungs)
+    asha.on_trial_complete(controller, confirm, {"step": 8, "eval_loss": 9.0})
+    # a search trial as bad is stopped: the rule still holds for the search
+    assert asha.on_trial_result(controller, bad, {"step": 2, "eval_loss": 9.0}) == asha.STOP
