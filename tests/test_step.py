@@ -126,3 +126,42 @@ def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny)
     assert len({len(ids) for ids, _ in rows}) > 1  # batches really hold padding
     loss, accuracy = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=1000)
     assert loss == pytest.approx(losses / count, rel=1e-5) and accuracy == hits / count
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_keeping_the_bf16_input_under_autocast_gives_the_same_loss_and_gradients(tiny, use_dora):
+    """PEFT casts each adapted layer's bf16 input to the float32 adapter, and bf16 autocast casts
+    it back for the matmul; the GPU step turns PEFT's cast off for plain LoRA layers
+    (keep_input_dtype). Both must give the same loss and adapter gradients, bit for bit (here on
+    CPU under bf16 autocast, as on the GPU)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainables.step import keep_input_dtype
+
+    base, rows = tiny
+    batch = collate(rows, 0, torch.device("cpu"))
+    results = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base).to(torch.bfloat16), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            use_dora=use_dora, init_lora_weights=False))  # B != 0: A gets gradients too
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # PEFT's float32 adapter
+        if keep:
+            keep_input_dtype(model)
+            layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            # plain LoRA layers stop casting; DoRA layers keep PEFT's cast
+            assert len(layers) == 14 and all(m.cast_input_dtype_enabled == use_dora for m in layers)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            loss = answer_loss(model, batch["input_ids"], batch["labels"])
+        loss.backward()
+        results[keep] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=0)

@@ -45,6 +45,23 @@ def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     )
 
 
+def keep_input_dtype(model) -> None:
+    """Stop PEFT casting each adapted layer's input to the adapter's dtype. PEFT keeps the
+    adapter in float32 and casts the bf16 input up for every adapted layer; under bf16
+    autocast the adapter's matmul casts it straight back: two copies of the activations per
+    adapted layer and step (seven a layer with all projections adapted), and one more held
+    for the backward pass. Without the cast the matmul sees the same bf16 values (bf16 ->
+    float32 -> bf16 is exact), so the loss and gradients are unchanged (tests/test_step.py).
+    DoRA layers (a PEFT "variant") keep the cast: part of their computation uses the float32
+    input, and turning it off was seen to change the loss. Only for bf16 autocast: on CPU the
+    trial runs in float32 and there is nothing to cast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and not getattr(module, "lora_variant", None):
+            module.cast_input_dtype_enabled = False
+
+
 class TrainStep:
     """`step(k)` runs forward and backward on optimizer step k's batch (the batch depends
     on the seed and k only); the caller steps the optimizer and never zeroes gradients.
@@ -61,6 +78,8 @@ class TrainStep:
         self.schedule = torch.tensor([batch_indices(len(rows), batch_size, seed, k) for k in range(max_steps)])
         self.device_schedule = self.schedule.to(device)
         cuda = device.type == "cuda"
+        if cuda:
+            keep_input_dtype(model)
         # no weight cache: a graph must re-read the (trained) LoRA weights on every replay
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda \
             else torch.autocast("cpu", enabled=False)
