@@ -1,7 +1,7 @@
 """The stages after the search, and how they run.
 
 In the search's own Tuner (`StagedSearch`), so the workers that trained the search (each
-with the base model loaded) train these too:
+with the base model loaded) train these too, as soon as a trial qualifies:
 - promote: trials ASHA stopped while within the tolerance of their rung's best and
   cheaper than the current pick continue from their last checkpoint to the full budget,
   so the cheapest-within-tolerance rule sees exactly what early stopping would hide;
@@ -28,14 +28,23 @@ __all__ = ["STAGE_ORIGINS", "GivenConfigs", "StagedSearch", "after_search", "rep
 
 class StagedSearch(Searcher):
     """The search and its stages from one Tuner: the first `num_samples` trials come from
-    `searcher` (Optuna); once every one of them has ended, the promotions; once those have
-    ended, the confirmations; then it is finished. While a stage waits for trials to end it
-    answers None (Tune asks again), so free slots stay free rather than run guesses.
+    `searcher` (Optuna); then promotions and confirmations, each handed out as soon as a
+    trial qualifies for one, in the slots the search's last trials leave free; finished once
+    every trial has ended and none qualifies for more. In between it answers None (Tune asks
+    again).
+
+    Handing them out early, rather than after the last search trial, keeps the workers busy
+    (Tune keeps a finished trial's worker, with its loaded model, only for a trial waiting
+    to start: a confirmation started after the search needed a new worker). It never does
+    less than waiting would: whatever qualifies once everything has ended is handed out
+    then, so the final leaders are all confirmed and every final promotion candidate is
+    promoted. It may do more: a trial that led for a while keeps its extra seed. A trial's
+    rank among the leaders only falls as more trials finish, so no leader is missed.
 
     A Tune search wrapper, as ConcurrencyLimiter is one: the wrapped searcher is `.searcher`
     and sees only the search's trials; `get_state`/`set_state` carry this wrapper's own state,
     which Tune saves beside the wrapped searcher's and restores with `Tuner.restore`. The
-    candidates come from the trials' reports as they arrive (the same tables and rules the
+    candidates come from the trials' reports as they arrive (the tables and rules the
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
     def __init__(self, searcher: Searcher, num_samples: int, config: Config, checkpoint_root: str):
@@ -48,8 +57,10 @@ class StagedSearch(Searcher):
         self._confirm = (selection.confirm_top_k, selection.confirm_seeds) if selection.confirm_seeds else (0, 0)
         self._seed = config.seed
         self._checkpoint_root = checkpoint_root  # the experiment's directory or URI, as Tune stores it
-        self._stage = "search"
+        self._proposed = 0  # trials the wrapped searcher proposed
         self._queue: list[dict] = []
+        self._stale = True  # a report arrived since the queue was computed
+        self._handed: set[tuple] = set()  # ("promoted", parent) and ("confirm", parent, seed index)
         self._params: dict[str, dict] = {}  # every trial handed out, by trial id
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
@@ -58,27 +69,22 @@ class StagedSearch(Searcher):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self._stage == "search" and len(self._params) < self._num_samples:
+        if self._proposed < self._num_samples:
             proposal = self.searcher.suggest(trial_id)
             if proposal == Searcher.FINISHED:  # a space with fewer points than num_samples
-                self._num_samples = len(self._params)
-            elif proposal is not None:
+                self._num_samples = self._proposed
+            elif proposal is None:
+                return None
+            else:
+                self._proposed += 1
                 self._params[trial_id] = proposal
                 return proposal
-            else:
-                return None
-        while not self._queue:
-            if len(self._ended) < len(self._params):
-                return None  # the next stage's candidates depend on trials still running
-            if self._stage == "search":
-                self._stage, self._queue = "promote", self._promotions()
-            elif self._stage == "promote":
-                self._stage, self._queue = "confirm", self._confirmations()
-            else:
-                self._stage = "done"
-                return Searcher.FINISHED
-        self._params[trial_id] = self._queue.pop(0)
-        return self._params[trial_id]
+        if self._stale:
+            self._queue, self._stale = self._queue + self._qualified(), False
+        if self._queue:
+            self._params[trial_id] = self._queue.pop(0)
+            return self._params[trial_id]
+        return Searcher.FINISHED if len(self._ended) == len(self._params) else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._record(trial_id, result)
@@ -89,6 +95,7 @@ class StagedSearch(Searcher):
         # a trial ASHA stopped has its last result here only (Tune passes it to on_trial_result otherwise)
         self._record(trial_id, result)
         self._ended[trial_id] = error
+        self._stale = True
         if self._from_search(trial_id):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
@@ -105,7 +112,7 @@ class StagedSearch(Searcher):
         if not result or "step" not in result:
             return
         if trial_id not in self._params and isinstance(result.get("config"), dict):
-            self._params[trial_id] = result["config"]  # handed out before the state Tune restored was saved
+            self._params[trial_id] = result["config"]  # handed out after the state Tune restored was saved
         row = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
         rows = self._rows.setdefault(trial_id, [])
         if rows and rows[-1]["step"] == row["step"]:
@@ -113,40 +120,37 @@ class StagedSearch(Searcher):
         else:
             rows.append(row)
 
-    def _tables(self):
+    def _qualified(self) -> list[dict]:
+        """Promotions and confirmations that qualify now and were not handed out yet."""
+        from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
         from analysis.results import TrialFiles, curves_table, trials_table
 
-        trials = [TrialFiles(trial_id, params, self._rows.get(trial_id, []),
-                             "failed" if self._ended.get(trial_id) else "", None)
-                  for trial_id, params in self._params.items()]
-        return trials_table(trials, self._rule[-1]), curves_table(trials)
-
-    def _promotions(self) -> list[dict]:
-        from analysis.candidates import current_pick_cost, promotion_candidates
-
-        if not self._promote:
+        if not self._promote and not self._confirm[0]:
             return []
-        trials, curves = self._tables()
-        chosen = promotion_candidates(trials, curves, *self._rule[:4], self._rule[-1], current_pick_cost(trials, *self._rule))
+        files = [TrialFiles(trial_id, params, self._rows.get(trial_id, []), "failed" if self._ended.get(trial_id) else "",
+                            None) for trial_id, params in self._params.items()]
+        # trials that ended: one still running is neither stopped nor finished yet
+        trials = trials_table([f for f in files if f.trial_id in self._ended], self._rule[-1])
         out = []
-        for trial_id in chosen:
-            checkpoint = self._rows[trial_id][-1].get("checkpoint_dir_name")
-            if checkpoint:  # every report carries one; a trial without any cannot continue
-                parts = (trial_directory(trial_id), checkpoint)
+        if self._promote:
+            pick_cost = current_pick_cost(trials, *self._rule)
+            for parent in promotion_candidates(trials, curves_table(files), *self._rule[:4], self._rule[-1], pick_cost):
+                checkpoint = self._rows[parent][-1].get("checkpoint_dir_name")
+                if ("promoted", parent) in self._handed or not checkpoint:  # every report carries one
+                    continue
+                self._handed.add(("promoted", parent))
+                parts = (trial_directory(parent), checkpoint)
                 start_from = join_uri(self._checkpoint_root, *parts) if is_uri(self._checkpoint_root) \
                     else str(Path(self._checkpoint_root, *parts))
-                out.append(repeat(self._params[trial_id], "promoted", trial_id, start_from=start_from))
-        return out
-
-    def _confirmations(self) -> list[dict]:
-        from analysis.candidates import confirmation_candidates
-
+                out.append(repeat(self._params[parent], "promoted", parent, start_from=start_from))
         top_k, seeds = self._confirm
-        if not top_k:
-            return []
-        trials, _ = self._tables()
-        leading = confirmation_candidates(trials, *self._rule, top_k)
-        return [repeat(self._params[t], "confirm", t, seed=self._seed + 1 + k) for t in leading for k in range(seeds)]
+        if top_k:  # leaders among the runs of their own configuration (not the confirmations)
+            for parent in confirmation_candidates(trials[trials["origin"] != "confirm"], *self._rule, top_k):
+                for k in range(seeds):
+                    if ("confirm", parent, k) not in self._handed:
+                        self._handed.add(("confirm", parent, k))
+                        out.append(repeat(self._params[parent], "confirm", parent, seed=self._seed + 1 + k))
+        return out
 
 
 class GivenConfigs(Searcher):

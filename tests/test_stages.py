@@ -51,52 +51,63 @@ def report(search: Searcher, trial_id: str, step: int, loss: float, params: int,
         search.on_trial_result(trial_id, result)
 
 
+def test_stage_trials_are_handed_out_as_soon_as_they_qualify_and_the_final_leaders_are_all_confirmed(run_config):
+    search = staged(run_config)
+    configs = {t: search.suggest(t) for t in "abcd"}
+    assert all(isinstance(c, dict) and c["origin"] in ("search", "prior") for c in configs.values())
+    assert search.suggest("x") is None  # all four are out, none has ended: nothing qualifies yet
+
+    report(search, "a", 2, 0.60, 9000)
+    report(search, "a", 4, 0.50, 9000, last=True)
+    report(search, "d", 2, 0.605, 500)  # d still runs: cheap and within tolerance, but not stopped
+    first = search.suggest("e")  # a leads alone: its confirmation starts while b, c, d still run
+    assert (first["origin"], first["parent"], first["seed"]) == ("confirm", "a", 4)
+    assert first["lora_config"] == configs["a"]["lora_config"]
+    assert search.suggest("x") is None  # and d is not promoted while it runs
+
+    report(search, "b", 2, 0.62, 4000)
+    report(search, "b", 4, 0.52, 4000, last=True)  # within 95% of a and cheaper: leads with a
+    report(search, "c", 2, 0.61, 1000, stop=True)  # stopped within tolerance, cheaper than b: promoted
+    promoted = search.suggest("f")
+    assert (promoted["origin"], promoted["parent"]) == ("promoted", "c")
+    assert promoted["start_from"] == "/runs/x/tune/trial_c/checkpoint_000000"  # c's last checkpoint
+    assert promoted["lora_config"] == configs["c"]["lora_config"]
+    search.on_trial_complete("d", None, error=True)  # an end between two hand-outs keeps what was queued
+    second = search.suggest("g")
+    assert (second["origin"], second["parent"]) == ("confirm", "b")
+    assert search.suggest("x") is None
+
+    report(search, "f", 4, 0.515, 1000, last=True)  # the promotion finishes: now p leads, then b
+    third = search.suggest("h")
+    assert (third["origin"], third["parent"]) == ("confirm", "f")
+    assert search.suggest("x") is None  # the confirmations still run
+    for trial_id, params in (("e", 9000), ("g", 4000), ("h", 1000)):
+        report(search, trial_id, 4, 0.51, params, last=True)
+    assert search.suggest("x") == Searcher.FINISHED  # everything ended, nothing more qualifies
+
+
 def play_search(search: Searcher) -> dict[str, dict]:
     """Four search trials: a and b finish (a best, b within 95% of it and cheaper), c is stopped
     at step 2 within tolerance and cheaper than both (a promotion), d fails."""
     configs = {t: search.suggest(t) for t in "abcd"}
-    assert all(isinstance(c, dict) and c["origin"] in ("search", "prior") for c in configs.values())
-    assert search.suggest("e") is None  # the search's trials are all out: wait for them
     report(search, "a", 2, 0.60, 9000)
     report(search, "a", 4, 0.50, 9000, last=True)
     report(search, "b", 2, 0.62, 4000)
     report(search, "b", 4, 0.52, 4000, last=True)
     report(search, "c", 2, 0.61, 1000, stop=True)
-    assert search.suggest("e") is None  # d still runs
     search.on_trial_complete("d", None, error=True)
     return configs
-
-
-def test_search_then_promotions_then_confirmations_then_finished(run_config):
-    search = staged(run_config)
-    configs = play_search(search)
-
-    promoted = search.suggest("p")
-    assert promoted["origin"] == "promoted" and promoted["parent"] == "c"
-    assert promoted["start_from"] == "/runs/x/tune/trial_c/checkpoint_000000"  # c's last checkpoint
-    assert promoted["lora_config"] == configs["c"]["lora_config"]
-    assert search.suggest("q") is None  # confirmations wait for the promotion's result
-    report(search, "p", 4, 0.515, 1000, last=True)
-
-    confirmations = [search.suggest(t) for t in ("r", "s")]
-    # the leading candidates now: p (cheapest within tolerance), then b
-    assert [(c["origin"], c["parent"], c["seed"]) for c in confirmations] == [("confirm", "p", 4), ("confirm", "b", 4)]
-    assert confirmations[0]["lora_config"] == configs["c"]["lora_config"]
-    assert search.suggest("t") is None
-    report(search, "r", 4, 0.51, 1000, last=True)
-    report(search, "s", 4, 0.53, 4000, last=True)
-    assert search.suggest("t") == Searcher.FINISHED
 
 
 def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
     search = staged(run_config)
     play_search(search)
     study = search.searcher._ot_study
-    states = sorted(t.state.name for t in study.trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
-    assert search.suggest("p")["origin"] == "promoted"
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
+    stage_trial = search.suggest("p")
+    assert stage_trial["origin"] in ("promoted", "confirm")
     report(search, "p", 4, 0.515, 1000, last=True)
-    assert len(study.trials) == 4  # the promotion is not an Optuna trial
+    assert len(study.trials) == 4  # a stage's trial is not an Optuna trial
 
 
 def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tmp_path):
@@ -109,9 +120,10 @@ def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tm
     restored.restore_from_dir(str(tmp_path))
     again = restored.searcher.searcher
     assert len(again.searcher._ot_study.trials) == 4  # Optuna's study came back too
-    promoted = again.suggest("p")
-    assert promoted["parent"] == "c" and promoted["lora_config"] == configs["c"]["lora_config"]
-    assert inner.suggest("p") == promoted  # the same as the run that was not interrupted
+    handed = [again.suggest(t) for t in ("p", "q", "r")]
+    assert [(c["origin"], c["parent"]) for c in handed] == [("promoted", "c"), ("confirm", "b"), ("confirm", "a")]
+    assert handed[0]["lora_config"] == configs["c"]["lora_config"]
+    assert [inner.suggest(t) for t in ("p", "q", "r")] == handed  # the same as the run that was not interrupted
 
 
 def test_asha_neither_stops_nor_records_stage_trials(tmp_path):
