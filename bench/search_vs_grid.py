@@ -86,10 +86,27 @@ def time_account(reports: dict[str, list[dict]], started: float, ended: float) -
     return {
         "before_first_trial": min(r["entered_at"] for r in first.values()) - started,
         "trial_setup_seconds": sum(r["busy_from"] - r["entered_at"] for r in first.values()),
+        # the PEFT import a trial's first call pays in a new worker (0 in a reused one)
+        "trial_import_seconds": sum(r["entered_at"] - r.get("called_at", r["entered_at"]) for r in first.values()),
         "worker_processes": len(workers),
         "stages": spans,
         "after_last_report": ended - max(r[-1]["busy_to"] for r in reports.values() if r),
     }
+
+
+def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
+    """Each trial's clock readings, in seconds from the start, in the order the trials were
+    called: when its worker loaded the trial code, Tune called it, PEFT was imported, its
+    first step began and its last report was made."""
+    rows = []
+    for key, trial in reports.items():
+        if trial and "entered_at" in trial[0]:
+            first = trial[0]
+            rows.append({"trial": key, "origin": first.get("config", {}).get("origin"),
+                         **{name: round(first[name] - started, 2) for name in
+                            ("worker_started_at", "called_at", "entered_at", "busy_from") if name in first},
+                         "last_report": round(trial[-1]["busy_to"] - started, 2)})
+    return sorted(rows, key=lambda row: row.get("called_at", row["entered_at"]))
 
 
 def first_full_budget_result_at_least_as_good(reports: dict[str, list[dict]], max_steps: int, target: float,
@@ -159,6 +176,7 @@ def main() -> int:
         reports = reports_by_trial(run_dir)
         windows, modes = busy_windows(reports)
         account = time_account(reports, started_epoch, ended_epoch)
+        trial_clocks = timeline(reports, started_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
     inside = sum(end - start for start, end in windows)
     busy = union_seconds(windows)
@@ -192,7 +210,7 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
-        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
+        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def test_the_grid_runs_end_to_end_in_smoke_mode(smollm2_dir):
 
 def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_for_setup():
     sys.path.insert(0, str(ROOT))
-    from bench.search_vs_grid import first_full_budget_result_at_least_as_good, time_account, union_seconds
+    from bench.search_vs_grid import first_full_budget_result_at_least_as_good, time_account, timeline, union_seconds
 
     assert union_seconds([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # 0-12 and 20-25
     assert union_seconds([]) == 0
@@ -49,7 +49,14 @@ def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_
         "tune/trial_c": [{"entered_at": 150, "worker_started_at": 140, "busy_from": 152, "busy_to": 160,
                           "config": {"origin": "confirm"}}],
     }
+    reports["tune/trial_c"][0]["called_at"] = 147  # a new worker: Tune called it, then PEFT was imported
     account = time_account(reports, started=100, ended=165)
+    assert account["trial_import_seconds"] == 3
+    clocks = timeline(reports, started=100)
+    assert [(c["trial"], c["origin"]) for c in clocks] == [("tune/trial_a", "prior"), ("tune/trial_b", "search"),
+                                                          ("tune/trial_c", "confirm")]
+    assert clocks[2] == {"trial": "tune/trial_c", "origin": "confirm", "worker_started_at": 40, "called_at": 47,
+                         "entered_at": 50, "busy_from": 52, "last_report": 60}
     assert account["before_first_trial"] == 10 and account["trial_setup_seconds"] == 4 + 1 + 2
     assert account["worker_processes"] == 3 and account["after_last_report"] == 5
     assert account["stages"] == {"search": {"from_start": 10, "seconds": 20}, "confirm": {"from_start": 50, "seconds": 10}}

@@ -55,6 +55,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     (weights init and data order), `full_data` (train on all the data, not the search
     share), `start_from` (a checkpoint directory to continue from, or None), and
     bookkeeping the analysis reads (`module_set`, `r`, `alpha_ratio`, `origin`, `parent`)."""
+    called = time.time()
     from peft import LoraConfig, get_peft_model
 
     entered = time.time()
@@ -75,7 +76,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     try:
         optimizer = _optimizer(model, params["learning_rate"], params["loraplus_lr_ratio"], cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
-        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda, entered)
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda, (called, entered))
     finally:
         del optimizer, scheduler
         try:
@@ -114,7 +115,7 @@ def _schedule(warmup_steps: int, max_steps: int):
 
 
 def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool,
-           entered: float) -> None:
+           entered: tuple[float, float]) -> None:
     trainable_params = model.get_nb_trainable_parameters()[0]
     step, train_seconds, eval_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -133,13 +134,13 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
 
 def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows, device, cuda: bool, autocast,
           trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int,
-          busy_from: float, entered: float) -> None:
+          busy_from: float, entered: tuple[float, float]) -> None:
     """Steps, and every eval_every steps an evaluation and a report. Each report also gives
     the wall-clock window (`busy_from`, `busy_to`, epoch seconds) in which this trial did
-    nothing but train and evaluate since the last report, when the trial function was
-    entered (`entered_at`: its setup is entered_at to the first busy_from) and when its
-    worker process started (`worker_started_at`), for bench/search_vs_grid.py's account of
-    where a search's time goes."""
+    nothing but train and evaluate since the last report, when Tune called the trial
+    function (`called_at`) and when it had imported PEFT (`entered_at`: its setup is
+    entered_at to the first busy_from), and when its worker process loaded this module
+    (`worker_started_at`), for bench/search_vs_grid.py's account of where a search's time goes."""
     from ray import tune
 
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -181,7 +182,8 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
             "step_mode": train_step.mode,
             "busy_from": busy_from,
             "busy_to": time.time(),
-            "entered_at": entered,
+            "called_at": entered[0],
+            "entered_at": entered[1],
             "worker_started_at": WORKER_STARTED,
         }
         with tempfile.TemporaryDirectory() as checkpoint_dir:
