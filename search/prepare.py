@@ -65,9 +65,13 @@ def prepare_model(config: Config) -> PreparedModel:
 
 
 def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
-    """4-bit needs CUDA; on a local run without one that is bad input, not a crash."""
+    """4-bit needs CUDA and compiled steps need GPU trials; on a local run without one that is
+    bad input, not a crash."""
     import torch
 
+    if config.resources.compile and gpus_per_trial == 0:
+        raise ConfigError("resources.compile is true but trials get no GPU (resources.gpus_per_trial resolved to 0); "
+                          "compiled steps are for GPU trials. Fix: --set resources.compile=false, or give trials a GPU")
     if not local:
         return  # the cluster's nodes, not this driver, hold the GPUs; Ray checks the request
     cuda = torch.cuda.is_available()

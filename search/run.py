@@ -156,6 +156,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         total_params=prepared.total_params,
         pad_token_id=data_info["pad_token_id"],
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
+        compile=config.resources.compile,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
     # Experiment state written at most every second (Ray's default: 10 s), so a killed

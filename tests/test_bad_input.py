@@ -52,6 +52,7 @@ CASES = [
     (["--set", "budget.max_steps=40", "--set", "budget.grace_period=50"], "budget.grace_period is 50, above budget.max_steps=40"),
     (["--set", "resources.gpus_per_trial=1"], "resources.gpus_per_trial is 1.0 but this machine has 0 GPU(s)"),
     (["--set", "model.quantization=4bit"], "model.quantization is '4bit' but this machine has no CUDA GPU"),
+    (["--set", "resources.compile=true"], "resources.compile is true but trials get no GPU"),
     (["--set", "model.path=/nowhere/model"], "model.path '/nowhere/model' is neither"),
     (["--set", "data.train=missing.jsonl"], "data.train is 'missing.jsonl', which does not exist"),
     (["--set", "data.train={wrong}"], "data.train has columns ['answer', 'question']; allowed: 'messages'"),

@@ -165,3 +165,35 @@ def test_keeping_the_bf16_input_under_autocast_gives_the_same_loss_and_gradients
     for name, grad in results[False][1].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=0)
+
+
+def test_a_compiled_step_pads_to_one_width_and_gives_the_eager_steps_loss_and_gradients(tiny):
+    """resources.compile: every batch at the split's full width (one compilation for every
+    step), through torch.compile. Here with its "eager" backend (inductor needs a compiler
+    and, in trials, a GPU): dynamo really traces the PEFT model; the numbers must not change."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base, rows = tiny
+    results = {}
+    for compiled in (None, "eager"):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+        model.train()
+        step = TrainStep(model, rows, batch_size=2, seed=3, max_steps=4, pad_token_id=0, device=torch.device("cpu"),
+                         cuda_graph=False, compiled=compiled)
+        widths = []
+        model.get_input_embeddings().register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+        losses = [step(k)[0] for k in range(3)]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[compiled] = (step.mode, widths, losses, grads)
+        step.close()
+    assert results[None][0] == "eager" and results["eager"][0] == "compiled"
+    full = max(len(ids) for ids, _ in rows)
+    assert len(set(results[None][1])) > 1 and all(w >= full for w in results["eager"][1])  # eager: each batch's own width
+    for eager_loss, compiled_loss in zip(results[None][2], results["eager"][2]):
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in results[None][3].items():
+        torch.testing.assert_close(results["eager"][3][name], grad, rtol=1e-4, atol=1e-6)

@@ -75,3 +75,4 @@ class TrialSetup:
     pad_token_id: int
     gradient_checkpointing: bool = False
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
+    compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)

@@ -7,7 +7,9 @@ not by the GPU. Replaying the step's forward and backward as one captured CUDA g
 removes that cost without compiling anything: capture is a few eager passes, once per
 trial, for any configuration, DoRA included. `torch.compile` is the other way: measured in
 ../shared/bench/README.md at 90-110 s to compile per set of shapes, more than a whole trial
-of a search trains.
+of a search trains; for large models it also fuses the elementwise work that bounds their
+steps (1.1B Llama on an H100: 466 ms a step against 650 eager, after 109 s of compiling),
+so long trials of large models can ask for it (`resources.compile`).
 
 What a graph needs, and how it is kept exact:
 - Static shapes: every batch is right-padded to the train split's longest example. No
@@ -65,11 +67,18 @@ def keep_input_dtype(model) -> None:
 class TrainStep:
     """`step(k)` runs forward and backward on optimizer step k's batch (the batch depends
     on the seed and k only); the caller steps the optimizer and never zeroes gradients.
-    `mode` is "cuda_graph" or "eager"."""
+    `mode` is "cuda_graph", "compiled" or "eager".
+
+    `compiled` (a torch.compile backend, "inductor" in trials; `resources.compile`): the
+    forward and backward go through torch.compile instead of a graph, every batch padded to
+    the split's longest example so one compilation serves every step. Compiling costs about
+    100 s for a 1B model (bench/results/step_modes.json): for long trials of large models,
+    where it fuses what PEFT and the model's norms and activations do in many small kernels."""
 
     def __init__(self, model, rows: list[tuple[list[int], list[int]]], batch_size: int, seed: int, max_steps: int,
-                 pad_token_id: int, device: torch.device, cuda_graph: bool):
+                 pad_token_id: int, device: torch.device, cuda_graph: bool, compiled: str | None = None):
         self.model, self.device = model, device
+        self.forward_model = torch.compile(model, backend=compiled) if compiled else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ids, self.labels, self.lengths = _padded(rows, pad_token_id, device)
         self.tokens_per_batch = batch_size * self.ids.shape[1]  # padded tokens a step holds in memory
@@ -84,8 +93,8 @@ class TrainStep:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda \
             else torch.autocast("cpu", enabled=False)
         self.graph = None
-        self.mode = "eager"
-        if cuda_graph and cuda:
+        self.mode = "compiled" if compiled else "eager"
+        if cuda_graph and cuda and not compiled:
             try:
                 self._capture()
                 self.mode = "cuda_graph"
@@ -101,11 +110,11 @@ class TrainStep:
         lengths = self.lengths[self.schedule[step]]
         index = self.device_schedule[step]
         if self.graph is None:
-            width = int(lengths.max())
+            width = self.ids.shape[1] if self.mode == "compiled" else int(lengths.max())
             for p in self.params:
                 p.grad = None
             with self.autocast:
-                loss = answer_loss(self.model, self.ids[index, :width].long(), self.labels[index, :width].long())
+                loss = answer_loss(self.forward_model, self.ids[index, :width].long(), self.labels[index, :width].long())
             loss.backward()
             return loss.detach(), int(lengths.sum())
         self.static_ids.copy_(self.ids[index])
@@ -135,8 +144,11 @@ class TrainStep:
         self.graph = graph
 
     def close(self) -> None:
-        """Free the graph's memory and the gradients that live in it."""
+        """Free the graph's memory, the compiled step and the gradients that live in them."""
         self.graph = None
+        if self.forward_model is not self.model:
+            self.forward_model = self.model
+            torch._dynamo.reset()  # the next trial's adapter is new modules: it compiles again anyway
         for p in self.params:
             p.grad = None
 

@@ -123,7 +123,7 @@ def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, e
     busy_from = time.time()
     started = time.perf_counter()
     train_step = TrainStep(model, train_rows, setup.batch_size, params["seed"], setup.max_steps, setup.pad_token_id,
-                           device, cuda_graph=setup.cuda_graphs)
+                           device, cuda_graph=setup.cuda_graphs, compiled="inductor" if setup.compile and cuda else None)
     train_seconds += time.perf_counter() - started  # the capture counts as training time
     try:
         _loop(model, optimizer, scheduler, train_step, setup, eval_rows, device, cuda, autocast, trainable_params,
