@@ -59,7 +59,7 @@ class StagedSearch(Searcher):
         self._checkpoint_root = checkpoint_root  # the experiment's directory or URI, as Tune stores it
         self._proposed = 0  # trials the wrapped searcher proposed
         self._queue: list[dict] = []
-        self._stale = True  # a report arrived since the queue was computed
+        self._stale = True  # a trial ended since the queue was last computed
         self._handed: set[tuple] = set()  # ("promoted", parent) and ("confirm", parent, seed index)
         self._params: dict[str, dict] = {}  # every trial handed out, by trial id
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
