@@ -1,4 +1,4 @@
-"""The stages after the search, and how they run.
+"""The stages that follow the search's trials, and how they run.
 
 In the search's own Tuner (`StagedSearch`), so the workers that trained the search (each
 with the base model loaded) train these too, as soon as a trial qualifies:

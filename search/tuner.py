@@ -18,7 +18,7 @@ from trainables.config import TrialSetup
 from trainables.trial import train_lora
 
 EXPERIMENT = "tune"
-# Trials that the stages after the search add to its Tuner (search/stages.py): they train to the
+# Trials that the stages (promotions, confirmations) add to the search's Tuner (search/stages.py): they train to the
 # full budget, so ASHA neither stops them nor records them at its rungs.
 STAGE_ORIGINS = ("promoted", "confirm")
 
