@@ -20,8 +20,8 @@ from pathlib import Path
 from ray.tune.search import Searcher
 
 from search.config import Config
-from search.storage import RunLocation, is_uri, join_uri
-from search.tuner import STAGE_ORIGINS, experiment, fit_or_restore, trial_directory
+from search.storage import RunLocation
+from search.tuner import EXPERIMENT, STAGE_ORIGINS, experiment, fit_or_restore, trial_directory
 
 __all__ = ["STAGE_ORIGINS", "GivenConfigs", "StagedSearch", "after_search", "repeat"]
 
@@ -47,7 +47,7 @@ class StagedSearch(Searcher):
     candidates come from the trials' reports as they arrive (the tables and rules the
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
-    def __init__(self, searcher: Searcher, num_samples: int, config: Config, checkpoint_root: str):
+    def __init__(self, searcher: Searcher, num_samples: int, config: Config, location: RunLocation):
         selection = config.selection
         super().__init__(metric=selection.metric, mode=selection.mode)
         self.searcher = searcher
@@ -56,7 +56,7 @@ class StagedSearch(Searcher):
         self._promote = selection.promote
         self._confirm = (selection.confirm_top_k, selection.confirm_seeds) if selection.confirm_seeds else (0, 0)
         self._seed = config.seed
-        self._checkpoint_root = checkpoint_root  # the experiment's directory or URI, as Tune stores it
+        self._location = location  # where Tune keeps the trials' checkpoints
         self._proposed = 0  # trials the wrapped searcher proposed
         self._queue: list[dict] = []
         self._stale = True  # a trial ended since the queue was last computed
@@ -139,9 +139,7 @@ class StagedSearch(Searcher):
                 if ("promoted", parent) in self._handed or not checkpoint:  # every report carries one
                     continue
                 self._handed.add(("promoted", parent))
-                parts = (trial_directory(parent), checkpoint)
-                start_from = join_uri(self._checkpoint_root, *parts) if is_uri(self._checkpoint_root) \
-                    else str(Path(self._checkpoint_root, *parts))
+                start_from = self._location.path_of(EXPERIMENT, trial_directory(parent), checkpoint)
                 out.append(repeat(self._params[parent], "promoted", parent, start_from=start_from))
         top_k, seeds = self._confirm
         if top_k:  # leaders among the runs of their own configuration (not the confirmations)

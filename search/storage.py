@@ -42,13 +42,12 @@ class RunLocation:
 
     def data_dir(self) -> str:
         """The tokenized data as every node reads it."""
-        return join_uri(self.remote, "data") if self.remote else str((self.local / "data").resolve())
+        return self.path_of("data")
 
-    def storage_path_of(self, local_path: Path) -> str:
-        """The path or URI, as Tune stores it, of a file under the local copy."""
-        if not self.remote:
-            return str(local_path.resolve())
-        return join_uri(self.remote, local_path.resolve().relative_to(self.local.resolve()).as_posix())
+    def path_of(self, *parts: str) -> str:
+        """The path or URI, as Tune stores it, of `parts` under the run: an experiment, a
+        trial's checkpoint."""
+        return join_uri(self.remote, *parts) if self.remote else str(self.local.joinpath(*parts).resolve())
 
     # --- the remote copy (each a no-op for a plain directory) ---
 

@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import Config
-from search.storage import RunLocation, join_uri
+from search.storage import RunLocation
 from trainables.config import TrialSetup
 from trainables.trial import train_lora
 
@@ -119,7 +119,7 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
     (finished trials kept, unfinished ones continue from their last checkpoint, failed
     ones stay failed), else the Tuner that `build()` makes. Then the experiment is in the
     local copy of the run for the analysis, however the fit ended."""
-    path = experiment_path(name, location)
+    path = location.path_of(name)
     try:
         if tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -128,11 +128,6 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
         tuner.fit()
     finally:
         location.pull((name,))
-
-
-def experiment_path(name: str, location: RunLocation) -> str:
-    """The experiment's directory or URI, as Tune stores it."""
-    return join_uri(location.storage, name) if location.remote else str((location.local / name).resolve())
 
 
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
@@ -173,7 +168,7 @@ def build_tuner(config: Config, trainable, space, prior: dict, location: RunLoca
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    staged = StagedSearch(searcher, budget.num_samples, config, experiment_path(EXPERIMENT, location))
+    staged = StagedSearch(searcher, budget.num_samples, config, location)
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
     return experiment(EXPERIMENT, trainable, config, location, staged, -1,
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)

@@ -151,10 +151,11 @@ def test_a_uri_runs_working_copy_is_in_the_cache_and_maps_back_to_the_uri(tmp_pa
     assert location.local == tmp_path / "remote-runs" / "s3" / "b" / "runs" / "exp"
     assert location.storage == "s3://b/runs/exp?endpoint_override=h:9000"
     assert location.data_dir() == "s3://b/runs/exp/data?endpoint_override=h:9000"
-    checkpoint = location.local / "tune" / "trial_1" / "checkpoint_000001"
-    assert location.storage_path_of(checkpoint) == "s3://b/runs/exp/tune/trial_1/checkpoint_000001?endpoint_override=h:9000"
+    assert location.path_of("tune", "trial_1", "checkpoint_000001") == \
+        "s3://b/runs/exp/tune/trial_1/checkpoint_000001?endpoint_override=h:9000"
     plain = locate("runs", "exp", tmp_path)
     assert plain == RunLocation(Path("runs") / "exp") and plain.storage == str((Path("runs") / "exp").resolve())
+    assert plain.path_of("tune", "trial_1") == str((Path("runs") / "exp" / "tune" / "trial_1").resolve())
 
 
 def test_an_unknown_scheme_is_an_input_error(tmp_path):
