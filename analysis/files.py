@@ -77,10 +77,9 @@ def download_tree(uri: str, target: Path, keep: Callable[[str], bool] = lambda r
             continue
         relative = item.path[len(root) + 1:] if item.path != root else ""
         destination = target / relative if relative else target
-        if not keep(relative):
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            continue
         destination.parent.mkdir(parents=True, exist_ok=True)
+        if not keep(relative):
+            continue
         with fs.open_input_stream(item.path) as source, open(destination, "wb") as out:
             shutil.copyfileobj(source, out)
     return True
