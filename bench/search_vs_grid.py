@@ -109,6 +109,32 @@ def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
     return sorted(rows, key=lambda row: row.get("called_at", row["entered_at"]))
 
 
+DRIVER_STEPS = (("search.prepare", "prepare_model"), ("trainables.data", "prepare"), ("search.cluster", "connect"),
+                ("search.tuner", "fit_or_restore"), ("analysis.report", "analyse"))
+
+
+def clock_driver_steps(marks: list[tuple[str, float, float]]) -> None:
+    """Wrap the driver's steps (model check, tokenizing, Ray start, the Tuner, the analysis) so
+    each call appends (name, start, end) in epoch seconds to `marks`: where the time before
+    the first trial and after the last one goes. search.run imports them at call time, so
+    the wrapped functions are the ones it calls."""
+    import functools
+    import importlib
+
+    for module_name, name in DRIVER_STEPS:
+        module = importlib.import_module(module_name)
+        function = getattr(module, name)
+
+        def clocked(*args, _function=function, _name=name, **kwargs):
+            began = time.time()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                marks.append((_name, began, time.time()))
+
+        setattr(module, name, functools.wraps(function)(clocked))
+
+
 def first_full_budget_result_at_least_as_good(reports: dict[str, list[dict]], max_steps: int, target: float,
                                                started: float) -> float | None:
     """Seconds from the start until some trial first reported an eval loss at most `target` at
@@ -164,6 +190,8 @@ def main() -> int:
     converting = time.perf_counter()
     smollm2_checkpoint()
     conversion_seconds = time.perf_counter() - converting
+    marks: list[tuple[str, float, float]] = []
+    clock_driver_steps(marks)
     with tempfile.TemporaryDirectory() as output:
         started, started_epoch = time.perf_counter(), time.time()
         code = search(["--output", output, "--name", "facts", *[x for s in sets for x in ("--set", s)]])
@@ -176,6 +204,8 @@ def main() -> int:
         reports = reports_by_trial(run_dir)
         windows, modes = busy_windows(reports)
         account = time_account(reports, started_epoch, ended_epoch)
+        account["driver_steps"] = [{"step": name, "from": round(began - started_epoch, 2), "to": round(end - started_epoch, 2)}
+                                   for name, began, end in marks]
         trial_clocks = timeline(reports, started_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
     inside = sum(end - start for start, end in windows)

@@ -197,3 +197,36 @@ def test_a_compiled_step_pads_to_one_width_and_gives_the_eager_steps_loss_and_gr
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in results[None][3].items():
         torch.testing.assert_close(results["eager"][3][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_compiled_step_compiles_one_decoder_layer_for_all_and_leaves_eval_eager():
+    """resources.compile compiles a decoder layer once for every layer of the model (plus the
+    first layer's variant, whose input needs no gradient, and the loss), not the model: the
+    number of graphs does not grow with the layers. Eval forwards outside the step compile
+    nothing. Backend "eager": dynamo traces for real, nothing is code-generated."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    graphs = {}
+    for layers in (2, 5):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                            pad_token_id=0, use_cache=False))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        model.train()
+        rows = [(list(range(3, 3 + n)), [IGNORE] * 2 + list(range(5, 3 + n))) for n in (6, 9, 7, 8)]
+        torch._dynamo.reset()
+        counters.clear()
+        step = TrainStep(model, rows, batch_size=2, seed=0, max_steps=3, pad_token_id=0, device=torch.device("cpu"),
+                         cuda_graph=False, compiled="eager")
+        for k in range(3):
+            step(k)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5]]))
+        assert counters["stats"]["unique_graphs"] == graphs[layers]  # the eval pass compiled nothing
+        assert step.compiled.blocks and len(step.compiled.blocks) == layers
+        step.close()
+    assert graphs[2] == graphs[5] <= 3

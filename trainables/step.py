@@ -6,10 +6,13 @@ modules launch thousands of kernels a step for SmolLM2 with all seven projection
 not by the GPU. Replaying the step's forward and backward as one captured CUDA graph
 removes that cost without compiling anything: capture is a few eager passes, once per
 trial, for any configuration, DoRA included. `torch.compile` is the other way: measured in
-../shared/bench/README.md at 90-110 s to compile per set of shapes, more than a whole trial
-of a search trains; for large models it also fuses the elementwise work that bounds their
-steps (1.1B Llama on an H100: 464 ms a step against 650 eager, after 91-109 s of compiling),
-so long trials of large models can ask for it (`resources.compile`).
+../shared/bench/README.md at 90-110 s to compile the whole model per set of shapes, more than
+a whole trial of a search trains; for large models it also fuses the elementwise work that
+bounds their steps (1.1B Llama on an H100: 464 ms a step against 650 eager), so long trials
+of large models can ask for it (`resources.compile`). It compiles one decoder layer, not the
+model: every layer runs the same code on the same shapes, so the one compiled layer serves
+them all (two variants: the first layer's input needs no gradient), and the compile takes a
+layer's time, not the model's.
 
 What a graph needs, and how it is kept exact:
 - Static shapes: every batch is right-padded to the train split's longest example. No
@@ -38,13 +41,48 @@ WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autoc
 log = logging.getLogger(__name__)
 
 
-def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, token_loss=None) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens (labels != IGNORE), next-token shifted: the
-    same value as the model's own loss with `labels`, without its host-side checks."""
-    logits = model(input_ids=input_ids).logits
+    same value as the model's own loss with `labels`, without its host-side checks.
+    `token_loss`: the function of (logits, labels) that computes it (a compiled one)."""
+    return (token_loss or shifted_cross_entropy)(model(input_ids=input_ids).logits, labels)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
     )
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The model's decoder layers: the modules of the classes transformers keeps whole when it
+    splits a model across devices (`_no_split_modules`, e.g. LlamaDecoderLayer). Empty for a
+    model that names none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+class CompiledBlocks:
+    """torch.compile on each decoder layer (one compiled code serves them all), and on the
+    loss; switched on only around the train step's forward (eval runs eagerly: other shapes,
+    no gradients, and it would compile again for them). A model without named decoder
+    layers is compiled whole."""
+
+    def __init__(self, model, backend: str):
+        self.blocks = repeated_blocks(model)
+        self.whole = None if self.blocks else torch.compile(model, backend=backend)
+        self.calls = [torch.compile(block._call_impl, backend=backend) for block in self.blocks]
+        self.token_loss = torch.compile(shifted_cross_entropy, backend=backend)
+
+    def loss(self, model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        for block, call in zip(self.blocks, self.calls):
+            block._compiled_call_impl = call
+        try:
+            return answer_loss(self.whole or model, input_ids, labels, self.token_loss)
+        finally:
+            for block in self.blocks:
+                block._compiled_call_impl = None
 
 
 def keep_input_dtype(model) -> None:
@@ -78,7 +116,7 @@ class TrainStep:
     def __init__(self, model, rows: list[tuple[list[int], list[int]]], batch_size: int, seed: int, max_steps: int,
                  pad_token_id: int, device: torch.device, cuda_graph: bool, compiled: str | None = None):
         self.model, self.device = model, device
-        self.forward_model = torch.compile(model, backend=compiled) if compiled else model
+        self.compiled = CompiledBlocks(model, compiled) if compiled else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ids, self.labels, self.lengths = _padded(rows, pad_token_id, device)
         self.tokens_per_batch = batch_size * self.ids.shape[1]  # padded tokens a step holds in memory
@@ -113,8 +151,9 @@ class TrainStep:
             width = self.ids.shape[1] if self.mode == "compiled" else int(lengths.max())
             for p in self.params:
                 p.grad = None
+            ids, labels = self.ids[index, :width].long(), self.labels[index, :width].long()
             with self.autocast:
-                loss = answer_loss(self.forward_model, self.ids[index, :width].long(), self.labels[index, :width].long())
+                loss = self.compiled.loss(self.model, ids, labels) if self.compiled else answer_loss(self.model, ids, labels)
             loss.backward()
             return loss.detach(), int(lengths.sum())
         self.static_ids.copy_(self.ids[index])
@@ -146,8 +185,8 @@ class TrainStep:
     def close(self) -> None:
         """Free the graph's memory, the compiled step and the gradients that live in them."""
         self.graph = None
-        if self.forward_model is not self.model:
-            self.forward_model = self.model
+        if self.compiled is not None:
+            self.compiled = None
             torch._dynamo.reset()  # the next trial's adapter is new modules: it compiles again anyway
         for p in self.params:
             p.grad = None
