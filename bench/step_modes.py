@@ -159,10 +159,56 @@ def graph_matches_eager(model_config, lora_kwargs: dict, batch: int, length: int
             "tensors": len(eager)}
 
 
+MFU_TRIAL_STEPS = 1000  # the trial `mfu_1b` is for: 32M tokens at 32 x 1024, a modest LoRA fine-tune
+
+
+def figures_of(record: dict) -> dict:
+    """The benchmark's figures from its measurements (rerun on a saved JSON: python -c
+    "import json, bench.step_modes as b; print(b.figures_of(json.load(open('bench/results/step_modes.json'))))").
+    `mfu_1b` is a whole trial of MFU_TRIAL_STEPS steps in the step mode the defaults give it
+    (`resources.compile: auto`: compiled for a model this size and a trial this long), its
+    compile time included; `mfu_1b_uncompiled` the best of the graph and eager steps."""
+    from search.config import ResourcesConfig
+
+    figures = {}
+    small_runs = record["small"]
+    graphed = {k for k, v in small_runs.items() if v.get("mode") == "cuda_graph"}
+    if {"all7_r16_dora/graph", "all7_r16/graph"} <= graphed:
+        figures["dora_step_time_ratio"] = small_runs["all7_r16_dora/graph"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
+    if "all7_r16_dora/eager" in small_runs and "all7_r16/eager" in small_runs:
+        figures["dora_step_time_ratio_eager"] = small_runs["all7_r16_dora/eager"]["ms_per_step"] / small_runs["all7_r16/eager"]["ms_per_step"]
+    if "all7_r16/graph" in graphed and "all7_r16/eager" in small_runs:
+        figures["graph_step_speedup"] = small_runs["all7_r16/eager"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
+    if record["1b"].get("mfu"):
+        # the default step modes (graph or eager: capture under 3 s, nothing to amortise)
+        default_modes = [v for k, v in record["1b"]["mfu"].items() if not k.endswith("/compiled")]
+        if default_modes:
+            figures["mfu_1b_uncompiled"] = figures["mfu_1b"] = max(default_modes)
+        compiled = {k: v for k, v in record["1b"]["mfu"].items() if k.endswith("/compiled")}
+        if compiled:  # resources.compile: the steps after compiling, and a whole trial with its compile time
+            key = max(compiled, key=compiled.get)
+            run = record["1b"][key]
+            figures["mfu_1b_compiled_steps"] = compiled[key]
+            figures["compile_seconds_1b"] = run["warmup_seconds"]
+            if key in record.get("1b_again", {}):
+                figures["compile_seconds_1b_same_config_again"] = record["1b_again"][key]["warmup_seconds"]
+            for steps in (100, 200, 300, 1000, 2000):
+                seconds = steps * run["ms_per_step"] / 1000
+                figures[f"mfu_1b_compiled_trial_{steps}_steps"] = compiled[key] * seconds / (seconds + run["warmup_seconds"])
+            total_params = record["1b"].get("total_params", record["1b"].get("non_embedding_params", 0))
+            if ResourcesConfig().compiled(1.0, total_params, MFU_TRIAL_STEPS, True):
+                figures["mfu_1b"] = figures[f"mfu_1b_compiled_trial_{MFU_TRIAL_STEPS}_steps"]
+                figures["mfu_1b_trial"] = f"{MFU_TRIAL_STEPS} steps, compiled (resources.compile: auto), compile time included"
+    for key, name in (("bf16", "bf16_peak_memory_gb"), ("qlora_nf4", "qlora_peak_memory_gb")):
+        if key in record["memory"]:
+            figures[name] = record["memory"][key]["peak_memory_gb"]
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "step_modes.json"))
-    parser.add_argument("--parts", default="check,small,1b,memory")
+    parser.add_argument("--parts", default="check,small,1b,compile,memory")
     args = parser.parse_args()
     import peft
     import torch
@@ -228,6 +274,7 @@ def main() -> int:
                     attempt("1b_again", f"b{batch}x{length}/compiled",
                             lambda: time_steps(big, lora, batch, length, False, steps=10, base=base, compiled=True))
             params = sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n)
+            record["1b"]["total_params"] = sum(p.numel() for p in base.parameters())  # what resources.compile: auto reads
             del base
             torch.cuda.empty_cache()
             record["1b"]["non_embedding_params"] = params
@@ -261,40 +308,14 @@ def main() -> int:
 
         attempt("memory", "qlora_nf4", qlora)
 
-    figures = {}
-    small_runs = record["small"]
-    graphed = {k for k, v in small_runs.items() if v.get("mode") == "cuda_graph"}
-    if {"all7_r16_dora/graph", "all7_r16/graph"} <= graphed:
-        figures["dora_step_time_ratio"] = small_runs["all7_r16_dora/graph"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
-    if "all7_r16_dora/eager" in small_runs and "all7_r16/eager" in small_runs:
-        figures["dora_step_time_ratio_eager"] = small_runs["all7_r16_dora/eager"]["ms_per_step"] / small_runs["all7_r16/eager"]["ms_per_step"]
-    if "all7_r16/graph" in graphed and "all7_r16/eager" in small_runs:
-        figures["graph_step_speedup"] = small_runs["all7_r16/eager"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
-    if record["1b"].get("mfu"):
-        # the default step modes (graph or eager: capture under 3 s, nothing to amortise)
-        default_modes = [v for k, v in record["1b"]["mfu"].items() if not k.endswith("/compiled")]
-        if default_modes:
-            figures["mfu_1b"] = max(default_modes)
-        compiled = {k: v for k, v in record["1b"]["mfu"].items() if k.endswith("/compiled")}
-        if compiled:  # resources.compile: the steps after compiling, and a whole trial with its compile time
-            key = max(compiled, key=compiled.get)
-            run = record["1b"][key]
-            figures["mfu_1b_compiled_steps"] = compiled[key]
-            figures["compile_seconds_1b"] = run["warmup_seconds"]
-            if key in record["1b_again"]:
-                figures["compile_seconds_1b_same_config_again"] = record["1b_again"][key]["warmup_seconds"]
-            for steps in (100, 300, 1000, 2000):
-                seconds = steps * run["ms_per_step"] / 1000
-                figures[f"mfu_1b_compiled_trial_{steps}_steps"] = compiled[key] * seconds / (seconds + run["warmup_seconds"])
-    for key, name in (("bf16", "bf16_peak_memory_gb"), ("qlora_nf4", "qlora_peak_memory_gb")):
-        if key in record["memory"]:
-            figures[name] = record["memory"][key]["peak_memory_gb"]
+    figures = figures_of(record)
     record["figures"] = figures
     save()
     summary_path = RESULTS / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.update({k: v for k, v in figures.items() if k in ("dora_step_time_ratio", "mfu_1b", "bf16_peak_memory_gb",
-                                                             "qlora_peak_memory_gb")})
+    summary.update({k: v for k, v in figures.items() if k in (
+        "dora_step_time_ratio", "mfu_1b", "mfu_1b_trial", "mfu_1b_uncompiled", "mfu_1b_compiled_steps", "compile_seconds_1b",
+        "bf16_peak_memory_gb", "qlora_peak_memory_gb")})
     summary_path.write_text(json.dumps(summary, indent=2))
 
     print(f"\n{'run':<28}{'mode':>11}{'ms/step':>10}{'capture s':>11}{'tokens/s':>12}{'peak GB':>9}")

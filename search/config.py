@@ -54,6 +54,11 @@ class BudgetConfig:
         return out
 
 
+# resources.compile: auto. On an H100 the 1.1B Llama's compiled step saved 262 ms a step for 26 s of
+# compiling (bench/results/step_modes.json): it paid from about 100 steps; 200 leaves a margin for
+# smaller batches. Under 1B no measured step was bound by anything the CUDA graph leaves.
+COMPILE_FROM_PARAMS = 1e9
+COMPILE_FROM_STEPS = 200
 TRIAL_FIXED_GB = 2.5  # CUDA context, allocator slack, an eval batch's logits (up to 1 GiB): SmolLM2 trials peaked at 1.4-2.7 GB
 
 
@@ -70,7 +75,17 @@ class ResourcesConfig:
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
-    compile: bool = field(default=False, metadata={"help": "GPU trials only: train steps through torch.compile (instead of a CUDA graph), compiled once per trial. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 464 ms a step against 650 eager, after 91-109 s of compiling: it pays for trials of more than about 500-600 steps of a model that size; small models' short trials: keep it off"})
+    compile: bool | str = field(default="auto", metadata={"help": "GPU trials: train steps through torch.compile, one decoder layer compiled for all (trainables/step.py), instead of a CUDA graph; auto: on for models of 1B parameters or more whose trials run 200 steps or more (bf16, no gradient checkpointing), else off. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 388 ms a step against 650, after 26 s of compiling (3 s for the same configuration again): it pays from about 100 steps. Small models' steps are bound by kernel launches, which the CUDA graph removes without compiling (SmolLM2: 19 ms a step)"})
+
+    def compiled(self, gpus_per_trial: float, total_params: int, max_steps: int, bf16_unchecked: bool) -> bool:
+        """Whether trials compile their steps: `compile` as given, or for auto, GPU trials of a
+        model of COMPILE_FROM_PARAMS or more, trials of COMPILE_FROM_STEPS steps or more,
+        and a plain bf16 model without gradient checkpointing (`bf16_unchecked`: neither
+        bitsandbytes' 4-bit layers nor recomputed activations were measured compiled)."""
+        if self.compile != "auto":
+            return bool(self.compile)
+        return (gpus_per_trial > 0 and total_params >= COMPILE_FROM_PARAMS and max_steps >= COMPILE_FROM_STEPS
+                and bf16_unchecked)
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
              bytes_per_param: float = 2.0) -> float:
@@ -98,6 +113,8 @@ class ResourcesConfig:
                 out.append(f"resources.gpus_per_trial is {self.gpus_per_trial!r}; allowed: auto, 0, a fraction in (0, 1], or a whole number")
         elif self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
             out.append(f"resources.gpus_per_trial is {self.gpus_per_trial}; allowed: 0, a fraction in (0, 1], or a whole number")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            out.append(f"resources.compile is {self.compile!r}; allowed: auto, true or false")
         if self.cpus_per_trial < 1:
             out.append(f"resources.cpus_per_trial is {self.cpus_per_trial}; allowed: an integer >= 1")
         if self.max_concurrent_trials < 0:

@@ -69,7 +69,7 @@ def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
     bad input, not a crash."""
     import torch
 
-    if config.resources.compile and gpus_per_trial == 0:
+    if config.resources.compile is True and gpus_per_trial == 0:
         raise ConfigError("resources.compile is true but trials get no GPU (resources.gpus_per_trial resolved to 0); "
                           "compiled steps are for GPU trials. Fix: --set resources.compile=false, or give trials a GPU")
     if not local:

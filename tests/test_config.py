@@ -64,6 +64,7 @@ def test_all_problems_are_reported_at_once():
     ("budget.batch_size=0", "budget.batch_size is 0; allowed: an integer >= 1"),
     ("resources.gpus_per_trial=1.5", "resources.gpus_per_trial is 1.5"),
     ("resources.gpus_per_trial=lots", "resources.gpus_per_trial is 'lots'"),
+    ("resources.compile=sometimes", "resources.compile is 'sometimes'; allowed: auto, true or false"),
     ("model.quantization=8bit", "model.quantization is '8bit'; allowed: none, 4bit"),
     ("model.dtype=fp8", "model.dtype is 'fp8'"),
     ("data.search_fraction=0", "data.search_fraction is 0.0; allowed: a number in (0, 1]"),
@@ -110,6 +111,22 @@ def test_auto_gpu_share_grows_until_a_trial_fits_the_gpus_memory():
     # 4-bit weights take a quarter of bf16's: the same model packs tighter
     assert auto.gpus(cuda=True, total_params=3e9, gpu_memory_gb=24, bytes_per_param=0.5) == 0.5
     assert auto.gpus(cuda=True, total_params=8e9, gpu_memory_gb=8) == 1.0  # never more than one GPU by itself
+
+
+def test_auto_compile_is_for_gpu_trials_of_large_models_that_train_long_enough():
+    """resources.compile: auto compiles where bench/results/step_modes.json measured it paying
+    (1.1B, 26 s of compiling against 262 ms saved a step) and nowhere else; true and false win."""
+    from search.config import COMPILE_FROM_PARAMS, COMPILE_FROM_STEPS, ResourcesConfig
+
+    auto = ResourcesConfig()
+    big, long = COMPILE_FROM_PARAMS, COMPILE_FROM_STEPS
+    assert auto.compiled(0.5, big, long, True)
+    assert not auto.compiled(0.0, big, long, True)  # CPU trials
+    assert not auto.compiled(0.125, 135e6, 10_000, True)  # SmolLM2: the CUDA graph serves it
+    assert not auto.compiled(0.5, big, long - 1, True)  # too short to pay for the compile
+    assert not auto.compiled(0.5, big, long, False)  # 4-bit or gradient checkpointing: not measured
+    assert ResourcesConfig(compile=True).compiled(0.125, 135e6, 10, False)
+    assert not ResourcesConfig(compile=False).compiled(1.0, 8e9, 10_000, True)
 
 
 def test_the_embedded_default_yaml_and_the_dataclass_defaults_agree():

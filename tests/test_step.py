@@ -167,21 +167,27 @@ def test_keeping_the_bf16_input_under_autocast_gives_the_same_loss_and_gradients
         torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=0)
 
 
-def test_a_compiled_step_pads_to_one_width_and_gives_the_eager_steps_loss_and_gradients(tiny):
-    """resources.compile: every batch at the split's full width (one compilation for every
-    step), through torch.compile. Here with its "eager" backend (inductor needs a compiler
-    and, in trials, a GPU): dynamo really traces the PEFT model; the numbers must not change."""
+def _qv_adapter(base):
+    """A fresh copy of `base` with a seeded q,v r4 adapter whose B is not zero (every adapter
+    tensor gets a gradient), in train mode."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    return model.train()
+
+
+def test_a_compiled_step_pads_to_one_width_and_gives_the_eager_steps_loss_and_gradients(tiny):
+    """resources.compile: every batch at the split's full width (one compilation for every
+    step), through torch.compile. Here with its "eager" backend (inductor needs a compiler
+    and, in trials, a GPU): dynamo really traces the PEFT model; the numbers must not change."""
     base, rows = tiny
     results = {}
     for compiled in (None, "eager"):
-        torch.manual_seed(0)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                               init_lora_weights=False))
-        model.train()
+        model = _qv_adapter(base)
         step = TrainStep(model, rows, batch_size=2, seed=3, max_steps=4, pad_token_id=0, device=torch.device("cpu"),
                          cuda_graph=False, compiled=compiled)
         widths = []
@@ -230,3 +236,24 @@ def test_a_compiled_step_compiles_one_decoder_layer_for_all_and_leaves_eval_eage
         assert step.compiled.blocks and len(step.compiled.blocks) == layers
         step.close()
     assert graphs[2] == graphs[5] <= 3
+
+
+def test_a_step_whose_compile_fails_runs_uncompiled_with_the_same_loss(tiny, caplog):
+    """A model or backend that torch.compile cannot handle does not fail the trial: its first
+    step warns, and the trial trains as it would have without compiling (here eagerly, each
+    batch at its own width), with the same loss."""
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend compiles nothing")
+
+    base, rows = tiny
+    losses = {}
+    for compiled in (None, broken_backend):
+        model = _qv_adapter(base)
+        step = TrainStep(model, rows, batch_size=2, seed=3, max_steps=3, pad_token_id=0, device=torch.device("cpu"),
+                         cuda_graph=True, compiled=compiled)
+        losses[compiled is None] = [step(k)[0] for k in range(3)]
+        assert step.mode == "eager" and step.compiled is None
+        step.close()
+    assert "compiling the train step failed" in caplog.text and "this backend compiles nothing" in caplog.text
+    for eager_loss, fallen_back in zip(losses[True], losses[False]):
+        torch.testing.assert_close(fallen_back, eager_loss, rtol=1e-6, atol=1e-7)

@@ -108,13 +108,16 @@ class TrainStep:
     `mode` is "cuda_graph", "compiled" or "eager".
 
     `compiled` (a torch.compile backend, "inductor" in trials; `resources.compile`): the
-    forward and backward go through torch.compile instead of a graph, every batch padded to
-    the split's longest example so one compilation serves every step. Compiling costs about
-    100 s for a 1B model (bench/results/step_modes.json): for long trials of large models,
-    where it fuses what PEFT and the model's norms and activations do in many small kernels."""
+    forward and backward go through torch.compile (`CompiledBlocks`) instead of a graph,
+    every batch padded to the split's longest example so one compilation serves every step:
+    for long trials of large models, where it fuses what PEFT and the model's norms and
+    activations do in many small kernels (bench/results/step_modes.json). It compiles in the
+    first step; if that fails (a model dynamo cannot trace, a backend error; not running out
+    of memory, which the uncompiled step would too), the trial goes on with the step it would
+    have had without compiling, says so in the worker's log and reports that step mode."""
 
     def __init__(self, model, rows: list[tuple[list[int], list[int]]], batch_size: int, seed: int, max_steps: int,
-                 pad_token_id: int, device: torch.device, cuda_graph: bool, compiled: str | None = None):
+                 pad_token_id: int, device: torch.device, cuda_graph: bool, compiled=None):
         self.model, self.device = model, device
         self.compiled = CompiledBlocks(model, compiled) if compiled else None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -131,20 +134,46 @@ class TrainStep:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda \
             else torch.autocast("cpu", enabled=False)
         self.graph = None
+        self.graph_wanted = cuda_graph and cuda
+        self.compiled_once = False
         self.mode = "compiled" if compiled else "eager"
-        if cuda_graph and cuda and not compiled:
-            try:
-                self._capture()
-                self.mode = "cuda_graph"
-            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                self.graph = None
-                for p in self.params:
-                    p.grad = None
-                log.warning("CUDA graph capture failed (%s: %s); this trial runs its steps eagerly",
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        if not compiled:
+            self._try_graph()
+
+    def _try_graph(self) -> None:
+        if not self.graph_wanted:
+            return
+        try:
+            self._capture()
+            self.mode = "cuda_graph"
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.graph = None
+            for p in self.params:
+                p.grad = None
+            log.warning("CUDA graph capture failed (%s: %s); this trial runs its steps eagerly",
+                        type(error).__name__, _first_line(error))
 
     def __call__(self, step: int) -> tuple[torch.Tensor, int]:
         """(loss on the GPU, real unpadded tokens in the batch) of optimizer step `step`."""
+        if self.compiled is not None and not self.compiled_once:
+            try:
+                result = self._step(step)
+                self.compiled_once = True
+                return result
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the step without compiling computes the same
+                log.warning("compiling the train step failed (%s: %s); this trial runs without compiling",
+                            type(error).__name__, _first_line(error))
+                self.compiled = None
+                torch._dynamo.reset()
+                for p in self.params:
+                    p.grad = None
+                self.mode = "eager"
+                self._try_graph()
+        return self._step(step)
+
+    def _step(self, step: int) -> tuple[torch.Tensor, int]:
         lengths = self.lengths[self.schedule[step]]
         index = self.device_schedule[step]
         if self.graph is None:
@@ -190,6 +219,15 @@ class TrainStep:
             torch._dynamo.reset()  # the next trial's adapter is new modules: it compiles again anyway
         for p in self.params:
             p.grad = None
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line; with the next one where the first only introduces it (dynamo's
+    "backend='inductor' raised:" before the backend's own error)."""
+    lines = [text.strip() for text in str(error).splitlines() if text.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
 
 
 _padded_cache: dict = {}
