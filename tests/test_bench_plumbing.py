@@ -67,3 +67,24 @@ def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_
     assert first_full_budget_result_at_least_as_good(reports, 100, 0.42, started=100) == 25
     assert first_full_budget_result_at_least_as_good(reports, 100, 0.385, started=100) == 60  # only confirm's
     assert first_full_budget_result_at_least_as_good(reports, 100, 0.3, started=100) is None
+
+
+def test_mfu_1b_is_the_trial_in_the_mode_the_defaults_give_it_compile_time_included():
+    """`mfu_1b` follows resources.compile: auto: for a 1B+ model's 1,000-step trial it is the
+    compiled step's MFU discounted by its compile time; for a model auto would not compile,
+    the best uncompiled step."""
+    sys.path.insert(0, str(ROOT))
+    from bench.step_modes import MFU_TRIAL_STEPS, figures_of
+
+    def record(total_params):
+        return {"small": {}, "memory": {}, "1b_again": {}, "1b": {
+            "total_params": total_params,
+            "mfu": {"b32x1024/eager": 0.24, "b16x1024/graph": 0.2, "b32x1024/compiled": 0.4},
+            "b32x1024/compiled": {"ms_per_step": 400.0, "warmup_seconds": 40.0}}}
+
+    compiled = figures_of(record(1.1e9))
+    trial_seconds = MFU_TRIAL_STEPS * 0.4
+    assert compiled["mfu_1b"] == pytest.approx(0.4 * trial_seconds / (trial_seconds + 40))
+    assert compiled["mfu_1b_uncompiled"] == 0.24 and compiled["compile_seconds_1b"] == 40
+    assert compiled["mfu_1b_compiled_trial_100_steps"] == pytest.approx(0.4 * 40 / 80)  # half the trial compiling
+    assert figures_of(record(0.9e9))["mfu_1b"] == 0.24  # auto leaves it uncompiled
