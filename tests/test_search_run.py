@@ -44,6 +44,14 @@ def test_search_finishes_and_writes_the_four_outputs(tiny_run):
         assert (run_dir / name).is_file(), name
 
 
+def test_the_run_config_records_the_resources_as_resolved(tiny_run):
+    """auto settings are stored as they were decided for this run (a resume, a report and a
+    reader of the run see what the trials did): on this CPU, no GPU share and no compiling."""
+    _, run_dir = tiny_run
+    resources = json.loads((run_dir / "run_config.json").read_text())["resources"]
+    assert resources["gpus_per_trial"] == 0.0 and resources["compile"] is False
+
+
 def test_asha_stops_some_trials_before_the_full_budget(tiny_run):
     _, run_dir = tiny_run
     trials = pd.read_csv(run_dir / "trials.csv")
