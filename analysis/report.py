@@ -111,7 +111,7 @@ def render_report(
         _title(run_config, selection),
         _searched(run_config),
         _module_notes(run_config),
-        _spent(trials, run_config["budget"]["max_steps"]),
+        _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {}).get("compile")),
         _pick_section(trials, chosen, no_pick),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen, diagnoses),
@@ -240,7 +240,29 @@ def _module_notes(run_config: dict) -> str:
     return "## Module sets on this model\n\n" + ("\n".join(lines) if lines else "Not recorded in run_config.json.")
 
 
-def _spent(trials: pd.DataFrame, max_steps: int) -> str:
+STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly"}
+
+
+def _step_modes(trials: pd.DataFrame, compile_on) -> str:
+    """How the trials' train steps ran (trials.csv's `step_mode`), and which trials of a run
+    that asked for compiled steps trained without them (their compile failed: the worker's
+    log says why)."""
+    modes = trials["step_mode"].dropna() if "step_mode" in trials else pd.Series(dtype=object)
+    if modes.empty:
+        return ""
+    counts = modes.value_counts()
+    parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
+    text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
+    if compile_on is True:
+        uncompiled = trials.loc[trials["step_mode"].notna() & (trials["step_mode"] != "compiled"), "trial_id"]
+        if len(uncompiled):
+            text += (f" resources.compile was on, but {len(uncompiled)} trial(s) trained uncompiled because their "
+                     f"step failed to compile (the trial worker's log says why): "
+                     + ", ".join(f"`{t}`" for t in uncompiled) + ".")
+    return text
+
+
+def _spent(trials: pd.DataFrame, max_steps: int, compile_on=None) -> str:
     counts = trials["status"].value_counts()
     # A promoted trial continued its parent's checkpoint and reports their time together.
     parents = trials.loc[trials["origin"] == "promoted", "parent"]
@@ -256,6 +278,7 @@ def _spent(trials: pd.DataFrame, max_steps: int) -> str:
         f"{f', evaluation {eval_seconds:,.0f}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
+        + _step_modes(trials, compile_on)
     )
     failed = trials[trials["status"] == "failed"]
     if failed.empty:

@@ -35,13 +35,13 @@ COLUMNS = (
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
     "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "train_loss",
     "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "tokens_per_second",
-    "peak_memory_gb", "error",
+    "peak_memory_gb", "step_mode", "error",
 )
 CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "train_loss")
 # What a trial reports at each step; a trial that failed before its first report has none.
 REPORTED_COLUMNS = (
     "step", "eval_loss", "eval_accuracy", "train_loss", "trainable_params", "trainable_pct",
-    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gb",
+    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gb", "step_mode",
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")

@@ -144,6 +144,27 @@ def test_a_metric_to_maximise_picks_the_cheapest_trial_within_tolerance_of_the_h
     assert (read_pick(run_dir)["trial_id"], read_pick(run_dir)["best_value"]) == ("bbbb0003", 0.90)
 
 
+def test_the_report_says_how_steps_ran_and_names_trials_whose_compile_failed(tmp_path):
+    """A trial whose step failed to compile trains uncompiled and says so in its step_mode; with
+    resources.compile on, the report names it (the worker's log has the reason)."""
+    run_dir = write_run_config(tmp_path / "run", resources={"compile": True, "gpus_per_trial": 1.0})
+    add_trial(run_dir, "eeee0001", eval_loss=0.5, r=16, step_mode="compiled")
+    add_trial(run_dir, "eeee0002", eval_loss=0.6, r=4, step_mode="cuda_graph")
+    add_trial(run_dir, "eeee0003", eval_loss=0.7, r=8, step_mode="compiled")
+
+    assert analyse(run_dir) == 0
+    assert read_trials_csv(run_dir).set_index("trial_id")["step_mode"].to_dict() == {
+        "eeee0001": "compiled", "eeee0002": "cuda_graph", "eeee0003": "compiled"}
+    report = (run_dir / "report.md").read_text()
+    assert "Train steps ran compiled in 2, as a CUDA graph in 1 trials." in report
+    assert "resources.compile was on, but 1 trial(s) trained uncompiled" in report and "`eeee0002`" in report
+
+    quiet = write_run_config(tmp_path / "quiet", resources={"compile": False})
+    add_trial(quiet, "ffff0001", eval_loss=0.5, step_mode="cuda_graph")
+    assert analyse(quiet) == 0
+    assert "trained uncompiled" not in (quiet / "report.md").read_text()
+
+
 def test_importance_plot_is_skipped_with_a_reason_when_fewer_than_three_trials_finished(tmp_path):
     run_dir = write_run_config(tmp_path / "run")
     add_trial(run_dir, "cccc0001", eval_loss=0.5, r=16)

@@ -57,7 +57,7 @@ The actor is dead because its worker process has died. Worker exit type: SYSTEM_
 
 def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_path: str = "/models/tiny",
                      metric: str = "eval_loss", mode: str = "min", tolerance: float = 0.95,
-                     cost: str = "trainable_params") -> Path:
+                     cost: str = "trainable_params", resources: dict | None = None) -> Path:
     """Write `<run_dir>/run_config.json` as the driver does; return `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -71,6 +71,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
                    "reduction_factor": 2, "batch_size": 8},
         "selection": {"metric": metric, "mode": mode, "tolerance": tolerance, "cost": cost},
         "base_model": {"path": base_model_path, "total_params": 1_000_000},
+        **({"resources": resources} if resources else {}),
     }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     return run_dir
@@ -82,7 +83,7 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
               experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
               alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
               learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
-              seed: int = 0) -> Path:
+              seed: int = 0, step_mode: str | None = None) -> Path:
     """Write one trial directory the way Ray does; return it.
 
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
@@ -114,6 +115,7 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             "train_seconds": train_seconds if train_seconds is not None else 0.1 * step * r,
             "eval_seconds": 0.2 * step,
             "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
+            **({"step_mode": step_mode} if step_mode else {}),
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
             "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,
