@@ -75,16 +75,18 @@ class ResourcesConfig:
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
-    compile: bool | str = field(default="auto", metadata={"help": "GPU trials: train steps through torch.compile, one decoder layer compiled for all (trainables/step.py), instead of a CUDA graph; auto: on for models of 1B parameters or more whose trials run 200 steps or more (bf16, no gradient checkpointing), else off. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 388 ms a step against 650, after 26 s of compiling (3 s for the same configuration again): it pays from about 100 steps. Small models' steps are bound by kernel launches, which the CUDA graph removes without compiling (SmolLM2: 19 ms a step)"})
+    compile: bool | str = field(default="auto", metadata={"help": "GPU trials: train steps through torch.compile, one decoder layer compiled for all (trainables/step.py), instead of a CUDA graph; auto: on for models of 1B parameters or more whose trials all run 200 steps or more (budget.grace_period, before which ASHA stops none; bf16, no gradient checkpointing), else off. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 388 ms a step against 650, after 26 s of compiling (3 s for the same configuration again): it pays from about 100 steps. Small models' steps are bound by kernel launches, which the CUDA graph removes without compiling (SmolLM2: 19 ms a step)"})
 
-    def compiled(self, gpus_per_trial: float, total_params: int, max_steps: int, bf16_unchecked: bool) -> bool:
+    def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool) -> bool:
         """Whether trials compile their steps: `compile` as given, or for auto, GPU trials of a
-        model of COMPILE_FROM_PARAMS or more, trials of COMPILE_FROM_STEPS steps or more,
-        and a plain bf16 model without gradient checkpointing (`bf16_unchecked`: neither
-        bitsandbytes' 4-bit layers nor recomputed activations were measured compiled)."""
+        model of COMPILE_FROM_PARAMS or more whose every trial trains COMPILE_FROM_STEPS steps
+        or more (`steps_every_trial`: the grace period, before which ASHA stops none; each
+        trial pays its own compile), and a plain bf16 model without gradient checkpointing
+        (`bf16_unchecked`: neither bitsandbytes' 4-bit layers nor recomputed activations were
+        measured compiled)."""
         if self.compile != "auto":
             return bool(self.compile)
-        return (gpus_per_trial > 0 and total_params >= COMPILE_FROM_PARAMS and max_steps >= COMPILE_FROM_STEPS
+        return (gpus_per_trial > 0 and total_params >= COMPILE_FROM_PARAMS and steps_every_trial >= COMPILE_FROM_STEPS
                 and bf16_unchecked)
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,

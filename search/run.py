@@ -74,7 +74,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
     gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
     check_device(config, gpus, local=local)
-    compiled = config.resources.compiled(gpus, prepared.total_params, config.budget.max_steps,
+    steps_every_trial = min(config.budget.grace_period, config.budget.max_steps)
+    compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
                                          config.model.quantization == "none" and not config.model.gradient_checkpointing)
     config = replace(config, resources=replace(config.resources, compile=compiled))  # as resolved, in run_config.json
     if args.address:  # a cluster: ask it before anything is written
