@@ -145,14 +145,10 @@ def first_full_budget_result_at_least_as_good(reports: dict[str, list[dict]], ma
     return min(times) if times else None
 
 
-def busy_windows(reports: dict[str, list[dict]]) -> tuple[list[tuple[float, float]], list[str]]:
-    """Every trial's busy windows, from every report, and each trial's step mode."""
-    windows, modes = [], []
-    for trial_reports in reports.values():
-        windows += [(r["busy_from"], r["busy_to"]) for r in trial_reports if "busy_from" in r]
-        if trial_reports:
-            modes.append(trial_reports[-1].get("step_mode", "?"))
-    return windows, modes
+def busy_windows(reports: dict[str, list[dict]]) -> list[tuple[float, float]]:
+    """Every trial's busy windows, from every report."""
+    return [(r["busy_from"], r["busy_to"]) for trial_reports in reports.values() for r in trial_reports
+            if "busy_from" in r]
 
 
 def _rounded(value):
@@ -202,7 +198,7 @@ def main() -> int:
         pick = json.loads((run_dir / "pick.json").read_text()) if (run_dir / "pick.json").exists() else {}
         config = json.loads((run_dir / "run_config.json").read_text())
         reports = reports_by_trial(run_dir)
-        windows, modes = busy_windows(reports)
+        windows = busy_windows(reports)
         account = time_account(reports, started_epoch, ended_epoch)
         account["driver_steps"] = [{"step": name, "from": round(began - started_epoch, 2), "to": round(end - started_epoch, 2)}
                                    for name, began, end in marks]
@@ -240,7 +236,7 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
-        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": modes, "grid": grid_figures,
+        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": trials.step_mode.dropna().tolist(), "grid": grid_figures,
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -204,8 +204,7 @@ def figures_of(record: dict) -> dict:
             for steps in (100, 200, 300, 1000, 2000):
                 seconds = steps * run["ms_per_step"] / 1000
                 figures[f"mfu_1b_compiled_trial_{steps}_steps"] = compiled[key] * seconds / (seconds + run["warmup_seconds"])
-            total_params = record["1b"].get("total_params", record["1b"].get("non_embedding_params", 0))
-            if ResourcesConfig().compiled(1.0, total_params, MFU_TRIAL_STEPS, True):
+            if ResourcesConfig().compiled(1.0, record["1b"]["total_params"], MFU_TRIAL_STEPS, True):
                 figures["mfu_1b"] = figures[f"mfu_1b_compiled_trial_{MFU_TRIAL_STEPS}_steps"]
                 figures["mfu_1b_trial"] = f"{MFU_TRIAL_STEPS} steps, compiled (resources.compile: auto), compile time included"
     for key, name in (("bf16", "bf16_peak_memory_gb"), ("qlora_nf4", "qlora_peak_memory_gb")):

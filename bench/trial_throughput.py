@@ -93,7 +93,7 @@ def search_trials(concurrent: int, steps: int, output: Path, cuda_graphs: bool =
     return {"exit_code": code, "trials": len(trials), "tokens_per_second_each": trials.tokens_per_second.tolist(),
             "tokens_per_second_total": float(trials.tokens_per_second.sum()),
             "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall,
-            "step_modes": _step_modes(output / name),
+            "step_modes": trials.step_mode.fillna("none").tolist(),  # "none": a trial without a report
             # what packing costs: every trial process holds its own CUDA context and base model
             "gpu_memory_gb_peak_total": memory.peak_total_gb, "gpu_memory_gb_peak_per_process": memory.peak_per_process_gb}
 
@@ -136,13 +136,6 @@ class GpuMemorySampler:
             self._thread.join()
             self.peak_per_process_gb = sorted(self._per_process.values(), reverse=True)
         return False
-
-
-def _step_modes(run_dir: Path) -> list[str]:
-    """Each trial's step mode (eager or cuda_graph) from its last report; "none" without one."""
-    from analysis.results import read_trial_files
-
-    return [trial.rows[-1].get("step_mode", "?") if trial.rows else "none" for trial in read_trial_files(run_dir)]
 
 
 def main() -> int:

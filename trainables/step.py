@@ -165,8 +165,7 @@ class TrainStep:
             except Exception as error:  # noqa: BLE001 - the step without compiling computes the same
                 log.warning("compiling the train step failed (%s: %s); this trial runs without compiling",
                             type(error).__name__, _first_line(error))
-                self.compiled = None
-                torch._dynamo.reset()
+                self._drop_compiled()
                 for p in self.params:
                     p.grad = None
                 self.mode = "eager"
@@ -214,11 +213,14 @@ class TrainStep:
     def close(self) -> None:
         """Free the graph's memory, the compiled step and the gradients that live in them."""
         self.graph = None
+        self._drop_compiled()
+        for p in self.params:
+            p.grad = None
+
+    def _drop_compiled(self) -> None:
         if self.compiled is not None:
             self.compiled = None
             torch._dynamo.reset()  # the next trial's adapter is new modules: it compiles again anyway
-        for p in self.params:
-            p.grad = None
 
 
 def _first_line(error: BaseException) -> str:
