@@ -8,9 +8,20 @@ import stat
 from pathlib import Path
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def worker_preload(quantization: str) -> list[str]:
+    """What the workers of a local Ray import as they start (see trainables/preload.py):
+    torch, transformers, PEFT and the trial code; for a 4-bit search only torch and the trial
+    code, since PEFT would import bitsandbytes, which starts CUDA. LORA_SEARCH_PRELOAD=0: nothing."""
+    if os.environ.get("LORA_SEARCH_PRELOAD", "1") == "0":
+        return []
+    return ["trainables.trial"] if quantization == "4bit" else ["trainables.preload"]
+
+
+def connect(address: str | None, num_cpus: int | None = None, preload: list[str] | None = None) -> bool:
     """Start or join Ray unless this process already has; True when it was started here
-    (the caller then shuts it down). A local Ray gets no dashboard and loopback listeners."""
+    (the caller then shuts it down). A local Ray gets no dashboard, loopback listeners, and
+    workers that import `preload` as they start (Ray starts one per CPU as the driver
+    connects; Tune's trial actors take them). A cluster's workers start as its nodes say."""
     import ray
 
     if ray.is_initialized():
@@ -18,7 +29,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _system_config={"preload_python_modules": preload} if preload else None)
     tighten_auth_token()
     return True
 
