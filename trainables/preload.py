@@ -11,8 +11,8 @@ trial, and a process whose CUDA driver started before then sees every GPU of the
 would train on the first. So `torch.cuda.is_available()` is made to ask NVML, and
 bitsandbytes, which queries every device as it is imported (and which PEFT imports when it
 is installed), is hidden: `search.cluster.worker_preload` names this module only for
-searches without 4-bit quantization, which never use it. `CUDA_DRIVER_LOADED` says whether
-the driver was loaded all the same (a later library version might); a trial on CUDA refuses
+searches without 4-bit quantization, which never use it. `CUDA_INITIALISED` says whether
+CUDA was initialised all the same (a later library version might); a trial on CUDA refuses
 to run in such a worker (`trainables.trial._check_cuda_untouched_by_preload`).
 """
 
@@ -33,14 +33,19 @@ from transformers import AutoModelForCausalLM  # noqa: E402,F401
 import trainables.trial  # noqa: E402,F401
 
 
-def cuda_driver_loaded() -> bool:
-    """Whether this process has loaded the CUDA driver library (it does on the first CUDA call)."""
+def cuda_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (cuInit), which fixes the devices
+    it sees. Importing torch may load the driver library without initialising it; before
+    cuInit every driver call answers CUDA_ERROR_NOT_INITIALIZED, and asking starts nothing."""
+    import ctypes
+
     try:
-        with open("/proc/self/maps") as maps:
-            return any("libcuda.so" in line for line in maps)
+        driver = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)  # only if already loaded
     except OSError:
         return False
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) == 0  # CUDA_SUCCESS; 3 is CUDA_ERROR_NOT_INITIALIZED
 
 
-CUDA_DRIVER_LOADED = cuda_driver_loaded()
+CUDA_INITIALISED = cuda_initialised()
 PRELOAD_SECONDS = time.time() - PRELOAD_STARTED

@@ -94,12 +94,12 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
 
 
 def _check_cuda_untouched_by_preload() -> None:
-    """A worker whose CUDA driver was loaded while it preloaded, before Ray set its
+    """A worker that initialised CUDA while it preloaded, before Ray set its
     CUDA_VISIBLE_DEVICES, sees every GPU of the node: the trial would train on the first,
     whichever Ray gave it. Fail the trial instead, naming the way out."""
     preload = sys.modules.get("trainables.preload")
-    if preload is not None and preload.CUDA_DRIVER_LOADED:
-        raise RuntimeError("a module preloaded by this Ray worker (trainables.preload) loaded the CUDA driver before "
+    if preload is not None and preload.CUDA_INITIALISED:
+        raise RuntimeError("a module preloaded by this Ray worker (trainables.preload) initialised CUDA before "
                            "Ray assigned the trial its GPU, so the trial cannot tell which GPU is its own. "
                            "Fix: run again with LORA_SEARCH_PRELOAD=0 (workers import PEFT when a trial starts)")
 
