@@ -65,6 +65,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         _check_cuda_untouched_by_preload()
+        torch.cuda.init()  # the memory statistics need it (no import did it in a preloaded worker)
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
     base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device,
