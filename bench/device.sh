@@ -33,10 +33,6 @@ for item in "${benches[@]}"; do
         2> "$OUT/imports_$run.log"; tail -1 "$OUT/imports_$run.log"
     done
     sort -t'|' -k2 -n "$OUT/imports_2.log" | tail -25 | tee "$OUT/imports_top.txt"
-    # what a preloading worker imports (trainables/preload.py: bitsandbytes hidden), alone and 16 at once
-    /usr/bin/time -f "preload alone: %e s wall" python -c "import trainables.preload" 2>&1 | tail -1
-    t0=$(date +%s%N); for i in $(seq 16); do python -c "import trainables.preload" & done; wait
-    echo "preload 16 at once: $(( ($(date +%s%N) - t0) / 1000000 )) ms wall"
     continue
   fi
   # bench:ARG+ARG passes its arguments on (grid:--configs=0,1,2,3, search_vs_grid:--set=resources.cuda_graphs=true)

@@ -82,15 +82,13 @@ def time_account(reports: dict[str, list[dict]], started: float, ended: float) -
     for name, keys in stages.items():
         entered = min(first[k]["entered_at"] for k in keys)
         spans[name] = {"from_start": entered - started, "seconds": max(reports[k][-1]["busy_to"] for k in keys) - entered}
-    workers = {r["worker_started_at"]: r.get("preload_seconds") for r in first.values()}
+    workers = sorted({r["worker_started_at"] for r in first.values()})
     return {
         "before_first_trial": min(r["entered_at"] for r in first.values()) - started,
         "trial_setup_seconds": sum(r["busy_from"] - r["entered_at"] for r in first.values()),
-        # the PEFT import a trial's first call pays in a new worker (0 in a reused or preloaded one)
+        # the PEFT import a trial's first call pays in a new worker (0 in a reused one)
         "trial_import_seconds": sum(r["entered_at"] - r.get("called_at", r["entered_at"]) for r in first.values()),
         "worker_processes": len(workers),
-        # what the workers imported as they started, before Tune called them (trainables/preload.py)
-        "worker_preload_seconds": sum(seconds for seconds in workers.values() if seconds),
         "stages": spans,
         "after_last_report": ended - max(r[-1]["busy_to"] for r in reports.values() if r),
     }
@@ -98,8 +96,8 @@ def time_account(reports: dict[str, list[dict]], started: float, ended: float) -
 
 def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
     """Each trial's clock readings, in seconds from the start, in the order the trials were
-    called: when its worker loaded the trial code (the end of its preload, if it preloaded),
-    Tune called it, PEFT was imported, its first step began and its last report was made."""
+    called: when its worker loaded the trial code, Tune called it, PEFT was imported, its
+    first step began and its last report was made."""
     rows = []
     for key, trial in reports.items():
         if trial and "entered_at" in trial[0]:
@@ -174,7 +172,6 @@ def main() -> int:
     import torch
     import transformers
 
-    from search.cluster import worker_preload
     from search.run import main as search
 
     sets = [f"data.train={FACTS / 'facts_train.jsonl'}", f"data.eval={FACTS / 'facts_eval.jsonl'}",
@@ -240,7 +237,6 @@ def main() -> int:
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
         "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": trials.step_mode.dropna().tolist(), "grid": grid_figures,
-        "worker_preload": worker_preload(config["model"]["quantization"]),
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

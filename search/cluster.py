@@ -8,32 +8,9 @@ import stat
 from pathlib import Path
 
 
-def worker_preload(quantization: str) -> list[str]:
-    """What the workers of a local Ray import as they start (see trainables/preload.py):
-    torch, transformers, PEFT and the trial code; for a 4-bit search only torch and the trial
-    code, since PEFT would import bitsandbytes, which starts CUDA. LORA_SEARCH_PRELOAD=0: nothing."""
-    if os.environ.get("LORA_SEARCH_PRELOAD", "1") == "0":
-        return []
-    return ["trainables.trial"] if quantization == "4bit" else ["trainables.preload"]
-
-
-def local_cpus(gpus_per_trial: float, cpus_per_trial: int, gpu_count: int) -> int | None:
-    """The CPUs a local Ray declares: where trials take GPU shares, as many as its GPU slots
-    use (never more than the machine has), since Ray starts one worker per declared CPU as it
-    starts and each imports torch and PEFT (trainables/preload.py): 16 such imports at once took
-    19 s on the H200 host against 13 s for one, and the trials beyond the GPU slots could never
-    run. Without GPUs, None: every CPU (trials are CPU slots)."""
-    if gpus_per_trial <= 0 or gpu_count <= 0:
-        return None
-    slots = math.floor(gpu_count / gpus_per_trial + 1e-9)
-    return max(1, min(os.cpu_count() or 1, slots * cpus_per_trial))
-
-
-def connect(address: str | None, num_cpus: int | None = None, preload: list[str] | None = None) -> bool:
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Start or join Ray unless this process already has; True when it was started here
-    (the caller then shuts it down). A local Ray gets no dashboard, loopback listeners, and
-    workers that import `preload` as they start (Ray starts one per CPU as the driver
-    connects; Tune's trial actors take them). A cluster's workers start as its nodes say."""
+    (the caller then shuts it down). A local Ray gets no dashboard and loopback listeners."""
     import ray
 
     if ray.is_initialized():
@@ -41,8 +18,7 @@ def connect(address: str | None, num_cpus: int | None = None, preload: list[str]
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 _system_config={"preload_python_modules": preload} if preload else None)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     tighten_auth_token()
     return True
 

@@ -99,12 +99,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
     return _search(config, args, prepared, gpus, data_info, location)
 
 
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool) -> dict:
     """Tokenize the data (in memory: bad data is input error with nothing written), then
     create the run directory with the data and the resolved config (uploaded at once to a
@@ -142,7 +136,7 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, location: RunLocation) -> int:
     import ray
 
-    from search.cluster import connect, local_cpus, trial_slots, worker_preload
+    from search.cluster import connect, trial_slots
     from search.prior import prior_point
     from search.space import LoraSpace
     from search.stages import after_search
@@ -174,9 +168,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
     # True when this process started Ray, or joined a cluster in `run`: then it lets go at the end.
-    started_here = connect(args.address, preload=worker_preload(config.model.quantization),
-                           num_cpus=local_cpus(gpus, config.resources.cpus_per_trial, _gpu_count())) \
-        or args.address is not None
+    started_here = connect(args.address) or args.address is not None
     if not config.resources.max_concurrent_trials:
         # Tune keeps one trial pending at a time for a searcher without a concurrency limit
         # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one

@@ -38,8 +38,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
 def local_ray():
     import ray
 
-    from search.cluster import connect, worker_preload
+    from search.cluster import connect
 
-    connect(None, num_cpus=2, preload=worker_preload("none"))  # as a search without quantization starts it
+    connect(None, num_cpus=2)
     yield ray
     ray.shutdown()

@@ -87,16 +87,6 @@ def test_promotions_and_confirmations_run_in_the_searchs_tuner_on_its_workers(ti
     assert stage_workers and stage_workers <= search_workers  # no new worker process (model loaded again) for a stage
 
 
-def test_every_trial_ran_in_a_worker_that_had_imported_peft_as_it_started(tiny_run):
-    """Ray's preload_python_modules: the workers import torch, transformers and PEFT before
-    Tune hands them a trial, so no trial waits for those imports after it was called."""
-    _, run_dir = tiny_run
-    for result_file in (run_dir / "tune").glob("trial_*/result.json"):
-        first = json.loads(result_file.read_text().splitlines()[0])
-        assert first["preload_seconds"] is not None and first["preload_seconds"] > 0, result_file
-        assert first["entered_at"] - first["called_at"] < 0.5  # `from peft import ...` found it imported
-
-
 def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mean(tiny_run):
     _, run_dir = tiny_run
     trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")

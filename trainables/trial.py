@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import math
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +63,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
-        _check_cuda_untouched_by_preload()
-        torch.cuda.init()  # the memory statistics need it (no import did it in a preloaded worker)
+        torch.cuda.init()  # the reset below needs it; only an import such as bitsandbytes' would have done it
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
     base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device,
@@ -92,17 +90,6 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-
-
-def _check_cuda_untouched_by_preload() -> None:
-    """A worker that initialised CUDA while it preloaded, before Ray set its
-    CUDA_VISIBLE_DEVICES, sees every GPU of the node: the trial would train on the first,
-    whichever Ray gave it. Fail the trial instead, naming the way out."""
-    preload = sys.modules.get("trainables.preload")
-    if preload is not None and preload.CUDA_INITIALISED:
-        raise RuntimeError("a module preloaded by this Ray worker (trainables.preload) initialised CUDA before "
-                           "Ray assigned the trial its GPU, so the trial cannot tell which GPU is its own. "
-                           "Fix: run again with LORA_SEARCH_PRELOAD=0 (workers import PEFT when a trial starts)")
 
 
 def _optimizer(model, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
@@ -199,19 +186,12 @@ def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows,
             "called_at": entered[0],
             "entered_at": entered[1],
             "worker_started_at": WORKER_STARTED,
-            "preload_seconds": _preload_seconds(),
         }
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, eval_seconds, tokens)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         loss_sum, loss_count = torch.zeros((), device=device), 0
         busy_from = time.time()
-
-
-def _preload_seconds() -> float | None:
-    """How long this worker spent importing as it started (trainables.preload), None when it did not."""
-    preload = sys.modules.get("trainables.preload")
-    return None if preload is None else preload.PRELOAD_SECONDS
 
 
 @torch.no_grad()
