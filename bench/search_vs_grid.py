@@ -226,6 +226,8 @@ def main() -> int:
         "search_gpu_seconds": wall,
         "search_eval_loss": pick.get("value", pick.get("metric_value")),
         "overhead_share": busy / wall,
+        # the same from the first step on: how busy the search kept the GPU once its workers were up
+        "overhead_share_after_first_step": busy / (ended_epoch - min(start for start, _ in windows)) if windows else None,
         "slot_busy_share": inside / (wall * slots),
         "seconds_to_first_trial_as_good_as_grid": first_as_good,
     }
@@ -256,6 +258,8 @@ def main() -> int:
     print("where the time went (s):", json.dumps(_rounded(account)))
     print(f"overhead_share {figures['overhead_share']:.2f} (some trial inside a step {busy:.0f} s of {wall:.0f} s); "
           f"slot_busy_share {figures['slot_busy_share']:.2f} (steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")
+    if figures["overhead_share_after_first_step"] is not None:
+        print(f"from the first step on: overhead_share {figures['overhead_share_after_first_step']:.2f}")
     return 0
 
 
