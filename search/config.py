@@ -55,7 +55,8 @@ class BudgetConfig:
 
 
 # resources.compile: auto. On an H100 the 1.1B Llama's compiled step saved 262 ms a step for 26 s of
-# compiling (bench/results/step_modes.json): it paid from about 100 steps; 200 leaves a margin for
+# compiling (bench/results/h100-2026-11-23/step_modes.json), on an H200 201 ms for 13.5 s
+# (bench/results/step_modes.json): it paid from about 100 steps; 200 leaves a margin for
 # smaller batches. Under 1B no measured step was bound by anything the CUDA graph leaves.
 COMPILE_FROM_PARAMS = 1e9
 COMPILE_FROM_STEPS = 200
@@ -74,7 +75,7 @@ class ResourcesConfig:
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
-    cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; measured 7.4x faster steps on an H100, bench/results/step_modes.json); false: eager steps"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; all seven projections at r16: 196 ms eager, 19 ms replayed on an H200, bench/results/step_modes.json); false: eager steps"})
     compile: bool | str = field(default="auto", metadata={"help": "GPU trials: train steps through torch.compile, one decoder layer compiled for all (trainables/step.py), instead of a CUDA graph; auto: on for models of 1B parameters or more whose trials all run 200 steps or more (budget.grace_period, before which ASHA stops none; bf16, no gradient checkpointing), else off. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 388 ms a step against 650, after 26 s of compiling (3 s for the same configuration again): it pays from about 100 steps. Small models' steps are bound by kernel launches, which the CUDA graph removes without compiling (SmolLM2: 19 ms a step)"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool) -> bool:
@@ -92,10 +93,10 @@ class ResourcesConfig:
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
              bytes_per_param: float = 2.0) -> float:
         """The GPU share per trial; `auto` packs small models several to a GPU (each trial
-        holds its own CUDA context and copy of the base model). Measured on one H100
-        (bench/results/trial_throughput.json): SmolLM2-135M trials run as fast 8 at a time as
-        alone, 9.6x the tokens per second of one, in 8.2 GB of GPU memory together (1.4-2.7 GB
-        a process). Where the GPU's memory is known (a local run), the share is then doubled
+        holds its own CUDA context and copy of the base model). Measured on H100s and an H200
+        (bench/results/trial_throughput.json, README "Measured"): 8 SmolLM2-135M trials at a time
+        gave 3.4-9.6x the tokens per second of one, the best of 1, 2, 4 and 8 every time, in
+        8-18 GB of GPU memory together (1.4-2.7 GB a process). Where the GPU's memory is known (a local run), the share is then doubled
         until a trial's estimated memory fits in it: a small GPU packs fewer."""
         if self.gpus_per_trial != "auto":
             return float(self.gpus_per_trial)
