@@ -96,8 +96,9 @@ class ResourcesConfig:
         holds its own CUDA context and copy of the base model). Measured on H100s and an H200
         (bench/results/trial_throughput.json, README "Measured"): 8 SmolLM2-135M trials at a time
         gave 3.4-9.6x the tokens per second of one, the best of 1, 2, 4 and 8 every time, in
-        8-18 GB of GPU memory together (1.4-2.7 GB a process). Where the GPU's memory is known (a local run), the share is then doubled
-        until a trial's estimated memory fits in it: a small GPU packs fewer."""
+        8-18 GB of GPU memory together (1.4-2.7 GB a process). Where the GPU's memory is known
+        (a local run), the share is then doubled until a trial's estimated memory fits in it: a
+        small GPU packs fewer."""
         if self.gpus_per_trial != "auto":
             return float(self.gpus_per_trial)
         if not cuda:
