@@ -153,34 +153,37 @@ def graph_matches_eager(model_config, lora_kwargs: dict, batch: int, length: int
 
     device, model = adapted(model_config, lora_kwargs | {"init_lora_weights": False})  # B != 0: every tensor gets gradients
     data = rows(4 * batch, length, model_config.vocab_size, length // 2)
-    out = {}
-    for graph, compiled in ((False, None), (True, None), (False, "inductor"), (False, "fp32")):
-        if compiled == "fp32":
-            model.float()  # the bf16 weights, exactly, in fp32
-        step = TrainStep(model, data, batch, seed=0, max_steps=2, pad_token_id=0, device=device, cuda_graph=graph,
-                         compiled=None if compiled == "fp32" else compiled)
-        if compiled == "fp32":
-            step.autocast = torch.autocast(device.type, enabled=False)  # fp32 throughout: the reference
-        loss, _ = step(1)  # not the batch captured on: the replay must read the new inputs
-        out["fp32" if compiled == "fp32" else step.mode] = (
-            float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad})
-        step.close()
+
+    def gradients() -> dict:
+        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def largest_difference(grads: dict, reference: dict) -> float:
         return max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in reference.items())
 
+    out = {}
+    for graph, compiled in ((False, None), (True, None), (False, "inductor")):
+        step = TrainStep(model, data, batch, seed=0, max_steps=2, pad_token_id=0, device=device, cuda_graph=graph,
+                         compiled=compiled)
+        loss, _ = step(1)  # not the batch captured on: the replay must read the new inputs
+        out[step.mode] = (float(loss), gradients())
+        step.close()
+    model.float()  # the reference: the bf16 weights, exactly, in fp32, and no autocast
+    step = TrainStep(model, data, batch, seed=0, max_steps=2, pad_token_id=0, device=device, cuda_graph=False)
+    step.autocast = torch.autocast(device.type, enabled=False)
+    reference_loss, _ = step(1)
+    reference = gradients()
+    step.close()
+
     eager_loss, eager = out["eager"]
-    result = {"eager_loss": eager_loss, "tensors": len(eager)}
+    result = {"eager_loss": eager_loss, "tensors": len(eager), "fp32_loss": float(reference_loss)}
     for mode, name in (("cuda_graph", "graph"), ("compiled", "compiled")):
         if mode in out:
             loss, grads = out[mode]
             result[f"{name}_loss"] = loss
             result[f"{name}_max_relative_grad_difference"] = largest_difference(grads, eager)
-    reference_loss, reference = out["fp32"]
-    result["fp32_loss"] = reference_loss
-    for mode, name in (("eager", "eager"), ("compiled", "compiled")):
+    for mode in ("eager", "compiled"):
         if mode in out:
-            result[f"{name}_vs_fp32_max_relative_grad_difference"] = largest_difference(out[mode][1], reference)
+            result[f"{mode}_vs_fp32_max_relative_grad_difference"] = largest_difference(out[mode][1], reference)
     result["max_relative_grad_difference"] = result.get("graph_max_relative_grad_difference")
     return result
 
