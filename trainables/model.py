@@ -79,6 +79,27 @@ def local_model_dir(reference: str) -> str:
     return snapshot_download(reference, local_files_only=True)
 
 
+def hide_bitsandbytes_unless_needed(quantization: str, trust_remote_code: bool) -> bool:
+    """In a trial worker of a search that does not quantize, make bitsandbytes unimportable
+    before PEFT is imported; True if it was hidden.
+
+    PEFT imports bitsandbytes whenever it is installed (for its 4-bit and 8-bit layers), and
+    that import takes 2 s on a CPU and 3-5 s on the GPU hosts measured (bench/device.sh
+    imports), in every new worker, before the first step; it also initialises CUDA as a side
+    effect. A `None` entry in `sys.modules` is Python's own way to mark a module missing:
+    `importlib.util.find_spec` then answers None, which is what PEFT and transformers ask.
+    Only done while neither has been imported (they may have decided already), and not for
+    a model's own code (`trust_remote_code`), which may import it unguarded."""
+    import sys
+
+    if quantization != "none" or trust_remote_code:
+        return False
+    if any(name in sys.modules for name in ("bitsandbytes", "peft", "transformers")):
+        return False
+    sys.modules["bitsandbytes"] = None
+    return True
+
+
 _cached: dict = {}
 
 

@@ -20,7 +20,7 @@ import torch
 
 from trainables.config import TrialSetup
 from trainables.data import IGNORE, collate, load_split
-from trainables.model import forget_base_model, load_base_model
+from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
 from trainables.step import TrainStep
 
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
@@ -56,6 +56,7 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
     share), `start_from` (a checkpoint directory to continue from, or None), and
     bookkeeping the analysis reads (`module_set`, `r`, `alpha_ratio`, `origin`, `parent`)."""
     called = time.time()
+    hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
 
     entered = time.time()
