@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks on the lent machine, after the dependencies and the SmolLM2 GGUF were
 # staged (../shared/gpu/README.md: stage.sh --bnb --model, one call per chunk). One call:
-#   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|grid:--configs=0,1,2 ...]
+#   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|scaling|grid:--configs=0,1,2 ...]
 # (default: the three benches; the grid takes over 10 minutes: run it in parts, grid:--configs=0,1,2,3 then
 # grid:--configs=4,5 in the next call: each call gets a fresh copy of the working tree, and the results of
 # earlier calls on the same machine are kept in /tmp/bench-keep and put back)
@@ -25,14 +25,21 @@ if ! ls "$tf"/__pycache__/*.pyc >/dev/null 2>&1 || [ ! -w "$tf/__pycache__" ]; t
   export PYTHONPYCACHEPREFIX=/tmp/pycache; echo "no writable bytecode beside $tf: PYTHONPYCACHEPREFIX=/tmp/pycache"
 fi
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
-declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560)
+declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560 [scaling]=560)
 for item in "${benches[@]}"; do
-  if [ "$item" = imports ]; then  # where a new trial worker's import goes, twice (the second with bytecode written)
+  if [ "$item" = imports ]; then  # where a new trial worker's import goes, twice (the second with bytecode written),
+    # then as a worker of a search that does not quantize imports it (bitsandbytes hidden), alone and 8 at once
     for run in 1 2; do
       /usr/bin/time -f "imports run $run: %e s wall" python -X importtime -c "import torch; from peft import LoraConfig, get_peft_model" \
         2> "$OUT/imports_$run.log"; tail -1 "$OUT/imports_$run.log"
     done
     sort -t'|' -k2 -n "$OUT/imports_2.log" | tail -25 | tee "$OUT/imports_top.txt"
+    worker="from trainables.model import hide_bitsandbytes_unless_needed as h; h('none', False); import torch; from peft import LoraConfig, get_peft_model"
+    /usr/bin/time -f "imports as a worker (bitsandbytes hidden): %e s wall" python -c "$worker" 2>&1 | tail -1
+    for how in "import torch; from peft import LoraConfig, get_peft_model" "$worker"; do
+      start=$(date +%s%N); for i in 1 2 3 4 5 6 7 8; do python -c "$how" 2>/dev/null & done; wait
+      echo "8 at once, ${how:0:40}...: $(( ($(date +%s%N) - start) / 1000000 )) ms wall"
+    done | tee -a "$OUT/imports_top.txt"
     continue
   fi
   # bench:ARG+ARG passes its arguments on (grid:--configs=0,1,2,3, search_vs_grid:--set=resources.cuda_graphs=true)

@@ -47,6 +47,16 @@ GRID_README = {"grid_eval_loss": 0.4223, "grid_train_seconds_five_configs": 69.2
                "note": "six configs; DoRA did not finish in 190 s; figures from ../shared/bench/README.md"}
 
 
+def facts_overrides(samples: int, max_steps: int, eval_examples: int, gpus_per_trial: str) -> list[str]:
+    """search.run's --set values for the reference task at the grid's budget: `samples` trials of
+    `max_steps` steps of 8 sequences, ASHA's rungs at half and all of it."""
+    return [f"data.train={FACTS / 'facts_train.jsonl'}", f"data.eval={FACTS / 'facts_eval.jsonl'}",
+            f"data.eval_examples={eval_examples}", f"budget.num_samples={samples}", f"budget.max_steps={max_steps}",
+            f"budget.eval_every={max_steps // 2}", f"budget.grace_period={max_steps // 2}",
+            "budget.batch_size=8", f"budget.warmup_steps={min(10, max_steps // 2)}",
+            f"resources.gpus_per_trial={gpus_per_trial}", "task.kind=domain"]
+
+
 def union_seconds(windows: list[tuple[float, float]]) -> float:
     """Seconds covered by at least one of the (start, end) windows."""
     total, reach = 0.0, float("-inf")
@@ -174,11 +184,7 @@ def main() -> int:
 
     from search.run import main as search
 
-    sets = [f"data.train={FACTS / 'facts_train.jsonl'}", f"data.eval={FACTS / 'facts_eval.jsonl'}",
-            f"data.eval_examples={args.eval_examples}", f"budget.num_samples={args.samples}", f"budget.max_steps={args.max_steps}",
-            f"budget.eval_every={args.max_steps // 2}", f"budget.grace_period={args.max_steps // 2}",
-            "budget.batch_size=8", f"budget.warmup_steps={min(10, args.max_steps // 2)}",
-            f"resources.gpus_per_trial={args.gpus_per_trial}", "task.kind=domain", *args.set]
+    sets = facts_overrides(args.samples, args.max_steps, args.eval_examples, args.gpus_per_trial) + args.set
     from trainables.model import smollm2_checkpoint
 
     # The grid loads the converted checkpoint of the embedded default: so does the timed search.

@@ -257,3 +257,18 @@ def test_a_step_whose_compile_fails_runs_uncompiled_with_the_same_loss(tiny, cap
     assert "compiling the train step failed" in caplog.text and "this backend compiles nothing" in caplog.text
     for eager_loss, fallen_back in zip(losses[True], losses[False]):
         torch.testing.assert_close(fallen_back, eager_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_on_several_devices_is_seen_as_such_and_one_on_a_single_device_is_not():
+    """A model spread over GPUs (device_map="auto") must not be captured as one GPU's graph:
+    the capture is skipped where the parameters sit on more than one device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainables.step import spans_devices
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(config)
+    assert not spans_devices(model)
+    model.model.layers[1].to("meta")  # stands in for a second GPU: any other device
+    assert spans_devices(model)

@@ -102,6 +102,13 @@ def keep_input_dtype(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def spans_devices(model) -> bool:
+    """Whether the model's parameters sit on more than one device (a trial given several GPUs,
+    `device_map="auto"`). A CUDA graph records the work of one device's stream: captured on
+    the first GPU, the layers on the others would not replay. Such a model steps eagerly."""
+    return len({p.device for p in model.parameters()}) > 1
+
+
 class TrainStep:
     """`step(k)` runs forward and backward on optimizer step k's batch (the batch depends
     on the seed and k only); the caller steps the optimizer and never zeroes gradients.
@@ -134,7 +141,7 @@ class TrainStep:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda \
             else torch.autocast("cpu", enabled=False)
         self.graph = None
-        self.graph_wanted = cuda_graph and cuda
+        self.graph_wanted = cuda_graph and cuda and not spans_devices(model)
         self.compiled_once = False
         self.mode = "compiled" if compiled else "eager"
         if not compiled:
