@@ -262,13 +262,17 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     return text
 
 
+def own_total(trials: pd.DataFrame, column: str) -> float:
+    """`column` summed over `trials`, each counted for its own work: a promoted trial continued
+    its parent's checkpoint and reports their totals (steps, seconds) together."""
+    parents = trials.loc[trials["origin"] == "promoted", "parent"]
+    return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
+
+
 def _spent(trials: pd.DataFrame, max_steps: int, compile_on=None) -> str:
     counts = trials["status"].value_counts()
-    # A promoted trial continued its parent's checkpoint and reports their time together.
-    parents = trials.loc[trials["origin"] == "promoted", "parent"]
-    by_id = trials.set_index("trial_id")
-    seconds = trials["train_seconds"].sum() - by_id["train_seconds"].reindex(parents).fillna(0).sum()
-    eval_seconds = trials["eval_seconds"].sum() - by_id["eval_seconds"].reindex(parents).fillna(0).sum()
+    seconds = own_total(trials, "train_seconds")
+    eval_seconds = own_total(trials, "eval_seconds")
     stages = trials["origin"].value_counts()
     text = (
         "## What it cost\n\n"

@@ -29,14 +29,15 @@ declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [
 for item in "${benches[@]}"; do
   if [ "$item" = imports ]; then  # where a new trial worker's import goes, twice (the second with bytecode written),
     # then as a worker of a search that does not quantize imports it (bitsandbytes hidden), alone and 8 at once
+    imports="import torch; from peft import LoraConfig, get_peft_model"
     for run in 1 2; do
-      /usr/bin/time -f "imports run $run: %e s wall" python -X importtime -c "import torch; from peft import LoraConfig, get_peft_model" \
+      /usr/bin/time -f "imports run $run: %e s wall" python -X importtime -c "$imports" \
         2> "$OUT/imports_$run.log"; tail -1 "$OUT/imports_$run.log"
     done
     sort -t'|' -k2 -n "$OUT/imports_2.log" | tail -25 | tee "$OUT/imports_top.txt"
-    worker="from trainables.model import hide_bitsandbytes_unless_needed as h; h('none', False); import torch; from peft import LoraConfig, get_peft_model"
+    worker="from trainables.model import hide_bitsandbytes_unless_needed as h; h('none', False); $imports"
     /usr/bin/time -f "imports as a worker (bitsandbytes hidden): %e s wall" python -c "$worker" 2>&1 | tail -1
-    for how in "import torch; from peft import LoraConfig, get_peft_model" "$worker"; do
+    for how in "$imports" "$worker"; do
       start=$(date +%s%N); for i in 1 2 3 4 5 6 7 8; do python -c "$how" 2>/dev/null & done; wait
       echo "8 at once, ${how:0:40}...: $(( ($(date +%s%N) - start) / 1000000 )) ms wall"
     done | tee -a "$OUT/imports_top.txt"

@@ -38,10 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from analysis.report import own_total  # noqa: E402
 from search_vs_grid import RESULTS, busy_windows, facts_overrides, reports_by_trial, union_seconds  # noqa: E402
 
-SPREAD_SETS = ["budget.num_samples=2", "budget.max_steps=20", "budget.eval_every=10", "budget.grace_period=10",
-               "budget.warmup_steps=2", "data.eval_examples=64", "selection.promote=false", "selection.confirm_top_k=0",
+# the spread part's search, after the reference task's settings for 2 trials of 20 steps
+SPREAD_SETS = ["budget.warmup_steps=2", "selection.promote=false", "selection.confirm_top_k=0",
                "search.module_sets=[all_linear]", "search.ranks=[16]"]
 
 
@@ -62,11 +63,7 @@ def run_search(devices: str, sets: list[str], output: Path, name: str, timeout: 
         return result
     trials = pd.read_csv(run_dir / "trials.csv")
     ended = trials[trials.status.isin(["finished", "stopped"])]
-    # a promoted trial continues its parent's checkpoint: count only the steps it ran itself
-    parent_step = trials.parent.map(trials.set_index("trial_id").step) if "parent" in trials else None
-    resumed_from = parent_step.where(trials.origin == "promoted", 0).fillna(0) if parent_step is not None \
-        else pd.Series(0, index=trials.index)
-    steps = int((ended.step - resumed_from[ended.index]).sum())
+    steps = int(own_total(ended, "step"))  # a promoted trial's own steps, not its parent's again
     reports = reports_by_trial(run_dir)
     pick = json.loads((run_dir / "pick.json").read_text()) if (run_dir / "pick.json").exists() else {}
     result.update({
@@ -150,12 +147,10 @@ def main() -> int:
         if "spread" in parts:
             model_dir = scratch / "llama-1.2b"
             record["spread"]["total_params"] = build_spread_model(model_dir)
-            sets = facts_overrides(2, 20, 64, "auto")[:2] + [f"model.path={model_dir}", "task.kind=domain",
-                                                              "budget.batch_size=8", *SPREAD_SETS]
             for devices, share in (("0,1", 2), ("0", 1)):
                 key = f"gpus_per_trial={share}"
-                record["spread"][key] = run_search(devices, [*sets, f"resources.gpus_per_trial={share}"], scratch,
-                                                   f"spread-{share}", args.timeout)
+                sets = [*facts_overrides(2, 20, 64, str(share)), f"model.path={model_dir}", *SPREAD_SETS]
+                record["spread"][key] = run_search(devices, sets, scratch, f"spread-{share}", args.timeout)
                 row = record["spread"][key]
                 print(f"{key}: exit {row['exit_code']}, {row['wall_seconds']:.0f} s, {row.get('trials_by_status')}",
                       flush=True)

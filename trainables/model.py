@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -90,8 +91,6 @@ def hide_bitsandbytes_unless_needed(quantization: str, trust_remote_code: bool) 
     `importlib.util.find_spec` then answers None, which is what PEFT and transformers ask.
     Only done while neither has been imported (they may have decided already), and not for
     a model's own code (`trust_remote_code`), which may import it unguarded."""
-    import sys
-
     if quantization != "none" or trust_remote_code:
         return False
     if any(name in sys.modules for name in ("bitsandbytes", "peft", "transformers")):
