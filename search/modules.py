@@ -13,14 +13,13 @@ PEFT adapts a module when its full dotted name equals a `target_modules` entry o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
+from search.space import MODULE_SETS, ResolvedModules
 
 # A parent module whose name contains one of these words places a layer in that part of the block.
 ATTENTION_WORDS = ("attn", "attention")
@@ -35,15 +34,6 @@ MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1
                        "dense_h_to_4h", "dense_4h_to_h"})
 # model_type values whose resolution the tests pin down; for any other the note says what was inferred.
 VERIFIED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "gemma", "phi3", "gpt_neox", "falcon", "gpt2", "opt"})
-
-
-@dataclass(frozen=True)
-class ResolvedModules:
-    name: str                  # the semantic set name, or "custom" for an explicit list
-    target_modules: list[str]  # names for PEFT's LoraConfig(target_modules=...), sorted
-    fan_in_fan_out: bool       # True for GPT-2 style Conv1D layers (weight stored as in x out)
-    layers: list[str]          # full dotted names of every adapted layer, in model order
-    note: str | None           # what could not be taken literally, or was inferred; None if nothing
 
 
 def load_model_config(path: str, trust_remote_code: bool = False):

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from search.modules import MODULE_SETS, ResolvedModules
+# The semantic module sets, resolved per architecture by `search.modules`. They are part of
+# the config's vocabulary, so they live here, where validating a config imports no torch.
+MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
+
+
+@dataclass(frozen=True)
+class ResolvedModules:
+    """A module set resolved against one model by `search.modules.resolve`."""
+
+    name: str                  # the semantic set name, or "custom" for an explicit list
+    target_modules: list[str]  # names for PEFT's LoraConfig(target_modules=...), sorted
+    fan_in_fan_out: bool       # True for GPT-2 style Conv1D layers (weight stored as in x out)
+    layers: list[str]          # full dotted names of every adapted layer, in model order
+    note: str | None           # what could not be taken literally, or was inferred; None if nothing
 
 
 @dataclass
