@@ -20,8 +20,7 @@ from pathlib import Path
 from search.config import Config, ConfigError, load, to_dict
 from search.resume import CREATED_BY, RUN_CONFIG, record_driver
 from search.storage import RunLocation, locate
-from trainables.model import cache_root
-
+from trainables.config import cache_root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

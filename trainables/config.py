@@ -7,11 +7,19 @@ so the loader can report all problems at once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit")
 BUILTIN_PREFIX = "builtin:"
+
+
+def cache_root() -> Path:
+    """This machine's cache ($LORA_SEARCH_CACHE, else ~/.cache/lora-search): the converted
+    embedded model, data read from a URI, and the working copies of runs kept at a URI."""
+    return Path(os.environ.get("LORA_SEARCH_CACHE", Path.home() / ".cache" / "lora-search"))
 
 
 @dataclass

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
+from trainables.config import cache_root
+
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORA_SEARCH_CACHE", Path.home() / ".cache" / "lora-search"))
 
 
 def smollm2_checkpoint() -> Path:
