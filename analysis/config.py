@@ -14,36 +14,35 @@ class SelectionConfig:
 
     metric: str = field(
         default="eval_loss",
-        metadata={"help": f"Metric that ranks trials at the full budget, one of {list(METRIC_MODES)}."},
+        metadata={"help": f"metric that ranks trials at the full budget, one of {list(METRIC_MODES)}"},
     )
     mode: str = field(
         default="min",
-        metadata={"help": "'min' or 'max': the direction in which the metric improves."},
+        metadata={"help": "'min' or 'max': the direction in which the metric improves"},
     )
     tolerance: float = field(
         default=0.95,
-        metadata={"help": "Share of the best quality a cheaper trial must keep, in (0, 1]; 1 takes the best."},
+        metadata={"help": "share of the best quality a cheaper trial must keep, in (0, 1]; 1 takes the best"},
     )
     cost: str = field(
         default="trainable_params",
-        metadata={"help": f"What 'cheaper' means, one of {list(COSTS)}."},
+        metadata={"help": f"what 'cheaper' means, one of {list(COSTS)}"},
     )
     promote: bool = field(
         default=True,
-        metadata={"help": "Continue to the full budget the trials ASHA stopped within tolerance of their rung's best "
-                          "and cheaper than the pick, so early stopping cannot hide the cheapest good configuration."},
+        metadata={"help": "train on to the full budget the trials ASHA stopped that are within tolerance and cheaper than the pick"},
     )
     confirm_top_k: int = field(
         default=2,
-        metadata={"help": "Leading candidates re-run with other seeds at the full budget; the pick uses their mean. 0: off."},
+        metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"},
     )
     confirm_seeds: int = field(
         default=1,
-        metadata={"help": "Extra seeds per confirmed candidate."},
+        metadata={"help": "extra seeds per confirmed candidate"},
     )
     retrain: bool = field(
         default=False,
-        metadata={"help": "Train the pick once more on all the training data and export its adapter weights."},
+        metadata={"help": "train the pick once more on all the training data and export its adapter weights"},
     )
 
     def problems(self) -> list[str]:

@@ -9,10 +9,12 @@ once as a `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -22,7 +24,8 @@ from search.prior import TaskConfig
 from search.space import SpaceConfig
 from trainables.config import DataConfig, ModelConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# Package data (the `configs` package), so a wheel install finds it as a checkout does.
+DEFAULT_CONFIG = resources.files("configs") / "default.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -71,12 +74,14 @@ def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
 
 @dataclass
 class ResourcesConfig:
-    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial; fractions pack several trials on one GPU; auto: none without CUDA, else a share by model size (1/8 under 0.5B parameters), larger where a trial would not fit the GPU's memory"})
+    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial, a fraction packs several on one GPU; auto: 0 without CUDA, else a share by model size and GPU memory"})
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
-    max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the Ray cluster has slots for when the run starts (its GPUs / gpus_per_trial, or its CPUs / cpus_per_trial); the searcher proposes a trial only when one can start"})
+    max_concurrent_trials: int = field(default=0, metadata={"help": "trials at once; 0: every slot of the Ray cluster at the start (GPUs / gpus_per_trial, else CPUs / cpus_per_trial)"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
-    cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial (trainables/step.py; all seven projections at r16: 196 ms eager, 19 ms replayed on an H200, bench/results/step_modes.json); false: eager steps"})
-    compile: bool | str = field(default="auto", metadata={"help": "GPU trials: train steps through torch.compile, one decoder layer compiled for all (trainables/step.py), instead of a CUDA graph; auto: on for models of 1B parameters or more whose trials all run 200 steps or more (budget.grace_period, before which ASHA stops none; bf16, no gradient checkpointing), else off. Measured on an H100, 1.1B Llama, all seven r16, 32 x 1024 tokens: 388 ms a step against 650, after 26 s of compiling (3 s for the same configuration again): it pays from about 100 steps. Small models' steps are bound by kernel launches, which the CUDA graph removes without compiling (SmolLM2: 19 ms a step)"})
+    # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
+    # 196 ms eager on an H200 (bench/results/step_modes.json).
+    cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
+    compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph; auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool) -> bool:
         """Whether trials compile their steps: `compile` as given, or for auto, GPU trials of a
@@ -279,3 +284,31 @@ def _describe(hint) -> str:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    """`config` as YAML that `load` reads back to an equal Config, laid out as
+    configs/default.yaml is: one block per section, lists of plain values on one line."""
+    return yaml.dump(to_dict(config), Dumper=_ConfigDumper, sort_keys=False)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    def represent_list(self, items: list) -> yaml.SequenceNode:
+        flat = not any(isinstance(item, (list, dict)) for item in items)
+        return self.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flat)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
+
+
+def leaves(obj, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+    """Every setting under the config dataclass `obj`, in declaration order: (its dotted key,
+    its field, its value in `obj`), e.g. ("budget.max_steps", <Field>, 30)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += leaves(value, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f, value))
+    return out

@@ -17,14 +17,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from search.config import Config, ConfigError, load, to_dict
+from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
 from search.resume import CREATED_BY, RUN_CONFIG, record_driver
 from search.storage import RunLocation, locate
 from trainables.config import cache_root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.splitlines()[0])
+    keys = "\n".join(f"  {key} = {json.dumps(value)}\n      {f.metadata['help']}" for key, f, value in leaves(Config()))
+    parser = argparse.ArgumentParser(
+        prog="python -m search.run", description=__doc__.splitlines()[0],
+        epilog=f"configuration keys, with the embedded default's values (set any with --set KEY=VALUE):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: the embedded configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, value read as YAML, e.g. --set search.ranks=[8,16]")
@@ -38,16 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     parser.add_argument("--dry-run", action="store_true",
                         help="print module sets, ranks and trainable parameter counts from the model's config; no Ray, no training")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML (a file for --config) and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
-    overrides += [f"name={args.name}"] if args.name else []
-    overrides += [f"output={args.output}"] if args.output else []
+    # quoted, so YAML keeps them strings: --name 2024 is a name, not a number
+    overrides += [f"name={json.dumps(args.name)}"] if args.name else []
+    overrides += [f"output={json.dumps(args.output)}"] if args.output else []
     try:
         config = load(args.config, overrides)
+        if args.print_config:
+            print(to_yaml(config), end="")
+            return 0
         return run(config, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
