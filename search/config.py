@@ -137,7 +137,7 @@ class ResourcesConfig:
 class Config:
     name: str = field(default="default", metadata={"help": "run name: results go to <output>/<name>/"})
     seed: int = field(default=0, metadata={"help": "seeds the sampler, the data order and the trials"})
-    output: str = field(default="runs", metadata={"help": "directory that holds the runs"})
+    output: str = field(default="runs", metadata={"help": "directory, or storage URI (s3://, gs://, ...), that holds the runs"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

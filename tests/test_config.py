@@ -138,3 +138,35 @@ def test_the_embedded_default_yaml_and_the_dataclass_defaults_agree():
     from search.config import Config, load
 
     assert asdict(load()) == asdict(Config())
+
+
+def _default_yaml() -> str:
+    from importlib import resources
+
+    return (resources.files("configs") / "default.yaml").read_text()
+
+
+def _dotted(mapping: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in mapping.items():
+        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def test_the_embedded_default_yaml_lists_every_key_and_no_other():
+    import yaml
+
+    from search.config import Config, leaves
+
+    listed = _dotted(yaml.safe_load(_default_yaml()))
+    keys = [key for key, _, _ in leaves(Config())]
+    assert not set(keys) - set(listed), f"configs/default.yaml lacks {sorted(set(keys) - set(listed))}"
+    assert not set(listed) - set(keys), f"configs/default.yaml has keys no config reads: {sorted(set(listed) - set(keys))}"
+
+
+def test_every_key_in_the_embedded_default_yaml_has_a_comment():
+    import re
+
+    leaf = re.compile(r"^\s*(\w+):\s*\S")  # a key with a value on its line; a section's line has none
+    bare = [line for line in _default_yaml().splitlines() if leaf.match(line) and " #" not in line]
+    assert not bare, f"configs/default.yaml: keys without a comment: {bare}"

@@ -1,0 +1,88 @@
+"""The CLI answers `--help`, `--print-config` and bad input at once: none of them imports
+torch, Ray, transformers or PEFT (3 s on a 2-core CPU), and every key is documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from search.config import Config, leaves, load
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = {"torch", "ray", "transformers", "peft", "optuna", "datasets", "pandas"}
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> tuple[int, str, str, set[str]]:
+    """Run `python -m search.run ARGS` in a fresh interpreter: its exit code, stdout, stderr
+    without the import timings, and the heavy packages it imported (from `-X importtime`)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "search.run", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    timings = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    stderr = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("import time:"))
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in timings[1:]}  # [0] is the header
+    return done.returncode, done.stdout, stderr, imported & HEAVY
+
+
+def test_help_lists_every_key_with_its_default_and_help_without_heavy_imports():
+    code, out, _, heavy = _cli("--help")
+    assert code == 0
+    assert heavy == set()
+    for key, f, value in leaves(Config()):
+        assert f"  {key} = " in out, f"--help does not list {key}"
+        assert f.metadata["help"] in out, f"--help does not give the help of {key}"
+    assert "  budget.max_steps = 30\n" in out
+    assert "--print-config" in out
+
+
+def test_every_key_has_a_one_line_help():
+    for key, f, _ in leaves(Config()):
+        text = f.metadata.get("help", "")
+        assert text.strip(), f"{key} has no help"
+        assert "\n" not in text and len(text) <= 150, f"{key}'s help is longer than one line: {text!r}"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--set", "search.ranks=[0,8]"], "search.ranks contains 0"),
+    (["--set", "selection.tolerance=1.5"], "selection.tolerance=1.5"),
+    (["--set", "budget.max_stepz=3"], "unknown key budget.max_stepz"),
+    (["--set", "budget.num_samples"], "--set 'budget.num_samples' is not KEY=VALUE"),
+    (["--name", "../escape"], "name is '../escape'"),
+])
+def test_a_bad_config_exits_2_with_one_paragraph_and_no_heavy_imports(args, named):
+    code, out, err, heavy = _cli(*args)
+    assert code == 2
+    assert heavy == set()
+    assert out == ""
+    assert err.startswith("error: ") and named in err
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+
+
+def test_a_missing_config_file_exits_2_without_heavy_imports(tmp_path):
+    code, _, err, heavy = _cli("--config", str(tmp_path / "absent.yaml"))
+    assert (code, heavy) == (2, set())
+    assert "absent.yaml" in err and "Fix:" in err
+
+
+def test_print_config_gives_yaml_that_loads_back_to_the_same_config(tmp_path):
+    sets = ["search.ranks=[8,16]", "search.module_sets=[mlp,[q_proj,v_proj]]",
+            "search.learning_rate=[1e-5,1e-3]", "resources.gpus_per_trial=0.5"]
+    code, out, _, heavy = _cli(*[a for item in sets for a in ("--set", item)],
+                               "--name", "2024", "--output", "no", "--print-config")
+    assert (code, heavy) == (0, set())
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(out)
+    resolved = load(saved)
+    assert resolved == load(None, sets + ['name="2024"', 'output="no"'])
+    assert (resolved.name, resolved.output) == ("2024", "no")  # strings, though YAML reads 2024 and no otherwise
+
+
+def test_print_config_of_a_config_file_keeps_its_values(tmp_path):
+    example = ROOT / "configs" / "examples" / "llama3-8b-qlora.yaml"
+    code, out, _, _ = _cli("--config", str(example), "--print-config")
+    assert code == 0
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(out)
+    assert load(saved) == load(example)
