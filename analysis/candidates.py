@@ -1,4 +1,5 @@
-"""Which trials deserve more budget after the search: pure functions over the trial table.
+"""Which trials deserve more budget: pure functions over the trial table, and `decide`, the
+one function over the trials' raw reports that the search's stages ask while it runs.
 
 - Promotion: ASHA stops a cheap configuration that is a few percent worse at an early
   rung, and the cheapest-within-tolerance rule would never see it. A stopped trial is
@@ -12,10 +13,45 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
+from analysis.config import SelectionConfig
+from analysis.results import TrialFiles, curves_table, trials_table
 from analysis.select import NoCandidate, finished_trials, pick, rank_candidates, tolerance_bar, within_bar
+from rundir.params import Origin
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the search should do next, given the trials so far."""
+
+    promote: list[str]  # stopped trials to continue to the full budget, cheapest first
+    confirm: list[str]  # leading trials to run again with other seeds (when confirmation is on)
+    pick: str | None    # the trial the pick would be now; None while nothing can be picked
+
+
+def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: int,
+           running: Collection[str] = ()) -> Decision:
+    """Promotions, confirmations and the current pick, by the analysis' own rules (`pick`,
+    `promotion_candidates`, `confirmation_candidates`), from the trials' raw reports. Trials
+    in `running` have not ended: their reports count towards the best value at each rung,
+    but they are neither promoted, confirmed nor picked."""
+    rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
+    table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps)
+    pick_id, pick_cost = None, math.inf
+    try:
+        chosen = pick(table, *rule, lora_configs=defaultdict(dict))
+        pick_id, pick_cost = chosen.trial_id, chosen.cost
+    except NoCandidate:
+        pass
+    promote = promotion_candidates(table, curves_table(trials), *rule[:4], max_steps, pick_cost) if selection.promote else []
+    confirm = []
+    if selection.confirm_seeds and selection.confirm_top_k:  # leaders among the runs of their own configuration
+        confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], *rule, selection.confirm_top_k)
+    return Decision(promote, confirm, pick_id)
 
 
 def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, metric: str, mode: str, tolerance: float,
@@ -23,7 +59,8 @@ def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, metric: str
     """Ids of stopped trials within `tolerance` of their rung's best and cheaper than
     `pick_cost` (math.inf when there is no pick yet), cheapest first. For the cost
     `train_seconds` a stopped trial's time is scaled to the full budget."""
-    stopped = trials[(trials["status"] == "stopped") & (trials["origin"].isin(["search", "prior"]))]
+    proposed = [origin.value for origin in Origin if origin.proposed]
+    stopped = trials[(trials["status"] == "stopped") & (trials["origin"].isin(proposed))]
     out = []
     for _, row in stopped.iterrows():
         step, value = row["step"], row[metric]
@@ -50,11 +87,3 @@ def confirmation_candidates(trials: pd.DataFrame, metric: str, mode: str, tolera
     rest = finished.drop(within.index).sort_values(metric, ascending=mode == "min")
     ordered = pd.concat([rank_candidates(within, metric, mode, cost), rest])
     return list(ordered["trial_id"][:top_k])
-
-
-def current_pick_cost(trials: pd.DataFrame, metric: str, mode: str, tolerance: float, cost: str, max_steps: int) -> float:
-    """The cost of what would be picked now, or infinity when nothing can be picked."""
-    try:
-        return pick(trials, metric, mode, tolerance, cost, max_steps, lora_configs=defaultdict(dict)).cost
-    except NoCandidate:
-        return math.inf

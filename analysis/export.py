@@ -2,10 +2,15 @@
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from peft import LoraConfig
+
+from rundir.files import atomic_path
+from rundir.layout import RETRAIN_EXPERIMENT
+from rundir.params import TrialParams
 
 
 def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str | os.PathLike) -> Path:
@@ -19,9 +24,11 @@ def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str 
     config = LoraConfig(**lora_config, base_model_name_or_path=str(base_model_path))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # PEFT writes only into a directory of its own choosing: stage there, then move the file into place
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".adapter_config.") as staging:
         config.save_pretrained(staging)
-        os.replace(Path(staging) / "adapter_config.json", out_dir / "adapter_config.json")
+        with atomic_path(out_dir / "adapter_config.json") as temporary:
+            shutil.move(Path(staging) / "adapter_config.json", temporary)
     return out_dir / "adapter_config.json"
 
 
@@ -34,14 +41,13 @@ def export_retrained_weights(run_dir: str | os.PathLike, trial_id: str, out_dir:
     None when the pick was not retrained, in which case a stale weights file is removed
     (it would belong to another configuration)."""
     target = Path(out_dir) / WEIGHTS
-    for params in sorted(Path(run_dir, "retrain").glob("*/params.json")):
-        if json.loads(params.read_text()).get("parent") != trial_id:
+    for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json")):
+        if TrialParams.from_config(json.loads(params.read_text())).parent != trial_id:
             continue
         checkpoints = sorted(params.parent.glob("checkpoint_*/adapter/" + WEIGHTS))
         if checkpoints:
-            with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".weights.", delete=False) as staging:
-                staging.write(checkpoints[-1].read_bytes())
-            os.replace(staging.name, target)
+            with atomic_path(target) as temporary:
+                shutil.copyfile(checkpoints[-1], temporary)
             return target
     target.unlink(missing_ok=True)
     return None

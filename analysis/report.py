@@ -7,7 +7,6 @@ trial is eligible (report.md and trials.csv still say why), 2 on bad input.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -19,7 +18,9 @@ import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints, write_text_atomic
+from rundir.files import (download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints,
+                          write_json_atomic, write_text_atomic)
+from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, PICK, PLOTS, REPORT, TRIALS_CSV
 from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
 from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
 
@@ -49,7 +50,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         raise ValueError(" ".join(problems))
     max_steps = run_config["budget"]["max_steps"]
     trials = load_trials(run_dir)
-    write_trials_csv(trials, run_dir / "trials.csv")
+    write_trials_csv(trials, run_dir / TRIALS_CSV)
     try:
         chosen = pick(
             trials, selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps, load_lora_configs(run_dir)
@@ -62,17 +63,17 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     from analysis.plots import write_plots
 
     curves = load_curves(run_dir)
-    plots = write_plots(trials, curves, selection, chosen, run_dir / "plots")
+    plots = write_plots(trials, curves, selection, chosen, run_dir / PLOTS)
     if chosen is None:
-        (run_dir / "pick.json").unlink(missing_ok=True)
-        (run_dir / "adapter" / "adapter_config.json").unlink(missing_ok=True)
+        (run_dir / PICK).unlink(missing_ok=True)
+        (run_dir / ADAPTER / "adapter_config.json").unlink(missing_ok=True)
     else:
         from analysis.export import export_adapter_config, export_retrained_weights
 
-        write_text_atomic(run_dir / "pick.json", json.dumps(asdict(chosen), indent=2) + "\n")
-        export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / "adapter")
-        export_retrained_weights(run_dir, chosen.trial_id, run_dir / "adapter")
-    write_text_atomic(run_dir / "report.md", render_report(run_config, trials, selection, chosen, no_pick, plots,
+        write_json_atomic(run_dir / PICK, asdict(chosen))
+        export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / ADAPTER)
+        export_retrained_weights(run_dir, chosen.trial_id, run_dir / ADAPTER)
+    write_text_atomic(run_dir / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
                                                                   diagnose(trials, curves)))
     if chosen is None:
         print(f"analysis: {no_pick} The report is {run_dir / 'report.md'}.", file=sys.stderr)
@@ -180,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# What the analysis writes into a run directory, and so uploads back to a run kept at a URI.
-OUTPUTS = ("trials.csv", "pick.json", "adapter", "plots", "report.md")
 
 
 def _analyse_at_uri(uri: str, overrides: dict) -> int:
@@ -199,7 +198,7 @@ def _analyse_at_uri(uri: str, overrides: dict) -> int:
             raise ValueError(f"{uri!r} holds nothing. Fix: pass the URI a search wrote, <output>/<name>.")
         selection = replace(selection_from_run_config(read_run_config(run_dir)), **overrides)
         code = analyse(run_dir, selection)
-        for name in OUTPUTS:
+        for name in ANALYSIS_OUTPUTS:
             remove(join_uri(uri, name))  # an output this analysis did not write (no pick) must not stay behind
             if (run_dir / name).exists():
                 upload(run_dir / name, join_uri(uri, name))

@@ -1,9 +1,10 @@
 """Read a run directory into tables: one row per trial, and every reported step for curves.
 
 The run directory is the only input (see DESIGN.md): `run_config.json` written by the driver,
-and one Ray Tune experiment directory per stage (`EXPERIMENTS`), each with one sub-directory
-per trial. Seen with Ray 2.60, a trial directory holds:
-- `params.json`: the trial's config (it carries no trial id);
+and the Ray Tune experiments whose trials compete (`rundir.layout.COMPETING_EXPERIMENTS`), each
+with one sub-directory per trial. Seen with Ray 2.60, a trial directory holds:
+- `params.json`: the trial's config, read through the trial contract (`rundir.params`; it
+  carries no trial id);
 - `result.json`: one JSON object per `tune.report` call, each with Ray's `trial_id` added (and
   the config repeated under `config`, which we ignore in favour of `params.json`);
 - `error.txt`: when the trial raised, "Failure # N (occurred at ...)" then the traceback, once
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.files import atomic_path
+from rundir.files import atomic_path
+from rundir.layout import COMPETING_EXPERIMENTS, RUN_CONFIG
+from rundir.params import TrialParams
 
 COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
@@ -45,19 +48,12 @@ REPORTED_COLUMNS = (
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
-_TRIAL_PARAMS = ("origin", "parent", "module_set", "alpha_ratio", "learning_rate", "loraplus_lr_ratio", "seed", "lora_config")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
 _REQUIRED_RUN_CONFIG = (
     "name", "seed", "search", "selection", "base_model.path", "base_model.total_params",
     "budget.num_samples", "budget.max_steps", "budget.eval_every", "budget.grace_period",
     "budget.reduction_factor", "budget.batch_size",
 )
-
-# The experiments whose trials compete: "tune" holds the search, the promotions of stopped trials
-# to the full budget and the confirmations with other seeds, all from one Tuner (runs written by
-# earlier versions kept promotions and confirmations in experiments of their own, read here too). Not
-# "retrain": it trains the pick on all the data, so its metrics are not comparable with the others'.
-EXPERIMENTS = ("tune", "promote", "confirm")
 _TRIAL_ID_IN_NAME = re.compile(r"_(?P<trial_id>[0-9a-f]{8}|[0-9a-f]{5}_[0-9]{5})(?:_|$)")
 _FAILURE_HEADER = re.compile(r"^Failure # \d+ .*$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Za-z_]\w*): (?P<message>.*\S)")
@@ -69,7 +65,7 @@ class TrialFiles:
     failed. `directory` is None for a trial known from its reports only (the driver's searcher)."""
 
     trial_id: str
-    params: dict
+    params: TrialParams
     rows: list[dict]
     error: str
     directory: Path | None
@@ -84,7 +80,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"Run directory {str(run_dir)!r} does not exist. Fix: pass the directory a search wrote, such as runs/<name>.")
-    path = run_dir / "run_config.json"
+    path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise ValueError(
             f"{str(path)!r} is missing, so {str(run_dir)!r} is not a run directory. "
@@ -98,12 +94,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
-    """Every trial of the run's `EXPERIMENTS`, experiment by experiment, by directory name; [] when none started.
+    """Every trial of the run's competing experiments, experiment by experiment, by directory name; [] when none started.
 
     A trial directory is any sub-directory of an experiment directory holding `params.json`.
     """
     trials = []
-    for experiment in EXPERIMENTS:
+    for experiment in COMPETING_EXPERIMENTS:
         tune_status = _tune_statuses(Path(run_dir, experiment))
         for params in sorted(Path(run_dir, experiment).glob("*/params.json")):
             trials.append(_read_trial(params.parent, tune_status))
@@ -160,7 +156,7 @@ def curves_table(trials: list[TrialFiles]) -> pd.DataFrame:
 
 def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
     """The exact PEFT `LoraConfig` keyword arguments each trial trained with, by trial id."""
-    return {trial.trial_id: trial.params["lora_config"] for trial in read_trial_files(run_dir)}
+    return {trial.trial_id: trial.params.lora_config for trial in read_trial_files(run_dir)}
 
 
 def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -172,25 +168,26 @@ def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def trial_record(trial: TrialFiles, max_steps: int) -> dict:
     """One trial's row of the trial table, as a dict keyed by `COLUMNS`."""
-    lora_config = trial.params["lora_config"]
+    params = trial.params
+    lora_config = params.lora_config
     last = trial.rows[-1] if trial.rows else {}
     reported = {key: last.get(key, math.nan) for key in REPORTED_COLUMNS}
     return {
         "trial_id": trial.trial_id,
         "status": trial_status(reported["step"], trial.error, max_steps),
-        "origin": trial.params["origin"],
-        "parent": trial.params["parent"],
-        "module_set": trial.params["module_set"],
+        "origin": params.origin.value,
+        "parent": params.parent,
+        "module_set": params.module_set,
         "target_modules": json.dumps(lora_config["target_modules"]),
         "r": lora_config["r"],
-        "alpha_ratio": trial.params["alpha_ratio"],
+        "alpha_ratio": params.alpha_ratio,
         "lora_alpha": lora_config["lora_alpha"],
         "lora_dropout": lora_config["lora_dropout"],
         "use_rslora": lora_config["use_rslora"],
         "use_dora": lora_config["use_dora"],
-        "learning_rate": trial.params["learning_rate"],
-        "loraplus_lr_ratio": trial.params["loraplus_lr_ratio"],
-        "seed": trial.params["seed"],
+        "learning_rate": params.learning_rate,
+        "loraplus_lr_ratio": params.loraplus_lr_ratio,
+        "seed": params.seed,
         **reported,
         "error": trial.error,
     }
@@ -226,11 +223,17 @@ def error_summary(error_text: str) -> str:
 
 
 def _read_trial(trial_dir: Path, tune_status: dict[str, tuple[str, int]]) -> TrialFiles:
-    params = _read_json(trial_dir / "params.json")
-    missing = [key for key in _TRIAL_PARAMS if key not in params]
-    missing += [f"lora_config.{key}" for key in _LORA_CONFIG_KEYS if key not in params.get("lora_config", {})]
+    params_path = trial_dir / "params.json"
+    config = _read_json(params_path)
+    missing = [f"lora_config.{key}" for key in _LORA_CONFIG_KEYS if key not in config.get("lora_config", {})]
+    try:
+        params = TrialParams.from_config(config)
+    except KeyError as error:
+        missing.insert(0, error.args[0])
+    except ValueError as error:  # an origin this version does not know
+        raise ValueError(f"{str(params_path)!r}: {error}; the trial was not started by this version of the search.") from None
     if missing:
-        raise ValueError(f"{str(trial_dir / 'params.json')!r} lacks {missing}; the trial was not started by this version of the search.")
+        raise ValueError(f"{str(params_path)!r} lacks {missing}; the trial was not started by this version of the search.")
     rows = _read_result_rows(trial_dir / "result.json")
     error_path = trial_dir / "error.txt"
     trial_id = rows[0]["trial_id"] if rows else _trial_id_from_name(trial_dir.name)

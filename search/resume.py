@@ -11,9 +11,10 @@ import signal
 import time
 from pathlib import Path
 
+from rundir.files import write_text_atomic
+from rundir.layout import DRIVER_PID, RUN_CONFIG
 from search.config import Config, ConfigError, to_dict
 
-RUN_CONFIG = "run_config.json"
 CREATED_BY = "lora-search"
 
 
@@ -93,17 +94,14 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-DRIVER = "driver.pid"
-
-
 def record_driver(run_dir: Path) -> None:
-    (run_dir / DRIVER).write_text(str(os.getpid()))
+    write_text_atomic(run_dir / DRIVER_PID, str(os.getpid()))
 
 
 def check_driver_gone(run_dir: Path) -> None:
     """Refuse to resume a run whose driver is still alive: two drivers would train the same trials."""
     try:
-        pid = int((run_dir / DRIVER).read_text())
+        pid = int((run_dir / DRIVER_PID).read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return

@@ -17,9 +17,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from rundir.location import LocationError, RunLocation, locate
 from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
-from search.resume import CREATED_BY, RUN_CONFIG, record_driver
-from search.storage import RunLocation, locate
+from search.resume import CREATED_BY, record_driver
 from trainables.config import cache_root
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(config), end="")
             return 0
         return run(config, args)
-    except ConfigError as e:
+    except (ConfigError, LocationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -112,6 +112,8 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     """Tokenize the data (in memory: bad data is input error with nothing written), then
     create the run directory with the data and the resolved config (uploaded at once to a
     URI output, where every node reads the data)."""
+    from rundir.files import write_json_atomic
+    from rundir.layout import DATA, RUN_CONFIG
     from trainables.data import prepare, save_splits
 
     run_dir = location.local
@@ -124,8 +126,8 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    save_splits(splits, run_dir / "data")
-    _write_json(run_dir / RUN_CONFIG, {
+    save_splits(splits, run_dir / DATA)
+    write_json_atomic(run_dir / RUN_CONFIG, {
         **to_dict(config),
         "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus},
         "base_model": {"path": prepared.path, "total_params": prepared.total_params},
@@ -145,11 +147,11 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
 def _search(config: Config, args, prepared, gpus: float, data_info: dict, location: RunLocation) -> int:
     import ray
 
+    from rundir.layout import SEARCH_EXPERIMENT
     from search.cluster import connect, trial_slots
     from search.prior import prior_point
     from search.space import LoraSpace
-    from search.stages import after_search
-    from search.tuner import EXPERIMENT, build_tuner, fit_or_restore, trainable_for
+    from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
 
@@ -191,9 +193,10 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
             trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
             space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
             prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
-            fit_or_restore(EXPERIMENT, location, trainable,
+            fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
                            lambda: build_tuner(config, trainable, space, prior, location))
-            after_search(config, trainable, location, stopped=lambda: stop.requested is not None)
+            if config.selection.retrain and stop.requested is None:
+                retrain(config, trainable, location)
     except KeyboardInterrupt:
         _push(location)
         print(f"stopped at once by {stop.requested or 'Ctrl+C'}; continue with the same command and --resume",
@@ -280,12 +283,6 @@ def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"output {run_dir.parent} is not writable ({parent} is not a writable directory). "
                           f"Fix: choose another --output")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The search space: ordinary Optuna code that reads like the decision it encodes.
 
 `LoraSpace` is Optuna's define-by-run function for `OptunaSearch(space=...)`.
-Beside the sampled values it returns `lora_config`, the exact `LoraConfig` arguments,
-built here once and used unchanged by the trial and by the export.
+It returns the trial's whole contract (`rundir.params.TrialParams`), with `lora_config`,
+the exact `LoraConfig` arguments, built here once and used unchanged by the trial and by
+the export.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from rundir.params import Origin, TrialParams
 
 # The semantic module sets, resolved per architecture by `search.modules`. They are part of
 # the config's vocabulary, so they live here, where validating a config imports no torch.
@@ -101,15 +104,14 @@ class LoraSpace:
         use_rslora = trial.suggest_categorical("use_rslora", space.use_rslora)
         use_dora = trial.suggest_categorical("use_dora", space.use_dora)
         learning_rate = trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_high > lr_low else lr_low
-        trial.suggest_categorical("loraplus_lr_ratio", space.loraplus_lr_ratio)
-        return {
-            "lora_config": lora_config(self.resolved[module_set], r, alpha_ratio, dropout, use_rslora, use_dora),
-            "lora_dropout": dropout,
-            "learning_rate": learning_rate,
-            "seed": self.seed,
+        loraplus_lr_ratio = trial.suggest_categorical("loraplus_lr_ratio", space.loraplus_lr_ratio)
+        return TrialParams(
+            lora_config=lora_config(self.resolved[module_set], r, alpha_ratio, dropout, use_rslora, use_dora),
+            module_set=module_set,
+            alpha_ratio=alpha_ratio,
+            learning_rate=learning_rate,
+            loraplus_lr_ratio=loraplus_lr_ratio,
+            seed=self.seed,
             # Optuna asks enqueued points first: trial 0 is the rule-of-thumb prior when there is one
-            "origin": "prior" if self.with_prior and trial.number == 0 else "search",
-            "parent": None,       # the trial a promoted, confirming or retrained trial repeats
-            "start_from": None,   # a checkpoint directory to continue from (promotion)
-            "full_data": False,   # search trials train on data.search_fraction of the data
-        }
+            origin=Origin.PRIOR if self.with_prior and trial.number == 0 else Origin.SEARCH,
+        ).to_config()

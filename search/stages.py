@@ -1,15 +1,14 @@
-"""The stages that follow the search's trials, and how they run.
-
-In the search's own Tuner (`StagedSearch`), so the workers that trained the search (each
-with the base model loaded) train these too, as soon as a trial qualifies:
+"""The stages that follow the search's trials, in the search's own Tuner (`StagedSearch`),
+so the workers that trained the search (each with the base model loaded) train these too,
+as soon as a trial qualifies:
 - promote: trials ASHA stopped while within the tolerance of their rung's best and
   cheaper than the current pick continue from their last checkpoint to the full budget,
   so the cheapest-within-tolerance rule sees exactly what early stopping would hide;
 - confirm: the leading candidates are trained again with other seeds, and the pick is
   made on the mean, so one lucky run cannot win.
-After it, as a Tune run of its own (`after_search`):
-- retrain: the pick is trained once more on all the training data and its adapter
-  weights are exported.
+Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
+The retrain of the pick on all the data follows as a Tune run of its own (`search.tuner.retrain`),
+handed out by `GivenConfigs`.
 """
 
 from __future__ import annotations
@@ -19,11 +18,13 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
-from search.config import Config
-from search.storage import RunLocation
-from search.tuner import EXPERIMENT, STAGE_ORIGINS, experiment, fit_or_restore, trial_directory
-
-__all__ = ["STAGE_ORIGINS", "GivenConfigs", "StagedSearch", "after_search", "repeat"]
+from analysis.candidates import decide
+from analysis.config import SelectionConfig
+from analysis.results import TrialFiles
+from rundir.files import write_json_atomic
+from rundir.layout import SEARCH_EXPERIMENT, trial_directory
+from rundir.location import RunLocation
+from rundir.params import Origin, TrialParams
 
 
 class StagedSearch(Searcher):
@@ -47,21 +48,18 @@ class StagedSearch(Searcher):
     candidates come from the trials' reports as they arrive (the tables and rules the
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
-    def __init__(self, searcher: Searcher, num_samples: int, config: Config, location: RunLocation):
-        selection = config.selection
+    def __init__(self, searcher: Searcher, num_samples: int, selection: SelectionConfig, max_steps: int, seed: int,
+                 location: RunLocation):
         super().__init__(metric=selection.metric, mode=selection.mode)
         self.searcher = searcher
         self._num_samples = num_samples
-        self._rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, config.budget.max_steps)
-        self._promote = selection.promote
-        self._confirm = (selection.confirm_top_k, selection.confirm_seeds) if selection.confirm_seeds else (0, 0)
-        self._seed = config.seed
+        self._selection, self._max_steps, self._seed = selection, max_steps, seed
         self._location = location  # where Tune keeps the trials' checkpoints
         self._proposed = 0  # trials the wrapped searcher proposed
-        self._queue: list[dict] = []
+        self._queue: list[TrialParams] = []
         self._stale = True  # a trial ended since the queue was last computed
-        self._handed: set[tuple] = set()  # ("promoted", parent) and ("confirm", parent, seed index)
-        self._params: dict[str, dict] = {}  # every trial handed out, by trial id
+        self._handed: set[tuple] = set()  # (PROMOTED, parent) and (CONFIRM, parent, seed index)
+        self._params: dict[str, TrialParams] = {}  # every trial handed out, by trial id
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
 
@@ -77,13 +75,13 @@ class StagedSearch(Searcher):
                 return None
             else:
                 self._proposed += 1
-                self._params[trial_id] = proposal
+                self._params[trial_id] = TrialParams.from_config(proposal)
                 return proposal
         if self._stale:
             self._queue, self._stale = self._queue + self._qualified(), False
         if self._queue:
             self._params[trial_id] = self._queue.pop(0)
-            return self._params[trial_id]
+            return self._params[trial_id].to_config()
         return Searcher.FINISHED if len(self._ended) == len(self._params) else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -106,13 +104,14 @@ class StagedSearch(Searcher):
         self.__dict__.update(state)
 
     def _from_search(self, trial_id: str) -> bool:
-        return self._params.get(trial_id, {}).get("origin") not in STAGE_ORIGINS
+        params = self._params.get(trial_id)
+        return params is None or params.origin.proposed
 
     def _record(self, trial_id: str, result: dict | None) -> None:
         if not result or "step" not in result:
             return
         if trial_id not in self._params and isinstance(result.get("config"), dict):
-            self._params[trial_id] = result["config"]  # handed out after the state Tune restored was saved
+            self._params[trial_id] = TrialParams.from_config(result["config"])  # handed out after the restored state
         row = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
         rows = self._rows.setdefault(trial_id, [])
         if rows and rows[-1]["step"] == row["step"]:
@@ -120,34 +119,28 @@ class StagedSearch(Searcher):
         else:
             rows.append(row)
 
-    def _qualified(self) -> list[dict]:
+    def _qualified(self) -> list[TrialParams]:
         """Promotions and confirmations that qualify now and were not handed out yet."""
-        from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
-        from analysis.results import TrialFiles, curves_table, trials_table
-
-        if not self._promote and not self._confirm[0]:
+        selection = self._selection
+        if not selection.promote and not (selection.confirm_top_k and selection.confirm_seeds):
             return []
-        files = [TrialFiles(trial_id, params, self._rows.get(trial_id, []), "failed" if self._ended.get(trial_id) else "",
-                            None) for trial_id, params in self._params.items()]
-        # trials that ended: one still running is neither stopped nor finished yet
-        trials = trials_table([f for f in files if f.trial_id in self._ended], self._rule[-1])
+        reports = [TrialFiles(trial_id, params, self._rows.get(trial_id, []), "failed" if self._ended.get(trial_id) else "",
+                              None) for trial_id, params in self._params.items()]
+        running = {trial_id for trial_id in self._params if trial_id not in self._ended}
+        decision = decide(reports, selection, self._max_steps, running)
         out = []
-        if self._promote:
-            pick_cost = current_pick_cost(trials, *self._rule)
-            for parent in promotion_candidates(trials, curves_table(files), *self._rule[:4], self._rule[-1], pick_cost):
-                checkpoint = self._rows[parent][-1].get("checkpoint_dir_name")
-                if ("promoted", parent) in self._handed or not checkpoint:  # every report carries one
-                    continue
-                self._handed.add(("promoted", parent))
-                start_from = self._location.path_of(EXPERIMENT, trial_directory(parent), checkpoint)
-                out.append(repeat(self._params[parent], "promoted", parent, start_from=start_from))
-        top_k, seeds = self._confirm
-        if top_k:  # leaders among the runs of their own configuration (not the confirmations)
-            for parent in confirmation_candidates(trials[trials["origin"] != "confirm"], *self._rule, top_k):
-                for k in range(seeds):
-                    if ("confirm", parent, k) not in self._handed:
-                        self._handed.add(("confirm", parent, k))
-                        out.append(repeat(self._params[parent], "confirm", parent, seed=self._seed + 1 + k))
+        for parent in decision.promote:
+            checkpoint = self._rows[parent][-1].get("checkpoint_dir_name")
+            if (Origin.PROMOTED, parent) in self._handed or not checkpoint:  # every report carries one
+                continue
+            self._handed.add((Origin.PROMOTED, parent))
+            start_from = self._location.path_of(SEARCH_EXPERIMENT, trial_directory(parent), checkpoint)
+            out.append(self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from))
+        for parent in decision.confirm:
+            for k in range(selection.confirm_seeds):
+                if (Origin.CONFIRM, parent, k) not in self._handed:
+                    self._handed.add((Origin.CONFIRM, parent, k))
+                    out.append(self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k))
         return out
 
 
@@ -166,31 +159,7 @@ class GivenConfigs(Searcher):
         pass
 
     def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps(self._configs))
+        write_json_atomic(checkpoint_path, self._configs)
 
     def restore(self, checkpoint_path: str) -> None:
         self._configs = json.loads(Path(checkpoint_path).read_text())
-
-
-def after_search(config: Config, trainable, location: RunLocation, stopped) -> None:
-    """Retrain the pick on all the data, when asked for and no stop was requested (a
-    retrain already started is restored)."""
-    if not config.selection.retrain or stopped():
-        return
-    from analysis.report import analyse
-    from analysis.results import read_trial_files
-
-    run_dir = location.local  # the local copy: each experiment is pulled into it after its fit
-    analyse(run_dir)  # the pick to retrain
-    pick_path = run_dir / "pick.json"
-    if pick_path.exists():
-        picked = json.loads(pick_path.read_text())["trial_id"]
-        params = {trial.trial_id: trial.params for trial in read_trial_files(run_dir)}[picked]
-        configs = [repeat(params, "retrain", picked, seed=config.seed, full_data=True)]
-        fit_or_restore("retrain", location, trainable,
-                       lambda: experiment("retrain", trainable, config, location, GivenConfigs(configs), len(configs)))
-
-
-def repeat(params: dict, origin: str, parent: str, **changes) -> dict:
-    """A trial config that repeats `params` (the parent's config) with `changes`."""
-    return {**params, "origin": origin, "parent": parent, "start_from": None, "full_data": False, **changes}

@@ -1,5 +1,6 @@
-"""Where the seams meet: space, searcher, scheduler, trainable and storage, wired in one
-function. Everything else (restore, storage, progress, retries) is Ray's own.
+"""Where the seams meet: space, searcher, scheduler, stages, trainable and storage, wired in
+`build_tuner`; the retrain of the pick in `retrain`. Everything else (restore, storage,
+progress, retries) is Ray's own.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.candidates import decide
+from analysis.results import read_trial_files
+from rundir.files import write_json_atomic
+from rundir.layout import ASHA_STATE, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
+from rundir.location import RunLocation
+from rundir.params import Origin
 from search.config import Config
-from search.storage import RunLocation
+from search.stages import GivenConfigs, StagedSearch
 from trainables.config import TrialSetup
 from trainables.trial import train_lora
-
-EXPERIMENT = "tune"
-# Trials that the stages (promotions, confirmations) add to the search's Tuner (search/stages.py): they train to the
-# full budget, so ASHA neither stops them nor records them at its rungs.
-STAGE_ORIGINS = ("promoted", "confirm")
 
 
 class LoraOptunaSearch(OptunaSearch):
@@ -93,11 +95,8 @@ class ResumableASHA(ASHAScheduler):
             super().on_trial_remove(tune_controller, trial)
 
     def _save_rungs(self) -> None:
-        rungs = [[[milestone, recorded] for milestone, recorded in bracket._rungs] for bracket in self._brackets]
-        tmp = f"{self._state_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rungs, f)
-        os.replace(tmp, self._state_path)
+        write_json_atomic(self._state_path, [[[milestone, recorded] for milestone, recorded in bracket._rungs]
+                                             for bracket in self._brackets])
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -111,7 +110,8 @@ class ResumableASHA(ASHAScheduler):
 
 
 def _from_stage(trial) -> bool:
-    return trial.config.get("origin") in STAGE_ORIGINS
+    """A promotion or confirmation trains to the full budget: ASHA neither stops it nor records it at its rungs."""
+    return not Origin(trial.config["origin"]).proposed
 
 
 def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
@@ -136,12 +136,7 @@ def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float)
 
 
 def trial_dirname(trial) -> str:
-    """Short, stable trial directories (Ray's default spells the whole config into the path)."""
     return trial_directory(trial.trial_id)
-
-
-def trial_directory(trial_id: str) -> str:
-    return f"trial_{trial_id}"
 
 
 def build_tuner(config: Config, trainable, space, prior: dict, location: RunLocation) -> tune.Tuner:
@@ -150,8 +145,6 @@ def build_tuner(config: Config, trainable, space, prior: dict, location: RunLoca
     steps, then the promotions and confirmations (search/stages.py) on the same workers,
     results in the run's `tune` experiment."""
     import optuna
-
-    from search.stages import StagedSearch
 
     budget, selection = config.budget, config.selection
     sampler = optuna.samplers.TPESampler(
@@ -162,15 +155,15 @@ def build_tuner(config: Config, trainable, space, prior: dict, location: RunLoca
     searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
                                 sampler=sampler, points_to_evaluate=[prior], max_steps=budget.max_steps)
     scheduler = ResumableASHA(
-        state_path=str((location.local / "asha_state.json").resolve()),
+        state_path=str((location.local / ASHA_STATE).resolve()),
         time_attr="step",
         max_t=budget.max_steps,
         grace_period=budget.grace_period,
         reduction_factor=budget.reduction_factor,
     )
-    staged = StagedSearch(searcher, budget.num_samples, config, location)
+    staged = StagedSearch(searcher, budget.num_samples, selection, budget.max_steps, config.seed, location)
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(EXPERIMENT, trainable, config, location, staged, -1,
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1,
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
@@ -197,3 +190,17 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             verbose=1,
         ),
     )
+
+
+def retrain(config: Config, trainable, location: RunLocation) -> None:
+    """Train the current pick once more on all the training data, in the run's retrain
+    experiment (restored when a retrain already started). The pick comes from the search's
+    trials by the analysis' rule (`decide`); nothing happens when there is none."""
+    trials = read_trial_files(location.local)  # each experiment is pulled into the local copy after its fit
+    picked = decide(trials, config.selection, config.budget.max_steps).pick
+    if picked is None:
+        return
+    params = {trial.trial_id: trial.params for trial in trials}[picked]
+    configs = [params.repeat(Origin.RETRAIN, picked, seed=config.seed, full_data=True).to_config()]
+    fit_or_restore(RETRAIN_EXPERIMENT, location, trainable,
+                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs)))

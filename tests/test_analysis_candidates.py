@@ -6,9 +6,13 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
-from analysis.candidates import confirmation_candidates, current_pick_cost, promotion_candidates
-from analysis.select import pick
+from analysis.candidates import confirmation_candidates, decide, promotion_candidates
+from analysis.config import SelectionConfig
+from analysis.results import TrialFiles
+from analysis.select import NoCandidate, pick
+from rundir.params import Origin, TrialParams
 from test_analysis_select import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")
@@ -23,9 +27,7 @@ def test_a_cheap_trial_stopped_within_tolerance_of_its_rung_is_promoted():
     trials = table({"trainable_params": 5000, "eval_loss": 0.50},
                    {"status": "stopped", "step": 10, "trainable_params": 1000, "eval_loss": 0.82})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.82), ("t0", MAX_STEPS, 0.50))
-    pick_cost = current_pick_cost(trials, *RULE, MAX_STEPS)
-    assert pick_cost == 5000
-    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, pick_cost) == ["t1"]
+    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, pick_cost=5000) == ["t1"]
 
 
 def test_a_stopped_trial_outside_tolerance_or_not_cheaper_is_not_promoted():
@@ -33,14 +35,15 @@ def test_a_stopped_trial_outside_tolerance_or_not_cheaper_is_not_promoted():
                    {"status": "stopped", "step": 10, "trainable_params": 1000, "eval_loss": 0.90},
                    {"status": "stopped", "step": 10, "trainable_params": 9000, "eval_loss": 0.80})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.90), ("t2", 10, 0.80))
-    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, current_pick_cost(trials, *RULE, MAX_STEPS)) == []
+    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, pick_cost=5000) == []
 
 
 def test_everything_stopped_within_tolerance_is_promoted_when_nothing_finished():
     trials = table({"status": "stopped", "step": 10, "eval_loss": 0.80, "trainable_params": 2000},
                    {"status": "stopped", "step": 10, "eval_loss": 0.81, "trainable_params": 1000})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.81))
-    assert current_pick_cost(trials, *RULE, MAX_STEPS) == math.inf
+    with pytest.raises(NoCandidate):
+        pick(trials, *RULE, MAX_STEPS, configs(trials))
     assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, math.inf) == ["t1", "t0"]
 
 
@@ -68,3 +71,41 @@ def test_a_promoted_trial_competes_for_its_stopped_parent():
                    {"trainable_params": 1000, "eval_loss": 0.51, "origin": "promoted", "parent": "t1"})
     chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
     assert chosen.trial_id == "t2" and chosen.cost == 1000
+
+
+def reports(trial_id: str, params: int, *losses: float, origin: Origin = Origin.SEARCH, parent: str | None = None,
+            seed: int = 0) -> TrialFiles:
+    """A trial as the search's stages know it: its contract and its reports every 10 steps."""
+    lora_config = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"], "use_rslora": False,
+                   "use_dora": False}
+    trial = TrialParams(lora_config, "attention_qv", 2.0, 2e-4, 1.0, seed, origin, parent)
+    rows = [{"step": 10 * (i + 1), "eval_loss": loss, "trainable_params": params, "train_seconds": 1.0}
+            for i, loss in enumerate(losses)]
+    return TrialFiles(trial_id, trial, rows, "", None)
+
+
+def test_decide_promotes_a_cheap_stopped_trial_and_confirms_the_leaders_from_raw_reports():
+    selection = SelectionConfig(confirm_top_k=1, confirm_seeds=1)
+    trials = [reports("big", 5000, 0.80, 0.50), reports("cheap", 1000, 0.82), reports("weak", 500, 0.95)]
+
+    decision = decide(trials, selection, max_steps=20)
+
+    assert decision.pick == "big"
+    assert decision.promote == ["cheap"]  # 0.82 is within 95% of the rung's best 0.80; 0.95 is not
+    assert decision.confirm == ["big"]
+
+
+def test_decide_neither_promotes_nor_picks_a_trial_that_still_runs():
+    trials = [reports("big", 5000, 0.80, 0.50), reports("cheap", 1000, 0.82), reports("late", 100, 0.49, 0.40)]
+
+    decision = decide(trials, SelectionConfig(), max_steps=20, running={"cheap", "late"})
+
+    assert decision.promote == [] and decision.pick == "big"
+
+
+def test_decide_asks_for_nothing_that_the_selection_turned_off():
+    trials = [reports("big", 5000, 0.80, 0.50), reports("cheap", 1000, 0.82)]
+
+    decision = decide(trials, SelectionConfig(promote=False, confirm_top_k=0), max_steps=20)
+
+    assert (decision.promote, decision.confirm, decision.pick) == ([], [], "big")

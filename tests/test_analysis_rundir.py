@@ -24,6 +24,7 @@ from analysis.results import (
     read_run_config,
     write_trials_csv,
 )
+from rundir.params import Origin, TrialParams
 
 MAX_STEPS = 100
 EVAL_EVERY = 25
@@ -98,10 +99,11 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
     lora_config = {"r": r, "lora_alpha": alpha_ratio * r, "lora_dropout": lora_dropout, "target_modules": targets,
                    "use_rslora": use_rslora, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
                    "task_type": "CAUSAL_LM"}
-    params = {"module_set": module_set, "r": r, "alpha_ratio": alpha_ratio, "lora_dropout": lora_dropout,
-              "use_rslora": use_rslora, "use_dora": False, "learning_rate": learning_rate,
-              "loraplus_lr_ratio": 1.0, "seed": seed, "origin": origin, "parent": parent,
-              "lora_config": lora_config}
+    # as Tune stores it: the trial contract, and the values Optuna sampled, which Ray merges in
+    params = {"r": r, "use_rslora": use_rslora, "use_dora": False, "lora_dropout": lora_dropout,
+              **TrialParams(lora_config=lora_config, module_set=module_set, alpha_ratio=alpha_ratio,
+                            learning_rate=learning_rate, loraplus_lr_ratio=1.0, seed=seed, origin=Origin(origin),
+                            parent=parent).to_config()}
     (trial_dir / "params.json").write_text(json.dumps(params, indent=2))
     trainable_params = trainable_params if trainable_params is not None else r * 1_000 * len(targets)
     rows = []
@@ -227,17 +229,26 @@ def test_a_trial_that_never_reported_gets_its_id_from_the_directory_name(run_dir
     assert load_trials(run_dir)["trial_id"].tolist() == [trial_id]
 
 
-def test_trials_are_read_stage_by_stage_and_retraining_is_not_a_trial(run_dir):
-    add_trial(run_dir, "cccc0001", experiment="confirm", origin="confirm")
+def test_every_stage_of_the_search_competes_and_retraining_is_not_a_trial(run_dir):
+    add_trial(run_dir, "cccc0001", origin="confirm")
     add_trial(run_dir, "eeee0001", experiment="retrain", origin="retrain")
-    add_trial(run_dir, "bbbb0001", experiment="promote", origin="promoted")
-    add_trial(run_dir, "ffff0001")
+    add_trial(run_dir, "bbbb0001", origin="promoted")
     add_trial(run_dir, "aaaa0001")
 
     trials = load_trials(run_dir)
 
-    assert trials["trial_id"].tolist() == ["aaaa0001", "ffff0001", "bbbb0001", "cccc0001"]
-    assert trials["origin"].tolist() == ["search", "search", "promoted", "confirm"]
+    assert trials["trial_id"].tolist() == ["aaaa0001", "bbbb0001", "cccc0001"]
+    assert trials["origin"].tolist() == ["search", "promoted", "confirm"]
+
+
+def test_a_params_file_without_a_field_of_the_trial_contract_is_named(run_dir):
+    trial_dir = add_trial(run_dir, "aaaa0001")
+    params = json.loads((trial_dir / "params.json").read_text())
+    del params["full_data"]
+    (trial_dir / "params.json").write_text(json.dumps(params))
+
+    with pytest.raises(ValueError, match="lacks \\['full_data'\\]"):
+        load_trials(run_dir)
 
 
 def test_error_summary_of_a_worker_that_died_is_the_first_line_of_the_failure():

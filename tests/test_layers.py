@@ -1,5 +1,6 @@
-"""Dependencies point one way: search -> trainables, search -> analysis; analysis reads only
-the run directory; a trial uses only tune.report / tune.get_checkpoint from Ray."""
+"""Dependencies point one way: search -> trainables, search -> analysis, all of them -> rundir;
+analysis reads only the run directory; a trial uses only tune.report / tune.get_checkpoint from
+Ray; and no module imports, at the top or inside a function, a module that imports it back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("rundir", "search", "trainables", "analysis")
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -24,7 +26,51 @@ def _imports(package: str) -> dict[str, set[str]]:
     return out
 
 
+def module_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its source (deferred imports
+    included: a cycle hidden inside a function is still a cycle). `from pkg import name`
+    counts as importing `pkg.name` when that is a module, else `pkg`."""
+    modules = {".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+               for package in packages for path in (root / package).rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    edges.add(submodule if submodule in modules else node.module)
+        graph[module] = {edge for edge in edges if edge in modules and edge != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (a depth-first search for a back edge)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
 @pytest.mark.parametrize("package, forbidden", [
+    ("rundir", ("search", "trainables", "analysis", "torch", "ray", "transformers", "peft", "pandas")),
     ("analysis", ("trainables", "search")),
     ("trainables", ("search", "analysis", "optuna")),
 ])
@@ -32,6 +78,23 @@ def test_layers_never_import_against_the_arrows(package, forbidden):
     for path, names in _imports(package).items():
         bad = [n for n in names if n.split(".")[0] in forbidden]
         assert not bad, f"{path} imports {bad}"
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    cycle = find_cycle(module_graph(ROOT, PACKAGES))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle_planted_inside_one_package(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import helper\n")
+    (package / "b.py").write_text("def helper():\n    from pkg import c\n")  # deferred, as cycles hide
+    (package / "c.py").write_text("import pkg.a\n")
+    (package / "d.py").write_text("from pkg import b\n")
+
+    assert find_cycle(module_graph(tmp_path, ("pkg",))) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
 
 
 def test_trainables_use_only_ray_tune_report_and_checkpoints():

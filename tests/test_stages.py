@@ -17,7 +17,7 @@ from ray.tune.search.search_generator import SearchGenerator
 from search import modules
 from search.config import load
 from search.space import LoraSpace, module_set_key
-from search.storage import RunLocation
+from rundir.location import RunLocation
 from search.stages import StagedSearch
 from search.tuner import LoraOptunaSearch, ResumableASHA
 
@@ -39,7 +39,8 @@ def staged(run_config) -> StagedSearch:
     config, resolved = run_config
     inner = LoraOptunaSearch(space=LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
                              sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
-    return StagedSearch(inner, config.budget.num_samples, config, RunLocation(Path("/runs/x")))
+    return StagedSearch(inner, config.budget.num_samples, config.selection, MAX_STEPS, config.seed,
+                        RunLocation(Path("/runs/x")))
 
 
 def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from search.config import ConfigError
-from search.storage import RunLocation, is_uri, join_uri, locate
+from rundir.files import is_uri, join_uri
+from rundir.location import LocationError, RunLocation, locate
 
 ROOT = Path(__file__).resolve().parent.parent
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -159,7 +159,7 @@ def test_a_uri_runs_working_copy_is_in_the_cache_and_maps_back_to_the_uri(tmp_pa
 
 
 def test_an_unknown_scheme_is_an_input_error(tmp_path):
-    with pytest.raises(ConfigError, match="nosuch://x.*Allowed"):
+    with pytest.raises(LocationError, match="nosuch://x.*Allowed"):
         locate("nosuch://x", "exp", tmp_path)
 
 

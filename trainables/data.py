@@ -8,11 +8,11 @@ them, so nothing is pickled into trials and nothing is tokenized twice.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from rundir.files import atomic_dir, is_uri, local_copy
 from trainables import atlas
 from trainables.config import BUILTIN_PREFIX, DataConfig
 
@@ -111,10 +111,9 @@ def prepare(cfg: DataConfig, tokenizer_path: str, seed: int) -> tuple[dict, dict
 
 
 def save_splits(splits: dict, out_dir: Path) -> None:
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    for name, split in splits.items():
-        split.save_to_disk(str(tmp / name))
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as partial:
+        for name, split in splits.items():
+            split.save_to_disk(str(partial / name))
 
 
 _loaded: dict = {}
@@ -134,29 +133,12 @@ def load_split(data_dir: str, name: str) -> list[tuple[list[int], list[int]]]:
 
 def _local_data_dir(data_dir: str) -> Path:
     """`data_dir` itself, or for a URI (`s3://...`, a run kept in object storage) its copy
-    in this node's cache, downloaded once (to a temporary name, then renamed)."""
-    if "://" not in data_dir:
+    in this node's cache, downloaded once."""
+    if not is_uri(data_dir):
         return Path(data_dir)
-    import hashlib
-
-    import pyarrow.fs as pafs
-
     from trainables.model import cache_root
 
-    fs, path = pafs.FileSystem.from_uri(data_dir)
-    # keyed by the files as stored: a new run at the same URI never reads an old copy
-    listing = sorted((f.path, f.size, f.mtime_ns) for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    target = cache_root() / "data" / hashlib.sha256(repr((data_dir, listing)).encode()).hexdigest()[:16]
-    if not target.is_dir():
-        partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        try:
-            os.replace(partial, target)
-        except OSError:  # another worker of this node was first
-            import shutil
-
-            shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return local_copy(data_dir, cache_root() / "data")
 
 
 def collate(examples, pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from rundir.files import atomic_dir
 from trainables.config import cache_root
 
 SMOLLM2_ALIAS = "smollm2"
@@ -47,14 +47,13 @@ def smollm2_checkpoint() -> Path:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    partial = target.with_name(target.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    config_path = partial / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved.pop("quantization_config", None)
-    config_path.write_text(json.dumps(saved, indent=2))
-    os.replace(partial, target)
+    with atomic_dir(target) as partial:
+        plain.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        config_path = partial / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved.pop("quantization_config", None)
+        config_path.write_text(json.dumps(saved, indent=2))
     return target
 
 

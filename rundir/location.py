@@ -17,14 +17,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints
-from search.config import ConfigError
+from rundir.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints
+from rundir.layout import DATA, DRIVER_PID, EXPERIMENTS
 
-# Experiment directories that Tune writes (to the URI); everything else is the driver's.
-EXPERIMENTS = ("tune", "promote", "confirm", "retrain")
-# The driver's pid: meaningful on this machine only.
-LOCAL_ONLY = ("driver.pid",)
-__all__ = ["RunLocation", "is_uri", "join_uri", "locate"]
+
+class LocationError(ValueError):
+    """The output cannot hold the run (not writable, not a URI pyarrow opens): bad input."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class RunLocation:
 
     def data_dir(self) -> str:
         """The tokenized data as every node reads it."""
-        return self.path_of("data")
+        return self.path_of(DATA)
 
     def path_of(self, *parts: str) -> str:
         """The path or URI, as Tune stores it, of `parts` under the run: an experiment, a
@@ -68,7 +66,7 @@ class RunLocation:
                 stream.write(b"lora-search")
             fs.delete_file(probe)
         except Exception as error:  # noqa: BLE001 - pyarrow raises OSError and more, all of them mean "not writable"
-            raise ConfigError(f"output {self.remote!r} is not writable ({type(error).__name__}: "
+            raise LocationError(f"output {self.remote!r} is not writable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no message'}). "
                               "Fix: check the URI, its credentials and that the bucket exists") from None
 
@@ -96,9 +94,9 @@ class RunLocation:
         if not self.remote:
             return
         for entry in sorted(self.local.iterdir()):
-            if entry.name in EXPERIMENTS or entry.name in LOCAL_ONLY or entry.name.endswith(".tmp"):
+            if entry.name in EXPERIMENTS or entry.name == DRIVER_PID or ".tmp" in entry.name:
                 continue
-            if entry.name == "data" and not data:
+            if entry.name == DATA and not data:
                 continue
             upload(entry, join_uri(self.remote, entry.name))
 
@@ -118,7 +116,7 @@ class RunLocation:
                 return
             # all but the tokenized data: trials read it at the URI, the driver never needs it again
             names = tuple(name for name in (Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
-                          if name != "data")
+                          if name != DATA)
         for name in names:
             download_tree(join_uri(self.remote, name), self.local / name,
                           keep=lambda relative, name=name: without_trial_checkpoints(f"{name}/{relative}"))
@@ -130,7 +128,7 @@ def _filesystem(uri: str):
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as error:  # noqa: BLE001
-        raise ConfigError(f"output {uri!r} is not a storage URI that pyarrow (Ray's storage) can open "
+        raise LocationError(f"output {uri!r} is not a storage URI that pyarrow (Ray's storage) can open "
                           f"({type(error).__name__}: {error}). Allowed: a directory, or s3://, gs://, abfs://, "
                           "hdfs:// or file:// URIs") from None
 

@@ -1,11 +1,19 @@
-"""Result files appear whole or not at all; runs kept at a storage URI are copied in and out."""
+"""Files appear whole or not at all; runs kept at a storage URI are copied in and out.
 
+Every write into a run directory goes through `atomic_path` (a file) or `atomic_dir` (a
+directory): a kill at any moment leaves the previous version or the complete new one.
+"""
+
+import hashlib
+import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from rundir.layout import RETRAIN_EXPERIMENT
 
 
 @contextmanager
@@ -34,6 +42,33 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON to `path` atomically; return `path`."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` to fill; when the block ends without error,
+    move it onto `path` (which must not exist yet, or be an empty directory). If another
+    process got there first, its complete copy is kept and ours is dropped. On error the
+    temporary directory is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        try:
+            os.replace(temporary, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 # --- runs kept at a storage URI (s3://, gs://, ...), through pyarrow as Ray's storage does ---
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -55,7 +90,7 @@ def without_trial_checkpoints(relative: str) -> bool:
     checkpoints (gigabytes in a large search; Tune and a promoted trial read them where
     they are), except the retrained pick's, whose weights are exported."""
     parts = relative.split("/")
-    return parts[0] == "retrain" or not any(part.startswith("checkpoint_") for part in parts[:-1])
+    return parts[0] == RETRAIN_EXPERIMENT or not any(part.startswith("checkpoint_") for part in parts[:-1])
 
 
 def download_tree(uri: str, target: Path, keep: Callable[[str], bool] = lambda relative: True) -> bool:
@@ -95,6 +130,21 @@ def upload(local: Path, uri: str) -> None:
     else:
         with local.open("rb") as source, fs.open_output_stream(path) as stream:
             shutil.copyfileobj(source, stream)
+
+
+def local_copy(uri: str, cache: Path) -> Path:
+    """The files under `uri` in a directory of `cache`, downloaded once per machine. The
+    directory is keyed by the files as stored (paths, sizes, times), so a new run written at
+    the same URI is never read from an older copy."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    listing = sorted((f.path, f.size, f.mtime_ns) for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    target = cache / hashlib.sha256(repr((uri, listing)).encode()).hexdigest()[:16]
+    if not target.is_dir():
+        with atomic_dir(target) as partial:
+            pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return target
 
 
 def remove(uri: str) -> None:

@@ -1,0 +1,27 @@
+"""The names of what a run directory holds (DESIGN.md, "Entry points and outputs")."""
+
+RUN_CONFIG = "run_config.json"   # the resolved config and the facts of the model and data
+DATA = "data"                    # the tokenized splits, written once by the driver
+TRIALS_CSV = "trials.csv"
+PICK = "pick.json"
+ADAPTER = "adapter"
+PLOTS = "plots"
+REPORT = "report.md"
+ASHA_STATE = "asha_state.json"   # ASHA's rungs, which Tune's restore would otherwise forget
+DRIVER_PID = "driver.pid"        # meaningful on the driver's machine only: never uploaded
+
+# Ray Tune experiments, one directory each. The search, its promotions and its confirmations
+# run in one Tuner, so their trials compete with one another; the retrain trains the pick on
+# all the data, so its metrics are not comparable with theirs.
+SEARCH_EXPERIMENT = "tune"
+RETRAIN_EXPERIMENT = "retrain"
+EXPERIMENTS = (SEARCH_EXPERIMENT, RETRAIN_EXPERIMENT)
+COMPETING_EXPERIMENTS = (SEARCH_EXPERIMENT,)
+
+# What the analysis writes, and so what a re-analysis of a run at a URI uploads back.
+ANALYSIS_OUTPUTS = (TRIALS_CSV, PICK, ADAPTER, PLOTS, REPORT)
+
+
+def trial_directory(trial_id: str) -> str:
+    """A trial's directory inside its experiment (Ray's default spells the whole config into it)."""
+    return f"trial_{trial_id}"
