@@ -17,9 +17,9 @@ def install() -> None:
     original = trial._train
 
     def faulty_train(model, optimizer, scheduler, params, *rest):
-        if params["r"] == 8:
+        if params.lora_config["r"] == 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
-        if params["module_set"] == "mlp":
+        if params.module_set == "mlp":
             with torch.no_grad():
                 next(p for name, p in model.named_parameters() if "lora_B" in name).fill_(float("nan"))
         return original(model, optimizer, scheduler, params, *rest)

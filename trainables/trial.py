@@ -1,10 +1,10 @@
 """What runs inside one trial: a PEFT fine-tune of the cached base model.
 
 Reads top to bottom: set up (base model from the worker's cache, adapter from the
-trial's exact `lora_config`, optimizer with the LoRA+ ratio), train, and every
-`eval_every` steps evaluate, checkpoint the adapter and report to Tune. Whatever happens,
-the adapter is removed from the cached base model and its memory freed before the
-worker takes the next trial (Tune reuses the worker).
+trial's exact `lora_config`, PEFT's LoRA+ AdamW), train, and every `eval_every` steps
+evaluate, checkpoint the adapter and report to Tune. Whatever happens, the adapter is
+removed from the cached base model and its memory freed before the worker takes the next
+trial (Tune reuses the worker).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import math
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rundir.params import TrialParams
 from trainables.config import TrialSetup
 from trainables.data import IGNORE, collate, load_split
 from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
@@ -45,40 +47,65 @@ class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial ends as failed, never as a result."""
 
 
-def train_lora(params: dict, setup: TrialSetup) -> None:
-    """Train one configuration; report `step, eval_loss, eval_accuracy, train_loss,
-    trainable_params, trainable_pct, train_seconds, tokens_per_second, peak_memory_gb`
-    to Tune every `setup.eval_every` steps and at `setup.max_steps`.
+@dataclass
+class Progress:
+    """Where a trial stands. The counters continue from a checkpoint; the clock readings (epoch
+    seconds) are this call's, for bench/search_vs_grid.py's account of where a search's time goes."""
 
-    `params` is a trial's config as the space or a later stage builds it: `lora_config`
-    (LoraConfig kwargs, used unchanged), `learning_rate`, `loraplus_lr_ratio`, `seed`
-    (weights init and data order), `full_data` (train on all the data, not the search
-    share), `start_from` (a checkpoint directory to continue from, or None), and
-    bookkeeping the analysis reads (`module_set`, `r`, `alpha_ratio`, `origin`, `parent`)."""
-    called = time.time()
+    called_at: float          # when Tune called the trial function
+    imported_at: float        # when it had imported PEFT; its setup runs from here to the first busy_from
+    busy_from: float = 0.0    # since when it has done nothing but train and evaluate (restarts at each report)
+    step: int = 0             # optimizer steps taken
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    tokens: int = 0           # real (unpadded) tokens trained on
+
+    def metrics(self) -> dict:
+        """The report's keys that come from here; `busy_to` is now."""
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "tokens_per_second": self.tokens / self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "busy_from": self.busy_from,
+            "busy_to": time.time(),
+            "called_at": self.called_at,
+            "entered_at": self.imported_at,
+            "worker_started_at": WORKER_STARTED,
+        }
+
+
+def train_lora(config: dict, setup: TrialSetup) -> None:
+    """Train one configuration, `config` being Tune's config of the trial (read once, as a
+    `TrialParams`); report `step, eval_loss, eval_accuracy, train_loss, trainable_params,
+    trainable_pct, train_seconds, tokens_per_second, peak_memory_gb` (and the timings of
+    `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`."""
+    called_at = time.time()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
 
-    entered = time.time()
+    progress = Progress(called_at=called_at, imported_at=time.time())
+    params = TrialParams.from_config(config)
     torch.set_num_threads(setup.cpu_threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.init()  # the reset below needs it; only an import such as bitsandbytes' would have done it
+        torch.cuda.init()  # resetting the statistics needs CUDA started; without bitsandbytes no import starts it
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
     base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, device,
                            setup.gradient_checkpointing)
-    train_rows = load_split(setup.data_dir, "train" if params["full_data"] else "search_train")
+    train_rows = load_split(setup.data_dir, "train" if params.full_data else "search_train")
     eval_rows = load_split(setup.data_dir, "eval")
 
-    torch.manual_seed(params["seed"])
-    model = get_peft_model(base, LoraConfig(**params["lora_config"]))
+    torch.manual_seed(params.seed)
+    model = get_peft_model(base, LoraConfig(**params.lora_config))
     optimizer = scheduler = None
     try:
-        optimizer = _optimizer(model, params["learning_rate"], params["loraplus_lr_ratio"], cuda)
+        optimizer = _optimizer(model, params, cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
-        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, cuda, (called, entered))
+        _restore(model, optimizer, scheduler, params.start_from, progress)
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, progress)
     finally:
         del optimizer, scheduler
         try:
@@ -93,14 +120,17 @@ def train_lora(params: dict, setup: TrialSetup) -> None:
                 torch.cuda.empty_cache()
 
 
-def _optimizer(model, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
-    """AdamW; with LoRA+ the B matrices learn `loraplus_lr_ratio` times faster than A."""
-    a_params, b_params = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (b_params if "lora_B" in name else a_params).append(p)
-    groups = [{"params": a_params, "lr": learning_rate}, {"params": b_params, "lr": learning_rate * loraplus_lr_ratio}]
-    return torch.optim.AdamW(groups, weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
+def _optimizer(model, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW with PEFT's LoRA+ groups: `lora_B` and every one-dimensional parameter (DoRA's
+    magnitudes) at `learning_rate * loraplus_lr_ratio`, the rest (`lora_A`) at `learning_rate`.
+    PEFT's group for LoRA on embeddings, at a fixed rate of its own, stays empty: the search
+    adapts only Linear and Conv1D layers (search/modules.py)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    # on CPU, the multi-tensor kernels: torch chooses them by itself on GPU only
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=params.learning_rate,
+                                     loraplus_lr_ratio=params.loraplus_lr_ratio, weight_decay=0.0,
+                                     fused=cuda, foreach=None if cuda else True)
 
 
 def _schedule(warmup_steps: int, max_steps: int):
@@ -110,89 +140,64 @@ def _schedule(warmup_steps: int, max_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        fraction = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
 
     return factor
 
 
-def _train(model, optimizer, scheduler, params, setup: TrialSetup, train_rows, eval_rows, device, cuda: bool,
-           entered: tuple[float, float]) -> None:
-    trainable_params = model.get_nb_trainable_parameters()[0]
-    step, train_seconds, eval_seconds, tokens = _restore(model, optimizer, scheduler, params["start_from"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    model.train()
-    busy_from = time.time()
-    started = time.perf_counter()
-    train_step = TrainStep(model, train_rows, setup.batch_size, params["seed"], setup.max_steps, setup.pad_token_id,
-                           device, cuda_graph=setup.cuda_graphs, compiled="inductor" if setup.compile and cuda else None)
-    train_seconds += time.perf_counter() - started  # the capture counts as training time
-    try:
-        _loop(model, optimizer, scheduler, train_step, setup, eval_rows, device, cuda, autocast, trainable_params,
-              step, train_seconds, eval_seconds, tokens, busy_from, entered)
-    finally:
-        train_step.close()
-
-
-def _loop(model, optimizer, scheduler, train_step, setup: TrialSetup, eval_rows, device, cuda: bool, autocast,
-          trainable_params: int, step: int, train_seconds: float, eval_seconds: float, tokens: int,
-          busy_from: float, entered: tuple[float, float]) -> None:
-    """Steps, and every eval_every steps an evaluation and a report. Each report also gives
-    the wall-clock window (`busy_from`, `busy_to`, epoch seconds) in which this trial did
-    nothing but train and evaluate since the last report, when Tune called the trial
-    function (`called_at`) and when it had imported PEFT (`entered_at`: its setup is
-    entered_at to the first busy_from), and when its worker process loaded this module
-    (`worker_started_at`), for bench/search_vs_grid.py's account of where a search's time goes."""
+def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, train_rows, eval_rows,
+           device: torch.device, progress: Progress) -> None:
+    """Steps from `progress.step` to `setup.max_steps`; every `eval_every` steps and at the last,
+    an evaluation, a checkpoint and a report."""
     from ray import tune
 
+    cuda = device.type == "cuda"
+    trainable_params = model.get_nb_trainable_parameters()[0]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    model.train()
+    progress.busy_from = time.time()
+    started = time.perf_counter()
+    train_step = TrainStep(model, train_rows, setup.batch_size, params.seed, setup.max_steps, setup.pad_token_id,
+                           device, cuda_graph=setup.cuda_graphs,
+                           compiled="inductor" if setup.compile and cuda else None)
+    progress.train_seconds += time.perf_counter() - started  # the capture counts as training time
+    vocab_size = model.config.get_text_config().vocab_size
+    eval_budget = eval_token_budget(train_step.tokens_per_batch, vocab_size) if cuda else 0
     loss_sum, loss_count = torch.zeros((), device=device), 0
-    while step < setup.max_steps:
-        started = time.perf_counter()
-        loss, batch_tokens = train_step(step)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss
-        loss_count += 1
-        step += 1
-        tokens += batch_tokens
-        if step % setup.eval_every and step != setup.max_steps:
-            train_seconds += time.perf_counter() - started
-            continue
-        train_loss = (loss_sum / loss_count).item()  # the one host sync between reports
-        train_seconds += time.perf_counter() - started
-        if not math.isfinite(train_loss):
-            raise TrialDiverged(f"train loss became {train_loss} by step {step}")
-        eval_started = time.perf_counter()
-        eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast,
-                                            token_budget=eval_token_budget(train_step.tokens_per_batch,
-                                                                           model.config.get_text_config().vocab_size)
-                                            if cuda else 0)
-        eval_seconds += time.perf_counter() - eval_started
-        if not math.isfinite(eval_loss):
-            raise TrialDiverged(f"eval loss became {eval_loss} at step {step}")
-        metrics = {
-            "step": step,
-            "eval_loss": eval_loss,
-            "eval_accuracy": eval_accuracy,
-            "train_loss": train_loss,
-            "trainable_params": trainable_params,
-            "trainable_pct": 100.0 * trainable_params / setup.total_params,
-            "train_seconds": train_seconds,
-            "tokens_per_second": tokens / train_seconds,
-            "peak_memory_gb": _peak_memory_gb(cuda),
-            "eval_seconds": eval_seconds,
-            "step_mode": train_step.mode,
-            "busy_from": busy_from,
-            "busy_to": time.time(),
-            "called_at": entered[0],
-            "entered_at": entered[1],
-            "worker_started_at": WORKER_STARTED,
-        }
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            _save(Path(checkpoint_dir), model, optimizer, scheduler, step, train_seconds, eval_seconds, tokens)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-        loss_sum, loss_count = torch.zeros((), device=device), 0
-        busy_from = time.time()
+    try:
+        while progress.step < setup.max_steps:
+            started = time.perf_counter()
+            loss, batch_tokens = train_step(progress.step)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss
+            loss_count += 1
+            progress.step += 1
+            progress.tokens += batch_tokens
+            if progress.step % setup.eval_every and progress.step != setup.max_steps:
+                progress.train_seconds += time.perf_counter() - started
+                continue
+            train_loss = (loss_sum / loss_count).item()  # the one host sync between reports
+            progress.train_seconds += time.perf_counter() - started
+            if not math.isfinite(train_loss):
+                raise TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
+            started = time.perf_counter()
+            eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast, eval_budget)
+            progress.eval_seconds += time.perf_counter() - started
+            if not math.isfinite(eval_loss):
+                raise TrialDiverged(f"eval loss became {eval_loss} at step {progress.step}")
+            metrics = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "train_loss": train_loss,
+                       "trainable_params": trainable_params,
+                       "trainable_pct": 100.0 * trainable_params / setup.total_params,
+                       "peak_memory_gb": _peak_memory_gb(cuda), "step_mode": train_step.mode, **progress.metrics()}
+            with tempfile.TemporaryDirectory() as checkpoint_dir:
+                _save(Path(checkpoint_dir), model, optimizer, scheduler, progress)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+            progress.busy_from = time.time()
+    finally:
+        train_step.close()
 
 
 @torch.no_grad()
@@ -240,34 +245,33 @@ def _peak_memory_gb(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int, train_seconds: float, eval_seconds: float,
-          tokens: int) -> None:
-    """Adapter (a loadable PEFT adapter directory: config and safetensors) and optimizer
-    state only: never the base model."""
+def _save(directory: Path, model, optimizer, scheduler, progress: Progress) -> None:
+    """Adapter (a loadable PEFT adapter directory: config and safetensors), optimizer state
+    and the progress counters only: never the base model."""
     model.save_pretrained(directory / "adapter")
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "step": step,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "tokens": tokens,
+        "step": progress.step,
+        "train_seconds": progress.train_seconds,
+        "eval_seconds": progress.eval_seconds,
+        "tokens": progress.tokens,
         "rng": torch.get_rng_state(),  # dropout masks continue as they would have
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, directory / "trainer_state.pt")
 
 
-def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, float, float, int]:
+def _restore(model, optimizer, scheduler, start_from: str | None, progress: Progress) -> None:
     """Continue from Tune's checkpoint of this trial (a retry or a resumed run), else from
-    `start_from` (a stopped trial promoted to the full budget), else from scratch.
-    Returns (step, train_seconds, eval_seconds, tokens)."""
+    `start_from` (a stopped trial promoted to the full budget), else leave everything as a
+    fresh trial has it. Sets `progress`'s counters to the checkpoint's."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and start_from is None:
-        return 0, 0.0, 0.0, 0
+        return
     if checkpoint is None:  # a local directory or a storage URI, as Tune stored it
         checkpoint = tune.Checkpoint(start_from)
     with checkpoint.as_directory() as directory:
@@ -278,4 +282,5 @@ def _restore(model, optimizer, scheduler, start_from: str | None) -> tuple[int, 
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["train_seconds"], state["eval_seconds"], state["tokens"]
+    progress.step, progress.tokens = state["step"], state["tokens"]
+    progress.train_seconds, progress.eval_seconds = state["train_seconds"], state["eval_seconds"]
