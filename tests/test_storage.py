@@ -171,7 +171,7 @@ def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainables.trial import _optimizer, _restore, _save, _schedule
+    from trainables.trial import Progress, _optimizer, _restore, _save, _schedule
 
     def trial_state():
         torch.manual_seed(0)
@@ -184,14 +184,16 @@ def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, t
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_()  # trained weights, unlike a fresh adapter's
-    _save(tmp_path / "checkpoint_000001", model, optimizer, scheduler, step=5, train_seconds=1.5, eval_seconds=0.5,
-          tokens=321)
+    _save(tmp_path / "checkpoint_000001", model, optimizer, scheduler,
+          Progress(called_at=0.0, imported_at=0.0, step=5, train_seconds=1.5, eval_seconds=0.5, tokens=321))
     uri = f"s3://runs/ckpt/trial_1/checkpoint_000001?{s3}"
     fs, path = pafs.FileSystem.from_uri(uri)
     pafs.copy_files(str(tmp_path / "checkpoint_000001"), path, destination_filesystem=fs)
 
     fresh, fresh_optimizer, fresh_scheduler = trial_state()
-    assert _restore(fresh, fresh_optimizer, fresh_scheduler, uri) == (5, 1.5, 0.5, 321)
+    progress = Progress(called_at=0.0, imported_at=0.0)
+    _restore(fresh, fresh_optimizer, fresh_scheduler, uri, progress)
+    assert (progress.step, progress.train_seconds, progress.eval_seconds, progress.tokens) == (5, 1.5, 0.5, 321)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for name, p in fresh.named_parameters():
         if p.requires_grad:

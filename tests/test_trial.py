@@ -8,7 +8,6 @@ import zlib
 import pytest
 import torch
 
-from rundir.params import TrialParams
 from trainables.trial import Progress, _optimizer, _restore, _save, _schedule
 
 LR, RATIO = 1e-3, 16.0
@@ -23,11 +22,6 @@ def adapted(tiny_model_dir, use_dora: bool):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                            use_dora=use_dora))
-
-
-def trial_params(loraplus_lr_ratio: float) -> TrialParams:
-    return TrialParams(lora_config={}, module_set="attention_qv", alpha_ratio=2.0, learning_rate=LR,
-                       loraplus_lr_ratio=loraplus_lr_ratio, seed=0)
 
 
 def lr_by_name(model, optimizer) -> dict[str, float]:
@@ -50,7 +44,7 @@ def test_the_optimizer_has_the_parameter_groups_of_peft_loraplus(tiny_model_dir,
 
     model = adapted(tiny_model_dir, use_dora)
     names = {id(p): name for name, p in model.named_parameters()}
-    ours = _optimizer(model, trial_params(RATIO), cuda=False)
+    ours = _optimizer(model, LR, RATIO, cuda=False)
     peft = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO)
     assert [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in ours.param_groups] == \
            [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in peft.param_groups]
@@ -61,7 +55,7 @@ def test_loraplus_trains_b_and_doras_magnitudes_ratio_times_faster_than_a(tiny_m
     """PEFT's rule: lora_B and every one-dimensional parameter (DoRA's magnitude vectors) at
     B's rate; lora_A at the learning rate."""
     model = adapted(tiny_model_dir, use_dora)
-    rates = lr_by_name(model, _optimizer(model, trial_params(RATIO), cuda=False))
+    rates = lr_by_name(model, _optimizer(model, LR, RATIO, cuda=False))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted(rates) == sorted(trainable)  # each trainable parameter in exactly one group
     magnitudes = [name for name in trainable if "lora_magnitude_vector" in name]
@@ -74,7 +68,7 @@ def test_loraplus_trains_b_and_doras_magnitudes_ratio_times_faster_than_a(tiny_m
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_a_loraplus_ratio_of_one_steps_exactly_as_plain_adamw(tiny_model_dir, use_dora):
     ours, plain = adapted(tiny_model_dir, use_dora), adapted(tiny_model_dir, use_dora)
-    ours_optimizer = _optimizer(ours, trial_params(1.0), cuda=False)
+    ours_optimizer = _optimizer(ours, LR, 1.0, cuda=False)
     plain_optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     for k in range(3):
         step_with_gradients(ours, ours_optimizer, k)
@@ -91,7 +85,7 @@ def test_a_trial_restored_from_its_checkpoint_takes_the_step_it_would_have_taken
 
     def trial():
         model = adapted(tiny_model_dir, use_dora)
-        optimizer = _optimizer(model, trial_params(RATIO), cuda=False)
+        optimizer = _optimizer(model, LR, RATIO, cuda=False)
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(2, 10))
 
     model, optimizer, scheduler = trial()

@@ -102,7 +102,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     model = get_peft_model(base, LoraConfig(**params.lora_config))
     optimizer = scheduler = None
     try:
-        optimizer = _optimizer(model, params, cuda)
+        optimizer = _optimizer(model, params.learning_rate, params.loraplus_lr_ratio, cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
         _restore(model, optimizer, scheduler, params.start_from, progress)
         _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, progress)
@@ -120,7 +120,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
                 torch.cuda.empty_cache()
 
 
-def _optimizer(model, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
+def _optimizer(model, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
     """AdamW with PEFT's LoRA+ groups: `lora_B` and every one-dimensional parameter (DoRA's
     magnitudes) at `learning_rate * loraplus_lr_ratio`, the rest (`lora_A`) at `learning_rate`.
     PEFT's group for LoRA on embeddings, at a fixed rate of its own, stays empty: the search
@@ -128,9 +128,8 @@ def _optimizer(model, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
     from peft.optimizers import create_loraplus_optimizer
 
     # on CPU, the multi-tensor kernels: torch chooses them by itself on GPU only
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=params.learning_rate,
-                                     loraplus_lr_ratio=params.loraplus_lr_ratio, weight_decay=0.0,
-                                     fused=cuda, foreach=None if cuda else True)
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
+                                     weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
 
 
 def _schedule(warmup_steps: int, max_steps: int):
