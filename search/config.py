@@ -9,7 +9,6 @@ once as a `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
