@@ -14,7 +14,7 @@ import torch
 
 from rundir.files import atomic_dir, is_uri, local_copy
 from trainables import atlas
-from trainables.config import BUILTIN_PREFIX, DataConfig
+from trainables.config import BUILTIN_PREFIX, DataConfig, cache_root
 
 IGNORE = -100
 BUILTIN_TASKS = {"atlas": atlas.rows}
@@ -136,8 +136,6 @@ def _local_data_dir(data_dir: str) -> Path:
     in this node's cache, downloaded once."""
     if not is_uri(data_dir):
         return Path(data_dir)
-    from trainables.model import cache_root
-
     return local_copy(data_dir, cache_root() / "data")
 
 
