@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rundir.params import Origin
+
 
 class NoCandidate(Exception):
     """No trial finished the full budget with a finite metric and cost, so there is nothing to pick."""
@@ -114,7 +116,7 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
     the standard deviation of `metric` (0 for one run)."""
     roots = configuration_root(trials)
     eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
-                               _confirm=(eligible["origin"] == "confirm").astype(int))
+                               _confirm=(eligible["origin"] == Origin.CONFIRM.value).astype(int))
     rows = []
     for _, group in eligible.groupby("_root", sort=False):
         row = group.sort_values(["_confirm", "trial_id"], kind="stable").iloc[0].copy()

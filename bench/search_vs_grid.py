@@ -40,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from rundir.params import Origin  # noqa: E402 - after the path is set
+
 RESULTS = ROOT / "bench" / "results"
 FACTS = ROOT / "bench" / "data" / "facts"
 # ../shared/bench/README.md, measured on one H100 (Trainer, 100 steps each, not rerun here)
@@ -87,7 +89,7 @@ def time_account(reports: dict[str, list[dict]], started: float, ended: float) -
     stages: dict[str, list[str]] = {}
     for key, report in first.items():
         origin = report.get("config", {}).get("origin", key.split("/")[0])
-        stages.setdefault("search" if origin == "prior" else origin, []).append(key)
+        stages.setdefault(Origin.SEARCH.value if origin == Origin.PRIOR.value else origin, []).append(key)
     spans = {}
     for name, keys in stages.items():
         entered = min(first[k]["entered_at"] for k in keys)

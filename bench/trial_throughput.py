@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 from bench.grid import ALL_SEVEN  # noqa: E402 - after the path is set
+from rundir.params import Origin  # noqa: E402
 
 
 def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
@@ -89,7 +90,7 @@ def search_trials(concurrent: int, steps: int, output: Path, cuda_graphs: bool =
         code = main(["--output", str(output), "--name", name, "--overwrite", *[x for s in sets for x in ("--set", s)]])
     wall = time.perf_counter() - started
     trials = pd.read_csv(output / name / "trials.csv")
-    trials = trials[trials.origin.isin(["search", "prior"])]
+    trials = trials[trials.origin.isin([o.value for o in Origin if o.proposed])]
     return {"exit_code": code, "trials": len(trials), "tokens_per_second_each": trials.tokens_per_second.tolist(),
             "tokens_per_second_total": float(trials.tokens_per_second.sum()),
             "train_seconds_each": trials.train_seconds.tolist(), "wall_seconds": wall,
