@@ -18,11 +18,12 @@ import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
+from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
+from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
 from rundir.files import (download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, PICK, PLOTS, REPORT, TRIALS_CSV
-from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
-from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
+from rundir.params import Origin
 
 if TYPE_CHECKING:
     from analysis.plots import Plots
@@ -264,7 +265,7 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
 def own_total(trials: pd.DataFrame, column: str) -> float:
     """`column` summed over `trials`, each counted for its own work: a promoted trial continued
     its parent's checkpoint and reports their totals (steps, seconds) together."""
-    parents = trials.loc[trials["origin"] == "promoted", "parent"]
+    parents = trials.loc[trials["origin"] == Origin.PROMOTED.value, "parent"]
     return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
 
 
@@ -308,7 +309,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
 
 def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: SelectionConfig, max_steps: int) -> str:
     """How the pick compares with the rule-of-thumb configuration the search started from."""
-    prior = trials[trials["origin"] == "prior"]
+    prior = trials[trials["origin"] == Origin.PRIOR.value]
     if prior.empty or chosen is None:
         return "## Against the rule of thumb\n\nThe run has no rule-of-thumb trial to compare with."
     row = prior.iloc[0]
