@@ -4,23 +4,152 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
 import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from search.config import ConfigError
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Start or join Ray unless this process already has; True when it was started here
-    (the caller then shuts it down). A local Ray gets no dashboard and loopback listeners."""
+# A live head answers in milliseconds; 5 s also covers two lost packets (TCP resends after 1 s,
+# then 2 s more) and keeps the refusal of an address that does not answer within 15 s of the start.
+CONNECT_TIMEOUT_S = 5.0
+# Ray turns the node address 127.0.0.1 into the machine's network address unless this is 0, and
+# its gRPC servers listen on every interface unless the node address is 127.0.0.1. Ray reads it
+# once, when it is first imported, and its processes inherit it.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with its SETTINGS.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HTTP2_SETTINGS = 0x4
+_CHECK_HEAD = "check that the head is running (`ray status` on it) and that this is the address `ray start --head` printed"
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A Ray cluster to join: its address as given and where it came from."""
+
+    address: str
+    source: str  # "--address" or "RAY_ADDRESS"
+
+
+def resolve_address(cli_address: str | None) -> ClusterAddress | None:
+    """The cluster the run joins, or None for a local Ray of its own. `cli_address` is what the
+    CLI holds, which defaults to $RAY_ADDRESS: equal to it means the address came from there.
+    An explicit address wins over RAY_ADDRESS, as in ray.init; an empty RAY_ADDRESS is unset."""
+    from_env = os.environ.get("RAY_ADDRESS") or None
+    if cli_address and cli_address != from_env:
+        return ClusterAddress(cli_address, "--address")
+    return ClusterAddress(from_env, "RAY_ADDRESS") if from_env else None
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make the local Ray that `connect(None)` starts listen on 127.0.0.1 only. Call it before
+    ray is first imported; a value the user set is kept."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool:
+    """Join `cluster`, or start a local Ray when it is None, unless this process already has;
+    True when Ray was started or joined here (the caller then shuts it down).
+
+    A local Ray is always a new one (Ray's address "local"): never a head that Ray's temp dir
+    still names (`ray_current_cluster` outlives a head that ended without `ray stop`), and
+    never RAY_ADDRESS; it has no dashboard and listens on loopback (`keep_local_ray_on_loopback`).
+    Joining first checks, within CONNECT_TIMEOUT_S, that the head answers; an address that is
+    malformed, finds no cluster or does not answer is a ConfigError naming it and its source."""
     import ray
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if cluster is None:
+        _init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+              log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        hint = "; unset it to run on a local Ray" if cluster.source == "RAY_ADDRESS" else ""
+        print(f"Joining the Ray cluster at {cluster.address} (from {cluster.source}{hint})", flush=True)
+        check_head_answers(cluster, CONNECT_TIMEOUT_S)
+        try:
+            _init(address=cluster.address, log_to_driver=False)
+        except ConnectionError as e:
+            raise ConfigError(f"could not join the Ray cluster at {cluster.address} (from {cluster.source}): {e}. "
+                              f"Fix: {_CHECK_HEAD}, or {_local_instead(cluster)}") from None
     tighten_auth_token()
     return True
+
+
+def _init(**kwargs) -> None:
+    """ray.init, keeping this process's SIGTERM handler: ray.init installs its own (sys.exit(15))
+    for good, so a SIGTERM during ray.init arrives as that SystemExit and is handed to the kept
+    handler as the signal it was."""
+    import ray
+
+    kept = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(**kwargs)
+    except SystemExit as e:
+        if e.code == signal.SIGTERM and callable(kept):
+            kept(signal.SIGTERM, None)
+        raise
+    finally:
+        if kept is not None:
+            signal.signal(signal.SIGTERM, kept)
+
+
+def check_head_answers(cluster: ClusterAddress, timeout_s: float) -> None:
+    """Raise ConfigError unless a gRPC server, the head, answers at the cluster's address within
+    timeout_s. ray.init alone would wait minutes on an address that does not answer
+    (20 attempts of over 30 s each), and a SIGTERM meanwhile waits for the attempt to end."""
+    target = cluster.address
+    if target == "auto":  # the head that ray.init would join: RAY_ADDRESS, then Ray's temp dir, then `ps`
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as e:
+            raise ConfigError(f"{cluster.source} is auto, but Ray found no cluster to join ({e}). "
+                              f"Fix: give the head's HOST:PORT, or {_local_instead(cluster)}") from None
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{cluster.source} is {cluster.address!r}; allowed: HOST:PORT of a Ray head (as "
+                          f"`ray start --head` prints it), ray://HOST:PORT or auto. Fix: give one of these, or "
+                          f"{_local_instead(cluster)}")
+    shown = cluster.address if target == cluster.address else f"{cluster.address} ({target})"
+    problem = _no_answer(host.strip("[]"), int(port), timeout_s)
+    if problem:
+        raise ConfigError(f"the Ray head at {shown}, from {cluster.source}, {problem}. "
+                          f"Fix: {_CHECK_HEAD}, or {_local_instead(cluster)}")
+
+
+def _no_answer(host: str, port: int, timeout_s: float) -> str | None:
+    """Why no gRPC server answers at host:port within timeout_s; None when one does. A TCP
+    connection alone proves little: the kernel accepts it for a head that is stopped or hung."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return None  # the head expects a TLS handshake first: the connection is all we check
+            sock.sendall(_HTTP2_HELLO)
+            frame = b""
+            while len(frame) < 9:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(9 - len(frame))
+                if not chunk:
+                    break
+                frame += chunk
+    except TimeoutError:
+        return f"did not answer within {timeout_s:g} s"
+    except OSError as e:
+        return f"cannot be reached ({e.strerror or e})"
+    if len(frame) < 9 or frame[3] != _HTTP2_SETTINGS:
+        return "answered, but not as a Ray head (no gRPC)"
+    return None
+
+
+def _local_instead(cluster: ClusterAddress) -> str:
+    flag = "unset RAY_ADDRESS" if cluster.source == "RAY_ADDRESS" else "leave --address out"
+    return f"{flag} to run on a local Ray"
 
 
 def tighten_auth_token() -> None:
@@ -36,8 +165,6 @@ def tighten_auth_token() -> None:
 def check_cluster_gpus(gpus_per_trial: float) -> None:
     """A trial asking for more GPUs than any node has would wait forever: bad input."""
     import ray
-
-    from search.config import ConfigError
 
     largest = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
     if gpus_per_trial > largest:

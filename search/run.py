@@ -87,11 +87,19 @@ def run(config: Config, args: argparse.Namespace) -> int:
     compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
                                          config.model.quantization == "none" and not config.model.gradient_checkpointing)
     config = replace(config, resources=replace(config.resources, compile=compiled))  # as resolved, in run_config.json
-    if args.address:  # a cluster: ask it before anything is written
-        from search.cluster import check_cluster_gpus, connect
+    from search.cluster import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
 
-        connect(args.address)
-        check_cluster_gpus(gpus)
+    cluster = resolve_address(args.address)
+    if cluster is None:
+        keep_local_ray_on_loopback()  # before this process first imports ray, in `_search`
+    else:  # join the cluster before anything is written
+        with GracefulStop() as stop:
+            try:
+                connect(cluster)
+                check_cluster_gpus(gpus)
+            except KeyboardInterrupt:
+                return _stopped(stop, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
+                                resume=False)
     location = locate(config.output, config.name, cache_root())
     run_dir = location.local
     if args.resume:
@@ -148,7 +156,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     import ray
 
     from rundir.layout import SEARCH_EXPERIMENT
-    from search.cluster import connect, trial_slots
+    from search.cluster import connect, resolve_address, trial_slots
     from search.prior import prior_point
     from search.space import LoraSpace
     from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
@@ -178,18 +186,19 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     # run loses at most a second of bookkeeping and no finished trial is trained twice.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
-    # True when this process started Ray, or joined a cluster in `run`: then it lets go at the end.
-    started_here = connect(args.address) or args.address is not None
-    if not config.resources.max_concurrent_trials:
-        # Tune keeps one trial pending at a time for a searcher without a concurrency limit
-        # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
-        # after another: on an H100 with 8 slots, 3 were running 30 s in. With the limit at the
-        # cluster's slot count, every slot starts at once, and Optuna proposes only when a slot is free.
-        slots = trial_slots(gpus, config.resources.cpus_per_trial)
-        config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
+    cluster = resolve_address(args.address)
     stop = GracefulStop()
+    started_here = False  # this process started Ray, or joined a cluster in `run`: it lets go at the end
     try:
         with stop:
+            started_here = connect(cluster) or cluster is not None
+            if not config.resources.max_concurrent_trials:
+                # Tune keeps one trial pending at a time for a searcher without a concurrency limit
+                # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
+                # after another: on an H100 with 8 slots, 3 were running 30 s in. With the limit at the
+                # cluster's slot count, every slot starts at once, and Optuna proposes only when a slot is free.
+                slots = trial_slots(gpus, config.resources.cpus_per_trial)
+                config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
             trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
             space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
             prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
@@ -198,10 +207,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
             if config.selection.retrain and stop.requested is None:
                 retrain(config, trainable, location)
     except KeyboardInterrupt:
-        _push(location)
-        print(f"stopped at once by {stop.requested or 'Ctrl+C'}; continue with the same command and --resume",
-              file=sys.stderr)
-        return 1
+        pass  # raised by `stop`, which remembers the signal; what was saved is said below
     except Exception as e:  # a failure of the search itself, not of one trial (those are results)
         _push(location)
         print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -209,6 +215,10 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     finally:
         if started_here:
             ray.shutdown()
+    if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
+        _push(location)
+        return _stopped(stop, f"the run so far is saved in {location.remote or location.local} (finished trials, "
+                              f"and unfinished ones at their last checkpoint)")
     from analysis.report import analyse
 
     code = analyse(location.local)
@@ -216,44 +226,67 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         code = code or 1
     elif location.remote:
         print(f"The run is at {location.remote} (working copy: {location.local})")
-    if stop.requested:
-        print(f"stopped by {stop.requested}: the state is saved; continue with the same command and --resume",
-              file=sys.stderr)
-        return 1
     return code
 
 
 class GracefulStop:
-    """SIGTERM (what Slurm and Kubernetes send) and Ctrl+C end the run the same way: Tune
-    stops its trials and writes its state one last time, so `--resume` continues it.
+    """Ctrl+C (SIGINT) and SIGTERM (what Slurm and Kubernetes send) end the run within seconds
+    wherever they land inside the block, and the first one is remembered in `requested`.
 
-    Tune's own handler covers SIGINT only; both signals are routed to its SIGUSR1
-    handler, which does the same graceful stop, and remembered so the CLI can say so.
-    A second signal stops at once.
+    While Tune runs, the first signal asks it to stop gracefully: Tune's handler (the one on
+    SIGUSR1, since its SIGINT handler is turned off) stops the trials and writes the experiment
+    state one last time, so `--resume` continues it. Anywhere else, at a second signal, or when
+    Tune has not stopped within GRACE_S, KeyboardInterrupt is raised at once; `--resume` then
+    continues from Tune's last snapshot of the state, at most a second old.
     """
 
-    def __init__(self):
+    GRACE_S = 10.0
+
+    def __init__(self) -> None:
         self.requested: str | None = None
 
-    def __enter__(self):
-        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def __enter__(self) -> GracefulStop:
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+        # Tune installs a new SIGUSR1 handler each time it starts, and leaves it there when it ends
+        self._tune_before = signal.getsignal(signal.SIGUSR1)
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        for sig in self._previous:
-            signal.signal(sig, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame) -> None:
         first = self.requested is None
-        self.requested = signal.Signals(signum).name
-        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if not (first and tune_listens):
+        self.requested = self.requested or signal.Signals(signum).name
+        tune = signal.getsignal(signal.SIGUSR1)
+        if not (first and callable(tune) and tune is not self._tune_before):
             raise KeyboardInterrupt
-        os.kill(os.getpid(), signal.SIGUSR1)
+        tune(signal.SIGUSR1, frame)
+        signal.signal(signal.SIGALRM, self._give_up)
+        signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
 
-    def __exit__(self, *exc):
+    def _give_up(self, signum: int, frame) -> None:
+        raise KeyboardInterrupt  # Tune did not stop within GRACE_S
+
+    def __exit__(self, *exc) -> bool:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def _stopped(stop: GracefulStop, saved: str, resume: bool = True) -> int:
+    """Say in one line what stopped the run, what was `saved`, and the command that continues
+    it: this process's command line, plus --resume where there is something to resume. The
+    exit code is a shell's for that signal: 130 for SIGINT, 143 for SIGTERM."""
+    import shlex
+
+    name = stop.requested or "SIGINT"
+    command = ["python", "-m", "search.run", *sys.argv[1:]]
+    if resume and "--resume" not in command:
+        command.append("--resume")
+    again = "Resume with" if resume else "Start again with"
+    print(f"stopped by {name}: {saved}. {again}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return 128 + signal.Signals[name].value
 
 
 def _push(location: RunLocation) -> bool:

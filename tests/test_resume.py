@@ -90,8 +90,8 @@ def test_sigterm_stops_gracefully_and_the_run_resumes(tiny_model_dir, tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     log, _ = process.communicate(timeout=120)
-    assert process.returncode == 1, log[-3000:]
-    assert "--resume" in log and "Traceback" not in log
+    assert process.returncode == 143, log[-3000:]
+    assert "stopped by SIGTERM: the run so far is saved in" in log and "--resume" in log and "Traceback" not in log
     resumed = _cli(["--resume", *_args(tiny_model_dir, tmp_path, "termed")])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]

@@ -1,0 +1,69 @@
+"""A local run is local: without --address and RAY_ADDRESS it starts a Ray of its own, on
+loopback, whatever a crashed head left in Ray's temp dir, and leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A Ray temp dir of the test's own (Ray reads RAY_TMPDIR for it and for the current-cluster
+    file); short, since Ray's Unix sockets live under it and their paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _port_where_nothing_listens() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray(
+        tiny_model_dir, tmp_path, ray_tmpdir):
+    # what `ray start --head` leaves behind when the head dies without `ray stop`
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_port_where_nothing_listens()}")
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv]", "search.ranks=[2]",
+            "budget.num_samples=1", "budget.max_steps=2", "budget.eval_every=2", "budget.grace_period=2",
+            "budget.batch_size=2", "data.eval_examples=2", "selection.tolerance=1", "selection.retrain=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run(
+        [sys.executable, "-m", "search.run", "--output", str(tmp_path), "--name", "local",
+         *[x for s in sets for x in ("--set", s)]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Joining the Ray cluster" not in result.stdout
+    assert list((ray_tmpdir / "ray").glob("session_*")), "the run's Ray did not use the test's temp dir"
+    run_dir = tmp_path / "local"
+    assert (run_dir / "pick.json").is_file()
+    # Ray's servers listen on 127.0.0.1 only when the node's address is 127.0.0.1
+    node_ips = {json.loads(line)["node_ip"] for f in (run_dir / "tune").glob("trial_*/result.json")
+                for line in f.read_text().splitlines()}
+    assert node_ips == {"127.0.0.1"}
+    assert not _processes_mentioning(ray_tmpdir, wait_s=10), "the run's Ray is still running"
+
+
+def _processes_mentioning(text: Path, wait_s: float) -> list[str]:
+    """PIDs whose command line holds `text`, once none are left or after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        pids = subprocess.run(["pgrep", "-f", str(text)], capture_output=True, text=True).stdout.split()
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.5)
