@@ -236,11 +236,15 @@ def _convert(value, hint, key: str, problems: list[str]):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        arms = [a for a in args if a is not type(None)]
+        for arg in arms:
             trial: list[str] = []
             converted = _convert(value, arg, key, trial)
             if not trial:
                 return converted
+        list_arm = next((a for a in arms if typing.get_origin(a) is list), None)
+        if isinstance(value, list) and list_arm is not None:
+            return _convert(value, list_arm, key, problems)  # a list was meant: name its bad items
         problems.append(f"{key} is {value!r}; allowed: {_describe(hint)}")
         return _BAD
     if origin is list:

@@ -35,11 +35,18 @@ class SpaceConfig:
         metadata={"help": f"semantic sets ({', '.join(MODULE_SETS)}) or explicit lists of layer names"})
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "LoRA ranks r to try"})
     alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={"help": "lora_alpha / r ratios to try"})
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1], metadata={"help": "[low, high] range of lora_dropout"})
+    dropout: list[float] | float = field(default_factory=lambda: [0.0, 0.1], metadata={"help": "[low, high] range of lora_dropout, or one value, fixed"})
     use_rslora: list[bool] = field(default_factory=lambda: [False, True], metadata={"help": "RSLoRA choices (scale alpha/sqrt(r))"})
     use_dora: list[bool] = field(default_factory=lambda: [False], metadata={"help": "DoRA choices (slower steps)"})
-    learning_rate: list[float] = field(default_factory=lambda: [2e-4, 3e-3], metadata={"help": "[low, high] range, sampled on a log scale"})
+    learning_rate: list[float] | float = field(default_factory=lambda: [2e-4, 3e-3], metadata={"help": "[low, high] range, sampled on a log scale, or one value, fixed"})
     loraplus_lr_ratio: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
+
+    def __post_init__(self) -> None:
+        # one value is the range [value, value], which the space keeps fixed
+        for key in ("dropout", "learning_rate"):
+            value = getattr(self, key)
+            if not isinstance(value, list):
+                setattr(self, key, [float(value)] * 2)
 
     def problems(self) -> list[str]:
         out = []

@@ -52,6 +52,7 @@ def test_all_problems_are_reported_at_once():
     ("search.dropout=[0.2,1.0]", "search.dropout is [0.2, 1.0]; allowed: [low, high] with 0 <= low <= high < 1"),
     ("search.dropout=[0.3,0.1]", "search.dropout is [0.3, 0.1]"),
     ("search.learning_rate=[0,1e-3]", "search.learning_rate is [0.0, 0.001]"),
+    ("search.learning_rate=fast", "search.learning_rate is 'fast'; allowed: a list of a number or a number"),
     ("search.module_sets=[]", "search.module_sets is empty"),
     ("search.module_sets=[attn]", "search.module_sets[0] is 'attn'; allowed: attention_qv"),
     ("search.module_sets=[[]]", "search.module_sets[0] is an empty list"),
@@ -170,3 +171,12 @@ def test_every_key_in_the_embedded_default_yaml_has_a_comment():
     leaf = re.compile(r"^\s*(\w+):\s*\S")  # a key with a value on its line; a section's line has none
     bare = [line for line in _default_yaml().splitlines() if leaf.match(line) and " #" not in line]
     assert not bare, f"configs/default.yaml: keys without a comment: {bare}"
+
+
+def test_a_range_key_given_one_value_is_that_value_fixed(tmp_path):
+    from search.config import to_yaml
+
+    config = load(None, ["search.learning_rate=1e-4", "search.dropout=0"])
+    assert config.search.learning_rate == [1e-4, 1e-4] and config.search.dropout == [0.0, 0.0]
+    (tmp_path / "fixed.yaml").write_text(to_yaml(config))
+    assert load(tmp_path / "fixed.yaml").search == config.search
