@@ -38,6 +38,16 @@ class RunLocation:
         """Where Tune keeps the run's experiments (each a sub-directory)."""
         return self.remote if self.remote else str(self.local.resolve())
 
+    def storage_filesystem(self):
+        """The filesystem Tune writes the run through: for a directory, one that writes every file
+        whole (`rundir.atomicfs`), so a kill never leaves half a file; for a URI, None (pyarrow's
+        own, from the URI: an object appears whole once uploaded)."""
+        if self.remote:
+            return None
+        from rundir.atomicfs import atomic_local_filesystem
+
+        return atomic_local_filesystem()
+
     def data_dir(self) -> str:
         """The tokenized data as every node reads it."""
         return self.path_of(DATA)

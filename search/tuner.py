@@ -119,10 +119,11 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
     (finished trials kept, unfinished ones continue from their last checkpoint, failed
     ones stay failed), else the Tuner that `build()` makes. Then the experiment is in the
     local copy of the run for the analysis, however the fit ended."""
-    path = location.path_of(name)
+    path, filesystem = location.path_of(name), location.storage_filesystem()
     try:
-        if tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       storage_filesystem=filesystem)
         else:
             tuner = build()
         tuner.fit()
@@ -185,6 +186,7 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
         run_config=tune.RunConfig(
             name=name,
             storage_path=location.storage,
+            storage_filesystem=location.storage_filesystem(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             verbose=1,
