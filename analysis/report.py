@@ -72,7 +72,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         from analysis.export import export_adapter_config, export_retrained_weights
 
         write_json_atomic(run_dir / PICK, asdict(chosen))
-        export_adapter_config(chosen.lora_config, run_config["base_model"]["path"], run_dir / ADAPTER)
+        export_adapter_config(chosen.lora_config, base_model_name(run_config), run_dir / ADAPTER)
         export_retrained_weights(run_dir, chosen.trial_id, run_dir / ADAPTER)
     write_text_atomic(run_dir / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
                                                                   diagnose(trials, curves)))
@@ -111,6 +111,7 @@ def render_report(
     """
     sections = [
         _title(run_config, selection),
+        _data_section(run_config),
         _searched(run_config),
         _module_notes(run_config),
         _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {}).get("compile")),
@@ -207,13 +208,40 @@ def _analyse_at_uri(uri: str, overrides: dict) -> int:
         return code
 
 
-def _title(run_config: dict, selection: SelectionConfig) -> str:
+def base_model_name(run_config: dict) -> str:
+    """The base model as the user named it (the embedded default: its hub id), which the exported
+    adapter records; a run recorded before names were has only its path."""
     base = run_config["base_model"]
+    return base.get("name", base["path"])
+
+
+def _title(run_config: dict, selection: SelectionConfig) -> str:
+    base, name = run_config["base_model"], base_model_name(run_config)
+    origin = f"{base['origin']}, at `{base['path']}`; " if base.get("origin") and base["path"] != name else ""
     return (
         f"# LoRA search: {run_config['name']}\n\n"
-        f"Base model `{base['path']}` ({base['total_params']:,} parameters), seed {run_config['seed']}. "
+        f"Base model `{name}` ({origin}{base['total_params']:,} parameters), seed {run_config['seed']}. "
         f"Selection: the cheapest trial by `{selection.cost}` whose `{selection.metric}` "
         f"({'higher' if selection.mode == 'max' else 'lower'} is better) is within {selection.tolerance:g} of the best."
+    )
+
+
+def _data_section(run_config: dict) -> str:
+    """Where the train and eval rows came from, how many there were, and what data.max_length cut."""
+    info = run_config.get("data_info", {})
+    if "train" not in info:
+        return "## Data\n\nThe sources were not recorded in run_config.json."
+    rows = [(purpose, f"`{split['key']}`: `{split['source']}`", split["part"], split["format"], f"{split['rows']:,}",
+             f"{split['truncated']:,}", f"{split['dropped']:,}")
+            for purpose, split in (("train", info["train"]), ("eval", info["eval"]))]
+    template = ("none: text rows are trained on every token" if info["train"]["format"] == "text"
+                else f"{info['template']}: the loss is on the answer's tokens only")
+    return (
+        "## Data\n\n"
+        + _markdown_table(("", "source", "rows used", "format", "rows", f"truncated at {info['max_length']} tokens",
+                           "dropped (no token left to train on)"), rows)
+        + f"\n\nTemplate {template}. The search's trials train on {info['search_train_rows']:,} of the "
+        f"{info['train_rows']:,} train rows kept; every eval round scores the same {info['eval_rows']:,} eval rows."
     )
 
 

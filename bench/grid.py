@@ -98,6 +98,7 @@ def main() -> int:
     import peft
     import torch
     import transformers
+    from transformers import AutoTokenizer
 
     from trainables.config import DataConfig
     from trainables.data import prepare, save_splits
@@ -108,11 +109,11 @@ def main() -> int:
     data = DataConfig(train=str(FACTS / "facts_train.jsonl"), eval=str(FACTS / "facts_eval.jsonl"),
                       eval_examples=8 if args.smoke else 1200)
     with tempfile.TemporaryDirectory() as data_dir:
-        splits, info = prepare(data, model_path, seed=0)
+        splits, info = prepare(data, AutoTokenizer.from_pretrained(model_path), seed=0)
         save_splits(splits, Path(data_dir) / "data")
         splits["_dir"] = str(Path(data_dir) / "data")
         chosen = [int(x) for x in args.configs.split(",")]
-        runs = [run_config(*GRID[i], model_path, splits, info["pad_token_id"], 3 if args.smoke else args.steps, cuda)
+        runs = [run_config(*GRID[i], model_path, splits, info.pad_token_id, 3 if args.smoke else args.steps, cuda)
                 for i in chosen]
     for run in runs:
         print(json.dumps(run), flush=True)

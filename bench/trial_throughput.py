@@ -38,13 +38,13 @@ def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
     """The anchor setup's training throughput, timed per optimizer step after 5 warm-up steps."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from bench.grid import anchor_trainer
     from trainables.config import DataConfig
     from trainables.data import prepare
 
-    splits, info = prepare(DataConfig(), model_path, seed=0)
+    splits, _ = prepare(DataConfig(), AutoTokenizer.from_pretrained(model_path), seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules=ALL_SEVEN,
                                              task_type="CAUSAL_LM"))

@@ -253,6 +253,13 @@ def _convert(value, hint, key: str, problems: list[str]):
             return _BAD
         items = [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
         return _BAD if any(v is _BAD for v in items) else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key} is {value!r}; allowed: {_describe(hint)}, e.g. {{a: b}}")
+            return _BAD
+        entries = {_convert(k, args[0], f"{key} key {k!r}", problems): _convert(v, args[1], f"{key}.{k}", problems)
+                   for k, v in value.items()}
+        return _BAD if _BAD in entries or _BAD in entries.values() else entries
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -282,6 +289,8 @@ def _describe(hint) -> str:
         return " or ".join(_describe(a) for a in args if a is not type(None))
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

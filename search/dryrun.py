@@ -1,10 +1,11 @@
 """The dry run: for each module set and rank, what LoRA would train, from the model's shapes alone
-(a meta-device model: no weights, no Ray)."""
+(a meta-device model: no weights, no Ray); and what the data holds, read and tokenized in memory."""
 
 from __future__ import annotations
 
 from search.modules import adapter_param_count, base_param_count, resolve
 from search.space import module_set_key
+from trainables.data import DataInfo, SourceInfo
 
 # LoRA adapters usually train 0.05% to 1% of the base model; a row outside that range deserves a
 # second look: too few parameters to learn the task, or a cost approaching full fine-tuning's.
@@ -71,3 +72,15 @@ def _flag(pct: float) -> str:
     if pct > HIGH_PCT:
         return f"above {HIGH_PCT:g}%"
     return ""
+
+
+def data_line(info: DataInfo) -> str:
+    """One line on the data: each source, the part of it used, its rows and format; the
+    template; and how many rows data.max_length truncates and drops."""
+    def source(split: SourceInfo) -> str:
+        return f"{split.source}, {split.part}: {split.rows} {split.format} rows"
+
+    template = "no template (text: loss on every token)" if info.train.format == "text" else f"template {info.template}"
+    truncated, dropped = info.train.truncated + info.eval.truncated, info.train.dropped + info.eval.dropped
+    return (f"Data: train {source(info.train)}; eval {source(info.eval)}; {template}; at max_length "
+            f"{info.max_length}: {truncated} rows truncated, {dropped} dropped (no token left to train on)")

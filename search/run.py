@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rundir.location import LocationError, RunLocation, locate
@@ -65,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    from search.prepare import check_device, prepare_model
+    from search.prepare import check_device, prepare_data, prepare_model
 
     prepared = prepare_model(config)
     if args.dry_run:
-        from search.dryrun import dry_run_rows, format_table
+        from search.dryrun import data_line, dry_run_rows, format_table
 
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
+        _, data_info = prepare_data(config, prepared)  # in memory: nothing is written
         print(format_table(rows, config.model.path))
+        print(data_line(data_info))
         return 0
 
     import torch
@@ -122,14 +124,13 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     URI output, where every node reads the data)."""
     from rundir.files import write_json_atomic
     from rundir.layout import DATA, RUN_CONFIG
-    from trainables.data import prepare, save_splits
+    from search.prepare import prepare_data
+    from trainables.data import save_splits
 
     run_dir = location.local
     _check_run_dir(location, overwrite)
-    try:
-        splits, data_info = prepare(config.data, prepared.path, config.seed)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    splits, prepared_data = prepare_data(config, prepared)
+    data_info = asdict(prepared_data)
     location.delete_remote()  # only reached with --overwrite when it holds anything
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -138,7 +139,8 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     write_json_atomic(run_dir / RUN_CONFIG, {
         **to_dict(config),
         "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus},
-        "base_model": {"path": prepared.path, "total_params": prepared.total_params},
+        "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
+                       "total_params": prepared.total_params},
         "data_info": data_info,
         "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
                         for k, v in prepared.resolved.items()},

@@ -31,6 +31,11 @@ def test_overrides_are_read_as_yaml():
     assert config.budget.num_samples == 3
 
 
+def test_a_mapping_key_is_read_as_a_mapping_of_strings():
+    config = load(None, ["data.columns={prompt: question, completion: answer}"])
+    assert config.data.columns == {"prompt": "question", "completion": "answer"}
+
+
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as e:
         load(None, ["search.ranks=[0,8]", "selection.tolerance=1.5", "budget.max_steps=abc"])
@@ -69,6 +74,11 @@ def test_all_problems_are_reported_at_once():
     ("model.quantization=8bit", "model.quantization is '8bit'; allowed: none, 4bit"),
     ("model.dtype=fp8", "model.dtype is 'fp8'"),
     ("data.search_fraction=0", "data.search_fraction is 0.0; allowed: a number in (0, 1]"),
+    ("data.eval_fraction=1", "data.eval_fraction is 1.0; allowed: a number in (0, 1)"),
+    ("data.template=chatml", "data.template is 'chatml'; allowed: auto, chat, plain"),
+    ("data.columns=[question]", "data.columns is ['question']; allowed: a mapping of a string to a string"),
+    ("data.columns={question: q}", "data.columns names ['question']; allowed keys: messages, prompt, completion"),
+    ("data.columns={prompt: [q]}", "data.columns.prompt is ['q']; allowed: a string"),
     ("name=../escape", "name is '../escape'"),
     ("budget", "--set 'budget' is not KEY=VALUE"),
 ])
@@ -150,7 +160,7 @@ def _default_yaml() -> str:
 def _dotted(mapping: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in mapping.items():
-        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + key]  # {} is a setting (data.columns), not a section
     return out
 
 

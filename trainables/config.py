@@ -8,12 +8,23 @@ so the loader can report all problems at once.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit")
 BUILTIN_PREFIX = "builtin:"
+# data.eval's default: the train source's own eval split, else rows held out of data.train
+AUTO_EVAL = "auto"
+# auto: chat where the tokenizer has a chat template; plain: prompt tokens, then completion tokens
+TEMPLATES = ("auto", "chat", "plain")
+# the row fields a data.columns mapping may name, in the formats that use them
+ROW_FIELDS = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+# data files by suffix, and the `datasets` builder that reads each
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# huggingface_hub's repo id shape: a name, or a namespace and a name
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def cache_root() -> Path:
@@ -22,9 +33,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORA_SEARCH_CACHE", Path.home() / ".cache" / "lora-search"))
 
 
+def looks_local(reference: str) -> bool:
+    """Whether a model or data reference names a local path rather than a hub id: it exists,
+    starts with '.', '/' or '~', is not shaped like a hub id (one '/' at most), ends in a data
+    file suffix, or its first part is an existing directory (`models/tiny-llama` beside a
+    `models/` directory). A local reference never reaches the hub, so a typo in it is "does
+    not exist" at once rather than a hub lookup."""
+    path = Path(reference)
+    if path.exists() or reference.startswith((".", "/", "~")) or not _HUB_ID.match(reference):
+        return True
+    namespace, slash, _ = reference.partition("/")
+    return path.suffix.lower() in DATA_FILE_BUILDERS or bool(slash and Path(namespace).is_dir())
+
+
+def relative_to_cwd(path: Path) -> str:
+    """" (relative to <cwd>)" for a relative path, to say where it was looked for; else ""."""
+    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+
+
 @dataclass
 class ModelConfig:
     path: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded default), a local directory, or a hub id already in the local cache"})
+    tokenizer: str = field(default="", metadata={"help": "a tokenizer directory or cached hub id, for a model saved without one; empty: model.path's own"})
     dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU, float32 on CPU"})
     quantization: str = field(default="none", metadata={"help": "none, or 4bit (bitsandbytes NF4, CUDA only)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code; off unless you trust it"})
@@ -43,8 +73,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = field(default="builtin:atlas", metadata={"help": "'builtin:atlas', a local JSONL/Parquet/CSV file, or a cached hub dataset id"})
-    eval: str = field(default="builtin:atlas", metadata={"help": "same forms as train; with a builtin task, its held-out split"})
+    train: str = field(default="builtin:atlas", metadata={"help": "'builtin:atlas'; a .jsonl, .json, .csv, .parquet or .txt file; a datasets.save_to_disk directory; or a dataset id in the local datasets cache"})
+    eval: str = field(default=AUTO_EVAL, metadata={"help": "auto: data.train's own eval split (validation, test), else data.eval_fraction of its rows held out; or the same forms as train"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "with data.eval auto and no eval split in data.train: the share of its rows held out for eval (at least 1 row), chosen by seed"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={"help": "the data's column names for the row fields it lacks, e.g. {prompt: question, completion: answer}"})
+    template: str = field(default="auto", metadata={"help": "chat: the tokenizer's chat template; plain: prompt tokens, then completion tokens and EOS; auto: chat where the tokenizer has a template"})
     max_length: int = field(default=128, metadata={"help": "tokens per example; longer examples are truncated"})
     search_fraction: float = field(default=1.0, metadata={"help": "share of the training data that search trials use; a retrain of the pick uses all"})
     eval_examples: int = field(default=32, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
@@ -57,10 +90,19 @@ class DataConfig:
             out.append(f"data.search_fraction is {self.search_fraction}; allowed: a number in (0, 1]")
         if self.eval_examples < 1:
             out.append(f"data.eval_examples is {self.eval_examples}; allowed: an integer >= 1")
+        if not 0 < self.eval_fraction < 1:
+            out.append(f"data.eval_fraction is {self.eval_fraction}; allowed: a number in (0, 1)")
+        if self.template not in TEMPLATES:
+            out.append(f"data.template is {self.template!r}; allowed: {', '.join(TEMPLATES)}")
+        unknown = sorted(set(self.columns) - set(ROW_FIELDS))
+        if unknown:
+            out.append(f"data.columns names {unknown}; allowed keys: {', '.join(ROW_FIELDS)} (the row fields), "
+                       f"each mapped to a column of the data, e.g. {{prompt: question, completion: answer}}")
         for key in ("train", "eval"):
             value = getattr(self, key)
             if not value:
-                out.append(f"data.{key} is empty; allowed: 'builtin:atlas', a local file, or a cached hub dataset id")
+                out.append(f"data.{key} is empty; allowed: 'builtin:atlas', a local file or save_to_disk directory, "
+                           f"or a cached hub dataset id" + (", or auto" if key == "eval" else ""))
         return out
 
 

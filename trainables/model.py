@@ -18,6 +18,7 @@ from rundir.files import atomic_dir
 from trainables.config import cache_root
 
 SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default is, by its hub name
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

