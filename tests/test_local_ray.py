@@ -1,11 +1,13 @@
 """A local run is local: without --address and RAY_ADDRESS it starts a Ray of its own, on
-loopback, whatever a crashed head left in Ray's temp dir, and leaves nothing running."""
+loopback, whatever a crashed head left in Ray's temp dir, and leaves nothing running, also
+when SIGTERM lands while that Ray starts."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,14 +58,45 @@ def test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_
     node_ips = {json.loads(line)["node_ip"] for f in (run_dir / "tune").glob("trial_*/result.json")
                 for line in f.read_text().splitlines()}
     assert node_ips == {"127.0.0.1"}
-    assert not _processes_mentioning(ray_tmpdir, wait_s=10), "the run's Ray is still running"
+    assert not _processes_using(ray_tmpdir, wait_s=10), "the run's Ray is still running"
 
 
-def _processes_mentioning(text: Path, wait_s: float) -> list[str]:
-    """PIDs whose command line holds `text`, once none are left or after wait_s."""
+
+def test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_leaves_nothing_running(
+        tiny_model_dir, tmp_path, ray_tmpdir):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["--output", str(tmp_path), "--name", "early", "--set", f"model.path={tiny_model_dir}",
+            "--set", "search.ranks=[2,4]"]
+    process = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
+    deadline = time.monotonic() + 120
+    while not list(ray_tmpdir.glob("ray/session_*/logs/gcs_server.out")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # ray.init has started the head's processes and waits for them
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM: the run so far is saved in {tmp_path / 'early'} (finished trials, and unfinished ones "
+        f"at their last checkpoint). Resume with: python -m search.run {' '.join(args[:-1])} 'search.ranks=[2,4]' "
+        f"--resume")
+    assert not _processes_using(ray_tmpdir, wait_s=10), "the run's Ray is still running"
+
+def _processes_using(path: Path, wait_s: float) -> list[int]:
+    """PIDs with a file open under `path`, once none are left or after wait_s. Ray's processes
+    all keep logs open in its session dir; their command lines are rewritten (`ray::IDLE`)."""
     deadline = time.monotonic() + wait_s
     while True:
-        pids = subprocess.run(["pgrep", "-f", str(text)], capture_output=True, text=True).stdout.split()
+        pids = []
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            try:
+                if any(os.readlink(fd).startswith(str(path)) for fd in fd_dir.iterdir()):
+                    pids.append(int(fd_dir.parent.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
         if not pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.5)
