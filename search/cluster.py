@@ -14,7 +14,7 @@ from pathlib import Path
 from search.config import ConfigError
 
 # A live head answers in milliseconds; 5 s also covers two lost packets (TCP resends after 1 s,
-# then 2 s more) and keeps the refusal of an address that does not answer within 15 s of the start.
+# then after 2 s more). Ray's own wait for a head that does not answer is minutes.
 CONNECT_TIMEOUT_S = 5.0
 # Ray turns the node address 127.0.0.1 into the machine's network address unless this is 0, and
 # its gRPC servers listen on every interface unless the node address is 127.0.0.1. Ray reads it
