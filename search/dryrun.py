@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from search.config import Config, ConfigError
 from search.modules import adapter_param_count, base_param_count, resolve
+from search.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
 from search.space import module_set_key
-from trainables.data import DataInfo, SourceInfo
 
 # LoRA adapters usually train 0.05% to 1% of the base model; a row outside that range deserves a
 # second look: too few parameters to learn the task, or a cost approaching full fine-tuning's.
@@ -74,13 +75,28 @@ def _flag(pct: float) -> str:
     return ""
 
 
-def data_line(info: DataInfo) -> str:
-    """One line on the data: each source, the part of it used, its rows and format; the
-    template; and how many rows data.max_length truncates and drops."""
-    def source(split: SourceInfo) -> str:
-        return f"{split.source}, {split.part}: {split.rows} {split.format} rows"
+def data_line(config: Config, prepared: PreparedModel) -> str:
+    """One line on the data, read, checked and tokenized in memory: each source, the part of it
+    used, its rows and format; the template; how many rows data.max_length truncates and drops.
+    A model known from its config.json alone (no tokenizer beside it, none in model.tokenizer)
+    has its data read and checked, not tokenized. ConfigError for bad data."""
+    try:
+        tokenizer = load_tokenizer(config, prepared.path)
+    except ConfigError as no_tokenizer:
+        if config.model.tokenizer:
+            raise
+        train, evaluate = read_data(config)
+        return (f"Data: train {_source(train.source, train.part, len(train.data), train.format)}; eval "
+                f"{_source(evaluate.source, evaluate.part, len(evaluate.data), evaluate.format)}; token lengths "
+                f"against data.max_length not checked: {no_tokenizer}")
+    _, info = prepare_data(config, tokenizer)
+    train, evaluate = info.train, info.eval
+    template = "no template (text: loss on every token)" if train.format == "text" else f"template {info.template}"
+    return (f"Data: train {_source(train.source, train.part, train.rows, train.format)}; eval "
+            f"{_source(evaluate.source, evaluate.part, evaluate.rows, evaluate.format)}; {template}; at max_length "
+            f"{info.max_length}: {train.truncated + evaluate.truncated} rows truncated, "
+            f"{train.dropped + evaluate.dropped} dropped (no token left to train on)")
 
-    template = "no template (text: loss on every token)" if info.train.format == "text" else f"template {info.template}"
-    truncated, dropped = info.train.truncated + info.eval.truncated, info.train.dropped + info.eval.dropped
-    return (f"Data: train {source(info.train)}; eval {source(info.eval)}; {template}; at max_length "
-            f"{info.max_length}: {truncated} rows truncated, {dropped} dropped (no token left to train on)")
+
+def _source(source: str, part: str, rows: int, format_: str) -> str:
+    return f"{source}, {part}: {rows} {format_} rows"

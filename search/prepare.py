@@ -12,7 +12,7 @@ from search import modules
 from search.config import Config, ConfigError
 from search.space import module_set_key
 from trainables.config import looks_local, relative_to_cwd
-from trainables.data import DataInfo, prepare
+from trainables.data import DataInfo, Rows, prepare, read
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
 
@@ -78,12 +78,20 @@ def load_tokenizer(config: Config, model_dir: str):
                           f"Fix: {fix}") from None
 
 
-def prepare_data(config: Config, prepared: PreparedModel) -> tuple[dict, DataInfo]:
+def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
     """The data read, checked and tokenized in memory (`trainables.data.prepare`); bad data
     is a ConfigError that names the key, the source and the row."""
-    tokenizer = load_tokenizer(config, prepared.path)
     try:
         return prepare(config.data, tokenizer, config.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_data(config: Config) -> tuple[Rows, Rows]:
+    """The train and eval rows read and checked, not tokenized (`trainables.data.read`); bad
+    data is a ConfigError, as in `prepare_data`."""
+    try:
+        return read(config.data, config.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    from search.prepare import check_device, prepare_data, prepare_model
+    from search.prepare import check_device, prepare_model
 
     prepared = prepare_model(config)
     if args.dry_run:
         from search.dryrun import data_line, dry_run_rows, format_table
 
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
-        _, data_info = prepare_data(config, prepared)  # in memory: nothing is written
+        data = data_line(config, prepared)  # in memory: nothing is written
         print(format_table(rows, config.model.path))
-        print(data_line(data_info))
+        print(data)
         return 0
 
     import torch
@@ -124,12 +124,12 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     URI output, where every node reads the data)."""
     from rundir.files import write_json_atomic
     from rundir.layout import DATA, RUN_CONFIG
-    from search.prepare import prepare_data
+    from search.prepare import load_tokenizer, prepare_data
     from trainables.data import save_splits
 
     run_dir = location.local
     _check_run_dir(location, overwrite)
-    splits, prepared_data = prepare_data(config, prepared)
+    splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
     data_info = asdict(prepared_data)
     location.delete_remote()  # only reached with --overwrite when it holds anything
     if run_dir.exists():

@@ -58,11 +58,28 @@ def test_the_chat_template_asked_of_a_base_model_is_refused_with_the_fix(base_mo
     assert "Fix: --set data.template=plain" in err
 
 
-def test_a_model_saved_without_its_tokenizer_is_told_how_to_fix_it(untokenized_model_dir, qa_file, capsys):
-    code, _, err = dry_run(capsys, f"model.path={untokenized_model_dir}", f"data.train={qa_file}")
+def test_a_model_saved_without_its_tokenizer_is_told_how_to_fix_it(untokenized_model_dir, qa_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    import search.cluster
+
+    monkeypatch.setattr(search.cluster, "connect", lambda *a, **k: pytest.fail("Ray was started for bad input"))
+    code = main(["--output", str(tmp_path / "runs"), "--set", "search.ranks=[2]",
+                 "--set", f"model.path={untokenized_model_dir}", "--set", f"data.train={qa_file}"])
+    err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"model.path '{untokenized_model_dir}' holds no tokenizer" in err
     assert "Fix: save the model's tokenizer into" in err and "or set model.tokenizer" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dry_run_from_a_model_without_its_tokenizer_checks_the_data_untokenized(untokenized_model_dir, qa_file,
+                                                                                  capsys):
+    code, out, err = dry_run(capsys, f"model.path={untokenized_model_dir}", f"data.train={qa_file}")
+    assert code == 0, err
+    assert f"Data: train {qa_file}, all rows but the 1 held out for eval: 9 prompt/completion rows" in out
+    assert "token lengths against data.max_length not checked: model.path" in out and "holds no tokenizer" in out
+    code, _, err = dry_run(capsys, f"model.path={untokenized_model_dir}", f"data.train={qa_file}.missing")
+    assert code == 2 and "which does not exist" in err
 
 
 def test_model_tokenizer_points_at_a_tokenizer_elsewhere(untokenized_model_dir, tiny_model_dir, qa_file, capsys):

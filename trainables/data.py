@@ -428,23 +428,27 @@ def _eos(tokenizer) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
-    """Read and tokenize train and eval once, in memory (nothing is written until the whole
-    input is known to be good). Eval is data.eval, else data.train's own eval split, else
-    data.eval_fraction of data.train held out. Keeps `search_fraction` of train and
-    `eval_examples` of eval, chosen by `seed`. Returns the splits and what they hold.
-    ValueError for bad data, naming the key, the source and the row."""
-    import datasets
-
-    template = resolve_template(cfg.template, tokenizer)
+def read(cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+    """The rows to train on and to evaluate on, read and checked, not yet tokenized. Eval is
+    data.eval, else data.train's own eval split, else data.eval_fraction of data.train held
+    out by `seed`. ValueError for bad data, naming the key, the source and the row."""
     train_splits = load_source(cfg.train, "data.train", cfg.columns)
     train = train_part(train_splits)
     if cfg.eval != AUTO_EVAL:
-        evaluate = eval_part(load_source(cfg.eval, "data.eval", cfg.columns))
-    else:
-        evaluate = own_eval_part(train_splits)
-        if evaluate is None:
-            train, evaluate = hold_out(train, cfg.eval_fraction, seed)
+        return train, eval_part(load_source(cfg.eval, "data.eval", cfg.columns))
+    own = own_eval_part(train_splits)
+    return (train, own) if own else hold_out(train, cfg.eval_fraction, seed)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
+    """Read (`read`) and tokenize train and eval once, in memory (nothing is written until the
+    whole input is known to be good). Keeps `search_fraction` of train and `eval_examples` of
+    eval, chosen by `seed`. Returns the splits and what they hold. ValueError for bad data,
+    naming the key, the source and the row."""
+    import datasets
+
+    train, evaluate = read(cfg, seed)
+    template = resolve_template(cfg.template, tokenizer)
     (train_columns, train_info), (eval_columns, eval_info) = (
         tokenize(rows, tokenizer, template, cfg.max_length) for rows in (train, evaluate))
     splits = {"train": datasets.Dataset.from_dict(train_columns), "eval": datasets.Dataset.from_dict(eval_columns)}
