@@ -9,6 +9,7 @@ PLOTS = "plots"
 REPORT = "report.md"
 ASHA_STATE = "asha_state.json"   # ASHA's rungs, which Tune's restore would otherwise forget
 DRIVER_PID = "driver.pid"        # meaningful on the driver's machine only: never uploaded
+RAY_SESSION = "ray_session"      # the driver's Ray session directory, to find its leftover workers
 
 # Ray Tune experiments, one directory each. The search, its promotions and its confirmations
 # run in one Tuner, so their trials compete with one another; the retrain trains the pick on

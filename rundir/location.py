@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rundir.files import download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints
-from rundir.layout import DATA, DRIVER_PID, EXPERIMENTS
+from rundir.layout import DATA, DRIVER_PID, EXPERIMENTS, RAY_SESSION
 
 
 class LocationError(ValueError):
@@ -104,7 +104,7 @@ class RunLocation:
         if not self.remote:
             return
         for entry in sorted(self.local.iterdir()):
-            if entry.name in EXPERIMENTS or entry.name == DRIVER_PID or ".tmp" in entry.name:
+            if entry.name in EXPERIMENTS or entry.name in (DRIVER_PID, RAY_SESSION) or ".tmp" in entry.name:
                 continue
             if entry.name == DATA and not data:
                 continue

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from rundir.files import write_text_atomic
-from rundir.layout import DRIVER_PID, RUN_CONFIG
+from rundir.layout import DRIVER_PID, RAY_SESSION, RUN_CONFIG
 from search.config import Config, ConfigError, to_dict
 
 CREATED_BY = "lora-search"
@@ -48,21 +48,42 @@ def _differences(current, stored, key: str) -> list[str]:
 
 
 def stop_leftover_workers(run_dir: Path, grace_seconds: float = 10.0) -> list[int]:
-    """End the Ray worker processes that trained this run's trials and are still alive
-    (found by the `pid` Ray records in every result row): SIGTERM, then SIGKILL after
-    `grace_seconds`. Returns the pids that had to be stopped."""
-    alive = [pid for pid in _worker_pids(run_dir) if _is_ray_worker(pid)]
+    """End the Ray worker processes that trained this run's trials and are still alive: SIGTERM,
+    then SIGKILL after `grace_seconds`. Returns the pids that had to be stopped.
+
+    A pid from a result row alone proves nothing (the machine may have given it to another
+    process since), so a process is stopped only when it is a Ray worker of ours whose open
+    files lie in the Ray session the interrupted driver recorded (`record_ray_session`)."""
+    session = _recorded_session(run_dir)
+    if session is None:
+        return []
+    alive = [pid for pid in _worker_pids(run_dir) if _is_worker_of(pid, session)]
     for pid in alive:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(_is_ray_worker(pid) for pid in alive):
+    while time.monotonic() < deadline and any(_is_worker_of(pid, session) for pid in alive):
         time.sleep(0.2)
     for pid in alive:
-        if _is_ray_worker(pid):
+        if _is_worker_of(pid, session):
             _signal(pid, signal.SIGKILL)
     if alive:
         print(f"stopped {len(alive)} worker process(es) left over from the interrupted run: {alive}")
     return alive
+
+
+def record_ray_session(run_dir: Path) -> None:
+    """Write down the Ray session this driver's trials run in, for a later `stop_leftover_workers`."""
+    import ray
+
+    # Ray has no public accessor for the session directory; its workers keep their logs open in it
+    write_text_atomic(run_dir / RAY_SESSION, ray._private.worker._global_node.get_session_dir_path())
+
+
+def _recorded_session(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / RAY_SESSION).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _worker_pids(run_dir: Path) -> set[int]:
@@ -76,15 +97,19 @@ def _worker_pids(run_dir: Path) -> set[int]:
     return pids
 
 
-def _is_ray_worker(pid: int) -> bool:
-    """True for a live process of ours whose command line is a Ray worker's."""
+def _is_worker_of(pid: int, session_dir: str) -> bool:
+    """True for a live process of this user whose command line is a Ray worker's and which holds
+    a file open inside `session_dir` (every Ray worker keeps its log files there)."""
     try:
         if os.stat(f"/proc/{pid}").st_uid != os.getuid():
             return False
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        if not (cmdline.startswith(b"ray::") or b"default_worker.py" in cmdline):
+            return False
+        return any(os.readlink(fd).startswith(session_dir + os.sep) for fd in Path(f"/proc/{pid}/fd").iterdir()
+                   if fd.is_symlink())
+    except OSError:  # gone meanwhile, or not ours to read
         return False
-    return cmdline.startswith(b"ray::") or b"default_worker.py" in cmdline
 
 
 def _signal(pid: int, sig: int) -> None:

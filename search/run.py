@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rundir.location import LocationError, RunLocation, locate
 from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
-from search.resume import CREATED_BY, record_driver
+from search.resume import CREATED_BY, record_driver, record_ray_session
 from trainables.config import cache_root
 
 
@@ -194,6 +194,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     try:
         with stop:
             started_here = connect(cluster) or cluster is not None
+            record_ray_session(location.local)
             if not config.resources.max_concurrent_trials:
                 # Tune keeps one trial pending at a time for a searcher without a concurrency limit
                 # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
