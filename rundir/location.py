@@ -14,6 +14,7 @@ only). A resume pulls the whole run first, so it works from any machine.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,19 @@ class RunLocation:
         return fs, path.rstrip("/")
 
     def check_writable(self) -> None:
-        """Write and delete a probe object at the URI: a wrong bucket, missing credentials or
-        an unreachable endpoint is an input error before Ray starts."""
+        """Create and delete a probe where the run's directory will be made (at the URI, for a
+        remote run): a path that cannot be created, a wrong bucket, missing credentials
+        or an unreachable endpoint is an input error before anything runs."""
         if not self.remote:
+            existing = self.local.parent.absolute()
+            while not existing.exists():
+                existing = existing.parent
+            try:  # what creating the run's directories will do there, leaving nothing behind
+                os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+            except OSError as error:
+                raise LocationError(f"output {str(self.local.parent)!r} cannot hold the run: {str(existing)!r} "
+                                    f"{'is not a directory' if existing.is_file() else 'refuses new directories'} "
+                                    f"({error.strerror or error}). Fix: choose an --output directory you can write to") from None
             return
         fs, path = self._fs()
         probe = f"{path}/.write-probe-{os.getpid()}"
@@ -77,8 +88,8 @@ class RunLocation:
             fs.delete_file(probe)
         except Exception as error:  # noqa: BLE001 - pyarrow raises OSError and more, all of them mean "not writable"
             raise LocationError(f"output {self.remote!r} is not writable ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no message'}). "
-                              "Fix: check the URI, its credentials and that the bucket exists") from None
+                                f"{str(error).splitlines()[0] if str(error) else 'no message'}). "
+                                "Fix: check the URI, its credentials and that the bucket exists") from None
 
     def remote_exists(self) -> bool:
         """True when the URI already holds anything."""

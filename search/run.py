@@ -305,20 +305,14 @@ def _push(location: RunLocation) -> bool:
 
 def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
     run_dir = location.local
+    location.check_writable()
     if location.remote:
-        location.check_writable()
         if location.remote_exists() and not overwrite:
             raise ConfigError(f"the run {location.remote} already exists and is not empty; nothing in it was touched. "
                               f"Fix: choose another --name, or pass --overwrite to replace it")
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(f"the run directory {run_dir} already exists and is not empty; nothing in it was touched. "
                           f"Fix: choose another --name, or pass --overwrite to replace it")
-    parent = run_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"output {run_dir.parent} is not writable ({parent} is not a writable directory). "
-                          f"Fix: choose another --output")
 
 
 if __name__ == "__main__":
