@@ -1,11 +1,27 @@
 """The selection settings: which metric decides, how much quality may be traded, for what."""
 
+import re
 from dataclasses import dataclass, field
 
-# The direction each metric improves in; a metric not listed here is not reported by trials.
-METRIC_MODES = {"eval_loss": "min", "eval_accuracy": "max", "train_loss": "min"}
-MODES = ("min", "max")
+# The direction each built-in metric improves in; besides these, trials report only the user's
+# function that selection.metric names (`is_user_metric`).
+METRIC_MODES = {"eval_loss": "min", "eval_accuracy": "max", "train_loss": "min", "eval_exact_match": "max"}
+MODES = ("auto", "min", "max")
 COSTS = ("trainable_params", "train_seconds", "peak_memory_gb")
+# `package.module:function`, the form of a user's metric function (as in entry points)
+_USER_METRIC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def is_user_metric(metric: str) -> bool:
+    """True when `metric` names the user's function (`module:function`); trials report its
+    value under that name, and trials.csv has a column of that name."""
+    return bool(_USER_METRIC.match(metric))
+
+
+def needs_generations(metric: str) -> bool:
+    """True when trials compute `metric` from greedily generated answers, which they do
+    only with data.eval_generate_examples > 0: exact match, or the user's function."""
+    return metric == "eval_exact_match" or is_user_metric(metric)
 
 
 @dataclass(frozen=True)
@@ -14,11 +30,11 @@ class SelectionConfig:
 
     metric: str = field(
         default="eval_loss",
-        metadata={"help": f"metric that ranks trials at the full budget, one of {list(METRIC_MODES)}"},
+        metadata={"help": f"metric that ranks trials at the full budget: one of {list(METRIC_MODES)}, or your module:function"},
     )
     mode: str = field(
-        default="min",
-        metadata={"help": "'min' or 'max': the direction in which the metric improves"},
+        default="auto",
+        metadata={"help": "'min' or 'max': the direction in which the metric improves; auto: the metric's own (not for a function)"},
     )
     tolerance: float = field(
         default=0.95,
@@ -44,17 +60,40 @@ class SelectionConfig:
         default=False,
         metadata={"help": "train the pick once more on all the training data and export its adapter weights"},
     )
+    trust_metric_code: bool = field(
+        default=False,
+        metadata={"help": "let every trial import and run the metric function that selection.metric names (your code)"},
+    )
+
+    def __post_init__(self) -> None:
+        # `auto` becomes the metric's own direction here, once, so that everything downstream
+        # (Tune, the pick, run_config.json) sees min or max
+        if self.mode == "auto" and self.metric in METRIC_MODES:
+            object.__setattr__(self, "mode", METRIC_MODES[self.metric])
 
     def problems(self) -> list[str]:
         """Every problem with these settings, one message per problem; empty when valid."""
         found = []
-        if self.metric not in METRIC_MODES:
+        user_metric = is_user_metric(self.metric)
+        if self.metric not in METRIC_MODES and not user_metric:
             found.append(
                 f"selection.metric={self.metric!r} is not a metric the trials report. "
-                f"Fix: use one of {list(METRIC_MODES)}."
+                f"Fix: use one of {list(METRIC_MODES)}, or a function of yours as module:function."
+            )
+        if user_metric and self.trust_metric_code is not True:
+            # the trials would import and run the user's module: only on the user's explicit say-so
+            found.append(
+                f"selection.metric={self.metric!r} is a function of yours, which every trial would import and run, "
+                "but selection.trust_metric_code is not true. "
+                "Fix: set selection.trust_metric_code to true if you trust that code."
             )
         if self.mode not in MODES:
-            found.append(f"selection.mode={self.mode!r} is not a direction. Fix: use 'min' or 'max'.")
+            found.append(f"selection.mode={self.mode!r} is not a direction. Fix: use 'min', 'max' or 'auto'.")
+        elif user_metric and self.mode == "auto":
+            found.append(
+                f"selection.mode is 'auto', which cannot know in which direction {self.metric!r} improves. "
+                "Fix: set selection.mode to 'max' (higher is better) or 'min'."
+            )
         elif METRIC_MODES.get(self.metric, self.mode) != self.mode:
             # Optimising a loss upwards (or accuracy downwards) would silently pick the worst trial.
             found.append(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from analysis.config import SelectionConfig
+from analysis.config import SelectionConfig, needs_generations
 from search.prior import TaskConfig
 from search.space import SpaceConfig
 from trainables.config import DataConfig, ModelConfig
@@ -150,6 +150,9 @@ class Config:
         if not _NAME.match(self.name):
             out.append(f"name is {self.name!r}; allowed: letters, digits, '.', '_', '-', not starting with '.' "
                        "(a run name cannot leave the output directory)")
+        if needs_generations(self.selection.metric) and self.data.eval_generate_examples == 0:
+            out.append(f"selection.metric={self.selection.metric!r} is computed from generated answers, but "
+                       "data.eval_generate_examples is 0 (off). Fix: set data.eval_generate_examples to 1 or more")
         return out
 
 

@@ -47,3 +47,35 @@ def test_an_unknown_cost_is_named_with_the_allowed_ones():
 
 def test_every_problem_is_reported_at_once():
     assert len(SelectionConfig(metric="bleu", mode="up", tolerance=2, cost="dollars").problems()) == 4
+
+
+@pytest.mark.parametrize("metric, direction", [("eval_loss", "min"), ("train_loss", "min"), ("eval_accuracy", "max"),
+                                               ("eval_exact_match", "max")])
+def test_mode_auto_becomes_the_metrics_own_direction(metric, direction):
+    selection = SelectionConfig(metric=metric, mode="auto")
+
+    assert selection.mode == direction and selection.problems() == []
+
+
+def test_a_metric_function_without_trust_metric_code_is_a_problem_naming_both_keys():
+    (problem,) = SelectionConfig(metric="mymod:score", mode="max").problems()
+
+    assert "selection.metric='mymod:score'" in problem and "selection.trust_metric_code" in problem
+    assert "Fix: set selection.trust_metric_code to true" in problem
+
+
+def test_a_trusted_metric_function_with_a_direction_is_accepted():
+    assert SelectionConfig(metric="my.pkg.metrics:score", mode="max", trust_metric_code=True).problems() == []
+
+
+def test_a_metric_function_needs_its_direction_given():
+    (problem,) = SelectionConfig(metric="mymod:score", trust_metric_code=True).problems()
+
+    assert "selection.mode is 'auto'" in problem and "Fix: set selection.mode to 'max'" in problem
+
+
+@pytest.mark.parametrize("metric", ["mymod:", ":score", "my mod:score", "mymod:score:x"])
+def test_a_malformed_function_name_is_an_unknown_metric(metric):
+    (problem,) = SelectionConfig(metric=metric, mode="max", trust_metric_code=True).problems()
+
+    assert f"selection.metric={metric!r} is not a metric the trials report" in problem and "module:function" in problem

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from search.config import Config, leaves, load
+from search.config import Config, ConfigError, leaves, load
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "ray", "transformers", "peft", "optuna", "datasets", "pandas"}
@@ -58,6 +58,20 @@ def test_a_bad_config_exits_2_with_one_paragraph_and_no_heavy_imports(args, name
     assert out == ""
     assert err.startswith("error: ") and named in err
     assert "Traceback" not in err and "\n\n" not in err.strip()
+
+
+def test_a_metric_function_without_trust_metric_code_exits_2_naming_both_keys_without_heavy_imports():
+    code, out, err, heavy = _cli("--set", "selection.metric=mymod:score", "--set", "selection.mode=max")
+    assert (code, heavy, out) == (2, set(), "")
+    assert "selection.metric='mymod:score'" in err and "selection.trust_metric_code" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("metric", ["eval_exact_match", "mymod:score"])
+def test_a_metric_from_generated_answers_with_generation_off_is_a_config_error(metric):
+    with pytest.raises(ConfigError, match=rf"selection.metric='{metric}' .* data.eval_generate_examples is 0"):
+        load(None, [f"selection.metric={metric}", "selection.mode=max", "selection.trust_metric_code=true",
+                    "data.eval_generate_examples=0"])
 
 
 def test_a_missing_config_file_exits_2_without_heavy_imports(tmp_path):

@@ -81,6 +81,7 @@ class DataConfig:
     max_length: int = field(default=128, metadata={"help": "tokens per example; longer examples are truncated"})
     search_fraction: float = field(default=1.0, metadata={"help": "share of the training data that search trials use; a retrain of the pick uses all"})
     eval_examples: int = field(default=32, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
+    eval_generate_examples: int = field(default=32, metadata={"help": "of those, the ones whose answers are generated (greedy) for eval_exact_match at each eval round; 0: off"})
 
     def problems(self) -> list[str]:
         out = []
@@ -90,6 +91,8 @@ class DataConfig:
             out.append(f"data.search_fraction is {self.search_fraction}; allowed: a number in (0, 1]")
         if self.eval_examples < 1:
             out.append(f"data.eval_examples is {self.eval_examples}; allowed: an integer >= 1")
+        if self.eval_generate_examples < 0:
+            out.append(f"data.eval_generate_examples is {self.eval_generate_examples}; allowed: an integer >= 0 (0: off)")
         if not 0 < self.eval_fraction < 1:
             out.append(f"data.eval_fraction is {self.eval_fraction}; allowed: a number in (0, 1)")
         if self.template not in TEMPLATES:
@@ -126,3 +129,6 @@ class TrialSetup:
     gradient_checkpointing: bool = False
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
+    generate_examples: int = 0  # eval rows whose answers are generated at each eval round (trainables/generate.py); 0: none
+    tokenizer: str = ""         # decodes those answers: a reference as model_path is, resolved on the trial's node; "": model_path's
+    metric_function: str = ""   # the user's `module:function` that selection.metric names, reported under that name; "": none
