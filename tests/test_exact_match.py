@@ -1,0 +1,152 @@
+"""eval_exact_match and the user's metric function: greedy answers of a tiny model fitted to
+four rows until it reproduces them, compared with hand-written references."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from trainables.data import IGNORE, collate
+from trainables.generate import AnswerMetrics, UserMetric, answerable, exact_match, generate_answers, normalise
+
+WORDS = ["<pad>", "<eos>", "capital", "of", "old", "is", "the", "alba", "brun", "cora", "dune",
+         "paris", "rome", "oslo", "bern"]
+# One prompt longer than the others, so that the batch is left-padded for real.
+QUESTIONS = {"capital of alba": "paris is the capital", "capital of old brun": "rome is the capital",
+             "capital of cora": "oslo is the capital", "capital of dune": "bern is the capital"}
+ANSWERS = list(QUESTIONS.values())
+# The same prompts, the first with another country's answer as its reference
+WRONG_FIRST = {**QUESTIONS, "capital of alba": "rome is the capital"}
+CPU = torch.device("cpu")
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer over WORDS: ids are positions in WORDS, decoding joins words with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
+
+
+def row(prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """A tokenized row as the data module writes it: labels -100 on the prompt, then the answer and its end."""
+    prompt_ids = [WORDS.index(word) for word in prompt.split()]
+    answer_ids = [WORDS.index(word) for word in answer.split()] + [WORDS.index("<eos>")]
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A one-layer Llama (2,592 parameters) trained on the four rows until it reproduces them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core CPU, two threads made these tiny steps 20x slower
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    model = LlamaForCausalLM(config)
+    batch = collate([row(q, a) for q, a in QUESTIONS.items()], pad_id=0, device=CPU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+def test_the_fitted_model_answers_each_prompt_with_its_reference_and_exact_match_is_one(fitted, tokenizer):
+    rows = [row(q, a) for q, a in QUESTIONS.items()]
+
+    generations, references = generate_answers(fitted, rows, tokenizer, 0, CPU, NO_AUTOCAST)
+
+    assert references == ANSWERS
+    assert generations == ANSWERS
+    assert exact_match(generations, references) == 1.0
+
+
+def test_exact_match_counts_a_reference_the_model_does_not_give_as_a_miss(fitted, tokenizer):
+    rows = [row(q, a) for q, a in WRONG_FIRST.items()]
+
+    generations, references = generate_answers(fitted, rows, tokenizer, 0, CPU, NO_AUTOCAST)
+
+    assert generations[0] == "paris is the capital" and references[0] == "rome is the capital"
+    assert exact_match(generations, references) == 0.75
+
+
+def test_generation_leaves_the_model_in_train_mode_when_it_found_it_so(fitted, tokenizer):
+    fitted.train()
+    try:
+        generate_answers(fitted, [row("capital of alba", "paris is the capital")], tokenizer, 0, CPU, NO_AUTOCAST)
+        assert fitted.training
+    finally:
+        fitted.eval()
+
+
+def test_a_user_metric_function_receives_exactly_the_generations_and_references(fitted, tokenizer, tmp_path,
+                                                                                 monkeypatch):
+    (tmp_path / "mymetric.py").write_text(
+        "calls = []\n\n\ndef score(generations, references):\n"
+        "    calls.append((generations, references))\n    return 0.25\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [row(q, a) for q, a in WRONG_FIRST.items()]
+    answer_metrics = AnswerMetrics(rows, tokenizer, UserMetric.load("mymetric:score"))
+
+    metrics = answer_metrics(fitted, 0, CPU, NO_AUTOCAST)
+
+    assert metrics == {"eval_exact_match": 0.75, "mymetric:score": 0.25}
+    assert sys.modules["mymetric"].calls == [(ANSWERS, list(WRONG_FIRST.values()))]
+
+
+@pytest.mark.parametrize("module, returned", [("negative", "-1.0"), ("nan", "float('nan')"), ("text", "'high'"),
+                                              ("boolean", "True")])
+def test_a_user_metric_that_returns_no_finite_number_at_least_zero_fails_naming_the_function(tmp_path, monkeypatch,
+                                                                                              module, returned):
+    (tmp_path / f"{module}.py").write_text(f"def score(generations, references):\n    return {returned}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ValueError, match=rf"selection.metric='{module}:score' returned .* finite number >= 0"):
+        UserMetric.load(f"{module}:score")(["a"], ["a"])
+
+
+@pytest.mark.parametrize("spec, named", [("nosuchmodule:score", "module 'nosuchmodule' cannot be imported"),
+                                         ("json:nosuchfunction", "has no function 'nosuchfunction'")])
+def test_a_user_metric_that_cannot_be_found_is_named_with_a_fix(spec, named):
+    with pytest.raises(ValueError, match=named) as error:
+        UserMetric.load(spec)
+    assert f"selection.metric={spec!r}" in str(error.value) and "Fix:" in str(error.value)
+
+
+def test_only_rows_with_both_a_prompt_and_an_answer_are_answered_up_to_the_limit():
+    plain_text = ([7, 8, 9], [7, 8, 9])  # every token an answer token: nothing to prompt with
+    rows = [plain_text, *(row(q, a) for q, a in QUESTIONS.items())]
+
+    assert answerable(rows, 2) == rows[1:3]
+    assert answerable(rows, 0) == []
+
+
+@pytest.mark.parametrize("text, normalised", [
+    ("  The capital\tof\n\nAlba  is Paris. ", "the capital of alba is paris"),  # whitespace collapsed, case folded
+    ("Paris!?", "paris"),
+    ('He said “yes.”', 'he said “yes'),  # trailing punctuation, a closing quote included
+    ("Oui !", "oui"), ("是。", "是"),
+    ("Paris .", "paris"),                 # punctuation after a space, and the space
+    ("ÉCOLE", "école"),                   # case folded beyond ASCII
+    ("50%", "50%"), ("f(x)", "f(x)"), ("C++", "c++"),  # only what ends a sentence or quote
+    ("U.S.A. is", "u.s.a. is"),           # inner punctuation stays
+    ("...", ""),
+])
+def test_normalise_collapses_whitespace_folds_case_and_strips_trailing_punctuation(text, normalised):
+    assert normalise(text) == normalised
+
+
+def test_exact_match_is_the_share_of_answers_equal_to_their_reference_after_normalising():
+    assert exact_match(["Paris.", "rome", "Oslo is cold"], ["paris", "Rome!", "oslo"]) == pytest.approx(2 / 3)
