@@ -93,7 +93,8 @@ def test_a_trial_restored_from_its_checkpoint_takes_the_step_it_would_have_taken
         step_with_gradients(model, optimizer, k)
         scheduler.step()
     _save(tmp_path, model, optimizer, scheduler,
-          Progress(called_at=1.0, imported_at=2.0, step=3, train_seconds=1.5, eval_seconds=0.5, tokens=321))
+          Progress(called_at=1.0, imported_at=2.0, step=3, train_seconds=1.5, eval_seconds=0.5, generate_seconds=0.25,
+                   tokens=321))
     for k in (3, 4):
         step_with_gradients(model, optimizer, k)
         scheduler.step()
@@ -102,7 +103,7 @@ def test_a_trial_restored_from_its_checkpoint_takes_the_step_it_would_have_taken
     progress = Progress(called_at=10.0, imported_at=11.0)
     _restore(restored, restored_optimizer, restored_scheduler, str(tmp_path), progress)
     assert progress == Progress(called_at=10.0, imported_at=11.0, step=3, train_seconds=1.5, eval_seconds=0.5,
-                                tokens=321)  # this call's clock readings, the checkpoint's counters
+                                generate_seconds=0.25, tokens=321)  # this call's clock readings, the checkpoint's counters
     for k in (3, 4):
         step_with_gradients(restored, restored_optimizer, k)
         restored_scheduler.step()
@@ -113,9 +114,9 @@ def test_a_trial_restored_from_its_checkpoint_takes_the_step_it_would_have_taken
 
 def test_a_report_gives_the_timings_under_the_names_the_benchmarks_read():
     progress = Progress(called_at=1.0, imported_at=2.0, busy_from=3.0, step=4, train_seconds=2.0, eval_seconds=0.5,
-                        tokens=100)
+                        generate_seconds=0.25, tokens=100)
     metrics = progress.metrics()
     assert metrics["busy_to"] >= 3.0
     assert {k: v for k, v in metrics.items() if k not in ("busy_to", "worker_started_at")} == {
-        "step": 4, "train_seconds": 2.0, "tokens_per_second": 50.0, "eval_seconds": 0.5,
+        "step": 4, "train_seconds": 2.0, "tokens_per_second": 50.0, "eval_seconds": 0.5, "eval_generate_seconds": 0.25,
         "busy_from": 3.0, "called_at": 1.0, "entered_at": 2.0}

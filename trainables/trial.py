@@ -22,6 +22,7 @@ import torch
 from rundir.params import TrialParams
 from trainables.config import TrialSetup
 from trainables.data import IGNORE, collate, load_split
+from trainables.generate import AnswerMetrics
 from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
 from trainables.step import TrainStep
 
@@ -58,6 +59,7 @@ class Progress:
     step: int = 0             # optimizer steps taken
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    generate_seconds: float = 0.0  # the part of eval_seconds spent generating answers
     tokens: int = 0           # real (unpadded) tokens trained on
 
     def metrics(self) -> dict:
@@ -67,6 +69,7 @@ class Progress:
             "train_seconds": self.train_seconds,
             "tokens_per_second": self.tokens / self.train_seconds,
             "eval_seconds": self.eval_seconds,
+            "eval_generate_seconds": self.generate_seconds,
             "busy_from": self.busy_from,
             "busy_to": time.time(),
             "called_at": self.called_at,
@@ -79,7 +82,9 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     """Train one configuration, `config` being Tune's config of the trial (read once, as a
     `TrialParams`); report `step, eval_loss, eval_accuracy, train_loss, trainable_params,
     trainable_pct, train_seconds, tokens_per_second, peak_memory_gb` (and the timings of
-    `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`."""
+    `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`; with
+    `setup.generate_examples`, also `eval_exact_match` and the user's metric under its name
+    (trainables/generate.py)."""
     called_at = time.time()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
@@ -97,6 +102,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
                            setup.gradient_checkpointing)
     train_rows = load_split(setup.data_dir, "train" if params.full_data else "search_train")
     eval_rows = load_split(setup.data_dir, "eval")
+    answer_metrics = AnswerMetrics.for_trial(eval_rows, setup)
 
     torch.manual_seed(params.seed)
     model = get_peft_model(base, LoraConfig(**params.lora_config))
@@ -105,7 +111,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
         optimizer = _optimizer(model, params.learning_rate, params.loraplus_lr_ratio, cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(setup.warmup_steps, setup.max_steps))
         _restore(model, optimizer, scheduler, params.start_from, progress)
-        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, device, progress)
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, answer_metrics, device, progress)
     finally:
         del optimizer, scheduler
         try:
@@ -146,9 +152,9 @@ def _schedule(warmup_steps: int, max_steps: int):
 
 
 def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, train_rows, eval_rows,
-           device: torch.device, progress: Progress) -> None:
+           answer_metrics: AnswerMetrics | None, device: torch.device, progress: Progress) -> None:
     """Steps from `progress.step` to `setup.max_steps`; every `eval_every` steps and at the last,
-    an evaluation, a checkpoint and a report."""
+    an evaluation (loss, then `answer_metrics` where given), a checkpoint and a report."""
     from ray import tune
 
     cuda = device.type == "cuda"
@@ -183,10 +189,13 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
                 raise TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
             started = time.perf_counter()
             eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast, eval_budget)
-            progress.eval_seconds += time.perf_counter() - started
             if not math.isfinite(eval_loss):
                 raise TrialDiverged(f"eval loss became {eval_loss} at step {progress.step}")
-            metrics = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "train_loss": train_loss,
+            generating = time.perf_counter()
+            answered = answer_metrics(model, setup.pad_token_id, device, autocast) if answer_metrics else {}
+            progress.generate_seconds += time.perf_counter() - generating
+            progress.eval_seconds += time.perf_counter() - started
+            metrics = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy, **answered, "train_loss": train_loss,
                        "trainable_params": trainable_params,
                        "trainable_pct": 100.0 * trainable_params / setup.total_params,
                        "peak_memory_gb": _peak_memory_gb(cuda), "step_mode": train_step.mode, **progress.metrics()}
@@ -254,6 +263,7 @@ def _save(directory: Path, model, optimizer, scheduler, progress: Progress) -> N
         "step": progress.step,
         "train_seconds": progress.train_seconds,
         "eval_seconds": progress.eval_seconds,
+        "generate_seconds": progress.generate_seconds,
         "tokens": progress.tokens,
         "rng": torch.get_rng_state(),  # dropout masks continue as they would have
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -283,3 +293,4 @@ def _restore(model, optimizer, scheduler, start_from: str | None, progress: Prog
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     progress.step, progress.tokens = state["step"], state["tokens"]
     progress.train_seconds, progress.eval_seconds = state["train_seconds"], state["eval_seconds"]
+    progress.generate_seconds = state["generate_seconds"]
