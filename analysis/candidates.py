@@ -40,14 +40,15 @@ def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
     in `running` have not ended: their reports count towards the best value at each rung,
     but they are neither promoted, confirmed nor picked."""
     rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
-    table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps)
+    table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps, selection.metric)
     pick_id, pick_cost = None, math.inf
     try:
         chosen = pick(table, *rule, lora_configs=defaultdict(dict))
         pick_id, pick_cost = chosen.trial_id, chosen.cost
     except NoCandidate:
         pass
-    promote = promotion_candidates(table, curves_table(trials), *rule[:4], max_steps, pick_cost) if selection.promote else []
+    promote = (promotion_candidates(table, curves_table(trials, selection.metric), *rule[:4], max_steps, pick_cost)
+               if selection.promote else [])
     confirm = []
     if selection.confirm_seeds and selection.confirm_top_k:  # leaders among the runs of their own configuration
         confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], *rule, selection.confirm_top_k)

@@ -301,13 +301,15 @@ def _spent(trials: pd.DataFrame, max_steps: int, compile_on=None) -> str:
     counts = trials["status"].value_counts()
     seconds = own_total(trials, "train_seconds")
     eval_seconds = own_total(trials, "eval_seconds")
+    generate_seconds = own_total(trials, "eval_generate_seconds")
+    generating = f" ({generate_seconds:,.0f} of it generating answers)" if generate_seconds > 0 else ""
     stages = trials["origin"].value_counts()
     text = (
         "## What it cost\n\n"
         f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
         f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
         f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})"
-        f"{f', evaluation {eval_seconds:,.0f}.' if eval_seconds > 0 else '.'}"
+        f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
         + _step_modes(trials, compile_on)
@@ -331,8 +333,31 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         f"{rationale(chosen, trials)}\n\n"
         + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
            if chosen.seeds > 1 else "")
+        + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )
+
+
+# What the pick section shows of the pick and the best trial, whatever metric selects (it is
+# shown too); eval_exact_match only where the trials generated answers.
+_PICK_METRICS = ("eval_loss", "eval_accuracy", "eval_exact_match")
+
+
+def _pick_against_best(trials: pd.DataFrame, chosen: Pick) -> str:
+    """The pick's eval loss, token accuracy, exact match and selecting metric beside the best
+    trial's, as each trial reported them at the full budget; a metric no trial of the two
+    reported is left out."""
+    ids = list(dict.fromkeys([chosen.trial_id, chosen.best_trial_id]))
+    headers = ("", f"pick `{chosen.trial_id}`" + (" (also the best)" if len(ids) == 1 else ""),
+               *([f"best `{chosen.best_trial_id}`"] if len(ids) == 2 else []))
+    rows = []
+    for metric in dict.fromkeys([*_PICK_METRICS, chosen.metric]):
+        values = [_row(trials, trial_id)[metric] for trial_id in ids]
+        if all(pd.isna(value) for value in values):
+            continue
+        name = f"{metric} (selects)" if metric == chosen.metric else metric
+        rows.append((name, *("not reported" if pd.isna(value) else f"{value:.4g}" for value in values)))
+    return f"At step {chosen.step}, as each trial reported it:\n\n" + _markdown_table(headers, rows)
 
 
 def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: SelectionConfig, max_steps: int) -> str:
@@ -365,11 +390,12 @@ def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick |
     rows = [
         (
             f"`{row.trial_id}`", row.origin, row.module_set, row.r, f"{row.lora_alpha:g}", f"{row.lora_dropout:.3g}",
-            row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{getattr(row, selection.metric):.4g}",
+            row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{value:.4g}",
             f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", diagnoses.get(row.trial_id, ""),
             _marks(row.trial_id, chosen),
         )
-        for row in top.itertuples()
+        # the metric's value beside the row: a user's `module:function` is no attribute name for itertuples
+        for row, value in zip(top.itertuples(), top[selection.metric])
     ]
     return (
         f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {selection.metric}.\n\n"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.config import is_user_metric
 from rundir.files import atomic_path
 from rundir.layout import COMPETING_EXPERIMENTS, RUN_CONFIG
 from rundir.params import TrialParams
@@ -36,15 +37,17 @@ from rundir.params import TrialParams
 COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
-    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "train_loss",
-    "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "tokens_per_second",
-    "peak_memory_gb", "step_mode", "error",
+    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss",
+    "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
+    "tokens_per_second", "peak_memory_gb", "step_mode", "error",
 )
-CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "train_loss")
-# What a trial reports at each step; a trial that failed before its first report has none.
+CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss")
+# What a trial reports at each step (besides the user's metric, `user_metric_columns`); a trial
+# that failed before its first report has none, and eval_exact_match is missing where the trial
+# generated no answers (data.eval_generate_examples 0).
 REPORTED_COLUMNS = (
-    "step", "eval_loss", "eval_accuracy", "train_loss", "trainable_params", "trainable_pct",
-    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gb", "step_mode",
+    "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss", "trainable_params", "trainable_pct",
+    "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "step_mode",
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
@@ -122,7 +125,8 @@ def _tune_statuses(experiment_dir: Path) -> dict[str, tuple[str, int]]:
 
 
 def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per trial with exactly `COLUMNS`, in `read_trial_files` order.
+    """One row per trial with exactly `COLUMNS` (then the user's metric column where the run's
+    selection.metric names one: `user_metric_columns`), in `read_trial_files` order.
 
     `status` is "failed" when Ray recorded an error (then `error` is its one-line summary),
     "finished" when the trial reported step `budget.max_steps` of run_config.json, and
@@ -130,28 +134,39 @@ def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
     Metrics are those of the trial's last report, at `step`; NaN (NA for the integer
     columns `step` and `trainable_params`) when it never reported.
     """
-    return trials_table(read_trial_files(run_dir), read_run_config(run_dir)["budget"]["max_steps"])
+    run_config = read_run_config(run_dir)
+    return trials_table(read_trial_files(run_dir), run_config["budget"]["max_steps"], run_config["selection"]["metric"])
 
 
-def trials_table(trials: list[TrialFiles], max_steps: int) -> pd.DataFrame:
-    """The trial table (`load_trials`) of `trials`, read from files or known from their reports."""
-    records = [trial_record(trial, max_steps) for trial in trials]
-    table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+def trials_table(trials: list[TrialFiles], max_steps: int, metric: str) -> pd.DataFrame:
+    """The trial table (`load_trials`) of `trials`, read from files or known from their reports;
+    `metric` is the run's selection.metric."""
+    records = [trial_record(trial, max_steps, metric) for trial in trials]
+    table = pd.DataFrame.from_records(records, columns=[*COLUMNS, *user_metric_columns(metric)])
     return table.astype({column: "Int64" for column in _NULLABLE_INTEGER_COLUMNS})
 
 
 def load_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every reported step of every trial: `CURVE_COLUMNS`, trials in `read_trial_files` order, steps ascending.
+    """Every reported step of every trial: `CURVE_COLUMNS` (then the user's metric column, as in
+    `load_trials`), trials in `read_trial_files` order, steps ascending.
 
     When a restored trial reported a step twice, the later report wins.
     """
-    return curves_table(read_trial_files(run_dir))
+    return curves_table(read_trial_files(run_dir), read_run_config(run_dir)["selection"]["metric"])
 
 
-def curves_table(trials: list[TrialFiles]) -> pd.DataFrame:
-    """The curves (`load_curves`) of `trials`, read from files or known from their reports."""
-    records = [record for trial in trials for record in _curve_records(trial)]
-    return pd.DataFrame.from_records(records, columns=list(CURVE_COLUMNS))
+def curves_table(trials: list[TrialFiles], metric: str) -> pd.DataFrame:
+    """The curves (`load_curves`) of `trials`, read from files or known from their reports;
+    `metric` is the run's selection.metric."""
+    columns = [*CURVE_COLUMNS, *user_metric_columns(metric)]
+    records = [record for trial in trials for record in _curve_records(trial, columns[1:])]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def user_metric_columns(metric: str) -> tuple[str, ...]:
+    """The column of the user's metric function where `metric` (a run's selection.metric) names
+    one: its trials report the function's value under the name `module:function`."""
+    return (metric,) if is_user_metric(metric) else ()
 
 
 def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
@@ -166,12 +181,12 @@ def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def trial_record(trial: TrialFiles, max_steps: int) -> dict:
-    """One trial's row of the trial table, as a dict keyed by `COLUMNS`."""
+def trial_record(trial: TrialFiles, max_steps: int, metric: str) -> dict:
+    """One trial's row of the trial table, as a dict keyed by `COLUMNS` and `user_metric_columns(metric)`."""
     params = trial.params
     lora_config = params.lora_config
     last = trial.rows[-1] if trial.rows else {}
-    reported = {key: last.get(key, math.nan) for key in REPORTED_COLUMNS}
+    reported = {key: last.get(key, math.nan) for key in (*REPORTED_COLUMNS, *user_metric_columns(metric))}
     return {
         "trial_id": trial.trial_id,
         "status": trial_status(reported["step"], trial.error, max_steps),
@@ -270,10 +285,10 @@ def _trial_id_from_name(dir_name: str) -> str:
     return match["trial_id"] if match else dir_name
 
 
-def _curve_records(trial: TrialFiles) -> list[dict]:
+def _curve_records(trial: TrialFiles, columns: list[str]) -> list[dict]:
     by_step = {row["step"]: row for row in trial.rows}
     return [
-        {"trial_id": trial.trial_id, **{key: by_step[step].get(key, math.nan) for key in CURVE_COLUMNS[1:]}}
+        {"trial_id": trial.trial_id, **{key: by_step[step].get(key, math.nan) for key in columns}}
         for step in sorted(by_step)
     ]
 

@@ -254,3 +254,45 @@ def test_the_report_states_the_training_and_evaluation_time_spent(analysed):
     report = (analysed / "report.md").read_text()
     assert f"Training took {trials.train_seconds.sum():,.0f} trial-seconds" in report
     assert f"evaluation {trials.eval_seconds.sum():,.0f}." in report
+
+
+def test_a_metric_function_picks_and_the_report_shows_it_beside_loss_accuracy_and_exact_match(tmp_path):
+    run_dir = write_run_config(tmp_path / "run", metric="mymod:score", mode="max")
+    run_config = json.loads((run_dir / "run_config.json").read_text())
+    run_config["selection"]["trust_metric_code"] = True
+    (run_dir / "run_config.json").write_text(json.dumps(run_config))
+    # best aaaa0001 (0.80); aaaa0002 (0.78 >= 0.95 * 0.80) trains a quarter of its parameters; aaaa0003 is out
+    for trial_id, r, loss, exact, score in (("aaaa0001", 16, 0.50, 0.75, 0.80), ("aaaa0002", 4, 0.40, 0.5, 0.78),
+                                            ("aaaa0003", 2, 0.45, 0.25, 0.60)):
+        result = add_trial(run_dir, trial_id, r=r, eval_loss=loss) / "result.json"
+        rows = [{**json.loads(line), "eval_exact_match": exact, "mymod:score": score}
+                for line in result.read_text().splitlines()]
+        result.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    assert analyse(run_dir) == 0
+
+    assert (read_pick(run_dir)["trial_id"], read_pick(run_dir)["metric"]) == ("aaaa0002", "mymod:score")
+    assert read_trials_csv(run_dir).set_index("trial_id")["mymod:score"].to_dict() == {
+        "aaaa0001": 0.80, "aaaa0002": 0.78, "aaaa0003": 0.60}
+    report = (run_dir / "report.md").read_text()
+    assert ("|  | pick `aaaa0002` | best `aaaa0001` |\n| --- | --- | --- |\n| eval_loss | 0.4 | 0.5 |\n"
+            "| eval_accuracy | 0.9 | 0.875 |\n| eval_exact_match | 0.5 | 0.75 |\n| mymod:score (selects) | 0.78 | 0.8 |"
+            ) in report
+    top = report.split("## Top trials")[1].split("\n## ")[0]
+    assert top.index("`aaaa0001`") < top.index("`aaaa0002`") < top.index("`aaaa0003`")  # by the function, not by loss
+    assert "| `aaaa0001` | search | attention_qv | 16 | 32 | 0.05 | False | False | 0.0002 | 0.8 | 32,000 |" in top
+
+
+def test_the_pick_section_leaves_out_a_metric_no_trial_reported(analysed):
+    pick_section = (analysed / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]
+
+    assert "|  | pick `aaaa0002` | best `aaaa0001` |" in pick_section and "| eval_loss (selects) | 0.52 | 0.5 |" in pick_section
+    assert "eval_exact_match" not in pick_section  # these trials generated no answers
+
+
+def test_the_pick_section_shows_one_column_when_the_pick_is_the_best(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    assert analyse(run_dir, SelectionConfig(tolerance=1)) == 0
+
+    pick_section = (run_dir / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]
+    assert "|  | pick `aaaa0001` (also the best) |\n| --- | --- |\n| eval_loss (selects) | 0.5 |" in pick_section
