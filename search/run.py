@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from analysis.config import is_user_metric
 from rundir.location import LocationError, RunLocation, locate
 from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
 from search.resume import CREATED_BY, record_driver, record_ray_session
@@ -67,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: Config, args: argparse.Namespace) -> int:
     from search.prepare import check_device, prepare_model
 
+    if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
+        from trainables.generate import UserMetric
+
+        try:  # here first, so that a module not found is bad input before Ray starts
+            UserMetric.load(config.selection.metric)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}", flush=True)
     prepared = prepare_model(config)
     if args.dry_run:
         from search.dryrun import data_line, dry_run_rows, format_table
@@ -165,6 +174,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
 
+    tokenizer = config.model.tokenizer
+    if tokenizer and Path(tokenizer).expanduser().is_dir():  # trials run in directories of their own
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
     setup = TrialSetup(
         # the alias or a hub id is resolved on the node that runs the trial (its own cache);
         # a directory is passed as resolved here and must be visible to every node
@@ -183,6 +195,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=config.resources.compile,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        generate_examples=config.data.eval_generate_examples,
+        tokenizer=tokenizer,
+        metric_function=config.selection.metric if is_user_metric(config.selection.metric) else "",
     )
     # Experiment state written at most every second (Ray's default: 10 s), so a killed
     # run loses at most a second of bookkeeping and no finished trial is trained twice.

@@ -67,6 +67,19 @@ def test_a_metric_function_without_trust_metric_code_exits_2_naming_both_keys_wi
     assert "Traceback" not in err
 
 
+def test_a_trusted_metric_function_is_announced_first_and_one_that_cannot_be_imported_exits_2(tmp_path):
+    (tmp_path / "mymetric.py").write_text("def score(generations, references):\n    return 1.0\n")
+    trusted = ("--set", "selection.trust_metric_code=true", "--set", "selection.mode=max")
+
+    code, out, err, _ = _cli("--set", "selection.metric=mymetric:score", *trusted, "--dry-run", cwd=tmp_path)
+    assert code == 0, err
+    assert out.splitlines()[0] == "selection.trust_metric_code is true: every trial imports and runs mymetric:score"
+
+    code, out, err, _ = _cli("--set", "selection.metric=nosuchmodule:score", *trusted, cwd=tmp_path)
+    assert (code, out) == (2, "")
+    assert "module 'nosuchmodule' cannot be imported" in err and "Fix:" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("metric", ["eval_exact_match", "mymod:score"])
 def test_a_metric_from_generated_answers_with_generation_off_is_a_config_error(metric):
     with pytest.raises(ConfigError, match=rf"selection.metric='{metric}' .* data.eval_generate_examples is 0"):

@@ -154,6 +154,48 @@ def test_default_config_runs_with_a_tiny_budget(local_ray, tmp_path):
     trials = pd.read_csv(tmp_path / "default-tiny" / "trials.csv")
     assert (trials.status != "failed").all()
     assert trials.origin.isin(["search", "prior"]).sum() == 2
+    # the default generates the eval answers: every trial reports exact match and what generating cost,
+    # and the pick section shows the pick's exact match beside its loss
+    assert trials.eval_exact_match.between(0, 1).all() and (trials.eval_generate_seconds > 0).all()
+    pick = json.loads((tmp_path / "default-tiny" / "pick.json").read_text())["trial_id"]
+    row = trials.set_index("trial_id").loc[pick]
+    pick_section = (tmp_path / "default-tiny" / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]
+    assert f"| eval_loss (selects) | {row.eval_loss:.4g} |" in pick_section
+    assert f"| eval_exact_match | {row.eval_exact_match:.4g} |" in pick_section
+
+
+def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(tiny_model_dir, tmp_path):
+    """Its own Ray (started from the directory that holds the module, which Ray puts on the trials'
+    path): each eval round of each trial calls the function once, with the generated answers and
+    the references of the same eval rows, and its value, in a column of its own, makes the pick."""
+    from analysis.results import load_curves
+    from trainables.atlas import rows
+
+    (tmp_path / "mymetric.py").write_text(
+        "import json, pathlib\n\n\ndef score(generations, references):\n"
+        "    with open(pathlib.Path(__file__).with_name('calls.jsonl'), 'a') as calls:\n"
+        "        calls.write(json.dumps([generations, references]) + '\\n')\n"
+        "    return 1.0 + sum(map(len, generations))\n")
+    result = _cli("--output", str(tmp_path / "runs"), "--name", "mine", "--set", f"model.path={tiny_model_dir}",
+                  "--set", "search.module_sets=[attention_qv]", "--set", "search.ranks=[2,4]",
+                  "--set", "budget.num_samples=2", "--set", "budget.max_steps=2", "--set", "budget.eval_every=1",
+                  "--set", "budget.grace_period=1", "--set", "budget.warmup_steps=1", "--set", "data.eval_examples=4",
+                  "--set", "selection.confirm_top_k=0", "--set", "selection.metric=mymetric:score",
+                  "--set", "selection.trust_metric_code=true", "--set", "selection.mode=max", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("selection.trust_metric_code is true: every trial imports and runs mymetric:score\n")
+
+    run_dir = tmp_path / "runs" / "mine"
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == len(load_curves(run_dir))  # one call per report
+    atlas_answers = {row["messages"][-1]["content"] for row in rows("eval")}
+    for generations, references in calls:
+        assert references == calls[0][1] and len(references) == 4 and set(references) <= atlas_answers
+        assert len(generations) == 4 and all(isinstance(text, str) for text in generations)
+    pick = json.loads((run_dir / "pick.json").read_text())
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    assert (pick["metric"], pick["mode"]) == ("mymetric:score", "max")
+    assert pick["value"] == trials.loc[pick["trial_id"], "mymetric:score"] >= 1.0
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
