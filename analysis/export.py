@@ -1,6 +1,5 @@
 """Export the picked configuration as PEFT's own `adapter_config.json`."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -9,8 +8,6 @@ from pathlib import Path
 from peft import LoraConfig
 
 from rundir.files import atomic_path
-from rundir.layout import RETRAIN_EXPERIMENT
-from rundir.params import TrialParams
 
 
 def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str | os.PathLike) -> Path:
@@ -35,19 +32,13 @@ def export_adapter_config(lora_config: dict, base_model_path: str, out_dir: str 
 WEIGHTS = "adapter_model.safetensors"
 
 
-def export_retrained_weights(run_dir: str | os.PathLike, trial_id: str, out_dir: str | os.PathLike) -> Path | None:
-    """Copy the adapter weights of the retrain of `trial_id` (the `retrain` experiment's
-    trial whose parent it is, at its last checkpoint) into `out_dir`; return the path, or
-    None when the pick was not retrained, in which case a stale weights file is removed
-    (it would belong to another configuration)."""
+def export_retrained_weights(retrain_dir: Path, out_dir: str | os.PathLike) -> Path | None:
+    """Copy the adapter weights at the last checkpoint of the retrain trial in `retrain_dir` into
+    `out_dir`; return the path, or None when that trial saved none."""
+    checkpoints = sorted(retrain_dir.glob("checkpoint_*/adapter/" + WEIGHTS))
+    if not checkpoints:
+        return None
     target = Path(out_dir) / WEIGHTS
-    for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json")):
-        if TrialParams.from_config(json.loads(params.read_text())).parent != trial_id:
-            continue
-        checkpoints = sorted(params.parent.glob("checkpoint_*/adapter/" + WEIGHTS))
-        if checkpoints:
-            with atomic_path(target) as temporary:
-                shutil.copyfile(checkpoints[-1], temporary)
-            return target
-    target.unlink(missing_ok=True)
-    return None
+    with atomic_path(target) as temporary:
+        shutil.copyfile(checkpoints[-1], temporary)
+    return target

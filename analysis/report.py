@@ -7,8 +7,11 @@ trial is eligible (report.md and trials.csv still say why), 2 on bad input.
 """
 
 import argparse
+import datetime
+import filecmp
 import math
 import os
+import shutil
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -18,11 +21,12 @@ import pandas as pd
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.results import load_curves, load_lora_configs, load_trials, read_run_config, write_trials_csv
+from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
+                              write_trials_csv)
 from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
-from rundir.files import (download_tree, is_uri, join_uri, remove, upload, without_trial_checkpoints,
+from rundir.files import (download_tree, is_uri, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
-from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, PICK, PLOTS, REPORT, TRIALS_CSV
+from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
 from rundir.params import Origin
 
 if TYPE_CHECKING:
@@ -37,11 +41,13 @@ _FIELD_HELP = {f.name: f.metadata["help"] for f in fields(SelectionConfig)}
 def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None) -> int:
     """Write the analysis of `run_dir` into it; return 0 with a pick, 1 when no trial is eligible.
 
-    `selection` replaces run_config.json's selection settings when given. Writes (each file
-    atomically) trials.csv, plots/*.png and report.md, and with a pick pick.json and
-    adapter/adapter_config.json; without one it removes those two stale files if an earlier
-    analysis left them, and prints why to stderr. Raises ValueError for bad input (not a run
-    directory, invalid selection settings).
+    `selection` replaces run_config.json's selection settings when given. trials.csv (the facts
+    of every trial) is rewritten; everything that depends on the selection (pick.json,
+    adapter/, plots/, report.md) goes into a directory of its own, `picks/<time>/`, which no
+    later analysis touches, and is then copied to the top of the run as the latest. Nothing is
+    deleted: an earlier pick, and the weights of a retrain that no longer match the pick, stay
+    in their own `picks/<time>/` (and the retrain's in `retrain/`). Prints the outcome once.
+    Raises ValueError for bad input (not a run directory, invalid selection settings).
     """
     run_dir = Path(run_dir)
     run_config = read_run_config(run_dir)
@@ -63,27 +69,116 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     # matplotlib and optuna take about a second to import, peft (through torch) about five.
     from analysis.plots import write_plots
 
+    out = _new_analysis_dir(run_dir)
     curves = load_curves(run_dir)
-    plots = write_plots(trials, curves, selection, chosen, run_dir / PLOTS)
-    if chosen is None:
-        (run_dir / PICK).unlink(missing_ok=True)
-        (run_dir / ADAPTER / "adapter_config.json").unlink(missing_ok=True)
-    else:
+    plots = write_plots(trials, curves, selection, chosen, out / PLOTS)
+    retrains = [_retrain_record(trial, run_dir, run_config) for trial in read_retrain_files(run_dir)]
+    if chosen is not None:
         from analysis.export import export_adapter_config, export_retrained_weights
 
-        write_json_atomic(run_dir / PICK, asdict(chosen))
-        export_adapter_config(chosen.lora_config, base_model_name(run_config), run_dir / ADAPTER)
-        export_retrained_weights(run_dir, chosen.trial_id, run_dir / ADAPTER)
-    write_text_atomic(run_dir / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
-                                                                  diagnose(trials, curves)))
+        retrain = next((r for r in retrains if r["parent"] == chosen.trial_id and r["weights"]), None)
+        export_adapter_config(chosen.lora_config, base_model_name(run_config), out / ADAPTER)
+        if retrain:
+            export_retrained_weights(run_dir / retrain["directory"], out / ADAPTER)
+        write_json_atomic(out / PICK, {**asdict(chosen), "analysis": out.relative_to(run_dir).as_posix(),
+                                       "retrain": retrain})
+    write_text_atomic(out / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
+                                                  diagnose(trials, curves), _retrain_section(retrains, chosen, run_dir)))
+    for name in LATEST:
+        if (out / name).exists():
+            publish_copy(out / name, run_dir / name)
+        elif name in (PICK, ADAPTER) and (run_dir / name).exists():  # no pick now: the last one stays in picks/
+            _retire(run_dir / name)
     if chosen is None:
-        print(f"analysis: {no_pick} The report is {run_dir / 'report.md'}.", file=sys.stderr)
+        print(f"analysis: {no_pick} The report is {run_dir / REPORT}.", file=sys.stderr)
         return 1
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
-        f"{chosen.cost_name} {chosen.cost:,.6g}. Report: {run_dir / 'report.md'}"
+        f"{chosen.cost_name} {chosen.cost:,.6g}. Report: {run_dir / REPORT}"
     )
     return 0
+
+
+def _new_analysis_dir(run_dir: Path) -> Path:
+    """`picks/<UTC time>/`, made empty; a second analysis within the same second gets a suffix."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+    for suffix in ("", *(f"-{n}" for n in range(2, 1000))):
+        candidate = run_dir / PICKS / f"{stamp}{suffix}"
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise ValueError(f"{run_dir / PICKS} already holds 999 analyses made in the second {stamp}")
+
+
+def _retire(path: Path) -> None:
+    """Take a top-level output of an earlier analysis away without losing it: removed where an
+    analysis under picks/ holds the same, else moved into picks/earlier/ (a run analysed before
+    analyses kept their own copies)."""
+    for analysis in (path.parent / PICKS).iterdir():
+        if _same(path, analysis / path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return
+    (path.parent / PICKS / "earlier").mkdir(parents=True, exist_ok=True)
+    os.replace(path, path.parent / PICKS / "earlier" / path.name)
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.is_file() and b.is_file():
+        return filecmp.cmp(a, b, shallow=False)
+    if a.is_dir() and b.is_dir():
+        names = sorted(p.name for p in a.iterdir())
+        return names == sorted(p.name for p in b.iterdir()) and all(_same(a / n, b / n) for n in names)
+    return False
+
+
+def _retrain_record(trial, run_dir: Path, run_config: dict) -> dict:
+    """What pick.json and the report say of one retrain: whose configuration, on how much data,
+    its last evaluation, and where its trial keeps the weights."""
+    last = trial.rows[-1] if trial.rows else {}
+    directory = trial.directory.relative_to(run_dir)
+    has_weights = any(trial.directory.glob("checkpoint_*/adapter/adapter_model.safetensors"))
+    return {
+        "trial_id": trial.trial_id,
+        "parent": trial.params.parent,
+        "train_rows": run_config.get("data_info", {}).get("train_rows"),
+        "step": last.get("step"),
+        "eval_loss": last.get("eval_loss"),
+        "eval_accuracy": last.get("eval_accuracy"),
+        "eval_exact_match": last.get("eval_exact_match"),
+        "error": trial.error,
+        "directory": directory.as_posix(),
+        "weights": (directory / "adapter").as_posix() if has_weights else None,
+    }
+
+
+def _retrain_section(retrains: list[dict], chosen: Pick | None, run_dir: Path) -> str:
+    """Which trained weights exist and which pick they belong to."""
+    if not retrains:
+        return ("## Retrain\n\nNo configuration was retrained on all the data (`selection.retrain` is off, or the run "
+                "stopped first): `adapter/` holds the pick's configuration, not weights.")
+    lines = ["## Retrain", ""]
+    for retrain in retrains:
+        figures = ", ".join(f"{key} {retrain[key]:.4g}" for key in ("eval_loss", "eval_accuracy", "eval_exact_match")
+                            if isinstance(retrain[key], (int, float)))
+        rows = f" on all {retrain['train_rows']:,} training rows" if retrain["train_rows"] else " on all the training data"
+        state = f"failed ({retrain['error']})" if retrain["error"] else f"reached step {retrain['step']}: {figures}"
+        lines.append(f"- Trial `{retrain['trial_id']}` retrained trial `{retrain['parent']}`'s configuration{rows} "
+                     f"and {state}.")
+    matching = chosen is not None and any(r["parent"] == chosen.trial_id and r["weights"] for r in retrains)
+    if chosen is None:
+        pass
+    elif matching:
+        lines += ["", f"`adapter/` holds these weights with the pick's configuration: load it with "
+                      f"`PeftModel.from_pretrained(base, \"{run_dir.name}/adapter\")`."]
+    else:
+        lines += ["", f"**The pick, trial `{chosen.trial_id}`, was not retrained**: the weights above belong to another "
+                      "configuration. They are kept with the analysis that picked it (`picks/`) and in the retrain's "
+                      "trial directory; `adapter/` now holds this pick's configuration only. To get its weights, train "
+                      "`adapter/adapter_config.json` on all your data, or run the search again with this selection "
+                      "and `selection.retrain: true`."]
+    return "\n".join(lines)
 
 
 def selection_from_run_config(run_config: dict) -> SelectionConfig:
@@ -103,11 +198,14 @@ def render_report(
     no_pick: str | None,
     plots: "Plots",
     diagnoses: dict[str, str],
+    retrain: str = "",
 ) -> str:
-    """report.md's text: what was searched, what it cost, the pick and why, the top trials, the plots, the config.
+    """report.md's text: what was searched, what it cost, the pick and why, the top trials, the
+    retrain, the plots, the config.
 
     `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None;
-    `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve.
+    `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve; `retrain` the
+    section on retrained weights, if any.
     """
     sections = [
         _title(run_config, selection),
@@ -118,6 +216,7 @@ def render_report(
         _pick_section(trials, chosen, no_pick),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen, diagnoses),
+        *([retrain] if retrain else []),
         _plots_section(plots),
     ]
     if chosen is not None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from analysis.config import is_user_metric
 from rundir.files import atomic_path
-from rundir.layout import COMPETING_EXPERIMENTS, RUN_CONFIG
+from rundir.layout import COMPETING_EXPERIMENTS, RETRAIN_EXPERIMENT, RUN_CONFIG
 from rundir.params import TrialParams
 
 COLUMNS = (
@@ -107,6 +107,13 @@ def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
         for params in sorted(Path(run_dir, experiment).glob("*/params.json")):
             trials.append(_read_trial(params.parent, tune_status))
     return trials
+
+
+def read_retrain_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
+    """Every retrain of a pick on all the training data (the `retrain` experiment), by directory name."""
+    tune_status = _tune_statuses(Path(run_dir, RETRAIN_EXPERIMENT))
+    return [_read_trial(params.parent, tune_status)
+            for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json"))]
 
 
 def _tune_statuses(experiment_dir: Path) -> dict[str, tuple[str, int]]:

@@ -132,6 +132,24 @@ def upload(local: Path, uri: str) -> None:
             shutil.copyfileobj(source, stream)
 
 
+def publish_copy(source: Path, target: Path) -> None:
+    """Make `target` a copy of the file or directory `source`, replacing what was there. A file
+    is replaced atomically; a directory is copied whole under a temporary name, then swapped in
+    by two renames, so a reader never sees it half copied."""
+    if source.is_file():
+        with atomic_path(target) as temporary:
+            shutil.copyfile(source, temporary)
+        return
+    staged = target.with_name(f".{target.name}.{os.getpid()}.new")
+    retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(source, staged)
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staged, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def local_copy(uri: str, cache: Path) -> Path:
     """The files under `uri` in a directory of `cache`, downloaded once per machine. The
     directory is keyed by the files as stored (paths, sizes, times), so a new run written at

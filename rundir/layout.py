@@ -7,9 +7,13 @@ PICK = "pick.json"
 ADAPTER = "adapter"
 PLOTS = "plots"
 REPORT = "report.md"
+PICKS = "picks"                  # every analysis's own outputs, picks/<time>/, never overwritten
 ASHA_STATE = "asha_state.json"   # ASHA's rungs, which Tune's restore would otherwise forget
 DRIVER_PID = "driver.pid"        # meaningful on the driver's machine only: never uploaded
 RAY_SESSION = "ray_session"      # the driver's Ray session directory, to find its leftover workers
+LOGS = "logs"                    # what Ray, Optuna, datasets and transformers log in the driver, a file each
+OPTUNA_STUDY = "optuna.log"      # Optuna's journal of the search's study: optuna-dashboard opens it
+MLFLOW_RUN = "mlflow_run.json"   # the MLflow run of the search, under which each trial's run is nested
 
 # Ray Tune experiments, one directory each. The search, its promotions and its confirmations
 # run in one Tuner, so their trials compete with one another; the retrain trains the pick on
@@ -19,8 +23,10 @@ RETRAIN_EXPERIMENT = "retrain"
 EXPERIMENTS = (SEARCH_EXPERIMENT, RETRAIN_EXPERIMENT)
 COMPETING_EXPERIMENTS = (SEARCH_EXPERIMENT,)
 
+# What an analysis writes into picks/<time>/ and copies to the top of the run as the latest.
+LATEST = (PICK, ADAPTER, PLOTS, REPORT)
 # What the analysis writes, and so what a re-analysis of a run at a URI uploads back.
-ANALYSIS_OUTPUTS = (TRIALS_CSV, PICK, ADAPTER, PLOTS, REPORT)
+ANALYSIS_OUTPUTS = (TRIALS_CSV, PICKS, *LATEST)
 
 
 def trial_directory(trial_id: str) -> str:

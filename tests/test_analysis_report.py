@@ -191,6 +191,7 @@ def test_all_trials_failed_exits_1_and_still_writes_the_report_and_trials_csv(tm
     assert "**No pick.** No trial reached step 100, the full budget (0 finished, 0 stopped, 2 failed)" in report
     assert "OutOfMemoryError: CUDA out of memory." in report
     assert not (run_dir / "pick.json").exists() and not (run_dir / "adapter" / "adapter_config.json").exists()
+    assert (run_dir / "picks" / "earlier" / "pick.json").exists()  # moved aside, not deleted
 
 
 def test_cli_tolerance_one_picks_the_best_trial(tmp_path):
@@ -296,3 +297,41 @@ def test_the_pick_section_shows_one_column_when_the_pick_is_the_best(tmp_path):
 
     pick_section = (run_dir / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]
     assert "|  | pick `aaaa0001` (also the best) |\n| --- | --- |\n| eval_loss (selects) | 0.5 |" in pick_section
+
+
+def _retrained(run_dir: Path, parent: str, weights: bytes) -> Path:
+    """A retrain of `parent` on all the data, with adapter weights at its last checkpoint."""
+    trial_dir = add_trial(run_dir, "eeee0001", experiment="retrain", origin="retrain", parent=parent, eval_loss=0.48)
+    adapter = trial_dir / "checkpoint_000003" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    return adapter / "adapter_model.safetensors"
+
+
+def test_reanalysis_that_changes_the_pick_keeps_the_earlier_pick_and_the_retrained_weights(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "run")
+    checkpoint = _retrained(run_dir, "aaaa0002", b"retrained weights of aaaa0002")
+    assert analyse(run_dir) == 0
+    first = json.loads((run_dir / "pick.json").read_text())
+    assert first["trial_id"] == "aaaa0002" and first["retrain"]["trial_id"] == "eeee0001"
+    assert first["retrain"]["eval_loss"] == 0.48
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == b"retrained weights of aaaa0002"
+
+    assert main([str(run_dir), "--tolerance", "1.0"]) == 0  # the best trial, which was not retrained
+
+    assert capsys.readouterr().out.count("Picked trial") == 2  # once per analysis
+    second = json.loads((run_dir / "pick.json").read_text())
+    assert second["trial_id"] == "aaaa0001" and second["retrain"] is None
+    assert not (run_dir / "adapter" / "adapter_model.safetensors").exists()  # not beside another configuration
+    earlier = run_dir / first["analysis"]
+    assert json.loads((earlier / "pick.json").read_text())["trial_id"] == "aaaa0002"
+    assert (earlier / "adapter" / "adapter_model.safetensors").read_bytes() == b"retrained weights of aaaa0002"
+    assert checkpoint.read_bytes() == b"retrained weights of aaaa0002"
+    report = (run_dir / "report.md").read_text()
+    assert "Trial `eeee0001` retrained trial `aaaa0002`'s configuration" in report
+    assert "**The pick, trial `aaaa0001`, was not retrained**" in report
+    assert (run_dir / second["analysis"] / "report.md").read_text() == report
+
+    assert main([str(run_dir), "--tolerance", "0.95"]) == 0  # back to the retrained pick: its weights come back
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == b"retrained weights of aaaa0002"
+    assert len(list((run_dir / "picks").iterdir())) == 3
