@@ -163,6 +163,20 @@ def busy_windows(reports: dict[str, list[dict]]) -> list[tuple[float, float]]:
             if "busy_from" in r]
 
 
+def answers_against_the_prior(trials, pick: dict) -> dict:
+    """Exact match of the pick's generated answers beside the rule-of-thumb first trial's (at the
+    step each reached: ASHA may have stopped the prior early), where the trials report it."""
+    if "eval_exact_match" not in trials or not pick:
+        return {}
+    picked = trials[trials.trial_id == pick["trial_id"]].iloc[0]
+    prior = trials[trials.origin == Origin.PRIOR.value]
+    out = {"search_pick_exact_match": picked.eval_exact_match, "search_pick_eval_loss_own_run": picked.eval_loss}
+    if not prior.empty:
+        out |= {"prior_exact_match": prior.iloc[0].eval_exact_match, "prior_eval_loss": prior.iloc[0].eval_loss,
+                "prior_step": int(prior.iloc[0].step), "prior_status": prior.iloc[0].status}
+    return out
+
+
 def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
@@ -238,6 +252,7 @@ def main() -> int:
         "overhead_share_after_first_step": busy / (ended_epoch - min(start for start, _ in windows)) if windows else None,
         "slot_busy_share": inside / (wall * slots),
         "seconds_to_first_trial_as_good_as_grid": first_as_good,
+        **answers_against_the_prior(trials, pick),
     }
     record = {
         "benchmark": "search_vs_grid",
@@ -263,6 +278,10 @@ def main() -> int:
     print(f"{'search (this run)':<34}{wall:>12,.0f}{figures['search_eval_loss'] or float('nan'):>11.4f}")
     if first_as_good is not None:
         print(f"a trial at the full budget first matched the grid's best after {first_as_good:.0f} s")
+    if "search_pick_exact_match" in figures:
+        print(f"exact match: pick {figures['search_pick_exact_match']:.3f}, rule-of-thumb prior "
+              f"{figures.get('prior_exact_match', float('nan')):.3f} (step {figures.get('prior_step')}, "
+              f"{figures.get('prior_status')})")
     print("where the time went (s):", json.dumps(_rounded(account)))
     print(f"overhead_share {figures['overhead_share']:.2f} (some trial inside a step {busy:.0f} s of {wall:.0f} s); "
           f"slot_busy_share {figures['slot_busy_share']:.2f} (steps {inside:.0f} s over {wall:.0f} s x {slots} slots)")

@@ -88,3 +88,19 @@ def test_mfu_1b_is_the_trial_in_the_mode_the_defaults_give_it_compile_time_inclu
     assert compiled["mfu_1b_uncompiled"] == 0.24 and compiled["compile_seconds_1b"] == 40
     assert compiled["mfu_1b_compiled_trial_100_steps"] == pytest.approx(0.4 * 40 / 80)  # half the trial compiling
     assert figures_of(record(0.9e9))["mfu_1b"] == 0.24  # auto leaves it uncompiled
+
+
+def test_the_search_benchmark_sets_the_picks_exact_match_beside_the_rule_of_thumb_trials():
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from bench.search_vs_grid import answers_against_the_prior
+
+    trials = pd.DataFrame([
+        {"trial_id": "a", "origin": "prior", "status": "stopped", "step": 50, "eval_loss": 0.6, "eval_exact_match": 0.25},
+        {"trial_id": "b", "origin": "search", "status": "finished", "step": 100, "eval_loss": 0.4, "eval_exact_match": 0.5},
+    ])
+    figures = answers_against_the_prior(trials, {"trial_id": "b"})
+    assert (figures["search_pick_exact_match"], figures["prior_exact_match"], figures["prior_step"],
+            figures["prior_status"]) == (0.5, 0.25, 50, "stopped")
+    assert answers_against_the_prior(trials.drop(columns="eval_exact_match"), {"trial_id": "b"}) == {}
