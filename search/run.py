@@ -168,7 +168,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
 
     from rundir.layout import SEARCH_EXPERIMENT
     from search.cluster import connect, resolve_address, trial_slots
-    from search.prior import prior_point
+    from search.prior import prior_points
     from search.space import LoraSpace
     from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
     from trainables.config import TrialSetup
@@ -218,10 +218,11 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
                 slots = trial_slots(gpus, config.resources.cpus_per_trial)
                 config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
             trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
-            space = LoraSpace(config.search, prepared.resolved, config.seed, with_prior=True)
-            prior = prior_point(config.search, data_info["search_train_rows"], config.task.kind)
+            priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
+                                  config.budget.num_samples)
+            space = LoraSpace(config.search, prepared.resolved, config.seed, priors=len(priors))
             fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                           lambda: build_tuner(config, trainable, space, prior, location))
+                           lambda: build_tuner(config, trainable, space, priors, location))
             if config.selection.retrain and stop.requested is None:
                 retrain(config, trainable, location)
     except KeyboardInterrupt:

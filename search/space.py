@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from rundir.params import Origin, TrialParams
 
+# A prior's keys: the space's own parameter names, as Optuna sees them (`LoraSpace`).
+PRIOR_KEYS = ("module_set", "r", "alpha_ratio", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
+              "loraplus_lr_ratio")
 # The semantic module sets, resolved per architecture by `search.modules`. They are part of
 # the config's vocabulary, so they live here, where validating a config imports no torch.
 MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
@@ -40,6 +43,9 @@ class SpaceConfig:
     use_dora: list[bool] = field(default_factory=lambda: [False], metadata={"help": "DoRA choices (slower steps)"})
     learning_rate: list[float] | float = field(default_factory=lambda: [2e-4, 3e-3], metadata={"help": "[low, high] range, sampled on a log scale, or one value, fixed"})
     loraplus_lr_ratio: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
+    priors: str | list[dict[str, bool | int | float | str]] = field(
+        default="auto",
+        metadata={"help": "first trials, in the budget: auto (known-good ones, snapped), none, or [{module_set: mlp, r: 8}, ...]"})
 
     def __post_init__(self) -> None:
         # one value is the range [value, value], which the space keeps fixed
@@ -63,6 +69,37 @@ class SpaceConfig:
         out += [f"search.loraplus_lr_ratio contains {a}; allowed: numbers >= 1" for a in self.loraplus_lr_ratio if a < 1]
         out += _range_problems("search.dropout", self.dropout, low_ok=lambda x: x >= 0, high_ok=lambda x: x < 1, allowed="0 <= low <= high < 1")
         out += _range_problems("search.learning_rate", self.learning_rate, low_ok=lambda x: x > 0, high_ok=lambda x: x < 1, allowed="0 < low <= high < 1")
+        return out + self._prior_problems()
+
+    def _prior_problems(self) -> list[str]:
+        """A listed prior must name the space's own parameters (PRIOR_KEYS) with values the space holds."""
+        if isinstance(self.priors, str):
+            if self.priors in ("auto", "none"):
+                return []
+            return [f"search.priors is {self.priors!r}; allowed: auto, none, or a list of points such as "
+                    "[{module_set: all_linear, r: 16, learning_rate: 2e-4}]"]
+        choices = {"module_set": ("module_sets", [module_set_key(s) for s in self.module_sets]),
+                   "r": ("ranks", self.ranks), "alpha_ratio": ("alpha_ratios", self.alpha_ratios),
+                   "use_rslora": ("use_rslora", self.use_rslora), "use_dora": ("use_dora", self.use_dora),
+                   "loraplus_lr_ratio": ("loraplus_lr_ratio", self.loraplus_lr_ratio)}
+        ranges = {"lora_dropout": ("dropout", self.dropout), "learning_rate": ("learning_rate", self.learning_rate)}
+        out = []
+        for i, point in enumerate(self.priors):
+            if not point:
+                out.append(f"search.priors[{i}] is empty; give at least one of {', '.join(PRIOR_KEYS)}")
+            for key, value in point.items():
+                where = f"search.priors[{i}].{key}"
+                if key in choices:
+                    name, allowed = choices[key]
+                    # True == 1 in Python: a flag must be a flag, and a number a number
+                    if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
+                        out.append(f"{where} is {value!r}, not in the space; allowed: one of search.{name} {allowed}")
+                elif key in ranges:
+                    name, (low, high) = ranges[key]
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                        out.append(f"{where} is {value!r}, outside the space; allowed: search.{name} [{low:g}, {high:g}]")
+                else:
+                    out.append(f"search.priors[{i}] has the unknown key {key!r}; allowed: {', '.join(PRIOR_KEYS)}")
         return out
 
 
@@ -97,8 +134,8 @@ class LoraSpace:
     """Optuna's define-by-run function over a SpaceConfig (a class, not a closure, because
     Tune pickles the searcher, and with it the space, into the experiment state)."""
 
-    def __init__(self, space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int, with_prior: bool = False):
-        self.space, self.resolved, self.seed, self.with_prior = space, resolved, seed, with_prior
+    def __init__(self, space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int, priors: int = 0):
+        self.space, self.resolved, self.seed, self.priors = space, resolved, seed, priors
 
     def __call__(self, trial) -> dict:
         space = self.space
@@ -119,6 +156,6 @@ class LoraSpace:
             learning_rate=learning_rate,
             loraplus_lr_ratio=loraplus_lr_ratio,
             seed=self.seed,
-            # Optuna asks enqueued points first: trial 0 is the rule-of-thumb prior when there is one
-            origin=Origin.PRIOR if self.with_prior and trial.number == 0 else Origin.SEARCH,
+            # Optuna asks enqueued points first: trials 0 to priors - 1 are the priors (search/prior.py)
+            origin=Origin.PRIOR if trial.number < self.priors else Origin.SEARCH,
         ).to_config()

@@ -140,9 +140,9 @@ def trial_dirname(trial) -> str:
     return trial_directory(trial.trial_id)
 
 
-def build_tuner(config: Config, trainable, space, prior: dict, location: RunLocation) -> tune.Tuner:
+def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
-    over `space` with the rule-of-thumb `prior` as its first trial, ASHA on training
+    over `space` with the known-good `priors` (search/prior.py) as its first trials, ASHA on training
     steps, then the promotions and confirmations (search/stages.py) on the same workers,
     results in the run's `tune` experiment."""
     import optuna
@@ -154,7 +154,7 @@ def build_tuner(config: Config, trainable, space, prior: dict, location: RunLoca
         n_startup_trials=max(2, min(10, budget.num_samples // 3)),
     )
     searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
-                                sampler=sampler, points_to_evaluate=[prior], max_steps=budget.max_steps)
+                                sampler=sampler, points_to_evaluate=priors or None, max_steps=budget.max_steps)
     scheduler = ResumableASHA(
         state_path=str((location.local / ASHA_STATE).resolve()),
         time_attr="step",
