@@ -460,21 +460,34 @@ def _pick_against_best(trials: pd.DataFrame, chosen: Pick) -> str:
 
 
 def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: SelectionConfig, max_steps: int) -> str:
-    """How the pick compares with the rule-of-thumb configuration the search started from."""
-    prior = trials[trials["origin"] == Origin.PRIOR.value]
-    if prior.empty or chosen is None:
-        return "## Against the rule of thumb\n\nThe run has no rule-of-thumb trial to compare with."
-    row = prior.iloc[0]
-    described = f"{row['module_set']}, r={row['r']}, learning rate {row['learning_rate']:.3g}"
-    if row["status"] != "finished":
-        outcome = (f"it was {row['status']} at step {row['step']} ({selection.metric} {row[selection.metric]:.4g})"
-                   + (f": {row['error']}" if row["status"] == "failed" else ", below its rung's cut"))
-    else:
-        outcome = (f"it reached {selection.metric} {row[selection.metric]:.4g} at step {max_steps} against the pick's "
-                   f"{chosen.value:.4g}, with {int(row['trainable_params']):,} trainable parameters against "
-                   f"{int(_row(trials, chosen.trial_id)['trainable_params']):,}")
-    same = " The pick is the rule of thumb itself." if row["trial_id"] == chosen.trial_id else ""
-    return f"## Against the rule of thumb\n\nThe search's first trial was the rule of thumb ({described}): {outcome}.{same}"
+    """The known-good configurations the search started from (search/prior.py), one row each,
+    beside the pick: what the search bought over them."""
+    priors = trials[trials["origin"] == Origin.PRIOR.value].sort_values("trial_id", kind="stable")
+    if priors.empty or chosen is None:
+        return "## Against the known-good configurations\n\nThe run has no prior trial to compare with."
+    metric = selection.metric
+    pick_row = _row(trials, chosen.trial_id)
+    rows = []
+    for _, row in priors.iterrows():
+        value = row[metric]
+        if row["trial_id"] == chosen.trial_id:
+            against = "the pick"
+        elif row["status"] == "failed":
+            against = f"failed: {row['error']}"
+        elif row["status"] != "finished":
+            against = f"stopped at step {row['step']}, below its rung's cut"
+        else:
+            against = (f"{metric} {_relative(value, chosen.value, 'lower')} "
+                       f"than the pick's, {_relative(row['trainable_params'], pick_row['trainable_params'], 'fewer')} "
+                       "parameters")
+        rows.append((f"`{row['trial_id']}`",
+                     f"{row['module_set']}, r={row['r']}, alpha {row['lora_alpha']:g}{', RSLoRA' if row['use_rslora'] else ''}, "
+                     f"lr {row['learning_rate']:.3g}",
+                     "" if pd.isna(row["step"]) else row["step"], row["status"],
+                     "not reported" if pd.isna(value) else f"{value:.4g}", against))
+    return (f"## Against the known-good configurations\n\nThe search's first {len(priors)} trials were the priors; "
+            f"the pick (`{chosen.trial_id}`) reached {metric} {chosen.value:.4g} at step {max_steps}.\n\n"
+            + _markdown_table(("trial", "configuration", "step", "status", metric, "against the pick"), rows))
 
 
 def _top_trials(trials: pd.DataFrame, selection: SelectionConfig, chosen: Pick | None, diagnoses: dict[str, str]) -> str:

@@ -112,7 +112,8 @@ def test_report_states_the_space_and_the_budget_spent(analysed):
 def test_report_ranks_the_top_trials_and_embeds_every_plot(analysed):
     report = (analysed / "report.md").read_text()
 
-    table_rows = [line for line in report.splitlines() if line.startswith("| `aaaa")]
+    top = report.split("## Top trials")[1].split("\n## ")[0]
+    table_rows = [line for line in top.splitlines() if line.startswith("| `aaaa")]
     assert [row.split("|")[1].strip() for row in table_rows] == ["`aaaa0001`", "`aaaa0003`", "`aaaa0002`", "`aaaa0004`"]
     for name in PLOTS:
         assert f"(plots/{name})" in report
@@ -335,3 +336,21 @@ def test_reanalysis_that_changes_the_pick_keeps_the_earlier_pick_and_the_retrain
     assert main([str(run_dir), "--tolerance", "0.95"]) == 0  # back to the retrained pick: its weights come back
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == b"retrained weights of aaaa0002"
     assert len(list((run_dir / "picks").iterdir())) == 3
+
+
+def test_the_report_shows_every_prior_beside_the_pick(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run_config(run_dir)
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, module_set="mlp", r=8, origin="prior")
+    add_trial(run_dir, "aaaa0002", eval_loss=0.55, module_set="mlp", r=32, use_rslora=True, origin="prior")
+    add_trial(run_dir, "aaaa0003", module_set="mlp", r=16, last_step=50, origin="prior")
+    add_trial(run_dir, "aaaa0004", eval_loss=0.51, module_set="attention_qv", r=4)
+    assert analyse(run_dir) == 0
+    report = (run_dir / "report.md").read_text()
+
+    section = report.split("## Against the known-good configurations")[1].split("\n## ")[0]
+    assert "The search's first 3 trials were the priors; the pick (`aaaa0004`) reached eval_loss 0.51" in section
+    assert "| `aaaa0001` | mlp, r=8, alpha 16, lr 0.0002 | 100 | finished | 0.5 | eval_loss 2% lower than the pick's" in section
+    assert "| `aaaa0002` | mlp, r=32, alpha 64, RSLoRA, lr 0.0002 | 100 | finished | 0.55 | eval_loss 8% more than the pick's" in section
+    assert "| `aaaa0003` | mlp, r=16, alpha 32, lr 0.0002 | 50 | stopped |" in section
+    assert "stopped at step 50, below its rung's cut" in section
