@@ -37,16 +37,18 @@ from rundir.params import TrialParams
 COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
-    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss",
-    "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
+    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se",
+    "eval_exact_match", "eval_exact_match_se", "train_loss", "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
     "tokens_per_second", "peak_memory_gb", "step_mode", "error",
 )
 CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss")
 # What a trial reports at each step (besides the user's metric, `user_metric_columns`); a trial
 # that failed before its first report has none, and eval_exact_match is missing where the trial
-# generated no answers (data.eval_generate_examples 0).
+# generated no answers (data.eval_generate_examples 0). `<metric>_se`: the standard error of that
+# mean over the eval rows (trainables/trial.py, `Evaluation`).
 REPORTED_COLUMNS = (
-    "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss", "trainable_params", "trainable_pct",
+    "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se", "eval_exact_match", "eval_exact_match_se",
+    "train_loss", "trainable_params", "trainable_pct",
     "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "step_mode",
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.

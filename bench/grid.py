@@ -82,11 +82,10 @@ def run_config(name: str, lora: dict, model_path: str, splits: dict, pad_token_i
     device = torch.device("cuda" if cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     eval_rows = load_split(splits["_dir"], "eval")
-    eval_loss, eval_accuracy = evaluate(model, eval_rows, pad_token_id, device, autocast,
-                                        token_budget=8 * 8 * 64 if cuda else 0)
+    evaluation = evaluate(model, eval_rows, pad_token_id, device, autocast, token_budget=8 * 8 * 64 if cuda else 0)
     wall = time.perf_counter() - started
     return {"config": name, "lora": lora, "steps": steps, "train_seconds": train_seconds, "gpu_seconds": wall,
-            "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "trainable_params": model.get_nb_trainable_parameters()[0]}
+            **evaluation.metrics(), "trainable_params": model.get_nb_trainable_parameters()[0]}
 
 
 def main() -> int:

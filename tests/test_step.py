@@ -93,7 +93,8 @@ def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
     by_rows = evaluate(model, rows, 0, torch.device("cpu"), no_autocast)
     for budget in (13, 30, 1000):  # one row per batch (the longest has 13 tokens), some, all
         by_tokens = evaluate(model, rows, 0, torch.device("cpu"), no_autocast, token_budget=budget)
-        assert by_tokens[0] == pytest.approx(by_rows[0], rel=1e-5) and by_tokens[1] == by_rows[1]
+        assert by_tokens.loss == pytest.approx(by_rows.loss, rel=1e-5) and by_tokens.accuracy == by_rows.accuracy
+        assert by_tokens.loss_se == pytest.approx(by_rows.loss_se, rel=1e-5) and by_tokens.accuracy_se == by_rows.accuracy_se
 
 
 def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(tiny):
@@ -124,8 +125,8 @@ def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny)
             hits += (logits[keep].argmax(-1) == target[keep]).sum().item()
             count += int(keep.sum())
     assert len({len(ids) for ids, _ in rows}) > 1  # batches really hold padding
-    loss, accuracy = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=1000)
-    assert loss == pytest.approx(losses / count, rel=1e-5) and accuracy == hits / count
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=1000)
+    assert evaluation.loss == pytest.approx(losses / count, rel=1e-5) and evaluation.accuracy == hits / count
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -272,3 +273,27 @@ def test_a_model_on_several_devices_is_seen_as_such_and_one_on_a_single_device_i
     assert not spans_devices(model)
     model.model.layers[1].to("meta")  # stands in for a second GPU: any other device
     assert spans_devices(model)
+
+
+def test_eval_standard_errors_are_those_of_the_per_row_means_computed_by_hand(tiny):
+    """Each row's mean loss and token accuracy, computed alone with torch; the standard error
+    of their mean over rows is std (n - 1) / sqrt(n)."""
+    from trainables.trial import evaluate
+
+    model, rows = tiny
+    model.eval()
+    row_losses, row_accuracies = [], []
+    with torch.no_grad():
+        for ids, labels in rows:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE
+            row_losses.append(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item())
+            row_accuracies.append((logits[keep].argmax(-1) == target[keep]).float().mean().item())
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=30)
+
+    by_hand = torch.tensor(row_losses, dtype=torch.float64)
+    assert evaluation.loss_se == pytest.approx((by_hand.std() / len(rows) ** 0.5).item(), rel=1e-4)
+    by_hand = torch.tensor(row_accuracies, dtype=torch.float64)
+    assert evaluation.accuracy_se == pytest.approx((by_hand.std() / len(rows) ** 0.5).item(), rel=1e-6)
+    assert evaluation.loss_se > 0

@@ -99,7 +99,23 @@ def normalise(text: str) -> str:
 def exact_match(generations: list[str], references: list[str]) -> float:
     """The share of generations that equal their reference once both are `normalise`d (one
     generation per reference, at least one)."""
-    return sum(normalise(g) == normalise(r) for g, r in zip(generations, references, strict=True)) / len(references)
+    return sum(matches(generations, references)) / len(references)
+
+
+def matches(generations: list[str], references: list[str]) -> list[float]:
+    """Per row, 1.0 where the generation equals its reference once both are `normalise`d, else 0.0."""
+    return [float(normalise(g) == normalise(r)) for g, r in zip(generations, references, strict=True)]
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values`, one per eval row: their sample standard
+    deviation (n - 1) over sqrt(n). The eval rows are a sample of the task, so a mean over them
+    is uncertain by this much; NaN for fewer than two rows (nothing to estimate it from)."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @dataclass(frozen=True)
@@ -156,9 +172,11 @@ class AnswerMetrics:
         return cls(rows, load_tokenizer(setup.tokenizer or setup.model_path, setup.trust_remote_code), user_metric)
 
     def __call__(self, model, pad_token_id: int, device: torch.device, autocast) -> dict[str, float]:
-        """`eval_exact_match` over the rows, and the user's metric under its name."""
+        """`eval_exact_match` over the rows with its standard error over them (`eval_exact_match_se`),
+        and the user's metric under its name."""
         generations, references = generate_answers(model, self.rows, self.tokenizer, pad_token_id, device, autocast)
-        metrics = {"eval_exact_match": exact_match(generations, references)}
+        hits = matches(generations, references)
+        metrics = {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_se": standard_error(hits)}
         if self.user_metric is not None:
             metrics[self.user_metric.name] = self.user_metric(generations, references)
         return metrics

@@ -22,7 +22,7 @@ import torch
 from rundir.params import TrialParams
 from trainables.config import TrialSetup
 from trainables.data import IGNORE, collate, load_split
-from trainables.generate import AnswerMetrics
+from trainables.generate import AnswerMetrics, standard_error
 from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
 from trainables.step import TrainStep
 
@@ -84,7 +84,8 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     trainable_pct, train_seconds, tokens_per_second, peak_memory_gb` (and the timings of
     `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`; with
     `setup.generate_examples`, also `eval_exact_match` and the user's metric under its name
-    (trainables/generate.py)."""
+    (trainables/generate.py). `eval_loss_se`, `eval_accuracy_se` and `eval_exact_match_se` are
+    their standard errors over the eval rows (`Evaluation`)."""
     called_at = time.time()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
@@ -188,14 +189,14 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
             if not math.isfinite(train_loss):
                 raise TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
             started = time.perf_counter()
-            eval_loss, eval_accuracy = evaluate(model, eval_rows, setup.pad_token_id, device, autocast, eval_budget)
-            if not math.isfinite(eval_loss):
-                raise TrialDiverged(f"eval loss became {eval_loss} at step {progress.step}")
+            evaluation = evaluate(model, eval_rows, setup.pad_token_id, device, autocast, eval_budget)
+            if not math.isfinite(evaluation.loss):
+                raise TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
             generating = time.perf_counter()
             answered = answer_metrics(model, setup.pad_token_id, device, autocast) if answer_metrics else {}
             progress.generate_seconds += time.perf_counter() - generating
             progress.eval_seconds += time.perf_counter() - started
-            metrics = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy, **answered, "train_loss": train_loss,
+            metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss,
                        "trainable_params": trainable_params,
                        "trainable_pct": 100.0 * trainable_params / setup.total_params,
                        "peak_memory_gb": _peak_memory_gb(cuda), "step_mode": train_step.mode, **progress.metrics()}
@@ -208,19 +209,35 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
         train_step.close()
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A trial's evaluation: `loss` and `accuracy` are means over all answer tokens (every token
+    weighs the same, whatever row it is in); their standard errors (`loss_se`, `accuracy_se`)
+    are those of the mean over rows of each row's own mean (`generate.standard_error`): the rows
+    are the sample, and tokens of one row are not independent of each other. Where rows have
+    similar answer lengths the two means agree; the standard error is of the per-row one."""
+
+    loss: float
+    accuracy: float
+    loss_se: float
+    accuracy_se: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"eval_loss": self.loss, "eval_loss_se": self.loss_se,
+                "eval_accuracy": self.accuracy, "eval_accuracy_se": self.accuracy_se}
+
+
 @torch.no_grad()
-def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0) -> tuple[float, float]:
-    """Mean loss and accuracy over all answer tokens of `rows` (teacher forcing): every
-    token weighs the same, whatever batch it falls in. Batches hold up to `token_budget`
+def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0) -> Evaluation:
+    """Loss and accuracy over the answer tokens of `rows` (teacher forcing), with standard errors
+    over the rows (`Evaluation`). Batches hold up to `token_budget`
     padded tokens (on GPU: a small model's eval is then a few launches), or without one
     (CPU) EVAL_BATCH rows. Rows are right-padded and no attention mask is passed, as in
     training (causal attention: no real token sees the padding after it). The sums stay on
     the device and are read once at the end (selecting the answer positions still waits for
     each batch's logits)."""
     model.eval()
-    loss_total = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
+    row_losses, row_correct, row_counts = [], [], []  # per row: summed loss, correct tokens, answer tokens
     rows = sorted(rows, key=lambda row: len(row[0]))  # similar lengths together: less padding
     start = 0
     while start < len(rows):
@@ -231,7 +248,6 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
                 end += 1
         chunk = rows[start:end]
         start = end
-        count += sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in chunk)
         batch = collate(chunk, pad_token_id, torch.device("cpu"))
         ids, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels"))
         with autocast:
@@ -239,10 +255,22 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
         labels = labels[:, 1:]
         keep = labels != IGNORE
         answer_logits, answer_labels = logits[:, :-1][keep].float(), labels[keep]  # answer positions only
-        loss_total += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum")
-        correct += (answer_logits.argmax(-1) == answer_labels).sum()
+        row_of_token = keep.nonzero()[:, 0]
+        token_losses = torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="none").double()
+        token_correct = (answer_logits.argmax(-1) == answer_labels).long()
+        row_losses.append(torch.zeros(len(chunk), device=device, dtype=torch.float64).index_add_(0, row_of_token, token_losses))
+        row_correct.append(torch.zeros(len(chunk), device=device, dtype=torch.long).index_add_(0, row_of_token, token_correct))
+        row_counts.append(keep.sum(1))
     model.train()
-    return loss_total.item() / count, correct.item() / count
+    losses, correct, counts = (torch.cat(parts).cpu() for parts in (row_losses, row_correct, row_counts))
+    answered = counts > 0  # a row whose answer was truncated away has no token to score
+    count = int(counts.sum())
+    return Evaluation(
+        loss=losses.sum().item() / count,
+        accuracy=correct.sum().item() / count,
+        loss_se=standard_error((losses[answered] / counts[answered]).tolist()),
+        accuracy_se=standard_error((correct[answered] / counts[answered]).tolist()),
+    )
 
 
 def _peak_memory_gb(cuda: bool) -> float:
