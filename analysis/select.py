@@ -5,6 +5,21 @@ finished the full budget compete: a trial stopped early is never compared with a
 one (DESIGN.md, decision 1). Metrics are assumed non-negative (losses, accuracies), so
 "within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
 value <= best / tolerance.
+
+Every value is uncertain, and "within tolerance" is judged with that uncertainty (a refinement
+of `selection.tolerance`, not a second knob): the bar is set by the best mean, and a
+configuration is within it when its one-sided 90% interval reaches it, value - Z * se <= bar
+(minimise; value + Z * se >= bar when maximising), Z = 1.28. Its standard error `se` is:
+- one run: the standard error of the metric over the eval rows (`<metric>_se`, reported by the
+  trial; 0 for a metric reported without one, such as the user's function);
+- k runs with different seeds (confirmations): sqrt(row_se^2 + seed_sd^2 / k), where row_se is
+  the runs' mean row standard error and seed_sd the sample standard deviation of their values.
+  Every seed is scored on the same eval rows, so the rows' part does not shrink with more seeds;
+  the seeds' part does.
+A pick that is within the band only by its interval (its mean is past the bar) cannot be told
+apart, at this budget, from the cheapest configuration whose mean is within it: the pick names
+that one (`undecided_with`), the confirmation stage adds seeds to both (`analysis.candidates`)
+and the report gives both.
 """
 
 import math
@@ -15,6 +30,10 @@ import numpy as np
 import pandas as pd
 
 from rundir.params import Origin
+
+# The one-sided 90% normal quantile: a configuration is within the band when the band is inside
+# its 90% one-sided interval.
+Z = 1.2816
 
 
 class NoCandidate(Exception):
@@ -40,6 +59,8 @@ class Pick:
     candidates: int
     seeds: int      # runs of the chosen configuration averaged into `value`
     spread: float   # their standard deviation (0 for one run)
+    se: float       # the standard error of `value` (the module's docstring says how)
+    undecided_with: str | None  # a configuration the pick cannot be told apart from at this budget, or None
 
 
 def pick(
@@ -66,14 +87,18 @@ def pick(
     eligible = by_configuration(eligible, trials, metric)
     best = rank_by_metric(eligible, metric, mode).iloc[0]
     bar = tolerance_bar(best[metric], tolerance, mode)
-    candidates = eligible[[within_bar(value, bar, mode) for value in eligible[metric]]]
-    chosen = rank_candidates(candidates, metric, mode, cost).iloc[0]
+    candidates = rank_candidates(eligible[within_band(eligible, metric, bar, mode)], metric, mode, cost)
+    chosen = candidates.iloc[0]
+    undecided_with = None
+    if not within_bar(chosen[metric], bar, mode):  # in the band by its interval only
+        undecided_with = candidates[[within_bar(v, bar, mode) for v in candidates[metric]]].iloc[0]["trial_id"]
     comparison = ">=" if mode == "max" else "<="
     averaged = " (a configuration run with several seeds counts by its mean)" if eligible["seeds"].max() > 1 else ""
     rule = (
         f"Cheapest by {cost} among the {len(candidates)} configurations that finished {max_steps} steps with "
         f"{metric} {comparison} {bar:.6g}, the best ({best[metric]:.6g}) "
-        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}{averaged}."
+        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}, judged with each one's "
+        f"standard error (a one-sided 90% interval reaching the bar){averaged}."
     )
     return Pick(
         trial_id=chosen["trial_id"],
@@ -91,6 +116,8 @@ def pick(
         candidates=len(candidates),
         seeds=int(chosen["seeds"]),
         spread=float(chosen["spread"]),
+        se=float(chosen["se"]),
+        undecided_with=undecided_with,
     )
 
 
@@ -112,8 +139,9 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
     """One row per configuration among `eligible` (finished) runs: a search trial together
     with its promoted continuation and its confirming runs with other seeds. The row is
     that of the configuration's first run that is not a confirmation, with `metric` (and
-    the cost columns) replaced by the mean over the runs, `seeds` their count and `spread`
-    the standard deviation of `metric` (0 for one run)."""
+    the cost columns) replaced by the mean over the runs, `seeds` their count, `spread`
+    the standard deviation of `metric` (0 for one run) and `se` the standard error of the
+    mean (the module's docstring says how)."""
     roots = configuration_root(trials)
     eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
                                _confirm=(eligible["origin"] == Origin.CONFIRM.value).astype(int))
@@ -124,6 +152,9 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
             row[column] = group[column].mean()
         row["seeds"] = len(group)
         row["spread"] = float(group[metric].std(ddof=0)) if len(group) > 1 else 0.0
+        row_se = group[f"{metric}_se"].fillna(0.0).mean() if f"{metric}_se" in group else 0.0
+        seed_sd = float(group[metric].std(ddof=1)) if len(group) > 1 else 0.0
+        row["se"] = math.sqrt(row_se**2 + seed_sd**2 / len(group))
         rows.append(row)
     return pd.DataFrame(rows).drop(columns=["_root", "_confirm"]).reset_index(drop=True)
 
@@ -131,6 +162,12 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
 def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
     """The worst value still within `tolerance` of `best_value`: best * tolerance (max) or best / tolerance (min)."""
     return tolerance * best_value if mode == "max" else best_value / tolerance
+
+
+def within_band(configurations: pd.DataFrame, metric: str, bar: float, mode: str) -> list[bool]:
+    """Per row of `by_configuration`'s table: whether its one-sided 90% interval reaches `bar`."""
+    sign = -1.0 if mode == "min" else 1.0
+    return [within_bar(value + sign * Z * se, bar, mode) for value, se in zip(configurations[metric], configurations["se"])]
 
 
 def within_bar(value: float, bar: float, mode: str) -> bool:

@@ -59,10 +59,13 @@ def test_a_lucky_single_run_loses_once_its_other_seed_is_in():
                    {"trainable_params": 5000, "eval_loss": 0.55},
                    {"trainable_params": 1000, "eval_loss": 0.70, "origin": "confirm", "parent": "t0", "seed": 1},
                    {"trainable_params": 5000, "eval_loss": 0.56, "origin": "confirm", "parent": "t1", "seed": 1})
+    trials = pd.concat([trials, table(*({"trainable_params": 1000, "eval_loss": 0.70, "origin": "confirm", "parent": "t0",
+                                         "seed": seed} for seed in (2, 3, 4)))]).reset_index(drop=True)
+    trials["trial_id"] = [f"t{i}" for i in range(len(trials))]
     chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
     assert chosen.trial_id == "t1" and chosen.seeds == 2
     assert chosen.value == 0.555 and abs(chosen.spread - 0.005) < 1e-12
-    assert pick(trials.iloc[:2], *RULE, MAX_STEPS, configs(trials)).trial_id == "t0"  # without the second seed
+    assert pick(trials.iloc[:2], *RULE, MAX_STEPS, configs(trials)).trial_id == "t0"  # without the other seeds
 
 
 def test_a_promoted_trial_competes_for_its_stopped_parent():
