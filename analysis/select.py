@@ -221,6 +221,12 @@ def _why_no_candidate(trials: pd.DataFrame, metric: str, cost: str, max_steps: i
     summary = ", ".join(f"{counts.get(status, 0)} {status}" for status in ("finished", "stopped", "failed"))
     if trials.empty:
         return "The run has no trials yet, so there is nothing to pick. Fix: run the search (or resume it) first."
+    if counts.get("finished", 0) == 0 and counts.get("failed", 0) == 0:
+        return (
+            f"No trial reached step {max_steps}, the full budget ({summary}), and none failed: the run was "
+            "interrupted before any got there, so there is nothing to pick yet. Fix: resume the run (its command "
+            "with --resume)."
+        )
     if counts.get("finished", 0) == 0:
         return (
             f"No trial reached step {max_steps}, the full budget ({summary}), so there is nothing to pick. "

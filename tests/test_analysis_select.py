@@ -144,6 +144,14 @@ def test_no_trial_at_the_full_budget_raises_no_candidate_with_the_counts():
         pick_from(trials)
 
 
+def test_no_trial_at_the_full_budget_and_none_failed_says_to_resume_not_to_read_errors():
+    trials = table({"status": "stopped", "step": 50}, {"status": "stopped", "step": 25})
+
+    with pytest.raises(NoCandidate, match=r"none failed: the run was interrupted.*Fix: resume the run") as raised:
+        pick_from(trials)
+    assert "read the errors" not in str(raised.value)
+
+
 def test_a_metric_no_trial_reported_raises_no_candidate():
     trials = table({"eval_accuracy": math.nan})
 
