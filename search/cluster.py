@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.config import ConfigError
+from search.console import divert_ray_logs
 
 # A live head answers in milliseconds; 5 s also covers two lost packets (TCP resends after 1 s,
 # then after 2 s more). Ray's own wait for a head that does not answer is minutes.
@@ -61,6 +62,7 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     malformed, finds no cluster or does not answer is a ConfigError naming it and its source."""
     import ray
 
+    divert_ray_logs()  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
     if ray.is_initialized():
         return False
     if cluster is None:

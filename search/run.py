@@ -18,8 +18,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.config import is_user_metric
+from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
 from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
+from search.console import Console, keep_logs_in, use_console
 from search.resume import CREATED_BY, record_driver, record_ray_session
 from trainables.config import cache_root
 
@@ -45,6 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print module sets, ranks and trainable parameter counts from the model's config; no Ray, no training")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML (a file for --config) and exit")
+    console = parser.add_mutually_exclusive_group()
+    console.add_argument("--quiet", dest="console", action="store_const", const=Console.QUIET, default=Console.DEFAULT,
+                         help="print the result and errors only")
+    console.add_argument("--verbose", dest="console", action="store_const", const=Console.VERBOSE,
+                         help="print Ray Tune's own tables and what Ray, Optuna, datasets and transformers print, "
+                              "instead of a line per trial event and a status line (their logs then stay out of "
+                              "runs/<name>/logs/)")
     return parser.parse_args(argv)
 
 
@@ -59,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
+        use_console(args.console)
         return run(config, args)
     except (ConfigError, LocationError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,6 +133,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         stop_leftover_workers(run_dir)
     else:
         data_info = _start(config, prepared, gpus, location, args.overwrite)
+    keep_logs_in(run_dir / LOGS)
     record_driver(run_dir)
     return _search(config, args, prepared, gpus, data_info, location)
 

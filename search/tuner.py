@@ -20,6 +20,7 @@ from rundir.layout import ASHA_STATE, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, tri
 from rundir.location import RunLocation
 from rundir.params import Origin
 from search.config import Config
+from search.progress import progress_callbacks, status_reporter
 from search.stages import GivenConfigs, StagedSearch
 from trainables.config import TrialSetup
 from trainables.trial import train_lora
@@ -189,6 +190,9 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             storage_filesystem=location.storage_filesystem(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
+            callbacks=progress_callbacks(config),
+            # Tune's own tables with --verbose, else these lines in their place (search/console.py)
+            progress_reporter=status_reporter(config, num_samples),
             verbose=1,
         ),
     )

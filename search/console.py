@@ -1,0 +1,167 @@
+"""What reaches the console of `python -m search.run`, and where the rest goes.
+
+By default a person reads the search's own lines (search/progress.py) and the result;
+`--quiet` leaves the result and errors; `--verbose` leaves everything as the libraries print
+it (Ray Tune's tables included). Except with `--verbose`, what Ray, Optuna, `datasets`,
+transformers and the Hugging Face hub log goes to a file per source in the run's `logs/`
+(`ray.log`, `optuna.log`, ...), the rest of the driver's logging and Python's warnings to
+`driver.log`, and no library draws progress bars.
+
+The console is the process's, as logging is: the CLI sets it once (`use_console`), and Tune's
+callbacks read it when they print (`console_mode`), also once Tune has pickled them into an
+experiment and a resume has unpickled them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from enum import Enum
+from pathlib import Path
+
+
+class Console(Enum):
+    QUIET = "quiet"      # the result and errors only
+    DEFAULT = "default"  # one line per trial event, a status line, the result
+    VERBOSE = "verbose"  # every library's own output, Ray Tune's tables included
+
+
+# Each of these logs through a console handler of its own, added once, when it is first imported.
+# Ray is one too, diverted later (`divert_ray_logs`).
+LIBRARIES = ("optuna", "datasets", "transformers", "huggingface_hub")
+DRIVER_LOG = "driver.log"  # the root logger's: every other logger of the driver, and Python's warnings
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class HeldLog(logging.Handler):
+    """One source's log records: held in memory until `open` names the run's log directory
+    (the driver logs before the run directory exists: the model check, the tokenizing),
+    then appended to the file `filename` there."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename = filename
+        self.setFormatter(_FORMAT)
+        self._held: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            self._held.append(record)
+        else:
+            self._file.emit(record)
+
+    def open(self, directory: Path) -> None:
+        with self.lock:
+            self._file = logging.FileHandler(directory / self.filename, encoding="utf-8", delay=True)  # made when needed
+            self._file.setFormatter(self.formatter)
+            for record in self._held:
+                self._file.emit(record)
+            self._held.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
+
+
+class _ProcessConsole:
+    """The console of this process: its mode, when it started, and the log handlers it installed."""
+
+    def __init__(self) -> None:
+        self.mode = Console.DEFAULT
+        self.started = time.monotonic()
+        self.logs: dict[logging.Logger, HeldLog] = {}
+        self.log_dir: Path | None = None
+
+
+_console = _ProcessConsole()
+
+
+def use_console(mode: Console) -> None:
+    """From now on, show `mode` on this process's console. Except with VERBOSE, the libraries'
+    logs are diverted (held until `keep_logs_in` is called) and their progress bars are off.
+    Imports the LIBRARIES (about 2 s, as a run does anyway)."""
+    _console.mode, _console.started, _console.log_dir = mode, time.monotonic(), None
+    if mode is Console.VERBOSE:
+        return
+    # Tune's older output engine prints nothing of its own at verbose=1 but what the run's
+    # `progress_reporter` prints; the newer one (the default) prints its boxes at any verbosity.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in LIBRARIES:
+        importlib.import_module(name)
+        _divert(logging.getLogger(name), f"{name}.log")
+    _divert(logging.getLogger(), DRIVER_LOG)
+    logging.captureWarnings(True)
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _divert(logger: logging.Logger, filename: str) -> None:
+    """Send what `logger` logs to `filename` instead of the console: a library's console
+    handlers go, and so does an earlier call's handler. The root logger has no console handler
+    of its own (Python prints through a last resort when no handler takes a record), and keeps
+    any that another tool added to it."""
+    root = logger is logging.getLogger()
+    for handler in list(logger.handlers):
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if isinstance(handler, HeldLog) or (console and not root):
+            logger.removeHandler(handler)
+            handler.close()
+    held = HeldLog(filename)
+    if _console.log_dir is not None:
+        held.open(_console.log_dir)
+    logger.addHandler(held)
+    if not root:
+        logger.propagate = False  # nor through the root's handlers: a library's records go to its own file
+    _console.logs[logger] = held
+
+
+def keep_logs_in(directory: Path) -> None:
+    """Write the diverted logs, those held so far and what follows, to a file per source in
+    `directory` (made if missing). Nothing to do with the VERBOSE console."""
+    if not _diverting():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    _console.log_dir = directory
+    for held in _console.logs.values():
+        held.open(directory)
+    say(f"what Ray, Optuna, datasets and transformers log goes to {directory}/ (--verbose shows it here)")
+
+
+def divert_ray_logs() -> None:
+    """Divert Ray's logs as `use_console` did the other libraries' (nothing to do with the
+    VERBOSE console, or before `use_console`). Ray gets its console handler when it is first
+    imported, which must wait until the run has set Ray's network settings (search/cluster.py),
+    so Ray is diverted just before it starts."""
+    if not _diverting():
+        return
+    import ray  # noqa: F401 - its console handler is added on import, and removed below
+
+    _divert(logging.getLogger("ray"), "ray.log")
+
+
+def _diverting() -> bool:
+    return _console.mode is not Console.VERBOSE and bool(_console.logs)
+
+
+def say(line: str, quiet_too: bool = False) -> None:
+    """Print `line` after the run's clock, as the console asks: by default, and with --quiet
+    where `quiet_too`; never with --verbose, where Tune's own display stands instead."""
+    mode = _console.mode
+    if mode is Console.DEFAULT or (mode is Console.QUIET and quiet_too):
+        print(f"[{clock(time.monotonic() - _console.started)}] {line}", flush=True)
+
+
+def clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,133 @@
+"""What a person sees on the console of `python -m search.run`: by default a line per trial
+event and a status line; with --quiet the result and the failures; never Ray's, Optuna's or
+the libraries' own output, which goes to the run's logs/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_STEPS = 4
+# Ray's, Tune's, Optuna's and the libraries' own output, as each printed it on this console.
+CHATTER = ("╭", "│", "╰", "─", "Number of trials", "Tuner.restore", "Trial status:", "A new study created",
+           "params={", "Token authentication", "Started a local Ray instance", "Failed to fetch metrics",
+           "View detailed results", "it/s]", "%|", "Traceback")
+CLOCK = re.compile(r"^\[\d+:\d\d\] ")
+STATUS = re.compile(r"^\[\d+:\d\d\] (\d+)/(\d+) trials done, (\d+) running; ")
+
+
+def _args(tiny_model_dir, output: Path, name: str, *more: str) -> list[str]:
+    # with tests/faults.py installed, every mlp trial diverges: the rule-of-thumb prior is one
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp]", "search.ranks=[2,4]",
+            "budget.num_samples=4", f"budget.max_steps={MAX_STEPS}", "budget.eval_every=2", "budget.grace_period=2",
+            "budget.batch_size=2", "data.eval_examples=4", *more]
+    return ["--output", str(output), "--name", name, *[x for s in sets for x in ("--set", s)]]
+
+
+def _cli(args: list[str], faults: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if faults:  # the runtime env a `ray job submit` gives: ray.init inside the run applies it to every worker
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {
+            "worker_process_setup_hook": "tests.faults.install", "env_vars": {"PYTHONPATH": str(ROOT)}}})
+    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _run(args: list[str], faults: bool = False) -> tuple[int, str, str]:
+    process = _cli(args, faults)
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("console")
+    code, out, err = _run(_args(tiny_model_dir, output, "plain"), faults=True)
+    assert code == 0, out[-2000:] + err[-3000:]
+    return out, err, output / "plain"
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("console")
+    code, out, err = _run(["--quiet", *_args(tiny_model_dir, output, "quiet")], faults=True)
+    assert code == 0, out[-2000:] + err[-3000:]
+    return out, err, output / "quiet"
+
+
+def _trials(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "trials.csv", dtype={"trial_id": str})
+
+
+def test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended(default_run):
+    out, _, run_dir = default_run
+    lines = out.splitlines()
+    trials = _trials(run_dir)
+    assert (trials.status == "failed").any() and (trials.status == "finished").any()
+    for trial in trials.itertuples():
+        short = f"{trial.module_set} r{trial.r} a{trial.lora_alpha:g} lr "
+        assert [line for line in lines if f"trial {trial.trial_id} started: {short}" in line], (trial.trial_id, out)
+        if trial.status == "failed":
+            ended = f"trial {trial.trial_id} failed"
+        elif trial.status == "stopped":
+            ended = f"trial {trial.trial_id} stopped by ASHA at step {trial.step:.0f}: eval_loss "
+        else:
+            ended = f"trial {trial.trial_id} finished at step {MAX_STEPS}: eval_loss "
+        assert len([line for line in lines if ended in line]) == 1, (ended, out)
+
+
+def test_a_failed_trial_s_line_gives_its_one_line_reason(default_run):
+    out, _, run_dir = default_run
+    failed = _trials(run_dir).query("status == 'failed'")
+    assert len(failed) >= 1 and (failed.module_set == "mlp").all()
+    for trial_id in failed.trial_id:
+        assert re.search(rf"\] trial {trial_id} failed (at step \d+|before its first report): TrialDiverged: .*nan", out), out
+
+
+def test_the_status_line_counts_the_trials_and_names_the_best_at_the_full_budget(default_run):
+    out, _, run_dir = default_run
+    trials = _trials(run_dir)
+    statuses = [STATUS.match(line) for line in out.splitlines() if STATUS.match(line)]
+    assert len(statuses) >= 2
+    done, planned, running = map(int, statuses[-1].groups())
+    assert done == planned == len(trials) and running == 0
+    full = trials[(trials.status == "finished") & (trials.step == MAX_STEPS)]
+    best = full.loc[full.eval_loss.idxmin()]
+    last = statuses[-1].string
+    assert f"best eval_loss {best.eval_loss:.4g} (trial {best.trial_id}: {best.module_set} r{best.r} " in last
+
+
+def test_the_default_console_has_no_library_output_and_at_most_three_lines_per_trial(default_run):
+    out, err, run_dir = default_run
+    console = out + err
+    for chatter in CHATTER:
+        assert chatter not in console, chatter
+    assert len(console.splitlines()) <= 3 * len(_trials(run_dir)) + 10, console
+    assert console.count("Picked trial ") == 1
+
+
+def test_the_libraries_own_output_is_in_the_runs_logs(default_run):
+    out, _, run_dir = default_run
+    logs = run_dir / "logs"
+    assert f"what Ray, Optuna, datasets and transformers log goes to {logs}/" in out
+    assert "Started a local Ray instance" in (logs / "ray.log").read_text()
+    assert "A new study created" in (logs / "optuna.log").read_text()
+
+
+def test_quiet_prints_the_result_and_each_failed_trial_only(quiet_run):
+    out, err, run_dir = quiet_run
+    trials = _trials(run_dir)
+    lines = (out + err).splitlines()
+    failed = [line for line in lines if re.match(r"^\[\d+:\d\d\] trial \w+ failed ", line)]
+    assert len(failed) == (trials.status == "failed").sum() >= 1
+    picked = [line for line in lines if line.startswith("Picked trial ")]
+    assert len(picked) == 1
+    assert sorted(lines) == sorted(failed + picked), out + err
