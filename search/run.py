@@ -63,19 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     # quoted, so YAML keeps them strings: --name 2024 is a name, not a number
     overrides += [f"name={json.dumps(args.name)}"] if args.name else []
     overrides += [f"output={json.dumps(args.output)}"] if args.output else []
+    stop = GracefulStop()  # whatever it is doing, the run ends the same way on Ctrl+C or SIGTERM
     try:
-        config = load(args.config, overrides)
-        if args.print_config:
-            print(to_yaml(config), end="")
-            return 0
-        use_console(args.console)
-        return run(config, args)
+        with stop:
+            config = load(args.config, overrides)
+            if args.print_config:
+                print(to_yaml(config), end="")
+                return 0
+            use_console(args.console)
+            return run(config, args, stop)
     except (ConfigError, LocationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what `run` has saved by now
+        return _stopped(stop, stop.saved, stop.again)
 
 
-def run(config: Config, args: argparse.Namespace) -> int:
+def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
+    """The run of `config`, or its dry run; `stop` learns what the run has saved as it goes."""
     from search.prepare import check_device, prepare_model
 
     if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
@@ -114,34 +119,36 @@ def run(config: Config, args: argparse.Namespace) -> int:
     if cluster is None:
         keep_local_ray_on_loopback()  # before this process first imports ray, in `_search`
     else:  # join the cluster before anything is written
-        with GracefulStop() as stop:
+        with GracefulStop() as joining:
             try:
                 connect(cluster)
                 check_cluster_gpus(gpus)
             except KeyboardInterrupt:
-                return _stopped(stop, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
-                                resume=False)
+                return _stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
+                                again="")
     location = locate(config.output, config.name, cache_root())
     run_dir = location.local
     if args.resume:
         from search.resume import check_driver_gone, resume_check, stop_leftover_workers
 
+        stop.saved, stop.again = _saved(location), "--resume"
         location.check_writable()
         location.pull()  # a run kept at a URI resumes from any machine
         data_info = resume_check(run_dir, config)
         check_driver_gone(run_dir)
         stop_leftover_workers(run_dir)
     else:
-        data_info = _start(config, prepared, gpus, location, args.overwrite)
+        data_info = _start(config, prepared, gpus, location, args.overwrite, stop)
+    stop.saved, stop.again = _saved(location), "--resume"
     keep_logs_in(run_dir / LOGS)
     record_driver(run_dir)
     return _search(config, args, prepared, gpus, data_info, location)
 
 
-def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool) -> dict:
+def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool, stop: GracefulStop) -> dict:
     """Tokenize the data (in memory: bad data is input error with nothing written), then
     create the run directory with the data and the resolved config (uploaded at once to a
-    URI output, where every node reads the data)."""
+    URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
     from rundir.files import write_json_atomic
     from rundir.layout import DATA, RUN_CONFIG
     from search.prepare import load_tokenizer, prepare_data
@@ -151,6 +158,8 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     _check_run_dir(location, overwrite)
     splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
     data_info = asdict(prepared_data)
+    stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
+    stop.again = "--overwrite"  # a new run is refused where one is, even half made
     location.delete_remote()  # only reached with --overwrite when it holds anything
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -247,8 +256,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
             ray.shutdown()
     if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
         _push(location)
-        return _stopped(stop, f"the run so far is saved in {location.remote or location.local} (finished trials, "
-                              f"and unfinished ones at their last checkpoint)")
+        return _stopped(stop, _saved(location))
     from analysis.report import analyse
 
     code = analyse(location.local)
@@ -268,12 +276,17 @@ class GracefulStop:
     state one last time, so `--resume` continues it. Anywhere else, at a second signal, or when
     Tune has not stopped within GRACE_S, KeyboardInterrupt is raised at once; `--resume` then
     continues from Tune's last snapshot of the state, at most a second old.
+
+    `saved` and `again` say what a stop at this point leaves and the flag that continues from
+    there ("" for the same command): `run` updates them as it goes, and `_stopped` says them.
     """
 
     GRACE_S = 10.0
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.saved = "nothing was written"
+        self.again = ""
 
     def __enter__(self) -> GracefulStop:
         self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
@@ -301,22 +314,30 @@ class GracefulStop:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._tune_before is not None:  # Tune's handler outlives its run: a block around this one
+            signal.signal(signal.SIGUSR1, self._tune_before)  # would take it for a Tune still running
         return False
 
 
-def _stopped(stop: GracefulStop, saved: str, resume: bool = True) -> int:
+def _stopped(stop: GracefulStop, saved: str, again: str = "--resume") -> int:
     """Say in one line what stopped the run, what was `saved`, and the command that continues
-    it: this process's command line, plus --resume where there is something to resume. The
-    exit code is a shell's for that signal: 130 for SIGINT, 143 for SIGTERM."""
+    it: this process's command line, plus `again` (--resume where there is something to resume,
+    --overwrite where a half-made run directory is in the way, "" for neither). The exit code is
+    a shell's for that signal: 130 for SIGINT, 143 for SIGTERM."""
     import shlex
 
     name = stop.requested or "SIGINT"
     command = ["python", "-m", "search.run", *sys.argv[1:]]
-    if resume and "--resume" not in command:
-        command.append("--resume")
-    again = "Resume with" if resume else "Start again with"
-    print(f"stopped by {name}: {saved}. {again}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    if again and again not in command:
+        command.append(again)
+    how = "Resume with" if again == "--resume" else "Start again with"
+    print(f"stopped by {name}: {saved}. {how}: {shlex.join(command)}", file=sys.stderr, flush=True)
     return 128 + signal.Signals[name].value
+
+
+def _saved(location: RunLocation) -> str:
+    return (f"the run so far is saved in {location.remote or location.local} (finished trials, and unfinished "
+            f"ones at their last checkpoint)")
 
 
 def _push(location: RunLocation) -> bool:

@@ -1,14 +1,18 @@
 """What a person sees on the console of `python -m search.run`: by default a line per trial
 event and a status line; with --quiet the result and the failures; never Ray's, Optuna's or
-the libraries' own output, which goes to the run's logs/."""
+the libraries' own output, which goes to the run's logs/. Ctrl+C and SIGTERM end every phase
+with one line and the shell's exit code, and neither they nor a resume show Ray's own hints."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -131,3 +135,55 @@ def test_quiet_prints_the_result_and_each_failed_trial_only(quiet_run):
     picked = [line for line in lines if line.startswith("Picked trial ")]
     assert len(picked) == 1
     assert sorted(lines) == sorted(failed + picked), out + err
+
+
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_model_is_prepared_exits_with_one_line_and_nothing_written(
+        tiny_model_dir, tmp_path, sent, code):
+    args = _args(tiny_model_dir, tmp_path, "early")
+    process = _cli(args)
+    deadline = time.monotonic() + 120
+    while not _has_loaded(process.pid, "libtorch") and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the run imports torch to read the model's config: long before Ray starts
+    process.send_signal(sent)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == code, err[-3000:]
+    assert out == ""
+    assert err.splitlines() == [
+        f"stopped by {sent.name}: nothing was written. Start again with: {shlex.join(['python', '-m', 'search.run', *args])}"]
+    assert not (tmp_path / "early").exists()
+
+
+def test_ctrl_c_during_the_search_says_one_line_and_neither_it_nor_the_resume_shows_ray_s_hints(
+        tiny_model_dir, tmp_path):
+    args = _args(tiny_model_dir, tmp_path, "interrupted", "budget.max_steps=20", "search.module_sets=[attention_qv]",
+                 "search.ranks=[2]")
+    process = _cli(args)
+    out = []
+    for line in process.stdout:  # interrupted as the first trials start, before they report
+        out.append(line)
+        if " started: " in line:
+            break
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    console = "".join(out) + rest + err
+    for chatter in CHATTER:
+        assert chatter not in console, chatter
+    assert err.splitlines()[-1].startswith(
+        f"stopped by SIGINT: the run so far is saved in {tmp_path / 'interrupted'} (finished trials, and unfinished "
+        f"ones at their last checkpoint). Resume with: python -m search.run ")
+    assert len(err.splitlines()) == 1
+
+    code, out, err = _run(["--resume", *args])
+    assert code == 0, out[-2000:] + err[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in out + err, chatter
+    assert "Picked trial " in out
+
+
+def _has_loaded(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
