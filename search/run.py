@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from analysis.config import is_user_metric
+from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
 from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
@@ -216,6 +216,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         compile=config.resources.compile,
         gradient_checkpointing=config.model.gradient_checkpointing,
         generate_examples=config.data.eval_generate_examples,
+        generate_every_round=needs_generations(config.selection.metric),
         tokenizer=tokenizer,
         metric_function=config.selection.metric if is_user_metric(config.selection.metric) else "",
     )

@@ -154,9 +154,14 @@ def test_default_config_runs_with_a_tiny_budget(local_ray, tmp_path):
     trials = pd.read_csv(tmp_path / "default-tiny" / "trials.csv")
     assert (trials.status != "failed").all()
     assert trials.origin.isin(["search", "prior"]).sum() == 2
-    # the default generates the eval answers: every trial reports exact match and what generating cost,
-    # and the pick section shows the pick's exact match beside its loss
-    assert trials.eval_exact_match.between(0, 1).all() and (trials.eval_generate_seconds > 0).all()
+    # the default generates the eval answers at the full budget only (loss selects, so ASHA's rungs need no
+    # answers): every trial that finished reports exact match and what generating cost, no earlier report
+    # does, and the pick section shows the pick's exact match beside its loss
+    finished = trials[trials.status == "finished"]
+    assert len(finished) and finished.eval_exact_match.between(0, 1).all() and (finished.eval_generate_seconds > 0).all()
+    reports = [json.loads(line) for path in (tmp_path / "default-tiny" / "tune").glob("trial_*/result.json")
+               for line in path.read_text().splitlines()]
+    assert {"eval_exact_match" in r for r in reports if r["step"] < 2} == {False}
     pick = json.loads((tmp_path / "default-tiny" / "pick.json").read_text())["trial_id"]
     row = trials.set_index("trial_id").loc[pick]
     pick_section = (tmp_path / "default-tiny" / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]

@@ -81,7 +81,7 @@ class DataConfig:
     max_length: int = field(default=128, metadata={"help": "tokens per example; longer examples are truncated"})
     search_fraction: float = field(default=1.0, metadata={"help": "share of the training data that search trials use; a retrain of the pick uses all"})
     eval_examples: int = field(default=32, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
-    eval_generate_examples: int = field(default=32, metadata={"help": "of those, the ones whose answers are generated (greedy) for eval_exact_match at each eval round; 0: off"})
+    eval_generate_examples: int = field(default=32, metadata={"help": "of those, the ones whose answers are generated (greedy) for eval_exact_match at the full budget; 0: off"})
 
     def problems(self) -> list[str]:
         out = []
@@ -129,6 +129,11 @@ class TrialSetup:
     gradient_checkpointing: bool = False
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
-    generate_examples: int = 0  # eval rows whose answers are generated at each eval round (trainables/generate.py); 0: none
+    generate_examples: int = 0  # eval rows whose answers are generated (trainables/generate.py); 0: none
+    # Generating answers costs several times a loss evaluation (on an H200, 256 rows took 2.4x the
+    # search's training time, bench/results/search_vs_grid.json), so it runs at every eval round
+    # only when the selecting metric needs it (ASHA decides on it), else once, at the full budget,
+    # where the pick compares trials.
+    generate_every_round: bool = False
     tokenizer: str = ""         # decodes those answers: a reference as model_path is, resolved on the trial's node; "": model_path's
     metric_function: str = ""   # the user's `module:function` that selection.metric names, reported under that name; "": none

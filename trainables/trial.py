@@ -84,7 +84,8 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     trainable_pct, train_seconds, tokens_per_second, peak_memory_gb` (and the timings of
     `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`; with
     `setup.generate_examples`, also `eval_exact_match` and the user's metric under its name
-    (trainables/generate.py). `eval_loss_se`, `eval_accuracy_se` and `eval_exact_match_se` are
+    (trainables/generate.py), at `setup.max_steps`, or at every report with
+    `setup.generate_every_round`. `eval_loss_se`, `eval_accuracy_se` and `eval_exact_match_se` are
     their standard errors over the eval rows (`Evaluation`)."""
     called_at = time.time()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
@@ -193,7 +194,8 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
             if not math.isfinite(evaluation.loss):
                 raise TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
             generating = time.perf_counter()
-            answered = answer_metrics(model, setup.pad_token_id, device, autocast) if answer_metrics else {}
+            answering = answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
+            answered = answer_metrics(model, setup.pad_token_id, device, autocast) if answering else {}
             progress.generate_seconds += time.perf_counter() - generating
             progress.eval_seconds += time.perf_counter() - started
             metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss,
