@@ -131,7 +131,7 @@ class TrialSetup:
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
     generate_examples: int = 0  # eval rows whose answers are generated (trainables/generate.py); 0: none
     # Generating answers costs several times a loss evaluation (on an H200, 256 rows took 2.4x the
-    # search's training time, bench/results/search_vs_grid.json), so it runs at every eval round
+    # search's training time, bench/results/h200-2026-12-01-generate256/), so it runs at every eval round
     # only when the selecting metric needs it (ASHA decides on it), else once, at the full budget,
     # where the pick compares trials.
     generate_every_round: bool = False
