@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from analysis.config import SelectionConfig, needs_generations
+from search.memory import share_for
 from search.prior import TaskConfig
 from search.space import SpaceConfig
 from trainables.config import DataConfig, ModelConfig
@@ -73,11 +74,15 @@ def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
 
 @dataclass
 class ResourcesConfig:
-    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial, a fraction packs several on one GPU; auto: 0 without CUDA, else a share by model size and GPU memory"})
+    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial, a fraction packs several on one GPU; auto: 0 without CUDA, else a share by model size and GPU memory, and by one trial's memory as measured on this machine's GPU"})
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "trials at once; 0: every slot of the Ray cluster at the start (GPUs / gpus_per_trial, else CPUs / cpus_per_trial)"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
     # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
+    # 1.0: a trial may come to hold twice what the probe's one step held. Issue 19's trials held up to
+    # 2.2x their allocator's peak (25.7 GB against 11.6 GB); the probe counts the cache and the context,
+    # not the pools and fragments that grow over a trial's steps and evaluations.
+    memory_margin: float = field(default=1.0, metadata={"help": "under auto, each trial's measured GPU footprint is counted (1 + memory_margin) times when packing trials on a GPU"})
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
     compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph; auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps"})
@@ -95,20 +100,23 @@ class ResourcesConfig:
                 and bf16_unchecked)
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
-             bytes_per_param: float = 2.0) -> float:
+             bytes_per_param: float = 2.0, footprint_gb: float | None = None) -> float:
         """The GPU share per trial; `auto` packs small models several to a GPU (each trial
         holds its own CUDA context and copy of the base model). Measured on H100s and an H200
         (bench/results/trial_throughput.json, README "Measured"): 8 SmolLM2-135M trials at a time
         gave 3.4-9.6x the tokens per second of one, the best of 1, 2, 4 and 8 every time, in
         8-18 GB of GPU memory together (1.4-2.7 GB a process). Where the GPU's memory is known
-        (a local run), the share is then doubled until a trial's estimated memory fits in it: a
-        small GPU packs fewer."""
+        (a local run), the share is then doubled until a trial fits in it: by `footprint_gb`,
+        what one trial measurably held on this GPU (search/memory.py), with `memory_margin`,
+        else by the estimate from the parameter count. A small GPU packs fewer."""
         if self.gpus_per_trial != "auto":
             return float(self.gpus_per_trial)
         if not cuda:
             return 0.0
         share = 0.125 if total_params < 0.5e9 else 0.25 if total_params < 1e9 else 0.5 if total_params < 4e9 else 1.0
         if gpu_memory_gb:
+        if gpu_memory_gb and footprint_gb:
+            return max(share, share_for(footprint_gb, gpu_memory_gb, self.memory_margin))
             need = trial_memory_gb(total_params, bytes_per_param)
             while share < 1.0 and share * gpu_memory_gb < need:
                 share *= 2
@@ -130,6 +138,8 @@ class ResourcesConfig:
         if self.max_failures < 0:
             out.append(f"resources.max_failures is {self.max_failures}; allowed: an integer >= 0")
         return out
+        if self.memory_margin < 0:
+            out.append(f"resources.memory_margin is {self.memory_margin}; allowed: a number >= 0 (0: trials packed to their measured footprint exactly)")
 
 
 @dataclass

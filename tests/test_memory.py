@@ -1,0 +1,50 @@
+"""The GPU share from a trial's measured footprint, and the share of a trial run again after
+running out of memory beside others (search/memory.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.config import ResourcesConfig
+from search.memory import SHARES, larger_share, share_for
+
+
+@pytest.mark.parametrize("footprint_gb, gpu_gb, margin", [(11.6, 140, 1.0), (2.4, 80, 1.0), (30, 80, 0.5), (5, 24, 0.0),
+                                                          (70, 80, 0.2), (100, 80, 1.0)])
+def test_the_chosen_share_keeps_the_trials_footprints_with_their_margin_under_the_gpus_memory(footprint_gb, gpu_gb, margin):
+    share = share_for(footprint_gb, gpu_gb, margin)
+    trials = round(1 / share)
+    assert share in SHARES
+    if footprint_gb * (1 + margin) <= gpu_gb:  # one fits: the share is the most trials that fit, and no more
+        assert trials * footprint_gb * (1 + margin) <= gpu_gb
+        assert share == SHARES[0] or 2 * trials * footprint_gb * (1 + margin) > gpu_gb
+    else:
+        assert share == 1.0
+
+
+def test_a_large_vocabulary_270m_model_on_an_h200_is_not_packed_eight_to_a_gpu():
+    # issue 19: 8 trials of a 270M model with a 262k vocabulary held 11.6 GB each and two ran out of memory
+    assert share_for(11.6, 140, margin=1.0) == 0.25
+
+
+def test_a_small_model_on_an_80_gb_gpu_is_packed_eight_to_a_gpu():
+    assert share_for(2.4, 80, margin=1.0) == 0.125
+
+
+def test_auto_takes_the_larger_of_the_share_by_parameters_and_the_share_by_measurement():
+    auto = ResourcesConfig()
+    assert auto.gpus(cuda=True, total_params=270e6, gpu_memory_gb=140, footprint_gb=11.6) == 0.25
+    assert auto.gpus(cuda=True, total_params=3e9, gpu_memory_gb=140, footprint_gb=2.0) == 0.5  # throughput's rule
+    assert auto.gpus(cuda=True, total_params=270e6, gpu_memory_gb=140) == 0.125  # no measurement: by parameters
+    assert ResourcesConfig(gpus_per_trial=0.125).gpus(cuda=True, total_params=270e6, gpu_memory_gb=140,
+                                                      footprint_gb=11.6) == 0.125  # a share set by hand wins
+
+
+def test_a_trial_run_again_gets_half_the_neighbours_until_it_has_the_gpu_to_itself():
+    assert [larger_share(s) for s in (0.125, 0.25, 0.5, 0.3)] == [0.25, 0.5, 1.0, 0.6]
+    assert larger_share(1.0) is None and larger_share(2.0) is None  # alone: the configuration's own failure
+    assert larger_share(0.0) is None  # a CPU trial shares no GPU
+
+
+def test_a_negative_memory_margin_is_refused_with_the_key():
+    assert any("resources.memory_margin" in p for p in ResourcesConfig(memory_margin=-0.5).problems())
