@@ -6,7 +6,8 @@ one function over the trials' raw reports that the search's stages ask while it 
   promoted when, at the step it was stopped, it was within the tolerance of the best
   value any trial reported at that step, and it is cheaper than the current pick.
 - Confirmation: the leading candidates of the pick are trained again with other seeds,
-  so the pick is made on a mean, not on one lucky run.
+  so the pick is made on a mean, not on one lucky run. While the pick cannot be told apart
+  from another configuration (`Pick.undecided_with`), both get more seeds (`more_seeds`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles, curves_table, trials_table
-from analysis.select import NoCandidate, finished_trials, pick, rank_candidates, tolerance_bar, within_bar
+from analysis.select import (NoCandidate, Pick, by_configuration, finished_trials, pick, rank_candidates, tolerance_bar,
+                              within_bar)
 from rundir.params import Origin
 
 
@@ -31,6 +33,8 @@ class Decision:
     promote: list[str]  # stopped trials to continue to the full budget, cheapest first
     confirm: list[str]  # leading trials to run again with other seeds (when confirmation is on)
     pick: str | None    # the trial the pick would be now; None while nothing can be picked
+    # configurations the pick cannot yet be told apart: trial id -> the runs with other seeds it should have in all
+    more_seeds: dict[str, int] = field(default_factory=dict)
 
 
 def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: int,
@@ -41,18 +45,42 @@ def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
     but they are neither promoted, confirmed nor picked."""
     rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
     table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps, selection.metric)
-    pick_id, pick_cost = None, math.inf
+    chosen = None
     try:
         chosen = pick(table, *rule, lora_configs=defaultdict(dict))
-        pick_id, pick_cost = chosen.trial_id, chosen.cost
     except NoCandidate:
         pass
+    pick_id, pick_cost = (chosen.trial_id, chosen.cost) if chosen else (None, math.inf)
     promote = (promotion_candidates(table, curves_table(trials, selection.metric), *rule[:4], max_steps, pick_cost)
                if selection.promote else [])
-    confirm = []
+    confirm, more = [], {}
     if selection.confirm_seeds and selection.confirm_top_k:  # leaders among the runs of their own configuration
         confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], *rule, selection.confirm_top_k)
-    return Decision(promote, confirm, pick_id)
+        if chosen is not None:
+            more = more_seeds(table, chosen, max_steps, selection.confirm_max_seeds)
+    return Decision(promote, confirm, pick_id, more)
+
+
+def more_seeds(trials: pd.DataFrame, chosen: Pick, max_steps: int, max_runs: int) -> dict[str, int]:
+    """While `chosen` cannot be told apart from `chosen.undecided_with`: for each of the two, its
+    trial id -> the runs with other seeds it should have in all, one more than it has finished.
+
+    A configuration gets one while it has fewer than `max_runs` runs (its own included) and
+    another seed can still narrow its standard error: it has a single run (its seeds' part is
+    not known yet), or its seeds' part is at least its rows' part. Every seed is scored on the
+    same eval rows, so seeds shrink only the seeds' part; once the rows' part is the larger,
+    the two are as far told apart as this eval set can tell them, and the report says so.
+    Empty when the pick is decided."""
+    if chosen.undecided_with is None:
+        return {}
+    finished = finished_trials(trials, chosen.metric, chosen.cost_name)
+    configurations = by_configuration(finished[finished["step"] == max_steps], trials, chosen.metric)
+    out = {}
+    for _, row in configurations[configurations["trial_id"].isin([chosen.trial_id, chosen.undecided_with])].iterrows():
+        runs, seeds_part = int(row["seeds"]), math.sqrt(max(row["se"]**2 - row["row_se"]**2, 0.0))
+        if runs < max_runs and (runs == 1 or seeds_part >= row["row_se"]):
+            out[row["trial_id"]] = runs  # the runs with other seeds: all but its own, plus one
+    return out
 
 
 def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, metric: str, mode: str, tolerance: float,

@@ -56,6 +56,11 @@ class SelectionConfig:
         default=1,
         metadata={"help": "extra seeds per confirmed candidate"},
     )
+    confirm_max_seeds: int = field(
+        default=4,
+        metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart "
+                          "from it; at least confirm_seeds + 1"},
+    )
     retrain: bool = field(
         default=False,
         metadata={"help": "train the pick once more on all the training data and export its adapter weights"},
@@ -114,4 +119,12 @@ class SelectionConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 found.append(f"selection.{key}={value!r} is not a whole number >= 0. Fix: use 0 (off) or more.")
+        seeds, most = self.confirm_seeds, self.confirm_max_seeds
+        if isinstance(most, bool) or not isinstance(most, int):
+            found.append(f"selection.confirm_max_seeds={most!r} is not a whole number. Fix: use a number such as 4.")
+        elif isinstance(seeds, int) and not isinstance(seeds, bool) and most < seeds + 1:
+            found.append(
+                f"selection.confirm_max_seeds={most} is less than selection.confirm_seeds + 1 = {seeds + 1}, the runs "
+                f"every confirmed candidate gets anyway. Fix: set selection.confirm_max_seeds to {seeds + 1} or more."
+            )
         return found

@@ -140,8 +140,8 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
     with its promoted continuation and its confirming runs with other seeds. The row is
     that of the configuration's first run that is not a confirmation, with `metric` (and
     the cost columns) replaced by the mean over the runs, `seeds` their count, `spread`
-    the standard deviation of `metric` (0 for one run) and `se` the standard error of the
-    mean (the module's docstring says how)."""
+    the standard deviation of `metric` (0 for one run), `se` the standard error of the
+    mean (the module's docstring says how) and `row_se` its rows' part."""
     roots = configuration_root(trials)
     eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
                                _confirm=(eligible["origin"] == Origin.CONFIRM.value).astype(int))
@@ -152,9 +152,9 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
             row[column] = group[column].mean()
         row["seeds"] = len(group)
         row["spread"] = float(group[metric].std(ddof=0)) if len(group) > 1 else 0.0
-        row_se = group[f"{metric}_se"].fillna(0.0).mean() if f"{metric}_se" in group else 0.0
+        row["row_se"] = group[f"{metric}_se"].fillna(0.0).mean() if f"{metric}_se" in group else 0.0
         seed_sd = float(group[metric].std(ddof=1)) if len(group) > 1 else 0.0
-        row["se"] = math.sqrt(row_se**2 + seed_sd**2 / len(group))
+        row["se"] = math.sqrt(row["row_se"]**2 + seed_sd**2 / len(group))
         rows.append(row)
     return pd.DataFrame(rows).drop(columns=["_root", "_confirm"]).reset_index(drop=True)
 

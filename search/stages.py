@@ -5,7 +5,8 @@ as soon as a trial qualifies:
   cheaper than the current pick continue from their last checkpoint to the full budget,
   so the cheapest-within-tolerance rule sees exactly what early stopping would hide;
 - confirm: the leading candidates are trained again with other seeds, and the pick is
-  made on the mean, so one lucky run cannot win.
+  made on the mean, so one lucky run cannot win; while the pick cannot be told apart from
+  another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each.
 Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
 The retrain of the pick on all the data follows as a Tune run of its own (`search.tuner.retrain`),
 handed out by `GivenConfigs`.
@@ -136,8 +137,11 @@ class StagedSearch(Searcher):
             self._handed.add((Origin.PROMOTED, parent))
             start_from = self._location.path_of(SEARCH_EXPERIMENT, trial_directory(parent), checkpoint)
             out.append(self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from))
-        for parent in decision.confirm:
-            for k in range(selection.confirm_seeds):
+        wanted = {parent: selection.confirm_seeds for parent in decision.confirm}
+        for parent, runs in decision.more_seeds.items():
+            wanted[parent] = max(wanted.get(parent, 0), runs)
+        for parent, runs in wanted.items():
+            for k in range(runs):
                 if (Origin.CONFIRM, parent, k) not in self._handed:
                     self._handed.add((Origin.CONFIRM, parent, k))
                     out.append(self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k))

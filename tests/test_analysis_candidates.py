@@ -77,13 +77,14 @@ def test_a_promoted_trial_competes_for_its_stopped_parent():
 
 
 def reports(trial_id: str, params: int, *losses: float, origin: Origin = Origin.SEARCH, parent: str | None = None,
-            seed: int = 0) -> TrialFiles:
-    """A trial as the search's stages know it: its contract and its reports every 10 steps."""
+            seed: int = 0, se: float | None = None) -> TrialFiles:
+    """A trial as the search's stages know it: its contract and its reports every 10 steps
+    (with `se` as each report's eval_loss_se, where given)."""
     lora_config = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"], "use_rslora": False,
                    "use_dora": False}
     trial = TrialParams(lora_config, "attention_qv", 2.0, 2e-4, 1.0, seed, origin, parent)
-    rows = [{"step": 10 * (i + 1), "eval_loss": loss, "trainable_params": params, "train_seconds": 1.0}
-            for i, loss in enumerate(losses)]
+    rows = [{"step": 10 * (i + 1), "eval_loss": loss, "trainable_params": params, "train_seconds": 1.0,
+             **({"eval_loss_se": se} if se is not None else {})} for i, loss in enumerate(losses)]
     return TrialFiles(trial_id, trial, rows, "", None)
 
 
@@ -112,3 +113,47 @@ def test_decide_asks_for_nothing_that_the_selection_turned_off():
     decision = decide(trials, SelectionConfig(promote=False, confirm_top_k=0), max_steps=20)
 
     assert (decision.promote, decision.confirm, decision.pick) == ([], [], "big")
+
+
+# The leaders of the tests below: "big" is the best (0.50), so the bar is 0.50 / 0.95 = 0.5263; "cheap"
+# first ran 0.53, past the bar, but its interval (0.53 - 1.28 * 0.005 = 0.5236) reaches it: undecided.
+LEADERS = [reports("big", 5000, 0.50, se=0.01), reports("cheap", 1000, 0.53, se=0.005)]
+SEEDS = SelectionConfig(confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
+
+
+def seed_of(parent: str, params: int, loss: float, seed: int) -> TrialFiles:
+    return reports(f"{parent}-{seed}", params, loss, origin=Origin.CONFIRM, parent=parent, seed=seed, se=0.005)
+
+
+def test_more_seeds_are_asked_for_both_leaders_while_their_intervals_overlap():
+    decision = decide(LEADERS, SEEDS, max_steps=10)
+
+    assert decision.pick == "cheap" and decision.confirm == ["big"]
+    assert decision.more_seeds == {"cheap": 1, "big": 1}  # one run with another seed each
+
+
+def test_more_seeds_stop_for_a_leader_whose_rows_part_outweighs_its_seeds_part():
+    # cheap: 0.53 and 0.55, mean 0.54, se sqrt(0.005^2 + 0.01414^2 / 2) = 0.0112: still undecided,
+    # and its seeds' part (0.01) outweighs the rows' (0.005); big: two seeds at 0.50, no seeds' part left
+    trials = LEADERS + [seed_of("big", 5000, 0.50, 1), seed_of("cheap", 1000, 0.55, 1)]
+
+    decision = decide(trials, SEEDS, max_steps=10)
+
+    assert decision.pick == "cheap" and decision.more_seeds == {"cheap": 2}
+
+
+def test_no_more_seeds_once_the_leaders_are_told_apart():
+    # cheap: 0.53, 0.55, 0.54: mean 0.54, se sqrt(0.005^2 + 0.01^2 / 3) = 0.0076, interval 0.5302 past the bar
+    trials = LEADERS + [seed_of("big", 5000, 0.50, 1), seed_of("cheap", 1000, 0.55, 1), seed_of("cheap", 1000, 0.54, 2)]
+
+    decision = decide(trials, SEEDS, max_steps=10)
+
+    assert decision.pick == "big" and decision.more_seeds == {}
+
+
+def test_no_more_seeds_at_confirm_max_seeds():
+    trials = LEADERS + [seed_of("big", 5000, 0.50, 1), seed_of("cheap", 1000, 0.55, 1)]
+
+    decision = decide(trials, SelectionConfig(confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=2), max_steps=10)
+
+    assert decision.pick == "cheap" and decision.more_seeds == {}  # undecided, but both have their 2 runs

@@ -79,3 +79,10 @@ def test_a_malformed_function_name_is_an_unknown_metric(metric):
     (problem,) = SelectionConfig(metric=metric, mode="max", trust_metric_code=True).problems()
 
     assert f"selection.metric={metric!r} is not a metric the trials report" in problem and "module:function" in problem
+
+
+def test_confirm_max_seeds_below_confirm_seeds_plus_one_names_both_keys():
+    (problem,) = SelectionConfig(confirm_seeds=3, confirm_max_seeds=3).problems()
+
+    assert "selection.confirm_max_seeds=3" in problem and "selection.confirm_seeds + 1 = 4" in problem
+    assert SelectionConfig(confirm_seeds=3, confirm_max_seeds=4).problems() == []

@@ -5,6 +5,7 @@ written by hand (the end-to-end run is in test_search_run.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,17 +36,20 @@ def run_config(tiny_model_dir):
     return config, resolved
 
 
-def staged(run_config) -> StagedSearch:
+def staged(run_config, **selection) -> StagedSearch:
     config, resolved = run_config
+    config = replace(config, selection=replace(config.selection, **selection))
     inner = LoraOptunaSearch(space=LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
                              sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
     return StagedSearch(inner, config.budget.num_samples, config.selection, MAX_STEPS, config.seed,
                         RunLocation(Path("/runs/x")))
 
 
-def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False):
+def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False,
+           se: float | None = None):
     result = {"step": step, "eval_loss": loss, "trainable_params": params, "train_seconds": step * 0.5,
-              "checkpoint_dir_name": f"checkpoint_{step // 2 - 1:06d}", "trial_id": trial_id}
+              "checkpoint_dir_name": f"checkpoint_{step // 2 - 1:06d}", "trial_id": trial_id,
+              **({"eval_loss_se": se} if se is not None else {})}
     if stop or last:  # Tune passes a stopped trial's last result to on_trial_complete only
         if not stop:
             search.on_trial_result(trial_id, result)
@@ -87,6 +91,28 @@ def test_stage_trials_are_handed_out_as_soon_as_they_qualify_and_the_final_leade
     for trial_id, params in (("e", 9000), ("g", 4000), ("h", 1000)):
         report(search, trial_id, 4, 0.51, params, last=True)
     assert search.suggest("x") == Searcher.FINISHED  # everything ended, nothing more qualifies
+
+
+def test_more_seeds_go_to_the_leaders_while_they_cannot_be_told_apart_each_seed_once(run_config):
+    search = staged(run_config, confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
+    {t: search.suggest(t) for t in "abcd"}
+    # a best (0.50, bar 0.5263); b cheaper at 0.53, in the band by its interval (0.53 - 1.28 * 0.005) only
+    report(search, "a", 4, 0.50, 9000, last=True, se=0.01)
+    report(search, "b", 4, 0.53, 1000, last=True, se=0.005)
+    search.on_trial_complete("c", None, error=True)
+    search.on_trial_complete("d", None, error=True)
+    handed = [search.suggest(t) for t in "ef"]  # a as the leader, b as the one the pick cannot be told apart from
+    assert [(c["origin"], c["parent"], c["seed"]) for c in handed] == [("confirm", "a", 4), ("confirm", "b", 4)]
+    assert search.suggest("x") is None
+
+    report(search, "e", 4, 0.50, 9000, last=True, se=0.01)  # a's seeds agree: no seeds' part left, no more for a
+    report(search, "f", 4, 0.55, 1000, last=True, se=0.005)  # b's disagree: mean 0.54, still undecided
+    third = search.suggest("g")
+    assert (third["origin"], third["parent"], third["seed"]) == ("confirm", "b", 5)  # the seed after b's first
+    assert search.suggest("x") is None
+
+    report(search, "g", 4, 0.54, 1000, last=True, se=0.005)  # b at 0.54 +- 0.0076: told apart, a is the pick
+    assert search.suggest("x") == Searcher.FINISHED
 
 
 def play_search(search: Searcher) -> dict[str, dict]:
