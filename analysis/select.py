@@ -20,6 +20,13 @@ A pick that is within the band only by its interval (its mean is past the bar) c
 apart, at this budget, from the cheapest configuration whose mean is within it: the pick names
 that one (`undecided_with`), the confirmation stage adds seeds to both (`analysis.candidates`)
 and the report gives both.
+
+More seeds can settle such a case only by moving its mean, or where the pick's mean is past the
+bar by more than Z * row_se: within that, the rows' part alone keeps the interval reaching the
+bar however many seeds agree. So seeds are added only while the seeds' part is at least the
+rows' part (`analysis.candidates.more_seeds`); past that, the two are as far told apart as this
+eval set can tell them, and the report says they could not be. (On `facts`, 1,200 eval rows,
+row_se is about 0.008 on a loss of 0.4, so Z * row_se is half the band's width of 5%.)
 """
 
 import math

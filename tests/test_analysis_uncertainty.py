@@ -43,3 +43,26 @@ def test_seeds_combine_with_the_rows_standard_error():
     chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
     seed_sd = math.sqrt(2 * 0.05**2)  # sample standard deviation of 0.50 and 0.60
     assert chosen.seeds == 2 and chosen.se == pytest.approx(math.sqrt(0.02**2 + seed_sd**2 / 2))
+
+
+def confirmed(*losses: float, row_se: float = 0.005):
+    """t0 the best (0.50, bar 0.5263) and t1 a cheaper configuration run with one seed per loss."""
+    runs = [{"eval_loss": loss, "eval_loss_se": row_se, "trainable_params": 2000,
+             **({"origin": "confirm", "parent": "t1", "seed": i} if i else {})} for i, loss in enumerate(losses)]
+    return table({"eval_loss": 0.50, "eval_loss_se": 0.01, "trainable_params": 8000}, *runs)
+
+
+def test_agreeing_seeds_settle_a_case_whose_gap_to_the_bar_is_more_than_the_rows_part():
+    # 0.535 is past the bar by 0.0087, more than 1.28 * 0.005: only the seeds' part reaches the bar
+    two = confirmed(0.53, 0.54)
+    assert pick(two, *RULE, MAX_STEPS, configs(two)).undecided_with == "t0"
+    four = confirmed(0.53, 0.54, 0.535, 0.535)
+    chosen = pick(four, *RULE, MAX_STEPS, configs(four))
+    assert chosen.trial_id == "t0" and chosen.undecided_with is None
+
+
+def test_no_number_of_seeds_settles_a_case_whose_gap_to_the_bar_is_within_the_rows_part():
+    # 0.53 is past the bar by 0.0037, less than 1.28 * 0.005: the same eval rows keep it in the band
+    trials = confirmed(*[0.53] * 8)
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    assert chosen.trial_id == "t1" and chosen.undecided_with == "t0" and chosen.se == pytest.approx(0.005)
