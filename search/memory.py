@@ -10,6 +10,8 @@ trial that runs out of memory beside others runs again with a larger share (`lar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 SHARES = (0.125, 0.25, 0.5, 1.0)  # 8, 4, 2 or 1 trials to a GPU, as the rule by parameter count packs
 
 
@@ -31,3 +33,143 @@ def larger_share(share: float) -> float | None:
     if share <= 0 or share >= 1:
         return None
     return min(1.0, 2 * share)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What the probe trains: the heaviest configuration of the space at the run's shapes.
+    Plain values, so it crosses into the probe's own process by pickle."""
+
+    model_path: str
+    dtype: str
+    quantization: str
+    trust_remote_code: bool
+    gradient_checkpointing: bool
+    lora_config: dict       # PEFT's LoraConfig arguments: the largest rank, widest module set, DoRA if in the space
+    batch_size: int
+    max_length: int         # every probe row is this long, and all of it is answer: the widest batches a trial makes
+    cuda_graphs: bool
+    compiled: bool
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One trial's measured footprint on this machine's GPU, and the share chosen from it;
+    `run_config.json` keeps it as `resources.memory_probe`."""
+
+    footprint_gb: float       # what the process held: NVML's figure, else the allocator's peak reserve plus the rest
+    reserved_gb: float        # torch.cuda.max_memory_reserved: the allocator's peak reserve
+    allocated_gb: float       # torch.cuda.max_memory_allocated: the tensors' own peak
+    context_gb: float         # what the process holds outside the allocator (the CUDA context, libraries' workspaces)
+    source: str               # "nvml" or "torch": where footprint_gb comes from
+    gpu_gb: float
+    margin: float
+    share: float              # the share `auto` chose (the larger of this and the share by parameter count)
+    seconds: float            # the probe's wall time, its own process included
+    lora_config: dict
+
+    def line(self) -> str:
+        """The probe in one line, for the console and the dry run."""
+        neighbours = round(1 / self.share)
+        return (f"memory probe: one trial of the heaviest configuration (r={self.lora_config['r']}, "
+                f"{len(self.lora_config['target_modules'])} module names{', DoRA' if self.lora_config.get('use_dora') else ''}) "
+                f"held {self.footprint_gb:.1f} GB ({self.source}; allocator peak {self.allocated_gb:.1f} GB, reserved "
+                f"{self.reserved_gb:.1f} GB, outside the allocator {self.context_gb:.1f} GB) of a {self.gpu_gb:.0f} GB GPU; "
+                f"with margin {self.margin:g}: gpus_per_trial {self.share:g} ({neighbours} trial{'s' if neighbours > 1 else ''} "
+                f"to a GPU), measured in {self.seconds:.0f} s")
+
+
+def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool], dropout: list[float] | float) -> dict:
+    """The space's configuration that holds the most memory: the largest rank on the module set
+    that adapts the most layers, DoRA where the space has it (it keeps each weight's norm and
+    a full-size product per step), and the highest dropout (its masks are kept for backward)."""
+    from search.space import lora_config
+
+    widest = max(resolved.values(), key=lambda m: (len(m.layers), len(m.target_modules)))
+    return lora_config(widest, max(ranks), 2.0, max(dropout) if isinstance(dropout, list) else dropout,
+                       False, any(use_dora))
+
+
+def probe(spec: ProbeSpec) -> dict:
+    """Measure one trial of `spec` in a fresh process (spawned, so the caller holds no CUDA
+    context afterwards and nothing of the probe's stays on the GPU): load the base model, add the
+    adapter, take two optimizer steps at the run's batch and width (the first allocates AdamW's
+    state; a CUDA graph, where trials use one, is captured as trials capture it), then one eval
+    batch at the eval token budget. Returns `footprint_gb, reserved_gb, allocated_gb,
+    context_gb, source, gpu_gb, seconds` in GB of 2**30 bytes."""
+    import multiprocessing
+    import time
+
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        measured = pool.apply(_measure, (spec,))
+    return {**measured, "seconds": time.perf_counter() - started}
+
+
+def _measure(spec: ProbeSpec) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trainables.model import load_base_model
+    from trainables.step import TrainStep
+    from trainables.trial import _optimizer, eval_token_budget, evaluate
+
+    device = torch.device("cuda", 0)
+    free_at_start, total = torch.cuda.mem_get_info(device)  # the context exists from here on
+    base = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
+                           spec.gradient_checkpointing)
+    model = get_peft_model(base, LoraConfig(**spec.lora_config))
+    optimizer = _optimizer(model, 1e-4, 1.0, cuda=True)
+    vocab_size = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (spec.max_length,), generator=generator).tolist()
+    rows = [(ids, ids)] * spec.batch_size
+    pad_token_id = 0  # every row is max_length long: nothing is padded
+    train_step = TrainStep(model, rows, spec.batch_size, 0, 2, pad_token_id, device, cuda_graph=spec.cuda_graphs,
+                           compiled="inductor" if spec.compiled else None)
+    try:
+        for step in range(2):
+            train_step(step)
+            optimizer.step()
+        budget = eval_token_budget(train_step.tokens_per_batch, vocab_size)
+        evaluate(model, [(ids, ids)] * max(1, budget // spec.max_length), pad_token_id, device,
+                 torch.autocast("cuda", dtype=torch.bfloat16), budget)
+        torch.cuda.synchronize(device)
+        reserved, reserved_now = torch.cuda.max_memory_reserved(device), torch.cuda.memory_reserved(device)
+        held = process_gpu_bytes()
+        if held:
+            outside = held - reserved_now
+        else:  # what the GPU lost beyond the allocator's reserve (cuBLAS, graphs' executables), and the context
+            outside = max(0, free_at_start - torch.cuda.mem_get_info(device)[0] - reserved_now) + CONTEXT_BYTES
+        return {"footprint_gb": (reserved + outside) / 2**30, "reserved_gb": reserved / 2**30,
+                "allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30, "context_gb": outside / 2**30,
+                "source": "nvml" if held else "torch", "gpu_gb": total / 2**30}
+    finally:
+        train_step.close()
+
+
+def process_gpu_bytes() -> int:
+    """What this process holds on the GPUs it sees, by NVML (context and allocator cache
+    included), as `nvidia-smi` lists it; 0 when pynvml is not installed or does not list it."""
+    import os
+
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    pynvml.nvmlInit()
+    try:
+        held = 0
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == os.getpid() and process.usedGpuMemory:
+                    held += process.usedGpuMemory
+        return held
+    finally:
+        pynvml.nvmlShutdown()
+
+
+# The CUDA context, which only NVML sees (it exists before the allocator's first byte): an
+# estimate, counted where pynvml is not installed; `bench/memory_share.py` prints NVML's figure.
+CONTEXT_BYTES = 600 * 2**20

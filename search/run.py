@@ -92,6 +92,21 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
             raise ConfigError(str(e)) from None
         print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}", flush=True)
     prepared = prepare_model(config)
+    import torch
+
+    cuda, local = torch.cuda.is_available(), args.address is None
+    # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
+    gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda and local else None
+    bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
+    gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
+    steps_every_trial = min(config.budget.grace_period, config.budget.max_steps)
+    compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
+                                         config.model.quantization == "none" and not config.model.gradient_checkpointing)
+    memory_probe = None
+    if config.resources.gpus_per_trial == "auto" and gpu_memory_gb:  # before Ray asks for slots
+        memory_probe = _probe_memory(config, prepared, compiled, gpu_memory_gb)
+        gpus = memory_probe.share
+        print(memory_probe.line(), flush=True)
     if args.dry_run:
         from search.dryrun import data_line, dry_run_rows, format_table
 
@@ -100,18 +115,7 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
         print(format_table(rows, config.model.path))
         print(data)
         return 0
-
-    import torch
-
-    cuda, local = torch.cuda.is_available(), args.address is None
-    # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
-    gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda and local else None
-    bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
-    gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
     check_device(config, gpus, local=local)
-    steps_every_trial = min(config.budget.grace_period, config.budget.max_steps)
-    compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
-                                         config.model.quantization == "none" and not config.model.gradient_checkpointing)
     config = replace(config, resources=replace(config.resources, compile=compiled))  # as resolved, in run_config.json
     from search.cluster import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
 
@@ -138,14 +142,33 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
         check_driver_gone(run_dir)
         stop_leftover_workers(run_dir)
     else:
-        data_info = _start(config, prepared, gpus, location, args.overwrite, stop)
+        data_info = _start(config, prepared, gpus, location, args.overwrite, stop, memory_probe)
     stop.saved, stop.again = _saved(location), "--resume"
     keep_logs_in(run_dir / LOGS)
     record_driver(run_dir)
     return _search(config, args, prepared, gpus, data_info, location)
 
 
-def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool, stop: GracefulStop) -> dict:
+def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float):
+    """One trial of the space's heaviest configuration, measured on this machine's GPU, and the
+    share `auto` takes from it (search/memory.py)."""
+    from search.memory import Probe, ProbeSpec, heaviest_lora_config, probe
+    from trainables.model import resolve_dtype
+
+    search = config.search
+    lora = heaviest_lora_config(prepared.resolved, search.ranks, search.use_dora, search.dropout)
+    measured = probe(ProbeSpec(
+        model_path=prepared.path, dtype=resolve_dtype(config.model.dtype, cuda=True),
+        quantization=config.model.quantization, trust_remote_code=config.model.trust_remote_code,
+        gradient_checkpointing=config.model.gradient_checkpointing, lora_config=lora,
+        batch_size=config.budget.batch_size, max_length=config.data.max_length,
+        cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing, compiled=compiled))
+    share = config.resources.gpus(True, prepared.total_params, gpu_memory_gb, footprint_gb=measured["footprint_gb"])
+    return Probe(**measured, margin=config.resources.memory_margin, share=share, lora_config=lora)
+
+
+def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool, stop: GracefulStop,
+           memory_probe=None) -> dict:
     """Tokenize the data (in memory: bad data is input error with nothing written), then
     create the run directory with the data and the resolved config (uploaded at once to a
     URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
@@ -167,7 +190,8 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     save_splits(splits, run_dir / DATA)
     write_json_atomic(run_dir / RUN_CONFIG, {
         **to_dict(config),
-        "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus},
+        "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus,
+                      "memory_probe": asdict(memory_probe) if memory_probe else None},
         "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                        "total_params": prepared.total_params},
         "data_info": data_info,

@@ -4,6 +4,7 @@ running out of memory beside others (search/memory.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from search.config import ResourcesConfig
 from search.memory import SHARES, larger_share, share_for
@@ -48,3 +49,50 @@ def test_a_trial_run_again_gets_half_the_neighbours_until_it_has_the_gpu_to_itse
 
 def test_a_negative_memory_margin_is_refused_with_the_key():
     assert any("resources.memory_margin" in p for p in ResourcesConfig(memory_margin=-0.5).problems())
+
+
+def test_a_262k_vocabulary_shrinks_eval_batches_to_a_gigabyte_of_logits():
+    from trainables.trial import EVAL_LOGITS_BYTES, eval_token_budget
+
+    train_tokens = 16 * 128
+    large, small = eval_token_budget(train_tokens, 262_144), eval_token_budget(train_tokens, 49_152)
+    assert large * 262_144 * 2 <= EVAL_LOGITS_BYTES and large < small
+    assert small * 49_152 * 2 <= EVAL_LOGITS_BYTES
+    assert eval_token_budget(64 * 1024, 262_144) == 64 * 1024  # never less than a train batch, whose logits training holds
+
+
+class FakeVocabModel(torch.nn.Module):
+    """A model whose logits are small on CPU, but that tells the eval its vocabulary is 262k."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Embedding(64, 8)
+        self.config = type("Config", (), {"get_text_config": lambda self: type("Text", (), {"vocab_size": 262_144})()})()
+        self.batches = []
+
+    def forward(self, input_ids):
+        self.batches.append(tuple(input_ids.shape))
+        return type("Output", (), {"logits": self.head(input_ids)})()
+
+
+def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_token_budget():
+    from trainables.trial import EVAL_LOGITS_BYTES, eval_token_budget, evaluate
+
+    model = FakeVocabModel()
+    budget = eval_token_budget(16 * 64, model.config.get_text_config().vocab_size)
+    rows = [([1] * 100, [-100] * 90 + [2] * 10)] * 100  # 10,000 tokens
+    evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), budget)
+    assert len(model.batches) > 1
+    assert all(b * t <= budget and b * t * 262_144 * 2 <= EVAL_LOGITS_BYTES for b, t in model.batches)
+
+
+def test_the_probe_trains_the_spaces_heaviest_configuration():
+    from search.memory import heaviest_lora_config
+    from search.space import ResolvedModules
+
+    resolved = {name: ResolvedModules(name, names, False, [f"layers.{i}.{n}" for i in range(4) for n in names], None)
+                for name, names in {"attention_qv": ["q_proj", "v_proj"],
+                                    "all_linear": ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]}.items()}
+    lora = heaviest_lora_config(resolved, [4, 32, 8], [False, True], [0.0, 0.1])
+    assert lora["r"] == 32 and lora["target_modules"] == resolved["all_linear"].target_modules
+    assert lora["use_dora"] and lora["lora_dropout"] == 0.1

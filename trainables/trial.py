@@ -27,18 +27,19 @@ from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed,
 from trainables.step import TrainStep
 
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
-# Eval keeps no activations for a backward pass: per token it holds the logits and one layer's
-# transients, about an eighth of what a train step holds (SmolLM2: ~120 KB against ~1 MB in
-# bf16; an 8B Llama: ~0.4 MB against ~5.7 MB), so it may take 8x a train step's tokens; and
-# at least as many as keep the batch's bf16 logits within EVAL_LOGITS_BYTES (a small model's
-# short train batches would otherwise make its eval dozens of launch-bound passes).
-EVAL_TOKENS_PER_TRAIN_TOKEN = 8
+# A batch's bf16 logits span the vocabulary, so the budget is what keeps them within
+# EVAL_LOGITS_BYTES: a 262k-token vocabulary gets 2048 tokens a batch, a 49k one 10922 (8x a
+# short train batch's tokens were 16k-token batches of 8.6 GB of logits with a 262k vocabulary,
+# and as much again in float32 for the answer positions: issue 19's trials held up to 25.7 GB).
+# Never fewer than a train batch's tokens, whose logits training holds anyway. Eval keeps no
+# activations for a backward pass, so past the logits a batch holds less than a train step.
 EVAL_LOGITS_BYTES = 1 << 30
 
 
 def eval_token_budget(train_tokens_per_batch: int, vocab_size: int) -> int:
-    """Padded tokens per eval batch on GPU."""
-    return max(EVAL_TOKENS_PER_TRAIN_TOKEN * train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
+    """Padded tokens per eval batch on GPU: as many as keep the batch's bf16 logits within
+    EVAL_LOGITS_BYTES, and at least a train batch's."""
+    return max(train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
 
 
 WORKER_STARTED = time.time()  # when this worker process first loaded the trial code (a reused worker keeps it)
