@@ -24,6 +24,8 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with its SETTINGS.
 _HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _HTTP2_SETTINGS = 0x4
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_HEADS_TOKEN = "`ray get-auth-token` there prints it; `ray start --head` keeps it in ~/.ray/auth_token"
 _CHECK_HEAD = "check that the head is running (`ray status` on it) and that this is the address `ray start --head` printed"
 
 
@@ -58,8 +60,10 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     A local Ray is always a new one (Ray's address "local"): never a head that Ray's temp dir
     still names (`ray_current_cluster` outlives a head that ended without `ray stop`), and
     never RAY_ADDRESS; it has no dashboard and listens on loopback (`keep_local_ray_on_loopback`).
-    Joining first checks, within CONNECT_TIMEOUT_S, that the head answers; an address that is
-    malformed, finds no cluster or does not answer is a ConfigError naming it and its source."""
+    Joining first checks, within CONNECT_TIMEOUT_S, that the head answers, then that it accepts
+    this machine's token where it requires one (`use_the_heads_auth`); an address that is
+    malformed, finds no cluster or does not answer, and a token missing or refused, are a
+    ConfigError naming the address and its source."""
     import ray
 
     divert_ray_logs()  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
@@ -71,7 +75,7 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     else:
         hint = "; unset it to run on a local Ray" if cluster.source == "RAY_ADDRESS" else ""
         print(f"Joining the Ray cluster at {cluster.address} (from {cluster.source}{hint})", flush=True)
-        check_head_answers(cluster, CONNECT_TIMEOUT_S)
+        use_the_heads_auth(cluster, check_head_answers(cluster, CONNECT_TIMEOUT_S))
         try:
             _init(address=cluster.address, log_to_driver=False)
         except ConnectionError as e:
@@ -99,9 +103,9 @@ def _init(**kwargs) -> None:
             signal.signal(signal.SIGTERM, kept)
 
 
-def check_head_answers(cluster: ClusterAddress, timeout_s: float) -> None:
-    """Raise ConfigError unless a gRPC server, the head, answers at the cluster's address within
-    timeout_s. ray.init alone would wait minutes on an address that does not answer
+def check_head_answers(cluster: ClusterAddress, timeout_s: float) -> str:
+    """The head's HOST:PORT (ray:// kept; auto resolved as ray.init would); ConfigError unless
+    a gRPC server, the head, answers there within timeout_s. ray.init alone would wait minutes on an address that does not answer
     (20 attempts of over 30 s each), and a SIGTERM meanwhile waits for the attempt to end."""
     target = cluster.address
     if target == "auto":  # the head that ray.init would join: RAY_ADDRESS, then Ray's temp dir, then `ps`
@@ -117,11 +121,86 @@ def check_head_answers(cluster: ClusterAddress, timeout_s: float) -> None:
         raise ConfigError(f"{cluster.source} is {cluster.address!r}; allowed: HOST:PORT of a Ray head (as "
                           f"`ray start --head` prints it), ray://HOST:PORT or auto. Fix: give one of these, or "
                           f"{_local_instead(cluster)}")
-    shown = cluster.address if target == cluster.address else f"{cluster.address} ({target})"
     problem = _no_answer(host.strip("[]"), int(port), timeout_s)
     if problem:
-        raise ConfigError(f"the Ray head at {shown}, from {cluster.source}, {problem}. "
+        raise ConfigError(f"the Ray head at {_shown(cluster, target)}, from {cluster.source}, {problem}. "
                           f"Fix: {_CHECK_HEAD}, or {_local_instead(cluster)}")
+    return target
+
+
+def use_the_heads_auth(cluster: ClusterAddress, target: str) -> None:
+    """Speak the auth that the head at `target` (HOST:PORT) requires, through Ray's own settings.
+    A head that `ray start --head` started finding a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+    or ~/.ray/auth_token, which a local ray.init writes) requires that token; ray.init sends it
+    only with RAY_AUTH_MODE=token, which it never sets for an explicit address, and otherwise
+    retries for about 20 s and fails without saying why. So where the head refuses this client
+    and RAY_AUTH_MODE is unset, token mode is turned on for this process and the ones it starts,
+    when this machine has a token. ConfigError when it has none, when RAY_AUTH_MODE says not to
+    send one, or when the head refuses the one it has. ray:// (Ray Client) is left to Ray."""
+    if target.startswith("ray://") or not _refuses_this_client(target):
+        return
+    head = f"the Ray head at {_shown(cluster, target)}, from {cluster.source},"
+    fix = (f"Fix: copy the token from the head node ({_HEADS_TOKEN}) to {_token_path()} here, or export "
+           f"RAY_AUTH_TOKEN=<that token>, or {_local_instead(cluster)}")
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if not _has_token():
+        raise ConfigError(f"{head} requires an auth token and this machine has none (RAY_AUTH_TOKEN is unset and "
+                          f"{_token_path()} does not exist). {fix}")
+    if mode is not None and mode.lower() != "token":
+        raise ConfigError(f"{head} requires an auth token, but {AUTH_MODE_ENV} is {mode!r} here, so none is sent. "
+                          f"Fix: unset {AUTH_MODE_ENV} or set it to token")
+    if mode is None:
+        _send_token()
+        if not _refuses_this_client(target):
+            return
+    raise ConfigError(f"{head} refused this machine's auth token (from {_token_source()}): it is not the head's. "
+                      f"Fix: replace it with the head's ({_HEADS_TOKEN}), or {_local_instead(cluster)}")
+
+
+def _refuses_this_client(target: str) -> bool:
+    """Whether the head's GCS turns this process away for its auth (a missing or wrong token);
+    it answers within milliseconds, having answered the gRPC probe."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=target)
+    except AuthenticationError:
+        return True
+    return False
+
+
+def _has_token() -> bool:
+    """Whether Ray finds an auth token on this machine (it raises where RAY_AUTH_TOKEN_PATH names no file)."""
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except AuthenticationError:
+        return False
+
+
+def _send_token() -> None:
+    """Ray's token mode for this process (its config is read once, so re-read it) and its children."""
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")
+
+
+def _token_path() -> Path:
+    """The file where Ray looks for this machine's auth token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _token_source() -> str:
+    """Where Ray takes the token from: RAY_AUTH_TOKEN before the file."""
+    return "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(_token_path())
+
+
+def _shown(cluster: ClusterAddress, target: str) -> str:
+    return cluster.address if target == cluster.address else f"{cluster.address} ({target})"
 
 
 def _no_answer(host: str, port: int, timeout_s: float) -> str | None:
@@ -156,7 +235,7 @@ def _local_instead(cluster: ClusterAddress) -> str:
 
 def tighten_auth_token() -> None:
     """Ray 2.60 writes its cluster auth token readable by every user of the machine; make it owner-only."""
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = _token_path()
     try:
         if path.stat().st_uid == os.getuid() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             path.chmod(0o600)
