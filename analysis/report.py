@@ -432,6 +432,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         f"{rationale(chosen, trials)}\n\n"
         + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
            if chosen.seeds > 1 else "")
+        + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )

@@ -68,6 +68,7 @@ class Pick:
     spread: float   # their standard deviation (0 for one run)
     se: float       # the standard error of `value` (the module's docstring says how)
     undecided_with: str | None  # a configuration the pick cannot be told apart from at this budget, or None
+    undecided: str | None  # one sentence that says so, giving both with value ± se and cost; None when decided
 
 
 def pick(
@@ -96,9 +97,10 @@ def pick(
     bar = tolerance_bar(best[metric], tolerance, mode)
     candidates = rank_candidates(eligible[within_band(eligible, metric, bar, mode)], metric, mode, cost)
     chosen = candidates.iloc[0]
-    undecided_with = None
+    undecided_with = undecided = None
     if not within_bar(chosen[metric], bar, mode):  # in the band by its interval only
-        undecided_with = candidates[[within_bar(v, bar, mode) for v in candidates[metric]]].iloc[0]["trial_id"]
+        other = candidates[[within_bar(v, bar, mode) for v in candidates[metric]]].iloc[0]
+        undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost)
     comparison = ">=" if mode == "max" else "<="
     averaged = " (a configuration run with several seeds counts by its mean)" if eligible["seeds"].max() > 1 else ""
     rule = (
@@ -125,7 +127,25 @@ def pick(
         spread=float(chosen["spread"]),
         se=float(chosen["se"]),
         undecided_with=undecided_with,
+        undecided=undecided,
     )
+
+
+def undecided_sentence(chosen: pd.Series, other: pd.Series, metric: str, cost: str) -> str:
+    """The one sentence saying that `chosen` cannot be told apart from `other` (rows of
+    `by_configuration`'s table), with each one's value ± standard error, cost and runs."""
+    def described(row: pd.Series) -> str:
+        runs = int(row["seeds"])
+        runs_part = "1 run" if runs == 1 else f"mean of {runs} runs with different seeds"
+        return f"{row[metric]:.4g} ± {row['se']:.2g} at {_amount(row[cost])} {cost} ({runs_part})"
+
+    return (f"The pick `{chosen['trial_id']}` cannot be told apart from `{other['trial_id']}` on this eval set: "
+            f"{metric} {described(chosen)} against {described(other)}; the pick is within the tolerance by its "
+            f"standard error only, `{other['trial_id']}` by its mean.")
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"
 
 
 def configuration_root(trials: pd.DataFrame) -> dict[str, str]:

@@ -354,3 +354,23 @@ def test_the_report_shows_every_prior_beside_the_pick(tmp_path):
     assert "| `aaaa0002` | mlp, r=32, alpha 64, RSLoRA, lr 0.0002 | 100 | finished | 0.55 | eval_loss 8% more than the pick's" in section
     assert "| `aaaa0003` | mlp, r=16, alpha 32, lr 0.0002 | 50 | stopped |" in section
     assert "stopped at step 50, below its rung's cut" in section
+
+
+def test_a_pick_that_cannot_be_told_apart_says_so_in_one_sentence_giving_both(tmp_path):
+    # bar 0.50 / 0.95 = 0.5263: aaaa0002's mean (0.53) is past it, its interval (0.53 - 1.28 * 0.005) is not
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, eval_loss_se=0.01, r=16)
+    add_trial(run_dir, "aaaa0002", eval_loss=0.53, eval_loss_se=0.005, r=4)
+    assert analyse(run_dir) == 0
+
+    picked, report = read_pick(run_dir), (run_dir / "report.md").read_text()
+    sentence = ("The pick `aaaa0002` cannot be told apart from `aaaa0001` on this eval set: eval_loss 0.53 ± 0.005 "
+                "at 8,000 trainable_params (1 run) against 0.5 ± 0.01 at 32,000 trainable_params "
+                "(1 run); the pick is within the tolerance by its standard error only, "
+                "`aaaa0001` by its mean.")
+    assert (picked["trial_id"], picked["undecided_with"], picked["undecided"]) == ("aaaa0002", "aaaa0001", sentence)
+    assert sentence in report.split("## The pick")[1].split("\n## ")[0]
+
+
+def test_a_decided_pick_says_nothing_of_being_undecided(analysed):
+    assert read_pick(analysed)["undecided"] is None and "cannot be told apart" not in (analysed / "report.md").read_text()

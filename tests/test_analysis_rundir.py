@@ -84,11 +84,11 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
               experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
               alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
               learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
-              seed: int = 0, step_mode: str | None = None) -> Path:
+              seed: int = 0, step_mode: str | None = None, eval_loss_se: float | None = None) -> Path:
     """Write one trial directory the way Ray does; return it.
 
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
-    carries `eval_loss` (earlier ones are worse). `error` is the last line of a Ray traceback
+    carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` where given. `error` is the last line of a Ray traceback
     in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
     `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
     train_seconds a tenth of a second per step and rank.
@@ -118,6 +118,7 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             "eval_seconds": 0.2 * step,
             "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
             **({"step_mode": step_mode} if step_mode else {}),
+            **({"eval_loss_se": eval_loss_se} if eval_loss_se is not None else {}),
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
             "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,
