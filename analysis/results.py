@@ -39,7 +39,7 @@ COLUMNS = (
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
     "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se",
     "eval_exact_match", "eval_exact_match_se", "train_loss", "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
-    "tokens_per_second", "peak_memory_gb", "step_mode", "error",
+    "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "step_mode", "error",
 )
 CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss")
 # What a trial reports at each step (besides the user's metric, `user_metric_columns`); a trial
@@ -49,7 +49,7 @@ CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "eval_exact_m
 REPORTED_COLUMNS = (
     "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se", "eval_exact_match", "eval_exact_match_se",
     "train_loss", "trainable_params", "trainable_pct",
-    "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "step_mode",
+    "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "step_mode",
 )
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")

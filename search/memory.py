@@ -57,11 +57,11 @@ class Probe:
     """One trial's measured footprint on this machine's GPU, and the share chosen from it;
     `run_config.json` keeps it as `resources.memory_probe`."""
 
-    footprint_gb: float       # what the process held: NVML's figure, else the allocator's peak reserve plus the rest
+    footprint_gb: float       # what the process held at most, as a trial's peak_memory_gb counts it
     reserved_gb: float        # torch.cuda.max_memory_reserved: the allocator's peak reserve
     allocated_gb: float       # torch.cuda.max_memory_allocated: the tensors' own peak
     context_gb: float         # what the process holds outside the allocator (the CUDA context, libraries' workspaces)
-    source: str               # "nvml" or "torch": where footprint_gb comes from
+    source: str               # "nvml" (measured) or "estimate" (pynvml not installed): where context_gb comes from
     gpu_gb: float
     margin: float
     share: float              # the share `auto` chose (the larger of this and the share by parameter count)
@@ -112,10 +112,9 @@ def _measure(spec: ProbeSpec) -> dict:
 
     from trainables.model import load_base_model
     from trainables.step import TrainStep
-    from trainables.trial import _optimizer, eval_token_budget, evaluate
+    from trainables.trial import _optimizer, allocated_peak_gb, process_peak_gb, eval_token_budget, evaluate, outside_allocator
 
     device = torch.device("cuda", 0)
-    free_at_start, total = torch.cuda.mem_get_info(device)  # the context exists from here on
     base = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
                            spec.gradient_checkpointing)
     model = get_peft_model(base, LoraConfig(**spec.lora_config))
@@ -135,41 +134,9 @@ def _measure(spec: ProbeSpec) -> dict:
         evaluate(model, [(ids, ids)] * max(1, budget // spec.max_length), pad_token_id, device,
                  torch.autocast("cuda", dtype=torch.bfloat16), budget)
         torch.cuda.synchronize(device)
-        reserved, reserved_now = torch.cuda.max_memory_reserved(device), torch.cuda.memory_reserved(device)
-        held = process_gpu_bytes()
-        if held:
-            outside = held - reserved_now
-        else:  # what the GPU lost beyond the allocator's reserve (cuBLAS, graphs' executables), and the context
-            outside = max(0, free_at_start - torch.cuda.mem_get_info(device)[0] - reserved_now) + CONTEXT_BYTES
-        return {"footprint_gb": (reserved + outside) / 2**30, "reserved_gb": reserved / 2**30,
-                "allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30, "context_gb": outside / 2**30,
-                "source": "nvml" if held else "torch", "gpu_gb": total / 2**30}
+        outside, source = outside_allocator()  # as a trial counts its peak_memory_gb
+        return {"footprint_gb": process_peak_gb(True), "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+                "allocated_gb": allocated_peak_gb(True), "context_gb": outside / 2**30, "source": source,
+                "gpu_gb": torch.cuda.mem_get_info(device)[1] / 2**30}
     finally:
         train_step.close()
-
-
-def process_gpu_bytes() -> int:
-    """What this process holds on the GPUs it sees, by NVML (context and allocator cache
-    included), as `nvidia-smi` lists it; 0 when pynvml is not installed or does not list it."""
-    import os
-
-    try:
-        import pynvml
-    except ImportError:
-        return 0
-    pynvml.nvmlInit()
-    try:
-        held = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid == os.getpid() and process.usedGpuMemory:
-                    held += process.usedGpuMemory
-        return held
-    finally:
-        pynvml.nvmlShutdown()
-
-
-# The CUDA context, which only NVML sees (it exists before the allocator's first byte): an
-# estimate, counted where pynvml is not installed; `bench/memory_share.py` prints NVML's figure.
-CONTEXT_BYTES = 600 * 2**20

@@ -82,7 +82,7 @@ class Progress:
 def train_lora(config: dict, setup: TrialSetup) -> None:
     """Train one configuration, `config` being Tune's config of the trial (read once, as a
     `TrialParams`); report `step, eval_loss, eval_accuracy, train_loss, trainable_params,
-    trainable_pct, train_seconds, tokens_per_second, peak_memory_gb` (and the timings of
+    trainable_pct, train_seconds, tokens_per_second, peak_memory_gb, peak_allocated_gb` (and the timings of
     `Progress.metrics`) to Tune every `setup.eval_every` steps and at `setup.max_steps`; with
     `setup.generate_examples`, also `eval_exact_match` and the user's metric under its name
     (trainables/generate.py), at `setup.max_steps`, or at every report with
@@ -202,7 +202,8 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
             metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss,
                        "trainable_params": trainable_params,
                        "trainable_pct": 100.0 * trainable_params / setup.total_params,
-                       "peak_memory_gb": _peak_memory_gb(cuda), "step_mode": train_step.mode, **progress.metrics()}
+                       "peak_memory_gb": process_peak_gb(cuda),
+                       "peak_allocated_gb": allocated_peak_gb(cuda), "step_mode": train_step.mode, **progress.metrics()}
             with tempfile.TemporaryDirectory() as checkpoint_dir:
                 _save(Path(checkpoint_dir), model, optimizer, scheduler, progress)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
@@ -276,12 +277,50 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
     )
 
 
-def _peak_memory_gb(cuda: bool) -> float:
-    """GPU: peak allocated by this trial, over its GPUs. CPU: the worker process's peak resident set."""
+def process_peak_gb(cuda: bool) -> float:
+    """GPU: the most this trial's process held on its GPUs, as `nvidia-smi` counts a process (a
+    cluster is sized from it): the allocator's peak reserve plus what the process holds outside
+    the allocator (`outside_allocator`). CPU: the worker process's peak resident set."""
     if cuda:
         # a trial given several GPUs (device_map="auto") counts them all
-        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+        reserved = sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+        return (reserved + outside_allocator()[0]) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def allocated_peak_gb(cuda: bool) -> float:
+    """GPU: the allocator's own peak, the tensors alone, over the trial's GPUs. CPU: as
+    `process_peak_gb` (no allocator keeps a peak there)."""
+    if cuda:
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    return process_peak_gb(cuda)
+
+
+# The CUDA context, which only NVML sees (it exists before the allocator's first byte): an
+# estimate per GPU where pynvml is not installed; bench/memory_share.py prints NVML's figure.
+CONTEXT_BYTES = 600 * 2**20
+
+
+def outside_allocator() -> tuple[int, str]:
+    """Bytes this process holds on its GPUs outside PyTorch's allocator (the CUDA context,
+    cuBLAS's and CUDA graphs' own memory) and where the figure comes from: "nvml" (the
+    process's memory as `nvidia-smi` lists it, less the allocator's reserve now), or
+    "estimate" (CONTEXT_BYTES per GPU it used) where pynvml is not installed."""
+    import os
+
+    devices = [i for i in range(torch.cuda.device_count()) if torch.cuda.max_memory_reserved(i)]  # those it used
+    try:
+        import pynvml
+    except ImportError:
+        return CONTEXT_BYTES * len(devices), "estimate"
+    pynvml.nvmlInit()
+    try:
+        held = sum(process.usedGpuMemory or 0 for index in range(pynvml.nvmlDeviceGetCount())
+                   for process in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(index))
+                   if process.pid == os.getpid())
+    finally:
+        pynvml.nvmlShutdown()
+    return max(0, held - sum(torch.cuda.memory_reserved(i) for i in devices)), "nvml"
 
 
 def _save(directory: Path, model, optimizer, scheduler, progress: Progress) -> None:
