@@ -8,8 +8,8 @@ transformers and the Hugging Face hub log goes to a file per source in the run's
 `driver.log`, and no library draws progress bars.
 
 The console is the process's, as logging is: the CLI sets it once (`use_console`), and Tune's
-callbacks read it when they print (`console_mode`), also once Tune has pickled them into an
-experiment and a resume has unpickled them.
+callbacks ask it whether to print (`say`) when they print, also once Tune has pickled them into
+an experiment and a resume has unpickled them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class HeldLog(logging.Handler):
 
     def open(self, directory: Path) -> None:
         with self.lock:
-            self._file = logging.FileHandler(directory / self.filename, encoding="utf-8", delay=True)  # made when needed
+            # delay: the file is made at its first record, so a source that logged nothing leaves none
+            self._file = logging.FileHandler(directory / self.filename, encoding="utf-8", delay=True)
             self._file.setFormatter(self.formatter)
             for record in self._held:
                 self._file.emit(record)

@@ -29,8 +29,9 @@ STATUS = re.compile(r"^\[\d+:\d\d\] (\d+)/(\d+) trials done, (\d+) running; ")
 
 
 def _args(tiny_model_dir, output: Path, name: str, *more: str) -> list[str]:
-    # with tests/faults.py installed, every mlp trial diverges: the rule-of-thumb prior is one
+    # with tests/faults.py installed, every mlp trial diverges: the first prior does, the second does not
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp]", "search.ranks=[2,4]",
+            "search.priors=[{module_set: mlp, r: 2}, {module_set: attention_qv, r: 2}]",
             "budget.num_samples=4", f"budget.max_steps={MAX_STEPS}", "budget.eval_every=2", "budget.grace_period=2",
             "budget.batch_size=2", "data.eval_examples=4", *more]
     return ["--output", str(output), "--name", name, *[x for s in sets for x in ("--set", s)]]
@@ -67,6 +68,29 @@ def quiet_run(tiny_model_dir, tmp_path_factory):
     return out, err, output / "quiet"
 
 
+def test_a_configuration_in_short_names_module_set_rank_alpha_and_learning_rate_then_what_applies():
+    from rundir.params import TrialParams
+    from search.progress import describe
+
+    plain = TrialParams(lora_config={"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, module_set="all_linear",
+                        alpha_ratio=2.0, learning_rate=0.00213, loraplus_lr_ratio=1.0, seed=0)
+    assert describe(plain) == "all_linear r16 a32 lr 2.1e-3"
+    lora = {"r": 4, "lora_alpha": 2.0, "lora_dropout": 0.05, "use_rslora": True, "use_dora": True}
+    every = TrialParams(lora_config=lora, module_set="q_proj+v_proj", alpha_ratio=0.5, learning_rate=1e-4,
+                        loraplus_lr_ratio=16.0, seed=0)
+    assert describe(every) == "q_proj+v_proj r4 a2 lr 1.0e-4 dropout 0.05 rslora dora lora+ 16"
+
+
+def test_times_read_as_a_person_writes_them_and_time_left_waits_for_a_trial_to_end():
+    from search.console import clock
+    from search.progress import duration, time_left_s
+
+    assert [clock(s) for s in (5, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
+    assert [duration(s) for s in (45, 185, 7830)] == ["45s", "3m 05s", "2h 10m"]
+    assert time_left_s(ended=0, remaining=8, seconds=60) is None
+    assert time_left_s(ended=2, remaining=6, seconds=60) == 180
+
+
 def _trials(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "trials.csv", dtype={"trial_id": str})
 
@@ -93,7 +117,8 @@ def test_a_failed_trial_s_line_gives_its_one_line_reason(default_run):
     failed = _trials(run_dir).query("status == 'failed'")
     assert len(failed) >= 1 and (failed.module_set == "mlp").all()
     for trial_id in failed.trial_id:
-        assert re.search(rf"\] trial {trial_id} failed (at step \d+|before its first report): TrialDiverged: .*nan", out), out
+        failed = rf"\] trial {trial_id} failed (at step \d+|before its first report): TrialDiverged: .*nan"
+        assert re.search(failed, out), out
 
 
 def test_the_status_line_counts_the_trials_and_names_the_best_at_the_full_budget(default_run):
@@ -149,15 +174,15 @@ def test_a_signal_while_the_model_is_prepared_exits_with_one_line_and_nothing_wr
     out, err = process.communicate(timeout=60)
     assert process.returncode == code, err[-3000:]
     assert out == ""
-    assert err.splitlines() == [
-        f"stopped by {sent.name}: nothing was written. Start again with: {shlex.join(['python', '-m', 'search.run', *args])}"]
+    command = shlex.join(["python", "-m", "search.run", *args])
+    assert err.splitlines() == [f"stopped by {sent.name}: nothing was written. Start again with: {command}"]
     assert not (tmp_path / "early").exists()
 
 
 def test_ctrl_c_during_the_search_says_one_line_and_neither_it_nor_the_resume_shows_ray_s_hints(
         tiny_model_dir, tmp_path):
     args = _args(tiny_model_dir, tmp_path, "interrupted", "budget.max_steps=20", "search.module_sets=[attention_qv]",
-                 "search.ranks=[2]")
+                 "search.priors=none")
     process = _cli(args)
     out = []
     for line in process.stdout:  # interrupted as the first trials start, before they report
