@@ -128,7 +128,7 @@ def seed_of(parent: str, params: int, loss: float, seed: int) -> TrialFiles:
 def test_more_seeds_are_asked_for_both_leaders_while_their_intervals_overlap():
     decision = decide(LEADERS, SEEDS, max_steps=10)
 
-    assert decision.pick == "cheap" and decision.confirm == ["big"]
+    assert decision.pick == "big" and decision.confirm == ["big"]
     assert decision.more_seeds == {"cheap": 1, "big": 1}  # one run with another seed each
 
 
@@ -139,7 +139,7 @@ def test_more_seeds_stop_for_a_leader_whose_rows_part_outweighs_its_seeds_part()
 
     decision = decide(trials, SEEDS, max_steps=10)
 
-    assert decision.pick == "cheap" and decision.more_seeds == {"cheap": 2}
+    assert decision.pick == "big" and decision.more_seeds == {"cheap": 2}
 
 
 def test_no_more_seeds_once_the_leaders_are_told_apart():
@@ -156,4 +156,4 @@ def test_no_more_seeds_at_confirm_max_seeds():
 
     decision = decide(trials, SelectionConfig(confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=2), max_steps=10)
 
-    assert decision.pick == "cheap" and decision.more_seeds == {}  # undecided, but both have their 2 runs
+    assert decision.pick == "big" and decision.more_seeds == {}  # undecided, but both have their 2 runs

@@ -364,11 +364,10 @@ def test_a_pick_that_cannot_be_told_apart_says_so_in_one_sentence_giving_both(tm
     assert analyse(run_dir) == 0
 
     picked, report = read_pick(run_dir), (run_dir / "report.md").read_text()
-    sentence = ("The pick `aaaa0002` cannot be told apart from `aaaa0001` on this eval set: eval_loss 0.53 ± 0.005 "
-                "at 8,000 trainable_params (1 run) against 0.5 ± 0.01 at 32,000 trainable_params "
-                "(1 run); the pick is within the tolerance by its standard error only, "
-                "`aaaa0001` by its mean.")
-    assert (picked["trial_id"], picked["undecided_with"], picked["undecided"]) == ("aaaa0002", "aaaa0001", sentence)
+    sentence = ("The pick `aaaa0001` cannot be told apart from the cheaper `aaaa0002` on this eval set: eval_loss "
+                "0.5 ± 0.01 at 32,000 trainable_params (1 run) against 0.53 ± 0.005 at 8,000 trainable_params "
+                "(1 run); the pick is within the tolerance by its mean, `aaaa0002` by its standard error only.")
+    assert (picked["trial_id"], picked["undecided_with"], picked["undecided"]) == ("aaaa0001", "aaaa0002", sentence)
     assert sentence in report.split("## The pick")[1].split("\n## ")[0]
 
 
