@@ -212,7 +212,7 @@ def render_report(
         _data_section(run_config),
         _searched(run_config),
         _module_notes(run_config),
-        _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {}).get("compile")),
+        _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {})),
         _pick_section(trials, chosen, no_pick),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen, diagnoses),
@@ -391,12 +391,13 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
 
 def own_total(trials: pd.DataFrame, column: str) -> float:
     """`column` summed over `trials`, each counted for its own work: a promoted trial continued
-    its parent's checkpoint and reports their totals (steps, seconds) together."""
-    parents = trials.loc[trials["origin"] == Origin.PROMOTED.value, "parent"]
+    its parent's checkpoint and reports their totals (steps, seconds) together, as does a rerun
+    of a trial that ran out of memory after a checkpoint."""
+    parents = trials.loc[trials["origin"].isin([Origin.PROMOTED.value, Origin.RERUN.value]), "parent"]
     return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
 
 
-def _spent(trials: pd.DataFrame, max_steps: int, compile_on=None) -> str:
+def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
     counts = trials["status"].value_counts()
     seconds = own_total(trials, "train_seconds")
     eval_seconds = own_total(trials, "eval_seconds")
@@ -411,13 +412,38 @@ def _spent(trials: pd.DataFrame, max_steps: int, compile_on=None) -> str:
         f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
-        + _step_modes(trials, compile_on)
+        + _reruns(stages.get(Origin.RERUN.value, 0))
+        + _share(resources)
+        + _step_modes(trials, compile_on=resources.get("compile"))
     )
     failed = trials[trials["status"] == "failed"]
     if failed.empty:
         return text
-    lines = [f"- `{row.trial_id}` ({row.module_set}, r={row.r}): {row.error}" for row in failed.itertuples()]
+    rerun_as = dict(zip(trials.loc[trials["origin"] == Origin.RERUN.value, "parent"],
+                        trials.loc[trials["origin"] == Origin.RERUN.value, "trial_id"]))
+    lines = [f"- `{row.trial_id}` ({row.module_set}, r={row.r}): {row.error}"
+             + (f"; run again as `{rerun_as[row.trial_id]}`" if row.trial_id in rerun_as else "")
+             for row in failed.itertuples()]
     return text + "\n\nFailed trials:\n\n" + "\n".join(lines)
+
+
+def _reruns(count: int) -> str:
+    if not count:
+        return ""
+    return (f" {count} trial{'s' if count > 1 else ''} ran again (rerun) after running out of GPU memory while other "
+            "trials shared the GPU, with a larger share of it: a neighbour's memory is no fault of a configuration, "
+            "and the failed run is judged by its rerun.")
+
+
+def _share(resources: dict) -> str:
+    """The GPU share trials had, and the memory probe it came from, where one ran."""
+    probe = resources.get("memory_probe")
+    if not probe:
+        return f" Trials had {resources['gpus_per_trial']:g} of a GPU each." if resources.get("gpus_per_trial") else ""
+    return (f" Trials had {probe['share']:g} of a GPU each: one trial of the space's heaviest configuration "
+            f"(r={probe['lora_config']['r']}) held {probe['footprint_gb']:.1f} GB of the {probe['gpu_gb']:.0f} GB GPU "
+            f"(allocator peak {probe['allocated_gb']:.1f} GB), counted {1 + probe['margin']:g} times "
+            "(resources.memory_margin) when packing trials on it.")
 
 
 def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None) -> str:

@@ -23,6 +23,7 @@ class Origin(str, Enum):
     SEARCH = "search"       # proposed by the sampler
     PROMOTED = "promoted"   # a trial ASHA stopped, continued to the full budget from its checkpoint
     CONFIRM = "confirm"     # a leading configuration again, with another seed
+    RERUN = "rerun"         # a trial that ran out of GPU memory beside others, again with fewer neighbours
     RETRAIN = "retrain"     # the pick, trained on all the training data
 
     @property
@@ -44,7 +45,7 @@ class TrialParams:
     loraplus_lr_ratio: float  # B's learning rate over A's (LoRA+); 1 is plain LoRA
     seed: int                # adapter initialisation, dropout masks and data order
     origin: Origin = Origin.SEARCH
-    parent: str | None = None      # the trial that a promoted, confirming or retrained trial repeats
+    parent: str | None = None      # the trial that a promoted, confirming, rerun or retrained trial repeats
     start_from: str | None = None  # a checkpoint (directory or URI) to continue from: a promotion's
     full_data: bool = False        # train on all the training data, not data.search_fraction of it
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The Tune config key of a trial run again with a larger share than resources.gpus_per_trial
+# (search/stages.py sets it, the trainable's resources read it: search/tuner.py).
+GPU_SHARE = "gpu_share"
 SHARES = (0.125, 0.25, 0.5, 1.0)  # 8, 4, 2 or 1 trials to a GPU, as the rule by parameter count packs
+
+
+def ran_out_of_memory(error_text: str) -> bool:
+    """Whether a trial's error (Ray's `error.txt`) is PyTorch's CUDA out-of-memory error."""
+    return "OutOfMemoryError" in error_text or "CUDA out of memory" in error_text
 
 
 def share_for(footprint_gb: float, gpu_gb: float, margin: float) -> float:

@@ -26,6 +26,7 @@ from rundir.files import write_json_atomic
 from rundir.layout import SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
+from search.memory import GPU_SHARE
 
 
 class StagedSearch(Searcher):
@@ -63,11 +64,16 @@ class StagedSearch(Searcher):
         self._params: dict[str, TrialParams] = {}  # every trial handed out, by trial id
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
+        self._reruns: list[dict] = []  # Tune configs of trials to run again with a larger GPU share
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self._reruns:
+            config = self._reruns.pop(0)
+            self._params[trial_id] = TrialParams.from_config(config)
+            return config
         if self._proposed < self._num_samples:
             proposal = self.searcher.suggest(trial_id)
             if proposal == Searcher.FINISHED:  # a space with fewer points than num_samples
@@ -97,6 +103,19 @@ class StagedSearch(Searcher):
         self._stale = True
         if self._from_search(trial_id):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def run_again(self, trial_id: str, gpu_share: float) -> None:
+        """Hand out the configuration of `trial_id`, which ran out of GPU memory while sharing its
+        GPU, as a new trial (origin `rerun`, parent `trial_id`) with `gpu_share` of a GPU, from the
+        failed trial's last checkpoint, else from where it started. Called before Tune asks for
+        the next trial (`search.tuner.OutOfMemoryReruns`), so the search cannot finish meanwhile."""
+        params = self._params[trial_id]
+        rows = self._rows.get(trial_id, [])
+        checkpoint = rows[-1].get("checkpoint_dir_name") if rows else None
+        start_from = (self._location.path_of(SEARCH_EXPERIMENT, trial_directory(trial_id), checkpoint) if checkpoint
+                      else params.start_from)
+        rerun = params.repeat(Origin.RERUN, trial_id, start_from=start_from, full_data=params.full_data)
+        self._reruns.append({**rerun.to_config(), GPU_SHARE: gpu_share})
 
     def get_state(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "searcher"}

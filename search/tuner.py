@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -20,6 +21,7 @@ from rundir.layout import ASHA_STATE, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, tri
 from rundir.location import RunLocation
 from rundir.params import Origin
 from search.config import Config
+from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
 from search.progress import progress_callbacks, status_reporter
 from search.stages import GivenConfigs, StagedSearch
 from trainables.config import TrialSetup
@@ -133,8 +135,30 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
 
 
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
-    """The trial function with its setup (by object reference, once) and resources."""
-    return tune.with_resources(tune.with_parameters(train_lora, setup=setup), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    """The trial function with its setup (by object reference, once) and resources: a trial run
+    again after running out of memory beside others takes the larger share its config names."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        return PlacementGroupFactory([{"CPU": cpus_per_trial, "GPU": config.get(GPU_SHARE, gpus_per_trial)}])
+
+    return tune.with_resources(tune.with_parameters(train_lora, setup=setup), resources)
+
+
+class OutOfMemoryReruns(tune.Callback):
+    """A trial that failed with CUDA's out-of-memory error while other trials shared its GPU is
+    run again by `staged` with a larger share (search/memory.py `larger_share`); one that had a GPU
+    to itself stays failed. Tune tells a searcher only that a trial failed, not why; a callback
+    sees the trial, whose `error.txt` Tune has written by then (Ray 2.60:
+    TuneController._process_trial_failure)."""
+
+    def __init__(self, staged: StagedSearch):
+        self.staged = staged
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        share = larger_share(trial.placement_group_factory.required_resources.get("GPU", 0))
+        if share and trial.error_file and ran_out_of_memory(Path(trial.error_file).read_text(errors="replace")):
+            self.staged.run_again(trial.trial_id, share)
 
 
 def trial_dirname(trial) -> str:
@@ -165,12 +189,12 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     )
     staged = StagedSearch(searcher, budget.num_samples, selection, budget.max_steps, config.seed, location)
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1,
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [OutOfMemoryReruns(staged)],
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
 def experiment(name: str, trainable, config: Config, location: RunLocation, search_alg, num_samples: int,
-               **tune_config) -> tune.Tuner:
+               callbacks: list = (), **tune_config) -> tune.Tuner:
     """A Tuner for the run's experiment `name`, with what every experiment of a run shares:
     reused workers (the base model stays loaded), short trial directories, adapter-only
     checkpoints of which one is kept, and the retry policy."""
@@ -190,7 +214,7 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             storage_filesystem=location.storage_filesystem(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
-            callbacks=progress_callbacks(config),
+            callbacks=[*callbacks, *progress_callbacks(config)],
             # Tune's own tables with --verbose, else these lines in their place (search/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,

@@ -45,3 +45,27 @@ def install_transient() -> None:
             raise RuntimeError("worker lost (injected by the test)")
 
     tune.report = report_then_fail_once  # the trial looks tune.report up at call time
+
+
+def install_out_of_memory_when_shared() -> None:
+    """A rank-8 trial runs out of memory just after its first report whenever it shares its GPU
+    (its share below 1; Ray is told of a GPU this CPU machine does not have, so the trial itself
+    runs on the CPU); with a GPU to itself it trains to the end."""
+    import trainables.trial as trial
+    from ray import tune
+
+    original_train, original_report = trial._train, tune.report
+    rank = {}
+
+    def train(model, optimizer, scheduler, params, *rest):
+        rank["r"] = params.lora_config["r"]
+        return original_train(model, optimizer, scheduler, params, *rest)
+
+    def report_then_run_out_of_memory(metrics, checkpoint=None):
+        original_report(metrics, checkpoint=checkpoint)
+        share = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+        if rank["r"] == 8 and share < 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test: "
+                                         f"the trial shares its GPU, {share:g} of it)")
+
+    trial._train, tune.report = train, report_then_run_out_of_memory
