@@ -8,7 +8,11 @@ No weights are downloaded: the model is random-init from the shapes of its `conf
 inside either vocabulary. The task is the reference `facts` set (bench/data/facts/), the budget
 search_vs_grid's: 100 steps of 8 sequences, ASHA rungs at 50 and 100.
 
-Three runs of `python -m search.run`, each its own process:
+`--only-probe` runs the probe alone (search/memory.py, no Ray or Optuna needed: it runs on a
+GPU machine with torch, transformers and peft only) on the space's heaviest default
+configuration, all seven projections at r=32, with and without CUDA graphs.
+
+Otherwise, three runs of `python -m search.run`, each its own process:
 1. `--dry-run` with `gpus_per_trial: auto`: prints the probe's line (the footprint, the
    allocator's peak and reserve, what is held outside the allocator, the share);
 2. the search with `gpus_per_trial: auto`;
@@ -64,20 +68,23 @@ MODELS = {
 }
 
 
-def random_init_model(name: str, directory: Path) -> Path:
-    """`MODELS[name]`, random-init in bf16, saved with SmolLM2's tokenizer (and chat template) to `directory`."""
+def random_init_model(name: str, directory: Path, tokenizer: bool = True) -> Path:
+    """`MODELS[name]`, random-init in bf16, saved to `directory` with SmolLM2's tokenizer (and chat
+    template), or without one (`tokenizer` false: the probe alone needs none, nor the SmolLM2 GGUF)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from trainables.model import smollm2_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_checkpoint()) if tokenizer else None
+    ids = ({"pad_token_id": smollm2.pad_token_id, "bos_token_id": smollm2.bos_token_id, "eos_token_id": smollm2.eos_token_id}
+           if smollm2 else {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
     shapes = dict(MODELS[name])
-    config = AutoConfig.for_model(shapes.pop("model_type"), **shapes, pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(shapes.pop("model_type"), **shapes, **ids)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
+    if smollm2:
+        smollm2.save_pretrained(directory)
     return directory
 
 
@@ -141,12 +148,31 @@ def search(model_dir: Path, output: Path, name: str, gpus_per_trial: str, sample
     }
 
 
+def probe_only(model_dir: Path, batch_size: int = 8, max_length: int = 128) -> dict:
+    """The probe of search/memory.py on `model_dir`, at search_vs_grid's batch and the default
+    max_length, all seven projections at r=32 (the default space's heaviest), with CUDA graphs
+    as trials use them, and eager."""
+    from search.memory import ProbeSpec, probe, share_for
+    from search.space import ResolvedModules, lora_config
+
+    names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    lora = lora_config(ResolvedModules("all_linear", names, False, [], None), 32, 2.0, 0.1, False, False)
+    out = {}
+    for mode, graphs in (("cuda_graph", True), ("eager", False)):
+        measured = probe(ProbeSpec(str(model_dir), "bfloat16", "none", False, False, lora, batch_size, max_length,
+                                   graphs, False))
+        out[mode] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in measured.items()},
+                     "share_at_margin_1": share_for(measured["footprint_gb"], measured["gpu_gb"], 1.0)}
+        print(f"PROBE {mode}: {json.dumps(out[mode])}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="gemma3-270m")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--by-hand", default="0.25", help="the share fixed by hand for the second search")
-    parser.add_argument("--only-probe", action="store_true", help="the dry run's probe only, no searches")
+    parser.add_argument("--only-probe", action="store_true", help="the probe alone (no Ray, Optuna or SmolLM2 GGUF needed), no searches")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides, as search.run's --set")
     args = parser.parse_args()
     import torch
@@ -155,10 +181,12 @@ def main() -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "overrides": args.set}
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = random_init_model(args.model, Path(scratch, "model"))
-        record["dry_run"] = search(model_dir, Path(scratch, "runs"), "probe", "auto", args.samples, args.set, dry_run=True)
-        print(f"PROBE: {record['dry_run']['probe_line']} (dry run {record['dry_run']['wall_seconds']} s)", flush=True)
-        if not args.only_probe:
+        model_dir = random_init_model(args.model, Path(scratch, "model"), tokenizer=not args.only_probe)
+        if args.only_probe:
+            record["probe"] = probe_only(model_dir)
+        else:
+            record["dry_run"] = search(model_dir, Path(scratch, "runs"), "probe", "auto", args.samples, args.set, dry_run=True)
+            print(f"PROBE: {record['dry_run']['probe_line']} (dry run {record['dry_run']['wall_seconds']} s)", flush=True)
             for label, share in (("auto", "auto"), ("by_hand", args.by_hand)):
                 record[label] = search(model_dir, Path(scratch, "runs"), label, share, args.samples, args.set)
                 figures = {k: v for k, v in record[label].items() if k != "probe"}
