@@ -96,3 +96,14 @@ def test_the_probe_trains_the_spaces_heaviest_configuration():
     lora = heaviest_lora_config(resolved, [4, 32, 8], [False, True], [0.0, 0.1])
     assert lora["r"] == 32 and lora["target_modules"] == resolved["all_linear"].target_modules
     assert lora["use_dora"] and lora["lora_dropout"] == 0.1
+
+
+def test_the_report_gives_the_share_and_the_probe_it_came_from():
+    from analysis.report import _share
+
+    probe = {"footprint_gb": 12.99, "allocated_gb": 5.74, "gpu_gb": 139.8, "margin": 1.0, "share": 0.25,
+             "lora_config": {"r": 32}}
+    line = _share({"gpus_per_trial": 0.25, "memory_probe": probe})
+    assert "0.25 of a GPU" in line and "13.0 GB" in line and "140 GB" in line and "counted 2 times" in line
+    assert _share({"gpus_per_trial": 0.5, "memory_probe": None}) == " Trials had 0.5 of a GPU each."
+    assert _share({"gpus_per_trial": 0.0}) == ""  # CPU trials share no GPU
