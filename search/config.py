@@ -78,11 +78,11 @@ class ResourcesConfig:
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "trials at once; 0: every slot of the Ray cluster at the start (GPUs / gpus_per_trial, else CPUs / cpus_per_trial)"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
-    # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
     # 1.0: a trial may come to hold twice what the probe's one step held. Issue 19's trials held up to
     # 2.2x their allocator's peak (25.7 GB against 11.6 GB); the probe counts the cache and the context,
     # not the pools and fragments that grow over a trial's steps and evaluations.
     memory_margin: float = field(default=1.0, metadata={"help": "under auto, each trial's measured GPU footprint is counted (1 + memory_margin) times when packing trials on a GPU"})
+    # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
     compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph; auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps"})
@@ -114,9 +114,9 @@ class ResourcesConfig:
         if not cuda:
             return 0.0
         share = 0.125 if total_params < 0.5e9 else 0.25 if total_params < 1e9 else 0.5 if total_params < 4e9 else 1.0
-        if gpu_memory_gb:
         if gpu_memory_gb and footprint_gb:
             return max(share, share_for(footprint_gb, gpu_memory_gb, self.memory_margin))
+        if gpu_memory_gb:
             need = trial_memory_gb(total_params, bytes_per_param)
             while share < 1.0 and share * gpu_memory_gb < need:
                 share *= 2
@@ -137,9 +137,9 @@ class ResourcesConfig:
             out.append(f"resources.max_concurrent_trials is {self.max_concurrent_trials}; allowed: 0 (no limit) or more")
         if self.max_failures < 0:
             out.append(f"resources.max_failures is {self.max_failures}; allowed: an integer >= 0")
-        return out
         if self.memory_margin < 0:
             out.append(f"resources.memory_margin is {self.memory_margin}; allowed: a number >= 0 (0: trials packed to their measured footprint exactly)")
+        return out
 
 
 @dataclass
