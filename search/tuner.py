@@ -17,7 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.candidates import decide
 from analysis.results import read_trial_files
 from rundir.files import write_json_atomic
-from rundir.layout import ASHA_STATE, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
+from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin
 from search.config import Config
@@ -36,14 +36,52 @@ class LoraOptunaSearch(OptunaSearch):
     on). Here a trial below the full budget is PRUNED (TPE then ranks it by its last
     intermediate value at that step), a non-finite or missing value is FAIL, and every
     Optuna trial ends with exactly one final state.
+
+    With a `storage` that outlives the process (the run's journal), the study can be ahead of
+    the copy of this searcher that Tune saved, at most a second before a kill. A resumed search
+    tells no trial twice (one told after that copy stays as the study has it), and ends a trial
+    asked after that copy, which Tune will never run, as FAIL (see `_fail_lost_trials`). A
+    study already in the storage (Tune had saved nothing yet) has its `points_to_evaluate`
+    queued already.
     """
 
-    def __init__(self, *args, max_steps: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, max_steps: int, storage=None, study_name: str | None = None,
+                 points_to_evaluate: list[dict] | None = None, **kwargs):
+        import optuna
+
+        if storage is not None and study_name in optuna.get_all_study_names(storage):
+            points_to_evaluate = None
+        super().__init__(*args, storage=storage, study_name=study_name, points_to_evaluate=points_to_evaluate, **kwargs)
         self._max_steps = max_steps
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials:
+            self._fail_lost_trials()
+        return super().suggest(trial_id)
+
+    def _fail_lost_trials(self) -> None:
+        """End as FAIL each RUNNING trial of the study that no Tune trial holds: one asked after
+        Tune's last copy of this searcher, lost with the process that asked it (Optuna fails a
+        trial whose worker died the same way). TPE leaves failed trials out, so the sampler, in
+        the state of Tune's copy, proposes what it proposed before the kill: the resumed search
+        goes on as an uninterrupted one would. A queued point (the prior) is queued again."""
+        from optuna.trial import TrialState
+
+        held = {trial.number for trial in self._ot_trials.values()}
+        for lost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if lost.number not in held:
+                self._ot_study.tell(lost.number, state=TrialState.FAIL)
+                if "fixed_params" in lost.system_attrs:  # where Optuna keeps an enqueued trial's point
+                    self._ot_study.enqueue_trial(lost.system_attrs["fixed_params"])
+
+    def _ended_in_study(self, trial_id: str) -> bool:
+        return self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number].state.is_finished()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if trial_id in self._completed_trials:
+            return
+        if self._ended_in_study(trial_id):  # told before a kill that came after Tune's last copy of this searcher
+            self._completed_trials.add(trial_id)
             return
         from optuna.trial import TrialState
 
@@ -59,7 +97,7 @@ class LoraOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict):
         value = result.get(self.metric)
-        if value is not None and math.isfinite(value):
+        if value is not None and math.isfinite(value) and not self._ended_in_study(trial_id):
             self._ot_trials[trial_id].report(value, result["step"])
 
 
@@ -171,6 +209,8 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     steps, then the promotions and confirmations (search/stages.py) on the same workers,
     results in the run's `tune` experiment."""
     import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
 
     budget, selection = config.budget, config.selection
     sampler = optuna.samplers.TPESampler(
@@ -178,8 +218,13 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
         constant_liar=True,  # parallel trials otherwise get near-duplicate proposals (optuna#892)
         n_startup_trials=max(2, min(10, budget.num_samples // 3)),
     )
-    searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode,
-                                sampler=sampler, points_to_evaluate=priors or None, max_steps=budget.max_steps)
+    # The study in the run, for optuna-dashboard and the resume: Optuna's journal file is only ever
+    # appended to, so a kill leaves every line before it whole, and its lock is a symlink, which
+    # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
+    storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
+    searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode, sampler=sampler,
+                                storage=storage, study_name=config.name, points_to_evaluate=priors or None,
+                                max_steps=budget.max_steps)
     scheduler = ResumableASHA(
         state_path=str((location.local / ASHA_STATE).resolve()),
         time_attr="step",
