@@ -22,6 +22,7 @@ from analysis.config import SelectionConfig, needs_generations
 from search.memory import share_for
 from search.prior import TaskConfig
 from search.space import SpaceConfig
+from search.tracking import TrackingConfig
 from trainables.config import DataConfig, ModelConfig
 
 # Package data (the `configs` package), so a wheel install finds it as a checkout does.
@@ -154,6 +155,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:
         out = []

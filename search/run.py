@@ -285,6 +285,11 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     from analysis.report import analyse
 
     code = analyse(location.local)
+    if config.tracking.mlflow.enabled:
+        from search.trackers import log_pick
+
+        if not log_pick(config.tracking.mlflow.tracking_uri, location.local):
+            code = code or 1
     if not _push(location):
         code = code or 1
     elif location.remote:

@@ -24,6 +24,7 @@ from search.config import Config
 from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
 from search.progress import progress_callbacks, status_reporter
 from search.stages import GivenConfigs, StagedSearch
+from search.tracking import logger_callbacks
 from trainables.config import TrialSetup
 from trainables.trial import train_lora
 
@@ -259,7 +260,7 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             storage_filesystem=location.storage_filesystem(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
-            callbacks=[*callbacks, *progress_callbacks(config)],
+            callbacks=[*callbacks, *logger_callbacks(config.tracking, config.name, location.local), *progress_callbacks(config)],
             # Tune's own tables with --verbose, else these lines in their place (search/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,
