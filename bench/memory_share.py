@@ -120,7 +120,7 @@ def search(model_dir: Path, output: Path, name: str, gpus_per_trial: str, sample
                *[x for s in sets for x in ("--set", s)], *(["--dry-run"] if dry_run else [])]
     started = time.perf_counter()
     with ProcessMemory() as memory:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     wall = time.perf_counter() - started
     print(done.stdout[-4000:], done.stderr[-4000:] if done.returncode else "", sep="\n", flush=True)
     figures = {"exit_code": done.returncode, "wall_seconds": round(wall, 1),
@@ -140,7 +140,7 @@ def search(model_dir: Path, output: Path, name: str, gpus_per_trial: str, sample
         "probe": config["resources"].get("memory_probe"),
         "trials": len(trials),
         "failed": len(failed),
-        "out_of_memory": int(failed.error.str.contains("OutOfMemoryError|CUDA out of memory").sum()),
+        "out_of_memory": int(failed.error.fillna("").astype(str).str.contains("OutOfMemoryError|CUDA out of memory").sum()),
         "reruns": int((trials.origin == "rerun").sum()),
         "max_peak_memory_gb": round(float(trials.peak_memory_gb.max()), 2),
         "max_peak_allocated_gb": round(float(trials.peak_allocated_gb.max()), 2),
@@ -174,7 +174,10 @@ def main() -> int:
     parser.add_argument("--by-hand", default="0.25", help="the share fixed by hand for the second search")
     parser.add_argument("--only-probe", action="store_true", help="the probe alone (no Ray, Optuna or SmolLM2 GGUF needed), no searches")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides, as search.run's --set")
+    parser.add_argument("--searches", default="auto,by_hand", help="which searches to run, comma-separated: auto, by_hand "
+                        "(the probe's dry run comes with auto)")
     args = parser.parse_args()
+    searches = args.searches.split(",")
     import torch
 
     record = {"benchmark": "memory_share", "model": args.model, "shapes": MODELS[args.model],
@@ -185,14 +188,18 @@ def main() -> int:
         if args.only_probe:
             record["probe"] = probe_only(model_dir)
         else:
-            record["dry_run"] = search(model_dir, Path(scratch, "runs"), "probe", "auto", args.samples, args.set, dry_run=True)
-            print(f"PROBE: {record['dry_run']['probe_line']} (dry run {record['dry_run']['wall_seconds']} s)", flush=True)
+            if "auto" in searches:
+                record["dry_run"] = search(model_dir, Path(scratch, "runs"), "probe", "auto", args.samples, args.set,
+                                           dry_run=True)
+                print(f"PROBE: {record['dry_run']['probe_line']} (dry run {record['dry_run']['wall_seconds']} s)", flush=True)
             for label, share in (("auto", "auto"), ("by_hand", args.by_hand)):
+                if label not in searches:
+                    continue
                 record[label] = search(model_dir, Path(scratch, "runs"), label, share, args.samples, args.set)
                 figures = {k: v for k, v in record[label].items() if k != "probe"}
                 print(f"SEARCH {label}: {json.dumps(figures)}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "memory_share.json" if not args.only_probe else "memory_share_probe.json"
+    name = "memory_share_probe.json" if args.only_probe else f"memory_share_{'_'.join(searches)}.json"
     (RESULTS / name).write_text(json.dumps(record, indent=2, default=str))
     return 0
 

@@ -12,7 +12,7 @@ ASHA_STATE = "asha_state.json"   # ASHA's rungs, which Tune's restore would othe
 DRIVER_PID = "driver.pid"        # meaningful on the driver's machine only: never uploaded
 RAY_SESSION = "ray_session"      # the driver's Ray session directory, to find its leftover workers
 LOGS = "logs"                    # what Ray, Optuna, datasets and transformers log in the driver, a file each
-OPTUNA_STUDY = "optuna.log"      # Optuna's journal of the search's study: optuna-dashboard opens it
+OPTUNA_STUDY = "optuna_study.log"      # Optuna's journal of the search's study: optuna-dashboard opens it
 MLFLOW_RUN = "mlflow_run.json"   # the MLflow run of the search, under which each trial's run is nested
 
 # Ray Tune experiments, one directory each. The search, its promotions and its confirmations

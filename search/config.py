@@ -75,14 +75,16 @@ def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
 
 @dataclass
 class ResourcesConfig:
-    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial, a fraction packs several on one GPU; auto: 0 without CUDA, else a share by model size and GPU memory, and by one trial's memory as measured on this machine's GPU"})
+    gpus_per_trial: float | str = field(default="auto", metadata={"help": "GPUs per trial (a fraction packs several on a GPU); auto: none without CUDA, else by model size and one trial's measured memory"})
     cpus_per_trial: int = field(default=1, metadata={"help": "CPUs (and torch threads) per trial"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "trials at once; 0: every slot of the Ray cluster at the start (GPUs / gpus_per_trial, else CPUs / cpus_per_trial)"})
     max_failures: int = field(default=0, metadata={"help": "retries of a failed trial from its last checkpoint (for transient faults such as a lost node)"})
-    # 1.0: a trial may come to hold twice what the probe's one step held. Issue 19's trials held up to
-    # 2.2x their allocator's peak (25.7 GB against 11.6 GB); the probe counts the cache and the context,
-    # not the pools and fragments that grow over a trial's steps and evaluations.
-    memory_margin: float = field(default=1.0, metadata={"help": "under auto, each trial's measured GPU footprint is counted (1 + memory_margin) times when packing trials on a GPU"})
+    # 0.25, from searches on one H200 (bench/results/h200-2026-12-01-memory/): the probe's heaviest
+    # configuration held more than any trial of the search did (SmolLM2 9.4 GB against at most 7.0;
+    # a 262k-vocabulary 270M model 13.0 GB against at most 11.3 with 8 trials to the GPU and no
+    # out-of-memory failure, once eval batches hold at most 1 GiB of logits). At 1.0 the probe halved
+    # SmolLM2's packing to 4 a GPU, and the search took 116 s instead of 98.
+    memory_margin: float = field(default=0.25, metadata={"help": "under auto, each trial's measured GPU footprint is counted (1 + memory_margin) times when packing trials on a GPU"})
     # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})

@@ -141,7 +141,7 @@ def test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_on
     from optuna.storages.journal import JournalFileBackend
 
     run_dir, _, _ = tracked
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.log")))
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna_study.log")))
     assert optuna.get_all_study_names(storage) == [NAME]
     trials = optuna.load_study(study_name=NAME, storage=storage).trials
     # a trial asked after Tune's last save before the kill failed, and was proposed again
