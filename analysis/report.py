@@ -81,7 +81,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         if retrain:
             export_retrained_weights(run_dir / retrain["directory"], out / ADAPTER)
         write_json_atomic(out / PICK, {**asdict(chosen), "analysis": out.relative_to(run_dir).as_posix(),
-                                       "retrain": retrain})
+                                       "retrain": retrain, "data": _data_sources(run_config)})
     write_text_atomic(out / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
                                                   diagnose(trials, curves), _retrain_section(retrains, chosen, run_dir)))
     for name in LATEST:
@@ -97,6 +97,17 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         f"{chosen.cost_name} {chosen.cost:,.6g}. Report: {run_dir / REPORT}"
     )
     return 0
+
+
+def _data_sources(run_config: dict) -> dict:
+    """What pick.json says of the data the pick was judged on: each split's source, the part of it
+    used, its rows, and how many rows max_length truncated or dropped (`data_info` of run_config.json)."""
+    info = run_config.get("data_info", {})
+    keys = ("source", "part", "format", "rows", "truncated", "dropped")
+    return {"template": info.get("template"), "max_length": info.get("max_length"),
+            **{split: {key: info[split].get(key) for key in keys} for split in ("train", "eval")
+               if isinstance(info.get(split), dict)},
+            "eval_rows_scored": info.get("eval_rows")}
 
 
 def _new_analysis_dir(run_dir: Path) -> Path:

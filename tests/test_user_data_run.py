@@ -59,6 +59,15 @@ def test_the_report_names_the_train_and_eval_sources(user_run):
     assert "atlas" not in report
 
 
+def test_pick_json_names_the_data_the_pick_was_judged_on(user_run):
+    _, run_dir, data = user_run
+    sources = json.loads((run_dir / "pick.json").read_text())["data"]
+    assert (sources["train"]["source"], sources["train"]["rows"]) == (str(data), 18)
+    assert (sources["eval"]["source"], sources["eval"]["rows"], sources["eval"]["part"]) == (
+        str(data), 2, "2 of 20 rows held out by data.eval_fraction=0.1, seed 0")
+    assert sources["train"]["truncated"] == 0 and sources["template"] in ("chat", "plain")
+
+
 def test_the_adapter_names_the_base_model_as_given(user_run, tiny_model_dir):
     _, run_dir, _ = user_run
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
