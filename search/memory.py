@@ -1,4 +1,4 @@
-"""How much of a GPU one trial gets, from what a trial measurably holds there (issue 19).
+"""How much of a GPU one trial gets, from what a trial measurably holds there.
 
 A trial's process holds more than its tensors: the allocator's cache, CUDA-graph pools, the
 CUDA context, and eval batches whose logits span the vocabulary. On an H200, 270M-parameter
@@ -10,7 +10,10 @@ trial that runs out of memory beside others runs again with a larger share (`lar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # The Tune config key of a trial run again with a larger share than resources.gpus_per_trial
 # (search/stages.py sets it, the trainable's resources read it: search/tuner.py).
@@ -73,8 +76,9 @@ class Probe:
     gpu_gb: float
     margin: float
     share: float              # the share `auto` chose (the larger of this and the share by parameter count)
-    seconds: float            # the probe's wall time, its own process included
+    seconds: float            # the probe's wall time, its own process included (0 when `cached`)
     lora_config: dict
+    cached: bool = False      # the figures of an earlier probe of the same model, configuration and GPU
 
     def line(self) -> str:
         """The probe in one line, for the console and the dry run."""
@@ -84,7 +88,7 @@ class Probe:
                 f"held {self.footprint_gb:.1f} GB ({self.source}; allocator peak {self.allocated_gb:.1f} GB, reserved "
                 f"{self.reserved_gb:.1f} GB, outside the allocator {self.context_gb:.1f} GB) of a {self.gpu_gb:.0f} GB GPU; "
                 f"with margin {self.margin:g}: gpus_per_trial {self.share:g} ({neighbours} trial{'s' if neighbours > 1 else ''} "
-                f"to a GPU), measured in {self.seconds:.0f} s")
+                f"to a GPU), " + ("measured by an earlier run on this GPU" if self.cached else f"measured in {self.seconds:.0f} s"))
 
 
 def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool], dropout: list[float] | float) -> dict:
@@ -98,20 +102,47 @@ def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool],
                        False, any(use_dora))
 
 
-def probe(spec: ProbeSpec) -> dict:
+def probe(spec: ProbeSpec, cache_dir: Path | None = None, device: str = "") -> dict:
     """Measure one trial of `spec` in a fresh process (spawned, so the caller holds no CUDA
     context afterwards and nothing of the probe's stays on the GPU): load the base model, add the
     adapter, take two optimizer steps at the run's batch and width (the first allocates AdamW's
     state; a CUDA graph, where trials use one, is captured as trials capture it), then one eval
     batch at the eval token budget. Returns `footprint_gb, reserved_gb, allocated_gb,
-    context_gb, source, gpu_gb, seconds` in GB of 2**30 bytes."""
-    import multiprocessing
+    context_gb, source, gpu_gb, seconds, cached` in GB of 2**30 bytes.
+
+    With `cache_dir`, the figures are kept there under a key of `spec`, the model's files (names,
+    sizes, times), `device` (the GPU's name) and the torch version, and a later run with the same
+    key reads them instead of measuring: the probe takes about 20 s, as long as a small model's
+    search spends in steps in its first minute."""
     import time
 
+    path = cache_dir / f"{_probe_key(spec, device)}.json" if cache_dir else None
+    if path and path.is_file():
+        return {**json.loads(path.read_text()), "seconds": 0.0, "cached": True}
     started = time.perf_counter()
+    measured = {**_measure_in_a_fresh_process(spec), "seconds": time.perf_counter() - started, "cached": False}
+    if path:
+        from rundir.files import write_json_atomic
+
+        write_json_atomic(path, measured)
+    return measured
+
+
+def _probe_key(spec: ProbeSpec, device: str) -> str:
+    import torch
+
+    model = Path(spec.model_path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir() if f.is_file()) \
+        if model.is_dir() else [spec.model_path]
+    return hashlib.sha256(json.dumps([asdict(spec), files, device, torch.__version__], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:20]
+
+
+def _measure_in_a_fresh_process(spec: ProbeSpec) -> dict:
+    import multiprocessing
+
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        measured = pool.apply(_measure, (spec,))
-    return {**measured, "seconds": time.perf_counter() - started}
+        return pool.apply(_measure, (spec,))
 
 
 def _measure(spec: ProbeSpec) -> dict:

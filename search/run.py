@@ -152,6 +152,8 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
 def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float):
     """One trial of the space's heaviest configuration, measured on this machine's GPU, and the
     share `auto` takes from it (search/memory.py)."""
+    import torch
+
     from search.memory import Probe, ProbeSpec, heaviest_lora_config, probe
     from trainables.model import resolve_dtype
 
@@ -162,7 +164,8 @@ def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float
         quantization=config.model.quantization, trust_remote_code=config.model.trust_remote_code,
         gradient_checkpointing=config.model.gradient_checkpointing, lora_config=lora,
         batch_size=config.budget.batch_size, max_length=config.data.max_length,
-        cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing, compiled=compiled))
+        cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing, compiled=compiled),
+        cache_dir=cache_root() / "memory-probes", device=torch.cuda.get_device_name(0))
     share = config.resources.gpus(True, prepared.total_params, gpu_memory_gb, footprint_gb=measured["footprint_gb"])
     return Probe(**measured, margin=config.resources.memory_margin, share=share, lora_config=lora)
 

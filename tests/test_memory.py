@@ -111,3 +111,34 @@ def test_the_report_gives_the_share_and_the_probe_it_came_from():
     assert "0.25 of a GPU" in line and "13.0 GB" in line and "140 GB" in line and "counted 2 times" in line
     assert _share({"gpus_per_trial": 0.5, "memory_probe": None}) == " Trials had 0.5 of a GPU each."
     assert _share({"gpus_per_trial": 0.0}) == ""  # CPU trials share no GPU
+
+
+def test_a_probe_of_the_same_model_configuration_and_gpu_is_read_from_the_cache_fake_gpu(tmp_path, monkeypatch):
+    """The measurement needs a GPU, so a fake stands in for it; the cache around it is real."""
+    import search.memory as memory
+    from search.memory import ProbeSpec, probe
+
+    measured = []
+
+    def fake_measure(spec):
+        measured.append(spec)
+        return {"footprint_gb": 9.4, "reserved_gb": 8.6, "allocated_gb": 5.5, "context_gb": 0.8, "source": "nvml",
+                "gpu_gb": 140.0}
+
+    monkeypatch.setattr(memory, "_measure_in_a_fresh_process", fake_measure)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    spec = ProbeSpec(str(model), "bfloat16", "none", False, False, {"r": 32, "target_modules": ["q_proj"]}, 8, 128,
+                     True, False)
+    cache = tmp_path / "probes"
+
+    first = probe(spec, cache, "NVIDIA H200")
+    again = probe(spec, cache, "NVIDIA H200")
+    other_gpu = probe(spec, cache, "NVIDIA H100 80GB HBM3")
+    (model / "config.json").write_text('{"vocab_size": 262144}')  # another model in the same directory
+    other_model = probe(spec, cache, "NVIDIA H200")
+
+    assert len(measured) == 3
+    assert (first["cached"], again["cached"], other_gpu["cached"], other_model["cached"]) == (False, True, False, False)
+    assert again["footprint_gb"] == first["footprint_gb"] and again["seconds"] == 0.0
