@@ -8,7 +8,28 @@ Which trials: rank 8 runs out of memory; module set `mlp` (at other ranks) diver
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_search(driver: str, output: Path, name: str, sets: list[str]):
+    """Run `python -c driver` (a script that starts Ray with the faults' hook, then calls
+    search.run's main with its arguments) on `sets` as a run named `name` under `output`;
+    return its exit code, run directory and trials.csv as a DataFrame."""
+    import pandas as pd
+
+    args = ["--output", str(output), "--name", name, *[x for s in sets for x in ("--set", s)]]
+    result = subprocess.run([sys.executable, "-c", driver % str(ROOT), *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    run_dir = output / name
+    assert (run_dir / "trials.csv").exists(), result.stdout[-2000:] + result.stderr[-3000:]
+    return result.returncode, run_dir, pd.read_csv(run_dir / "trials.csv")
 
 
 def install() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from faults import run_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +31,7 @@ def faulty_run(tiny_model_dir, tmp_path_factory):
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp,all_linear]", "search.ranks=[2,4,8]",
             "search.learning_rate=[1e-3,2e-2]", "budget.num_samples=10", "budget.max_steps=6", "budget.eval_every=3",
             "budget.grace_period=3", "budget.batch_size=4", "data.eval_examples=8"]
-    args = ["--output", str(output), "--name", "faulty", *[x for s in sets for x in ("--set", s)]]
-    result = subprocess.run([sys.executable, "-c", DRIVER % str(ROOT), *args], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-    run_dir = output / "faulty"
-    assert (run_dir / "trials.csv").exists(), result.stdout[-2000:] + result.stderr[-3000:]
-    return result.returncode, run_dir, pd.read_csv(run_dir / "trials.csv")
+    return run_search(DRIVER, output, "faulty", sets)
 
 
 def test_the_search_goes_on_and_every_trial_has_a_row(faulty_run):

@@ -6,13 +6,10 @@ packed two to it (tests/faults.py raises the out-of-memory error)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from faults import run_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +33,7 @@ def shared_run(tiny_model_dir, tmp_path_factory):
             "search.learning_rate=2e-2", "budget.num_samples=2", "budget.max_steps=6", "budget.eval_every=3",
             "budget.grace_period=6", "budget.batch_size=4", "data.eval_examples=8", "selection.confirm_top_k=0",
             "selection.promote=false"]
-    args = ["--output", str(output), "--name", "shared", *[x for s in sets for x in ("--set", s)]]
-    result = subprocess.run([sys.executable, "-c", DRIVER % str(ROOT), *args], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-    run_dir = output / "shared"
-    assert (run_dir / "trials.csv").exists(), result.stdout[-2000:] + result.stderr[-3000:]
-    return result.returncode, run_dir, pd.read_csv(run_dir / "trials.csv")
+    return run_search(DRIVER, output, "shared", sets)
 
 
 def test_a_trial_out_of_memory_beside_others_is_run_again_alone_from_its_checkpoint_and_finishes(shared_run):
