@@ -91,8 +91,10 @@ def ray_start_cluster():
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
+    # as a user's shell has them: without what an in-process search.run sets for its local Ray (the loopback
+    # switch, which makes `ray start --address` refuse to join), and without any cluster or token of theirs
     env = {key: value for key, value in os.environ.items()
-           if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+           if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", *LOOPBACK)}
     env |= {"RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     head_port = _free_ports(1)[0]
     nodes = [  # the head finds the token and turns token auth on by itself; other nodes must be told
