@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import processes_using
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,7 @@ def test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_
     node_ips = {json.loads(line)["node_ip"] for f in (run_dir / "tune").glob("trial_*/result.json")
                 for line in f.read_text().splitlines()}
     assert node_ips == {"127.0.0.1"}
-    assert not _processes_using(ray_tmpdir, wait_s=10), "the run's Ray is still running"
+    assert not _processes_left(ray_tmpdir, wait_s=10), "the run's Ray is still running"
 
 
 
@@ -83,20 +84,14 @@ def test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_l
         f"stopped by SIGTERM: the run so far is saved in {tmp_path / 'early'} (finished trials, and unfinished ones "
         f"at their last checkpoint). Resume with: python -m search.run {' '.join(args[:-1])} 'search.ranks=[2,4]' "
         f"--resume")
-    assert not _processes_using(ray_tmpdir, wait_s=10), "the run's Ray is still running"
+    assert not _processes_left(ray_tmpdir, wait_s=10), "the run's Ray is still running"
 
-def _processes_using(path: Path, wait_s: float) -> list[int]:
+def _processes_left(path: Path, wait_s: float) -> list[int]:
     """PIDs with a file open under `path`, once none are left or after wait_s. Ray's processes
     all keep logs open in its session dir; their command lines are rewritten (`ray::IDLE`)."""
     deadline = time.monotonic() + wait_s
     while True:
-        pids = []
-        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-            try:
-                if any(os.readlink(fd).startswith(str(path)) for fd in fd_dir.iterdir()):
-                    pids.append(int(fd_dir.parent.name))
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
+        pids = processes_using(path)
         if not pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.5)

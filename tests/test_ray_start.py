@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import processes_using
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -48,20 +49,6 @@ def _node_ports(ip: str) -> list[str]:
             f"--min-worker-port={workers}", f"--max-worker-port={min(workers + 40, 65535)}"]
 
 
-def _processes_using(paths: list[Path]) -> list[int]:
-    """PIDs with a file open under one of `paths`: every process of a node keeps its logs open in
-    the node's session dir (worker command lines are rewritten to `ray::IDLE`, and workers have
-    process groups of their own)."""
-    pids = []
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd).startswith(tuple(map(str, paths))) for fd in fd_dir.iterdir()):
-                pids.append(int(fd_dir.parent.name))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return pids
-
-
 def _stop(groups: list[int], temp_dirs: list[Path]) -> None:
     """Stop the nodes this test started, and nothing else: `ray stop` would stop every Ray of the
     user. The daemons share the process group of their `ray start`; a worker left behind by its
@@ -73,12 +60,12 @@ def _stop(groups: list[int], temp_dirs: list[Path]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait_s
-        while _processes_using(temp_dirs) and time.monotonic() < deadline:
+        while processes_using(*temp_dirs) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if not _processes_using(temp_dirs):
+        if not processes_using(*temp_dirs):
             return
         if sig is signal.SIGKILL:
-            for pid in _processes_using(temp_dirs):
+            for pid in processes_using(*temp_dirs):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -116,7 +103,7 @@ def ray_start_cluster():
         yield {"address": f"127.0.0.1:{head_port}", "token": token, "env": env}
     finally:
         _stop(groups, temp_dirs)
-        assert not _processes_using(temp_dirs), "a node this test started is still running"
+        assert not processes_using(*temp_dirs), "a node this test started is still running"
         shutil.rmtree(root, ignore_errors=True)
 
 
