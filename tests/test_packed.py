@@ -1,0 +1,255 @@
+"""A packed step is each slot's adapter trained alone: held to PEFT's own model with the same
+`LoraConfig` and the trial's own optimizer (trainables/trial.py), in float32 on the CPU, on the
+tiny random-init Llama (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rundir.params import Origin, TrialParams
+from trainables.packed import Pack
+from trainables.step import answer_loss
+from trainables.trial import _optimizer, _schedule, evaluate
+
+WARMUP, MAX_STEPS = 2, 10
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+# every module set, ranks 4-32, alpha ratios 1 and 2, RSLoRA on and off, LoRA+ 1 and 16, four learning rates
+CONFIGS = [
+    {"target_modules": ["q_proj", "v_proj"], "r": 4, "alpha_ratio": 1, "use_rslora": False, "loraplus": 1.0, "lr": 1e-3},
+    {"target_modules": MLP, "r": 8, "alpha_ratio": 2, "use_rslora": True, "loraplus": 16.0, "lr": 5e-3},
+    {"target_modules": ATTENTION, "r": 16, "alpha_ratio": 1, "use_rslora": True, "loraplus": 1.0, "lr": 2e-3},
+    {"target_modules": ATTENTION + MLP, "r": 32, "alpha_ratio": 2, "use_rslora": False, "loraplus": 16.0, "lr": 3e-4},
+]
+
+
+def params(target_modules, r, alpha_ratio, use_rslora, loraplus, lr, dropout=0.0, seed=0, use_dora=False) -> TrialParams:
+    lora_config = {"r": r, "lora_alpha": alpha_ratio * r, "lora_dropout": dropout, "target_modules": target_modules,
+                       "use_rslora": use_rslora, "use_dora": use_dora, "task_type": "CAUSAL_LM"}
+    return TrialParams(lora_config=lora_config, module_set="+".join(target_modules), alpha_ratio=alpha_ratio,
+                       learning_rate=lr, loraplus_lr_ratio=loraplus, seed=seed, origin=Origin.SEARCH)
+
+
+def base(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def batch(seed: int, rows: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token rows whose answer is all but the first four tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+def nonzero_b(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The adapter with B drawn too: with PEFT's zero B, A's first gradient is zero and the test would not see it."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05 if "lora_B" in k else v.clone()) for k, v in state.items()}
+
+
+class PeftAlone:
+    """One configuration as a per-process trial trains it: PEFT's model, PEFT's LoRA+ AdamW, the schedule."""
+
+    def __init__(self, tiny_model_dir, p: TrialParams, state: dict[str, torch.Tensor] | None = None):
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
+
+        torch.manual_seed(p.seed)
+        self.model = get_peft_model(base(tiny_model_dir), LoraConfig(**p.lora_config))
+        if state is not None:
+            set_peft_model_state_dict(self.model, state)
+        self.state = get_peft_model_state_dict(self.model)
+        self.optimizer = _optimizer(self.model, p.learning_rate, p.loraplus_lr_ratio, cuda=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(WARMUP, MAX_STEPS))
+        self.model.train()
+
+    def step(self, ids, labels) -> tuple[float, dict[str, torch.Tensor]]:
+        loss = answer_loss(self.model, ids, labels)
+        loss.backward()
+        grads = {self._key(n): p.grad.clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".default", "")
+
+
+def grads_at_step(pack: Pack, index: int, into: dict) -> None:
+    """Record slot `index`'s gradients just before its optimizer steps, by PEFT's key."""
+    slot = pack.slots[index]
+
+    def hook(optimizer, args, kwargs):
+        into[index] = {key: w.grad.clone() for key, w in slot.named_weights()}
+
+    slot.optimizer.register_step_pre_hook(hook)
+
+
+def close(actual: dict, expected: dict, what: str, atol: float = 1e-7) -> None:
+    assert sorted(actual) == sorted(expected), what
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{what}: {key}: {m}")
+
+
+def test_a_packed_step_gives_each_slot_the_loss_gradients_and_update_of_peft_training_it_alone(tiny_model_dir):
+    model = base(tiny_model_dir)
+    vocab = model.config.vocab_size
+    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    alone, grads = {}, {}
+    for seed, config in enumerate(CONFIGS):
+        p = params(**config, seed=seed)
+        index = pack.add(p)
+        reference = PeftAlone(tiny_model_dir, p)
+        state = nonzero_b(reference.state, seed)
+        reference = PeftAlone(tiny_model_dir, p, state)
+        pack.load_adapter_state(index, state)
+        alone[index] = reference
+        grads_at_step(pack, index, grads)
+    lengths = [10, 12, 8, 12]  # a pack pads its slots' batches to the longest
+    for step in range(2):  # the second step runs on Adam's state and the schedule's next rate
+        batches = {i: batch(100 * step + i, 2, lengths[i], vocab) for i in alone}
+        losses = pack.step(batches)
+        for i, reference in alone.items():
+            loss, expected_grads = reference.step(*batches[i])
+            assert losses[i].item() == pytest.approx(loss, rel=1e-5), f"slot {i} loss at step {step}"
+            close(grads[i], expected_grads, f"slot {i} gradients at step {step}")
+            close(pack.adapter_state(i), reference.weights(), f"slot {i} weights after step {step}")
+
+
+def test_a_slot_trains_the_same_whatever_the_other_slots_hold_dropout_masks_included(tiny_model_dir):
+    vocab = base(tiny_model_dir).config.vocab_size
+    mine = params(**CONFIGS[1], dropout=0.2, seed=7)
+
+    def run(neighbour: TrialParams | None, me: TrialParams = mine) -> tuple[list[float], dict]:
+        pack = Pack(base(tiny_model_dir), capacity=2, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+        slot = pack.add(me)
+        other = pack.add(neighbour) if neighbour else None
+        losses = []
+        for step in range(3):
+            batches = {slot: batch(step, 2, 10, vocab)}
+            if other is not None:
+                batches[other] = batch(50 + step, 3, 12, vocab)
+            losses.append(pack.step(batches)[slot].item())
+        return losses, pack.adapter_state(slot)
+
+    alone_losses, alone_weights = run(None)
+    for neighbour in (params(**CONFIGS[3], dropout=0.5, seed=1), params(**CONFIGS[1], dropout=0.2, seed=7)):
+        losses, weights = run(neighbour)
+        assert losses == pytest.approx(alone_losses, rel=1e-6)
+        # a pack of other row counts sums its matmuls in another order; Adam scales that float noise
+        # up for the smallest gradients (3.6e-6 seen): masks that differed move the loss by 1e-3
+        close(weights, alone_weights, "weights beside a neighbour", atol=2e-5)
+    # the masks are drawn: without dropout the slot trains otherwise (from step 1: B starts at zero)
+    undropped, _ = run(None, params(**CONFIGS[1], dropout=0.0, seed=7))
+    assert undropped[1:] != pytest.approx(alone_losses[1:], rel=1e-4)
+
+
+def test_a_slot_whose_loss_is_not_finite_leaves_the_others_unchanged(tiny_model_dir):
+    vocab = base(tiny_model_dir).config.vocab_size
+
+    def run(poison: bool):
+        pack = Pack(base(tiny_model_dir), capacity=2, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+        good, bad = pack.add(params(**CONFIGS[0], seed=1)), pack.add(params(**CONFIGS[3], seed=2))
+        if poison:
+            with torch.no_grad():
+                next(w for _, w in pack.slots[bad].named_weights()).fill_(float("inf"))
+        losses = [pack.step({good: batch(s, 2, 10, vocab), bad: batch(9 + s, 2, 10, vocab)}) for s in range(2)]
+        return [step[good].item() for step in losses], losses[-1][bad].item(), pack.adapter_state(good)
+
+    losses, bad_loss, weights = run(poison=False)
+    poisoned_losses, poisoned_bad_loss, poisoned_weights = run(poison=True)
+    assert not torch.isfinite(torch.tensor(poisoned_bad_loss)) and torch.isfinite(torch.tensor(bad_loss))
+    assert poisoned_losses == losses
+    close(poisoned_weights, weights, "the healthy slot beside a diverged one")
+
+
+def test_a_freed_slot_adds_nothing_and_takes_the_next_trial(tiny_model_dir):
+    model = base(tiny_model_dir)
+    ids, _labels = batch(0, 2, 10, model.config.vocab_size)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    pack = Pack(model, capacity=2, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    first = pack.add(params(**CONFIGS[3]))
+    pack.load_adapter_state(first, nonzero_b(pack.adapter_state(first), 0))
+    with torch.no_grad(), pack.only(first):
+        assert not torch.allclose(model(input_ids=ids).logits, plain)  # the adapter is in the path
+    pack.remove(first)
+    assert pack.free_slots() == [0, 1]
+    with torch.no_grad(), pack.only(first):
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+    assert pack.add(params(**CONFIGS[0])) == first
+
+
+def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_reported(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    model = base(tiny_model_dir)
+    vocab = model.config.vocab_size
+    pack = Pack(model, capacity=2, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    slots = [pack.add(params(**CONFIGS[1], seed=3)), pack.add(params(**CONFIGS[2], seed=4))]
+    for step in range(4):
+        pack.step({i: batch(10 * step + i, 4, 12, vocab) for i in slots})
+    rows = [(batch(500 + k, 1, 12, vocab)[0][0].tolist(), batch(500 + k, 1, 12, vocab)[1][0].tolist()) for k in range(6)]
+    off = torch.autocast("cpu", enabled=False)
+    for i in slots:
+        with pack.only(i):
+            reported = evaluate(model, rows, 0, torch.device("cpu"), off)
+        directory = tmp_path / f"slot{i}"
+        directory.mkdir()
+        for name, data in pack.adapter_files(i, str(tiny_model_dir)).items():
+            (directory / name).write_bytes(data)
+        loaded = PeftModel.from_pretrained(base(tiny_model_dir), directory)
+        assert loaded.peft_config["default"].r == pack.slots[i].params.lora_config["r"]
+        exported = evaluate(loaded, rows, 0, torch.device("cpu"), off)
+        assert exported.loss == pytest.approx(reported.loss, rel=1e-4)
+
+
+def test_a_dora_or_full_pack_is_refused_naming_what_to_do(tiny_model_dir):
+    pack = Pack(base(tiny_model_dir), capacity=1, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    with pytest.raises(ValueError, match="DoRA.*resources.packing=processes"):
+        pack.add(params(**CONFIGS[0], use_dora=True))
+    pack.add(params(**CONFIGS[0]))
+    with pytest.raises(ValueError, match="all 1 slots"):
+        pack.add(params(**CONFIGS[1]))
+
+
+def test_a_pass_that_runs_out_of_memory_is_split_and_trains_the_same_with_a_fake_gpu_error(tiny_model_dir, monkeypatch):
+    """The out-of-memory error is raised by a stand-in (there is no GPU here) for passes of more than two slots."""
+    vocab = base(tiny_model_dir).config.vocab_size
+
+    def run(limit: int | None):
+        pack = Pack(base(tiny_model_dir), capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+        slots = [pack.add(params(**config, seed=i)) for i, config in enumerate(CONFIGS)]
+        if limit:
+            real = pack._pass
+
+            def limited(batches, autocast):
+                if len(batches) > limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+                return real(batches, autocast)
+
+            monkeypatch.setattr(pack, "_pass", limited)
+        losses = [pack.step({i: batch(10 * s + i, 2, 10, vocab) for i in slots}) for s in range(2)]
+        return pack, {i: [step[i].item() for step in losses] for i in slots}, {i: pack.adapter_state(i) for i in slots}
+
+    _, losses, weights = run(None)
+    split, split_losses, split_weights = run(2)
+    assert split.pass_slots == 2
+    for i in losses:
+        assert split_losses[i] == pytest.approx(losses[i], rel=1e-6)
+        close(split_weights[i], weights[i], f"slot {i} after split passes")
