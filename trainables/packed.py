@@ -34,6 +34,14 @@ from rundir.params import TrialParams
 from trainables.step import shifted_cross_entropy
 
 
+class SlotOutOfMemory(RuntimeError):
+    """A pass of one slot alone ran out of GPU memory: that trial cannot train beside the base."""
+
+    def __init__(self, slot: int, message: str):
+        super().__init__(message)
+        self.slot = slot
+
+
 @dataclass
 class _Adapter:
     """One slot's adapter on one layer."""
@@ -109,6 +117,8 @@ class Pack:
         self.device = next(model.parameters()).device
         self.pass_slots = capacity  # slots per forward/backward pass: halved after running out of memory
         self._layers: dict[str, PackedLinear] = {}
+        unpack(model)  # a process's cached base model may still hold an earlier pack's layers
+
 
     # -- routing ---------------------------------------------------------------------------
     def routes_for(self, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -206,7 +216,8 @@ class Pack:
         on the pack's device): its loss, left on the device (a NaN or infinite one is the caller's
         to act on; it touched nothing but its own slot's rows and weights). Slots go through the
         model `pass_slots` at a time; a pass that runs out of GPU memory is split in two and run
-        again, down to one slot a pass (the gradients of each slot are its own either way)."""
+        again, down to one slot a pass (the gradients of each slot are its own either way); a
+        slot that does not fit alone raises SlotOutOfMemory, and no slot steps."""
         order = sorted(batches)
         losses: dict[int, torch.Tensor] = {}
         start = 0
@@ -214,10 +225,11 @@ class Pack:
             chunk = order[start:start + self.pass_slots]
             try:
                 losses.update(self._pass({i: batches[i] for i in chunk}, autocast))
-            except torch.OutOfMemoryError:
-                self._zero_grad(chunk)
+            except torch.OutOfMemoryError as error:
                 if len(chunk) == 1:
-                    raise
+                    self._zero_grad(order)  # no slot steps: the passes before this one are dropped too
+                    raise SlotOutOfMemory(chunk[0], str(error)) from error
+                self._zero_grad(chunk)
                 self.pass_slots = max(1, len(chunk) // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -291,6 +303,14 @@ class Pack:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         return {"adapter_config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_jsonable).encode(),
                 "adapter_model.safetensors": save(self.adapter_state(index), metadata={"format": "pt"})}
+
+
+def unpack(model: nn.Module) -> None:
+    """Put every packed layer's own Linear back in its place: the model as it was loaded."""
+    packed = [(name, module) for name, module in model.named_modules() if isinstance(module, PackedLinear)]
+    for name, module in packed:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
 
 
 def _unsupported(config) -> str | None:

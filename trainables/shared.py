@@ -1,0 +1,272 @@
+"""The shared-base trainer: one process per GPU holds the frozen base model once and trains the
+adapters of up to `capacity` concurrent trials together (`trainables/packed.py`).
+
+Ray Tune stays the scheduler. Each configuration is still a Tune trial whose process is a light
+client (`trainables/client.py`): it opens a slot here with its config and checkpoint, takes its
+reports from `next_report` and hands them to Tune with their checkpoints, and its slot is released
+when it ends however it ends. The stepping runs in a thread of its own, so a slot that opens, is
+stopped or fails changes the next packed step and nothing else: no recompilation, no new process,
+no model load.
+
+A trial's report carries the same keys as a per-process trial's (`trainables/trial.py`), with
+`step_mode` "packed" and `pack_size`, the trials the last step trained. `train_seconds` is the
+wall time of the packed steps the trial was in (every trial in a step is charged the whole
+step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
+`peak_memory_gb` is the trainer's: every trial of the pack shares it.
+
+Created by the driver as a Ray actor (`ray.remote(SharedTrainer)`), with a concurrency of at
+least its capacity: each client waits in `next_report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rundir.params import TrialParams
+from trainables.config import TrialSetup
+
+PENDING_REPORTS = 2  # reports a slot may run ahead of its client before it waits for it
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Open:
+    """A trial in a slot."""
+
+    index: int
+    params: TrialParams
+    progress: object            # trainables.trial.Progress
+    rows: list
+    reports: deque = field(default_factory=deque)
+    error: BaseException | None = None
+    finished: bool = False
+    loss_sum: object = 0.0      # a tensor on the device once the slot has stepped
+    loss_count: int = 0
+
+
+class SharedTrainer:
+    """The base model of `setup` on this process's device, with `capacity` adapter slots."""
+
+    def __init__(self, setup: TrialSetup, capacity: int):
+        from trainables.model import hide_bitsandbytes_unless_needed
+
+        hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
+        import torch
+
+        from trainables.data import load_split
+        from trainables.generate import AnswerMetrics
+        from trainables.model import load_base_model
+        from trainables.packed import Pack
+
+        torch.set_num_threads(setup.cpu_threads)
+        self.setup = setup
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
+                               setup.gradient_checkpointing)
+        self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps)
+        self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
+        self.eval_rows = load_split(setup.data_dir, "eval")
+        self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+        self.open_trials: dict[str, _Open] = {}
+        self.lock = threading.Condition()
+        self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
+        self.thread.start()
+
+    # -- what clients call ---------------------------------------------------------------------
+    def capacity(self) -> int:
+        return self.pack.capacity
+
+    def used(self) -> int:
+        with self.lock:
+            return len(self.open_trials)
+
+    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> bool:
+        """Give trial `trial_id` a slot, continuing from a checkpoint's `files` where given (its
+        relative paths as a per-process trial's checkpoint has them); False when every slot is
+        taken. ValueError for a configuration a pack cannot train."""
+        from trainables.trial import Progress
+
+        params = TrialParams.from_config(config)
+        with self.lock:
+            self._release(trial_id)  # a retry of the trial opens again
+            if not self.pack.free_slots():
+                return False
+            index = self.pack.add(params)
+            now = time.time()
+            progress = Progress(called_at=now, imported_at=now, busy_from=now)
+            try:
+                if files:
+                    self._restore(index, files, progress)
+            except BaseException:
+                self.pack.remove(index)
+                raise
+            rows = self.splits["train" if params.full_data else "search_train"]
+            self.open_trials[trial_id] = _Open(index, params, progress, rows)
+            self.lock.notify_all()
+        return True
+
+    def next_report(self, trial_id: str) -> dict:
+        """The trial's next report, `{"metrics": ..., "files": {relative path: bytes}}` (the
+        checkpoint of that report), or `{"done": True}` after its last; waits for it. Raises the
+        trial's failure: TrialDiverged, CUDA's out-of-memory error, or the trainer's own."""
+        with self.lock:
+            while True:
+                trial = self.open_trials.get(trial_id)
+                if trial is None:
+                    raise RuntimeError(f"trial {trial_id} holds no slot on this trainer: it was released")
+                if trial.reports:
+                    report = trial.reports.popleft()
+                    self.lock.notify_all()
+                    return report
+                if trial.error is not None:
+                    raise trial.error
+                if self.failure is not None:
+                    raise RuntimeError(f"the shared trainer failed: {type(self.failure).__name__}: {self.failure}")
+                self.lock.wait(1.0)
+
+    def release(self, trial_id: str) -> None:
+        """Free the trial's slot at once; nothing for a trial that holds none."""
+        with self.lock:
+            self._release(trial_id)
+            self.lock.notify_all()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self.thread.join()
+
+    def _release(self, trial_id: str) -> None:
+        trial = self.open_trials.pop(trial_id, None)
+        if trial is not None:
+            self.pack.remove(trial.index)
+
+    # -- the stepping thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if self.stopping:
+                        return
+                    ready = [t for t in self.open_trials.values()
+                             if t.error is None and not t.finished and len(t.reports) < PENDING_REPORTS]
+                    if not ready:
+                        self.lock.wait(0.5)
+                        continue
+                    self._step(ready)
+                    self.lock.notify_all()
+        except BaseException as error:
+            log.exception("the shared trainer's stepping thread failed")
+            with self.lock:
+                self.failure = error
+                self.lock.notify_all()
+
+    def _step(self, ready: list[_Open]) -> None:
+        import torch
+
+        from trainables.data import batch_indices, collate
+        from trainables.packed import SlotOutOfMemory
+
+        started = time.perf_counter()
+        batches, tokens = {}, {}
+        for trial in ready:
+            examples = [trial.rows[i] for i in batch_indices(len(trial.rows), self.setup.batch_size, trial.params.seed,
+                                                             trial.progress.step)]
+            batch = collate(examples, self.setup.pad_token_id, self.device)
+            batches[trial.index] = (batch["input_ids"], batch["labels"])
+            tokens[trial.index] = int(batch["attention_mask"].sum())
+        try:
+            losses = self.pack.step(batches, self.autocast)
+        except SlotOutOfMemory as error:  # one slot alone did not fit beside the base: that trial fails
+            culprit = next(t for t in ready if t.index == error.slot)
+            culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
+            return
+        elapsed = time.perf_counter() - started
+        for trial in ready:
+            progress = trial.progress
+            progress.step += 1
+            progress.tokens += tokens[trial.index]
+            progress.train_seconds += elapsed
+            trial.loss_sum = trial.loss_sum + losses[trial.index]
+            trial.loss_count += 1
+            if progress.step % self.setup.eval_every == 0 or progress.step == self.setup.max_steps:
+                self._report(trial, len(ready))
+
+    def _report(self, trial: _Open, pack_size: int) -> None:
+        """Evaluate the trial's adapter, and queue its report and checkpoint; a NaN or infinite
+        loss fails the trial instead, and its slot stops stepping."""
+        from trainables.trial import (
+            TrialDiverged,
+            allocated_peak_gb,
+            eval_token_budget,
+            evaluate,
+            process_peak_gb,
+        )
+
+        progress, setup = trial.progress, self.setup
+        train_loss = float(trial.loss_sum / trial.loss_count)
+        trial.loss_sum, trial.loss_count = 0.0, 0
+        if not math.isfinite(train_loss):
+            trial.error = TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
+            return
+        started = time.perf_counter()
+        budget = eval_token_budget(setup.batch_size * max(len(r[0]) for r in trial.rows),
+                                   self.pack.model.config.get_text_config().vocab_size) if self.cuda else 0
+        with self.pack.only(trial.index) as model:
+            evaluation = evaluate(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget)
+            if not math.isfinite(evaluation.loss):
+                trial.error = TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
+                return
+            generating = time.perf_counter()
+            answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
+            answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
+            progress.generate_seconds += time.perf_counter() - generating
+        progress.eval_seconds += time.perf_counter() - started
+        trainable = self.pack.trainable_params(trial.index)
+        metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss, "trainable_params": trainable,
+                   "trainable_pct": 100.0 * trainable / setup.total_params,
+                   "peak_memory_gb": process_peak_gb(self.cuda), "peak_allocated_gb": allocated_peak_gb(self.cuda),
+                   "step_mode": "packed", "pack_size": pack_size, **progress.metrics()}
+        trial.reports.append({"metrics": metrics, "files": self._checkpoint(trial)})
+        progress.busy_from = time.time()
+        if progress.step >= setup.max_steps:
+            trial.finished = True
+            trial.reports.append({"done": True})
+
+    def _checkpoint(self, trial: _Open) -> dict[str, bytes]:
+        """The files of a per-process trial's checkpoint: the adapter as PEFT writes it, and the
+        trainer state (this slot's optimizer, schedule, dropout generator and counters)."""
+        from trainables.packed import save_bytes
+
+        progress = trial.progress
+        files = {f"adapter/{name}": data for name, data in
+                 self.pack.adapter_files(trial.index, self.pack.model.name_or_path).items()}
+        files["trainer_state.pt"] = save_bytes({
+            **self.pack.trainer_state(trial.index), "step": progress.step, "tokens": progress.tokens,
+            "train_seconds": progress.train_seconds, "eval_seconds": progress.eval_seconds,
+            "generate_seconds": progress.generate_seconds})
+        return files
+
+    def _restore(self, index: int, files: dict[str, bytes], progress) -> None:
+        from safetensors.torch import load
+
+        from trainables.packed import load_bytes
+
+        self.pack.load_adapter_state(index, load(files["adapter/adapter_model.safetensors"]))
+        state = load_bytes(files["trainer_state.pt"])
+        if "generator" not in state:
+            raise ValueError("the checkpoint is a per-process trial's (resources.packing=processes); "
+                             "a shared trainer continues only its own trials' checkpoints")
+        self.pack.load_trainer_state(index, state)
+        progress.step, progress.tokens = state["step"], state["tokens"]
+        progress.train_seconds, progress.eval_seconds = state["train_seconds"], state["eval_seconds"]
+        progress.generate_seconds = state["generate_seconds"]
