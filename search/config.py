@@ -64,6 +64,11 @@ class BudgetConfig:
 # smaller batches. Under 1B no measured step was bound by anything the CUDA graph leaves.
 COMPILE_FROM_PARAMS = 1e9
 COMPILE_FROM_STEPS = 200
+# resources.packing: how trials share a GPU (search/tuner.py runs each).
+SHARED = "shared"        # one trainer per GPU holds the base model once and trains up to pack_slots trials' adapters together
+PROCESSES = "processes"  # every trial is a process of its own, with its own copy of the base model
+AUTO = "auto"
+PACKINGS = (AUTO, SHARED, PROCESSES)
 TRIAL_FIXED_GB = 2.5  # CUDA context, allocator slack, an eval batch's logits (up to 1 GiB): SmolLM2 trials peaked at 1.4-2.7 GB
 
 
@@ -89,6 +94,8 @@ class ResourcesConfig:
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
     compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph; auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps"})
+    packing: str = field(default=AUTO, metadata={"help": "shared: one trainer per GPU trains the adapters of up to pack_slots trials in one pass; processes: a process per trial; auto: the faster"})
+    pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool) -> bool:
         """Whether trials compile their steps: `compile` as given, or for auto, GPU trials of a
@@ -142,6 +149,10 @@ class ResourcesConfig:
             out.append(f"resources.max_failures is {self.max_failures}; allowed: an integer >= 0")
         if self.memory_margin < 0:
             out.append(f"resources.memory_margin is {self.memory_margin}; allowed: a number >= 0 (0: trials packed to their measured footprint exactly)")
+        if self.packing not in PACKINGS:
+            out.append(f"resources.packing is {self.packing!r}; allowed: {', '.join(PACKINGS)}")
+        if self.pack_slots < 1:
+            out.append(f"resources.pack_slots is {self.pack_slots}; allowed: an integer >= 1")
         return out
 
 
@@ -164,10 +175,24 @@ class Config:
         if not _NAME.match(self.name):
             out.append(f"name is {self.name!r}; allowed: letters, digits, '.', '_', '-', not starting with '.' "
                        "(a run name cannot leave the output directory)")
+        if self.resources.packing == SHARED and any(self.search.use_dora):
+            out.append("resources.packing is 'shared' but search.use_dora includes true: DoRA needs its own merged weight "
+                       "for its norm, which a trainer shared by several trials does not hold. Fix: use "
+                       "resources.packing=processes or auto, or search.use_dora=[false]")
         if needs_generations(self.selection.metric) and self.data.eval_generate_examples == 0:
             out.append(f"selection.metric={self.selection.metric!r} is computed from generated answers, but "
                        "data.eval_generate_examples is 0 (off). Fix: set data.eval_generate_examples to 1 or more")
         return out
+
+
+def resolve_packing(config: Config) -> str:
+    """The packing a run of `config` uses, SHARED or PROCESSES: resources.packing as given, and
+    for auto, processes unless the shared trainer was measured faster for such a run. No GPU
+    measurement of the shared trainer exists on this codebase yet, so auto is processes; the
+    space's DoRA choice, which only processes train, would keep it there in any case."""
+    if config.resources.packing != AUTO:
+        return config.resources.packing
+    return PROCESSES
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from search.config import Config, ConfigError
+from search.config import AUTO, SHARED, Config, ConfigError, ResourcesConfig
 from search.modules import adapter_param_count, base_param_count, resolve
 from search.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
 from search.space import module_set_key
@@ -100,3 +100,14 @@ def data_line(config: Config, prepared: PreparedModel) -> str:
 
 def _source(source: str, part: str, rows: int, format_: str) -> str:
     return f"{source}, {part}: {rows} {format_} rows"
+
+
+def packing_line(resources: ResourcesConfig, packing: str) -> str:
+    """One line on how the run's trials would share a GPU: `packing`, as `resolve_packing` made
+    it of resources.packing, and what that means."""
+    given = "resources.packing=auto, which is processes until the shared trainer is measured faster" \
+        if resources.packing == AUTO else f"resources.packing={resources.packing}"
+    if packing == SHARED:
+        return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
+                f"up to {resources.pack_slots} trials' adapters together")
+    return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model"

@@ -139,3 +139,13 @@ def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
     if gpus_per_trial > available:
         raise ConfigError(f"resources.gpus_per_trial is {gpus_per_trial} but this machine has {available} GPU(s). "
                           "Fix: lower it, or join a cluster that has them with --address")
+
+
+def check_shared_packing(resolved: dict[str, modules.ResolvedModules]) -> None:
+    """The shared trainer adapts Linear layers only: a module set of GPT-2 style Conv1D layers
+    (weights stored in x out) is bad input under resources.packing=shared, found before Ray."""
+    conv1d = [key for key, modules_ in resolved.items() if modules_.fan_in_fan_out]
+    if conv1d:
+        raise ConfigError(f"resources.packing is 'shared' but module set(s) {', '.join(conv1d)} adapt Conv1D layers "
+                          f"(GPT-2 style), which the shared trainer does not train. Fix: use "
+                          f"resources.packing=processes or auto")

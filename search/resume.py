@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rundir.files import write_text_atomic
 from rundir.layout import DRIVER_PID, RAY_SESSION, RUN_CONFIG
-from search.config import Config, ConfigError, to_dict
+from search.config import PROCESSES, Config, ConfigError, to_dict
 
 CREATED_BY = "lora-search"
 
@@ -21,7 +21,8 @@ CREATED_BY = "lora-search"
 def resume_check(run_dir: Path, config: Config) -> dict:
     """The stored data facts of a run that may be resumed with `config`; ConfigError when
     the directory is not a run of this tool, belongs to someone else, or was started with
-    a different configuration (resources may change: they say where it runs, not what)."""
+    a different configuration (resources may change: they say where it runs, not what; but not
+    resources.packing, as resolved, which says with which trainable)."""
     stored_path = run_dir / RUN_CONFIG
     if not stored_path.is_file():
         raise ConfigError(f"--resume: {run_dir} holds no {RUN_CONFIG}, so it is not a run this tool started. "
@@ -38,6 +39,12 @@ def resume_check(run_dir: Path, config: Config) -> dict:
     if differing:
         raise ConfigError(f"--resume: the configuration differs from the one {run_dir} was started with, at "
                           f"{', '.join(differing)}. Fix: resume with the original settings, or start a new run (--name)")
+    # Tune continues an experiment only with the trainable it started with, and each packing has its own
+    started_with = stored["resources"].get("packing", PROCESSES)  # runs from before packing were processes
+    if config.resources.packing != started_with:
+        raise ConfigError(f"--resume: {run_dir} was started with resources.packing={started_with}, and this resume "
+                          f"would run it with {config.resources.packing}; a run continues with the packing it started "
+                          f"with. Fix: --set resources.packing={started_with}")
     return stored["data_info"]
 
 

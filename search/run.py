@@ -20,7 +20,7 @@ from pathlib import Path
 from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
-from search.config import Config, ConfigError, leaves, load, to_dict, to_yaml
+from search.config import SHARED, Config, ConfigError, leaves, load, resolve_packing, to_dict, to_yaml
 from search.console import Console, keep_logs_in, use_console
 from search.resume import CREATED_BY, record_driver, record_ray_session
 from trainables.config import cache_root
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     """The run of `config`, or its dry run; `stop` learns what the run has saved as it goes."""
-    from search.prepare import check_device, prepare_model
+    from search.prepare import check_device, check_shared_packing, prepare_model
 
     if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
         from trainables.generate import UserMetric
@@ -92,6 +92,9 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
             raise ConfigError(str(e)) from None
         print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}", flush=True)
     prepared = prepare_model(config)
+    packing = resolve_packing(config)
+    if packing == SHARED:
+        check_shared_packing(prepared.resolved)
     import torch
 
     cuda, local = torch.cuda.is_available(), args.address is None
@@ -103,20 +106,23 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
                                          config.model.quantization == "none" and not config.model.gradient_checkpointing)
     memory_probe = None
-    if config.resources.gpus_per_trial == "auto" and gpu_memory_gb:  # before Ray asks for slots
+    # before Ray asks for slots; a shared trial holds no share of a GPU, its trainer holds the GPU
+    if config.resources.gpus_per_trial == "auto" and gpu_memory_gb and packing != SHARED:
         memory_probe = _probe_memory(config, prepared, compiled, gpu_memory_gb)
         gpus = memory_probe.share
         print(memory_probe.line(), flush=True)
     if args.dry_run:
-        from search.dryrun import data_line, dry_run_rows, format_table
+        from search.dryrun import data_line, dry_run_rows, format_table, packing_line
 
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
         data = data_line(config, prepared)  # in memory: nothing is written
         print(format_table(rows, config.model.path))
         print(data)
+        print(packing_line(config.resources, packing))
         return 0
     check_device(config, gpus, local=local)
-    config = replace(config, resources=replace(config.resources, compile=compiled))  # as resolved, in run_config.json
+    # as resolved, in run_config.json
+    config = replace(config, resources=replace(config.resources, compile=compiled, packing=packing))
     from search.cluster import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
 
     cluster = resolve_address(args.address)
