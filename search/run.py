@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     from search.cluster import connect, resolve_address, trial_slots
     from search.prior import prior_points
     from search.space import LoraSpace
+    from search.trainers import ReleaseSlots, shared_trainers, trainer_slots
     from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
@@ -264,21 +266,26 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         with stop:
             started_here = connect(cluster) or cluster is not None
             record_ray_session(location.local)
-            if not config.resources.max_concurrent_trials:
+            shared = config.resources.packing == SHARED
+            with shared_trainers(config.resources, setup) if shared else nullcontext([]) as trainers:
                 # Tune keeps one trial pending at a time for a searcher without a concurrency limit
                 # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
                 # after another: on an H100 with 8 slots, 3 were running 30 s in. With the limit at the
                 # cluster's slot count, every slot starts at once, and Optuna proposes only when a slot is free.
-                slots = trial_slots(gpus, config.resources.cpus_per_trial)
+                if shared:
+                    slots = trainer_slots(trainers, config.resources.pack_slots, config.resources.max_concurrent_trials)
+                else:
+                    slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                 config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
-            trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus)
-            priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
-                                  config.budget.num_samples)
-            space = LoraSpace(config.search, prepared.resolved, config.seed, priors=len(priors))
-            fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                           lambda: build_tuner(config, trainable, space, priors, location))
-            if config.selection.retrain and stop.requested is None:
-                retrain(config, trainable, location)
+                trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                callbacks = [ReleaseSlots()] if shared else []
+                priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
+                                      config.budget.num_samples)
+                space = LoraSpace(config.search, prepared.resolved, config.seed, priors=len(priors))
+                fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                               lambda: build_tuner(config, trainable, space, priors, location, callbacks))
+                if config.selection.retrain and stop.requested is None:
+                    retrain(config, trainable, location, callbacks)
     except KeyboardInterrupt:
         pass  # raised by `stop`, which remembers the signal; what was saved is said below
     except Exception as e:  # a failure of the search itself, not of one trial (those are results)

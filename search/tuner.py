@@ -20,13 +20,16 @@ from rundir.files import write_json_atomic
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin
-from search.config import Config
+from search.config import SHARED, Config
 from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
 from search.progress import progress_callbacks, status_reporter
 from search.stages import GivenConfigs, StagedSearch
 from search.tracking import logger_callbacks
 from trainables.config import TrialSetup
+from trainables.client import train_lora_shared
 from trainables.trial import train_lora
+
+CLIENT_CPUS = 0.01  # a shared trial's client waits on its trainer nearly all the time
 
 
 class LoraOptunaSearch(OptunaSearch):
@@ -173,10 +176,17 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
         location.pull((name,))
 
 
-def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float):
-    """The trial function with its setup (by object reference, once) and resources: a trial run
-    again after running out of memory beside others takes the larger share its config names."""
+def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float, trainers: list = ()):
+    """The trial function with its resources. With `trainers` (shared packing: search/trainers.py),
+    a client of theirs, given their handles, that asks for a token CPU share only: it relays its
+    trainer's reports, and the trainers' slots, through max_concurrent_trials, limit how many run.
+    Else the trial function with its setup (by object reference, once): a trial run again after
+    running out of memory beside others takes the larger share its config names."""
     from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    if trainers:
+        return tune.with_resources(tune.with_parameters(train_lora_shared, trainers=list(trainers)),
+                                   {"CPU": CLIENT_CPUS})
 
     def resources(config: dict) -> PlacementGroupFactory:
         return PlacementGroupFactory([{"CPU": cpus_per_trial, "GPU": config.get(GPU_SHARE, gpus_per_trial)}])
@@ -204,11 +214,12 @@ def trial_dirname(trial) -> str:
     return trial_directory(trial.trial_id)
 
 
-def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
+def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation,
+                callbacks: list = ()) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
     over `space` with the known-good `priors` (search/prior.py) as its first trials, ASHA on training
     steps, then the promotions and confirmations (search/stages.py) on the same workers,
-    results in the run's `tune` experiment."""
+    results in the run's `tune` experiment, with `callbacks` besides the run's own."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -234,8 +245,10 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
         reduction_factor=budget.reduction_factor,
     )
     staged = StagedSearch(searcher, budget.num_samples, selection, budget.max_steps, config.seed, location)
+    # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
+    reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [OutOfMemoryReruns(staged)],
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [*reruns, *callbacks],
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
@@ -268,10 +281,11 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
     )
 
 
-def retrain(config: Config, trainable, location: RunLocation) -> None:
+def retrain(config: Config, trainable, location: RunLocation, callbacks: list = ()) -> None:
     """Train the current pick once more on all the training data, in the run's retrain
-    experiment (restored when a retrain already started). The pick comes from the search's
-    trials by the analysis' rule (`decide`); nothing happens when there is none."""
+    experiment (restored when a retrain already started), with `callbacks` besides the run's own.
+    The pick comes from the search's trials by the analysis' rule (`decide`); nothing happens
+    when there is none."""
     trials = read_trial_files(location.local)  # each experiment is pulled into the local copy after its fit
     picked = decide(trials, config.selection, config.budget.max_steps).pick
     if picked is None:
@@ -279,4 +293,5 @@ def retrain(config: Config, trainable, location: RunLocation) -> None:
     params = {trial.trial_id: trial.params for trial in trials}[picked]
     configs = [params.repeat(Origin.RETRAIN, picked, seed=config.seed, full_data=True).to_config()]
     fit_or_restore(RETRAIN_EXPERIMENT, location, trainable,
-                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs)))
+                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs),
+                                      callbacks))

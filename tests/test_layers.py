@@ -104,4 +104,6 @@ def test_trainables_use_only_ray_tune_report_and_checkpoints():
         tree = ast.parse((ROOT / path).read_text())
         used = {node.attr for node in ast.walk(tree)
                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tune"}
-        assert used <= {"report", "get_checkpoint", "Checkpoint"}, f"{path} uses tune.{used}"
+        # a shared trial's client names its slot by its trial id (the driver frees the slot by that id)
+        allowed = {"report", "get_checkpoint", "Checkpoint"} | ({"get_context"} if path == "trainables/client.py" else set())
+        assert used <= allowed, f"{path} uses tune.{used}"

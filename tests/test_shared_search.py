@@ -1,17 +1,29 @@
 """resources.packing=shared: trials train in the slots of a shared trainer, each still a Tune trial
-of its own. Bad packing settings are bad input before Ray starts."""
+of its own. Bad packing settings are bad input before Ray starts; a shared trial's process is a
+client that imports no torch; a search of 4 concurrent trials on one CPU trainer runs to its pick,
+and one SIGKILLed and resumed ends with every trial once."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.resume import CREATED_BY, resume_check
 from search.run import main
 from test_cli import _cli
+from test_tracking import _cli as _popen, _reported
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_STEPS = 12
+SEARCH_TRIALS = 6
 
 
 @pytest.mark.parametrize("setting, named", [
@@ -66,3 +78,71 @@ def test_a_resume_with_another_packing_is_refused_naming_the_one_it_started_with
                                                           "data_info": {}}))
     with pytest.raises(ConfigError, match=r"started with resources.packing=processes.*--set resources.packing=processes"):
         resume_check(tmp_path, load(None, ["resources.packing=shared"]))
+
+
+def test_a_shared_trials_client_imports_no_torch_transformers_or_peft():
+    done = subprocess.run([sys.executable, "-c", "import sys, trainables.client; "
+                           "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def _args(tiny_model_dir, output: Path, name: str, *more: str) -> list[str]:
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp]", "search.ranks=[2,4]",
+            "search.learning_rate=[1e-3,2e-2]", f"budget.num_samples={SEARCH_TRIALS}", f"budget.max_steps={MAX_STEPS}",
+            "budget.eval_every=3", "budget.grace_period=3", "budget.batch_size=4", "data.eval_examples=8",
+            "data.eval_generate_examples=0", "resources.packing=shared", "resources.pack_slots=4", *more]
+    return ["--output", str(output), "--name", name, *[x for s in sets for x in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def shared_run(tiny_model_dir, tmp_path_factory):
+    """The run directory of an uninterrupted shared search, with the pick retrained, and its log."""
+    output = tmp_path_factory.mktemp("shared")
+    process = _popen(_args(tiny_model_dir, output, "shared", "selection.retrain=true"))
+    log, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, log[-5000:]
+    return output / "shared", log
+
+
+def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(shared_run):
+    run_dir, log = shared_run
+    trials = pd.read_csv(run_dir / "trials.csv")
+    searched = trials[trials.origin.isin(["search", "prior"])]
+    assert len(searched) == SEARCH_TRIALS
+    assert trials.status.isin(["finished", "stopped"]).all(), trials[["trial_id", "status", "error"]].to_string()
+    assert (trials[trials.status == "finished"].step == MAX_STEPS).all()
+    assert json.loads((run_dir / "run_config.json").read_text())["resources"]["packing"] == SHARED
+    pack_sizes = {row["pack_size"] for rows in _reported(run_dir).values() for row in rows}
+    assert max(pack_sizes) == 4  # four trials trained in one pass
+    pick = json.loads((run_dir / "pick.json").read_text())
+    assert pick["trial_id"] in set(trials.trial_id)
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # the retrained weights
+
+
+def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0")
+    process = _popen(args)
+    deadline = time.monotonic() + 300
+    while sum(map(len, _reported(run_dir).values())) < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # past the one-second experiment-state snapshot
+    process.send_signal(signal.SIGKILL)
+    log, _ = process.communicate()
+    assert not (run_dir / "trials.csv").exists(), "the run finished before it could be killed:\n" + log[-3000:]
+
+    resumed = _popen(["--resume", *args])
+    log, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, log[-5000:]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == SEARCH_TRIALS and trials.trial_id.is_unique
+    assert trials.status.isin(["finished", "stopped"]).all(), trials[["trial_id", "status", "error"]].to_string()
+    configuration = ["module_set", "r", "alpha_ratio", "learning_rate", "use_rslora", "lora_dropout"]
+    assert not trials.duplicated(configuration).any(), "a configuration trained twice"
+    for trial_id, rows in _reported(run_dir).items():
+        steps = [row["step"] for row in rows]
+        assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"
+    assert (run_dir / "pick.json").is_file()

@@ -1,0 +1,80 @@
+"""The shared trainers of a run with `resources.packing=shared`: one Ray actor per GPU of the
+cluster (one on a cluster without GPUs), each holding the base model once and training the
+adapters of up to `resources.pack_slots` trials in one pass (trainables/shared.py). Every
+configuration stays a Tune trial of its own, whose light client (trainables/client.py) trains
+in a slot of one of them. They serve the search and the retrain, and are killed at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ray import tune
+
+from search.config import ResourcesConfig
+from trainables.config import TrialSetup
+
+# Trainers are found by name in the driver's own Ray namespace (a new one for each driver, so
+# two runs on one cluster never see each other's), where a resumed run's trainers have the same names.
+TRAINER_NAME = "lora-search-trainer-"
+# Besides the pack_slots clients waiting in next_report: calls that must not queue behind them
+# (open, release, used, capacity), from clients being placed and from the driver.
+SPARE_CALLS = 4
+
+
+@contextmanager
+def shared_trainers(resources: ResourcesConfig, setup: TrialSetup) -> Iterator[list]:
+    """The handles of the run's trainers, started and answering, for the block; killed after it.
+    One per whole GPU that Ray's cluster has, each with that GPU and `cpus_per_trial` CPUs, else
+    one with `cpus_per_trial` CPUs. Ray restarts a trainer that dies (its trials fail with the
+    reason, and Tune's retries, resources.max_failures, continue them from their checkpoints on
+    it). A trainer that cannot start (its constructor raised) ends the run here, before any trial."""
+    import ray
+
+    from trainables.shared import SharedTrainer
+
+    gpus = math.floor(ray.cluster_resources().get("GPU", 0) + 1e-9)
+    trainer = ray.remote(SharedTrainer)
+    options = {"num_cpus": resources.cpus_per_trial, "max_concurrency": resources.pack_slots + SPARE_CALLS,
+               "max_restarts": -1, **({"num_gpus": 1} if gpus else {})}
+    handles = []
+    try:
+        for index in range(max(1, gpus)):
+            handles.append(trainer.options(name=f"{TRAINER_NAME}{index}", **options).remote(setup, resources.pack_slots))
+        ray.get([handle.capacity.remote() for handle in handles])
+        yield handles
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
+
+def trainer_slots(trainers: list, pack_slots: int, max_concurrent_trials: int) -> int:
+    """Trials at once under shared packing: every slot of every trainer, or the user's
+    `max_concurrent_trials` where it is lower (0: no limit of the user's)."""
+    slots = pack_slots * len(trainers)
+    return min(max_concurrent_trials, slots) if max_concurrent_trials else slots
+
+
+class ReleaseSlots(tune.Callback):
+    """Frees an ended trial's slot at once, for the next trial. A trial that ASHA stops ends inside
+    Tune's report, where its client's own release may never run; a trial whose client died never
+    releases. Releasing a slot that is already free does nothing.
+
+    It holds no actor handle: Tune pickles its callbacks into the experiment, and a resumed run
+    uses those copies, so it finds the trainers by name (TRAINER_NAME) when a trial ends."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        _release(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        _release(trial.trial_id)
+
+
+def _release(trial_id: str) -> None:
+    import ray
+
+    for name in ray.util.list_named_actors():
+        if name.startswith(TRAINER_NAME):
+            ray.get_actor(name).release.remote(trial_id)  # not awaited: the driver's loop goes on

@@ -1,0 +1,111 @@
+"""A shared trial: the Tune function trainable of a trial that `resources.packing=shared` runs.
+
+The trial's process holds no model. It opens a slot for its configuration on one of the run's
+trainers (`trainables.shared.SharedTrainer`, a Ray actor per GPU that trains the adapters of
+several trials in one pass), hands it the trial's checkpoint where there is one, and passes
+each report that the trainer makes for it on to Tune, with that report's checkpoint. So it
+imports neither torch, transformers nor PEFT, and a trial starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from rundir.params import TrialParams
+
+FULL_WAIT_S = 0.2  # between rounds of asking while every slot is taken: a slot frees when a trial ends
+
+
+class TrainerDied(RuntimeError):
+    """The trainer that held the trial's slot died; Tune's retries (resources.max_failures)
+    continue the trial from its last checkpoint on a trainer that Ray restarts."""
+
+
+def train_lora_shared(config: dict, trainers: list) -> None:
+    """Train one configuration, `config` being Tune's config of the trial, in a slot of one of
+    `trainers` (handles of Ray actors of `SharedTrainer`): the one with the most free slots,
+    waiting while all are full. The trial continues from Tune's checkpoint of it (a retry or a
+    resumed run), else from its `start_from` (a promotion), else starts fresh. Every report of
+    the trainer goes to Tune as trainables/trial.py's reports do, with its checkpoint, until the
+    trainer says the trial is done. Raises what the trainer raised for the trial (TrialDiverged,
+    ValueError for a configuration it cannot train), and TrainerDied when the trainer died."""
+    trial_id = tune.get_context().get_trial_id()
+    files = _checkpoint_files(TrialParams.from_config(config).start_from)
+    index = _open(trainers, trial_id, config, ray.put(files) if files else None)
+    trainer = trainers[index]
+    died = False
+    try:
+        while True:
+            try:
+                report = ray.get(trainer.next_report.remote(trial_id))
+            except ray.exceptions.RayActorError as e:
+                died = True
+                raise TrainerDied(f"the shared trainer {index} of the run died while it trained this trial "
+                                  f"({type(e).__name__}: {e})") from e
+            if report.get("done"):
+                return
+            with tempfile.TemporaryDirectory() as directory:
+                for name, data in report["files"].items():
+                    path = Path(directory) / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+                tune.report(report["metrics"], checkpoint=tune.Checkpoint.from_directory(directory))
+    finally:
+        # Also on the SystemExit with which Tune's report ends a trial that ASHA stopped. Not awaited:
+        # Tune reuses this process for the next trial only if this function ends within 2 s
+        # (TUNE_FUNCTION_THREAD_TIMEOUT_S), and a trainer answers between its packed steps, which
+        # took longer on a CPU; where reuse fails, Ray 2.60 fails the next trial and never tells the
+        # searcher, and the search waits for it for good. Not to a trainer that died: its slots died
+        # with it, and the release, queued until Ray restarts it, could free this trial's retry there.
+        if not died:
+            trainer.release.remote(trial_id)
+
+
+def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
+    """The files of Tune's checkpoint of this trial, else of the checkpoint at `start_from` (a
+    directory or a storage URI), by their paths inside it; None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and start_from is None:
+        return None
+    if checkpoint is None:
+        checkpoint = tune.Checkpoint(start_from)
+    with checkpoint.as_directory() as directory:
+        root = Path(directory)
+        return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _open(trainers: list, trial_id: str, config: dict, files) -> int:
+    """The index of the trainer that opened a slot for the trial: trainers are asked in order of
+    their free slots, most first, again every FULL_WAIT_S while all are full. `files` is the
+    checkpoint's files in Ray's object store (put once, however often they are offered), or None.
+    TrainerDied when no trainer answers."""
+    while True:
+        free = _free_slots(trainers)
+        if not free:
+            raise TrainerDied(f"none of the run's {len(trainers)} shared trainer(s) answers: all have died")
+        for slots, index in free:
+            if slots <= 0:
+                break
+            try:
+                if ray.get(trainers[index].open.remote(trial_id, config, files)):
+                    return index
+            except ray.exceptions.RayActorError:
+                continue  # died since it answered: another may take the trial
+        time.sleep(FULL_WAIT_S)
+
+
+def _free_slots(trainers: list) -> list[tuple[int, int]]:
+    """(free slots, index) of every trainer that answers, most free slots first."""
+    asked = [(index, trainer.capacity.remote(), trainer.used.remote()) for index, trainer in enumerate(trainers)]
+    out = []
+    for index, capacity, used in asked:
+        try:
+            out.append((ray.get(capacity) - ray.get(used), index))
+        except ray.exceptions.RayActorError:
+            continue
+    return sorted(out, key=lambda free: -free[0])
