@@ -6,6 +6,7 @@ and one SIGKILLed and resumed ends with every trial once."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.resume import CREATED_BY, resume_check
 from search.run import main
+from processes import processes_using
 from test_cli import _cli
 from test_tracking import _cli as _popen, _reported
 
@@ -146,3 +148,37 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
         steps = [row["step"] for row in rows]
         assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"
     assert (run_dir / "pick.json").is_file()
+
+
+def _trainer_pids(run_dir: Path) -> list[int]:
+    """The run's shared trainer processes: Ray workers named for the actor's class, with files
+    open in the Ray session that the run recorded."""
+    session = (run_dir / "ray_session").read_text().strip()
+    return [pid for pid in processes_using(Path(session))
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::SharedTrainer")]
+
+
+def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retries_carry_them_on(tiny_model_dir,
+                                                                                                 tmp_path):
+    run_dir = tmp_path / "dying"
+    args = _args(tiny_model_dir, tmp_path, "dying", "budget.num_samples=4", "resources.max_failures=1",
+                 "selection.promote=false", "selection.confirm_top_k=0")
+    process = _popen(args)
+    deadline = time.monotonic() + 300
+    while not _reported(run_dir) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (trainer,) = _trainer_pids(run_dir)
+    os.kill(trainer, signal.SIGKILL)
+    log, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, log[-5000:]
+
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == 4
+    assert trials.status.isin(["finished", "stopped"]).all(), trials[["trial_id", "status", "error"]].to_string()
+    errors = [path.read_text() for path in (run_dir / "tune").glob("trial_*/error.txt")]
+    assert errors, "no trial was in the trainer when it died"
+    assert all("TrainerDied: the shared trainer 0 of the run died while it trained this trial" in text
+               for text in errors)
+    for trial_id, rows in _reported(run_dir).items():
+        steps = [row["step"] for row in rows]
+        assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"

@@ -81,12 +81,12 @@ def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
 
 def _open(trainers: list, trial_id: str, config: dict, files) -> int:
     """The index of the trainer that opened a slot for the trial: trainers are asked in order of
-    their free slots, most first, again every FULL_WAIT_S while all are full. `files` is the
-    checkpoint's files in Ray's object store (put once, however often they are offered), or None.
-    TrainerDied when no trainer answers."""
+    their free slots, most first, again every FULL_WAIT_S while all are full or being restarted.
+    `files` is the checkpoint's files in Ray's object store (put once, however often they are
+    offered), or None. TrainerDied when every trainer has died for good."""
     while True:
-        free = _free_slots(trainers)
-        if not free:
+        free, restarting = _free_slots(trainers)
+        if not free and not restarting:
             raise TrainerDied(f"none of the run's {len(trainers)} shared trainer(s) answers: all have died")
         for slots, index in free:
             if slots <= 0:
@@ -99,13 +99,16 @@ def _open(trainers: list, trial_id: str, config: dict, files) -> int:
         time.sleep(FULL_WAIT_S)
 
 
-def _free_slots(trainers: list) -> list[tuple[int, int]]:
-    """(free slots, index) of every trainer that answers, most free slots first."""
+def _free_slots(trainers: list) -> tuple[list[tuple[int, int]], int]:
+    """(free slots, index) of every trainer that answers, most free slots first; and how many
+    trainers Ray is restarting (they answer again once they have loaded the model)."""
     asked = [(index, trainer.capacity.remote(), trainer.used.remote()) for index, trainer in enumerate(trainers)]
-    out = []
+    free, restarting = [], 0
     for index, capacity, used in asked:
         try:
-            out.append((ray.get(capacity) - ray.get(used), index))
+            free.append((ray.get(capacity) - ray.get(used), index))
+        except ray.exceptions.ActorUnavailableError:
+            restarting += 1
         except ray.exceptions.RayActorError:
             continue
-    return sorted(out, key=lambda free: -free[0])
+    return sorted(free, key=lambda slots: -slots[0]), restarting
