@@ -102,8 +102,9 @@ def test_a_user_metric_function_receives_exactly_the_generations_and_references(
 
     metrics = answer_metrics(fitted, 0, CPU, NO_AUTOCAST)
 
-    # three of four right: the standard error of the mean of (1, 1, 1, 0) is 0.5 / sqrt(4)
-    assert metrics == {"eval_exact_match": 0.75, "eval_exact_match_se": 0.25, "mymetric:score": 0.25}
+    # three of four right, the first wrong: the standard error of the mean of (0, 1, 1, 1) is 0.5 / sqrt(4)
+    assert metrics == {"eval_exact_match": 0.75, "eval_exact_match_se": 0.25, "eval_row_exact_match": [0.0, 1.0, 1.0, 1.0],
+                       "mymetric:score": 0.25}
     assert sys.modules["mymetric"].calls == [(ANSWERS, list(WRONG_FIRST.values()))]
 
 

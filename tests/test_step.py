@@ -4,6 +4,8 @@ the model computes with its attention mask and labels, batch by seed and step.
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -297,3 +299,38 @@ def test_eval_standard_errors_are_those_of_the_per_row_means_computed_by_hand(ti
     by_hand = torch.tensor(row_accuracies, dtype=torch.float64)
     assert evaluation.accuracy_se == pytest.approx((by_hand.std() / len(rows) ** 0.5).item(), rel=1e-6)
     assert evaluation.loss_se > 0
+
+
+def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_batches(tiny):
+    """Each row's mean loss and token accuracy, computed alone with torch, in the order the rows
+    came in (evaluate batches them by length); a row without answer tokens has none and is left
+    out. Weighted by each row's answer tokens they give the reported eval loss, and their own
+    standard error is the reported one."""
+    from trainables.trial import evaluate
+
+    model, rows = tiny
+    ids = rows[0][0]
+    rows = rows[:2] + [(ids, [IGNORE] * len(ids))] + rows[2:]  # an answer truncated away: nothing to score
+    model.eval()
+    row_losses, row_accuracies, row_tokens, row_lengths = [], [], [], []
+    with torch.no_grad():
+        for ids, labels in rows:
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE
+            if not keep.any():
+                continue
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            row_losses.append(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item())
+            row_accuracies.append((logits[keep].argmax(-1) == target[keep]).float().mean().item())
+            row_tokens.append(int(keep.sum()))
+            row_lengths.append(len(ids))
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=30)
+    metrics = evaluation.metrics()
+
+    assert row_lengths != sorted(row_lengths)  # the batches' order is not the rows'
+    assert metrics["eval_row_loss"] == pytest.approx(row_losses, rel=1e-5)
+    assert metrics["eval_row_accuracy"] == pytest.approx(row_accuracies, rel=1e-6)
+    by_tokens = sum(loss * tokens for loss, tokens in zip(metrics["eval_row_loss"], row_tokens)) / sum(row_tokens)
+    assert by_tokens == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    own_se = statistics.stdev(metrics["eval_row_loss"]) / len(row_losses) ** 0.5
+    assert own_se == pytest.approx(metrics["eval_loss_se"], rel=1e-5)

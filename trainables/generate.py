@@ -171,12 +171,15 @@ class AnswerMetrics:
         user_metric = UserMetric.load(setup.metric_function) if setup.metric_function else None
         return cls(rows, load_tokenizer(setup.tokenizer or setup.model_path, setup.trust_remote_code), user_metric)
 
-    def __call__(self, model, pad_token_id: int, device: torch.device, autocast) -> dict[str, float]:
-        """`eval_exact_match` over the rows with its standard error over them (`eval_exact_match_se`),
-        and the user's metric under its name."""
+    def __call__(self, model, pad_token_id: int, device: torch.device, autocast) -> dict[str, float | list[float]]:
+        """`eval_exact_match` over the rows with its standard error over them (`eval_exact_match_se`)
+        and each row's match (`eval_row_exact_match`, 1.0 or 0.0, in the order of `rows`: every trial
+        answers the same rows, so two trials' lists pair row by row), and the user's metric under
+        its name."""
         generations, references = generate_answers(model, self.rows, self.tokenizer, pad_token_id, device, autocast)
         hits = matches(generations, references)
-        metrics = {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_se": standard_error(hits)}
+        metrics = {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_se": standard_error(hits),
+                   "eval_row_exact_match": hits}
         if self.user_metric is not None:
             metrics[self.user_metric.name] = self.user_metric(generations, references)
         return metrics

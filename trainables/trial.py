@@ -87,7 +87,8 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     `setup.generate_examples`, also `eval_exact_match` and the user's metric under its name
     (trainables/generate.py), at `setup.max_steps`, or at every report with
     `setup.generate_every_round`. `eval_loss_se`, `eval_accuracy_se` and `eval_exact_match_se` are
-    their standard errors over the eval rows (`Evaluation`)."""
+    their standard errors over the eval rows, and `eval_row_loss`, `eval_row_accuracy` and
+    `eval_row_exact_match` their per-row values, in the eval split's order (`Evaluation`)."""
     called_at = time.time()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
@@ -219,16 +220,31 @@ class Evaluation:
     weighs the same, whatever row it is in); their standard errors (`loss_se`, `accuracy_se`)
     are those of the mean over rows of each row's own mean (`generate.standard_error`): the rows
     are the sample, and tokens of one row are not independent of each other. Where rows have
-    similar answer lengths the two means agree; the standard error is of the per-row one."""
+    similar answer lengths the two means agree; the standard error is of the per-row one.
+
+    `row_loss` and `row_accuracy` are those per-row means, one per eval row that has an answer
+    token, in the order of the rows evaluated (the eval split's): every trial of a run scores the
+    same rows, and which rows lack an answer token depends on the data alone, so two trials'
+    lists pair row by row (the pick's paired comparison, analysis/select.py)."""
 
     loss: float
     accuracy: float
     loss_se: float
     accuracy_se: float
+    row_loss: list[float]
+    row_accuracy: list[float]
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | list[float]]:
         return {"eval_loss": self.loss, "eval_loss_se": self.loss_se,
-                "eval_accuracy": self.accuracy, "eval_accuracy_se": self.accuracy_se}
+                "eval_accuracy": self.accuracy, "eval_accuracy_se": self.accuracy_se,
+                "eval_row_loss": rounded(self.row_loss), "eval_row_accuracy": rounded(self.row_accuracy)}
+
+
+def rounded(values: list[float]) -> list[float]:
+    """`values` to 9 significant digits: the token losses are computed in float32 (about 7), and
+    result.json keeps a list per eval round, which float64's 17 digits would make almost twice
+    as long."""
+    return [float(f"{value:.9g}") for value in values]
 
 
 @torch.no_grad()
@@ -242,7 +258,8 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
     each batch's logits)."""
     model.eval()
     row_losses, row_correct, row_counts = [], [], []  # per row: summed loss, correct tokens, answer tokens
-    rows = sorted(rows, key=lambda row: len(row[0]))  # similar lengths together: less padding
+    order = sorted(range(len(rows)), key=lambda index: len(rows[index][0]))  # similar lengths together: less padding
+    rows = [rows[index] for index in order]
     start = 0
     while start < len(rows):
         end = min(len(rows), start + EVAL_BATCH)
@@ -266,14 +283,19 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
         row_correct.append(torch.zeros(len(chunk), device=device, dtype=torch.long).index_add_(0, row_of_token, token_correct))
         row_counts.append(keep.sum(1))
     model.train()
-    losses, correct, counts = (torch.cat(parts).cpu() for parts in (row_losses, row_correct, row_counts))
+    rows_order = torch.argsort(torch.tensor(order))  # from the batches' order back to the rows' own
+    losses, correct, counts = (torch.cat(parts).cpu()[rows_order] for parts in (row_losses, row_correct, row_counts))
     answered = counts > 0  # a row whose answer was truncated away has no token to score
     count = int(counts.sum())
+    row_loss = (losses[answered] / counts[answered]).tolist()
+    row_accuracy = (correct[answered] / counts[answered]).tolist()
     return Evaluation(
         loss=losses.sum().item() / count,
         accuracy=correct.sum().item() / count,
-        loss_se=standard_error((losses[answered] / counts[answered]).tolist()),
-        accuracy_se=standard_error((correct[answered] / counts[answered]).tolist()),
+        loss_se=standard_error(row_loss),
+        accuracy_se=standard_error(row_accuracy),
+        row_loss=row_loss,
+        row_accuracy=row_accuracy,
     )
 
 
