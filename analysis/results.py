@@ -51,6 +51,12 @@ REPORTED_COLUMNS = (
     "train_loss", "trainable_params", "trainable_pct",
     "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "step_mode",
 )
+# The per-row values of the eval metrics, by metric: one per eval row, in the eval split's order,
+# the same rows for every trial of a run (trainables/trial.py `Evaluation`, trainables/generate.py),
+# so two trials' lists pair row by row (analysis/select.py). The trial table carries them after its
+# other columns, a list each (None where the trial reported none); trials.csv leaves them out.
+ROW_COLUMNS = {"eval_loss": "eval_row_loss", "eval_accuracy": "eval_row_accuracy",
+               "eval_exact_match": "eval_row_exact_match"}
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
@@ -135,7 +141,8 @@ def _tune_statuses(experiment_dir: Path) -> dict[str, tuple[str, int]]:
 
 def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per trial with exactly `COLUMNS` (then the user's metric column where the run's
-    selection.metric names one: `user_metric_columns`), in `read_trial_files` order.
+    selection.metric names one: `user_metric_columns`, then `ROW_COLUMNS`' columns), in
+    `read_trial_files` order.
 
     `status` is "failed" when Ray recorded an error (then `error` is its one-line summary),
     "finished" when the trial reported step `budget.max_steps` of run_config.json, and
@@ -151,7 +158,7 @@ def trials_table(trials: list[TrialFiles], max_steps: int, metric: str) -> pd.Da
     """The trial table (`load_trials`) of `trials`, read from files or known from their reports;
     `metric` is the run's selection.metric."""
     records = [trial_record(trial, max_steps, metric) for trial in trials]
-    table = pd.DataFrame.from_records(records, columns=[*COLUMNS, *user_metric_columns(metric)])
+    table = pd.DataFrame.from_records(records, columns=[*COLUMNS, *user_metric_columns(metric), *ROW_COLUMNS.values()])
     return table.astype({column: "Int64" for column in _NULLABLE_INTEGER_COLUMNS})
 
 
@@ -184,18 +191,21 @@ def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write the trial table to `path` as CSV (no index), atomically; return `path`."""
+    """Write the trial table to `path` as CSV (no index), without the per-row values
+    (`ROW_COLUMNS`: each trial's result.json keeps them), atomically; return `path`."""
     with atomic_path(path) as temporary:
-        trials.to_csv(temporary, index=False)
+        trials.drop(columns=list(ROW_COLUMNS.values()), errors="ignore").to_csv(temporary, index=False)
     return Path(path)
 
 
 def trial_record(trial: TrialFiles, max_steps: int, metric: str) -> dict:
-    """One trial's row of the trial table, as a dict keyed by `COLUMNS` and `user_metric_columns(metric)`."""
+    """One trial's row of the trial table, as a dict keyed by `COLUMNS`, `user_metric_columns(metric)`
+    and `ROW_COLUMNS`' columns."""
     params = trial.params
     lora_config = params.lora_config
     last = trial.rows[-1] if trial.rows else {}
     reported = {key: last.get(key, math.nan) for key in (*REPORTED_COLUMNS, *user_metric_columns(metric))}
+    reported |= {column: row_values(last.get(column)) for column in ROW_COLUMNS.values()}
     return {
         "trial_id": trial.trial_id,
         "status": trial_status(reported["step"], trial.error, max_steps),
@@ -215,6 +225,18 @@ def trial_record(trial: TrialFiles, max_steps: int, metric: str) -> dict:
         **reported,
         "error": trial.error,
     }
+
+
+def row_values(reported) -> list[float] | None:
+    """A report's per-row values (`ROW_COLUMNS`) as floats; None where the report has none, or
+    where they are not a list of finite numbers (nothing to pair with)."""
+    if not isinstance(reported, list) or not reported:
+        return None
+    try:
+        values = [float(value) for value in reported]
+    except (TypeError, ValueError):
+        return None
+    return values if all(math.isfinite(value) for value in values) else None
 
 
 def trial_status(step: float, error: str, max_steps: int) -> str:

@@ -17,6 +17,7 @@ import pytest
 from analysis.results import (
     COLUMNS,
     CURVE_COLUMNS,
+    ROW_COLUMNS,
     error_summary,
     load_curves,
     load_lora_configs,
@@ -84,11 +85,13 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
               experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
               alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
               learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
-              seed: int = 0, step_mode: str | None = None, eval_loss_se: float | None = None) -> Path:
+              seed: int = 0, step_mode: str | None = None, eval_loss_se: float | None = None,
+              eval_row_loss: list[float] | None = None) -> Path:
     """Write one trial directory the way Ray does; return it.
 
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
-    carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` where given. `error` is the last line of a Ray traceback
+    carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` and the per-row losses
+    `eval_row_loss` where given. `error` is the last line of a Ray traceback
     in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
     `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
     train_seconds a tenth of a second per step and rank.
@@ -119,6 +122,7 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
             **({"step_mode": step_mode} if step_mode else {}),
             **({"eval_loss_se": eval_loss_se} if eval_loss_se is not None else {}),
+            **({"eval_row_loss": eval_row_loss} if eval_row_loss is not None else {}),
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
             "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,
@@ -143,8 +147,20 @@ def test_load_trials_has_one_row_per_trial_with_the_design_columns_in_order(run_
 
     trials = load_trials(run_dir)
 
-    assert tuple(trials.columns) == COLUMNS
+    assert tuple(trials.columns) == (*COLUMNS, "eval_row_loss", "eval_row_accuracy", "eval_row_exact_match")
     assert list(trials["trial_id"]) == ["aaaa0001", "aaaa0002"]
+
+
+def test_per_row_values_come_from_the_last_report_as_lists_and_stay_out_of_trials_csv(run_dir):
+    add_trial(run_dir, "aaaa0001", eval_row_loss=[0.25, 1.5, 0.75])
+    add_trial(run_dir, "aaaa0002")  # reported none, as trials before per-row values did
+
+    trials = load_trials(run_dir)
+    write_trials_csv(trials, run_dir / "trials.csv")
+
+    assert trials["eval_row_loss"].tolist() == [[0.25, 1.5, 0.75], None]
+    assert trials["eval_row_accuracy"].tolist() == [None, None]
+    assert not set(ROW_COLUMNS.values()) & set(pd.read_csv(run_dir / "trials.csv").columns)
 
 
 def test_trial_reaching_max_steps_is_finished_and_one_cut_short_is_stopped(run_dir):
@@ -317,7 +333,7 @@ def test_write_trials_csv_round_trips_and_leaves_no_temporary_file(run_dir):
 def test_a_run_without_a_tune_directory_has_no_trials(run_dir):
     trials = load_trials(run_dir)
 
-    assert trials.empty and tuple(trials.columns) == COLUMNS
+    assert trials.empty and tuple(trials.columns) == (*COLUMNS, *ROW_COLUMNS.values())
 
 
 def test_a_directory_without_run_config_is_a_clear_error(tmp_path):
