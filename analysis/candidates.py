@@ -21,8 +21,8 @@ import pandas as pd
 
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles, curves_table, trials_table
-from analysis.select import (NoCandidate, Pick, by_configuration, finished_trials, pick, rank_candidates, tolerance_bar,
-                              within_bar)
+from analysis.select import (NoCandidate, Pick, against_bar, by_configuration, finished_trials, pick, rank_candidates,
+                              tolerance_bar, within_bar)
 from rundir.params import Origin
 
 
@@ -66,19 +66,21 @@ def more_seeds(trials: pd.DataFrame, chosen: Pick, max_steps: int, max_runs: int
     trial id -> the runs with other seeds it should have in all, one more than it has finished.
 
     A configuration gets one while it has fewer than `max_runs` runs (its own included) and
-    another seed can still narrow its standard error: it has a single run (its seeds' part is
-    not known yet), or its seeds' part is at least its rows' part. Every seed is scored on the
-    same eval rows, so seeds shrink only the seeds' part; once the rows' part is the larger,
-    the two are as far told apart as this eval set can tell them, and the report says so.
-    Empty when the pick is decided."""
+    another seed can still narrow the standard error of its distance to the bar: it has a single
+    run (its seeds' part is not known yet), or its seeds' part is at least its rows' part (paired
+    with the best's rows where both have per-row values: `analysis.select.against_bar`). Every
+    seed is scored on the same eval rows, so seeds shrink only the seeds' part; once the rows'
+    part is the larger, the two are as far told apart as this eval set can tell them, and the
+    report says so. Empty when the pick is decided."""
     if chosen.undecided_with is None:
         return {}
     finished = finished_trials(trials, chosen.metric, chosen.cost_name)
     configurations = by_configuration(finished[finished["step"] == max_steps], trials, chosen.metric)
+    configurations = against_bar(configurations, chosen.best_trial_id, chosen.mode, chosen.tolerance)
     out = {}
     for _, row in configurations[configurations["trial_id"].isin([chosen.trial_id, chosen.undecided_with])].iterrows():
-        runs, seeds_part = int(row["seeds"]), math.sqrt(max(row["se"]**2 - row["row_se"]**2, 0.0))
-        if runs < max_runs and (runs == 1 or seeds_part >= row["row_se"]):
+        runs = int(row["seeds"])
+        if runs < max_runs and (runs == 1 or row["seeds_se"] >= row["gap_row_se"]):
             out[row["trial_id"]] = runs  # the runs with other seeds: all but its own, plus one
     return out
 

@@ -8,14 +8,23 @@ value <= best / tolerance.
 
 Every value is uncertain, and "within tolerance" is judged with that uncertainty (a refinement
 of `selection.tolerance`, not a second knob): the bar is set by the best mean, and a
-configuration is within it when its one-sided 90% interval reaches it, value - Z * se <= bar
-(minimise; value + Z * se >= bar when maximising), Z = 1.28. Its standard error `se` is:
-- one run: the standard error of the metric over the eval rows (`<metric>_se`, reported by the
-  trial; 0 for a metric reported without one, such as the user's function);
-- k runs with different seeds (confirmations): sqrt(row_se^2 + seed_sd^2 / k), where row_se is
-  the runs' mean row standard error and seed_sd the sample standard deviation of their values.
-  Every seed is scored on the same eval rows, so the rows' part does not shrink with more seeds;
-  the seeds' part does.
+configuration is within it when the one-sided 90% interval of its distance to the bar reaches
+it, value - Z * se <= bar (minimise; value + Z * se >= bar when maximising), Z = 1.28. That
+standard error `se` has a rows' part and, for a configuration run with several seeds
+(confirmations), a seeds' part, seed_sd / sqrt(k), seed_sd the sample standard deviation of its
+k runs' values; the two add in squares. Every seed is scored on the same eval rows, so the rows'
+part does not shrink with more seeds; the seeds' part does. The rows' part is:
+- paired, where the configuration and the best both reported per-row values
+  (`analysis.results.ROW_COLUMNS`; each configuration's averaged over its runs, row by row):
+  the standard error of the mean of the per-row differences between the configuration and the
+  bar, value_i - best_i / tolerance (minimise; value_i - tolerance * best_i when maximising).
+  Every trial is scored on the same eval rows, so how hard the rows happen to be moves the
+  configuration and the best together, and only the differences are noise of the comparison:
+  their standard error is usually far below either configuration's own;
+- otherwise (runs that reported no per-row values, a metric without them such as the user's
+  function): the configuration's own standard error over the eval rows (`<metric>_se`, reported
+  by the trial, the mean over its runs; 0 for a metric reported without one).
+The pick (`Pick.compared`, `Pick.paired`) and its rule say which was used.
 The pick is the cheapest configuration whose mean is within the band, so `selection.tolerance`
 keeps its meaning; the uncertainty says where that is not the whole story. A cheaper
 configuration within the band only by its interval (its mean is past the bar) cannot be told
@@ -25,11 +34,12 @@ instead was measured on `facts`: a pick of 0.4159 against a best of 0.3862, 7.7%
 5% tolerance, bench/results/h200-2026-12-01-uncertainty-rule/.)
 
 More seeds can settle such a case only by moving its mean, or where its mean is past the bar
-by more than Z * row_se: within that, the rows' part alone keeps the interval reaching the bar
-however many seeds agree. So seeds are added only while the seeds' part is at least the
-rows' part (`analysis.candidates.more_seeds`); past that, the two are as far told apart as this
-eval set can tell them, and the report says they could not be. (On `facts`, 1,200 eval rows,
-row_se is about 0.008 on a loss of 0.4, so Z * row_se is half the band's width of 5%.)
+by more than Z times the rows' part: within that, the rows' part alone keeps the interval
+reaching the bar however many seeds agree. So seeds are added only while the seeds' part is at
+least the rows' part (`analysis.candidates.more_seeds`); past that, the two are as far told apart
+as this eval set can tell them, and the report says they could not be. (On `facts`, 1,200 eval
+rows, a configuration's own row standard error is about 0.008 on a loss of 0.4, so Z times it
+is half the band's width of 5%.)
 """
 
 import math
@@ -39,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from analysis.results import ROW_COLUMNS
 from rundir.params import Origin
 
 # The one-sided 90% normal quantile: a configuration is within the band when the band is inside
@@ -69,9 +80,11 @@ class Pick:
     candidates: int
     seeds: int      # runs of the chosen configuration averaged into `value`
     spread: float   # their standard deviation (0 for one run)
-    se: float       # the standard error of `value` (the module's docstring says how)
+    se: float       # the standard error of `value`: its own over the eval rows, with its seeds' part
     undecided_with: str | None  # a configuration the pick cannot be told apart from at this budget, or None
     undecided: str | None  # one sentence that says so, giving both with value ± se and cost; None when decided
+    compared: int   # configurations compared with the best (all that finished, but the best)
+    paired: int     # of those, the ones whose rows' part was paired with the best's rows (the module's docstring)
 
 
 def pick(
@@ -98,20 +111,22 @@ def pick(
     eligible = by_configuration(eligible, trials, metric)
     best = rank_by_metric(eligible, metric, mode).iloc[0]
     bar = tolerance_bar(best[metric], tolerance, mode)
+    eligible = against_bar(eligible, best["trial_id"], mode, tolerance)
     candidates = rank_candidates(eligible[within_band(eligible, metric, bar, mode)], metric, mode, cost)
     by_mean = [within_bar(value, bar, mode) for value in candidates[metric]]
     chosen = candidates[by_mean].iloc[0]  # the best is within by its mean: never empty
     undecided_with = undecided = None
     if not by_mean[0]:  # a cheaper configuration is in the band by its interval only
         other = candidates.iloc[0]
-        undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost)
+        undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost, bar)
+    compared, paired = len(eligible) - 1, int(eligible["paired"].sum())
     comparison = ">=" if mode == "max" else "<="
     averaged = " (a configuration run with several seeds counts by its mean)" if eligible["seeds"].max() > 1 else ""
     rule = (
         f"Cheapest by {cost} among the {sum(by_mean)} configurations that finished {max_steps} steps with "
         f"{metric} {comparison} {bar:.6g}, the best ({best[metric]:.6g}) "
         f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}{averaged}; a cheaper one whose "
-        f"one-sided 90% interval reaches the bar is named as not told apart."
+        f"one-sided 90% interval reaches the bar is named as not told apart.{_intervals(compared, paired, metric)}"
     )
     return Pick(
         trial_id=chosen["trial_id"],
@@ -132,20 +147,42 @@ def pick(
         se=float(chosen["se"]),
         undecided_with=undecided_with,
         undecided=undecided,
+        compared=compared,
+        paired=paired,
     )
 
 
-def undecided_sentence(chosen: pd.Series, other: pd.Series, metric: str, cost: str) -> str:
+def _intervals(compared: int, paired: int, metric: str) -> str:
+    """The rule's sentence on which standard error the intervals used (the module's docstring)."""
+    paired_part = ("its distance to the bar, paired with the best over the same eval rows (the standard error of "
+                   "their per-row differences)")
+    if not compared:
+        return ""
+    if paired == compared:
+        return f" Each configuration's interval is that of {paired_part}."
+    if not paired:
+        return (f" Each configuration's interval is that of its own {metric} over the eval rows (no per-row values "
+                "to pair with the best's were reported).")
+    return (f" Each configuration's interval is that of {paired_part} for {paired} of the {compared} configurations "
+            f"compared with the best; for the rest, which reported no per-row values, that of its own {metric} over "
+            "the eval rows.")
+
+
+def undecided_sentence(chosen: pd.Series, other: pd.Series, metric: str, cost: str, bar: float) -> str:
     """The one sentence saying that `chosen` cannot be told apart from `other` (rows of
-    `by_configuration`'s table), with each one's value ± standard error, cost and runs."""
+    `against_bar`'s table), with each one's value ± standard error, cost and runs, and, where
+    `other` was compared with the best over paired rows, that comparison's standard error."""
     def described(row: pd.Series) -> str:
         runs = int(row["seeds"])
         runs_part = "1 run" if runs == 1 else f"mean of {runs} runs with different seeds"
         return f"{row[metric]:.4g} ± {row['se']:.2g} at {_amount(row[cost])} {cost} ({runs_part})"
 
+    how = (f"only by the standard error of its distance to the bar paired with the best over the same eval rows "
+           f"({other['gap_se']:.2g}, against {abs(other[metric] - bar):.2g} past the bar)" if other["paired"]
+           else "by its standard error only")
     return (f"The pick `{chosen['trial_id']}` cannot be told apart from the cheaper `{other['trial_id']}` on this "
             f"eval set: {metric} {described(chosen)} against {described(other)}; the pick is within the tolerance "
-            f"by its mean, `{other['trial_id']}` by its standard error only.")
+            f"by its mean, `{other['trial_id']}` {how}.")
 
 
 def _amount(value: float) -> str:
@@ -171,8 +208,10 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
     with its promoted continuation and its confirming runs with other seeds. The row is
     that of the configuration's first run that is not a confirmation, with `metric` (and
     the cost columns) replaced by the mean over the runs, `seeds` their count, `spread`
-    the standard deviation of `metric` (0 for one run), `se` the standard error of the
-    mean (the module's docstring says how) and `row_se` its rows' part."""
+    the standard deviation of `metric` (0 for one run), `row_se` the mean of the runs' own
+    standard errors over the eval rows, `seeds_se` the seeds' part (0 for one run), `se`
+    the two combined (the module's docstring says how), and `row_values` the runs' per-row
+    values averaged row by row (`mean_row_values`; None where there are none to pair)."""
     roots = configuration_root(trials)
     eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
                                _confirm=(eligible["origin"] == Origin.CONFIRM.value).astype(int))
@@ -184,10 +223,51 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
         row["seeds"] = len(group)
         row["spread"] = float(group[metric].std(ddof=0)) if len(group) > 1 else 0.0
         row["row_se"] = group[f"{metric}_se"].fillna(0.0).mean() if f"{metric}_se" in group else 0.0
-        seed_sd = float(group[metric].std(ddof=1)) if len(group) > 1 else 0.0
-        row["se"] = math.sqrt(row["row_se"]**2 + seed_sd**2 / len(group))
+        row["seeds_se"] = float(group[metric].std(ddof=1)) / math.sqrt(len(group)) if len(group) > 1 else 0.0
+        row["se"] = math.hypot(row["row_se"], row["seeds_se"])
+        row["row_values"] = mean_row_values(group, metric)
         rows.append(row)
     return pd.DataFrame(rows).drop(columns=["_root", "_confirm"]).reset_index(drop=True)
+
+
+def mean_row_values(runs: pd.DataFrame, metric: str) -> np.ndarray | None:
+    """The per-row values of `metric` (`ROW_COLUMNS`) averaged over `runs`, row by row; None
+    unless every run reported them for the same number of rows."""
+    column = ROW_COLUMNS.get(metric)
+    if column not in runs:
+        return None
+    values = list(runs[column])
+    if any(not isinstance(run, list) for run in values) or len({len(run) for run in values}) != 1:
+        return None
+    return np.mean(np.array(values, dtype=float), axis=0)
+
+
+def against_bar(configurations: pd.DataFrame, best_id: str, mode: str, tolerance: float) -> pd.DataFrame:
+    """`by_configuration`'s table with how each configuration is compared with the bar the best
+    (`best_id`) sets: `gap_row_se`, the rows' part of the standard error of its distance to the
+    bar, paired with the best's rows where both have per-row values (`paired` True:
+    `paired_row_se`) and its own `row_se` otherwise; `gap_se`, that part combined with its seeds'
+    part. The best itself keeps its own standard error (`paired` False): it is not compared with itself."""
+    best_rows = configurations.loc[configurations["trial_id"] == best_id, "row_values"].iloc[0]
+    paired_se = [None if trial_id == best_id else paired_row_se(rows, best_rows, tolerance, mode)
+                 for trial_id, rows in zip(configurations["trial_id"], configurations["row_values"])]
+    gap_row_se = [own if paired is None else paired for paired, own in zip(paired_se, configurations["row_se"])]
+    return configurations.assign(
+        paired=[paired is not None for paired in paired_se], gap_row_se=gap_row_se,
+        gap_se=[math.hypot(rows, seeds) for rows, seeds in zip(gap_row_se, configurations["seeds_se"])])
+
+
+def paired_row_se(rows: np.ndarray | None, best_rows: np.ndarray | None, tolerance: float, mode: str) -> float | None:
+    """The standard error of the mean over the eval rows of rows_i - bar_i, bar_i being
+    `tolerance_bar` of the best's value on row i (the bar scales the best's mean, so it scales
+    each of its rows alike): the rows' part of a configuration's distance to the bar, paired.
+    None unless both have per-row values for the same rows, at least two."""
+    pairable = (isinstance(rows, np.ndarray) and isinstance(best_rows, np.ndarray)
+                and len(rows) == len(best_rows) and len(rows) > 1)
+    if not pairable:
+        return None
+    differences = rows - tolerance_bar(best_rows, tolerance, mode)
+    return float(np.std(differences, ddof=1)) / math.sqrt(len(differences))
 
 
 def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
@@ -196,9 +276,11 @@ def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
 
 
 def within_band(configurations: pd.DataFrame, metric: str, bar: float, mode: str) -> list[bool]:
-    """Per row of `by_configuration`'s table: whether its one-sided 90% interval reaches `bar`."""
+    """Per row of `against_bar`'s table: whether the one-sided 90% interval of its distance to
+    `bar` reaches it."""
     sign = -1.0 if mode == "min" else 1.0
-    return [within_bar(value + sign * Z * se, bar, mode) for value, se in zip(configurations[metric], configurations["se"])]
+    return [within_bar(value + sign * Z * se, bar, mode)
+            for value, se in zip(configurations[metric], configurations["gap_se"])]
 
 
 def within_bar(value: float, bar: float, mode: str) -> bool:

@@ -4,7 +4,10 @@ and one lucky seed must not win."""
 from __future__ import annotations
 
 import math
+import statistics
+from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,14 +80,15 @@ def test_a_promoted_trial_competes_for_its_stopped_parent():
 
 
 def reports(trial_id: str, params: int, *losses: float, origin: Origin = Origin.SEARCH, parent: str | None = None,
-            seed: int = 0, se: float | None = None) -> TrialFiles:
+            seed: int = 0, se: float | None = None, row_losses: list[float] | None = None) -> TrialFiles:
     """A trial as the search's stages know it: its contract and its reports every 10 steps
-    (with `se` as each report's eval_loss_se, where given)."""
+    (with `se` as each report's eval_loss_se, and `row_losses` as its eval_row_loss, where given)."""
     lora_config = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"], "use_rslora": False,
                    "use_dora": False}
     trial = TrialParams(lora_config, "attention_qv", 2.0, 2e-4, 1.0, seed, origin, parent)
     rows = [{"step": 10 * (i + 1), "eval_loss": loss, "trainable_params": params, "train_seconds": 1.0,
-             **({"eval_loss_se": se} if se is not None else {})} for i, loss in enumerate(losses)]
+             **({"eval_loss_se": se} if se is not None else {}),
+             **({"eval_row_loss": row_losses} if row_losses is not None else {})} for i, loss in enumerate(losses)]
     return TrialFiles(trial_id, trial, rows, "", None)
 
 
@@ -157,3 +161,24 @@ def test_no_more_seeds_at_confirm_max_seeds():
     decision = decide(trials, SelectionConfig(confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=2), max_steps=10)
 
     assert decision.pick == "big" and decision.more_seeds == {}  # undecided, but both have their 2 runs
+
+
+def test_with_paired_rows_seeds_go_on_while_they_outweigh_the_paired_rows_part():
+    # The same hard and easy rows for every run: each run's own row standard error (about 0.04) outweighs
+    # cheap's seeds' part (0.52 and 0.56: 0.02), but the rows' part of its difference from big's rows is
+    # about 0.002. cheap's mean 0.54 is past the bar (0.5263), its interval 0.54 - 1.28 * 0.02 is not: undecided.
+    hardness = np.random.default_rng(0).uniform(0.1, 0.9, 32)
+    hardness += 0.50 - hardness.mean()
+    own_se = statistics.stdev(hardness) / math.sqrt(len(hardness))
+
+    def run(trial_id, params, shift, **kwargs):
+        return reports(trial_id, params, 0.50 + shift, se=own_se, row_losses=list(hardness + shift), **kwargs)
+
+    leaders = [run("big", 5000, 0.0), run("big-1", 5000, 0.0, origin=Origin.CONFIRM, parent="big", seed=1),
+               run("cheap", 1000, 0.02), run("cheap-1", 1000, 0.06, origin=Origin.CONFIRM, parent="cheap", seed=1)]
+    unpaired = [replace(trial, rows=[{k: v for k, v in row.items() if k != "eval_row_loss"} for row in trial.rows])
+                for trial in leaders]
+    assert own_se > 0.02
+
+    assert decide(leaders, SEEDS, max_steps=10).more_seeds == {"cheap": 2}
+    assert decide(unpaired, SEEDS, max_steps=10).more_seeds == {}  # undecided, but no seed can narrow it

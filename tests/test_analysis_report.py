@@ -373,3 +373,20 @@ def test_a_pick_that_cannot_be_told_apart_says_so_in_one_sentence_giving_both(tm
 
 def test_a_decided_pick_says_nothing_of_being_undecided(analysed):
     assert read_pick(analysed)["undecided"] is None and "cannot be told apart" not in (analysed / "report.md").read_text()
+
+
+def test_pick_json_and_the_report_say_the_comparison_was_paired_over_the_same_eval_rows(tmp_path):
+    # aaaa0002 is 0.04 worse than aaaa0001 on every one of the same four rows: 0.54 is past the bar (0.5263)
+    # whatever the rows' spread, while its own standard error over those rows alone would keep it in the band
+    run_dir = write_run_config(tmp_path / "run")
+    rows = [0.2, 0.4, 0.6, 0.8]
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, eval_loss_se=0.129, r=16, eval_row_loss=rows)
+    add_trial(run_dir, "aaaa0002", eval_loss=0.54, eval_loss_se=0.129, r=4, eval_row_loss=[row + 0.04 for row in rows])
+    assert analyse(run_dir) == 0
+
+    picked, report = read_pick(run_dir), (run_dir / "report.md").read_text()
+
+    assert (picked["trial_id"], picked["undecided_with"]) == ("aaaa0001", None)
+    assert (picked["compared"], picked["paired"]) == (1, 1)
+    assert "paired with the best over the same eval rows" in picked["rule"]
+    assert picked["rule"] in report.split("## The pick")[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from analysis.results import load_trials
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +128,16 @@ def test_every_trial_reports_the_contract_metrics(tiny_run):
                    "train_seconds", "tokens_per_second", "peak_memory_gb"):
         assert ok[column].notna().all() and (ok[column] >= 0).all(), column
     assert (ok.lora_alpha == ok.alpha_ratio * ok.r).all()
+
+
+def test_every_finished_trial_reports_its_per_row_eval_losses_and_the_pick_pairs_them(tiny_run):
+    _, run_dir = tiny_run
+    finished = load_trials(run_dir).query("status == 'finished'")  # result.json's last reports
+    for row in finished.itertuples():
+        assert len(row.eval_row_loss) == 8, row.trial_id  # data.eval_examples
+        assert statistics.stdev(row.eval_row_loss) / 8 ** 0.5 == pytest.approx(row.eval_loss_se, rel=1e-4)
+    picked = json.loads((run_dir / "pick.json").read_text())
+    assert picked["compared"] >= 1 and picked["paired"] == picked["compared"]  # every configuration paired with the best
 
 
 def test_exported_config_is_the_picked_trials_and_applies_to_the_base_model(tiny_run, tiny_model_dir):
