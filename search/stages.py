@@ -21,7 +21,7 @@ from ray.tune.search import Searcher
 
 from analysis.candidates import decide
 from analysis.config import SelectionConfig
-from analysis.results import TrialFiles
+from analysis.results import ROW_COLUMNS, TrialFiles
 from rundir.files import write_json_atomic
 from rundir.layout import SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
@@ -62,7 +62,7 @@ class StagedSearch(Searcher):
         self._stale = True  # a trial ended since the queue was last computed
         self._handed: set[tuple] = set()  # (PROMOTED, parent) and (CONFIRM, parent, seed index)
         self._params: dict[str, TrialParams] = {}  # every trial handed out, by trial id
-        self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars only)
+        self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars, and the latest's per-row values)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
         self._reruns: list[dict] = []  # Tune configs of trials to run again with a larger GPU share
 
@@ -133,10 +133,15 @@ class StagedSearch(Searcher):
         if trial_id not in self._params and isinstance(result.get("config"), dict):
             self._params[trial_id] = TrialParams.from_config(result["config"])  # handed out after the restored state
         row = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        # the per-row eval values, for the pick's paired comparison: on the latest report only,
+        # which is the one the rule reads, so the searcher's saved state stays small
+        row |= {k: result[k] for k in ROW_COLUMNS.values() if isinstance(result.get(k), list)}
         rows = self._rows.setdefault(trial_id, [])
         if rows and rows[-1]["step"] == row["step"]:
             rows[-1] = row
         else:
+            if rows:
+                rows[-1] = {k: v for k, v in rows[-1].items() if k not in ROW_COLUMNS.values()}
             rows.append(row)
 
     def _qualified(self) -> list[TrialParams]:

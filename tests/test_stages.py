@@ -46,10 +46,10 @@ def staged(run_config, **selection) -> StagedSearch:
 
 
 def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False,
-           se: float | None = None):
+           se: float | None = None, rows: list[float] | None = None):
     result = {"step": step, "eval_loss": loss, "trainable_params": params, "train_seconds": step * 0.5,
               "checkpoint_dir_name": f"checkpoint_{step // 2 - 1:06d}", "trial_id": trial_id,
-              **({"eval_loss_se": se} if se is not None else {})}
+              **({"eval_loss_se": se} if se is not None else {}), **({"eval_row_loss": rows} if rows else {})}
     if stop or last:  # Tune passes a stopped trial's last result to on_trial_complete only
         if not stop:
             search.on_trial_result(trial_id, result)
@@ -113,6 +113,25 @@ def test_more_seeds_go_to_the_leaders_while_they_cannot_be_told_apart_each_seed_
 
     report(search, "g", 4, 0.54, 1000, last=True, se=0.005)  # b at 0.54 +- 0.0076: told apart, a is the pick
     assert search.suggest("x") == Searcher.FINISHED
+
+
+def test_the_stages_compare_a_trial_with_the_best_row_by_row_where_both_reported_rows(run_config):
+    search = staged(run_config, confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
+    {t: search.suggest(t) for t in "abcd"}
+    best_rows = [0.30, 0.70, 0.45, 0.55]  # mean 0.50: the bar is 0.50 / 0.95 = 0.5263
+    # b is 0.0037 past the bar on every row: by its own standard error (0.005) it could be within the
+    # band, as in the test above, where it got seeds; row by row it is plainly not
+    b_rows = [value / 0.95 + 0.0037 for value in best_rows]
+    report(search, "a", 2, 0.60, 9000, rows=[0.9, 0.9, 0.9, 0.9])  # an earlier round's rows are not the last's
+    report(search, "a", 4, 0.50, 9000, last=True, se=0.01, rows=best_rows)
+    report(search, "b", 4, sum(b_rows) / 4, 1000, last=True, se=0.005, rows=b_rows)
+    search.on_trial_complete("c", None, error=True)
+    search.on_trial_complete("d", None, error=True)
+    handed = search.suggest("e")
+    assert (handed["origin"], handed["parent"]) == ("confirm", "a")  # only the leader's confirmation
+    assert search.suggest("x") is None
+    first, latest = search._rows["a"]
+    assert "eval_row_loss" not in first and latest["eval_row_loss"] == best_rows  # the saved state keeps the latest's only
 
 
 def play_search(search: Searcher) -> dict[str, dict]:
