@@ -1,7 +1,8 @@
 """resources.packing=shared: trials train in the slots of a shared trainer, each still a Tune trial
 of its own. Bad packing settings are bad input before Ray starts; a shared trial's process is a
 client that imports no torch; a search of 4 concurrent trials on one CPU trainer runs to its pick,
-and one SIGKILLed and resumed ends with every trial once."""
+one SIGKILLed and resumed ends with every trial once, and one whose trainer is SIGKILLed carries its
+trials on from their checkpoints."""
 
 from __future__ import annotations
 
