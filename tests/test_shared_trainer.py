@@ -115,3 +115,27 @@ def test_a_configuration_a_pack_cannot_train_is_refused_with_the_way_out(trainer
     with pytest.raises(ValueError, match="resources.packing=processes"):
         trainer.open("dora", dora, None)
     assert trainer.used() == 0
+
+
+def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trainer, monkeypatch):
+    import threading
+
+    stepping, go_on = threading.Event(), threading.Event()
+    real = trainer.pack.step
+
+    def held(batches, autocast=None):  # a step that lasts until the test lets it end
+        stepping.set()
+        assert go_on.wait(60)
+        return real(batches, autocast)
+
+    monkeypatch.setattr(trainer.pack, "step", held)
+    assert trainer.open("a", trial(), None) and trainer.open("b", trial(seed=1), None)
+    assert stepping.wait(60)
+    answers = {}
+    caller = threading.Thread(target=lambda: answers.update(used=trainer.used(), released=trainer.release("b")))
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive() and answers["used"] == 2  # answered while the step still runs
+    go_on.set()
+    assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
+    assert trainer.used() == 1 and trainer.pack.free_slots() == [1, 2]  # b's slot was freed between steps

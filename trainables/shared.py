@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from rundir.params import TrialParams
 from trainables.config import TrialSetup
 
 PENDING_REPORTS = 2  # reports a slot may run ahead of its client before it waits for it
+FAILURE_GRACE_S = 2.0  # after the stepping thread fails: time for the waiting clients to take the reason
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,12 @@ class SharedTrainer:
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
+        # Two locks, always taken in this order: `pack_lock` while the pack steps or changes (a step
+        # and its evaluations take seconds), `lock` for the bookkeeping clients wait on, held only
+        # for moments, so choosing a trainer, taking a report and releasing never wait for a step.
+        self.pack_lock = threading.Lock()
         self.lock = threading.Condition()
+        self.released: list[int] = []  # slots whose trials ended, freed in the pack before its next step
         self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
@@ -96,8 +103,10 @@ class SharedTrainer:
         from trainables.trial import Progress
 
         params = TrialParams.from_config(config)
-        with self.lock:
-            self._release(trial_id)  # a retry of the trial opens again
+        with self.pack_lock:
+            with self.lock:
+                self._release(trial_id)  # a retry of the trial opens again
+            self._free_released()
             if not self.pack.free_slots():
                 return False
             index = self.pack.add(params)
@@ -110,8 +119,9 @@ class SharedTrainer:
                 self.pack.remove(index)
                 raise
             rows = self.splits["train" if params.full_data else "search_train"]
-            self.open_trials[trial_id] = _Open(index, params, progress, rows)
-            self.lock.notify_all()
+            with self.lock:
+                self.open_trials[trial_id] = _Open(index, params, progress, rows)
+                self.lock.notify_all()
         return True
 
     def next_report(self, trial_id: str) -> dict:
@@ -146,29 +156,45 @@ class SharedTrainer:
         self.thread.join()
 
     def _release(self, trial_id: str) -> None:
+        """Under `lock`: the trial is gone for its clients now; its slot is freed in the pack
+        before the next step (`_free_released`), which is the pack's, not the bookkeeping's."""
         trial = self.open_trials.pop(trial_id, None)
         if trial is not None:
-            self.pack.remove(trial.index)
+            self.released.append(trial.index)
+
+    def _free_released(self) -> None:
+        """Under `pack_lock`: free the slots of the trials released since the last call."""
+        with self.lock:
+            released, self.released = self.released, []
+        for index in released:
+            self.pack.remove(index)
 
     # -- the stepping thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
+                with self.pack_lock:
+                    self._free_released()
+                    with self.lock:
+                        if self.stopping:
+                            return
+                        ready = [t for t in self.open_trials.values()
+                                 if t.error is None and not t.finished and len(t.reports) < PENDING_REPORTS]
+                    if ready:
+                        self._step(ready)
                 with self.lock:
-                    if self.stopping:
-                        return
-                    ready = [t for t in self.open_trials.values()
-                             if t.error is None and not t.finished and len(t.reports) < PENDING_REPORTS]
                     if not ready:
                         self.lock.wait(0.5)
-                        continue
-                    self._step(ready)
                     self.lock.notify_all()
         except BaseException as error:
             log.exception("the shared trainer's stepping thread failed")
             with self.lock:
                 self.failure = error
                 self.lock.notify_all()
+            # a trainer that cannot step is of no use to any trial: once the waiting clients have
+            # been told why, the process ends, and Ray restarts it (max_restarts) for their retries
+            time.sleep(FAILURE_GRACE_S)
+            os._exit(1)
 
     def _step(self, ready: list[_Open]) -> None:
         import torch
@@ -188,7 +214,8 @@ class SharedTrainer:
             losses = self.pack.step(batches, self.autocast)
         except SlotOutOfMemory as error:  # one slot alone did not fit beside the base: that trial fails
             culprit = next(t for t in ready if t.index == error.slot)
-            culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
+            with self.lock:
+                culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
             return
         elapsed = time.perf_counter() - started
         for trial in ready:
@@ -216,7 +243,8 @@ class SharedTrainer:
         train_loss = float(trial.loss_sum / trial.loss_count)
         trial.loss_sum, trial.loss_count = 0.0, 0
         if not math.isfinite(train_loss):
-            trial.error = TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
+            with self.lock:
+                trial.error = TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
             return
         started = time.perf_counter()
         budget = eval_token_budget(setup.batch_size * max(len(r[0]) for r in trial.rows),
@@ -224,7 +252,8 @@ class SharedTrainer:
         with self.pack.only(trial.index) as model:
             evaluation = evaluate(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget)
             if not math.isfinite(evaluation.loss):
-                trial.error = TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
+                with self.lock:
+                    trial.error = TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
                 return
             generating = time.perf_counter()
             answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
@@ -236,11 +265,14 @@ class SharedTrainer:
                    "trainable_pct": 100.0 * trainable / setup.total_params,
                    "peak_memory_gb": process_peak_gb(self.cuda), "peak_allocated_gb": allocated_peak_gb(self.cuda),
                    "step_mode": "packed", "pack_size": pack_size, **progress.metrics()}
-        trial.reports.append({"metrics": metrics, "files": self._checkpoint(trial)})
+        report = {"metrics": metrics, "files": self._checkpoint(trial)}
         progress.busy_from = time.time()
-        if progress.step >= setup.max_steps:
-            trial.finished = True
-            trial.reports.append({"done": True})
+        with self.lock:
+            trial.reports.append(report)
+            if progress.step >= setup.max_steps:
+                trial.finished = True
+                trial.reports.append({"done": True})
+            self.lock.notify_all()
 
     def _checkpoint(self, trial: _Open) -> dict[str, bytes]:
         """The files of a per-process trial's checkpoint: the adapter as PEFT writes it, and the
