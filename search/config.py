@@ -187,9 +187,12 @@ class Config:
 
 def resolve_packing(config: Config) -> str:
     """The packing a run of `config` uses, SHARED or PROCESSES: resources.packing as given, and
-    for auto, processes unless the shared trainer was measured faster for such a run. No GPU
-    measurement of the shared trainer exists on this codebase yet, so auto is processes; the
-    space's DoRA choice, which only processes train, would keep it there in any case."""
+    for auto, processes. Measured on a 2-core CPU (bench/shared_packing.py,
+    bench/results/shared_packing_cpu.json), a pack of K SmolLM2 trials trains no faster than one
+    trial alone (0.94x at K=4, 0.62x at K=8): the CPU is busy with one trial's arithmetic already.
+    On a GPU the same benchmark has not run yet; until it shows the pack faster, auto stays with
+    the processes measured so far. The space's DoRA choice, which only processes train, would
+    keep it there in any case."""
     if config.resources.packing != AUTO:
         return config.resources.packing
     return PROCESSES

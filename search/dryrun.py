@@ -105,7 +105,7 @@ def _source(source: str, part: str, rows: int, format_: str) -> str:
 def packing_line(resources: ResourcesConfig, packing: str) -> str:
     """One line on how the run's trials would share a GPU: `packing`, as `resolve_packing` made
     it of resources.packing, and what that means."""
-    given = "resources.packing=auto, which is processes until the shared trainer is measured faster" \
+    given = "resources.packing=auto: processes, the faster where measured" \
         if resources.packing == AUTO else f"resources.packing={resources.packing}"
     if packing == SHARED:
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "

@@ -1,0 +1,218 @@
+"""Packed trials on one shared base against one trial alone, on one device (GPU, or the CPU).
+
+    python bench/shared_packing.py [--slots 1,2,4,8,16,32] [--steps 20] [--model smollm2] [--rows 8 --tokens 64]
+    python bench/shared_packing.py --llama8b   # Llama-3-8B shapes, random init, bf16, 4 x 512 tokens a trial
+
+1. One trial as a per-process trial trains it (trainables/trial.py's PEFT model and LoRA+ AdamW,
+   trainables/step.py's step: a CUDA graph on GPU, eager on the CPU): training tokens/s.
+2. The shared trainer's pack (trainables/packed.py) at K slots, each a different configuration of
+   all_linear r16 (rank and alpha vary by slot, as a search's do): aggregate training tokens/s and
+   peak memory; `shared_packing_speedup` is the best K's over (1).
+3. With --llama8b: how many trials fit on the device as processes (one trial's peak memory into
+   the device's) and shared (K grows until a step runs out of memory), and their tokens/s.
+
+Every figure is timed after 3 warm-up steps, with the device synchronised. Writes
+bench/results/shared_packing[_8b]_<device>.json and updates bench/results/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+from bench.grid import ALL_SEVEN  # noqa: E402 - after the path is set
+from rundir.params import Origin, TrialParams  # noqa: E402
+
+WARMUP = 3
+
+
+def trial_params(k: int, r: int = 16) -> TrialParams:
+    """Slot k's configuration: all seven projections, ranks 8-32 and alpha ratios 1-2 by slot."""
+    rank = (8, 16, 32)[k % 3] if k else r
+    lora = {"r": rank, "lora_alpha": rank * (1 + k % 2), "lora_dropout": 0.0, "target_modules": ALL_SEVEN,
+            "use_rslora": bool(k % 2), "use_dora": False, "task_type": "CAUSAL_LM"}
+    return TrialParams(lora_config=lora, module_set="all_linear", alpha_ratio=1 + k % 2, learning_rate=2e-4,
+                       loraplus_lr_ratio=1.0, seed=k, origin=Origin.SEARCH)
+
+
+def rows(count: int, tokens: int, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [(ids := torch.randint(3, vocab, (tokens,), generator=g).tolist(), ids) for _ in range(count)]
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
+    """One trial as its own process trains it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trainables.step import TrainStep
+    from trainables.trial import _optimizer
+
+    params = trial_params(0)
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(**params.lora_config))
+    optimizer = _optimizer(peft, params.learning_rate, 1.0, device.type == "cuda")
+    data = rows(batch * 4, tokens, model.config.vocab_size, 0)
+    step = TrainStep(peft, data, batch, 0, steps + WARMUP, 0, device, cuda_graph=True)
+    for k in range(WARMUP):
+        step(k)
+        optimizer.step()
+    sync(device)
+    started = time.perf_counter()
+    for k in range(WARMUP, WARMUP + steps):
+        step(k)
+        optimizer.step()
+    sync(device)
+    seconds = time.perf_counter() - started
+    step.close()
+    del optimizer
+    peft.unload()
+    return {"tokens_per_second": steps * batch * tokens / seconds, "step_mode": step.mode,
+            "peak_memory_gb": peak_gb(device)}
+
+
+def packed(model, device, slots: int, steps: int, batch: int, tokens: int) -> dict:
+    """`slots` trials in one pack, each with its own batch each step."""
+    import torch
+
+    from trainables.packed import Pack
+
+    reset_peak(device)
+    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP)
+    indices = [pack.add(trial_params(k)) for k in range(slots)]
+    data = {i: rows(batch, tokens, model.config.vocab_size, i) for i in indices}
+    batches = {i: (torch.tensor([r[0] for r in data[i]], device=device), torch.tensor([r[1] for r in data[i]], device=device))
+               for i in indices}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    for _ in range(WARMUP):
+        pack.step(batches, autocast)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        pack.step(batches, autocast)
+    sync(device)
+    seconds = time.perf_counter() - started
+    result = {"slots": slots, "tokens_per_second": steps * slots * batch * tokens / seconds,
+              "step_ms": 1000 * seconds / steps, "pass_slots": pack.pass_slots, "peak_memory_gb": peak_gb(device)}
+    for i in indices:
+        pack.remove(i)
+    return result
+
+
+def peak_gb(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def load(args, device):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainables.model import local_model_dir
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.llama8b:
+        # Llama-3-8B's config.json shapes; random weights: the step costs the same
+        config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      max_position_embeddings=8192, rope_theta=500000.0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(local_model_dir(args.model), dtype=dtype).to(device)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slots", default="1,2,4,8,16,32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rows", type=int, default=None, help="sequences per trial and step (8; 4 with --llama8b)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (64; 512 with --llama8b)")
+    parser.add_argument("--llama8b", action="store_true")
+    args = parser.parse_args()
+    batch = args.rows or (4 if args.llama8b else 8)
+    tokens = args.tokens or (512 if args.llama8b else 64)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model = load(args, device)
+    reset_peak(device)
+    single = alone(model, device, args.steps, batch, tokens)
+    print(f"one trial alone: {single['tokens_per_second']:,.0f} tokens/s ({single['step_mode']}), "
+          f"{single['peak_memory_gb']:.2f} GB", flush=True)
+    curve = []
+    for slots in [int(s) for s in args.slots.split(",")]:
+        try:
+            point = packed(model, device, slots, args.steps, batch, tokens)
+        except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
+            print(f"K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            break
+        curve.append(point)
+        print(f"K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({point['tokens_per_second'] / single['tokens_per_second']:.2f}x), "
+              f"{point['step_ms']:.0f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}", flush=True)
+    best = max(curve, key=lambda p: p["tokens_per_second"]) if curve else None
+    name = "gpu" if device.type == "cuda" else "cpu"
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "model": "llama-3-8b shapes, random" if args.llama8b else args.model,
+        "rows_per_trial": batch, "tokens_per_row": tokens, "steps": args.steps,
+        "alone": single, "packed": curve,
+        "shared_packing_speedup": best["tokens_per_second"] / single["tokens_per_second"] if best else None,
+        "best_slots": best["slots"] if best else None,
+    }
+    if args.llama8b:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None
+        result["processes_that_fit"] = int(total // single["peak_memory_gb"]) if total else None
+        result["shared_slots_that_fit"] = curve[-1]["slots"] if curve else 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"shared_packing{'_8b' if args.llama8b else ''}_{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if device.type == "cuda":  # the summary holds the GPU figures the issue names
+        summary_path = RESULTS / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if args.llama8b:
+            summary["shared_8b_trials"] = {k: result[k] for k in ("processes_that_fit", "shared_slots_that_fit")}
+        else:
+            summary["shared_packing_speedup"] = result["shared_packing_speedup"]
+            summary["shared_packing_memory_gb"] = next((p["peak_memory_gb"] for p in curve if p["slots"] == 8), None)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
