@@ -49,8 +49,23 @@ def resolve_address(cli_address: str | None) -> ClusterAddress | None:
 
 def keep_local_ray_on_loopback() -> None:
     """Make the local Ray that `connect(None)` starts listen on 127.0.0.1 only. Call it before
-    ray is first imported; a value the user set is kept."""
-    os.environ.setdefault(LOOPBACK_ENV, "0")
+    ray is first imported; a value the user set is kept. What is set here is taken back once
+    `connect` has started Ray (its processes have it by then): left in this process, it would
+    make a `ray start --address` launched from it later refuse to join a cluster."""
+    global _loopback_set_here
+    if LOOPBACK_ENV not in os.environ:
+        os.environ[LOOPBACK_ENV] = "0"
+        _loopback_set_here = True
+
+
+_loopback_set_here = False
+
+
+def _take_back_loopback() -> None:
+    global _loopback_set_here
+    if _loopback_set_here:
+        os.environ.pop(LOOPBACK_ENV, None)
+        _loopback_set_here = False
 
 
 def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool:
@@ -70,8 +85,11 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     if ray.is_initialized():
         return False
     if cluster is None:
-        _init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-              log_to_driver=False)
+        try:
+            _init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                  log_to_driver=False)
+        finally:
+            _take_back_loopback()
     else:
         hint = "; unset it to run on a local Ray" if cluster.source == "RAY_ADDRESS" else ""
         print(f"Joining the Ray cluster at {cluster.address} (from {cluster.source}{hint})", flush=True)

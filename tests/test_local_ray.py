@@ -95,3 +95,23 @@ def _processes_left(path: Path, wait_s: float) -> list[int]:
         if not pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.5)
+
+
+def test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on_loopback(ray_tmpdir):
+    """A `ray start --address` launched later from the same process (a notebook, a test) refuses to
+    join a cluster while the switch is in its environment."""
+    script = (
+        "import os\n"
+        "from search.cluster import LOOPBACK_ENV, connect, keep_local_ray_on_loopback\n"
+        "keep_local_ray_on_loopback()  # before ray is imported, as search.run does\n"
+        "import ray\n"
+        "assert os.environ[LOOPBACK_ENV] == '0'\n"
+        "connect(None, num_cpus=1)\n"
+        "print('after:', os.environ.get(LOOPBACK_ENV), {n['NodeManagerAddress'] for n in ray.nodes()})\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after: None {'127.0.0.1'}" in result.stdout
+    assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"
