@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     """The run of `config`, or its dry run; `stop` learns what the run has saved as it goes."""
     from search.prepare import check_device, check_shared_packing, prepare_model
+    from search.tracking import mlflow_store_problem
 
     if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
         from trainables.generate import UserMetric
@@ -93,6 +94,9 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
             raise ConfigError(str(e)) from None
         print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}", flush=True)
     prepared = prepare_model(config)
+    store_problem = mlflow_store_problem(config.tracking.mlflow)
+    if store_problem:
+        raise ConfigError(store_problem)
     packing = resolve_packing(config)
     if packing == SHARED:
         check_shared_packing(prepared.resolved)

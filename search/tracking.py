@@ -8,6 +8,7 @@ own logger callbacks (search/trackers.py), importing the trackers only then.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -79,3 +80,33 @@ def logger_callbacks(tracking: TrackingConfig, run_name: str, run_dir: Path) -> 
         callbacks.append(WandbTrialRuns(tracking.wandb.project, tracking.wandb.group or run_name,
                                         tracking.wandb.mode, run_dir))
     return callbacks
+
+
+# while the store is checked: one try, a short wait (MLflow's defaults retry an HTTP store 7 times
+# with backoff, minutes before a wrong address is reported)
+_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
+    """Why the MLflow store that `mlflow` names cannot be used, or None (also when MLflow is off):
+    it is asked for the run's experiment once, before Ray starts, so a wrong URI is bad input
+    rather than a failure inside the search."""
+    if not mlflow.enabled:
+        return None
+    from mlflow import MlflowClient
+
+    kept = {key: os.environ.get(key) for key in _CHECK_ENV}
+    os.environ.update({key: value for key, value in _CHECK_ENV.items() if kept[key] is None})
+    try:
+        MlflowClient(mlflow.tracking_uri or None).get_experiment_by_name(mlflow.experiment)
+    except Exception as error:  # noqa: BLE001 - whatever the store says is the reason to show
+        where = mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store"
+        reason = " ".join(str(error).split())[:300]
+        return (f"tracking.mlflow.tracking_uri {where!r}: the MLflow store does not answer ({type(error).__name__}: "
+                f"{reason}). Fix: start the tracking server or correct the URI (http://HOST:PORT, sqlite:///PATH.db, "
+                f"a directory), or set tracking.mlflow.enabled=false")
+    finally:
+        for key, value in kept.items():
+            if value is None:
+                os.environ.pop(key, None)
+    return None

@@ -247,3 +247,23 @@ def test_a_first_point_asked_before_tune_saved_anything_is_queued_again(journal)
     again = _searcher(journal, points=[{"x": 0.25}])
     assert again.suggest("a2") == {"x": 0.25}
     assert [t.state.name for t in again._ot_study.trials] == ["FAIL", "RUNNING"]
+
+
+def test_an_mlflow_store_that_does_not_answer_exits_2_before_ray_starts_or_anything_is_written(tiny_model_dir, tmp_path,
+                                                                                              capsys):
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    initialized = ray.is_initialized()
+    code = main(["--output", str(tmp_path), "--name", "unreachable", "--set", f"model.path={tiny_model_dir}",
+                 "--set", "search.ranks=[2,4]",
+                 "--set", "tracking.mlflow.enabled=true", "--set", f"tracking.mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"tracking.mlflow.tracking_uri 'http://127.0.0.1:{port}': the MLflow store does not answer" in err
+    assert "Traceback" not in err and not (tmp_path / "unreachable").exists()
+    assert ray.is_initialized() == initialized  # no Ray was started for it
