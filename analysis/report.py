@@ -355,11 +355,19 @@ def _data_section(run_config: dict) -> str:
     )
 
 
+def _setting(key: str, values) -> str:
+    """A search setting as the report shows it: a range, a list, or a single word (`priors: auto`);
+    a list of priors as one configuration each."""
+    if isinstance(values, str):
+        return values
+    if key in _RANGES:
+        return f"from {values[0]:g} to {values[1]:g}"
+    return ", ".join(" ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+                     for value in values)
+
+
 def _searched(run_config: dict) -> str:
-    rows = [
-        (f"`{key}`", f"from {values[0]:g} to {values[1]:g}" if key in _RANGES else ", ".join(map(str, values)))
-        for key, values in run_config["search"].items()
-    ]
+    rows = [(f"`{key}`", _setting(key, values)) for key, values in run_config["search"].items()]
     budget = run_config["budget"]
     return (
         "## What was searched\n\n"

@@ -390,3 +390,17 @@ def test_pick_json_and_the_report_say_the_comparison_was_paired_over_the_same_ev
     assert (picked["compared"], picked["paired"]) == (1, 1)
     assert "paired with the best over the same eval rows" in picked["rule"]
     assert picked["rule"] in report.split("## The pick")[1]
+
+
+@pytest.mark.parametrize("priors, shown", [
+    ("auto", "| `priors` | auto |"),
+    ([{"module_set": "all_linear", "r": 16, "learning_rate": 2e-4}, {"module_set": "mlp", "r": 8}],
+     "| `priors` | module_set=all_linear r=16 learning_rate=0.0002, module_set=mlp r=8 |"),
+])
+def test_the_report_shows_the_priors_setting_as_given_not_letter_by_letter(priors, shown):
+    from analysis.report import _searched
+
+    budget = {"num_samples": 8, "max_steps": 30, "eval_every": 10, "grace_period": 10, "reduction_factor": 2,
+              "batch_size": 8}
+    text = _searched({"search": {"ranks": [4, 8], "priors": priors}, "budget": budget})
+    assert shown in text and "| `ranks` | 4, 8 |" in text
