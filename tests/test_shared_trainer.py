@@ -77,6 +77,7 @@ def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_withou
     assert trainer.open("first", trial(seed=5), None)
     checkpoint = trainer.next_report("first")["files"]  # at step 3, then the trial was stopped
     trainer.release("first")
+    trainer.stop()  # a process holds one trainer: the new one takes over the process's cached base model
     again = SharedTrainer(setup, capacity=2)  # a new trainer: a resumed search's
     try:
         assert again.open("first", trial(seed=5), checkpoint)
