@@ -94,9 +94,15 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         return 1
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
-        f"{chosen.cost_name} {chosen.cost:,.6g}. Report: {run_dir / REPORT}"
+        f"{chosen.cost_name} {_count(chosen.cost)}. Report: {run_dir / REPORT}"
     )
     return 0
+
+
+def _count(value: float) -> str:
+    """A cost as people read it: a whole number with thousands separators (a parameter count, a
+    mean over seeds that is still whole), else four significant digits (seconds)."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
 
 
 def _data_sources(run_config: dict) -> dict:

@@ -404,3 +404,10 @@ def test_the_report_shows_the_priors_setting_as_given_not_letter_by_letter(prior
               "batch_size": 8}
     text = _searched({"search": {"ranks": [4, 8], "priors": priors}, "budget": budget})
     assert shown in text and "| `ranks` | 4, 8 |" in text
+
+
+def test_the_pick_line_gives_a_parameter_count_in_whole_numbers(tmp_path, capsys):
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, trainable_params=9_768_960)
+    assert analyse(run_dir) == 0
+    assert "trainable_params 9,768,960. Report:" in capsys.readouterr().out
