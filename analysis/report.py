@@ -23,7 +23,7 @@ from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
 from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
                               write_trials_csv)
-from analysis.select import NoCandidate, Pick, finished_trials, pick, rank_by_metric
+from analysis.select import NoCandidate, Pick, amount, finished_trials, pick, rank_by_metric
 from rundir.files import (download_tree, is_uri, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
@@ -94,15 +94,9 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         return 1
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
-        f"{chosen.cost_name} {_count(chosen.cost)}. Report: {run_dir / REPORT}"
+        f"{chosen.cost_name} {amount(chosen.cost)}. Report: {run_dir / REPORT}"
     )
     return 0
-
-
-def _count(value: float) -> str:
-    """A cost as people read it: a whole number with thousands separators (a parameter count, a
-    mean over seeds that is still whole), else four significant digits (seconds)."""
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
 
 
 def _data_sources(run_config: dict) -> dict:

@@ -175,7 +175,7 @@ def undecided_sentence(chosen: pd.Series, other: pd.Series, metric: str, cost: s
     def described(row: pd.Series) -> str:
         runs = int(row["seeds"])
         runs_part = "1 run" if runs == 1 else f"mean of {runs} runs with different seeds"
-        return f"{row[metric]:.4g} ± {row['se']:.2g} at {_amount(row[cost])} {cost} ({runs_part})"
+        return f"{row[metric]:.4g} ± {row['se']:.2g} at {amount(row[cost])} {cost} ({runs_part})"
 
     how = (f"only by the standard error of its distance to the bar paired with the best over the same eval rows "
            f"({other['gap_se']:.2g}, against {abs(other[metric] - bar):.2g} past the bar)" if other["paired"]
@@ -185,7 +185,8 @@ def undecided_sentence(chosen: pd.Series, other: pd.Series, metric: str, cost: s
             f"by its mean, `{other['trial_id']}` {how}.")
 
 
-def _amount(value: float) -> str:
+def amount(value: float) -> str:
+    """A cost as people read it: a whole number with separators (a parameter count), else three digits."""
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"
 
 
