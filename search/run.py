@@ -228,7 +228,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     from search.cluster import connect, resolve_address, trial_slots
     from search.prior import prior_points
     from search.space import LoraSpace
-    from search.trainers import ReleaseSlots, shared_trainers, trainer_slots
+    from search.trainers import shared_trainers, trainer_slots
     from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
@@ -282,14 +282,13 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
                     slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                 config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                 trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                callbacks = [ReleaseSlots()] if shared else []
                 priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
                                       config.budget.num_samples)
                 space = LoraSpace(config.search, prepared.resolved, config.seed, priors=len(priors))
                 fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                               lambda: build_tuner(config, trainable, space, priors, location, callbacks))
+                               lambda: build_tuner(config, trainable, space, priors, location))
                 if config.selection.retrain and stop.requested is None:
-                    retrain(config, trainable, location, callbacks)
+                    retrain(config, trainable, location)
     except KeyboardInterrupt:
         pass  # raised by `stop`, which remembers the signal; what was saved is said below
     except Exception as e:  # a failure of the search itself, not of one trial (those are results)

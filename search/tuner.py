@@ -25,6 +25,7 @@ from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
 from search.progress import progress_callbacks, status_reporter
 from search.stages import GivenConfigs, StagedSearch
 from search.tracking import logger_callbacks
+from search.trainers import ReleaseSlots
 from trainables.config import TrialSetup
 from trainables.client import train_lora_shared
 from trainables.trial import train_lora
@@ -210,16 +211,20 @@ class OutOfMemoryReruns(tune.Callback):
             self.staged.run_again(trial.trial_id, share)
 
 
+def shared_callbacks(config: Config) -> list:
+    """Under shared packing, the callback that frees an ended trial's slot on its trainer."""
+    return [ReleaseSlots()] if config.resources.packing == SHARED else []
+
+
 def trial_dirname(trial) -> str:
     return trial_directory(trial.trial_id)
 
 
-def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation,
-                callbacks: list = ()) -> tune.Tuner:
+def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
     over `space` with the known-good `priors` (search/prior.py) as its first trials, ASHA on training
     steps, then the promotions and confirmations (search/stages.py) on the same workers,
-    results in the run's `tune` experiment, with `callbacks` besides the run's own."""
+    results in the run's `tune` experiment."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -248,7 +253,7 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [*reruns, *callbacks],
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, reruns,
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
@@ -273,7 +278,8 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             storage_filesystem=location.storage_filesystem(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
-            callbacks=[*callbacks, *logger_callbacks(config.tracking, config.name, location.local), *progress_callbacks(config)],
+            callbacks=[*callbacks, *shared_callbacks(config), *logger_callbacks(config.tracking, config.name, location.local),
+                       *progress_callbacks(config)],
             # Tune's own tables with --verbose, else these lines in their place (search/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,
@@ -281,11 +287,10 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
     )
 
 
-def retrain(config: Config, trainable, location: RunLocation, callbacks: list = ()) -> None:
+def retrain(config: Config, trainable, location: RunLocation) -> None:
     """Train the current pick once more on all the training data, in the run's retrain
-    experiment (restored when a retrain already started), with `callbacks` besides the run's own.
-    The pick comes from the search's trials by the analysis' rule (`decide`); nothing happens
-    when there is none."""
+    experiment (restored when a retrain already started). The pick comes from the search's
+    trials by the analysis' rule (`decide`); nothing happens when there is none."""
     trials = read_trial_files(location.local)  # each experiment is pulled into the local copy after its fit
     picked = decide(trials, config.selection, config.budget.max_steps).pick
     if picked is None:
@@ -293,5 +298,4 @@ def retrain(config: Config, trainable, location: RunLocation, callbacks: list = 
     params = {trial.trial_id: trial.params for trial in trials}[picked]
     configs = [params.repeat(Origin.RETRAIN, picked, seed=config.seed, full_data=True).to_config()]
     fit_or_restore(RETRAIN_EXPERIMENT, location, trainable,
-                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs),
-                                      callbacks))
+                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs)))
