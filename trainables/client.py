@@ -66,14 +66,22 @@ def train_lora_shared(config: dict, trainers: list) -> None:
             trainer.release.remote(trial_id)
 
 
-def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
-    """The files of Tune's checkpoint of this trial, else of the checkpoint at `start_from` (a
-    directory or a storage URI), by their paths inside it; None for a fresh trial."""
+def checkpoint_to_continue(start_from: str | None) -> tune.Checkpoint | None:
+    """The checkpoint a trial continues from, in either packing: Tune's of this trial (a retry or
+    a resumed run), else the one at `start_from` (a promotion: a directory or a storage URI, as
+    Tune stored it); None for a fresh trial."""
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None and start_from is None:
-        return None
-    if checkpoint is None:
+    if checkpoint is None and start_from is not None:
         checkpoint = tune.Checkpoint(start_from)
+    return checkpoint
+
+
+def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
+    """The files of the checkpoint the trial continues from (`checkpoint_to_continue`), by their
+    paths inside it; None for a fresh trial."""
+    checkpoint = checkpoint_to_continue(start_from)
+    if checkpoint is None:
+        return None
     with checkpoint.as_directory() as directory:
         root = Path(directory)
         return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}

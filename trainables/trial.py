@@ -368,13 +368,12 @@ def _restore(model, optimizer, scheduler, start_from: str | None, progress: Prog
     fresh trial has it. Sets `progress`'s counters to the checkpoint's."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
-    from ray import tune
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None and start_from is None:
+    from trainables.client import checkpoint_to_continue
+
+    checkpoint = checkpoint_to_continue(start_from)
+    if checkpoint is None:
         return
-    if checkpoint is None:  # a local directory or a storage URI, as Tune stored it
-        checkpoint = tune.Checkpoint(start_from)
     with checkpoint.as_directory() as directory:
         set_peft_model_state_dict(model, load_peft_weights(str(Path(directory) / "adapter"), device="cpu"))
         state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
