@@ -64,6 +64,7 @@ class SharedTrainer:
         from trainables.generate import AnswerMetrics
         from trainables.model import load_base_model
         from trainables.packed import Pack
+        from trainables.trial import eval_token_budget
 
         torch.set_num_threads(setup.cpu_threads)
         self.setup = setup
@@ -74,6 +75,10 @@ class SharedTrainer:
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps)
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         self.eval_rows = load_split(setup.data_dir, "eval")
+        vocab_size = base.config.get_text_config().vocab_size
+        # each split's eval batch budget (trainables/trial.py's rule, by the split's longest train batch), once
+        self.eval_budget = {name: eval_token_budget(setup.batch_size * max(len(ids) for ids, _ in rows), vocab_size)
+                            if self.cuda else 0 for name, rows in self.splits.items()}
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
@@ -234,7 +239,6 @@ class SharedTrainer:
         from trainables.trial import (
             TrialDiverged,
             allocated_peak_gb,
-            eval_token_budget,
             evaluate,
             process_peak_gb,
         )
@@ -247,8 +251,7 @@ class SharedTrainer:
                 trial.error = TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
             return
         started = time.perf_counter()
-        budget = eval_token_budget(setup.batch_size * max(len(r[0]) for r in trial.rows),
-                                   self.pack.model.config.get_text_config().vocab_size) if self.cuda else 0
+        budget = self.eval_budget["train" if trial.params.full_data else "search_train"]
         with self.pack.only(trial.index) as model:
             evaluation = evaluate(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget)
             if not math.isfinite(evaluation.loss):
