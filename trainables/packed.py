@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from rundir.params import TrialParams
+from trainables.data import IGNORE
 from trainables.step import shifted_cross_entropy
 
 
@@ -244,12 +245,12 @@ class Pack:
 
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[int, torch.Tensor]:
         width = max(ids.shape[1] for ids, _ in batches.values())
-        pad = _pad_value(batches)
         ids, labels, self.routes, row = [], [], [], 0
         for i, (slot_ids, slot_labels) in batches.items():
             extra = width - slot_ids.shape[1]
-            ids.append(nn.functional.pad(slot_ids, (0, extra), value=pad))
-            labels.append(nn.functional.pad(slot_labels, (0, extra), value=-100))
+            # any id pads: it sits after every real token (causal attention) and carries no label
+            ids.append(nn.functional.pad(slot_ids, (0, extra), value=0))
+            labels.append(nn.functional.pad(slot_labels, (0, extra), value=IGNORE))
             self.routes.append((i, row, row + slot_ids.shape[0], slot_ids.shape[1]))
             row += slot_ids.shape[0]
         try:
@@ -326,13 +327,6 @@ def _unsupported(config) -> str | None:
 def _plain(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
     return module.base if isinstance(module, PackedLinear) else module
-
-
-def _pad_value(batches) -> int:
-    """Padding for the input ids: any id works (it sits after every real token and carries no
-    label); the first batch's last id keeps it within the vocabulary."""
-    first_ids = next(iter(batches.values()))[0]
-    return int(first_ids[0, -1])
 
 
 def _jsonable(value):
