@@ -35,8 +35,8 @@ def _cli(args: list[str]) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def tracked(tiny_model_dir, tmp_path_factory):
     """The run directory, an MlflowClient on its store, and the trial that ran across the kill: a
-    search with MLflow and W&B (offline) on, killed just after its second trial's first report,
-    then resumed to the end."""
+    search with MLflow and W&B (offline) on, killed once the run directory holds its second trial's
+    first report (`_saved`), then resumed to the end."""
     from mlflow import MlflowClient
 
     output = tmp_path_factory.mktemp("runs")
@@ -55,12 +55,12 @@ def tracked(tiny_model_dir, tmp_path_factory):
 
     process = _cli(args)
     deadline = time.monotonic() + 300
-    while len(_reported(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(_saved(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     log, _ = process.communicate()
     assert not (run_dir / "trials.csv").exists(), "the run finished before it could be killed:\n" + log[-3000:]
-    (crossing,) = [trial_id for trial_id, rows in _reported(run_dir).items() if rows[-1]["step"] < 12]
+    (crossing,) = [trial_id for trial_id, step in _saved(run_dir).items() if step < 12]
 
     resumed = _cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
@@ -75,6 +75,25 @@ def _reported(run_dir: Path) -> dict[str, list[dict]]:
         if rows := [json.loads(line) for line in result.read_text().splitlines()]:
             out[rows[0]["trial_id"]] = rows
     return out
+
+
+def _saved(run_dir: Path) -> dict[str, int]:
+    """The last reported step of each trial whose report is both in Tune's newest saved experiment
+    state and in its result.json. The kill waits for both: Tune uploads them in one copy, in no set
+    order, and a trial that the state saw report nothing restarts from scratch, whose new
+    result.json then replaces the old one, as does one whose result.json had not arrived."""
+    states = sorted((run_dir / "tune").glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # replaced while read: the next poll reads the new one
+        return {}
+    reported = _reported(run_dir)
+    steps = {}
+    for config, runtime in trials:
+        trial_id, step = json.loads(config)["trial_id"], (json.loads(runtime).get("last_result") or {}).get("step")
+        if step is not None and step in {row["step"] for row in reported.get(trial_id, [])}:
+            steps[trial_id] = step
+    return steps
 
 
 def _trial_id(run) -> str:
