@@ -23,7 +23,7 @@ from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
 from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
                               write_trials_csv)
-from analysis.select import NoCandidate, Pick, amount, finished_trials, pick, rank_by_metric
+from analysis.select import NoCandidate, Pick, WithoutPick, amount, finished_trials, pick, rank_by_metric, without_pick
 from rundir.files import (download_tree, is_uri, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
@@ -58,13 +58,13 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     max_steps = run_config["budget"]["max_steps"]
     trials = load_trials(run_dir)
     write_trials_csv(trials, run_dir / TRIALS_CSV)
+    lora_configs = load_lora_configs(run_dir)
     try:
-        chosen = pick(
-            trials, selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps, load_lora_configs(run_dir)
-        )
-        no_pick = None
+        chosen = pick(trials, selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps, lora_configs)
     except NoCandidate as error:
-        chosen, no_pick = None, str(error)
+        chosen, no_pick, standing = None, str(error), None
+    else:
+        no_pick, standing = None, without_pick(trials, chosen, max_steps, lora_configs)
     # Imported here, not at the top, so that --help and input errors answer at once:
     # matplotlib and optuna take about a second to import, peft (through torch) about five.
     from analysis.plots import write_plots
@@ -80,10 +80,12 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         export_adapter_config(chosen.lora_config, base_model_name(run_config), out / ADAPTER)
         if retrain:
             export_retrained_weights(run_dir / retrain["directory"], out / ADAPTER)
-        write_json_atomic(out / PICK, {**asdict(chosen), "analysis": out.relative_to(run_dir).as_posix(),
+        write_json_atomic(out / PICK, {**asdict(chosen), "without_pick": asdict(standing),
+                                       "analysis": out.relative_to(run_dir).as_posix(),
                                        "retrain": retrain, "data": _data_sources(run_config)})
     write_text_atomic(out / REPORT, render_report(run_config, trials, selection, chosen, no_pick, plots,
-                                                  diagnose(trials, curves), _retrain_section(retrains, chosen, run_dir)))
+                                                  diagnose(trials, curves), _retrain_section(retrains, chosen, run_dir),
+                                                  standing))
     for name in LATEST:
         if (out / name).exists():
             publish_copy(out / name, run_dir / name)
@@ -94,7 +96,9 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         return 1
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
-        f"{chosen.cost_name} {amount(chosen.cost)}. Report: {run_dir / REPORT}"
+        f"{chosen.cost_name} {amount(chosen.cost)}"
+        f"{'' if standing.same else ', uncertain: it rests on one configuration the search found'}. "
+        f"Report: {run_dir / REPORT}"
     )
     return 0
 
@@ -210,13 +214,15 @@ def render_report(
     plots: "Plots",
     diagnoses: dict[str, str],
     retrain: str = "",
+    standing: WithoutPick | None = None,
 ) -> str:
     """report.md's text: what was searched, what it cost, the pick and why, the top trials, the
     retrain, the plots, the config.
 
     `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None;
     `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve; `retrain` the
-    section on retrained weights, if any.
+    section on retrained weights, if any; `standing` what the rule picks without the pick's
+    configuration (`analysis.select.without_pick`).
     """
     sections = [
         _title(run_config, selection),
@@ -224,7 +230,7 @@ def render_report(
         _searched(run_config),
         _module_notes(run_config),
         _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {})),
-        _pick_section(trials, chosen, no_pick),
+        _pick_section(trials, chosen, no_pick, standing),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen, diagnoses),
         *([retrain] if retrain else []),
@@ -465,7 +471,7 @@ def _share(resources: dict) -> str:
             "(resources.memory_margin) when packing trials on it.")
 
 
-def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None) -> str:
+def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None) -> str:
     if chosen is None:
         return f"## The pick\n\n**No pick.** {no_pick}"
     row = _row(trials, chosen.trial_id)
@@ -478,6 +484,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
            if chosen.seeds > 1 else "")
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
+        + (f"{standing.sentence}\n\n" if standing else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )

@@ -152,6 +152,54 @@ def pick(
     )
 
 
+@dataclass(frozen=True)
+class WithoutPick:
+    """What the same rule picks with the pick's configuration (all its runs) left out of the
+    trials: whether the pick's module set and rank rest on the one configuration that found them.
+
+    The uncertainty of each value (above) says whether the configurations that ran can be told
+    apart; it cannot say whether another seed of the whole search would have found the same
+    ones. This leave-one-out answers the part a single run can: when the same module set and
+    rank also win without the pick's configuration, two configurations the search found agree;
+    when another wins, the pick rests on one, and a search that missed it, as a search with
+    another seed may, picks that other. `pick.json` holds this as `without_pick`."""
+
+    trial_id: str | None    # what the rule picks without the pick's configuration; None: nothing else finished
+    module_set: str | None
+    r: int | None
+    value: float | None
+    same: bool              # the same module set and rank as the pick
+    left_out: int           # runs of the pick's configuration left out
+    sentence: str           # what the report says of it
+
+
+def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_configs: Mapping[str, dict]) -> WithoutPick:
+    """`WithoutPick` for `chosen`, picked from `trials` by `pick` with `chosen`'s rule."""
+    roots = configuration_root(trials)
+    own = trials["trial_id"].map(roots) == roots[chosen.trial_id]
+    pick_row = trials[trials["trial_id"] == chosen.trial_id].iloc[0]
+    cell = (pick_row["module_set"], int(pick_row["r"]))
+    runs = int(own.sum())
+    left = f"`{chosen.trial_id}`" + (f" and its {runs - 1} other run{'s' if runs > 2 else ''}" if runs > 1 else "")
+    try:
+        other = pick(trials[~own], chosen.metric, chosen.mode, chosen.tolerance, chosen.cost_name, max_steps, lora_configs)
+    except NoCandidate:
+        return WithoutPick(None, None, None, None, False, runs, (
+            f"**The pick is uncertain**: no other configuration finished {max_steps} steps, so nothing the search "
+            f"found confirms its module set and rank. More trials (`budget.num_samples`) would."))
+    row = trials[trials["trial_id"] == other.trial_id].iloc[0]
+    found = (row["module_set"], int(row["r"]))
+    described = f"`{other.trial_id}`, {found[0]} r={found[1]} ({chosen.metric} {other.value:.4g})"
+    if found == cell:
+        sentence = (f"Without its configuration ({left}), the same rule picks {described}: the same module set and "
+                    f"rank, so they do not rest on one configuration the search found.")
+    else:
+        sentence = (f"**The pick is uncertain**: without its configuration ({left}), the same rule picks {described}. "
+                    f"The pick's module set and rank rest on the one configuration that found them, so a search with "
+                    f"another seed may pick another; more trials (`budget.num_samples`) make that less likely.")
+    return WithoutPick(other.trial_id, found[0], found[1], other.value, found == cell, runs, sentence)
+
+
 def _intervals(compared: int, paired: int, metric: str) -> str:
     """The rule's sentence on which standard error the intervals used (the module's docstring)."""
     paired_part = ("its distance to the bar, paired with the best over the same eval rows (the standard error of "

@@ -410,4 +410,23 @@ def test_the_pick_line_gives_a_parameter_count_in_whole_numbers(tmp_path, capsys
     run_dir = write_run_config(tmp_path / "run")
     add_trial(run_dir, "aaaa0001", eval_loss=0.50, trainable_params=9_768_960)
     assert analyse(run_dir) == 0
-    assert "trainable_params 9,768,960. Report:" in capsys.readouterr().out
+    # the one trial that finished: nothing else confirms its module set and rank
+    assert "trainable_params 9,768,960, uncertain: it rests on one configuration the search found. Report:" in (
+        capsys.readouterr().out)
+
+
+def test_a_pick_resting_on_its_one_configuration_is_called_uncertain_in_pick_json_the_report_and_the_pick_line(
+        tmp_path, capsys):
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, module_set="attention_qv", r=16)
+    add_trial(run_dir, "aaaa0002", eval_loss=0.70, module_set="mlp", r=4)  # past the bar 0.50 / 0.95
+    assert analyse(run_dir) == 0
+
+    picked, report = read_pick(run_dir), (run_dir / "report.md").read_text()
+    sentence = ("**The pick is uncertain**: without its configuration (`aaaa0001`), the same rule picks `aaaa0002`, "
+                "mlp r=4 (eval_loss 0.7).")
+    assert picked["trial_id"] == "aaaa0001"
+    assert {key: picked["without_pick"][key] for key in ("trial_id", "module_set", "r", "value", "same", "left_out")} == {
+        "trial_id": "aaaa0002", "module_set": "mlp", "r": 4, "value": 0.70, "same": False, "left_out": 1}
+    assert sentence in report.split("## The pick")[1].split("\n## ")[0]
+    assert "uncertain: it rests on one configuration the search found" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.select import Z, against_bar, by_configuration, pick
+from analysis.select import Z, against_bar, by_configuration, pick, without_pick
 from test_analysis_select import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")
@@ -184,3 +184,38 @@ def test_when_maximising_the_best_rows_are_scaled_as_the_bar_is():
     compared = against_bar(by_configuration(trials, trials, "eval_accuracy"), "t0", "max", 0.9).set_index("trial_id")
 
     assert compared.loc["t1", "gap_row_se"] == pytest.approx(paired_se(other_rows, best_rows, 0.9), rel=1e-9)
+
+
+# Without the pick: whether the pick's module set and rank rest on its one configuration (WithoutPick).
+def test_a_pick_whose_module_set_and_rank_only_its_own_configuration_found_is_uncertain():
+    # without t0 and its confirming run t1, mlp r8 (t2) wins: t3 is past the bar it sets, 0.70 / 0.95
+    trials = table({"eval_loss": 0.50, "module_set": "all_linear", "r": 32, "trainable_params": 9000},
+                   {"eval_loss": 0.52, "module_set": "all_linear", "r": 32, "trainable_params": 9000,
+                    "origin": "confirm", "parent": "t0", "seed": 1},
+                   {"eval_loss": 0.70, "module_set": "mlp", "r": 8, "trainable_params": 2000},
+                   {"eval_loss": 0.75, "module_set": "all_linear", "r": 4, "trainable_params": 1000})
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    assert chosen.trial_id == "t0"
+    standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
+    assert (standing.trial_id, standing.module_set, standing.r, standing.value) == ("t2", "mlp", 8, 0.70)
+    assert (standing.same, standing.left_out) == (False, 2)
+    assert standing.sentence.startswith("**The pick is uncertain**: without its configuration (`t0` and its 1 other run)")
+
+
+def test_a_pick_whose_module_set_and_rank_another_configuration_also_wins_with_is_not_uncertain():
+    # t1 is the same module set and rank at another learning rate: without t0 it wins, as t2 is past 0.55 / 0.95
+    trials = table({"eval_loss": 0.50, "module_set": "all_linear", "r": 32, "learning_rate": 2e-3},
+                   {"eval_loss": 0.55, "module_set": "all_linear", "r": 32, "learning_rate": 1e-3},
+                   {"eval_loss": 0.70, "module_set": "mlp", "r": 8, "trainable_params": 10})
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
+    assert (chosen.trial_id, standing.trial_id, standing.same, standing.left_out) == ("t0", "t1", True, 1)
+    assert "uncertain" not in standing.sentence
+
+
+def test_a_pick_that_is_the_only_configuration_to_finish_is_uncertain():
+    trials = table({"eval_loss": 0.50}, {"eval_loss": 0.40, "status": "stopped", "step": MAX_STEPS // 2})
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
+    assert (standing.trial_id, standing.same) == (None, False)
+    assert standing.sentence.startswith("**The pick is uncertain**: no other configuration finished")
