@@ -1,6 +1,7 @@
 """The shared trainer as its clients see it, in this process (the Ray actor around it is
 tests/test_shared_search.py's): reports at the eval rounds and the full budget, checkpoints that
-continue a trial as if it had never stopped, a diverged trial failing alone, slots freed at once.
+continue a trial as if it had never stopped, a diverged trial failing alone, slots freed at once,
+and only by the attempt of a trial that opened them.
 Tiny random-init Llama (tests/conftest.py), real `datasets` splits, on the CPU."""
 
 from __future__ import annotations
@@ -102,12 +103,22 @@ def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(s
 def test_a_released_slot_takes_the_next_trial_and_a_full_trainer_says_so(trainer):
     for name in ("a", "b", "c"):
         assert trainer.open(name, trial(), None)
-    assert trainer.open("d", trial(), None) is False
+    assert trainer.open("d", trial(), None) is None
     assert trainer.used() == 3
     trainer.release("b")
     assert trainer.open("d", trial(), None)
     with pytest.raises(RuntimeError, match="holds no slot"):
         trainer.next_report("b")
+
+
+def test_a_late_release_by_an_earlier_attempt_leaves_the_retrys_slot_alone(trainer):
+    first = trainer.open("a", trial(), None)
+    retry = trainer.open("a", trial(), None)  # Tune's retry of the trial, before the first attempt's release came
+    trainer.release("a", first)
+    assert trainer.used() == 1
+    assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
+    trainer.release("a", retry)
+    assert trainer.used() == 0
 
 
 def test_a_configuration_a_pack_cannot_train_is_refused_with_the_way_out(trainer):

@@ -36,15 +36,13 @@ def train_lora_shared(config: dict, trainers: list) -> None:
     ValueError for a configuration it cannot train), and TrainerDied when the trainer died."""
     trial_id = tune.get_context().get_trial_id()
     files = _checkpoint_files(TrialParams.from_config(config).start_from)
-    index = _open(trainers, trial_id, config, ray.put(files) if files else None)
+    index, token = _open(trainers, trial_id, config, ray.put(files) if files else None)
     trainer = trainers[index]
-    died = False
     try:
         while True:
             try:
                 report = ray.get(trainer.next_report.remote(trial_id))
             except ray.exceptions.RayActorError as e:
-                died = True
                 raise TrainerDied(f"the shared trainer {index} of the run died while it trained this trial "
                                   f"({type(e).__name__}: {e})") from e
             if report.get("done"):
@@ -60,10 +58,9 @@ def train_lora_shared(config: dict, trainers: list) -> None:
         # Tune reuses this process for the next trial only if this function ends within 2 s
         # (TUNE_FUNCTION_THREAD_TIMEOUT_S), and a trainer answers between its packed steps, which
         # took longer on a CPU; where reuse fails, Ray 2.60 fails the next trial and never tells the
-        # searcher, and the search waits for it for good. Not to a trainer that died: its slots died
-        # with it, and the release, queued until Ray restarts it, could free this trial's retry there.
-        if not died:
-            trainer.release.remote(trial_id)
+        # searcher, and the search waits for it for good. So it may arrive after a retry of this trial
+        # has opened a slot (here, or on this trainer restarted by Ray): the token frees this attempt's only.
+        trainer.release.remote(trial_id, token)
 
 
 def checkpoint_to_continue(start_from: str | None) -> tune.Checkpoint | None:
@@ -87,11 +84,12 @@ def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
         return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def _open(trainers: list, trial_id: str, config: dict, files) -> int:
-    """The index of the trainer that opened a slot for the trial: trainers are asked in order of
-    their free slots, most first, again every FULL_WAIT_S while all are full or being restarted.
-    `files` is the checkpoint's files in Ray's object store (put once, however often they are
-    offered), or None. TrainerDied when every trainer has died for good."""
+def _open(trainers: list, trial_id: str, config: dict, files) -> tuple[int, str]:
+    """The index of the trainer that opened a slot for the trial, and the slot's token (`release`
+    frees that slot only): trainers are asked in order of their free slots, most first, again
+    every FULL_WAIT_S while all are full or being restarted. `files` is the checkpoint's files in
+    Ray's object store (put once, however often they are offered), or None. TrainerDied when every
+    trainer has died for good."""
     while True:
         free, restarting = _free_slots(trainers)
         if not free and not restarting:
@@ -100,8 +98,9 @@ def _open(trainers: list, trial_id: str, config: dict, files) -> int:
             if slots <= 0:
                 break
             try:
-                if ray.get(trainers[index].open.remote(trial_id, config, files)):
-                    return index
+                token = ray.get(trainers[index].open.remote(trial_id, config, files))
+                if token is not None:
+                    return index, token
             except ray.exceptions.RayActorError:
                 continue  # died since it answered: another may take the trial
         time.sleep(FULL_WAIT_S)

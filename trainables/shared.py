@@ -4,9 +4,11 @@ adapters of up to `capacity` concurrent trials together (`trainables/packed.py`)
 Ray Tune stays the scheduler. Each configuration is still a Tune trial whose process is a light
 client (`trainables/client.py`): it opens a slot here with its config and checkpoint, takes its
 reports from `next_report` and hands them to Tune with their checkpoints, and its slot is released
-when it ends however it ends. The stepping runs in a thread of its own, so a slot that opens, is
-stopped or fails changes the next packed step and nothing else: no recompilation, no new process,
-no model load.
+when it ends however it ends. A slot belongs to the attempt that opened it (`open`'s token): Tune
+may retry a trial in another process before the failed attempt's release arrives here, and that
+release must not free the retry's slot. The stepping runs in a thread of its own, so a slot that
+opens, is stopped or fails changes the next packed step and nothing else: no recompilation, no new
+process, no model load.
 
 A trial's report carries the same keys as a per-process trial's (`trainables/trial.py`), with
 `step_mode` "packed" and `pack_size`, the trials the last step trained. `train_seconds` is the
@@ -25,6 +27,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -41,6 +44,7 @@ class _Open:
     """A trial in a slot."""
 
     index: int
+    token: str                  # the attempt's that opened the slot: its release frees this slot only
     params: TrialParams
     progress: object            # trainables.trial.Progress
     rows: list
@@ -101,19 +105,21 @@ class SharedTrainer:
         with self.lock:
             return len(self.open_trials)
 
-    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> bool:
+    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> str | None:
         """Give trial `trial_id` a slot, continuing from a checkpoint's `files` where given (its
-        relative paths as a per-process trial's checkpoint has them); False when every slot is
-        taken. ValueError for a configuration a pack cannot train."""
+        relative paths as a per-process trial's checkpoint has them), in place of any slot the
+        trial still holds (a retry's attempt opens again); the slot's token, which `release` takes
+        to free this slot and no later one of the trial, or None when every slot is taken.
+        ValueError for a configuration a pack cannot train."""
         from trainables.trial import Progress
 
         params = TrialParams.from_config(config)
         with self.pack_lock:
             with self.lock:
-                self._release(trial_id)  # a retry of the trial opens again
+                self._release(trial_id)
             self._free_released()
             if not self.pack.free_slots():
-                return False
+                return None
             index = self.pack.add(params)
             now = time.time()
             progress = Progress(called_at=now, imported_at=now, busy_from=now)
@@ -124,10 +130,11 @@ class SharedTrainer:
                 self.pack.remove(index)
                 raise
             rows = self.splits["train" if params.full_data else "search_train"]
+            token = uuid.uuid4().hex
             with self.lock:
-                self.open_trials[trial_id] = _Open(index, params, progress, rows)
+                self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
                 self.lock.notify_all()
-        return True
+        return token
 
     def next_report(self, trial_id: str) -> dict:
         """The trial's next report, `{"metrics": ..., "files": {relative path: bytes}}` (the
@@ -148,10 +155,12 @@ class SharedTrainer:
                     raise RuntimeError(f"the shared trainer failed: {type(self.failure).__name__}: {self.failure}")
                 self.lock.wait(1.0)
 
-    def release(self, trial_id: str) -> None:
-        """Free the trial's slot at once; nothing for a trial that holds none."""
+    def release(self, trial_id: str, token: str | None = None) -> None:
+        """Free the trial's slot at once; nothing for a trial that holds none. With `token` (what
+        `open` returned), only the slot that `open` gave: nothing when the trial has opened again
+        since. Without it, whatever slot the trial holds (the driver's release at the trial's end)."""
         with self.lock:
-            self._release(trial_id)
+            self._release(trial_id, token)
             self.lock.notify_all()
 
     def stop(self) -> None:
@@ -160,11 +169,13 @@ class SharedTrainer:
             self.lock.notify_all()
         self.thread.join()
 
-    def _release(self, trial_id: str) -> None:
-        """Under `lock`: the trial is gone for its clients now; its slot is freed in the pack
-        before the next step (`_free_released`), which is the pack's, not the bookkeeping's."""
-        trial = self.open_trials.pop(trial_id, None)
-        if trial is not None:
+    def _release(self, trial_id: str, token: str | None = None) -> None:
+        """Under `lock`: the trial's slot (only the one opened with `token`, where given) is gone
+        for its clients now; it is freed in the pack before the next step (`_free_released`),
+        which is the pack's, not the bookkeeping's."""
+        trial = self.open_trials.get(trial_id)
+        if trial is not None and token in (None, trial.token):
+            del self.open_trials[trial_id]
             self.released.append(trial.index)
 
     def _free_released(self) -> None:
