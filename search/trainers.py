@@ -20,7 +20,7 @@ from trainables.config import TrialSetup
 # two runs on one cluster never see each other's), where a resumed run's trainers have the same names.
 TRAINER_NAME = "lora-search-trainer-"
 # Besides the pack_slots clients waiting in next_report: calls that must not queue behind them
-# (open, release, used, capacity), from clients being placed and from the driver.
+# (open, release, free_slots), from clients being placed and from the driver.
 SPARE_CALLS = 4
 
 
@@ -43,7 +43,7 @@ def shared_trainers(resources: ResourcesConfig, setup: TrialSetup) -> Iterator[l
     try:
         for index in range(max(1, gpus)):
             handles.append(trainer.options(name=f"{TRAINER_NAME}{index}", **options).remote(setup, resources.pack_slots))
-        ray.get([handle.capacity.remote() for handle in handles])
+        ray.get([handle.free_slots.remote() for handle in handles])
         yield handles
     finally:
         for handle in handles:

@@ -104,7 +104,7 @@ def test_a_released_slot_takes_the_next_trial_and_a_full_trainer_says_so(trainer
     for name in ("a", "b", "c"):
         assert trainer.open(name, trial(), None)
     assert trainer.open("d", trial(), None) is None
-    assert trainer.used() == 3
+    assert trainer.free_slots() == 0
     trainer.release("b")
     assert trainer.open("d", trial(), None)
     with pytest.raises(RuntimeError, match="holds no slot"):
@@ -115,10 +115,10 @@ def test_a_late_release_by_an_earlier_attempt_leaves_the_retrys_slot_alone(train
     first = trainer.open("a", trial(), None)
     retry = trainer.open("a", trial(), None)  # Tune's retry of the trial, before the first attempt's release came
     trainer.release("a", first)
-    assert trainer.used() == 1
+    assert trainer.free_slots() == 2
     assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
     trainer.release("a", retry)
-    assert trainer.used() == 0
+    assert trainer.free_slots() == 3
 
 
 def test_a_configuration_a_pack_cannot_train_is_refused_with_the_way_out(trainer):
@@ -126,7 +126,7 @@ def test_a_configuration_a_pack_cannot_train_is_refused_with_the_way_out(trainer
     dora["lora_config"]["use_dora"] = True
     with pytest.raises(ValueError, match="resources.packing=processes"):
         trainer.open("dora", dora, None)
-    assert trainer.used() == 0
+    assert trainer.free_slots() == 3
 
 
 def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trainer, monkeypatch):
@@ -144,10 +144,10 @@ def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trai
     assert trainer.open("a", trial(), None) and trainer.open("b", trial(seed=1), None)
     assert stepping.wait(60)
     answers = {}
-    caller = threading.Thread(target=lambda: answers.update(used=trainer.used(), released=trainer.release("b")))
+    caller = threading.Thread(target=lambda: answers.update(free=trainer.free_slots(), released=trainer.release("b")))
     caller.start()
     caller.join(10)
-    assert not caller.is_alive() and answers["used"] == 2  # answered while the step still runs
+    assert not caller.is_alive() and answers["free"] == 1  # answered while the step still runs
     go_on.set()
     assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
-    assert trainer.used() == 1 and trainer.pack.free_slots() == [1, 2]  # b's slot was freed between steps
+    assert trainer.free_slots() == 2 and trainer.pack.free_slots() == [1, 2]  # b's slot was freed between steps

@@ -109,11 +109,11 @@ def _open(trainers: list, trial_id: str, config: dict, files) -> tuple[int, str]
 def _free_slots(trainers: list) -> tuple[list[tuple[int, int]], int]:
     """(free slots, index) of every trainer that answers, most free slots first; and how many
     trainers Ray is restarting (they answer again once they have loaded the model)."""
-    asked = [(index, trainer.capacity.remote(), trainer.used.remote()) for index, trainer in enumerate(trainers)]
+    asked = [(index, trainer.free_slots.remote()) for index, trainer in enumerate(trainers)]
     free, restarting = [], 0
-    for index, capacity, used in asked:
+    for index, slots in asked:
         try:
-            free.append((ray.get(capacity) - ray.get(used), index))
+            free.append((ray.get(slots), index))
         except ray.exceptions.ActorUnavailableError:
             restarting += 1
         except ray.exceptions.RayActorError:

@@ -98,12 +98,10 @@ class SharedTrainer:
         self.thread.start()
 
     # -- what clients call ---------------------------------------------------------------------
-    def capacity(self) -> int:
-        return self.pack.capacity
-
-    def used(self) -> int:
+    def free_slots(self) -> int:
+        """The slots `open` can give now (a released slot counts as free: `open` frees it first)."""
         with self.lock:
-            return len(self.open_trials)
+            return self.pack.capacity - len(self.open_trials)
 
     def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> str | None:
         """Give trial `trial_id` a slot, continuing from a checkpoint's `files` where given (its
