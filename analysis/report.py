@@ -97,7 +97,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
         f"{chosen.cost_name} {amount(chosen.cost)}"
-        f"{'' if standing.same else ', uncertain: it rests on one configuration the search found'}. "
+        f"{', uncertain: it rests on one configuration the search found' if standing.uncertain else ''}. "
         f"Report: {run_dir / REPORT}"
     )
     return 0

@@ -155,20 +155,24 @@ def pick(
 @dataclass(frozen=True)
 class WithoutPick:
     """What the same rule picks with the pick's configuration (all its runs) left out of the
-    trials: whether the pick's module set and rank rest on the one configuration that found them.
+    trials: whether the pick rests on the one configuration that found it.
 
     The uncertainty of each value (above) says whether the configurations that ran can be told
     apart; it cannot say whether another seed of the whole search would have found the same
-    ones. This leave-one-out answers the part a single run can: when the same module set and
-    rank also win without the pick's configuration, two configurations the search found agree;
-    when another wins, the pick rests on one, and a search that missed it, as a search with
-    another seed may, picks that other. `pick.json` holds this as `without_pick`."""
+    ones. This leave-one-out answers the part a single run can. When the same module set and
+    rank also win without the pick's configuration, two configurations the search found agree.
+    When another wins within the tolerance of the pick's value, a search that missed the pick
+    would pick about as well, with another module set or rank. When what wins is past that, the
+    pick is uncertain: it rests on one configuration, and a search that missed it, as a search
+    with another seed may, picks worse. `pick.json` holds this as `without_pick`."""
 
     trial_id: str | None    # what the rule picks without the pick's configuration; None: nothing else finished
     module_set: str | None
     r: int | None
     value: float | None
     same: bool              # the same module set and rank as the pick
+    as_good: bool           # another module set or rank, within the tolerance of the pick's value
+    uncertain: bool         # neither: what wins without the pick is worse by more than the tolerance, or nothing
     left_out: int           # runs of the pick's configuration left out
     sentence: str           # what the report says of it
 
@@ -184,20 +188,28 @@ def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_config
     try:
         other = pick(trials[~own], chosen.metric, chosen.mode, chosen.tolerance, chosen.cost_name, max_steps, lora_configs)
     except NoCandidate:
-        return WithoutPick(None, None, None, None, False, runs, (
+        return WithoutPick(None, None, None, None, False, False, True, runs, (
             f"**The pick is uncertain**: no other configuration finished {max_steps} steps, so nothing the search "
-            f"found confirms its module set and rank. More trials (`budget.num_samples`) would."))
+            f"found confirms it. More trials (`budget.num_samples`) would."))
     row = trials[trials["trial_id"] == other.trial_id].iloc[0]
     found = (row["module_set"], int(row["r"]))
-    described = f"`{other.trial_id}`, {found[0]} r={found[1]} ({chosen.metric} {other.value:.4g})"
-    if found == cell:
+    same = found == cell
+    as_good = not same and within_bar(other.value, tolerance_bar(chosen.value, chosen.tolerance, chosen.mode), chosen.mode)
+    change = other.value / chosen.value - 1 if chosen.value else math.nan
+    described = (f"`{other.trial_id}`, {found[0]} r={found[1]} ({chosen.metric} {other.value:.4g}, "
+                 f"{abs(change):.1%} {'above' if change > 0 else 'below'} the pick's {chosen.value:.4g})")
+    if same:
         sentence = (f"Without its configuration ({left}), the same rule picks {described}: the same module set and "
                     f"rank, so they do not rest on one configuration the search found.")
+    elif as_good:
+        sentence = (f"Without its configuration ({left}), the same rule picks {described}, within the tolerance of "
+                    f"it: a search that missed the pick would pick about as well, with another module set or rank.")
     else:
-        sentence = (f"**The pick is uncertain**: without its configuration ({left}), the same rule picks {described}. "
-                    f"The pick's module set and rank rest on the one configuration that found them, so a search with "
-                    f"another seed may pick another; more trials (`budget.num_samples`) make that less likely.")
-    return WithoutPick(other.trial_id, found[0], found[1], other.value, found == cell, runs, sentence)
+        sentence = (f"**The pick is uncertain**: without its configuration ({left}), the same rule picks {described}, "
+                    f"past the tolerance. The pick rests on the one configuration that found it, so a search with "
+                    f"another seed may pick worse; more trials (`budget.num_samples`) make that less likely.")
+    return WithoutPick(other.trial_id, found[0], found[1], other.value, same, as_good, not (same or as_good), runs,
+                       sentence)
 
 
 def _intervals(compared: int, paired: int, metric: str) -> str:

@@ -424,9 +424,9 @@ def test_a_pick_resting_on_its_one_configuration_is_called_uncertain_in_pick_jso
 
     picked, report = read_pick(run_dir), (run_dir / "report.md").read_text()
     sentence = ("**The pick is uncertain**: without its configuration (`aaaa0001`), the same rule picks `aaaa0002`, "
-                "mlp r=4 (eval_loss 0.7).")
+                "mlp r=4 (eval_loss 0.7, 40.0% above the pick's 0.5), past the tolerance.")
     assert picked["trial_id"] == "aaaa0001"
-    assert {key: picked["without_pick"][key] for key in ("trial_id", "module_set", "r", "value", "same", "left_out")} == {
-        "trial_id": "aaaa0002", "module_set": "mlp", "r": 4, "value": 0.70, "same": False, "left_out": 1}
+    assert {key: picked["without_pick"][key] for key in ("trial_id", "module_set", "r", "value", "uncertain", "left_out")} == {
+        "trial_id": "aaaa0002", "module_set": "mlp", "r": 4, "value": 0.70, "uncertain": True, "left_out": 1}
     assert sentence in report.split("## The pick")[1].split("\n## ")[0]
     assert "uncertain: it rests on one configuration the search found" in capsys.readouterr().out

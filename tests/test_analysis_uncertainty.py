@@ -198,8 +198,20 @@ def test_a_pick_whose_module_set_and_rank_only_its_own_configuration_found_is_un
     assert chosen.trial_id == "t0"
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
     assert (standing.trial_id, standing.module_set, standing.r, standing.value) == ("t2", "mlp", 8, 0.70)
-    assert (standing.same, standing.left_out) == (False, 2)
+    assert (standing.same, standing.as_good, standing.uncertain, standing.left_out) == (False, False, True, 2)
     assert standing.sentence.startswith("**The pick is uncertain**: without its configuration (`t0` and its 1 other run)")
+
+
+def test_a_pick_whose_place_another_module_set_takes_within_the_tolerance_is_not_uncertain():
+    # without t0 (0.50), mlp r8 wins at 0.52, within the tolerance of t0's value (0.50 / 0.95 = 0.526)
+    trials = table({"eval_loss": 0.50, "module_set": "all_linear", "r": 32, "trainable_params": 9000},
+                   {"eval_loss": 0.52, "module_set": "mlp", "r": 8, "trainable_params": 9500},
+                   {"eval_loss": 0.60, "module_set": "all_linear", "r": 4, "trainable_params": 1000})
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
+    assert (chosen.trial_id, standing.trial_id, standing.same, standing.as_good, standing.uncertain) == (
+        "t0", "t1", False, True, False)
+    assert "uncertain" not in standing.sentence
 
 
 def test_a_pick_whose_module_set_and_rank_another_configuration_also_wins_with_is_not_uncertain():
@@ -209,7 +221,8 @@ def test_a_pick_whose_module_set_and_rank_another_configuration_also_wins_with_i
                    {"eval_loss": 0.70, "module_set": "mlp", "r": 8, "trainable_params": 10})
     chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
-    assert (chosen.trial_id, standing.trial_id, standing.same, standing.left_out) == ("t0", "t1", True, 1)
+    assert (chosen.trial_id, standing.trial_id, standing.same, standing.uncertain, standing.left_out) == (
+        "t0", "t1", True, False, 1)
     assert "uncertain" not in standing.sentence
 
 
@@ -217,5 +230,5 @@ def test_a_pick_that_is_the_only_configuration_to_finish_is_uncertain():
     trials = table({"eval_loss": 0.50}, {"eval_loss": 0.40, "status": "stopped", "step": MAX_STEPS // 2})
     chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
-    assert (standing.trial_id, standing.same) == (None, False)
+    assert (standing.trial_id, standing.same, standing.uncertain) == (None, False, True)
     assert standing.sentence.startswith("**The pick is uncertain**: no other configuration finished")
