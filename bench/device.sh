@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks on the lent machine, after the dependencies and the SmolLM2 GGUF were
 # staged (../shared/gpu/README.md: stage.sh --bnb --model, one call per chunk). One call:
-#   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|scaling|grid:--configs=0,1,2 ...]
+#   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|scaling|pick_stability|grid:--configs=0,1,2 ...]
 # (default: the three benches; the grid takes over 10 minutes: run it in parts, grid:--configs=0,1,2,3 then
 # grid:--configs=4,5 in the next call: each call gets a fresh copy of the working tree, and the results of
 # earlier calls on the same machine are kept in /tmp/bench-keep and put back)
@@ -25,7 +25,7 @@ if ! ls "$tf"/__pycache__/*.pyc >/dev/null 2>&1 || [ ! -w "$tf/__pycache__" ]; t
   export PYTHONPYCACHEPREFIX=/tmp/pycache; echo "no writable bytecode beside $tf: PYTHONPYCACHEPREFIX=/tmp/pycache"
 fi
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
-declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560 [scaling]=560)
+declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560 [scaling]=560 [pick_stability]=560)
 for item in "${benches[@]}"; do
   if [ "$item" = imports ]; then  # where a new trial worker's import goes, twice (the second with bytecode written),
     # then as a worker of a search that does not quantize imports it (bitsandbytes hidden), alone and 8 at once

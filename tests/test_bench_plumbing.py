@@ -104,3 +104,23 @@ def test_the_search_benchmark_sets_the_picks_exact_match_beside_the_rule_of_thum
     assert (figures["search_pick_exact_match"], figures["prior_exact_match"], figures["prior_step"],
             figures["prior_status"]) == (0.5, 0.25, 50, "stopped")
     assert answers_against_the_prior(trials.drop(columns="eval_exact_match"), {"trial_id": "b"}) == {}
+
+
+def test_pick_stability_counts_the_picks_that_share_a_module_set_and_rank_and_the_uncertain_ones():
+    sys.path.insert(0, str(ROOT))
+    from bench.pick_stability import PRIORS_HEADING, stability
+
+    def run(modules, r, value, uncertain, priors=True):
+        return {"pick": {"lora_config": {"target_modules": modules, "r": r}, "value": value,
+                         "without_pick": {"uncertain": uncertain}},
+                "report": f"# run\n\n{PRIORS_HEADING if priors else ''}\n"}
+
+    figures = stability([run(["v_proj", "q_proj"], 16, 0.40, False), run(["q_proj", "v_proj"], 16, 0.41, True),
+                         run(["down_proj"], 8, 0.43, True)], grid_eval_loss=0.424)
+    assert figures["stability_same_cell"] == 2  # the module sets are the same whatever their order
+    assert figures["stability_cells"] == {"q_proj,v_proj r16": 2, "down_proj r8": 1}
+    assert figures["stability_picks_at_most_grid"] is False  # 0.43 > 0.424
+    assert (figures["stability_priors_shown"], figures["stability_uncertain"]) == (True, 2)
+    failed = stability([run(["q_proj"], 8, 0.40, False), {"pick": {}, "report": ""}], grid_eval_loss=0.424)
+    assert (failed["stability_picks_at_most_grid"], failed["stability_priors_shown"], failed["stability_same_cell"]) == (
+        False, False, 1)  # a search without a pick fails the bar
