@@ -16,6 +16,9 @@ from rundir.layout import DRIVER_PID, RAY_SESSION, RUN_CONFIG
 from search.config import PROCESSES, Config, ConfigError, to_dict
 
 CREATED_BY = "lora-search"
+# The keys of a trial's result row that name a process of the run: Tune's `pid`, the trial's own,
+# and under shared packing `trainer_pid`, the trainer that trained it (trainables/shared.py).
+PID_KEYS = ("pid", "trainer_pid")
 
 
 def resume_check(run_dir: Path, config: Config) -> dict:
@@ -55,8 +58,9 @@ def _differences(current, stored, key: str) -> list[str]:
 
 
 def stop_leftover_workers(run_dir: Path, grace_seconds: float = 10.0) -> list[int]:
-    """End the Ray worker processes that trained this run's trials and are still alive: SIGTERM,
-    then SIGKILL after `grace_seconds`. Returns the pids that had to be stopped.
+    """End the Ray worker processes that trained this run's trials and are still alive (each
+    trial's own process, and under shared packing the trainers): SIGTERM, then SIGKILL after
+    `grace_seconds`. Returns the pids that had to be stopped.
 
     A pid from a result row alone proves nothing (the machine may have given it to another
     process since), so a process is stopped only when it is a Ray worker of ours whose open
@@ -94,13 +98,15 @@ def _recorded_session(run_dir: Path) -> str | None:
 
 
 def _worker_pids(run_dir: Path) -> set[int]:
+    """The processes that the result rows of the run's experiments name (PID_KEYS)."""
     pids = set()
     for result in run_dir.glob("*/trial_*/result.json"):
         for line in result.read_text().splitlines():
             try:
-                pids.add(int(json.loads(line)["pid"]))
-            except (ValueError, KeyError, TypeError):
+                row = json.loads(line)
+            except ValueError:  # a row cut short by the kill
                 continue
+            pids.update(row[key] for key in PID_KEYS if isinstance(row.get(key), int))
     return pids
 
 

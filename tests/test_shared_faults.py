@@ -1,14 +1,21 @@
 """The shared trainers as Ray actors, started as a run starts them (search/trainers.py), on the
-session's local Ray: what a client reads of their free slots. Tiny random-init Llama
-(tests/conftest.py) and tests/test_shared_trainer.py's data, on the CPU."""
+session's local Ray: what a client reads of their free slots, and a resume stopping the trainer
+that a killed driver left. Tiny random-init Llama (tests/conftest.py) and
+tests/test_shared_trainer.py's data, on the CPU."""
 
 from __future__ import annotations
+
+import json
+import os
+import time
 
 import pytest
 import ray
 
 from search.config import ResourcesConfig
+from search.resume import record_ray_session, stop_leftover_workers
 from search.trainers import shared_trainers
+from test_leftover_workers import _alive
 from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too
 from trainables.client import _free_slots
 
@@ -23,3 +30,22 @@ def test_a_client_reads_each_trainers_free_slots(trainers):
     (trainer,) = trainers
     assert ray.get(trainer.open.remote("a", trial(), None))
     assert _free_slots(trainers) == ([(1, 0)], 0)
+
+
+def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trials(trainers, tmp_path):
+    (trainer,) = trainers
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record_ray_session(run_dir)  # as the driver does before its trials start
+    pid = ray.get(trainer.__ray_call__.remote(lambda _: os.getpid()))  # the trainer's process, asked of it
+    assert ray.get(trainer.open.remote("a", trial(), None))
+    report = ray.get(trainer.next_report.remote("a"))
+    result = run_dir / "tune" / "trial_a" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps(report["metrics"]) + "\n")  # the trial's row, as its client reported it to Tune
+
+    assert stop_leftover_workers(run_dir, grace_seconds=5) == [pid]
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)

@@ -14,7 +14,9 @@ A trial's report carries the same keys as a per-process trial's (`trainables/tri
 `step_mode` "packed" and `pack_size`, the trials the last step trained. `train_seconds` is the
 wall time of the packed steps the trial was in (every trial in a step is charged the whole
 step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
-`peak_memory_gb` is the trainer's: every trial of the pack shares it.
+`peak_memory_gb` is the trainer's: every trial of the pack shares it. `trainer_pid` is the
+trainer's process, which a resume after a killed driver stops (search/resume.py): Tune's own
+`pid` of the trial is its client's.
 
 Created by the driver as a Ray actor (`ray.remote(SharedTrainer)`), with a concurrency of at
 least its capacity: each client waits in `next_report`.
@@ -276,7 +278,7 @@ class SharedTrainer:
         metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss, "trainable_params": trainable,
                    "trainable_pct": 100.0 * trainable / setup.total_params,
                    "peak_memory_gb": process_peak_gb(self.cuda), "peak_allocated_gb": allocated_peak_gb(self.cuda),
-                   "step_mode": "packed", "pack_size": pack_size, **progress.metrics()}
+                   "step_mode": "packed", "pack_size": pack_size, "trainer_pid": os.getpid(), **progress.metrics()}
         report = {"metrics": metrics, "files": self._checkpoint(trial)}
         progress.busy_from = time.time()
         with self.lock:
