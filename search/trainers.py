@@ -24,13 +24,19 @@ TRAINER_NAME = "lora-search-trainer-"
 SPARE_CALLS = 4
 
 
+class TrainerNotStarted(RuntimeError):
+    """A shared trainer raised in its constructor (its base model or data could not be loaded, say).
+    Ray does not restart an actor whose constructor raised, so the run cannot go on."""
+
+
 @contextmanager
 def shared_trainers(resources: ResourcesConfig, setup: TrialSetup) -> Iterator[list]:
     """The handles of the run's trainers, started and answering, for the block; killed after it.
     One per whole GPU that Ray's cluster has, each with that GPU and `cpus_per_trial` CPUs, else
     one with `cpus_per_trial` CPUs. Ray restarts a trainer that dies (its trials fail with the
     reason, and Tune's retries, resources.max_failures, continue them from their checkpoints on
-    it). A trainer that cannot start (its constructor raised) ends the run here, before any trial."""
+    it). A trainer that cannot start ends the run here, before any trial: TrainerNotStarted, naming
+    what its constructor raised."""
     import ray
 
     from trainables.shared import SharedTrainer
@@ -43,11 +49,28 @@ def shared_trainers(resources: ResourcesConfig, setup: TrialSetup) -> Iterator[l
     try:
         for index in range(max(1, gpus)):
             handles.append(trainer.options(name=f"{TRAINER_NAME}{index}", **options).remote(setup, resources.pack_slots))
-        ray.get([handle.free_slots.remote() for handle in handles])
+        for index, handle in enumerate(handles):
+            try:
+                ray.get(handle.free_slots.remote())
+            except ray.exceptions.RayActorError as e:
+                raise TrainerNotStarted(f"shared trainer {index} could not start: {_raised(e)}") from None
         yield handles
     finally:
         for handle in handles:
             ray.kill(handle)
+
+
+def _raised(error: Exception) -> str:
+    """What an actor's constructor raised, on one line, from Ray's `error`: Ray keeps only the text
+    of the constructor's traceback, whose last lines after its last frame are the exception as
+    Python prints it (the frame's own lines are indented). Any other error: its text, on one line."""
+    lines = str(error).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        lines = lines[frames[-1] + 1:]
+        while lines and lines[0].startswith(" "):
+            lines.pop(0)
+    return " ".join(" ".join(lines).split())
 
 
 def trainer_slots(trainers: list, pack_slots: int, max_concurrent_trials: int) -> int:

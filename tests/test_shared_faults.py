@@ -1,12 +1,13 @@
 """The shared trainers as Ray actors, started as a run starts them (search/trainers.py), on the
-session's local Ray: what a client reads of their free slots, and a resume stopping the trainer
-that a killed driver left. Tiny random-init Llama (tests/conftest.py) and
-tests/test_shared_trainer.py's data, on the CPU."""
+session's local Ray: what a client reads of their free slots, a resume stopping the trainer that
+a killed driver left, and a trainer that cannot start ending the run with its reason. Tiny
+random-init Llama (tests/conftest.py) and tests/test_shared_trainer.py's data, on the CPU."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import ray
 from search.config import ResourcesConfig
 from search.resume import record_ray_session, stop_leftover_workers
 from search.trainers import shared_trainers
+from test_cli import _cli
 from test_leftover_workers import _alive
 from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too
 from trainables.client import _free_slots
@@ -49,3 +51,14 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid)
+
+
+def test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line(tiny_model_dir,
+                                                                                                 tmp_path):
+    weightless = tmp_path / "weightless"  # the driver reads the config and tokenizer; only the trainer loads weights
+    shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    code, out, err, _ = _cli("--output", str(tmp_path), "--name", "run", "--set", f"model.path={weightless}",
+                             "--set", "search.ranks=[2,4]", "--set", "resources.packing=shared")
+    assert code == 1, out + err
+    assert err.startswith("error: the search failed: TrainerNotStarted: shared trainer 0 could not start: OSError: ")
+    assert f"model.safetensors found in directory {weightless}" in err and "\n" not in err.strip()
