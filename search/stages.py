@@ -103,6 +103,8 @@ class StagedSearch(Searcher):
         self._stale = True
         if self._from_search(trial_id):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        elif (proposed := self._rerun_of_proposed(trial_id)) and hasattr(self.searcher, "tell_rerun"):
+            self.searcher.tell_rerun(proposed, trial_id, result, error)
 
     def run_again(self, trial_id: str, gpu_share: float) -> None:
         """Hand out the configuration of `trial_id`, which ran out of GPU memory while sharing its
@@ -122,6 +124,14 @@ class StagedSearch(Searcher):
 
     def set_state(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def _rerun_of_proposed(self, trial_id: str) -> str | None:
+        """The searcher's trial that `trial_id` runs again after running out of memory (through
+        reruns only), or None: a rerun of a stage's trial is that stage's, which the searcher never saw."""
+        params = self._params.get(trial_id)
+        while params is not None and params.origin == Origin.RERUN:
+            trial_id, params = params.parent, self._params.get(params.parent)
+        return trial_id if params is not None and params.origin.proposed and trial_id in self._params else None
 
     def _from_search(self, trial_id: str) -> bool:
         params = self._params.get(trial_id)

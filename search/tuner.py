@@ -100,6 +100,29 @@ class LoraOptunaSearch(OptunaSearch):
             self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
         self._completed_trials.add(trial_id)
 
+    def tell_rerun(self, trial_id: str, rerun_id: str, result: dict | None, error: bool) -> None:
+        """Add to the study what `rerun_id`, the rerun of this searcher's `trial_id` after it ran out
+        of GPU memory beside others, reached: a trial of its own with `trial_id`'s parameters, complete
+        at the full budget, else pruned at its last step. `trial_id` itself ended FAIL, and Optuna
+        never tells an ended trial again; without this TPE would learn nothing of the configuration.
+        A rerun that failed adds nothing (TPE leaves failed trials out). Once per rerun: a resumed run
+        finds the trial it added by its `rerun` user attribute."""
+        import optuna
+        from optuna.trial import TrialState
+
+        value = (result or {}).get(self.metric)
+        if error or value is None or not math.isfinite(value) or trial_id not in self._ot_trials:
+            return
+        trials = self._ot_study.get_trials(deepcopy=False)
+        if any(trial.user_attrs.get("rerun") == rerun_id for trial in trials):
+            return
+        original = trials[self._ot_trials[trial_id].number]
+        full = result.get("step", 0) >= self._max_steps
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            params=original.params, distributions=original.distributions,
+            state=TrialState.COMPLETE if full else TrialState.PRUNED, value=value if full else None,
+            intermediate_values={int(result.get("step", 0)): value}, user_attrs={"rerun": rerun_id, "rerun_of": trial_id}))
+
     def on_trial_result(self, trial_id: str, result: dict):
         value = result.get(self.metric)
         if value is not None and math.isfinite(value) and not self._ended_in_study(trial_id):

@@ -57,3 +57,23 @@ def test_the_report_says_how_many_trials_were_run_again_and_why(shared_run):
     _, run_dir, trials = shared_run
     report = (run_dir / "report.md").read_text()
     assert f"{(trials.origin == 'rerun').sum()} trial" in report and "out of GPU memory" in report
+
+
+def test_optuna_learns_what_each_rerun_reached_as_a_trial_of_its_own(shared_run):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _, run_dir, trials = shared_run
+    study = optuna.load_study(study_name="shared",
+                              storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna_study.log"))))
+    by_id = trials.set_index("trial_id")
+    added = {trial.user_attrs["rerun"]: trial for trial in study.trials if "rerun" in trial.user_attrs}
+    reruns = trials[trials.origin == "rerun"]
+    assert sorted(added) == sorted(reruns.trial_id)  # once each
+    for rerun_id, trial in added.items():
+        original = next(t for t in study.trials if t.params == trial.params and "rerun" not in t.user_attrs)
+        assert original.state == optuna.trial.TrialState.FAIL  # what the failed first run told it
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.value == pytest.approx(by_id.loc[rerun_id, "eval_loss"])
+        assert trial.user_attrs["rerun_of"] == by_id.loc[rerun_id, "parent"]
