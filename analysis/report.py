@@ -392,7 +392,8 @@ def _module_notes(run_config: dict) -> str:
     return "## Module sets on this model\n\n" + ("\n".join(lines) if lines else "Not recorded in run_config.json.")
 
 
-STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly"}
+STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly",
+              "packed": "packed in a shared trainer"}
 
 
 def _step_modes(trials: pd.DataFrame, compile_on) -> str:
@@ -405,6 +406,11 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     counts = modes.value_counts()
     parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
     text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
+    alone = trials["step_mode"].notna() & (trials["step_mode"] != "packed") if "packed" in counts else None
+    if alone is not None and alone.any():
+        text += (f" The {int(alone.sum())} DoRA trial(s) trained in processes of their own beside the shared trainer: "
+                 "DoRA's norm needs the adapted weight merged into a copy of the base weight, which a base shared by "
+                 "several trials never holds.")
     if compile_on is True:
         uncompiled = trials.loc[trials["step_mode"].notna() & (trials["step_mode"] != "compiled"), "trial_id"]
         if len(uncompiled):

@@ -175,10 +175,6 @@ class Config:
         if not _NAME.match(self.name):
             out.append(f"name is {self.name!r}; allowed: letters, digits, '.', '_', '-', not starting with '.' "
                        "(a run name cannot leave the output directory)")
-        if self.resources.packing == SHARED and any(self.search.use_dora):
-            out.append("resources.packing is 'shared' but search.use_dora includes true: DoRA needs its own merged weight "
-                       "for its norm, which a trainer shared by several trials does not hold. Fix: use "
-                       "resources.packing=processes or auto, or search.use_dora=[false]")
         if needs_generations(self.selection.metric) and self.data.eval_generate_examples == 0:
             out.append(f"selection.metric={self.selection.metric!r} is computed from generated answers, but "
                        "data.eval_generate_examples is 0 (off). Fix: set data.eval_generate_examples to 1 or more")
@@ -191,8 +187,7 @@ def resolve_packing(config: Config) -> str:
     bench/results/shared_packing_cpu.json), a pack of K SmolLM2 trials trains no faster than one
     trial alone (0.94x at K=4, 0.62x at K=8): the CPU is busy with one trial's arithmetic already.
     On a GPU the same benchmark has not run yet; until it shows the pack faster, auto stays with
-    the processes measured so far. The space's DoRA choice, which only processes train, would
-    keep it there in any case."""
+    the processes measured so far."""
     if config.resources.packing != AUTO:
         return config.resources.packing
     return PROCESSES

@@ -102,12 +102,13 @@ def _source(source: str, part: str, rows: int, format_: str) -> str:
     return f"{source}, {part}: {rows} {format_} rows"
 
 
-def packing_line(resources: ResourcesConfig, packing: str) -> str:
+def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False) -> str:
     """One line on how the run's trials would share a GPU: `packing`, as `resolve_packing` made
-    it of resources.packing, and what that means."""
+    it of resources.packing, and what that means; `dora`: the space has DoRA trials."""
     given = "resources.packing=auto: processes, the faster where measured" \
         if resources.packing == AUTO else f"resources.packing={resources.packing}"
     if packing == SHARED:
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
-                f"up to {resources.pack_slots} trials' adapters together")
+                f"up to {resources.pack_slots} trials' adapters together"
+                + ("; DoRA trials train in processes of their own beside it" if dora else ""))
     return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model"

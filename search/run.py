@@ -123,7 +123,7 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
         data = data_line(config, prepared)  # in memory: nothing is written
         print(format_table(rows, config.model.path))
         print(data)
-        print(packing_line(config.resources, packing))
+        print(packing_line(config.resources, packing, any(config.search.use_dora)))
         return 0
     check_device(config, gpus, local=local)
     # as resolved, in run_config.json
@@ -271,7 +271,9 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
             started_here = connect(cluster) or cluster is not None
             record_ray_session(location.local)
             shared = config.resources.packing == SHARED
-            with shared_trainers(config.resources, setup) if shared else nullcontext([]) as trainers:
+            # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
+            beside = gpus if shared and any(config.search.use_dora) else 0.0
+            with shared_trainers(config.resources, setup, beside) if shared else nullcontext([]) as trainers:
                 # Tune keeps one trial pending at a time for a searcher without a concurrency limit
                 # (ray.tune.execution.tune_controller._get_max_pending_trials), so trials would start one
                 # after another: on an H100 with 8 slots, 3 were running 30 s in. With the limit at the

@@ -27,7 +27,7 @@ from search.stages import GivenConfigs, StagedSearch
 from search.tracking import logger_callbacks
 from search.trainers import ReleaseSlots
 from trainables.config import TrialSetup
-from trainables.client import train_lora_shared
+from trainables.placement import in_own_process, train_lora_packed_or_alone
 from trainables.trial import train_lora
 
 CLIENT_CPUS = 0.01  # a shared trial's client waits on its trainer nearly all the time
@@ -203,19 +203,23 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float, trainers: list = ()):
     """The trial function with its resources. With `trainers` (shared packing: search/trainers.py),
     a client of theirs, given their handles, that asks for a token CPU share only: it relays its
-    trainer's reports, and the trainers' slots, through max_concurrent_trials, limit how many run.
-    Else the trial function with its setup (by object reference, once): a trial run again after
-    running out of memory beside others takes the larger share its config names."""
+    trainer's reports, and the trainers' slots, through max_concurrent_trials, limit how many run;
+    a trial that trains in its own process beside them (a DoRA trial: trainables.placement.in_own_process)
+    asks for what a trial of resources.packing=processes does. Else the trial function with its
+    setup (by object reference, once): a trial run again after running out of memory beside others
+    takes the larger share its config names."""
     from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-    if trainers:
-        return tune.with_resources(tune.with_parameters(train_lora_shared, trainers=list(trainers)),
-                                   {"CPU": CLIENT_CPUS})
-
-    def resources(config: dict) -> PlacementGroupFactory:
+    def alone(config: dict) -> PlacementGroupFactory:
         return PlacementGroupFactory([{"CPU": cpus_per_trial, "GPU": config.get(GPU_SHARE, gpus_per_trial)}])
 
-    return tune.with_resources(tune.with_parameters(train_lora, setup=setup), resources)
+    if trainers:
+        def resources(config: dict) -> PlacementGroupFactory:
+            return alone(config) if in_own_process(config) else PlacementGroupFactory([{"CPU": CLIENT_CPUS}])
+
+        return tune.with_resources(
+            tune.with_parameters(train_lora_packed_or_alone, setup=setup, trainers=list(trainers)), resources)
+    return tune.with_resources(tune.with_parameters(train_lora, setup=setup), alone)
 
 
 class OutOfMemoryReruns(tune.Callback):

@@ -39,11 +39,27 @@ def test_a_bad_packing_setting_exits_2_naming_what_is_allowed_before_ray_starts(
     assert named in err and "Traceback" not in err
 
 
-def test_shared_packing_with_dora_in_the_space_exits_2_before_ray_starts():
-    code, out, err, heavy = _cli("--set", "resources.packing=shared", "--set", "search.use_dora=[false,true]")
-    assert (code, out, heavy) == (2, "", set())
-    assert "DoRA needs its own merged weight" in err
-    assert "Fix: use resources.packing=processes or auto" in err and "Traceback" not in err
+def test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_the_packed_ones(tiny_model_dir,
+                                                                                                 tmp_path, capsys):
+    priors = ("[{module_set: attention_qv, r: 2, use_dora: true, learning_rate: 1.0e-2}, "
+              "{module_set: attention_qv, r: 4, use_dora: false, learning_rate: 1.0e-2}]")
+    sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv]", "search.ranks=[2,4]",
+            "search.learning_rate=[1e-3,2e-2]", "search.use_dora=[false,true]", f"search.priors={priors}",
+            "budget.num_samples=3", "budget.max_steps=6", "budget.eval_every=3", "budget.grace_period=6",
+            "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0", "resources.packing=shared",
+            "selection.confirm_top_k=0", "selection.promote=false"]
+    args = ["--output", str(tmp_path), "--name", "dora", *[x for s in sets for x in ("--set", s)]]
+    assert main([*args, "--dry-run"]) == 0
+    assert "DoRA trials train in processes of their own beside it" in capsys.readouterr().out
+    assert main(args) == 0
+
+    trials = pd.read_csv(tmp_path / "dora" / "trials.csv")
+    assert (trials.status == "finished").all() and (trials.step == 6).all()
+    assert list(trials[trials.use_dora].step_mode) == ["eager"]  # trainables/trial.py's own step on a CPU
+    assert set(trials[~trials.use_dora].step_mode) == {"packed"}
+    reported = {rows[0]["config"]["lora_config"]["use_dora"]: rows[-1] for rows in _reported(tmp_path / "dora").values()}
+    assert "pack_size" not in reported[True] and reported[False]["pack_size"] >= 1
+    assert "The 1 DoRA trial(s) trained in processes of their own" in (tmp_path / "dora" / "report.md").read_text()
 
 
 def test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts(tmp_path):
@@ -84,7 +100,7 @@ def test_a_resume_with_another_packing_is_refused_naming_the_one_it_started_with
 
 
 def test_a_shared_trials_client_imports_no_torch_transformers_or_peft():
-    done = subprocess.run([sys.executable, "-c", "import sys, trainables.client; "
+    done = subprocess.run([sys.executable, "-c", "import sys, trainables.placement; "
                            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
