@@ -12,8 +12,10 @@ configuration is within it when the one-sided 90% interval of its distance to th
 it, value - Z * se <= bar (minimise; value + Z * se >= bar when maximising), Z = 1.28. That
 standard error `se` has a rows' part and, for a configuration run with several seeds
 (confirmations), a seeds' part, seed_sd / sqrt(k), seed_sd the sample standard deviation of its
-k runs' values; the two add in squares. Every seed is scored on the same eval rows, so the rows'
-part does not shrink with more seeds; the seeds' part does. The rows' part is:
+k runs' values; the two add in squares, with, where the best ran with several seeds, the bar's
+own seeds' part, the best's scaled as the bar scales it (best_seeds_se / tolerance, minimise): the
+bar moves with the best's mean. Every seed is scored on the same eval rows, so the rows' part does
+not shrink with more seeds; the seeds' parts do. The rows' part is:
 - paired, where the configuration and the best both reported per-row values
   (`analysis.results.ROW_COLUMNS`; each configuration's averaged over its runs, row by row):
   the standard error of the mean of the per-row differences between the configuration and the
@@ -308,14 +310,17 @@ def against_bar(configurations: pd.DataFrame, best_id: str, mode: str, tolerance
     (`best_id`) sets: `gap_row_se`, the rows' part of the standard error of its distance to the
     bar, paired with the best's rows where both have per-row values (`paired` True:
     `paired_row_se`) and its own `row_se` otherwise; `gap_se`, that part combined with its seeds'
-    part. The best itself keeps its own standard error (`paired` False): it is not compared with itself."""
-    best_rows = configurations.loc[configurations["trial_id"] == best_id, "row_values"].iloc[0]
+    part and the bar's (the best's seeds' part, scaled by `tolerance_bar`). The best itself keeps its
+    own standard error (`paired` False): it is not compared with itself."""
+    best = configurations.loc[configurations["trial_id"] == best_id].iloc[0]
+    best_rows, bar_seeds_se = best["row_values"], tolerance_bar(best["seeds_se"], tolerance, mode)
     paired_se = [None if trial_id == best_id else paired_row_se(rows, best_rows, tolerance, mode)
                  for trial_id, rows in zip(configurations["trial_id"], configurations["row_values"])]
     gap_row_se = [own if paired is None else paired for paired, own in zip(paired_se, configurations["row_se"])]
     return configurations.assign(
         paired=[paired is not None for paired in paired_se], gap_row_se=gap_row_se,
-        gap_se=[math.hypot(rows, seeds) for rows, seeds in zip(gap_row_se, configurations["seeds_se"])])
+        gap_se=[math.hypot(rows, seeds, 0.0 if trial_id == best_id else bar_seeds_se)
+                for trial_id, rows, seeds in zip(configurations["trial_id"], gap_row_se, configurations["seeds_se"])])
 
 
 def paired_row_se(rows: np.ndarray | None, best_rows: np.ndarray | None, tolerance: float, mode: str) -> float | None:

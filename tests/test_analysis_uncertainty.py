@@ -49,6 +49,22 @@ def test_seeds_combine_with_the_rows_standard_error():
     assert chosen.seeds == 2 and chosen.se == pytest.approx(math.sqrt(0.02**2 + seed_sd**2 / 2))
 
 
+def test_the_bests_own_seeds_spread_moves_the_bar_and_widens_every_comparison_with_it():
+    # the best's two seeds (0.45, 0.55) put its mean, and so the bar (0.50 / 0.95), within sd/sqrt(2) = 0.05
+    # of where it is: t1's 0.54 is past the bar by 0.0137, inside 1.28 * 0.05 / 0.95
+    best = [{"eval_loss": 0.45, "eval_loss_se": 0.001, "trainable_params": 8000},
+            {"eval_loss": 0.55, "eval_loss_se": 0.001, "trainable_params": 8000, "origin": "confirm", "parent": "t0",
+             "seed": 1}]
+    trials = table(*best, {"eval_loss": 0.54, "eval_loss_se": 0.001, "trainable_params": 2000})
+    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    assert chosen.trial_id == "t0" and chosen.undecided_with == "t2"
+    compared = against_bar(by_configuration(trials, trials, "eval_loss"), "t0", "min", 0.95).set_index("trial_id")
+    best_seeds_se = statistics.stdev([0.45, 0.55]) / math.sqrt(2)
+    assert compared.loc["t2", "gap_se"] == pytest.approx(math.hypot(0.001, best_seeds_se / 0.95))
+    single = table(best[0], {"eval_loss": 0.54, "eval_loss_se": 0.001, "trainable_params": 2000})
+    assert pick(single, *RULE, MAX_STEPS, configs(single)).undecided_with is None  # a best of one run: no bar part
+
+
 def confirmed(*losses: float, row_se: float = 0.005):
     """t0 the best (0.50, bar 0.5263) and t1 a cheaper configuration run with one seed per loss."""
     runs = [{"eval_loss": loss, "eval_loss_se": row_se, "trainable_params": 2000,
