@@ -230,7 +230,7 @@ def render_report(
         _searched(run_config),
         _module_notes(run_config),
         _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {})),
-        _pick_section(trials, chosen, no_pick, standing),
+        _pick_section(trials, chosen, no_pick, standing, run_config.get("search", {})),
         _prior_section(trials, chosen, selection, run_config["budget"]["max_steps"]),
         _top_trials(trials, selection, chosen, diagnoses),
         *([retrain] if retrain else []),
@@ -477,7 +477,34 @@ def _share(resources: dict) -> str:
             "(resources.memory_margin) when packing trials on it.")
 
 
-def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None) -> str:
+EDGE = 0.1  # the share of a searched range at either end where the pick's value is called at its edge
+
+
+def at_the_edge(search: dict, row: pd.Series) -> str:
+    """One sentence on what of the pick (`row` of the trial table) lies at the edge of the space
+    `search` (run_config.json's): a learning rate in the top or bottom tenth of its range, on the
+    log scale it is sampled on, or the largest rank searched. There the best may lie outside what
+    was searched: the range says nothing of what is past it. Empty when nothing is."""
+    found = []
+    low, high = search.get("learning_rate", (0, 0))
+    if 0 < low < high:
+        position = math.log(row["learning_rate"] / low) / math.log(high / low)
+        if position >= 1 - EDGE or position <= EDGE:
+            end = "top" if position >= 1 - EDGE else "bottom"
+            found.append(f"its learning rate {row['learning_rate']:.3g} lies in the {end} tenth of `search.learning_rate` "
+                         f"[{low:g}, {high:g}] (on the log scale it is sampled on): a "
+                         f"{'higher' if end == 'top' else 'lower'} one may do better")
+    ranks = search.get("ranks", [])
+    if len(ranks) > 1 and int(row["r"]) == max(ranks):
+        found.append(f"its rank {int(row['r'])} is the largest of `search.ranks`, and no smaller one came within the "
+                     "tolerance: a larger one may do better")
+    if not found:
+        return ""
+    return "At the edge of the space: " + "; ".join(found) + ". Widen the space there to see."
+
+
+def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None,
+                  search: dict) -> str:
     if chosen is None:
         return f"## The pick\n\n**No pick.** {no_pick}"
     row = _row(trials, chosen.trial_id)
@@ -491,6 +518,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
            if chosen.seeds > 1 else "")
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
         + (f"{standing.sentence}\n\n" if standing else "")
+        + (f"{edge}\n\n" if (edge := at_the_edge(search, row)) else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )

@@ -430,3 +430,20 @@ def test_a_pick_resting_on_its_one_configuration_is_called_uncertain_in_pick_jso
         "trial_id": "aaaa0002", "module_set": "mlp", "r": 4, "value": 0.70, "uncertain": True, "left_out": 1}
     assert sentence in report.split("## The pick")[1].split("\n## ")[0]
     assert "uncertain: it rests on one configuration the search found" in capsys.readouterr().out
+
+
+def test_the_pick_section_says_when_the_picks_learning_rate_or_rank_is_at_the_edge_of_the_space(tmp_path):
+    # the space of write_run_config: learning_rate [1e-4, 1e-3], ranks [4, 8, 16]
+    edge = write_run_config(tmp_path / "edge")
+    add_trial(edge, "aaaa0001", eval_loss=0.50, r=16, learning_rate=9e-4)  # log position 0.95
+    add_trial(edge, "aaaa0002", eval_loss=0.70, r=4, learning_rate=3e-4)
+    inside = write_run_config(tmp_path / "inside")
+    add_trial(inside, "aaaa0001", eval_loss=0.50, r=8, learning_rate=3e-4)  # log position 0.48
+    add_trial(inside, "aaaa0002", eval_loss=0.70, r=16, learning_rate=1.1e-4)  # at the edge, but not the pick
+    assert analyse(edge) == 0 and analyse(inside) == 0
+
+    section = (edge / "report.md").read_text().split("## The pick")[1].split("\n## ")[0]
+    assert ("At the edge of the space: its learning rate 0.0009 lies in the top tenth of `search.learning_rate` "
+            "[0.0001, 0.001]") in section
+    assert "its rank 16 is the largest of `search.ranks`" in section
+    assert "At the edge" not in (inside / "report.md").read_text()
