@@ -443,7 +443,7 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
         f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
-        + _reruns(stages.get(Origin.RERUN.value, 0))
+        + _reruns(trials)
         + _share(resources)
         + _step_modes(trials, compile_on=resources.get("compile"))
     )
@@ -458,12 +458,23 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
     return text + "\n\nFailed trials:\n\n" + "\n".join(lines)
 
 
-def _reruns(count: int) -> str:
-    if not count:
-        return ""
-    return (f" {count} trial{'s' if count > 1 else ''} ran again (rerun) after running out of GPU memory while other "
-            "trials shared the GPU, with a larger share of it: a neighbour's memory is no fault of a configuration, "
-            "and the failed run is judged by its rerun.")
+def _reruns(trials: pd.DataFrame) -> str:
+    """Why trials ran again: the parent of a rerun that has a row of its own failed (it ran out
+    of GPU memory beside others); one without a row never started (Tune lost it:
+    search.tuner.TellLostTrials), and Tune wrote no files of it."""
+    parents = trials.loc[trials["origin"] == Origin.RERUN.value, "parent"]
+    out_of_memory = int(parents.isin(trials["trial_id"]).sum())
+    lost = len(parents) - out_of_memory
+    text = ""
+    if out_of_memory:
+        text += (f" {out_of_memory} trial{'s' if out_of_memory > 1 else ''} ran again (rerun) after running out of GPU "
+                 "memory while other trials shared the GPU, with a larger share of it: a neighbour's memory is no "
+                 "fault of a configuration, and the failed run is judged by its rerun.")
+    if lost:
+        text += (f" {lost} trial{'s' if lost > 1 else ''} ran again (rerun) because Tune could not start "
+                 f"{'them' if lost > 1 else 'it'} on a reused worker (the worker's last trial had not ended in time); "
+                 "no configuration was lost.")
+    return text
 
 
 def _share(resources: dict) -> str:

@@ -106,24 +106,30 @@ class StagedSearch(Searcher):
         elif (proposed := self._rerun_of_proposed(trial_id)) and hasattr(self.searcher, "tell_rerun"):
             self.searcher.tell_rerun(proposed, trial_id, result, error)
 
-    def run_again(self, trial_id: str, gpu_share: float) -> None:
+    def run_again(self, trial_id: str, gpu_share: float | None) -> None:
         """Hand out the configuration of `trial_id`, which ran out of GPU memory while sharing its
-        GPU, as a new trial (origin `rerun`, parent `trial_id`) with `gpu_share` of a GPU, from the
-        failed trial's last checkpoint, else from where it started. Called before Tune asks for
-        the next trial (`search.tuner.OutOfMemoryReruns`), so the search cannot finish meanwhile."""
+        GPU or which Tune lost before it started, as a new trial (origin `rerun`, parent `trial_id`)
+        with `gpu_share` of a GPU (None: the run's share), from the failed trial's last checkpoint,
+        else from where it started. Called before Tune asks for the next trial
+        (`search.tuner.OutOfMemoryReruns`, `search.tuner.TellLostTrials`), so the search cannot
+        finish meanwhile."""
         params = self._params[trial_id]
         rows = self._rows.get(trial_id, [])
         checkpoint = rows[-1].get("checkpoint_dir_name") if rows else None
         start_from = (self._location.path_of(SEARCH_EXPERIMENT, trial_directory(trial_id), checkpoint) if checkpoint
                       else params.start_from)
         rerun = params.repeat(Origin.RERUN, trial_id, start_from=start_from, full_data=params.full_data)
-        self._reruns.append({**rerun.to_config(), GPU_SHARE: gpu_share})
+        self._reruns.append({**rerun.to_config(), **({GPU_SHARE: gpu_share} if gpu_share else {})})
 
     def get_state(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "searcher"}
 
     def set_state(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def ended(self, trial_id: str) -> bool:
+        """Whether this searcher was told that the trial ended."""
+        return trial_id in self._ended
 
     def _rerun_of_proposed(self, trial_id: str) -> str | None:
         """The searcher's trial that `trial_id` runs again after running out of memory (through

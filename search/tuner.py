@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.candidates import decide
@@ -238,6 +239,31 @@ class OutOfMemoryReruns(tune.Callback):
             self.staged.run_again(trial.trial_id, share)
 
 
+class TellLostTrials(tune.Callback):
+    """Tells the searcher of a trial that Tune ended without telling it, and runs it again. Where
+    Tune cannot reuse a worker for the next trial (the last trial's thread outlived
+    TUNE_FUNCTION_THREAD_TIMEOUT_S: trainables.config.let_tune_wait_for_the_last_trial), Ray 2.60
+    ends that trial in ERROR before it starts and never calls the searcher
+    (TuneController._on_trial_reset); StagedSearch, which ends the search once every trial it
+    handed out has ended, and the limiter around it, which counts it as running, would wait for
+    it for good. Each step, an ended trial the searcher was not told of is told as failed, and
+    its configuration is handed out again (origin `rerun`): it never ran, so no fault of its own
+    is known."""
+
+    def __init__(self, staged: StagedSearch, search_alg):
+        self.staged, self.search_alg = staged, search_alg  # search_alg: staged, or the limiter around it
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        from ray.tune.experiment import Trial
+
+        for trial in trials:
+            if trial.status in (Trial.ERROR, Trial.TERMINATED) and not self.staged.ended(trial.trial_id):
+                self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
+                                                  error=trial.status == Trial.ERROR)
+                if trial.status == Trial.ERROR and "step" not in (trial.last_result or {}):
+                    self.staged.run_again(trial.trial_id, trial.config.get(GPU_SHARE))
+
+
 def shared_callbacks(config: Config) -> list:
     """Under shared packing, the callback that frees an ended trial's slot on its trainer."""
     return [ReleaseSlots()] if config.resources.packing == SHARED else []
@@ -279,8 +305,13 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     staged = StagedSearch(searcher, budget.num_samples, selection, budget.max_steps, config.seed, location)
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
+    # The limiter that max_concurrent_trials would make inside Tune, made here so that TellLostTrials
+    # can tell it of a lost trial too: it would otherwise count that trial as running for good.
+    slots = config.resources.max_concurrent_trials
+    search_alg = ConcurrencyLimiter(staged, max_concurrent=slots) if slots else staged
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, reruns,
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, search_alg, -1,
+                      [*reruns, TellLostTrials(staged, search_alg)],
                       metric=selection.metric, mode=selection.mode, scheduler=scheduler)
 
 
@@ -294,7 +325,9 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
             num_samples=num_samples,
-            max_concurrent_trials=config.resources.max_concurrent_trials or None,
+            # a search_alg that is its own limiter already (build_tuner) needs none from Tune
+            max_concurrent_trials=None if isinstance(search_alg, ConcurrencyLimiter)
+            else config.resources.max_concurrent_trials or None,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
             **tune_config,

@@ -17,6 +17,7 @@ import ray
 from ray import tune
 
 from rundir.params import TrialParams
+from trainables.config import let_tune_wait_for_the_last_trial
 
 FULL_WAIT_S = 0.2  # between rounds of asking while every slot is taken: a slot frees when a trial ends
 
@@ -34,6 +35,7 @@ def train_lora_shared(config: dict, trainers: list) -> None:
     the trainer goes to Tune as trainables/trial.py's reports do, with its checkpoint, until the
     trainer says the trial is done. Raises what the trainer raised for the trial (TrialDiverged,
     ValueError for a configuration it cannot train), and TrainerDied when the trainer died."""
+    let_tune_wait_for_the_last_trial()
     trial_id = tune.get_context().get_trial_id()
     files = _checkpoint_files(TrialParams.from_config(config).start_from)
     index, token = _open(trainers, trial_id, config, ray.put(files) if files else None)

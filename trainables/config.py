@@ -27,6 +27,19 @@ DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parque
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
+# How long Tune waits for a worker's last trial thread to end before it gives the worker the next trial
+REUSE_WAIT_S = "30"
+
+
+def let_tune_wait_for_the_last_trial() -> None:
+    """Let Tune wait up to REUSE_WAIT_S for this worker's trial thread to end before reusing the
+    worker for the next trial, unless the user set TUNE_FUNCTION_THREAD_TIMEOUT_S. Ray's 2 s fail
+    the next trial where a stopped trial's thread takes longer to unwind, as it can on a loaded
+    machine; Tune reads the variable in this worker process when it reuses it, so a trial sets it
+    here, whichever cluster it runs on."""
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_WAIT_S)
+
+
 def cache_root() -> Path:
     """This machine's cache ($LORA_SEARCH_CACHE, else ~/.cache/lora-search): the converted
     embedded model, data read from a URI, and the working copies of runs kept at a URI."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rundir.params import TrialParams
-from trainables.config import TrialSetup
+from trainables.config import TrialSetup, let_tune_wait_for_the_last_trial
 from trainables.data import IGNORE, collate, load_split
 from trainables.generate import AnswerMetrics, standard_error
 from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
@@ -90,6 +90,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     their standard errors over the eval rows, and `eval_row_loss`, `eval_row_accuracy` and
     `eval_row_exact_match` their per-row values, in the eval split's order (`Evaluation`)."""
     called_at = time.time()
+    let_tune_wait_for_the_last_trial()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
     from peft import LoraConfig, get_peft_model
 
