@@ -102,8 +102,8 @@ class LoraOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def tell_rerun(self, trial_id: str, rerun_id: str, result: dict | None, error: bool) -> None:
-        """Add to the study what `rerun_id`, the rerun of this searcher's `trial_id` after it ran out
-        of GPU memory beside others, reached: a trial of its own with `trial_id`'s parameters, complete
+        """Add to the study what `rerun_id`, the rerun of this searcher's `trial_id` (which ran out of
+        GPU memory beside others, or which Tune lost before it started), reached: a trial of its own with `trial_id`'s parameters, complete
         at the full budget, else pruned at its last step. `trial_id` itself ended FAIL, and Optuna
         never tells an ended trial again; without this TPE would learn nothing of the configuration.
         A rerun that failed adds nothing (TPE leaves failed trials out). Once per rerun: a resumed run
