@@ -62,6 +62,35 @@ def test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_t
     assert "The 1 DoRA trial(s) trained in processes of their own" in (tmp_path / "dora" / "report.md").read_text()
 
 
+# Ray told of one GPU this CPU machine does not have: the trainer and a DoRA trial must share it
+GPU_DRIVER = """
+import ray, sys
+ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+         runtime_env={"env_vars": {"PYTHONPATH": %r}})
+import search.prepare
+search.prepare.check_device = lambda *args, **kwargs: None  # the GPU Ray was told of is not this machine's
+from search.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray(tiny_model_dir, tmp_path):
+    # with the whole GPU the trainer held, the DoRA trial would wait for it for good
+    from faults import run_search
+
+    priors = ("[{module_set: attention_qv, r: 2, use_dora: true, learning_rate: 1.0e-2}, "
+              "{module_set: attention_qv, r: 4, use_dora: false, learning_rate: 1.0e-2}]")
+    sets = [f"model.path={tiny_model_dir}", "model.dtype=float32", "search.module_sets=[attention_qv]",
+            "search.ranks=[2,4]", "search.learning_rate=[1e-3,2e-2]", "search.use_dora=[false,true]",
+            f"search.priors={priors}", "budget.num_samples=2", "budget.max_steps=6", "budget.eval_every=3",
+            "budget.grace_period=6", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
+            "resources.packing=shared", "resources.gpus_per_trial=0.5", "selection.confirm_top_k=0",
+            "selection.promote=false"]
+    code, _, trials = run_search(GPU_DRIVER, tmp_path, "gpu", sets)
+    assert code == 0
+    assert (trials.status == "finished").all() and sorted(trials.step_mode) == ["eager", "packed"]
+
+
 def test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts(tmp_path):
     import transformers
 
