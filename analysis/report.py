@@ -511,7 +511,8 @@ def at_the_edge(search: dict, row: pd.Series) -> str:
                      "tolerance: a larger one may do better")
     if not found:
         return ""
-    return "At the edge of the space: " + "; ".join(found) + ". Widen the space there to see."
+    return ("At the edge of the space: " + "; ".join(found) + ". Widen the space there to see, with more trials "
+            "(`budget.num_samples`) for the wider space.")
 
 
 def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None,
