@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.search_vs_grid import GRID_README, RESULTS, facts_overrides  # noqa: E402 - after the path is set
+from bench.search_vs_grid import RESULTS, facts_overrides, grid_reference  # noqa: E402 - after the path is set
 
 PRIORS_HEADING = "## Against the known-good configurations"
 
@@ -64,9 +64,8 @@ def main() -> int:
     from trainables.model import smollm2_checkpoint
 
     smollm2_checkpoint()  # the one-time conversion on a fresh machine is not a search's time
-    grid_path = RESULTS / "grid.json"
-    grid = json.loads(grid_path.read_text()) if grid_path.exists() else {}
-    grid_eval_loss = grid.get("figures", {}).get("grid_eval_loss", GRID_README["grid_eval_loss"])
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    grid_eval_loss = grid_reference(device)["grid_eval_loss"]
     runs = []
     for seed in args.seeds:
         sets = facts_overrides(args.samples, args.max_steps, args.eval_examples, args.gpus_per_trial) + [f"seed={seed}"]
@@ -84,7 +83,7 @@ def main() -> int:
     figures = stability(runs, grid_eval_loss)
     record = {"benchmark": "pick_stability",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "device": device,
               "grid_eval_loss": grid_eval_loss, "runs": runs, "figures": figures}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pick_stability.json").write_text(json.dumps(record, indent=2, default=str))

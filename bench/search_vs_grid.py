@@ -49,6 +49,19 @@ GRID_README = {"grid_eval_loss": 0.4223, "grid_train_seconds_five_configs": 69.2
                "note": "six configs; DoRA did not finish in 190 s; figures from ../shared/bench/README.md"}
 
 
+def grid_reference(device: str) -> dict:
+    """The grid's figures to set a search beside: bench/results/grid.json where it was measured on
+    `device` (bench/grid.py), else those of ../shared/bench/README.md (GRID_README), with their
+    `source` and `label`."""
+    grid_path = RESULTS / "grid.json"
+    grid = json.loads(grid_path.read_text()) if grid_path.exists() else {}
+    if grid.get("device") == device and "figures" in grid:
+        return {**grid["figures"], "source": "rerun: bench/grid.py, this device", "label": "grid (rerun)"}
+    return {"grid_gpu_seconds": GRID_README["grid_train_seconds_five_configs"],
+            "grid_eval_loss": GRID_README["grid_eval_loss"], "source": GRID_README["note"],
+            "label": "grid (README, not rerun)"}
+
+
 def facts_overrides(samples: int, max_steps: int, eval_examples: int, gpus_per_trial: str) -> list[str]:
     """search.run's --set values for the reference task at the grid's budget: `samples` trials of
     `max_steps` steps of 8 sequences, ASHA's rungs at half and all of it."""
@@ -234,14 +247,7 @@ def main() -> int:
     gpus_per_trial = config["resources"]["gpus_per_trial"]  # as resolved (auto: by model size)
     slots = max(1, round(1 / gpus_per_trial)) if gpus_per_trial else os.cpu_count() or 1
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    grid_path = RESULTS / "grid.json"
-    grid = json.loads(grid_path.read_text()) if grid_path.exists() else {}
-    if grid.get("device") == device and "figures" in grid:
-        grid_figures = {**grid["figures"], "source": "rerun: bench/grid.py, this device", "label": "grid (rerun)"}
-    else:
-        grid_figures = {"grid_gpu_seconds": GRID_README["grid_train_seconds_five_configs"],
-                        "grid_eval_loss": GRID_README["grid_eval_loss"], "source": GRID_README["note"],
-                        "label": "grid (README, not rerun)"}
+    grid_figures = grid_reference(device)
     first_as_good = first_full_budget_result_at_least_as_good(reports, args.max_steps, grid_figures["grid_eval_loss"],
                                                               started_epoch)
     figures = {
