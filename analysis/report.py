@@ -406,9 +406,9 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     counts = modes.value_counts()
     parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
     text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
-    alone = trials["step_mode"].notna() & (trials["step_mode"] != "packed") if "packed" in counts else None
-    if alone is not None and alone.any():
-        text += (f" The {int(alone.sum())} DoRA trial(s) trained in processes of their own beside the shared trainer: "
+    alone = int((modes != "packed").sum()) if "packed" in counts else 0
+    if alone:
+        text += (f" The {alone} DoRA trial(s) trained in processes of their own beside the shared trainer: "
                  "DoRA's norm needs the adapted weight merged into a copy of the base weight, which a base shared by "
                  "several trials never holds.")
     if compile_on is True:

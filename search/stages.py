@@ -137,7 +137,7 @@ class StagedSearch(Searcher):
         params = self._params.get(trial_id)
         while params is not None and params.origin == Origin.RERUN:
             trial_id, params = params.parent, self._params.get(params.parent)
-        return trial_id if params is not None and params.origin.proposed and trial_id in self._params else None
+        return trial_id if params is not None and params.origin.proposed else None
 
     def _from_search(self, trial_id: str) -> bool:
         params = self._params.get(trial_id)

@@ -33,10 +33,11 @@ class TrainerNotStarted(RuntimeError):
 def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float = 0.0) -> Iterator[list]:
     """The handles of the run's trainers, started and answering, for the block; killed after it.
     One per whole GPU that Ray's cluster has, each with that GPU but the share `beside` (what a
-    trial in a process of its own beside the trainer takes: a DoRA trial, trainables.placement.in_own_process;
-    0 when the space has none) and `cpus_per_trial` CPUs, else one with `cpus_per_trial` CPUs. Ray restarts a trainer that dies (its trials fail with the
-    reason, and Tune's retries, resources.max_failures, continue them from their checkpoints on
-    it). A trainer that cannot start ends the run here, before any trial: TrainerNotStarted, naming
+    trial in a process of its own beside the trainer takes: a DoRA trial,
+    trainables.placement.in_own_process; 0 when the space has none) and `cpus_per_trial` CPUs,
+    else one with `cpus_per_trial` CPUs. Ray restarts a trainer that dies (its trials fail with
+    the reason, and Tune's retries, resources.max_failures, continue them from their checkpoints
+    on it). A trainer that cannot start ends the run here, before any trial: TrainerNotStarted, naming
     what its constructor raised."""
     import ray
 

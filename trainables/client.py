@@ -57,11 +57,11 @@ def train_lora_shared(config: dict, trainers: list) -> None:
                 tune.report(report["metrics"], checkpoint=tune.Checkpoint.from_directory(directory))
     finally:
         # Also on the SystemExit with which Tune's report ends a trial that ASHA stopped. Not awaited:
-        # Tune reuses this process for the next trial only if this function ends within 2 s
-        # (TUNE_FUNCTION_THREAD_TIMEOUT_S), and a trainer answers between its packed steps, which
-        # took longer on a CPU; where reuse fails, Ray 2.60 fails the next trial and never tells the
-        # searcher, and the search waits for it for good. So it may arrive after a retry of this trial
-        # has opened a slot (here, or on this trainer restarted by Ray): the token frees this attempt's only.
+        # Tune gives this process the next trial only once this function has ended (within
+        # TUNE_FUNCTION_THREAD_TIMEOUT_S: trainables.config.let_tune_wait_for_the_last_trial, else it
+        # loses that trial), and a trainer answers between its packed steps, which take seconds on a
+        # CPU. So it may arrive after a retry of this trial has opened a slot (here, or on this trainer
+        # restarted by Ray): the token frees this attempt's only.
         trainer.release.remote(trial_id, token)
 
 
