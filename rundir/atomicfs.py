@@ -8,15 +8,54 @@ truncates each file and writes it anew, so a driver killed during a copy left an
 Tune as `storage_filesystem`, this filesystem writes each file under a temporary name and
 renames it into place when it is complete: a kill leaves the previous copy whole.
 
-Object stores (S3, GCS) need none of this: an object appears whole when its upload completes.
+Tune also deletes a trial's previous checkpoint the moment it registers the next, and saves the
+experiment state that names the new one a moment later: a kill between the two left a state naming
+a deleted checkpoint, and that trial failed on resume. Here a checkpoint goes only once an
+experiment state that names a newer checkpoint of its trial, and not it, is whole on disk.
+
+Object stores (S3, GCS) need none of the renaming: an object appears whole when its upload completes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+
+_CHECKPOINT = re.compile(r"checkpoint_(\d+)")
+_EXPERIMENT_STATE = re.compile(r"experiment_state-.*\.json")
+
+
+def _names(state: str, path: str) -> bool:
+    """Whether an experiment state names `path`. Tune keeps each trial's checkpoints in a pickle
+    that the JSON holds hex-encoded, so a path shows there as its hex, elsewhere as itself; a
+    false match only keeps a checkpoint longer."""
+    return path in state or path.encode().hex() in state
+
+
+def drop_superseded_checkpoints(experiment_dir: str, state: str) -> list[str]:
+    """Delete each checkpoint under `experiment_dir`'s trials that `state` (the text of its
+    experiment state, now whole on disk) does not name while naming a newer one of the same
+    trial; return their paths. A newer checkpoint that the state does not name yet (written by
+    the trial, not yet registered by Tune) stays, and so does every checkpoint Tune keeps, since
+    the state names each."""
+    dropped = []
+    for trial in os.scandir(experiment_dir):
+        if not trial.is_dir():
+            continue
+        checkpoints = sorted((int(match.group(1)), entry.path) for entry in os.scandir(trial.path)
+                             if entry.is_dir() and (match := _CHECKPOINT.fullmatch(entry.name)))
+        named = [index for index, path in checkpoints if _names(state, path)]
+        for index, path in checkpoints:
+            if named and index < max(named) and not _names(state, path):
+                shutil.rmtree(path, ignore_errors=True)
+                dropped.append(path)
+    return dropped
 
 
 class _ReplaceOnClose:
@@ -41,14 +80,29 @@ class _ReplaceOnClose:
         return self._file.tell()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._file.closed:
+            return
+        self._file.close()
+        if not _EXPERIMENT_STATE.fullmatch(os.path.basename(self._path)):
             os.replace(self._temporary, self._path)
+            return
+        try:
+            with open(self._temporary, encoding="utf-8") as file:
+                state = file.read()
+            json.loads(state)
+        except ValueError:  # UnicodeDecodeError is one
+            # Tune rewrites its staging copy of the state in place while an earlier sync may be
+            # reading it; the half it read is dropped, and the next sync brings a whole one.
+            os.remove(self._temporary)
+            return
+        os.replace(self._temporary, self._path)
+        drop_superseded_checkpoints(os.path.dirname(self._path), state)
 
 
 class AtomicLocalHandler(pafs.FileSystemHandler):
-    """pyarrow's local filesystem, but for `open_output_stream`, which writes atomically.
-    Stateless, so it pickles into every Ray worker that writes a trial's files."""
+    """pyarrow's local filesystem, but `open_output_stream` writes atomically and `delete_dir`
+    leaves a checkpoint to `drop_superseded_checkpoints`. Stateless, so it pickles into every Ray
+    worker that writes a trial's files."""
 
     def __init__(self):
         self._local = pafs.LocalFileSystem()
@@ -78,6 +132,8 @@ class AtomicLocalHandler(pafs.FileSystemHandler):
         self._local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
+        if _CHECKPOINT.fullmatch(os.path.basename(path)):
+            return  # goes once a whole experiment state no longer needs it (drop_superseded_checkpoints)
         self._local.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:

@@ -93,3 +93,65 @@ def _parses(text: str) -> bool:
         return True
     except json.JSONDecodeError:
         return False
+
+
+def _trial_with_checkpoints(tmp_path, *indices: int) -> list[str]:
+    trial = tmp_path / "tune" / "trial_a"
+    for index in indices:
+        (trial / f"checkpoint_{index:06d}").mkdir(parents=True)
+        (trial / f"checkpoint_{index:06d}" / "adapter_model.safetensors").write_bytes(b"w")
+    return [str(trial / f"checkpoint_{index:06d}") for index in indices]
+
+
+def _tune_state_naming(*registered: str) -> bytes:
+    """An experiment state as Tune writes one, its trial's checkpoints registered in this order
+    by Tune's own checkpoint manager (which keeps one, asking the filesystem to delete the rest)."""
+    from ray.train import CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    metadata = _TrainingRunMetadata()
+    metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    for path in registered:
+        metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=Checkpoint(path, filesystem=atomic_local_filesystem()), metrics={}))
+    return json.dumps({"trial_data": [["{}", metadata.get_json_state()]]}).encode()
+
+
+def _write(fs, path, data: bytes) -> None:
+    with fs.open_output_stream(str(path)) as stream:
+        stream.write(data)
+
+
+def test_a_checkpoint_tune_deletes_stays_until_a_whole_state_names_a_newer_one(tmp_path):
+    fs = atomic_local_filesystem()
+    first, second, unregistered = _trial_with_checkpoints(tmp_path, 0, 1, 2)
+    state = tmp_path / "tune" / "experiment_state-x.json"
+    named_first = _tune_state_naming(first)
+    _write(fs, state, named_first)
+
+    newer = _tune_state_naming(first, second)  # registering the second deletes the first, as Tune does
+    assert os.path.isdir(first), "deleted while the state on disk still names it"
+    _write(fs, state, newer[: len(newer) // 2])  # half a state: what a sync reading a half-rewritten source copies
+    assert os.path.isdir(first) and state.read_bytes() == named_first
+    _write(fs, state, newer)
+
+    assert not os.path.exists(first)
+    assert os.path.isdir(second) and os.path.isdir(unregistered)  # named; written by the trial, not yet registered
+
+
+def test_a_checkpoint_left_by_a_killed_driver_goes_with_the_next_state_and_none_of_another_trial(tmp_path):
+    fs = atomic_local_filesystem()
+    old, current = _trial_with_checkpoints(tmp_path, 3, 4)
+    other = tmp_path / "tune" / "trial_b" / "checkpoint_000000"
+    other.mkdir(parents=True)
+    _write(fs, tmp_path / "tune" / "experiment_state-y.json", _tune_state_naming(current))
+    assert not os.path.exists(old) and os.path.isdir(current) and other.is_dir()
+
+
+def test_other_directories_are_deleted_at_once(tmp_path):
+    (tmp_path / "trial_a").mkdir()
+    atomic_local_filesystem().delete_dir(str(tmp_path / "trial_a"))
+    assert not (tmp_path / "trial_a").exists()

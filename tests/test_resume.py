@@ -82,6 +82,43 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
     assert pick["value"] == pytest.approx(plain_pick["value"], rel=1e-6)
 
 
+# The driver, SIGKILLed the moment Tune deletes a trial's previous checkpoint: it has registered
+# the next one, and the experiment state on disk still names the one it deletes.
+_KILLED_AS_TUNE_DELETES_A_CHECKPOINT = """
+import os, runpy, signal, sys
+from rundir.atomicfs import AtomicLocalHandler
+delete_dir = AtomicLocalHandler.delete_dir
+def delete_then_die(self, path):
+    delete_dir(self, path)
+    if os.path.basename(path).startswith("checkpoint_"):
+        os.kill(os.getpid(), signal.SIGKILL)
+AtomicLocalHandler.delete_dir = delete_then_die
+sys.argv[0] = "search.run"
+runpy.run_module("search.run", run_name="__main__")
+"""
+
+
+def test_sigkill_as_tune_deletes_a_checkpoint_then_resume_continues_every_trial(tiny_model_dir, tmp_path, uninterrupted):
+    run_dir = tmp_path / "killed"
+    args = _args(tiny_model_dir, tmp_path, "killed")
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_AS_TUNE_DELETES_A_CHECKPOINT, *args], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, log[-3000:]
+
+    resumed = _cli(["--resume", *args])
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
+    key = ["origin", "module_set", "r", "alpha_ratio", "learning_rate", "seed", "step"]
+    plain = pd.read_csv(uninterrupted / "trials.csv")
+    assert sorted(map(tuple, trials[key].round(12).values)) == sorted(map(tuple, plain[key].round(12).values))
+    for trial in (run_dir / "tune").glob("trial_*"):  # what Tune meant to delete is gone by the end
+        assert len(list(trial.glob("checkpoint_*"))) == 1, sorted(p.name for p in trial.iterdir())
+
+
 def test_sigterm_stops_gracefully_and_the_run_resumes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "termed"
     process = _cli(_args(tiny_model_dir, tmp_path, "termed"))
