@@ -48,8 +48,11 @@ def drop_superseded_checkpoints(experiment_dir: str, state: str) -> list[str]:
     for trial in os.scandir(experiment_dir):
         if not trial.is_dir():
             continue
-        checkpoints = sorted((int(match.group(1)), entry.path) for entry in os.scandir(trial.path)
-                             if entry.is_dir() and (match := _CHECKPOINT.fullmatch(entry.name)))
+        try:
+            checkpoints = sorted((int(match.group(1)), entry.path) for entry in os.scandir(trial.path)
+                                 if entry.is_dir() and (match := _CHECKPOINT.fullmatch(entry.name)))
+        except FileNotFoundError:  # a directory removed since it was listed holds nothing to drop
+            continue
         named = [index for index, path in checkpoints if _names(state, path)]
         for index, path in checkpoints:
             if named and index < max(named) and not _names(state, path):

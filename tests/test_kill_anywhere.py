@@ -96,3 +96,5 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate"]
     assert not searched.duplicated(configuration).any(), "a configuration was proposed and trained twice"
     assert (run_dir / "pick.json").is_file()
+    for trial in run_dir.glob("*/trial_*"):  # what Tune replaced is gone, what a killed driver left included
+        assert len(list(trial.glob("checkpoint_*"))) <= 1, sorted(path.name for path in trial.iterdir())
