@@ -85,6 +85,8 @@ def logger_callbacks(tracking: TrackingConfig, run_name: str, run_dir: Path) -> 
 # while the store is checked: one try, a short wait (MLflow's defaults retry an HTTP store 7 times
 # with backoff, minutes before a wrong address is reported)
 _CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow 3 keeps its file store in maintenance, behind this variable; its own message is long
+_FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
@@ -101,10 +103,14 @@ def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
         MlflowClient(mlflow.tracking_uri or None).get_experiment_by_name(mlflow.experiment)
     except Exception as error:  # noqa: BLE001 - whatever the store says is the reason to show
         where = mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store"
+        if _FILE_STORE_OPT_IN in str(error):
+            return (f"tracking.mlflow.tracking_uri {where!r}: MLflow refuses a file store (a directory or file: URI) "
+                    f"unless {_FILE_STORE_OPT_IN}=true is set. Fix: use a database store (sqlite:///PATH.db), or "
+                    f"export {_FILE_STORE_OPT_IN}=true")
         reason = " ".join(str(error).split())[:300]
         return (f"tracking.mlflow.tracking_uri {where!r}: the MLflow store does not answer ({type(error).__name__}: "
                 f"{reason}). Fix: start the tracking server or correct the URI (http://HOST:PORT, sqlite:///PATH.db, "
-                f"a directory), or set tracking.mlflow.enabled=false")
+                f"or a file store with {_FILE_STORE_OPT_IN}=true), or set tracking.mlflow.enabled=false")
     finally:
         for key, value in kept.items():
             if value is None:

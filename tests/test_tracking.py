@@ -1,5 +1,5 @@
 """Trackers: a small search, SIGKILLed once and resumed, logs each trial once to a real MLflow
-(a SQLite store) under the search's run, which gets the pick's files; W&B in offline mode
+(a file store) under the search's run, which gets the pick's files; W&B in offline mode
 writes each trial's run files into the run; Ray's TensorBoard files are in each trial's
 directory; the Optuna study is a journal in the run that holds each search trial once. A
 tracker configured but not installed is bad input."""
@@ -39,8 +39,10 @@ def tracked(tiny_model_dir, tmp_path_factory):
     first report (`_saved`), then resumed to the end."""
     from mlflow import MlflowClient
 
+    environment = pytest.MonkeyPatch()
+    environment.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind it
     output = tmp_path_factory.mktemp("runs")
-    uri = f"sqlite:///{output}/mlflow.db"
+    uri = (output / "mlruns").as_uri()
     client = MlflowClient(uri)
     # as a team's server would hold it: artifacts beside the store, not in the working directory
     client.create_experiment("sweeps", artifact_location=str(output / "artifacts"))
@@ -65,7 +67,8 @@ def tracked(tiny_model_dir, tmp_path_factory):
     resumed = _cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log[-3000:]
-    return run_dir, client, crossing
+    yield run_dir, client, crossing
+    environment.undo()
 
 
 def _reported(run_dir: Path) -> dict[str, list[dict]]:
@@ -170,6 +173,16 @@ def test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_on
     assert sorted(t.state.name for t in kept) == sorted(STATES[status] for status in searched.status)
     proposed = sorted((t.params["module_set"], t.params["r"], round(t.params["learning_rate"], 12)) for t in kept)
     assert proposed == sorted(zip(searched.module_set, searched.r, searched.learning_rate.round(12)))
+
+
+def test_a_file_store_without_mlflows_opt_in_exits_2_naming_the_variable_and_sqlite(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    assert main(["--dry-run", "--output", str(tmp_path), "--set", "tracking.mlflow.enabled=true",
+                 "--set", f"tracking.mlflow.tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.mlflow.tracking_uri '{uri}': MLflow refuses a file store" in err
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in err and "sqlite:///" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("key, package", [("tracking.mlflow.enabled", "mlflow"), ("tracking.wandb.enabled", "wandb")])
