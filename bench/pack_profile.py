@@ -1,0 +1,94 @@
+"""Where a packed step's time goes on the GPU (SmolLM2, K = 1 and 8 slots): forward, backward
+and optimizer timed with syncs, the base model's forward alone, and torch.profiler's top ops by
+self CPU and by CUDA time. `python bench/pack_profile.py` after staging (device.sh's setup).
+Results: bench/results/h200-2026-12-01-shared/pack_profile.txt."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.shared_packing import rows, trial_params  # noqa: E402
+from bench.shared_packing import load as load_model  # noqa: E402
+from trainables.packed import Pack  # noqa: E402
+from trainables.step import shifted_cross_entropy  # noqa: E402
+
+ROWS, TOKENS, REPEATS = 8, 64, 5
+
+
+class _Args:
+    llama8b = False
+    model = "smollm2"
+
+
+def _timed(sync_then) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    sync_then()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def phases(pack: Pack, batches: dict, autocast) -> dict[str, float]:
+    """Milliseconds of each phase of a step, as Pack._pass and Pack.step run them, averaged."""
+    order = sorted(batches)
+    ids = torch.cat([batches[i][0] for i in order])
+    labels = torch.cat([batches[i][1] for i in order])
+    totals = {"forward+loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for _ in range(REPEATS):
+        pack.routes = [(i, n * ROWS, (n + 1) * ROWS, TOKENS) for n, i in enumerate(order)]
+        out = {}
+
+        def forward():
+            with autocast:
+                logits = pack.model(input_ids=ids).logits
+            out["loss"] = sum(shifted_cross_entropy(logits[s:e], labels[s:e]) for _, s, e, _ in pack.routes)
+
+        totals["forward+loss"] += _timed(forward)
+        pack.routes = []
+        totals["backward"] += _timed(lambda: out["loss"].backward())
+
+        def optimize():
+            for i in order:
+                pack.slots[i].optimizer.step()
+                pack.slots[i].optimizer.zero_grad(set_to_none=True)
+
+        totals["optimizer"] += _timed(optimize)
+    return {name: round(1000 * seconds / REPEATS, 1) for name, seconds in totals.items()}
+
+
+def main() -> None:
+    device = torch.device("cuda", 0)
+    model = load_model(_Args, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for slots in (1, 8):
+        pack = Pack(model, slots, warmup_steps=2, max_steps=100)
+        indices = [pack.add(trial_params(k)) for k in range(slots)]
+        batches = {}
+        for i in indices:
+            ids = torch.tensor([r[0] for r in rows(ROWS, TOKENS, model.config.vocab_size, i)], device=device)
+            batches[i] = (ids, ids)
+        for _ in range(3):
+            pack.step(batches, autocast)
+        print(f"K={slots} phases ms: {phases(pack, batches, autocast)}", flush=True)
+        ids = torch.cat([batches[i][0] for i in indices])
+        with torch.no_grad(), autocast:
+            seconds = _timed(lambda: [pack.model(input_ids=ids) for _ in range(REPEATS)]) / REPEATS
+        print(f"K={slots} base forward alone (no adapter rows, no grad): {1000 * seconds:.1f} ms", flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+            for _ in range(3):
+                pack.step(batches, autocast)
+            torch.cuda.synchronize()
+        print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+        print(profiled.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+        for i in indices:
+            pack.remove(i)
+
+
+if __name__ == "__main__":
+    main()
