@@ -36,18 +36,21 @@ class RunLocation:
 
     @property
     def storage(self) -> str:
-        """Where Tune keeps the run's experiments (each a sub-directory)."""
-        return self.remote if self.remote else str(self.local.resolve())
+        """Where Tune keeps the run's experiments (each a sub-directory), as a path on
+        `storage_filesystem()`."""
+        return self._fs()[1] if self.remote else str(self.local.resolve())
+
+    def experiment_storage(self, name: str) -> str:
+        """Experiment `name`'s directory as Tune stores it, on `storage_filesystem()`."""
+        return f"{self.storage}/{name}"
 
     def storage_filesystem(self):
-        """The filesystem Tune writes the run through: for a directory, one that writes every file
-        whole (`rundir.atomicfs`), so a kill never leaves half a file; for a URI, None (pyarrow's
-        own, from the URI: an object appears whole once uploaded)."""
-        if self.remote:
-            return None
-        from rundir.atomicfs import atomic_local_filesystem
+        """The filesystem Tune writes the run through, the directory's or the URI's
+        (`rundir.atomicfs`): every file appears whole, and no checkpoint goes while the saved
+        experiment state names it, so a kill at any moment leaves a run that resumes."""
+        from rundir.atomicfs import run_filesystem
 
-        return atomic_local_filesystem()
+        return run_filesystem(self._fs()[0] if self.remote else None)
 
     def data_dir(self) -> str:
         """The tokenized data as every node reads it."""

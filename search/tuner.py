@@ -189,7 +189,7 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
     (finished trials kept, unfinished ones continue from their last checkpoint, failed
     ones stay failed), else the Tuner that `build()` makes. Then the experiment is in the
     local copy of the run for the analysis, however the fit ended."""
-    path, filesystem = location.path_of(name), location.storage_filesystem()
+    path, filesystem = location.experiment_storage(name), location.storage_filesystem()
     try:
         if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,

@@ -1,5 +1,6 @@
 """Tune's storage on a local disk writes every file whole: a kill during a sync leaves the
-previous copy, never an empty or half-written file."""
+previous copy, never an empty or half-written file. A checkpoint Tune deletes stays until a
+whole experiment state names a newer one (in a bucket too: tests/test_storage.py)."""
 
 import json
 import os
@@ -11,11 +12,11 @@ import time
 
 import pyarrow.fs as pafs
 
-from rundir.atomicfs import atomic_local_filesystem
+from rundir.atomicfs import run_filesystem
 
 
 def test_a_file_being_written_leaves_the_previous_copy_in_place_until_it_is_complete(tmp_path):
-    fs = atomic_local_filesystem()
+    fs = run_filesystem()
     target = tmp_path / "experiment_state.json"
     target.write_text('{"old": true}')
 
@@ -32,14 +33,14 @@ def test_a_synced_tree_arrives_complete_through_pyarrows_copy(tmp_path):
     (staging / "trial_a" / "result.json").write_text("{}\n" * 1000)
     (staging / "params.json").write_text('{"r": 8}')
 
-    pafs.copy_files(str(staging), str(tmp_path / "run"), destination_filesystem=atomic_local_filesystem())
+    pafs.copy_files(str(staging), str(tmp_path / "run"), destination_filesystem=run_filesystem())
 
     assert (tmp_path / "run" / "trial_a" / "result.json").read_text() == "{}\n" * 1000
     assert (tmp_path / "run" / "params.json").read_text() == '{"r": 8}'
 
 
 def test_the_filesystem_pickles_into_workers_and_still_writes_atomically(tmp_path):
-    fs = pickle.loads(pickle.dumps(atomic_local_filesystem()))
+    fs = pickle.loads(pickle.dumps(run_filesystem()))
     with fs.open_output_stream(str(tmp_path / "x")) as stream:
         stream.write(b"abc")
         assert not (tmp_path / "x").exists() and len(os.listdir(tmp_path)) == 1
@@ -49,8 +50,8 @@ def test_the_filesystem_pickles_into_workers_and_still_writes_atomically(tmp_pat
 _SYNC_FOREVER = """
 import sys, pyarrow.fs as pafs
 from ray.train._internal.storage import _upload_to_fs_path
-from rundir.atomicfs import atomic_local_filesystem
-fs = atomic_local_filesystem() if sys.argv[3] == "atomic" else pafs.LocalFileSystem()
+from rundir.atomicfs import run_filesystem
+fs = run_filesystem() if sys.argv[3] == "atomic" else pafs.LocalFileSystem()
 print("syncing", flush=True)
 while True:
     _upload_to_fs_path(sys.argv[1], fs, sys.argv[2])  # what Tune calls to sync its staging directory
@@ -116,7 +117,7 @@ def _tune_state_naming(*registered: str) -> bytes:
     metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
     for path in registered:
         metadata.checkpoint_manager.register_checkpoint(
-            _TrainingResult(checkpoint=Checkpoint(path, filesystem=atomic_local_filesystem()), metrics={}))
+            _TrainingResult(checkpoint=Checkpoint(path, filesystem=run_filesystem()), metrics={}))
     return json.dumps({"trial_data": [["{}", metadata.get_json_state()]]}).encode()
 
 
@@ -126,7 +127,7 @@ def _write(fs, path, data: bytes) -> None:
 
 
 def test_a_checkpoint_tune_deletes_stays_until_a_whole_state_names_a_newer_one(tmp_path):
-    fs = atomic_local_filesystem()
+    fs = run_filesystem()
     first, second, unregistered = _trial_with_checkpoints(tmp_path, 0, 1, 2)
     state = tmp_path / "tune" / "experiment_state-x.json"
     named_first = _tune_state_naming(first)
@@ -143,7 +144,7 @@ def test_a_checkpoint_tune_deletes_stays_until_a_whole_state_names_a_newer_one(t
 
 
 def test_a_checkpoint_left_by_a_killed_driver_goes_with_the_next_state_and_none_of_another_trial(tmp_path):
-    fs = atomic_local_filesystem()
+    fs = run_filesystem()
     old, current = _trial_with_checkpoints(tmp_path, 3, 4)
     other = tmp_path / "tune" / "trial_b" / "checkpoint_000000"
     other.mkdir(parents=True)
@@ -153,5 +154,5 @@ def test_a_checkpoint_left_by_a_killed_driver_goes_with_the_next_state_and_none_
 
 def test_other_directories_are_deleted_at_once(tmp_path):
     (tmp_path / "trial_a").mkdir()
-    atomic_local_filesystem().delete_dir(str(tmp_path / "trial_a"))
+    run_filesystem().delete_dir(str(tmp_path / "trial_a"))
     assert not (tmp_path / "trial_a").exists()

@@ -86,13 +86,13 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
 # the next one, and the experiment state on disk still names the one it deletes.
 _KILLED_AS_TUNE_DELETES_A_CHECKPOINT = """
 import os, runpy, signal, sys
-from rundir.atomicfs import AtomicLocalHandler
-delete_dir = AtomicLocalHandler.delete_dir
+from rundir.atomicfs import RunStorage
+delete_dir = RunStorage.delete_dir
 def delete_then_die(self, path):
     delete_dir(self, path)
     if os.path.basename(path).startswith("checkpoint_"):
         os.kill(os.getpid(), signal.SIGKILL)
-AtomicLocalHandler.delete_dir = delete_then_die
+RunStorage.delete_dir = delete_then_die
 sys.argv[0] = "search.run"
 runpy.run_module("search.run", run_name="__main__")
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,15 +55,17 @@ def _objects(uri: str) -> dict[str, bytes]:
     return out
 
 
-def _search(tiny_model_dir, output: str, name: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+def _search(tiny_model_dir, output: str, name: str, cache: Path, *extra: str, driver: list[str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """search.run (or `driver`, a command given the same arguments) on a small search."""
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4]",
             "search.dropout=[0.0,0.0]", "budget.num_samples=3", "budget.max_steps=6", "budget.eval_every=3",
             "budget.grace_period=3", "budget.batch_size=4", "data.eval_examples=8",
             "resources.max_concurrent_trials=1", "selection.retrain=true"]
     args = ["--output", output, "--name", name, *[x for s in sets for x in ("--set", s)], *extra]
     env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT), "LORA_SEARCH_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([*(driver or [sys.executable, "-m", "search.run"]), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,13 @@ def test_uri_options_stay_at_the_end_when_paths_are_joined():
 def test_a_uri_runs_working_copy_is_in_the_cache_and_maps_back_to_the_uri(tmp_path):
     location = locate("s3://b/runs?endpoint_override=h:9000", "exp", tmp_path)
     assert location.local == tmp_path / "remote-runs" / "s3" / "b" / "runs" / "exp"
-    assert location.storage == "s3://b/runs/exp?endpoint_override=h:9000"
+    # Tune writes through the URI's own filesystem (its options kept), wrapped (rundir/atomicfs.py)
+    filesystem = location.storage_filesystem()
+    assert location.storage == "b/runs/exp" and filesystem.type_name == "py::whole-s3"
+    import pyarrow.fs as pafs
+
+    assert filesystem.handler.base.equals(pafs.FileSystem.from_uri("s3://b/runs?endpoint_override=h:9000")[0])
+    assert not filesystem.handler.base.equals(pafs.FileSystem.from_uri("s3://b/runs?endpoint_override=h:9001")[0])
     assert location.data_dir() == "s3://b/runs/exp/data?endpoint_override=h:9000"
     assert location.path_of("tune", "trial_1", "checkpoint_000001") == \
         "s3://b/runs/exp/tune/trial_1/checkpoint_000001?endpoint_override=h:9000"
@@ -236,6 +245,27 @@ def test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket(
     for cache in (head_cache, node_cache):  # each node downloaded the tokenized data once, into its own cache
         assert [p.name for p in (cache / "data").iterdir()] and list((cache / "data").glob("*/search_train"))
     assert not (node_cache / "remote-runs").exists()  # the run's working copy is the driver's alone
+
+
+def test_sigkill_as_tune_deletes_a_checkpoint_in_the_bucket_then_resume_continues_every_trial(s3, tiny_model_dir,
+                                                                                              tmp_path):
+    from test_resume import _KILLED_AS_TUNE_DELETES_A_CHECKPOINT
+
+    output, cache = f"s3://runs/killed?{s3}", tmp_path / "driver-cache"
+    killed = _search(tiny_model_dir, output, "k", cache, driver=[sys.executable, "-c", _KILLED_AS_TUNE_DELETES_A_CHECKPOINT])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+
+    resumed = _search(tiny_model_dir, output, "k", cache, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    trials = pd.read_csv(locate(output, "k", cache).local / "trials.csv")
+    assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
+    assert len(trials[trials.origin.isin(["search", "prior"])]) == 3
+    checkpoints: dict[str, set[str]] = {}
+    for name in _objects(join_uri(output, "k")):
+        if name.startswith("tune/trial_") and "/checkpoint_" in name:
+            trial, checkpoint = name.split("/")[1:3]
+            checkpoints.setdefault(trial, set()).add(checkpoint)
+    assert checkpoints and all(len(kept) == 1 for kept in checkpoints.values()), checkpoints
 
 
 def test_the_analysis_redoes_the_pick_of_a_run_in_the_bucket_and_uploads_it_back(s3_run):
