@@ -1,22 +1,19 @@
 """Where a packed step's time goes on the GPU (SmolLM2, K = 1 and 8 slots): forward, backward
 and optimizer timed with syncs, the base model's forward alone, and torch.profiler's top ops by
-self CPU and by CUDA time. `python bench/pack_profile.py` after staging (device.sh's setup).
+self CPU and by CUDA time.
+
+    python bench/pack_profile.py [--slots 1,8]     (on the GPU machine, after device.sh's setup)
+
 Results: bench/results/h200-2026-12-01-shared/pack_profile.txt."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from bench.shared_packing import rows, trial_params  # noqa: E402
-from bench.shared_packing import load as load_model  # noqa: E402
-from trainables.packed import Pack  # noqa: E402
-from trainables.step import shifted_cross_entropy  # noqa: E402
 
 ROWS, TOKENS, REPEATS = 8, 64, 5
 
@@ -27,6 +24,8 @@ class _Args:
 
 
 def _timed(sync_then) -> float:
+    import torch
+
     torch.cuda.synchronize()
     started = time.perf_counter()
     sync_then()
@@ -34,8 +33,12 @@ def _timed(sync_then) -> float:
     return time.perf_counter() - started
 
 
-def phases(pack: Pack, batches: dict, autocast) -> dict[str, float]:
+def phases(pack, batches: dict, autocast) -> dict[str, float]:
     """Milliseconds of each phase of a step, as Pack._pass and Pack.step run them, averaged."""
+    import torch
+
+    from trainables.step import shifted_cross_entropy
+
     order = sorted(batches)
     ids = torch.cat([batches[i][0] for i in order])
     labels = torch.cat([batches[i][1] for i in order])
@@ -63,10 +66,20 @@ def phases(pack: Pack, batches: dict, autocast) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", default="1,8", help="pack sizes to profile, comma-separated")
+    args = parser.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.shared_packing import load as load_model
+    from bench.shared_packing import rows, trial_params
+    from trainables.packed import Pack
+
     device = torch.device("cuda", 0)
     model = load_model(_Args, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    for slots in (1, 8):
+    for slots in (int(k) for k in args.slots.split(",")):
         pack = Pack(model, slots, warmup_steps=2, max_steps=100)
         indices = [pack.add(trial_params(k)) for k in range(slots)]
         batches = {}
