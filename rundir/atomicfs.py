@@ -78,9 +78,10 @@ def drop_superseded_checkpoints(fs: pafs.FileSystem, experiment_dir: str, state:
     Tune keeps, since the state names each."""
     with _LOCK:
         candidates = {path for path in _PENDING if path.startswith(experiment_dir + "/")}
-        if experiment_dir not in _SEARCHED:
-            candidates |= _checkpoints_in(fs, experiment_dir)
-            _SEARCHED.add(experiment_dir)
+        first = experiment_dir not in _SEARCHED
+        _SEARCHED.add(experiment_dir)
+    if first:  # listed outside the lock: Tune's own thread must not wait on a bucket to note a deletion
+        candidates |= _checkpoints_in(fs, experiment_dir)
     dropped = []
     for path in sorted(candidates):
         trial_dir, name = posixpath.split(path)
