@@ -82,11 +82,13 @@ def drop_superseded_checkpoints(fs: pafs.FileSystem, experiment_dir: str, state:
         _SEARCHED.add(experiment_dir)
     if first:  # listed outside the lock: Tune's own thread must not wait on a bucket to note a deletion
         candidates |= _checkpoints_in(fs, experiment_dir)
-    dropped = []
+    dropped, named_by_trial = [], {}
     for path in sorted(candidates):
         trial_dir, name = posixpath.split(path)
         index = int(_CHECKPOINT.fullmatch(name).group(1))
-        named = named_checkpoints(state, trial_dir)
+        if trial_dir not in named_by_trial:  # one reading of the state per trial, however many candidates
+            named_by_trial[trial_dir] = named_checkpoints(state, trial_dir)
+        named = named_by_trial[trial_dir]
         if named and index < max(named) and index not in named:
             try:
                 fs.delete_dir(path)
