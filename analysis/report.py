@@ -461,7 +461,7 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
 def _reruns(trials: pd.DataFrame) -> str:
     """Why trials ran again: the parent of a rerun that has a row of its own failed (it ran out
     of GPU memory beside others); one without a row never started (Tune lost it:
-    search.tuner.TellLostTrials), and Tune wrote no files of it."""
+    search.tuning.tuner.TellLostTrials), and Tune wrote no files of it."""
     parents = trials.loc[trials["origin"] == Origin.RERUN.value, "parent"]
     out_of_memory = int(parents.isin(trials["trial_id"]).sum())
     lost = len(parents) - out_of_memory
@@ -559,7 +559,7 @@ def _pick_against_best(trials: pd.DataFrame, chosen: Pick) -> str:
 
 
 def _prior_section(trials: pd.DataFrame, chosen: Pick | None, selection: SelectionConfig, max_steps: int) -> str:
-    """The known-good configurations the search started from (search/prior.py), one row each,
+    """The known-good configurations the search started from (search/tuning/prior.py), one row each,
     beside the pick: what the search bought over them."""
     priors = trials[trials["origin"] == Origin.PRIOR.value].sort_values("trial_id", kind="stable")
     if priors.empty or chosen is None:

@@ -8,7 +8,7 @@ No weights are downloaded: the model is random-init from the shapes of its `conf
 inside either vocabulary. The task is the reference `facts` set (bench/data/facts/), the budget
 search_vs_grid's: 100 steps of 8 sequences, ASHA rungs at 50 and 100.
 
-`--only-probe` runs the probe alone (search/memory.py, no Ray or Optuna needed: it runs on a
+`--only-probe` runs the probe alone (search/resources/memory.py, no Ray or Optuna needed: it runs on a
 GPU machine with torch, transformers and peft only) on the space's heaviest default
 configuration, all seven projections at r=32, with and without CUDA graphs.
 
@@ -149,11 +149,11 @@ def search(model_dir: Path, output: Path, name: str, gpus_per_trial: str, sample
 
 
 def probe_only(model_dir: Path, batch_size: int = 8, max_length: int = 128) -> dict:
-    """The probe of search/memory.py on `model_dir`, at search_vs_grid's batch and the default
+    """The probe of search/resources/memory.py on `model_dir`, at search_vs_grid's batch and the default
     max_length, all seven projections at r=32 (the default space's heaviest), with CUDA graphs
     as trials use them, and eager."""
-    from search.memory import ProbeSpec, probe, share_for
-    from search.space import ResolvedModules, lora_config
+    from search.resources.memory import ProbeSpec, probe, share_for
+    from search.tuning.space import ResolvedModules, lora_config
 
     names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     lora = lora_config(ResolvedModules("all_linear", names, False, [], None), 32, 2.0, 0.1, False, False)

@@ -1,7 +1,7 @@
 """The trial contract: what a trial reads from Tune's config, and what the analysis reads
 back from the trial's `params.json`.
 
-The space (`search.space`) and the stages (`search.stages`) build a `TrialParams`; it enters
+The space (`search.tuning.space`) and the stages (`search.tuning.stages`) build a `TrialParams`; it enters
 Tune's config through `to_config` only, and the trial and the analysis read it through
 `from_config` only. Tune's config may hold more keys than these: Ray's `OptunaSearch` merges
 the values Optuna sampled (`r`, `use_rslora`, ...) into it, and they are ignored here, since

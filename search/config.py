@@ -1,6 +1,6 @@
 """The run's configuration: YAML plus `--set` overrides, checked once, at the edge.
 
-Each part's dataclass lives beside its owner (`trainables.config`, `search.space`,
+Each part's dataclass lives beside its owner (`trainables.config`, `search.tuning.space`,
 `analysis.config`); this module composes them, converts YAML values to the declared
 types (YAML reads `1e-4` as a string and `no` as false), and reports every problem at
 once as a `ConfigError`.
@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 
 from analysis.config import SelectionConfig, needs_generations
-from search.memory import share_for
-from search.prior import TaskConfig
-from search.space import SpaceConfig
-from search.tracking import TrackingConfig
+from search.resources.memory import share_for
+from search.tuning.prior import TaskConfig
+from search.tuning.space import SpaceConfig
+from search.output.tracking import TrackingConfig
 from trainables.config import DataConfig, ModelConfig
 
 # Package data (the `configs` package), so a wheel install finds it as a checkout does.
@@ -64,7 +64,7 @@ class BudgetConfig:
 # smaller batches. Under 1B no measured step was bound by anything the CUDA graph leaves.
 COMPILE_FROM_PARAMS = 1e9
 COMPILE_FROM_STEPS = 200
-# resources.packing: how trials share a GPU (search/tuner.py runs each).
+# resources.packing: how trials share a GPU (search/tuning/tuner.py runs each).
 SHARED = "shared"        # one trainer per GPU holds the base model once and trains up to pack_slots trials' adapters together
 PROCESSES = "processes"  # every trial is a process of its own, with its own copy of the base model
 AUTO = "auto"
@@ -117,7 +117,7 @@ class ResourcesConfig:
         gave 3.4-9.6x the tokens per second of one, the best of 1, 2, 4 and 8 every time, in
         8-18 GB of GPU memory together (1.4-2.7 GB a process). Where the GPU's memory is known
         (a local run), the share is then doubled until a trial fits in it: by `footprint_gb`,
-        what one trial measurably held on this GPU (search/memory.py), with `memory_margin`,
+        what one trial measurably held on this GPU (search/resources/memory.py), with `memory_margin`,
         else by the estimate from the parameter count. A small GPU packs fewer."""
         if self.gpus_per_trial != "auto":
             return float(self.gpus_per_trial)

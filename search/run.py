@@ -22,8 +22,8 @@ from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
 from search.config import SHARED, Config, ConfigError, leaves, load, resolve_packing, to_dict, to_yaml
-from search.console import Console, keep_logs_in, use_console
-from search.resume import CREATED_BY, record_driver, record_ray_session
+from search.output.console import Console, keep_logs_in, use_console
+from search.cluster.resume import CREATED_BY, record_driver, record_ray_session
 from trainables.config import cache_root
 
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     """The run of `config`, or its dry run; `stop` learns what the run has saved as it goes."""
-    from search.prepare import check_device, check_shared_packing, prepare_model
-    from search.tracking import mlflow_store_problem
+    from search.inputs.prepare import check_device, check_shared_packing, prepare_model
+    from search.output.tracking import mlflow_store_problem
 
     if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
         from trainables.generate import UserMetric
@@ -117,7 +117,7 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
         gpus = memory_probe.share
         print(memory_probe.line(), flush=True)
     if args.dry_run:
-        from search.dryrun import data_line, dry_run_rows, format_table, packing_line
+        from search.inputs.dryrun import data_line, dry_run_rows, format_table, packing_line
 
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
         data = data_line(config, prepared)  # in memory: nothing is written
@@ -128,7 +128,7 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     check_device(config, gpus, local=local)
     # as resolved, in run_config.json
     config = replace(config, resources=replace(config.resources, compile=compiled, packing=packing))
-    from search.cluster import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
+    from search.cluster.connect import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
 
     cluster = resolve_address(args.address)
     if cluster is None:
@@ -144,7 +144,7 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
     location = locate(config.output, config.name, cache_root())
     run_dir = location.local
     if args.resume:
-        from search.resume import check_driver_gone, resume_check, stop_leftover_workers
+        from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
 
         stop.saved, stop.again = _saved(location), "--resume"
         location.check_writable()
@@ -162,10 +162,10 @@ def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
 
 def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float):
     """One trial of the space's heaviest configuration, measured on this machine's GPU, and the
-    share `auto` takes from it (search/memory.py)."""
+    share `auto` takes from it (search/resources/memory.py)."""
     import torch
 
-    from search.memory import Probe, ProbeSpec, heaviest_lora_config, probe
+    from search.resources.memory import Probe, ProbeSpec, heaviest_lora_config, probe
     from trainables.model import resolve_dtype
 
     search = config.search
@@ -188,7 +188,7 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
     from rundir.files import write_json_atomic
     from rundir.layout import DATA, RUN_CONFIG
-    from search.prepare import load_tokenizer, prepare_data
+    from search.inputs.prepare import load_tokenizer, prepare_data
     from trainables.data import save_splits
 
     run_dir = location.local
@@ -225,11 +225,11 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     import ray
 
     from rundir.layout import SEARCH_EXPERIMENT
-    from search.cluster import connect, resolve_address, trial_slots
-    from search.prior import prior_points
-    from search.space import LoraSpace
-    from search.trainers import shared_trainers, trainer_slots
-    from search.tuner import build_tuner, fit_or_restore, retrain, trainable_for
+    from search.cluster.connect import connect, resolve_address, trial_slots
+    from search.tuning.prior import prior_points
+    from search.tuning.space import LoraSpace
+    from search.resources.trainers import shared_trainers, trainer_slots
+    from search.tuning.tuner import build_tuner, fit_or_restore, retrain, trainable_for
     from trainables.config import TrialSetup
     from trainables.model import resolve_dtype
 
@@ -307,7 +307,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
 
     code = analyse(location.local)
     if config.tracking.mlflow.enabled:
-        from search.trackers import log_pick
+        from search.output.tracker_callbacks import log_pick
 
         if not log_pick(config.tracking.mlflow.tracking_uri, location.local):
             code = code or 1

@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
 def local_ray():
     import ray
 
-    from search.cluster import connect
+    from search.cluster.connect import connect
 
     connect(None, num_cpus=2)
     yield ray

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import search.cluster
+import search.cluster.connect
 from search.run import main
 
 
@@ -17,7 +17,7 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started for bad input")
 
-    monkeypatch.setattr(search.cluster, "connect", refuse)
+    monkeypatch.setattr(search.cluster.connect, "connect", refuse)
 
 
 @pytest.fixture

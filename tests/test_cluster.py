@@ -74,7 +74,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus
 cluster.add_node(num_cpus=4, num_gpus=1, node_ip_address="127.0.0.2")
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
-from search.cluster import trial_slots
+from search.cluster.connect import trial_slots
 print(json.dumps([trial_slots(g, c) for g, c in [(0.25, 1), (0.5, 1), (0.125, 2), (2, 1), (0, 1), (0, 4), (0, 8)]]))
 ray.shutdown()
 cluster.shutdown()
@@ -94,7 +94,7 @@ def test_trial_slots_count_the_whole_clusters_gpus_and_cpus(tmp_path):
 # Joining: where the address comes from, and a head that does not answer is bad input within seconds.
 
 def test_the_address_comes_from_the_flag_or_from_ray_address_and_none_means_a_local_ray(monkeypatch):
-    from search.cluster import ClusterAddress, resolve_address
+    from search.cluster.connect import ClusterAddress, resolve_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert resolve_address(None) is None
@@ -138,7 +138,7 @@ def not_a_head():
 
 
 def test_a_head_that_does_not_answer_is_refused_naming_address_source_and_wait(silent_head):
-    from search.cluster import ClusterAddress, check_head_answers
+    from search.cluster.connect import ClusterAddress, check_head_answers
     from search.config import ConfigError
 
     started = time.monotonic()
@@ -149,7 +149,7 @@ def test_a_head_that_does_not_answer_is_refused_naming_address_source_and_wait(s
 
 
 def test_something_other_than_a_ray_head_is_refused(not_a_head):
-    from search.cluster import ClusterAddress, check_head_answers
+    from search.cluster.connect import ClusterAddress, check_head_answers
     from search.config import ConfigError
 
     with pytest.raises(ConfigError, match=rf"head at {not_a_head}, from --address, answered, but not as a Ray head"):
@@ -158,7 +158,7 @@ def test_something_other_than_a_ray_head_is_refused(not_a_head):
 
 @pytest.mark.parametrize("address", ["6379", "head-node", "10.0.0.1:port", ":6379"])
 def test_an_address_that_is_not_host_port_is_refused_listing_the_allowed_forms(address):
-    from search.cluster import ClusterAddress, check_head_answers
+    from search.cluster.connect import ClusterAddress, check_head_answers
     from search.config import ConfigError
 
     with pytest.raises(ConfigError, match=rf"--address is '{address}'; allowed: HOST:PORT .*, ray://HOST:PORT or auto"):
@@ -199,8 +199,8 @@ def test_ray_address_is_joined_and_said_so_not_ignored(tiny_model_dir, tmp_path)
 # The head's deadline is long here, so that only the signal can end the wait.
 PATIENT = """
 import sys
-import search.cluster
-search.cluster.CONNECT_TIMEOUT_S = 120
+import search.cluster.connect
+search.cluster.connect.CONNECT_TIMEOUT_S = 120
 from search.run import main
 sys.exit(main(sys.argv[1:]))
 """

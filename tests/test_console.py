@@ -70,7 +70,7 @@ def quiet_run(tiny_model_dir, tmp_path_factory):
 
 def test_a_configuration_in_short_names_module_set_rank_alpha_and_learning_rate_then_what_applies():
     from rundir.params import TrialParams
-    from search.progress import describe
+    from search.output.trial_lines import describe
 
     plain = TrialParams(lora_config={"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, module_set="all_linear",
                         alpha_ratio=2.0, learning_rate=0.00213, loraplus_lr_ratio=1.0, seed=0)
@@ -82,8 +82,8 @@ def test_a_configuration_in_short_names_module_set_rank_alpha_and_learning_rate_
 
 
 def test_times_read_as_a_person_writes_them_and_time_left_waits_for_a_trial_to_end():
-    from search.console import clock
-    from search.progress import duration, time_left_s
+    from search.output.console import clock
+    from search.output.trial_lines import duration, time_left_s
 
     assert [clock(s) for s in (5, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
     assert [duration(s) for s in (45, 185, 7830)] == ["45s", "3m 05s", "2h 10m"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from search.dryrun import dry_run_rows, format_table
-from search.modules import adapter_param_count, base_param_count, meta_model, resolve
+from search.inputs.dryrun import dry_run_rows, format_table
+from search.inputs.modules import adapter_param_count, base_param_count, meta_model, resolve
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from rundir.layout import RAY_SESSION
-from search.resume import stop_leftover_workers
+from search.cluster.resume import stop_leftover_workers
 
 
 def _alive(pid: int) -> bool:

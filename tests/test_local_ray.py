@@ -102,7 +102,7 @@ def test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on
     join a cluster while the switch is in its environment."""
     script = (
         "import os\n"
-        "from search.cluster import LOOPBACK_ENV, connect, keep_local_ray_on_loopback\n"
+        "from search.cluster.connect import LOOPBACK_ENV, connect, keep_local_ray_on_loopback\n"
         "keep_local_ray_on_loopback()  # before ray is imported, as search.run does\n"
         "import ray\n"
         "assert os.environ[LOOPBACK_ENV] == '0'\n"

@@ -1,5 +1,5 @@
 """The GPU share from a trial's measured footprint, and the share of a trial run again after
-running out of memory beside others (search/memory.py)."""
+running out of memory beside others (search/resources/memory.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from search.config import ResourcesConfig
-from search.memory import SHARES, larger_share, share_for
+from search.resources.memory import SHARES, larger_share, share_for
 
 
 @pytest.mark.parametrize("footprint_gb, gpu_gb, margin", [(11.6, 140, 1.0), (2.4, 80, 1.0), (30, 80, 0.5), (5, 24, 0.0),
@@ -91,8 +91,8 @@ def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_token_budget():
 
 
 def test_the_probe_trains_the_spaces_heaviest_configuration():
-    from search.memory import heaviest_lora_config
-    from search.space import ResolvedModules
+    from search.resources.memory import heaviest_lora_config
+    from search.tuning.space import ResolvedModules
 
     resolved = {name: ResolvedModules(name, names, False, [f"layers.{i}.{n}" for i in range(4) for n in names], None)
                 for name, names in {"attention_qv": ["q_proj", "v_proj"],
@@ -115,8 +115,8 @@ def test_the_report_gives_the_share_and_the_probe_it_came_from():
 
 def test_a_probe_of_the_same_model_configuration_and_gpu_is_read_from_the_cache_fake_gpu(tmp_path, monkeypatch):
     """The measurement needs a GPU, so a fake stands in for it; the cache around it is real."""
-    import search.memory as memory
-    from search.memory import ProbeSpec, probe
+    import search.resources.memory as memory
+    from search.resources.memory import ProbeSpec, probe
 
     measured = []
 

@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
 from torch import nn
 
-from search.modules import (
+from search.inputs.modules import (
     MODULE_SETS,
     adapter_param_count,
     base_param_count,

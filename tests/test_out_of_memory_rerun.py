@@ -18,8 +18,8 @@ import ray, sys
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
          runtime_env={"worker_process_setup_hook": "tests.faults.install_out_of_memory_when_shared",
                       "env_vars": {"PYTHONPATH": %r}})
-import search.prepare
-search.prepare.check_device = lambda *args, **kwargs: None  # the GPU Ray was told of is not this machine's
+import search.inputs.prepare
+search.inputs.prepare.check_device = lambda *args, **kwargs: None  # the GPU Ray was told of is not this machine's
 from search.run import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from search.config import ConfigError, load
-from search.prior import prior_point, prior_points, rule_of_thumb_rank
+from search.tuning.prior import prior_point, prior_points, rule_of_thumb_rank
 
 
 @pytest.mark.parametrize("rows, kind, rank", [
@@ -90,8 +90,8 @@ def test_a_real_optuna_search_proposes_the_priors_first_and_marks_them(tiny_mode
     from ray.tune.search.optuna import OptunaSearch
 
     from rundir.params import Origin, TrialParams
-    from search import modules
-    from search.space import LoraSpace, module_set_key
+    from search.inputs import modules
+    from search.tuning.space import LoraSpace, module_set_key
 
     config = load(None, ["search.module_sets=[attention_qv,mlp,all_linear]", "search.ranks=[4,8,32]"])
     model = modules.meta_model(modules.load_model_config(str(tiny_model_dir)))

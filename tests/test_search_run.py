@@ -255,9 +255,9 @@ def test_ray_auth_token_is_readable_by_its_owner_only(local_ray):
 
 
 def test_dry_run_works_from_a_config_json_alone_with_exact_counts(tmp_path, capsys, monkeypatch):
-    import search.cluster
+    import search.cluster.connect
 
-    monkeypatch.setattr(search.cluster, "connect", lambda *a, **k: pytest.fail("dry run started Ray"))
+    monkeypatch.setattr(search.cluster.connect, "connect", lambda *a, **k: pytest.fail("dry run started Ray"))
     model_dir = tmp_path / "llama-2-7b-shape"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({

@@ -1,4 +1,4 @@
-"""The shared trainers as Ray actors, started as a run starts them (search/trainers.py), on the
+"""The shared trainers as Ray actors, started as a run starts them (search/resources/trainers.py), on the
 session's local Ray: what a client reads of their free slots, a resume stopping the trainer that
 a killed driver left, and a trainer that cannot start ending the run with its reason. Tiny
 random-init Llama (tests/conftest.py) and tests/test_shared_trainer.py's data, on the CPU."""
@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from search.config import ResourcesConfig
-from search.resume import record_ray_session, stop_leftover_workers
-from search.trainers import shared_trainers
+from search.cluster.resume import record_ray_session, stop_leftover_workers
+from search.resources.trainers import shared_trainers
 from test_cli import _cli
 from test_leftover_workers import _alive
 from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
-from search.resume import CREATED_BY, resume_check
+from search.cluster.resume import CREATED_BY, resume_check
 from search.run import main
 from processes import processes_using
 from test_cli import _cli
@@ -67,8 +67,8 @@ GPU_DRIVER = """
 import ray, sys
 ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
          runtime_env={"env_vars": {"PYTHONPATH": %r}})
-import search.prepare
-search.prepare.check_device = lambda *args, **kwargs: None  # the GPU Ray was told of is not this machine's
+import search.inputs.prepare
+search.inputs.prepare.check_device = lambda *args, **kwargs: None  # the GPU Ray was told of is not this machine's
 from search.run import main
 sys.exit(main(sys.argv[1:]))
 """

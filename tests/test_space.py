@@ -5,9 +5,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search import modules
+from search.inputs import modules
 from search.config import load
-from search.space import LoraSpace, module_set_key
+from search.tuning.space import LoraSpace, module_set_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -15,12 +15,12 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.search_generator import SearchGenerator
 
-from search import modules
+from search.inputs import modules
 from search.config import load
-from search.space import LoraSpace, module_set_key
+from search.tuning.space import LoraSpace, module_set_key
 from rundir.location import RunLocation
-from search.stages import StagedSearch
-from search.tuner import LoraOptunaSearch, ResumableASHA
+from search.tuning.stages import StagedSearch
+from search.tuning.tuner import LoraOptunaSearch, ResumableASHA
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAX_STEPS = 4
@@ -150,7 +150,7 @@ def play_search(search: Searcher) -> dict[str, dict]:
 def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
     search = staged(run_config)
     play_search(search)
-    study = search.searcher._ot_study
+    study = search.tuning.searcher._ot_study
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     stage_trial = search.suggest("p")
     assert stage_trial["origin"] in ("promoted", "confirm")
@@ -160,7 +160,7 @@ def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
 
 def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tmp_path):
     search = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
-    inner = search.searcher.searcher
+    inner = search.tuning.searcher.searcher
     configs = play_search(inner)
     search.save_to_dir(str(tmp_path), session_str="s")
 

@@ -188,9 +188,9 @@ def test_a_file_store_without_mlflows_opt_in_exits_2_naming_the_variable_and_sql
 @pytest.mark.parametrize("key, package", [("tracking.mlflow.enabled", "mlflow"), ("tracking.wandb.enabled", "wandb")])
 def test_a_tracker_configured_but_not_installed_exits_2_naming_the_key_and_the_install(key, package, monkeypatch,
                                                                                       capsys):
-    import search.tracking
+    import search.output.tracking
 
-    monkeypatch.setattr(search.tracking, "find_spec", lambda name: None if name == package else object())
+    monkeypatch.setattr(search.output.tracking, "find_spec", lambda name: None if name == package else object())
     with pytest.raises(ConfigError):
         load(None, [f"{key}=true"])
     assert main(["--set", f"{key}=true", "--dry-run"]) == 2
@@ -200,9 +200,9 @@ def test_a_tracker_configured_but_not_installed_exits_2_naming_the_key_and_the_i
 
 
 def test_trackers_that_are_off_need_nothing_installed(monkeypatch):
-    import search.tracking
+    import search.output.tracking
 
-    monkeypatch.setattr(search.tracking, "find_spec", lambda name: None)
+    monkeypatch.setattr(search.output.tracking, "find_spec", lambda name: None)
     assert load(None, []).tracking.mlflow.enabled is False
 
 
@@ -216,7 +216,7 @@ def _space(trial) -> dict:
 def _searcher(storage, points=None):
     import optuna
 
-    from search.tuner import LoraOptunaSearch
+    from search.tuning.tuner import LoraOptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=0, constant_liar=True, n_startup_trials=1)  # as build_tuner's, TPE at once
     return LoraOptunaSearch(space=_space, metric="loss", mode="min", sampler=sampler, storage=storage,

@@ -60,9 +60,9 @@ def test_the_chat_template_asked_of_a_base_model_is_refused_with_the_fix(base_mo
 
 def test_a_model_saved_without_its_tokenizer_is_told_how_to_fix_it(untokenized_model_dir, qa_file, tmp_path, capsys,
                                                                     monkeypatch):
-    import search.cluster
+    import search.cluster.connect
 
-    monkeypatch.setattr(search.cluster, "connect", lambda *a, **k: pytest.fail("Ray was started for bad input"))
+    monkeypatch.setattr(search.cluster.connect, "connect", lambda *a, **k: pytest.fail("Ray was started for bad input"))
     code = main(["--output", str(tmp_path / "runs"), "--set", "search.ranks=[2]",
                  "--set", f"model.path={untokenized_model_dir}", "--set", f"data.train={qa_file}"])
     err = capsys.readouterr().err
@@ -100,7 +100,7 @@ def test_a_mistyped_model_directory_is_said_not_to_exist(tmp_path, monkeypatch, 
 
 def test_the_embedded_default_is_named_by_its_hub_id():
     from search.config import load
-    from search.prepare import prepare_model
+    from search.inputs.prepare import prepare_model
 
     prepared = prepare_model(load(None, ["search.module_sets=[attention_qv]", "search.ranks=[2]"]))
     assert prepared.name == "HuggingFaceTB/SmolLM2-135M-Instruct"

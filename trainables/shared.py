@@ -15,7 +15,7 @@ A trial's report carries the same keys as a per-process trial's (`trainables/tri
 wall time of the packed steps the trial was in (every trial in a step is charged the whole
 step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
 `peak_memory_gb` is the trainer's: every trial of the pack shares it. `trainer_pid` is the
-trainer's process, which a resume after a killed driver stops (search/resume.py): Tune's own
+trainer's process, which a resume after a killed driver stops (search/cluster/resume.py): Tune's own
 `pid` of the trial is its client's.
 
 Created by the driver as a Ray actor (`ray.remote(SharedTrainer)`), with a concurrency of at

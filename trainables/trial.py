@@ -135,7 +135,7 @@ def _optimizer(model, learning_rate: float, loraplus_lr_ratio: float, cuda: bool
     """AdamW with PEFT's LoRA+ groups: `lora_B` and every one-dimensional parameter (DoRA's
     magnitudes) at `learning_rate * loraplus_lr_ratio`, the rest (`lora_A`) at `learning_rate`.
     PEFT's group for LoRA on embeddings, at a fixed rate of its own, stays empty: the search
-    adapts only Linear and Conv1D layers (search/modules.py)."""
+    adapts only Linear and Conv1D layers (search/inputs/modules.py)."""
     from peft.optimizers import create_loraplus_optimizer
 
     # on CPU, the multi-tensor kernels: torch chooses them by itself on GPU only

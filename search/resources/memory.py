@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The Tune config key of a trial run again with a larger share than resources.gpus_per_trial
-# (search/stages.py sets it, the trainable's resources read it: search/tuner.py).
+# (search/tuning/stages.py sets it, the trainable's resources read it: search/tuning/tuner.py).
 GPU_SHARE = "gpu_share"
 SHARES = (0.125, 0.25, 0.5, 1.0)  # 8, 4, 2 or 1 trials to a GPU, as the rule by parameter count packs
 
@@ -95,7 +95,7 @@ def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool],
     """The space's configuration that holds the most memory: the largest rank on the module set
     that adapts the most layers, DoRA where the space has it (it keeps each weight's norm and
     a full-size product per step), and the highest dropout (its masks are kept for backward)."""
-    from search.space import lora_config
+    from search.tuning.space import lora_config
 
     widest = max(resolved.values(), key=lambda m: (len(m.layers), len(m.target_modules)))
     return lora_config(widest, max(ranks), 2.0, max(dropout) if isinstance(dropout, list) else dropout,

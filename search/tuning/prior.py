@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from search.space import SpaceConfig, module_set_key
+from search.tuning.space import SpaceConfig, module_set_key
 
 TASK_KINDS = ("format", "instruction", "domain", "code")
 

@@ -15,14 +15,14 @@ from rundir.params import Origin, TrialParams
 # A prior's keys: the space's own parameter names, as Optuna sees them (`LoraSpace`).
 PRIOR_KEYS = ("module_set", "r", "alpha_ratio", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
               "loraplus_lr_ratio")
-# The semantic module sets, resolved per architecture by `search.modules`. They are part of
+# The semantic module sets, resolved per architecture by `search.inputs.modules`. They are part of
 # the config's vocabulary, so they live here, where validating a config imports no torch.
 MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
 
 
 @dataclass(frozen=True)
 class ResolvedModules:
-    """A module set resolved against one model by `search.modules.resolve`."""
+    """A module set resolved against one model by `search.inputs.modules.resolve`."""
 
     name: str                  # the semantic set name, or "custom" for an explicit list
     target_modules: list[str]  # names for PEFT's LoraConfig(target_modules=...), sorted
@@ -156,6 +156,6 @@ class LoraSpace:
             learning_rate=learning_rate,
             loraplus_lr_ratio=loraplus_lr_ratio,
             seed=self.seed,
-            # Optuna asks enqueued points first: trials 0 to priors - 1 are the priors (search/prior.py)
+            # Optuna asks enqueued points first: trials 0 to priors - 1 are the priors (search/tuning/prior.py)
             origin=Origin.PRIOR if trial.number < self.priors else Origin.SEARCH,
         ).to_config()

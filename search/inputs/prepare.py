@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from search import modules
+from search.inputs import modules
 from search.config import Config, ConfigError
-from search.space import module_set_key
+from search.tuning.space import module_set_key
 from trainables.config import looks_local, relative_to_cwd
 from trainables.data import DataInfo, Rows, prepare, read
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir

@@ -22,11 +22,11 @@ from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_E
 from rundir.location import RunLocation
 from rundir.params import Origin
 from search.config import SHARED, Config
-from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
-from search.progress import progress_callbacks, status_reporter
-from search.stages import GivenConfigs, StagedSearch
-from search.tracking import logger_callbacks
-from search.trainers import ReleaseSlots
+from search.resources.memory import GPU_SHARE, larger_share, ran_out_of_memory
+from search.output.trial_lines import progress_callbacks, status_reporter
+from search.tuning.stages import GivenConfigs, StagedSearch
+from search.output.tracking import logger_callbacks
+from search.resources.trainers import ReleaseSlots
 from trainables.config import TrialSetup
 from trainables.placement import in_own_process, train_lora_packed_or_alone
 from trainables.trial import train_lora
@@ -202,7 +202,7 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
 
 
 def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float, trainers: list = ()):
-    """The trial function with its resources. With `trainers` (shared packing: search/trainers.py),
+    """The trial function with its resources. With `trainers` (shared packing: search/resources/trainers.py),
     a client of theirs, given their handles, that asks for a token CPU share only: it relays its
     trainer's reports, and the trainers' slots, through max_concurrent_trials, limit how many run;
     a trial that trains in its own process beside them (a DoRA trial: trainables.placement.in_own_process)
@@ -225,7 +225,7 @@ def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float,
 
 class OutOfMemoryReruns(tune.Callback):
     """A trial that failed with CUDA's out-of-memory error while other trials shared its GPU is
-    run again by `staged` with a larger share (search/memory.py `larger_share`); one that had a GPU
+    run again by `staged` with a larger share (search/resources/memory.py `larger_share`); one that had a GPU
     to itself stays failed. Tune tells a searcher only that a trial failed, not why; a callback
     sees the trial, whose `error.txt` Tune has written by then (Ray 2.60:
     TuneController._process_trial_failure)."""
@@ -275,8 +275,8 @@ def trial_dirname(trial) -> str:
 
 def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
     """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
-    over `space` with the known-good `priors` (search/prior.py) as its first trials, ASHA on training
-    steps, then the promotions and confirmations (search/stages.py) on the same workers,
+    over `space` with the known-good `priors` (search/tuning/prior.py) as its first trials, ASHA on training
+    steps, then the promotions and confirmations (search/tuning/stages.py) on the same workers,
     results in the run's `tune` experiment."""
     import optuna
     from optuna.storages import JournalStorage
@@ -340,7 +340,7 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             callbacks=[*callbacks, *shared_callbacks(config), *logger_callbacks(config.tracking, config.name, location.local),
                        *progress_callbacks(config)],
-            # Tune's own tables with --verbose, else these lines in their place (search/console.py)
+            # Tune's own tables with --verbose, else these lines in their place (search/output/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,
         ),

@@ -3,7 +3,7 @@
 finished; stopped by ASHA; failed, with its one-line reason; retried), a `ProgressReporter`
 the status line (trials done out of those planned, running, the best so far, time left).
 
-They stand in for Tune's tables and print what the console (search/console.py) of the
+They stand in for Tune's tables and print what the console (search/output/console.py) of the
 process that runs Tune asks for: everything by default, the failures with `--quiet`, nothing
 with `--verbose`, which shows Tune's own display instead. Tune pickles both into the
 experiment, so a resume prints with the console of the command that resumes.
@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 from analysis.results import error_summary
 from rundir.params import Origin, TrialParams
 from search.config import Config
-from search.console import say
+from search.output.console import say
 
 # A status line at least this often when no trial ends: a long trial shows the run is alive,
 # without a line a minute in a log that runs for hours.

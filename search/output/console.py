@@ -1,6 +1,6 @@
 """What reaches the console of `python -m search.run`, and where the rest goes.
 
-By default a person reads the search's own lines (search/progress.py) and the result;
+By default a person reads the search's own lines (search/output/trial_lines.py) and the result;
 `--quiet` leaves the result and errors; `--verbose` leaves everything as the libraries print
 it (Ray Tune's tables included). Except with `--verbose`, what Ray, Optuna, `datasets`,
 transformers and the Hugging Face hub log goes to a file per source in the run's `logs/`
@@ -140,7 +140,7 @@ def keep_logs_in(directory: Path) -> None:
 def divert_ray_logs() -> None:
     """Divert Ray's logs as `use_console` did the other libraries' (nothing to do with the
     VERBOSE console, or before `use_console`). Ray gets its console handler when it is first
-    imported, which must wait until the run has set Ray's network settings (search/cluster.py),
+    imported, which must wait until the run has set Ray's network settings (search/cluster/connect.py),
     so Ray is diverted just before it starts."""
     if not _diverting():
         return

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from search.config import AUTO, SHARED, Config, ConfigError, ResourcesConfig
-from search.modules import adapter_param_count, base_param_count, resolve
-from search.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
-from search.space import module_set_key
+from search.inputs.modules import adapter_param_count, base_param_count, resolve
+from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
+from search.tuning.space import module_set_key
 
 # LoRA adapters usually train 0.05% to 1% of the base model; a row outside that range deserves a
 # second look: too few parameters to learn the task, or a cost approaching full fine-tuning's.

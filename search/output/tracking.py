@@ -3,7 +3,7 @@ TensorBoard files in `runs/<name>/tune/`): MLflow and Weights & Biases, both opt
 
 The settings are checked with the config, without importing either tracker (a configured
 tracker that is not installed is bad input); `logger_callbacks` turns them into Ray Tune's
-own logger callbacks (search/trackers.py), importing the trackers only then.
+own logger callbacks (search/output/tracker_callbacks.py), importing the trackers only then.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def logger_callbacks(tracking: TrackingConfig, run_name: str, run_dir: Path) -> 
     there) and W&B's run files. Empty when none is on."""
     if not (tracking.mlflow.enabled or tracking.wandb.enabled):
         return []
-    from search.trackers import MLflowTrialRuns, WandbTrialRuns
+    from search.output.tracker_callbacks import MLflowTrialRuns, WandbTrialRuns
 
     run_dir = run_dir.resolve()  # W&B's logging actors run in the trial's directory
     callbacks = []

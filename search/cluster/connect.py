@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.config import ConfigError
-from search.console import divert_ray_logs
+from search.output.console import divert_ray_logs
 
 # A live head answers in milliseconds; 5 s also covers two lost packets (TCP resends after 1 s,
 # then after 2 s more). Ray's own wait for a head that does not answer is minutes.

@@ -8,7 +8,7 @@ as soon as a trial qualifies:
   made on the mean, so one lucky run cannot win; while the pick cannot be told apart from
   another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each.
 Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
-The retrain of the pick on all the data follows as a Tune run of its own (`search.tuner.retrain`),
+The retrain of the pick on all the data follows as a Tune run of its own (`search.tuning.tuner.retrain`),
 handed out by `GivenConfigs`.
 """
 
@@ -26,7 +26,7 @@ from rundir.files import write_json_atomic
 from rundir.layout import SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
-from search.memory import GPU_SHARE
+from search.resources.memory import GPU_SHARE
 
 
 class StagedSearch(Searcher):
@@ -111,7 +111,7 @@ class StagedSearch(Searcher):
         GPU or which Tune lost before it started, as a new trial (origin `rerun`, parent `trial_id`)
         with `gpu_share` of a GPU (None: the run's share), from the failed trial's last checkpoint,
         else from where it started. Called before Tune asks for the next trial
-        (`search.tuner.OutOfMemoryReruns`, `search.tuner.TellLostTrials`), so the search cannot
+        (`search.tuning.tuner.OutOfMemoryReruns`, `search.tuning.tuner.TellLostTrials`), so the search cannot
         finish meanwhile."""
         params = self._params[trial_id]
         rows = self._rows.get(trial_id, [])

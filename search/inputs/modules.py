@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from search.space import MODULE_SETS, ResolvedModules
+from search.tuning.space import MODULE_SETS, ResolvedModules
 
 # A parent module whose name contains one of these words places a layer in that part of the block.
 ATTENTION_WORDS = ("attn", "attention")
