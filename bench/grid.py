@@ -46,7 +46,12 @@ GRID = [
 def anchor_trainer(model, model_path: str, train, steps: int, output_dir: str, cuda: bool, callbacks=()):
     """The anchor's Trainer: micro-batch 2 x accumulation 4, lr 2e-4, cosine, 10 warm-up steps,
     bf16 on GPU; padding with end-of-sequence as our trials do, masked out of the loss."""
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
@@ -99,8 +104,9 @@ def main() -> int:
     import transformers
     from transformers import AutoTokenizer
 
+    from search.inputs.data import prepare
     from trainables.config import DataConfig
-    from trainables.data import prepare, save_splits
+    from trainables.data import save_splits
     from trainables.model import smollm2_checkpoint
 
     cuda = torch.cuda.is_available() and not args.smoke

@@ -42,7 +42,7 @@ def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
 
     from bench.grid import anchor_trainer
     from trainables.config import DataConfig
-    from trainables.data import prepare
+    from search.inputs.data import prepare
 
     splits, _ = prepare(DataConfig(), AutoTokenizer.from_pretrained(model_path), seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda()

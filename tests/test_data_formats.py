@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from search.inputs.data import prepare
 from trainables.config import DataConfig
-from trainables.data import IGNORE, prepare
+from trainables.data import IGNORE
 
 QA = [(f"What is the capital of {country}?", capital) for country, capital in [
     ("Vell", "Tharn"), ("Ostra", "Mirel"), ("Kesh", "Dovan"), ("Brae", "Solm"), ("Quill", "Aster"),

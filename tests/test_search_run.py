@@ -186,7 +186,7 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
     path): each eval round of each trial calls the function once, with the generated answers and
     the references of the same eval rows, and its value, in a column of its own, makes the pick."""
     from analysis.results import load_curves
-    from trainables.atlas import rows
+    from search.inputs.atlas import rows
 
     (tmp_path / "mymetric.py").write_text(
         "import json, pathlib\n\n\ndef score(generations, references):\n"

@@ -12,7 +12,7 @@ from search.inputs import modules
 from search.config import Config, ConfigError
 from search.tuning.space import module_set_key
 from trainables.config import looks_local, relative_to_cwd
-from trainables.data import DataInfo, Rows, prepare, read
+from search.inputs.data import DataInfo, Rows, prepare, read
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
 
@@ -79,7 +79,7 @@ def load_tokenizer(config: Config, model_dir: str):
 
 
 def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
-    """The data read, checked and tokenized in memory (`trainables.data.prepare`); bad data
+    """The data read, checked and tokenized in memory (`search.inputs.data.prepare`); bad data
     is a ConfigError that names the key, the source and the row."""
     try:
         return prepare(config.data, tokenizer, config.seed)
@@ -88,7 +88,7 @@ def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
 
 
 def read_data(config: Config) -> tuple[Rows, Rows]:
-    """The train and eval rows read and checked, not tokenized (`trainables.data.read`); bad
+    """The train and eval rows read and checked, not tokenized (`search.inputs.data.read`); bad
     data is a ConfigError, as in `prepare_data`."""
     try:
         return read(config.data, config.seed)

@@ -1,0 +1,469 @@
+"""Data: read, checked and tokenized once by the driver, before Ray starts; trials read it from disk
+(`trainables.data`).
+
+Sources (`data.train`, `data.eval`): a builtin task (`builtin:atlas`); a .jsonl, .json, .csv,
+.parquet or .txt file; a `datasets.save_to_disk` directory; or a dataset id in the local
+`datasets` cache. `datasets` reads them all; a reference that looks local never reaches the hub,
+and nothing is downloaded.
+
+Row formats, after `data.columns` has given the data's own columns the row fields' names: chat
+`messages`; `prompt`/`completion`; Alpaca `instruction`/`input`/`output` (the prompt is the
+instruction, then the input after a blank line where there is one); and `text` (a .txt file's
+lines), where the loss is on every token. In the others the loss is on the answer's tokens only
+(the last assistant turn, the completion, the output); everything else is labelled -100.
+
+Templates: `chat` renders a row with the tokenizer's chat template; `plain` takes the prompt's
+tokens (a chat row's earlier turns joined by blank lines) and then the answer's and EOS.
+
+The driver writes `train`, `search_train` and `eval` with `datasets.save_to_disk`; a trial
+memory-maps them, so nothing is pickled into trials and nothing is tokenized twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search.inputs import atlas
+from trainables.config import (
+    AUTO_EVAL,
+    BUILTIN_PREFIX,
+    DATA_FILE_BUILDERS,
+    DataConfig,
+    cache_root,
+    looks_local,
+    relative_to_cwd,
+)
+from trainables.data import IGNORE
+
+BUILTIN_TASKS = {"atlas": atlas.rows}
+# Each format by the row fields that identify it, tried in this order.
+FORMATS = {
+    "messages": ("messages",),
+    "prompt/completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+# A source's own eval split, by name, in order of preference ("eval": a builtin task's).
+EVAL_SPLITS = ("validation", "test", "eval")
+ALLOWED_SOURCES = ("'builtin:atlas', a .jsonl, .json, .csv, .parquet or .txt file, a datasets.save_to_disk "
+                   "directory, or a dataset id in the local datasets cache")
+ALLOWED_ROWS = ("chat 'messages'; 'prompt' and 'completion'; Alpaca 'instruction', 'output' (and 'input'); "
+                "or 'text'")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Raw rows of one source, their fields named as this module reads them."""
+
+    key: str                     # the config key that named the source: data.train or data.eval
+    source: str                  # the source as the config gives it
+    part: str                    # which of its rows: "all rows", "split 'validation'", "held out: ..."
+    data: Any                    # a datasets.Dataset
+    format: str                  # a key of FORMATS
+    where: Callable[[int], str]  # names row i of `data` for a message: "qa.jsonl line 7"
+
+    def subset(self, indices: list[int], part: str) -> Rows:
+        return replace(self, part=part, data=self.data.select(indices), where=lambda i: self.where(indices[i]))
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What was read from one source and kept: for run_config.json, the dry run and the report."""
+
+    key: str        # the config key that named the source: data.train or data.eval
+    source: str     # the source as the config gives it
+    part: str       # which of its rows
+    format: str     # a key of FORMATS
+    rows: int       # rows read
+    truncated: int  # rows cut at data.max_length, still used
+    dropped: int    # rows left with no token to train on within data.max_length, not used
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The data as prepared, recorded in run_config.json (`data_info`)."""
+
+    template: str           # chat or plain: how rows other than text became tokens
+    max_length: int
+    train: SourceInfo
+    eval: SourceInfo
+    train_rows: int         # rows a retrain uses: train's, less those dropped
+    search_train_rows: int  # rows the search's trials train on: data.search_fraction of train_rows
+    eval_rows: int          # rows scored at every eval round: at most data.eval_examples
+    pad_token_id: int
+
+
+def load_source(source: str, key: str, columns: dict[str, str]) -> dict[str, Rows]:
+    """The rows of `source` by split name: a file is one split, "" (its rows); a builtin task
+    has 'train' and 'eval'; a saved or cached dataset has its own. ValueError, naming `key`,
+    the source and what is allowed, for a source that does not exist, cannot be read, or holds
+    rows of no known format."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_TASKS:
+            raise ValueError(f"{key} is {source!r}; builtin tasks: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TASKS)}")
+        return {split: _rows(key, source, split, datasets.Dataset.from_list(BUILTIN_TASKS[name](split)), columns)
+                for split in ("train", "eval")}
+    if not looks_local(source):
+        return _splits(key, source, _from_hub_cache(source, key), columns)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"{key} is {source!r}, which does not exist{relative_to_cwd(path)}. "
+                         f"Fix: give an existing file or directory; allowed: {ALLOWED_SOURCES}")
+    if path.is_dir():
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise ValueError(f"{key} is {source!r}, a directory that datasets.save_to_disk did not write (it holds no "
+                             f"dataset_dict.json or state.json). Fix: point {key} at the data file inside it, or at a "
+                             f"save_to_disk directory") from None
+        return _splits(key, source, saved, columns)
+    data, where = _read_file(path, key)
+    return {"": _rows(key, source, "", data, columns, where)}
+
+
+def _splits(key: str, source: str, loaded, columns: dict[str, str]) -> dict[str, Rows]:
+    """A Dataset as one split, or a DatasetDict's splits."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return {"": _rows(key, source, "", loaded, columns)}
+    return {name: _rows(key, source, name, split, columns) for name, split in loaded.items()}
+
+
+def _from_hub_cache(name: str, key: str):
+    """The dataset `name` from the local `datasets` cache, without asking the hub."""
+    import datasets
+
+    # datasets reads HF_HUB_OFFLINE once, when it is imported: set for this call, it makes
+    # load_dataset go straight to the cache instead of retrying the hub for half a minute
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(name)
+    except Exception as e:  # datasets raises many types for a dataset it cannot find or read
+        raise ValueError(
+            f"{key} is {name!r}: no such local path, and not a dataset in the local datasets cache "
+            f"({datasets.config.HF_DATASETS_CACHE}; {type(e).__name__}). Fix: give a local file or directory, or load "
+            f"it once where the hub is reachable (datasets.load_dataset({name!r})); allowed: {ALLOWED_SOURCES}"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+def _read_file(path: Path, key: str) -> tuple[Any, Callable[[int], str]]:
+    """A data file's rows through its `datasets` builder (every CSV cell as text, as written:
+    '007' stays '007'; a .txt file's blank lines left out), and the function that names a row
+    by the file's line where lines are rows."""
+    import datasets
+
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"{key} is {str(path)!r}, a {path.suffix or 'suffix-less'} file; allowed: "
+                         f"{ALLOWED_SOURCES}. Fix: save the data in one of these forms")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{key} is {str(path)!r}, an empty file; it needs rows of {ALLOWED_ROWS}")
+    options = {}
+    if builder == "csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+    try:
+        with _quiet_datasets():
+            data = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as e:  # datasets raises many types for a malformed file
+        problem = _json_problem(path) if builder == "json" else None
+        fix = ("correct that line" if problem else
+               f"check that it is valid {builder}, or give it the suffix of its format ({', '.join(DATA_FILE_BUILDERS)})")
+        raise ValueError(f"{key} is {str(path)!r}, which could not be read as {builder}: {problem or _innermost(e)}. "
+                         f"Fix: {fix}") from None
+    if builder == "text":
+        lines = [i + 1 for i, text in enumerate(data["text"]) if text.strip()]
+        return data.select([line - 1 for line in lines]), lambda i: f"{path} line {lines[i]}"
+    # the line numbers are only counted when a message needs one
+    if builder == "csv":
+        csv_lines = functools.cache(lambda: _csv_record_lines(path))
+        return data, lambda i: f"{path} line {csv_lines()[i]}"
+    if builder == "json" and not _is_json_list(path):
+        json_lines = functools.cache(lambda: _json_lines(path))
+        return data, lambda i: f"{path} line {json_lines()[i]}"
+    return data, lambda i: f"{path} row {i + 1}"
+
+
+@contextmanager
+def _quiet_datasets():
+    """datasets logs its own account of a file it cannot read, or of a cached dataset it falls
+    back to; the ValueError raised here says it once, in the CLI's one paragraph."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _innermost(error: BaseException) -> str:
+    """The root cause's message: datasets wraps the reader's own error, which names the problem."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON Lines file, or a JSON document, stops being valid JSON, in words, by line;
+    None where the JSON itself is valid."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+        one_value_per_line = True
+    except json.JSONDecodeError:
+        one_value_per_line = False  # a document spread over lines, such as an indented list
+    if not one_value_per_line:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg}, column {e.colno})"
+        return None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object of fields"
+    return None
+
+
+def _is_json_list(path: Path) -> bool:
+    """Whether a JSON file holds one list of rows rather than one row per line."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return f.read(4096).lstrip().startswith("[")
+
+
+def _json_lines(path: Path) -> list[int]:
+    """The line number of each row of a JSON Lines file: its non-blank lines."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [number for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _csv_record_lines(path: Path) -> list[int]:
+    """The line on which each data row of a CSV file starts (a quoted cell may hold line breaks)."""
+    starts = []
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        end = reader.line_num
+        for record in reader:
+            if record:  # pandas skips blank lines
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
+
+
+def _rows(key: str, source: str, split: str, data, columns: dict[str, str],
+          where: Callable[[int], str] | None = None) -> Rows:
+    """`data` with `columns`' renames applied, and its format; ValueError for a mapped column the
+    data lacks, or rows of no known format."""
+    named = f"{key} {source!r}" + (f" (split {split!r})" if split else "")
+    present = set(data.column_names)
+    missing = {field: column for field, column in columns.items() if column not in present}
+    if missing:
+        raise ValueError(f"data.columns maps {missing}, but {named} has no such column; its columns: "
+                         f"{sorted(present)}. Fix: map each row field to one of them")
+    renames = {column: field for field, column in columns.items() if column != field}
+    data = data.remove_columns([c for c in present & set(renames.values()) if c not in renames])
+    data = data.rename_columns(renames)
+    fields = set(data.column_names)
+    format_ = next((name for name, needed in FORMATS.items() if set(needed) <= fields), None)
+    if format_ is None:
+        raise ValueError(f"{named} has columns {sorted(present)}; allowed: {ALLOWED_ROWS}. Fix: rename them, or map "
+                         f"them with data.columns, e.g. --set 'data.columns={{prompt: question, completion: answer}}'")
+    if len(data) == 0:
+        raise ValueError(f"{named} holds no rows")
+    part = f"split {split!r}" if split else "all rows"
+    named_rows = f"{source} split {split!r}" if split else source
+    return Rows(key, source, part, data, format_, where or (lambda i: f"{named_rows} row {i + 1}"))
+
+
+def train_part(splits: dict[str, Rows]) -> Rows:
+    """The rows to train on: the 'train' split, or the one split there is."""
+    if "train" in splits:
+        return splits["train"]
+    return _only(splits, "train")
+
+
+def eval_part(splits: dict[str, Rows]) -> Rows:
+    """The rows to evaluate on: the first of EVAL_SPLITS there is, or the one split there is."""
+    return own_eval_part(splits) or _only(splits, "eval")
+
+
+def own_eval_part(splits: dict[str, Rows]) -> Rows | None:
+    """A source's own eval split (EVAL_SPLITS), if it has one beside others."""
+    return next((splits[name] for name in EVAL_SPLITS if name in splits and len(splits) > 1), None)
+
+
+def _only(splits: dict[str, Rows], purpose: str) -> Rows:
+    if len(splits) == 1:
+        return next(iter(splits.values()))
+    rows = next(iter(splits.values()))
+    wanted = "'train'" if purpose == "train" else " or ".join(repr(s) for s in EVAL_SPLITS)
+    raise ValueError(f"{rows.key} is {rows.source!r}, a dataset with splits {sorted(splits)} and none named {wanted} "
+                     f"to {purpose} on. Fix: save the split you mean on its own and give its directory")
+
+
+def hold_out(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """`rows` split in two, chosen by `seed`: the rest, and round(fraction * rows) held out for
+    eval (at least 1; the rest at least 1). ValueError when `rows` has too few rows."""
+    n = len(rows.data)
+    held = max(1, round(fraction * n))
+    if n - held < 1:
+        raise ValueError(f"{rows.key} {rows.source!r} has {n} row(s), too few to hold out an eval split "
+                         f"(data.eval_fraction={fraction:g} holds out {held}, and at least 1 must be left to train on). "
+                         f"Fix: give more rows, or eval data of its own with data.eval")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    evaluate, train = sorted(order[:held]), sorted(order[held:])
+    return (rows.subset(train, f"{rows.part} but the {held} held out for eval"),
+            rows.subset(evaluate, f"{held} of {n} rows held out by data.eval_fraction={fraction:g}, seed {seed}"))
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """chat or plain: `template` as set, auto being chat where the tokenizer has a chat template."""
+    has_template = bool(tokenizer.chat_template)
+    if template == "auto":
+        return "chat" if has_template else "plain"
+    if template == "chat" and not has_template:
+        raise ValueError(f"data.template is 'chat' but the tokenizer {tokenizer.name_or_path!r} has no chat template. "
+                         f"Fix: --set data.template=plain (or auto), or set model.tokenizer to a tokenizer that has one")
+    return template
+
+
+def tokenize(rows: Rows, tokenizer, template: str, max_length: int) -> tuple[dict[str, list], SourceInfo]:
+    """input_ids and labels per row, cut at `max_length` tokens; labels keep the answer's tokens
+    (every token of a text row). A row with no label left after the first token (nothing to
+    train on) is dropped and counted. ValueError naming the row (file and line where the rows
+    are lines) for a row without its answer; or when every row is dropped."""
+    input_ids, labels, truncated, dropped = [], [], 0, 0
+    for i, row in enumerate(rows.data):
+        if rows.format == "text":
+            text = row["text"] or ""
+            ids = tokenizer(str(text))["input_ids"] + _eos(tokenizer)
+            row_labels = list(ids)
+        else:
+            ids, row_labels = _answer_tokens(_messages(row, rows, i), tokenizer, template, rows.where(i))
+        if not any(label != IGNORE for label in row_labels[1:max_length]):
+            dropped += 1
+            continue
+        truncated += len(ids) > max_length
+        input_ids.append(ids[:max_length])
+        labels.append(row_labels[:max_length])
+    if not input_ids:
+        raise ValueError(f"{rows.key} {rows.source!r} ({rows.part}): none of its {len(rows.data)} rows has a token to "
+                         f"train on within data.max_length={max_length} (the prompt fills it, or the row is empty). "
+                         f"Fix: raise data.max_length")
+    info = SourceInfo(rows.key, rows.source, rows.part, rows.format, len(rows.data), truncated, dropped)
+    return {"input_ids": input_ids, "labels": labels}, info
+
+
+def _messages(row: dict, rows: Rows, i: int) -> list[dict]:
+    """The row as chat turns that end with the assistant's answer."""
+    if rows.format == "messages":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+                or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{rows.key}: {rows.where(i)} does not end with an assistant answer; every row needs one "
+                             f"to train on. Fix: add the answer as the last turn, or remove the row")
+        return messages
+    if rows.format == "prompt/completion":
+        prompt, answer = _text(row, "prompt", rows, i), _text(row, "completion", rows, i)
+    else:
+        instruction, answer = _text(row, "instruction", rows, i), _text(row, "output", rows, i)
+        extra = row.get("input")
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _text(row: dict, field: str, rows: Rows, i: int) -> str:
+    value = row[field]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a number in a JSON file is the text it reads as
+    if not isinstance(value, str):
+        found = "nothing" if value is None else f"a {type(value).__name__}"
+        raise ValueError(f"{rows.key}: {rows.where(i)} has {found} for {field!r}; every {rows.format} row needs "
+                         f"text there. Fix: fill it in, or remove the row")
+    return value
+
+
+def _answer_tokens(messages: list[dict], tokenizer, template: str, where: str) -> tuple[list[int], list[int]]:
+    """The row's tokens and labels: -100 up to the answer, then the answer's tokens."""
+    if template == "chat":
+        try:
+            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as e:  # the template is the model's own Jinja code, which raises what it likes
+            raise ValueError(f"{where}: the tokenizer's chat template refused the row ({type(e).__name__}: {e})") from None
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        start = min(len(prompt_ids), len(ids))
+        return ids, [IGNORE] * start + ids[start:]
+    # with the tokenizer's own special tokens (a BOS where it adds one), tokenized apart so the
+    # answer starts on a token boundary
+    prompt_ids = tokenizer("\n\n".join(str(m.get("content", "")) for m in messages[:-1]))["input_ids"]
+    answer_ids = tokenizer(str(messages[-1].get("content", "")), add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def _eos(tokenizer) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+def read(cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+    """The rows to train on and to evaluate on, read and checked, not yet tokenized. Eval is
+    data.eval, else data.train's own eval split, else data.eval_fraction of data.train held
+    out by `seed`. ValueError for bad data, naming the key, the source and the row."""
+    train_splits = load_source(cfg.train, "data.train", cfg.columns)
+    train = train_part(train_splits)
+    if cfg.eval != AUTO_EVAL:
+        return train, eval_part(load_source(cfg.eval, "data.eval", cfg.columns))
+    own = own_eval_part(train_splits)
+    return (train, own) if own else hold_out(train, cfg.eval_fraction, seed)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
+    """Read (`read`) and tokenize train and eval once, in memory (nothing is written until the
+    whole input is known to be good). Keeps `search_fraction` of train and `eval_examples` of
+    eval, chosen by `seed`. Returns the splits and what they hold. ValueError for bad data,
+    naming the key, the source and the row."""
+    import datasets
+
+    train, evaluate = read(cfg, seed)
+    template = resolve_template(cfg.template, tokenizer)
+    (train_columns, train_info), (eval_columns, eval_info) = (
+        tokenize(rows, tokenizer, template, cfg.max_length) for rows in (train, evaluate))
+    splits = {"train": datasets.Dataset.from_dict(train_columns), "eval": datasets.Dataset.from_dict(eval_columns)}
+    full_train = len(splits["train"])
+    keep = max(1, round(cfg.search_fraction * full_train))
+    splits["search_train"] = splits["train"].shuffle(seed=seed).select(range(keep))
+    splits["eval"] = splits["eval"].shuffle(seed=seed).select(range(min(cfg.eval_examples, len(splits["eval"]))))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    info = DataInfo(template=template, max_length=cfg.max_length, train=train_info, eval=eval_info,
+                    train_rows=full_train, search_train_rows=keep, eval_rows=len(splits["eval"]), pad_token_id=pad)
+    return splits, info
