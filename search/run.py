@@ -21,6 +21,7 @@ from pathlib import Path
 from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
+from search import environment
 from search.config import SHARED, Config, ConfigError, leaves, load, resolve_packing, to_dict, to_yaml
 from search.output.console import Console, keep_logs_in, use_console
 from search.cluster.resume import CREATED_BY, record_driver, record_ray_session
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what `run` has saved by now
         return _stopped(stop, stop.saved, stop.again)
+    finally:
+        environment.restore()
 
 
 def run(config: Config, args: argparse.Namespace, stop: GracefulStop) -> int:
@@ -259,10 +262,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         tokenizer=tokenizer,
         metric_function=config.selection.metric if is_user_metric(config.selection.metric) else "",
     )
-    # Experiment state written at most every second (Ray's default: 10 s), so a killed
-    # run loses at most a second of bookkeeping and no finished trial is trained twice.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent on purpose
+    environment.setenvs(environment.TUNE_STATE, keep_users=True)
     cluster = resolve_address(args.address)
     stop = GracefulStop()
     started_here = False  # this process started Ray, or joined a cluster in `run`: it lets go at the end
@@ -343,7 +343,7 @@ class GracefulStop:
         self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
         # Tune installs a new SIGUSR1 handler each time it starts, and leaves it there when it ends
         self._tune_before = signal.getsignal(signal.SIGUSR1)
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        environment.setenvs(environment.TUNE_SIGINT)
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
         return self

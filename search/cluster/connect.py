@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from search import environment
 from search.config import ConfigError
 from search.output.console import divert_ray_logs
 
@@ -52,20 +53,7 @@ def keep_local_ray_on_loopback() -> None:
     ray is first imported; a value the user set is kept. What is set here is taken back once
     `connect` has started Ray (its processes have it by then): left in this process, it would
     make a `ray start --address` launched from it later refuse to join a cluster."""
-    global _loopback_set_here
-    if LOOPBACK_ENV not in os.environ:
-        os.environ[LOOPBACK_ENV] = "0"
-        _loopback_set_here = True
-
-
-_loopback_set_here = False
-
-
-def _take_back_loopback() -> None:
-    global _loopback_set_here
-    if _loopback_set_here:
-        os.environ.pop(LOOPBACK_ENV, None)
-        _loopback_set_here = False
+    environment.setenv(LOOPBACK_ENV, "0", keep_users=True)
 
 
 def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool:
@@ -89,7 +77,7 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
             _init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                   log_to_driver=False)
         finally:
-            _take_back_loopback()
+            environment.put_back(LOOPBACK_ENV)
     else:
         hint = "; unset it to run on a local Ray" if cluster.source == "RAY_ADDRESS" else ""
         print(f"Joining the Ray cluster at {cluster.address} (from {cluster.source}{hint})", flush=True)
@@ -203,7 +191,7 @@ def _send_token() -> None:
     """Ray's token mode for this process (its config is read once, so re-read it) and its children."""
     from ray._raylet import Config
 
-    os.environ[AUTH_MODE_ENV] = "token"
+    environment.setenv(AUTH_MODE_ENV, "token")
     Config.initialize("")
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 from enum import Enum
 from pathlib import Path
+
+from search import environment
 
 
 class Console(Enum):
@@ -88,9 +89,7 @@ def use_console(mode: Console) -> None:
     _console.mode, _console.started, _console.log_dir = mode, time.monotonic(), None
     if mode is Console.VERBOSE:
         return
-    # Tune's older output engine prints nothing of its own at verbose=1 but what the run's
-    # `progress_reporter` prints; the newer one (the default) prints its boxes at any verbosity.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    environment.setenvs(environment.TUNE_PLAIN_OUTPUT)
     for name in LIBRARIES:
         importlib.import_module(name)
         _divert(logging.getLogger(name), f"{name}.log")

@@ -7,7 +7,6 @@ while the other is on.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from rundir.files import write_json_atomic
 from rundir.layout import LATEST, MLFLOW_RUN, RUN_CONFIG, TRIALS_CSV
+from search import environment
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,7 +82,7 @@ class WandbTrialRuns(WandbLoggerCallback):
 
     def setup(self, *args, **kwargs):
         if self.kwargs["mode"] == "offline":
-            os.environ["WANDB_MODE"] = "offline"  # else Ray's setup demands an API key that offline runs never use
+            environment.setenv("WANDB_MODE", "offline")  # else Ray's setup demands an API key that offline runs never use
         super().setup(*args, **kwargs)
 
 

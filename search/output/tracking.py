@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
+from search import environment
+
 WANDB_MODES = ("online", "offline")
 
 
@@ -95,10 +97,13 @@ def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
     rather than a failure inside the search."""
     if not mlflow.enabled:
         return None
+    with environment.temporarily(_CHECK_ENV):
+        return _store_problem(mlflow)
+
+
+def _store_problem(mlflow: MlflowConfig) -> str | None:
     from mlflow import MlflowClient
 
-    kept = {key: os.environ.get(key) for key in _CHECK_ENV}
-    os.environ.update({key: value for key, value in _CHECK_ENV.items() if kept[key] is None})
     try:
         MlflowClient(mlflow.tracking_uri or None).get_experiment_by_name(mlflow.experiment)
     except Exception as error:  # noqa: BLE001 - whatever the store says is the reason to show
@@ -111,8 +116,4 @@ def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
         return (f"tracking.mlflow.tracking_uri {where!r}: the MLflow store does not answer ({type(error).__name__}: "
                 f"{reason}). Fix: start the tracking server or correct the URI (http://HOST:PORT, sqlite:///PATH.db, "
                 f"or a file store with {_FILE_STORE_OPT_IN}=true), or set tracking.mlflow.enabled=false")
-    finally:
-        for key, value in kept.items():
-            if value is None:
-                os.environ.pop(key, None)
     return None
