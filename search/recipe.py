@@ -1,0 +1,276 @@
+"""The run as a recipe, read top to bottom: `setup` checks and prepares everything before Ray
+starts (bad input exits 2 with nothing written, a GPU not yet asked for), `search` runs the
+Ray Tune search and the retrain of the pick, `finish` hands the run directory to `analysis`
+for the pick, report and export, and uploads it where it is kept at a URI."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from analysis.config import is_user_metric, needs_generations
+from rundir.layout import LOGS
+from rundir.location import RunLocation, locate
+from search import environment
+from search.cluster.resume import CREATED_BY, record_driver, record_ray_session
+from search.config import Config, ConfigError, to_dict
+from search.output.console import keep_logs_in
+from search.signals import GracefulStop, stopped
+from trainables.config import TrialSetup, cache_root
+
+
+class SearchRecipe:
+    """One run of `config`; `stop` learns what the run has saved as it goes. Each step returns
+    an exit code where the run ends there, else None."""
+
+    def __init__(self, config: Config, address: str | None, stop: GracefulStop, *, dry_run: bool = False,
+                 resume: bool = False, overwrite: bool = False):
+        self.config, self.address, self.stop = config, address, stop
+        self.dry_run, self.resume, self.overwrite = dry_run, resume, overwrite
+
+    def setup(self) -> int | None:
+        from search.cluster.connect import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
+        from search.inputs.prepare import check_device, check_shared_packing, prepare_model
+        from search.output.tracking import mlflow_store_problem
+        from search.resources.plan import plan_resources
+
+        config = self.config
+        if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
+            from trainables.generate import UserMetric
+
+            try:  # here first, so that a module not found is bad input before Ray starts
+                UserMetric.load(config.selection.metric)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}",
+                  flush=True)
+        self.prepared = prepare_model(config)
+        store_problem = mlflow_store_problem(config.tracking.mlflow)
+        if store_problem:
+            raise ConfigError(store_problem)
+        local = self.address is None
+        # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
+        self.plan = plan = plan_resources(config, self.prepared, local=local)
+        if plan.shared:
+            check_shared_packing(self.prepared.resolved)
+        if plan.memory_probe:
+            print(plan.memory_probe.line(), flush=True)
+        if self.dry_run:
+            return self._dry_run()
+        check_device(config, plan.gpus_per_trial, local=local)
+        self.config = config = plan.applied(config)
+        cluster = resolve_address(self.address)
+        if cluster is None:
+            keep_local_ray_on_loopback()  # before this process first imports ray, in `search`
+        else:  # join the cluster before anything is written
+            with GracefulStop() as joining:
+                try:
+                    connect(cluster)
+                    check_cluster_gpus(plan.gpus_per_trial)
+                except KeyboardInterrupt:
+                    return stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
+                                   again="")
+        self.location = location = locate(config.output, config.name, cache_root())
+        if self.resume:
+            from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
+
+            self.stop.saved, self.stop.again = saved_line(location), "--resume"
+            location.check_writable()
+            location.pull()  # a run kept at a URI resumes from any machine
+            self.data_info = resume_check(location.local, config)
+            check_driver_gone(location.local)
+            stop_leftover_workers(location.local)
+        else:
+            self.data_info = self._start()
+        self.stop.saved, self.stop.again = saved_line(location), "--resume"
+        keep_logs_in(location.local / LOGS)
+        record_driver(location.local)
+        return None
+
+    def _dry_run(self) -> int:
+        from search.inputs.dryrun import data_line, dry_run_rows, format_table, packing_line
+
+        config, prepared = self.config, self.prepared
+        rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
+        data = data_line(config, prepared)  # in memory: nothing is written
+        print(format_table(rows, config.model.path))
+        print(data)
+        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora)))
+        return 0
+
+    def _start(self) -> dict:
+        """Tokenize the data (in memory: bad data is input error with nothing written), then
+        create the run directory with the data and the resolved config (uploaded at once to a
+        URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
+        from rundir.files import write_json_atomic
+        from rundir.layout import DATA, RUN_CONFIG
+        from search.inputs.prepare import load_tokenizer, prepare_data
+        from trainables.data import save_splits
+
+        config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
+        run_dir = location.local
+        _check_run_dir(location, self.overwrite)
+        splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
+        data_info = asdict(prepared_data)
+        stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
+        stop.again = "--overwrite"  # a new run is refused where one is, even half made
+        location.delete_remote()  # only reached with --overwrite when it holds anything
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        save_splits(splits, run_dir / DATA)
+        probe = self.plan.memory_probe
+        write_json_atomic(run_dir / RUN_CONFIG, {
+            **to_dict(config),
+            "resources": {**to_dict(config)["resources"], "gpus_per_trial": self.plan.gpus_per_trial,
+                          "memory_probe": asdict(probe) if probe else None},
+            "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
+                           "total_params": prepared.total_params},
+            "data_info": data_info,
+            "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
+                            for k, v in prepared.resolved.items()},
+            "created_by": CREATED_BY,
+        })
+        try:
+            location.push(data=True)  # every node reads the data from there
+        except Exception as e:  # noqa: BLE001 - the output was writable a moment ago: say what failed
+            raise ConfigError(f"could not upload the run's data to {location.remote} ({type(e).__name__}: {e}). "
+                              f"Fix: check the URI and its credentials, then start again with --overwrite") from None
+        return data_info
+
+    def search(self) -> int | None:
+        """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
+        starts (or joined in `setup`) and lets go at the end."""
+        import ray
+
+        from rundir.layout import SEARCH_EXPERIMENT
+        from search.cluster.connect import connect, resolve_address, trial_slots
+        from search.resources.trainers import shared_trainers, trainer_slots
+        from search.tuning.prior import prior_points
+        from search.tuning.space import LoraSpace
+        from search.tuning.tuner import build_tuner, fit_or_restore, retrain, trainable_for
+
+        config, plan, location, data_info = self.config, self.plan, self.location, self.data_info
+        setup = trial_setup(config, plan, self.prepared, location, data_info)
+        environment.setenvs(environment.TUNE_STATE, keep_users=True)
+        cluster = resolve_address(self.address)
+        stop = GracefulStop()
+        started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
+        try:
+            with stop:
+                started_here = connect(cluster) or cluster is not None
+                record_ray_session(location.local)
+                gpus = plan.gpus_per_trial
+                # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
+                beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
+                with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
+                    # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
+                    # so trials would start one after another: on an H100 with 8 slots, 3 were running
+                    # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
+                    # and Optuna proposes only when a slot is free.
+                    if plan.shared:
+                        slots = trainer_slots(trainers, config.resources.pack_slots,
+                                              config.resources.max_concurrent_trials)
+                    else:
+                        slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
+                    config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
+                    trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                    priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
+                                          config.budget.num_samples)
+                    space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
+                    fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                                   lambda: build_tuner(config, trainable, space, priors, location))
+                    if config.selection.retrain and stop.requested is None:
+                        retrain(config, trainable, location)
+        except KeyboardInterrupt:
+            pass  # raised by `stop`, which remembers the signal; what was saved is said below
+        except Exception as e:  # a failure of the search itself, not of one trial (those are results)
+            _push(location)
+            print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if started_here:
+                ray.shutdown()
+        if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
+            _push(location)
+            return stopped(stop, saved_line(location))
+        return None
+
+    def finish(self) -> int:
+        from analysis.report import analyse
+
+        config, location = self.config, self.location
+        code = analyse(location.local)
+        if config.tracking.mlflow.enabled:
+            from search.output.tracker_callbacks import log_pick
+
+            if not log_pick(config.tracking.mlflow.tracking_uri, location.local):
+                code = code or 1
+        if not _push(location):
+            code = code or 1
+        elif location.remote:
+            print(f"The run is at {location.remote} (working copy: {location.local})")
+        return code
+
+
+def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info: dict) -> TrialSetup:
+    """What every trial of the run reads: the config's trial settings, as the plan resolved them."""
+    from trainables.model import resolve_dtype
+
+    tokenizer = config.model.tokenizer
+    if tokenizer and Path(tokenizer).expanduser().is_dir():  # trials run in directories of their own
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
+    return TrialSetup(
+        # the alias or a hub id is resolved on the node that runs the trial (its own cache);
+        # a directory is passed as resolved here and must be visible to every node
+        model_path=prepared.path if Path(config.model.path).is_dir() else config.model.path,
+        dtype=resolve_dtype(config.model.dtype, cuda=plan.gpus_per_trial > 0),
+        quantization=config.model.quantization,
+        trust_remote_code=config.model.trust_remote_code,
+        data_dir=location.data_dir(),
+        max_steps=config.budget.max_steps,
+        eval_every=config.budget.eval_every,
+        batch_size=config.budget.batch_size,
+        cpu_threads=config.resources.cpus_per_trial,
+        warmup_steps=config.budget.warmup_steps,
+        total_params=prepared.total_params,
+        pad_token_id=data_info["pad_token_id"],
+        cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
+        compile=plan.compiled,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        generate_examples=config.data.eval_generate_examples,
+        generate_every_round=needs_generations(config.selection.metric),
+        tokenizer=tokenizer,
+        metric_function=config.selection.metric if is_user_metric(config.selection.metric) else "",
+    )
+
+
+def saved_line(location: RunLocation) -> str:
+    return (f"the run so far is saved in {location.remote or location.local} (finished trials, and unfinished "
+            f"ones at their last checkpoint)")
+
+
+def _push(location: RunLocation) -> bool:
+    """Upload the driver's files to a URI output; on failure say where they are kept."""
+    try:
+        location.push()
+        return True
+    except Exception as e:  # noqa: BLE001 - the run's results are safe locally: say so, exit 1
+        print(f"error: could not upload the run's files to {location.remote} ({type(e).__name__}: {e}); "
+              f"they are in {location.local}, and --resume uploads them again", file=sys.stderr)
+        return False
+
+
+def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
+    run_dir = location.local
+    location.check_writable()
+    if location.remote:
+        if location.remote_exists() and not overwrite:
+            raise ConfigError(f"the run {location.remote} already exists and is not empty; nothing in it was touched. "
+                              f"Fix: choose another --name, or pass --overwrite to replace it")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"the run directory {run_dir} already exists and is not empty; nothing in it was touched. "
+                          f"Fix: choose another --name, or pass --overwrite to replace it")
