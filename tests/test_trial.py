@@ -47,7 +47,7 @@ def test_the_optimizer_has_the_parameter_groups_of_peft_loraplus(tiny_model_dir,
     model = adapted(tiny_model_dir, use_dora)
     names = {id(p): name for name, p in model.named_parameters()}
     ours = loraplus_adamw(model, LR, RATIO, cuda=False)
-    peft = create_loraplusloraplus_adamw(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO)
+    peft = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO)
     assert [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in ours.param_groups] == \
            [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in peft.param_groups]
 
