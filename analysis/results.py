@@ -33,30 +33,23 @@ from analysis.config import is_user_metric
 from rundir.files import atomic_path
 from rundir.layout import COMPETING_EXPERIMENTS, RETRAIN_EXPERIMENT, RUN_CONFIG
 from rundir.params import TrialParams
+from rundir.report import ROW_COLUMNS as REPORT_ROW_COLUMNS
+from rundir.report import TABLE_COLUMNS
 
 COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
-    "loraplus_lr_ratio", "seed", "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se",
-    "eval_exact_match", "eval_exact_match_se", "train_loss", "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
-    "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "step_mode", "error",
+    "loraplus_lr_ratio", "seed", *TABLE_COLUMNS, "error",
 )
 CURVE_COLUMNS = ("trial_id", "step", "eval_loss", "eval_accuracy", "eval_exact_match", "train_loss")
-# What a trial reports at each step (besides the user's metric, `user_metric_columns`); a trial
-# that failed before its first report has none, and eval_exact_match is missing where the trial
-# generated no answers (data.eval_generate_examples 0). `<metric>_se`: the standard error of that
-# mean over the eval rows (trainables/trial.py, `Evaluation`).
-REPORTED_COLUMNS = (
-    "step", "eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se", "eval_exact_match", "eval_exact_match_se",
-    "train_loss", "trainable_params", "trainable_pct",
-    "train_seconds", "eval_seconds", "eval_generate_seconds", "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "step_mode",
-)
-# The per-row values of the eval metrics, by metric: one per eval row, in the eval split's order,
-# the same rows for every trial of a run (trainables/trial.py `Evaluation`, trainables/generate.py),
-# so two trials' lists pair row by row (analysis/select.py). The trial table carries them after its
-# other columns, a list each (None where the trial reported none); trials.csv leaves them out.
-ROW_COLUMNS = {"eval_loss": "eval_row_loss", "eval_accuracy": "eval_row_accuracy",
-               "eval_exact_match": "eval_row_exact_match"}
+# What a trial's last report gives the table is `rundir.report.TABLE_COLUMNS` (besides the user's
+# metric, `user_metric_columns`); a trial that failed before its first report has none, and
+# eval_exact_match is missing where the trial generated no answers (data.eval_generate_examples 0).
+# The per-row values of the eval metrics, by metric (`rundir.report.ROW_COLUMNS`): the same rows
+# for every trial of a run, so two trials' lists pair row by row (analysis/select.py). The trial
+# table carries them after its other columns, a list each (None where the trial reported none);
+# trials.csv leaves them out.
+ROW_COLUMNS = {column.replace("eval_row_", "eval_"): column for column in REPORT_ROW_COLUMNS}
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
@@ -204,7 +197,7 @@ def trial_record(trial: TrialFiles, max_steps: int, metric: str) -> dict:
     params = trial.params
     lora_config = params.lora_config
     last = trial.rows[-1] if trial.rows else {}
-    reported = {key: last.get(key, math.nan) for key in (*REPORTED_COLUMNS, *user_metric_columns(metric))}
+    reported = {key: last.get(key, math.nan) for key in (*TABLE_COLUMNS, *user_metric_columns(metric))}
     reported |= {column: row_values(last.get(column)) for column in ROW_COLUMNS.values()}
     return {
         "trial_id": trial.trial_id,

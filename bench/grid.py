@@ -74,7 +74,7 @@ def run_config(name: str, lora: dict, model_path: str, splits: dict, pad_token_i
     from transformers import AutoModelForCausalLM
 
     from trainables.data import load_split
-    from trainables.trial import evaluate
+    from trainables.evaluation import evaluate
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)

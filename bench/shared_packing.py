@@ -63,12 +63,12 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from trainables.step import TrainStep
-    from trainables.trial import _optimizer
+    from trainables.optim import loraplus_adamw
 
     params = trial_params(0)
     torch.manual_seed(0)
     peft = get_peft_model(model, LoraConfig(**params.lora_config))
-    optimizer = _optimizer(peft, params.learning_rate, 1.0, device.type == "cuda")
+    optimizer = loraplus_adamw(peft, params.learning_rate, 1.0, device.type == "cuda")
     data = rows(batch * 4, tokens, model.config.vocab_size, 0)
     step = TrainStep(peft, data, batch, 0, steps + WARMUP, 0, device, cuda_graph=True)
     for k in range(WARMUP):

@@ -48,6 +48,7 @@ class TrialParams:
     parent: str | None = None      # the trial that a promoted, confirming, rerun or retrained trial repeats
     start_from: str | None = None  # a checkpoint (directory or URI) to continue from: a promotion's
     full_data: bool = False        # train on all the training data, not data.search_fraction of it
+    gpu_share: float | None = None  # the GPU share of a rerun after running out of memory beside others; None: the run's
 
     def to_config(self) -> dict:
         """The trial as Tune's config: plain JSON values."""
@@ -65,4 +66,4 @@ class TrialParams:
     def repeat(self, origin: Origin, parent: str, **changes) -> TrialParams:
         """This configuration again for a later stage: `changes` override the rest (a seed, a checkpoint)."""
         return dataclasses.replace(self, **{"origin": origin, "parent": parent, "start_from": None, "full_data": False,
-                                            **changes})
+                                            "gpu_share": None, **changes})

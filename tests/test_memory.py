@@ -56,7 +56,7 @@ def test_a_negative_memory_margin_is_refused_with_the_key():
 
 
 def test_a_262k_vocabulary_shrinks_eval_batches_to_a_gigabyte_of_logits():
-    from trainables.trial import EVAL_LOGITS_BYTES, eval_token_budget
+    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_token_budget
 
     train_tokens = 16 * 128
     large, small = eval_token_budget(train_tokens, 262_144), eval_token_budget(train_tokens, 49_152)
@@ -80,7 +80,7 @@ class FakeVocabModel(torch.nn.Module):
 
 
 def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_token_budget():
-    from trainables.trial import EVAL_LOGITS_BYTES, eval_token_budget, evaluate
+    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_token_budget, evaluate
 
     model = FakeVocabModel()
     budget = eval_token_budget(16 * 64, model.config.get_text_config().vocab_size)

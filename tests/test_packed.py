@@ -10,7 +10,9 @@ import torch
 from rundir.params import Origin, TrialParams
 from trainables.packed import Pack
 from trainables.step import answer_loss
-from trainables.trial import _optimizer, _schedule, evaluate
+from trainables.evaluation import evaluate
+from trainables.metrics import Progress
+from trainables.optim import loraplus_adamw, warmup_cosine
 
 WARMUP, MAX_STEPS = 2, 10
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -67,8 +69,8 @@ class PeftAlone:
         if state is not None:
             set_peft_model_state_dict(self.model, state)
         self.state = get_peft_model_state_dict(self.model)
-        self.optimizer = _optimizer(self.model, p.learning_rate, p.loraplus_lr_ratio, cuda=False)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(WARMUP, MAX_STEPS))
+        self.optimizer = loraplus_adamw(self.model, p.learning_rate, p.loraplus_lr_ratio, cuda=False)
+        self.scheduler = warmup_cosine(self.optimizer, WARMUP, MAX_STEPS)
         self.model.train()
 
     def step(self, ids, labels) -> tuple[float, dict[str, torch.Tensor]]:
@@ -210,10 +212,8 @@ def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_re
         with pack.only(i):
             reported = evaluate(model, rows, 0, torch.device("cpu"), off)
         directory = tmp_path / f"slot{i}"
-        directory.mkdir()
-        for name, data in pack.adapter_files(i, str(tiny_model_dir)).items():
-            (directory / name).write_bytes(data)
-        loaded = PeftModel.from_pretrained(base(tiny_model_dir), directory)
+        pack.checkpoint(i, Progress(called_at=0.0, imported_at=0.0), str(tiny_model_dir)).save(directory)
+        loaded = PeftModel.from_pretrained(base(tiny_model_dir), directory / "adapter")
         assert loaded.peft_config["default"].r == pack.slots[i].params.lora_config["r"]
         exported = evaluate(loaded, rows, 0, torch.device("cpu"), off)
         assert exported.loss == pytest.approx(reported.loss, rel=1e-4)

@@ -42,3 +42,11 @@ def test_a_config_without_a_field_of_the_contract_names_it():
     del config["seed"]
     with pytest.raises(KeyError, match="seed"):
         TrialParams.from_config(config)
+
+
+def test_a_reruns_gpu_share_travels_in_the_contract_and_a_later_repeat_takes_the_runs_own():
+    rerun = params().repeat(Origin.RERUN, "abc", gpu_share=0.5)
+    stored = json.loads(json.dumps(rerun.to_config()))
+
+    assert TrialParams.from_config(stored).gpu_share == 0.5
+    assert rerun.repeat(Origin.CONFIRM, "abc", seed=1).gpu_share is None

@@ -44,7 +44,7 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
     report = ray.get(trainer.next_report.remote("a"))
     result = run_dir / "tune" / "trial_a" / "result.json"
     result.parent.mkdir(parents=True)
-    result.write_text(json.dumps(report["metrics"]) + "\n")  # the trial's row, as its client reported it to Tune
+    result.write_text(json.dumps(report.report.to_dict()) + "\n")  # the trial's row, as its client reported it to Tune
 
     assert stop_leftover_workers(run_dir, grace_seconds=5) == [pid]
     deadline = time.monotonic() + 10

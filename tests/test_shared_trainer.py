@@ -13,8 +13,8 @@ import torch
 
 from rundir.params import Origin, TrialParams
 from trainables.config import TrialSetup
-from trainables.shared import SharedTrainer
-from trainables.trial import TrialDiverged
+from trainables.shared import SharedTrainer, SlotReport
+from trainables.divergence import TrialDiverged
 
 MAX_STEPS, EVAL_EVERY = 6, 3
 
@@ -53,9 +53,9 @@ def trainer(setup):
     trainer.stop()
 
 
-def reports(trainer: SharedTrainer, trial_id: str) -> list[dict]:
+def reports(trainer: SharedTrainer, trial_id: str) -> list[SlotReport]:
     out = []
-    while "done" not in (report := trainer.next_report(trial_id)):
+    while (report := trainer.next_report(trial_id)) is not None:
         out.append(report)
     return out
 
@@ -64,19 +64,19 @@ def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trai
     assert trainer.open("a", trial(), None) and trainer.open("b", trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)
     a, b = reports(trainer, "a"), reports(trainer, "b")
     for rows in (a, b):
-        assert [r["metrics"]["step"] for r in rows] == [3, 6]
-        assert all(math.isfinite(r["metrics"]["eval_loss"]) and r["metrics"]["step_mode"] == "packed" for r in rows)
-        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "trainer_state.pt"} <= set(rows[-1]["files"])
-    assert a[-1]["metrics"]["trainable_params"] != b[-1]["metrics"]["trainable_params"]
-    assert a[-1]["metrics"]["eval_loss"] != b[-1]["metrics"]["eval_loss"]
-    assert a[0]["metrics"]["pack_size"] == 2
+        assert [r.report.step for r in rows] == [3, 6]
+        assert all(math.isfinite(r.report.eval_loss) and r.report.step_mode == "packed" for r in rows)
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "trainer_state.pt"} <= set(rows[-1].files)
+    assert a[-1].report.trainable_params != b[-1].report.trainable_params
+    assert a[-1].report.eval_loss != b[-1].report.eval_loss
+    assert a[0].report.pack_size == 2
 
 
 def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_without_stopping(setup, trainer):
     assert trainer.open("whole", trial(seed=5), None)
     whole = reports(trainer, "whole")
     assert trainer.open("first", trial(seed=5), None)
-    checkpoint = trainer.next_report("first")["files"]  # at step 3, then the trial was stopped
+    checkpoint = trainer.next_report("first").files  # at step 3, then the trial was stopped
     trainer.release("first")
     trainer.stop()  # a process holds one trainer: the new one takes over the process's cached base model
     again = SharedTrainer(setup, capacity=2)  # a new trainer: a resumed search's
@@ -85,9 +85,9 @@ def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_withou
         (continued,) = reports(again, "first")
     finally:
         again.stop()
-    assert continued["metrics"]["step"] == MAX_STEPS
-    assert continued["metrics"]["eval_loss"] == pytest.approx(whole[-1]["metrics"]["eval_loss"], rel=1e-5)
-    assert continued["metrics"]["train_loss"] == pytest.approx(whole[-1]["metrics"]["train_loss"], rel=1e-5)
+    assert continued.report.step == MAX_STEPS
+    assert continued.report.eval_loss == pytest.approx(whole[-1].report.eval_loss, rel=1e-5)
+    assert continued.report.train_loss == pytest.approx(whole[-1].report.train_loss, rel=1e-5)
 
 
 def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(setup, trainer):
@@ -97,7 +97,7 @@ def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(s
     with pytest.raises(TrialDiverged, match="loss became"):
         reports(trainer, "wild")
     beside = reports(trainer, "calm2")
-    assert [r["metrics"]["eval_loss"] for r in beside] == pytest.approx([r["metrics"]["eval_loss"] for r in calm], rel=1e-5)
+    assert [r.report.eval_loss for r in beside] == pytest.approx([r.report.eval_loss for r in calm], rel=1e-5)
 
 
 def test_a_released_slot_takes_the_next_trial_and_a_full_trainer_says_so(trainer):
@@ -116,7 +116,7 @@ def test_a_late_release_by_an_earlier_attempt_leaves_the_retrys_slot_alone(train
     retry = trainer.open("a", trial(), None)  # Tune's retry of the trial, before the first attempt's release came
     trainer.release("a", first)
     assert trainer.free_slots() == 2
-    assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
+    assert [r.report.step for r in reports(trainer, "a")] == [3, 6]
     trainer.release("a", retry)
     assert trainer.free_slots() == 3
 
@@ -149,5 +149,5 @@ def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trai
     caller.join(10)
     assert not caller.is_alive() and answers["free"] == 1  # answered while the step still runs
     go_on.set()
-    assert [r["metrics"]["step"] for r in reports(trainer, "a")] == [3, 6]
+    assert [r.report.step for r in reports(trainer, "a")] == [3, 6]
     assert trainer.free_slots() == 2 and trainer.pack.free_slots() == [1, 2]  # b's slot was freed between steps

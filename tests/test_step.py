@@ -87,7 +87,7 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_model
 
 
 def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
-    from trainables.trial import evaluate
+    from trainables.evaluation import evaluate
 
     model, rows = tiny
     model.eval()
@@ -113,7 +113,7 @@ def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(ti
 
 def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny):
     """evaluate passes no attention mask: the padding after a row must not change its loss or accuracy."""
-    from trainables.trial import evaluate
+    from trainables.evaluation import evaluate
 
     model, rows = tiny
     model.eval()
@@ -280,7 +280,7 @@ def test_a_model_on_several_devices_is_seen_as_such_and_one_on_a_single_device_i
 def test_eval_standard_errors_are_those_of_the_per_row_means_computed_by_hand(tiny):
     """Each row's mean loss and token accuracy, computed alone with torch; the standard error
     of their mean over rows is std (n - 1) / sqrt(n)."""
-    from trainables.trial import evaluate
+    from trainables.evaluation import evaluate
 
     model, rows = tiny
     model.eval()
@@ -306,7 +306,7 @@ def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_b
     came in (evaluate batches them by length); a row without answer tokens has none and is left
     out. Weighted by each row's answer tokens they give the reported eval loss, and their own
     standard error is the reported one."""
-    from trainables.trial import evaluate
+    from trainables.evaluation import evaluate
 
     model, rows = tiny
     ids = rows[0][0]

@@ -180,28 +180,30 @@ def test_a_trial_continues_from_a_checkpoint_kept_at_a_uri(s3, tiny_model_dir, t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainables.trial import Progress, _optimizer, _restore, _save, _schedule
+    from trainables.metrics import Progress
+    from trainables.optim import loraplus_adamw, warmup_cosine
+    from trainables.trial import checkpoint, restore
 
     def trial_state():
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-        optimizer = _optimizer(model, 1e-3, 1.0, cuda=False)
-        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(2, 10))
+        optimizer = loraplus_adamw(model, 1e-3, 1.0, cuda=False)
+        return model, optimizer, warmup_cosine(optimizer, 2, 10)
 
     model, optimizer, scheduler = trial_state()
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_()  # trained weights, unlike a fresh adapter's
-    _save(tmp_path / "checkpoint_000001", model, optimizer, scheduler,
-          Progress(called_at=0.0, imported_at=0.0, step=5, train_seconds=1.5, eval_seconds=0.5, tokens=321))
+    checkpoint(model, optimizer, scheduler, Progress(called_at=0.0, imported_at=0.0, step=5, train_seconds=1.5,
+                                                     eval_seconds=0.5, tokens=321)).save(tmp_path / "checkpoint_000001")
     uri = f"s3://runs/ckpt/trial_1/checkpoint_000001?{s3}"
     fs, path = pafs.FileSystem.from_uri(uri)
     pafs.copy_files(str(tmp_path / "checkpoint_000001"), path, destination_filesystem=fs)
 
     fresh, fresh_optimizer, fresh_scheduler = trial_state()
     progress = Progress(called_at=0.0, imported_at=0.0)
-    _restore(fresh, fresh_optimizer, fresh_scheduler, uri, progress)
+    restore(fresh, fresh_optimizer, fresh_scheduler, uri, progress)
     assert (progress.step, progress.train_seconds, progress.eval_seconds, progress.tokens) == (5, 1.5, 0.5, 321)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for name, p in fresh.named_parameters():

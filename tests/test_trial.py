@@ -8,7 +8,9 @@ import zlib
 import pytest
 import torch
 
-from trainables.trial import Progress, _optimizer, _restore, _save, _schedule
+from trainables.metrics import Progress
+from trainables.optim import loraplus_adamw, warmup_cosine
+from trainables.trial import checkpoint, restore
 
 LR, RATIO = 1e-3, 16.0
 
@@ -44,7 +46,7 @@ def test_the_optimizer_has_the_parameter_groups_of_peft_loraplus(tiny_model_dir,
 
     model = adapted(tiny_model_dir, use_dora)
     names = {id(p): name for name, p in model.named_parameters()}
-    ours = _optimizer(model, LR, RATIO, cuda=False)
+    ours = loraplus_adamw(model, LR, RATIO, cuda=False)
     peft = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO)
     assert [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in ours.param_groups] == \
            [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in peft.param_groups]
@@ -55,7 +57,7 @@ def test_loraplus_trains_b_and_doras_magnitudes_ratio_times_faster_than_a(tiny_m
     """PEFT's rule: lora_B and every one-dimensional parameter (DoRA's magnitude vectors) at
     B's rate; lora_A at the learning rate."""
     model = adapted(tiny_model_dir, use_dora)
-    rates = lr_by_name(model, _optimizer(model, LR, RATIO, cuda=False))
+    rates = lr_by_name(model, loraplus_adamw(model, LR, RATIO, cuda=False))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted(rates) == sorted(trainable)  # each trainable parameter in exactly one group
     magnitudes = [name for name in trainable if "lora_magnitude_vector" in name]
@@ -68,7 +70,7 @@ def test_loraplus_trains_b_and_doras_magnitudes_ratio_times_faster_than_a(tiny_m
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_a_loraplus_ratio_of_one_steps_exactly_as_plain_adamw(tiny_model_dir, use_dora):
     ours, plain = adapted(tiny_model_dir, use_dora), adapted(tiny_model_dir, use_dora)
-    ours_optimizer = _optimizer(ours, LR, 1.0, cuda=False)
+    ours_optimizer = loraplus_adamw(ours, LR, 1.0, cuda=False)
     plain_optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     for k in range(3):
         step_with_gradients(ours, ours_optimizer, k)
@@ -85,23 +87,23 @@ def test_a_trial_restored_from_its_checkpoint_takes_the_step_it_would_have_taken
 
     def trial():
         model = adapted(tiny_model_dir, use_dora)
-        optimizer = _optimizer(model, LR, RATIO, cuda=False)
-        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(2, 10))
+        optimizer = loraplus_adamw(model, LR, RATIO, cuda=False)
+        return model, optimizer, warmup_cosine(optimizer, 2, 10)
 
     model, optimizer, scheduler = trial()
     for k in range(3):
         step_with_gradients(model, optimizer, k)
         scheduler.step()
-    _save(tmp_path, model, optimizer, scheduler,
-          Progress(called_at=1.0, imported_at=2.0, step=3, train_seconds=1.5, eval_seconds=0.5, generate_seconds=0.25,
-                   tokens=321))
+    checkpoint(model, optimizer, scheduler,
+               Progress(called_at=1.0, imported_at=2.0, step=3, train_seconds=1.5, eval_seconds=0.5,
+                        generate_seconds=0.25, tokens=321)).save(tmp_path)
     for k in (3, 4):
         step_with_gradients(model, optimizer, k)
         scheduler.step()
 
     restored, restored_optimizer, restored_scheduler = trial()
     progress = Progress(called_at=10.0, imported_at=11.0)
-    _restore(restored, restored_optimizer, restored_scheduler, str(tmp_path), progress)
+    restore(restored, restored_optimizer, restored_scheduler, str(tmp_path), progress)
     assert progress == Progress(called_at=10.0, imported_at=11.0, step=3, train_seconds=1.5, eval_seconds=0.5,
                                 generate_seconds=0.25, tokens=321)  # this call's clock readings, the checkpoint's counters
     for k in (3, 4):

@@ -17,6 +17,7 @@ import ray
 from ray import tune
 
 from rundir.params import TrialParams
+from trainables.checkpoint import read_files, write_files
 from trainables.config import let_tune_wait_for_the_last_trial
 
 FULL_WAIT_S = 0.2  # between rounds of asking while every slot is taken: a slot frees when a trial ends
@@ -47,14 +48,11 @@ def train_lora_shared(config: dict, trainers: list) -> None:
             except ray.exceptions.RayActorError as e:
                 raise TrainerDied(f"the shared trainer {index} of the run died while it trained this trial "
                                   f"({type(e).__name__}: {e})") from e
-            if report.get("done"):
+            if report is None:
                 return
             with tempfile.TemporaryDirectory() as directory:
-                for name, data in report["files"].items():
-                    path = Path(directory) / name
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(data)
-                tune.report(report["metrics"], checkpoint=tune.Checkpoint.from_directory(directory))
+                write_files(Path(directory), report.files)
+                tune.report(report.report.to_dict(), checkpoint=tune.Checkpoint.from_directory(directory))
     finally:
         # Also on the SystemExit with which Tune's report ends a trial that ASHA stopped. Not awaited:
         # Tune gives this process the next trial only once this function has ended (within
@@ -82,8 +80,7 @@ def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        root = Path(directory)
-        return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+        return read_files(Path(directory))
 
 
 def _open(trainers: list, trial_id: str, config: dict, files) -> tuple[int, str]:

@@ -15,14 +15,12 @@ mode (huggingface/peft#631), so the adapted layers are this module's own. DoRA (
 per adapter for its norm), Conv1D layers (GPT-2) and LoRA biases are refused: such a trial
 trains in its own process (`resources.packing=processes`).
 
-Slot weights are exported in PEFT's format (`adapter_files`): `PeftModel.from_pretrained`
-loads them as any adapter the search exports.
+A slot's checkpoint (`checkpoint`) has a per-process trial's format (trainables/checkpoint.py):
+`PeftModel.from_pretrained` loads its adapter as any adapter the search exports.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +29,10 @@ import torch
 from torch import nn
 
 from rundir.params import TrialParams
+from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
+from trainables.metrics import Progress
+from trainables.optim import SlotWeights, loraplus_adamw, warmup_cosine
 from trainables.step import shifted_cross_entropy
 
 
@@ -176,16 +177,9 @@ class Pack:
             B = nn.Parameter(torch.zeros(base.out_features, config.r, dtype=torch.float32, device=self.device))
             layer.adapters[index] = _Adapter(A, B, scale, config.lora_dropout, generator)
             layers[name] = layer
-        groups = [{"params": [layer.adapters[index].A for layer in layers.values()], "lr": params.learning_rate},
-                  {"params": [layer.adapters[index].B for layer in layers.values()],
-                   "lr": params.learning_rate * params.loraplus_lr_ratio}]
-        cuda = self.device.type == "cuda"
-        # as trainables/trial.py's: PEFT's LoRA+ groups with weight decay 0; foreach on CPU
-        optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, weight_decay=0.0, fused=cuda,
-                                      foreach=None if cuda else True)
-        from trainables.trial import _schedule
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.warmup_steps, self.max_steps))
+        weights = SlotWeights([(layer.adapters[index].A, layer.adapters[index].B) for layer in layers.values()])
+        optimizer = loraplus_adamw(weights, params.learning_rate, params.loraplus_lr_ratio, self.device.type == "cuda")
+        scheduler = warmup_cosine(optimizer, self.warmup_steps, self.max_steps)
         self.slots[index] = Slot(params, layers, optimizer, scheduler, generator, index)
         return index
 
@@ -283,27 +277,23 @@ class Pack:
             for key, weight in weights.items():
                 weight.copy_(state[key])
 
-    def trainer_state(self, index: int) -> dict:
+    def checkpoint(self, index: int, progress: Progress, base_model_name_or_path: str) -> TrialCheckpoint:
+        """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model."""
         slot = self.slots[index]
-        return {"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
-                "generator": slot.generator.get_state()}
-
-    def load_trainer_state(self, index: int, state: dict) -> None:
-        slot = self.slots[index]
-        slot.optimizer.load_state_dict(state["optimizer"])
-        slot.scheduler.load_state_dict(state["scheduler"])
-        slot.generator.set_state(state["generator"])
-
-    def adapter_files(self, index: int, base_model_name_or_path: str | None) -> dict[str, bytes]:
-        """The slot's adapter as the files of a PEFT adapter directory, by name."""
         from peft import LoraConfig
-        from safetensors.torch import save
 
-        config = LoraConfig(**self.slots[index].params.lora_config)
-        config.base_model_name_or_path = base_model_name_or_path
-        config.inference_mode = True  # as PeftModel.save_pretrained writes it
-        return {"adapter_config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_jsonable).encode(),
-                "adapter_model.safetensors": save(self.adapter_state(index), metadata={"format": "pt"})}
+        return TrialCheckpoint.take(progress, self.adapter_state(index),
+                                    adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
+                                    slot.optimizer, slot.scheduler, [slot.generator.get_state()], SLOT)
+
+    def restore(self, index: int, checkpoint: TrialCheckpoint, progress: Progress) -> None:
+        """Continue the slot and `progress` from `checkpoint`, of a slot or of a per-process trial
+        (whose dropout generators a slot has not: its masks are drawn afresh)."""
+        self.load_adapter_state(index, checkpoint.adapter)
+        slot = self.slots[index]
+        checkpoint.restore(slot.optimizer, slot.scheduler, progress)
+        if checkpoint.dropout_rng_of == SLOT:
+            slot.generator.set_state(checkpoint.dropout_rng[0])
 
 
 def unpack(model: nn.Module) -> None:
@@ -327,18 +317,3 @@ def _unsupported(config) -> str | None:
 def _plain(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
     return module.base if isinstance(module, PackedLinear) else module
-
-
-def _jsonable(value):
-    return sorted(value) if isinstance(value, set) else str(value)
-
-
-def save_bytes(state: dict) -> bytes:
-    """`state` as torch.save writes it, in memory (a checkpoint file sent to a trial's client)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def load_bytes(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ release must not free the retry's slot. The stepping runs in a thread of its own
 opens, is stopped or fails changes the next packed step and nothing else: no recompilation, no new
 process, no model load.
 
-A trial's report carries the same keys as a per-process trial's (`trainables/trial.py`), with
+A trial's report is a per-process trial's `TrialReport` (trainables/metrics.py builds both), with
 `step_mode` "packed" and `pack_size`, the trials the last step trained. `train_seconds` is the
 wall time of the packed steps the trial was in (every trial in a step is charged the whole
 step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
@@ -25,20 +25,33 @@ least its capacity: each client waits in `next_report`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rundir.params import TrialParams
+from rundir.report import TrialReport
 from trainables.config import TrialSetup
+
+if TYPE_CHECKING:
+    from trainables.metrics import Progress
 
 PENDING_REPORTS = 2  # reports a slot may run ahead of its client before it waits for it
 FAILURE_GRACE_S = 2.0  # after the stepping thread fails: time for the waiting clients to take the reason
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotReport:
+    """A report of a trial in a slot, and the files of its checkpoint by their paths inside it
+    (`TrialCheckpoint.to_files`): plain bytes, so the trial's client needs no torch to pass them on."""
+
+    report: TrialReport
+    files: dict[str, bytes]
 
 
 @dataclass
@@ -48,9 +61,9 @@ class _Open:
     index: int
     token: str                  # the attempt's that opened the slot: its release frees this slot only
     params: TrialParams
-    progress: object            # trainables.trial.Progress
+    progress: Progress
     rows: list
-    reports: deque = field(default_factory=deque)
+    reports: deque = field(default_factory=deque)  # SlotReport, then None after the last
     error: BaseException | None = None
     finished: bool = False
     loss_sum: object = 0.0      # a tensor on the device once the slot has stepped
@@ -67,10 +80,10 @@ class SharedTrainer:
         import torch
 
         from trainables.data import load_split
+        from trainables.evaluation import eval_token_budget
         from trainables.generate import AnswerMetrics
         from trainables.model import load_base_model
         from trainables.packed import Pack
-        from trainables.trial import eval_token_budget
 
         torch.set_num_threads(setup.cpu_threads)
         self.setup = setup
@@ -82,7 +95,7 @@ class SharedTrainer:
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         self.eval_rows = load_split(setup.data_dir, "eval")
         vocab_size = base.config.get_text_config().vocab_size
-        # each split's eval batch budget (trainables/trial.py's rule, by the split's longest train batch), once
+        # each split's eval batch budget, by the split's longest train batch, once
         self.eval_budget = {name: eval_token_budget(setup.batch_size * max(len(ids) for ids, _ in rows), vocab_size)
                             if self.cuda else 0 for name, rows in self.splits.items()}
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
@@ -111,7 +124,8 @@ class SharedTrainer:
         trial still holds (a retry's attempt opens again); the slot's token, which `release` takes
         to free this slot and no later one of the trial, or None when every slot is taken.
         ValueError for a configuration a pack cannot train."""
-        from trainables.trial import Progress
+        from trainables.checkpoint import TrialCheckpoint
+        from trainables.metrics import Progress
 
         params = TrialParams.from_config(config)
         with self.pack_lock:
@@ -125,7 +139,7 @@ class SharedTrainer:
             progress = Progress(called_at=now, imported_at=now, busy_from=now)
             try:
                 if files:
-                    self._restore(index, files, progress)
+                    self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
             except BaseException:
                 self.pack.remove(index)
                 raise
@@ -136,10 +150,9 @@ class SharedTrainer:
                 self.lock.notify_all()
         return token
 
-    def next_report(self, trial_id: str) -> dict:
-        """The trial's next report, `{"metrics": ..., "files": {relative path: bytes}}` (the
-        checkpoint of that report), or `{"done": True}` after its last; waits for it. Raises the
-        trial's failure: TrialDiverged, CUDA's out-of-memory error, or the trainer's own."""
+    def next_report(self, trial_id: str) -> SlotReport | None:
+        """The trial's next report with its checkpoint, or None after its last; waits for it.
+        Raises the trial's failure: TrialDiverged, CUDA's out-of-memory error, or the trainer's own."""
         with self.lock:
             while True:
                 trial = self.open_trials.get(trial_id)
@@ -247,72 +260,37 @@ class SharedTrainer:
     def _report(self, trial: _Open, pack_size: int) -> None:
         """Evaluate the trial's adapter, and queue its report and checkpoint; a NaN or infinite
         loss fails the trial instead, and its slot stops stepping."""
-        from trainables.trial import (
-            TrialDiverged,
-            allocated_peak_gb,
-            evaluate,
-            process_peak_gb,
-        )
+        from trainables.divergence import eval_diverged, train_diverged
+        from trainables.evaluation import evaluate
+        from trainables.metrics import trial_report
 
         progress, setup = trial.progress, self.setup
         train_loss = float(trial.loss_sum / trial.loss_count)
         trial.loss_sum, trial.loss_count = 0.0, 0
-        if not math.isfinite(train_loss):
+        if diverged := train_diverged(train_loss, progress.step):
             with self.lock:
-                trial.error = TrialDiverged(f"train loss became {train_loss} by step {progress.step}")
+                trial.error = diverged
             return
         started = time.perf_counter()
         budget = self.eval_budget["train" if trial.params.full_data else "search_train"]
         with self.pack.only(trial.index) as model:
             evaluation = evaluate(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget)
-            if not math.isfinite(evaluation.loss):
+            if diverged := eval_diverged(evaluation.loss, progress.step):
                 with self.lock:
-                    trial.error = TrialDiverged(f"eval loss became {evaluation.loss} at step {progress.step}")
+                    trial.error = diverged
                 return
             generating = time.perf_counter()
             answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
             answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
             progress.generate_seconds += time.perf_counter() - generating
         progress.eval_seconds += time.perf_counter() - started
-        trainable = self.pack.trainable_params(trial.index)
-        metrics = {**evaluation.metrics(), **answered, "train_loss": train_loss, "trainable_params": trainable,
-                   "trainable_pct": 100.0 * trainable / setup.total_params,
-                   "peak_memory_gb": process_peak_gb(self.cuda), "peak_allocated_gb": allocated_peak_gb(self.cuda),
-                   "step_mode": "packed", "pack_size": pack_size, "trainer_pid": os.getpid(), **progress.metrics()}
-        report = {"metrics": metrics, "files": self._checkpoint(trial)}
+        report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
+                              setup.total_params, self.cuda, "packed", pack_size=pack_size, trainer_pid=os.getpid())
+        files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
         progress.busy_from = time.time()
         with self.lock:
-            trial.reports.append(report)
+            trial.reports.append(SlotReport(report, files))
             if progress.step >= setup.max_steps:
                 trial.finished = True
-                trial.reports.append({"done": True})
+                trial.reports.append(None)
             self.lock.notify_all()
-
-    def _checkpoint(self, trial: _Open) -> dict[str, bytes]:
-        """The files of a per-process trial's checkpoint: the adapter as PEFT writes it, and the
-        trainer state (this slot's optimizer, schedule, dropout generator and counters)."""
-        from trainables.packed import save_bytes
-
-        progress = trial.progress
-        files = {f"adapter/{name}": data for name, data in
-                 self.pack.adapter_files(trial.index, self.pack.model.name_or_path).items()}
-        files["trainer_state.pt"] = save_bytes({
-            **self.pack.trainer_state(trial.index), "step": progress.step, "tokens": progress.tokens,
-            "train_seconds": progress.train_seconds, "eval_seconds": progress.eval_seconds,
-            "generate_seconds": progress.generate_seconds})
-        return files
-
-    def _restore(self, index: int, files: dict[str, bytes], progress) -> None:
-        from safetensors.torch import load
-
-        from trainables.packed import load_bytes
-
-        self.pack.load_adapter_state(index, load(files["adapter/adapter_model.safetensors"]))
-        state = load_bytes(files["trainer_state.pt"])
-        if "generator" not in state:
-            raise ValueError("the checkpoint is a per-process trial's (resources.packing=processes); "
-                             "a shared trainer continues only its own trials' checkpoints")
-        self.pack.load_trainer_state(index, state)
-        progress.step, progress.tokens = state["step"], state["tokens"]
-        progress.train_seconds, progress.eval_seconds = state["train_seconds"], state["eval_seconds"]
-        progress.generate_seconds = state["generate_seconds"]

@@ -15,9 +15,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# The Tune config key of a trial run again with a larger share than resources.gpus_per_trial
-# (search/tuning/stages.py sets it, the trainable's resources read it: search/tuning/tuner.py).
-GPU_SHARE = "gpu_share"
 SHARES = (0.125, 0.25, 0.5, 1.0)  # 8, 4, 2 or 1 trials to a GPU, as the rule by parameter count packs
 
 
@@ -151,13 +148,15 @@ def _measure(spec: ProbeSpec) -> dict:
 
     from trainables.model import load_base_model
     from trainables.step import TrainStep
-    from trainables.trial import _optimizer, allocated_peak_gb, process_peak_gb, eval_token_budget, evaluate, outside_allocator
+    from trainables.evaluation import eval_token_budget, evaluate
+    from trainables.metrics import allocated_peak_gb, outside_allocator, process_peak_gb
+    from trainables.optim import loraplus_adamw
 
     device = torch.device("cuda", 0)
     base = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
                            spec.gradient_checkpointing)
     model = get_peft_model(base, LoraConfig(**spec.lora_config))
-    optimizer = _optimizer(model, 1e-4, 1.0, cuda=True)
+    optimizer = loraplus_adamw(model, 1e-4, 1.0, cuda=True)
     vocab_size = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (spec.max_length,), generator=generator).tolist()

@@ -26,7 +26,6 @@ from rundir.files import write_json_atomic
 from rundir.layout import SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
-from search.resources.memory import GPU_SHARE
 
 
 class StagedSearch(Searcher):
@@ -118,8 +117,9 @@ class StagedSearch(Searcher):
         checkpoint = rows[-1].get("checkpoint_dir_name") if rows else None
         start_from = (self._location.path_of(SEARCH_EXPERIMENT, trial_directory(trial_id), checkpoint) if checkpoint
                       else params.start_from)
-        rerun = params.repeat(Origin.RERUN, trial_id, start_from=start_from, full_data=params.full_data)
-        self._reruns.append({**rerun.to_config(), **({GPU_SHARE: gpu_share} if gpu_share else {})})
+        rerun = params.repeat(Origin.RERUN, trial_id, start_from=start_from, full_data=params.full_data,
+                              gpu_share=gpu_share)
+        self._reruns.append(rerun.to_config())
 
     def get_state(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "searcher"}

@@ -20,9 +20,9 @@ from analysis.results import read_trial_files
 from rundir.files import write_json_atomic
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
-from rundir.params import Origin
+from rundir.params import Origin, TrialParams
 from search.config import SHARED, Config
-from search.resources.memory import GPU_SHARE, larger_share, ran_out_of_memory
+from search.resources.memory import larger_share, ran_out_of_memory
 from search.output.trial_lines import progress_callbacks, status_reporter
 from search.tuning.stages import GivenConfigs, StagedSearch
 from search.output.tracking import logger_callbacks
@@ -208,11 +208,12 @@ def trainable_for(setup: TrialSetup, cpus_per_trial: int, gpus_per_trial: float,
     a trial that trains in its own process beside them (a DoRA trial: trainables.placement.in_own_process)
     asks for what a trial of resources.packing=processes does. Else the trial function with its
     setup (by object reference, once): a trial run again after running out of memory beside others
-    takes the larger share its config names."""
+    takes the larger share its `TrialParams.gpu_share` names."""
     from ray.tune.execution.placement_groups import PlacementGroupFactory
 
     def alone(config: dict) -> PlacementGroupFactory:
-        return PlacementGroupFactory([{"CPU": cpus_per_trial, "GPU": config.get(GPU_SHARE, gpus_per_trial)}])
+        share = TrialParams.from_config(config).gpu_share or gpus_per_trial
+        return PlacementGroupFactory([{"CPU": cpus_per_trial, "GPU": share}])
 
     if trainers:
         def resources(config: dict) -> PlacementGroupFactory:
@@ -261,7 +262,7 @@ class TellLostTrials(tune.Callback):
                 self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
                                                   error=trial.status == Trial.ERROR)
                 if trial.status == Trial.ERROR and "step" not in (trial.last_result or {}):
-                    self.staged.run_again(trial.trial_id, trial.config.get(GPU_SHARE))
+                    self.staged.run_again(trial.trial_id, TrialParams.from_config(trial.config).gpu_share)
 
 
 def shared_callbacks(config: Config) -> list:

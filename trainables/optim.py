@@ -1,0 +1,56 @@
+"""A trial's optimizer and learning-rate schedule, the same in both trainers: AdamW with PEFT's
+LoRA+ groups, and linear warm-up then cosine decay.
+
+The groups come from PEFT (`create_loraplus_optimizer`) in both: for a per-process trial over
+its PEFT model, for a shared trainer's slot over `SlotWeights`, whose parameter names carry
+PEFT's `lora_A` and `lora_B`. So the two optimizers' state dicts have the same groups in the
+same order, and a checkpoint of either trainer continues in the other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def loraplus_adamw(model: nn.Module, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW with PEFT's LoRA+ groups: `lora_B` and every one-dimensional parameter (DoRA's
+    magnitudes) at `learning_rate * loraplus_lr_ratio`, the rest (`lora_A`) at `learning_rate`.
+    PEFT's group for LoRA on embeddings, at a fixed rate of its own, stays empty: the search
+    adapts only Linear and Conv1D layers (search/inputs/modules.py)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    # on CPU, the multi-tensor kernels: torch chooses them by itself on GPU only
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
+                                     weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
+
+
+class SlotWeights(nn.Module):
+    """A shared trainer's slot's adapter weights under the names PEFT gives them, layer by layer
+    in the model's order (`layers.<i>.lora_A`, `layers.<i>.lora_B`): what `loraplus_adamw`
+    groups as it groups a PEFT model's."""
+
+    def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter]]):
+        super().__init__()
+        self.layers = nn.ModuleList(_LayerWeights(A, B) for A, B in pairs)
+
+
+class _LayerWeights(nn.Module):
+    def __init__(self, A: nn.Parameter, B: nn.Parameter):
+        super().__init__()
+        self.lora_A, self.lora_B = A, B
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10% at max_steps: the same for every trial, so
+    trials compared at a rung saw the same schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        fraction = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
