@@ -23,7 +23,7 @@ from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
 from analysis.diagnose import diagnose
 from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
                               write_trials_csv)
-from analysis.select import NoCandidate, Pick, WithoutPick, amount, finished_trials, pick, rank_by_metric, without_pick
+from analysis.select import Comparison, NoCandidate, Pick, WithoutPick, amount, finished_trials, pick, rank_by_metric, without_pick
 from rundir.files import (download_tree, is_uri, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
@@ -60,7 +60,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     write_trials_csv(trials, run_dir / TRIALS_CSV)
     lora_configs = load_lora_configs(run_dir)
     try:
-        chosen = pick(trials, selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps, lora_configs)
+        chosen = pick(trials, Comparison.of(selection, max_steps), lora_configs)
     except NoCandidate as error:
         chosen, no_pick, standing = None, str(error), None
     else:
