@@ -135,7 +135,7 @@ def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
 
 
 DRIVER_STEPS = (("search.prepare", "prepare_model"), ("trainables.data", "prepare"), ("search.cluster", "connect"),
-                ("search.tuner", "fit_or_restore"), ("analysis.report", "analyse"))
+                ("search.tuner", "fit_or_restore"), ("analysis.pipeline", "analyse"))
 
 
 def clock_driver_steps(marks: list[tuple[str, float, float]]) -> None:

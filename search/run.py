@@ -303,7 +303,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
     if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
         _push(location)
         return _stopped(stop, _saved(location))
-    from analysis.report import analyse
+    from analysis.pipeline import analyse
 
     code = analyse(location.local)
     if config.tracking.mlflow.enabled:

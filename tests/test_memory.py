@@ -103,7 +103,7 @@ def test_the_probe_trains_the_spaces_heaviest_configuration():
 
 
 def test_the_report_gives_the_share_and_the_probe_it_came_from():
-    from analysis.report import _share
+    from analysis.render import _share
 
     probe = {"footprint_gb": 12.99, "allocated_gb": 5.74, "gpu_gb": 139.8, "margin": 1.0, "share": 0.25,
              "lora_config": {"r": 32}}
