@@ -9,20 +9,19 @@ import filecmp
 import os
 import shutil
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.config import SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.render import base_model_name, render_report, retrain_section
+from analysis.render import render_report, retrain_section
 from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
                               write_trials_csv)
 from analysis.select import Comparison, NoCandidate, amount, pick, without_pick
 from rundir.files import (download_tree, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
                           write_json_atomic, write_text_atomic)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
-
-_SELECTION_KEYS = [f.name for f in fields(SelectionConfig)]
+from rundir.runconfig import RunConfig
 
 
 def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None) -> int:
@@ -38,11 +37,11 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     """
     run_dir = Path(run_dir)
     run_config = read_run_config(run_dir)
-    selection = selection or run_selection(run_config)
+    selection = selection or SelectionConfig.recorded(run_config.selection)
     problems = selection.problems()
     if problems:
         raise ValueError(" ".join(problems))
-    max_steps = run_config["budget"]["max_steps"]
+    max_steps = run_config.budget.max_steps
     comparison = Comparison.of(selection, max_steps)
     trials = load_trials(run_dir)
     write_trials_csv(trials, run_dir / TRIALS_CSV)
@@ -65,7 +64,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         from analysis.export import export_adapter_config, export_retrained_weights
 
         retrain = next((r for r in retrains if r["parent"] == chosen.trial_id and r["weights"]), None)
-        export_adapter_config(chosen.lora_config, base_model_name(run_config), out / ADAPTER)
+        export_adapter_config(chosen.lora_config, run_config.base_model.name, out / ADAPTER)
         if retrain:
             export_retrained_weights(run_dir / retrain["directory"], out / ADAPTER)
         write_json_atomic(out / PICK, {**asdict(chosen), "without_pick": asdict(standing),
@@ -104,7 +103,7 @@ def analyse_at_uri(uri: str, overrides: dict) -> int:
             raise ValueError(f"cannot read {uri!r} ({type(error).__name__}: {error}).") from None
         if not found:
             raise ValueError(f"{uri!r} holds nothing. Fix: pass the URI a search wrote, <output>/<name>.")
-        selection = replace(run_selection(read_run_config(run_dir)), **overrides)
+        selection = replace(SelectionConfig.recorded(read_run_config(run_dir).selection), **overrides)
         code = analyse(run_dir, selection)
         for name in ANALYSIS_OUTPUTS:
             remove(join_uri(uri, name))  # an output this analysis did not write (no pick) must not stay behind
@@ -114,24 +113,15 @@ def analyse_at_uri(uri: str, overrides: dict) -> int:
         return code
 
 
-def run_selection(run_config: dict) -> SelectionConfig:
-    """The selection settings recorded in run_config.json; ValueError naming any key it does not know."""
-    settings = run_config["selection"]
-    unknown = sorted(set(settings) - set(_SELECTION_KEYS))
-    if unknown:
-        raise ValueError(f"run_config.json: selection has unknown keys {unknown}; the known keys are {list(_SELECTION_KEYS)}.")
-    return SelectionConfig(**settings)
-
-
-def _data_sources(run_config: dict) -> dict:
+def _data_sources(run_config: RunConfig) -> dict:
     """What pick.json says of the data the pick was judged on: each split's source, the part of it
-    used, its rows, and how many rows max_length truncated or dropped (`data_info` of run_config.json)."""
-    info = run_config.get("data_info", {})
+    used, its rows, and how many rows max_length truncated or dropped (`RunConfig.data_info`)."""
+    info = run_config.data_info
     keys = ("source", "part", "format", "rows", "truncated", "dropped")
-    return {"template": info.get("template"), "max_length": info.get("max_length"),
-            **{split: {key: info[split].get(key) for key in keys} for split in ("train", "eval")
-               if isinstance(info.get(split), dict)},
-            "eval_rows_scored": info.get("eval_rows")}
+    return {"template": info.template, "max_length": info.max_length,
+            **{split: {key: getattr(source, key) for key in keys} for split, source in (("train", info.train),
+                                                                                         ("eval", info.eval))},
+            "eval_rows_scored": info.eval_rows}
 
 
 def _new_analysis_dir(run_dir: Path) -> Path:
@@ -168,7 +158,7 @@ def _same(a: Path, b: Path) -> bool:
     return False
 
 
-def _retrain_record(trial, run_dir: Path, run_config: dict) -> dict:
+def _retrain_record(trial, run_dir: Path, run_config: RunConfig) -> dict:
     """What pick.json and the report say of one retrain: whose configuration, on how much data,
     its last evaluation, and where its trial keeps the weights."""
     last = trial.rows[-1] if trial.rows else {}
@@ -177,7 +167,7 @@ def _retrain_record(trial, run_dir: Path, run_config: dict) -> dict:
     return {
         "trial_id": trial.trial_id,
         "parent": trial.params.parent,
-        "train_rows": run_config.get("data_info", {}).get("train_rows"),
+        "train_rows": run_config.data_info.train_rows,
         "step": last.get("step"),
         "eval_loss": last.get("eval_loss"),
         "eval_accuracy": last.get("eval_accuracy"),

@@ -11,6 +11,7 @@ import pandas as pd
 
 from analysis.select import Comparison, Pick, WithoutPick, finished_trials, rank_by_metric
 from rundir.params import Origin
+from rundir.runconfig import Resources, RunConfig
 
 if TYPE_CHECKING:
     from analysis.plots import Plots
@@ -23,7 +24,7 @@ _RANGES = ("dropout", "learning_rate")
 
 
 def render_report(
-    run_config: dict,
+    run_config: RunConfig,
     trials: pd.DataFrame,
     comparison: Comparison,
     chosen: Pick | None,
@@ -46,8 +47,8 @@ def render_report(
         _data_section(run_config),
         _searched(run_config),
         _module_notes(run_config),
-        _spent(trials, run_config["budget"]["max_steps"], run_config.get("resources", {})),
-        _pick_section(trials, chosen, no_pick, standing, run_config.get("search", {})),
+        _spent(trials, run_config.budget.max_steps, run_config.resources),
+        _pick_section(trials, chosen, no_pick, standing, run_config.search),
         _prior_section(trials, chosen, comparison),
         _top_trials(trials, comparison, chosen, diagnoses),
         *([retrain] if retrain else []),
@@ -83,39 +84,30 @@ def lora_config_snippet(lora_config: dict) -> str:
     return f"from peft import LoraConfig\n\nconfig = LoraConfig(\n{arguments})"
 
 
-def base_model_name(run_config: dict) -> str:
-    """The base model as the user named it (the embedded default: its hub id), which the exported
-    adapter records; a run recorded before names were has only its path."""
-    base = run_config["base_model"]
-    return base.get("name", base["path"])
-
-
-def _title(run_config: dict, comparison: Comparison) -> str:
-    base, name = run_config["base_model"], base_model_name(run_config)
-    origin = f"{base['origin']}, at `{base['path']}`; " if base.get("origin") and base["path"] != name else ""
+def _title(run_config: RunConfig, comparison: Comparison) -> str:
+    base = run_config.base_model
+    origin = f"{base.origin}, at `{base.path}`; " if base.origin and base.path != base.name else ""
     return (
-        f"# LoRA search: {run_config['name']}\n\n"
-        f"Base model `{name}` ({origin}{base['total_params']:,} parameters), seed {run_config['seed']}. "
+        f"# LoRA search: {run_config.name}\n\n"
+        f"Base model `{base.name}` ({origin}{base.total_params:,} parameters), seed {run_config.seed}. "
         f"Selection: {comparison.statement()}."
     )
 
 
-def _data_section(run_config: dict) -> str:
+def _data_section(run_config: RunConfig) -> str:
     """Where the train and eval rows came from, how many there were, and what data.max_length cut."""
-    info = run_config.get("data_info", {})
-    if "train" not in info:
-        return "## Data\n\nThe sources were not recorded in run_config.json."
-    rows = [(purpose, f"`{split['key']}`: `{split['source']}`", split["part"], split["format"], f"{split['rows']:,}",
-             f"{split['truncated']:,}", f"{split['dropped']:,}")
-            for purpose, split in (("train", info["train"]), ("eval", info["eval"]))]
-    template = ("none: text rows are trained on every token" if info["train"]["format"] == "text"
-                else f"{info['template']}: the loss is on the answer's tokens only")
+    info = run_config.data_info
+    rows = [(purpose, f"`{split.key}`: `{split.source}`", split.part, split.format, f"{split.rows:,}",
+             f"{split.truncated:,}", f"{split.dropped:,}")
+            for purpose, split in (("train", info.train), ("eval", info.eval))]
+    template = ("none: text rows are trained on every token" if info.train.format == "text"
+                else f"{info.template}: the loss is on the answer's tokens only")
     return (
         "## Data\n\n"
-        + _markdown_table(("", "source", "rows used", "format", "rows", f"truncated at {info['max_length']} tokens",
+        + _markdown_table(("", "source", "rows used", "format", "rows", f"truncated at {info.max_length} tokens",
                            "dropped (no token left to train on)"), rows)
-        + f"\n\nTemplate {template}. The search's trials train on {info['search_train_rows']:,} of the "
-        f"{info['train_rows']:,} train rows kept; every eval round scores the same {info['eval_rows']:,} eval rows."
+        + f"\n\nTemplate {template}. The search's trials train on {info.search_train_rows:,} of the "
+        f"{info.train_rows:,} train rows kept; every eval round scores the same {info.eval_rows:,} eval rows."
     )
 
 
@@ -130,23 +122,23 @@ def _setting(key: str, values) -> str:
                      for value in values)
 
 
-def _searched(run_config: dict) -> str:
-    rows = [(f"`{key}`", _setting(key, values)) for key, values in run_config["search"].items()]
-    budget = run_config["budget"]
+def _searched(run_config: RunConfig) -> str:
+    rows = [(f"`{key}`", _setting(key, values)) for key, values in run_config.search.items()]
+    budget = run_config.budget
     return (
         "## What was searched\n\n"
         + _markdown_table(("setting", "values"), rows)
-        + f"\n\nBudget: up to {budget['num_samples']} trials of {budget['max_steps']} optimizer steps "
-        f"(batch size {budget['batch_size']}), evaluated every {budget['eval_every']} steps; ASHA may stop "
-        f"a trial from step {budget['grace_period']} on, keeping 1 in {budget['reduction_factor']} at each rung."
+        + f"\n\nBudget: up to {budget.num_samples} trials of {budget.max_steps} optimizer steps "
+        f"(batch size {budget.batch_size}), evaluated every {budget.eval_every} steps; ASHA may stop "
+        f"a trial from step {budget.grace_period} on, keeping 1 in {budget.reduction_factor} at each rung."
     )
 
 
-def _module_notes(run_config: dict) -> str:
+def _module_notes(run_config: RunConfig) -> str:
     """How each module set was resolved on this model, with what had to be inferred or approximated."""
-    lines = [f"- `{name}`: {', '.join(info['target_modules'])} ({info['layers']} layers)"
-             + (f". {info['note']}" if info.get("note") else "")
-             for name, info in run_config.get("module_sets", {}).items()]
+    lines = [f"- `{name}`: {', '.join(info.target_modules)} ({info.layers} layers)"
+             + (f". {info.note}" if info.note else "")
+             for name, info in run_config.module_sets.items()]
     return "## Module sets on this model\n\n" + ("\n".join(lines) if lines else "Not recorded in run_config.json.")
 
 
@@ -186,7 +178,7 @@ def own_total(trials: pd.DataFrame, column: str) -> float:
     return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
 
 
-def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
+def _spent(trials: pd.DataFrame, max_steps: int, resources: Resources) -> str:
     counts = trials["status"].value_counts()
     seconds = own_total(trials, "train_seconds")
     eval_seconds = own_total(trials, "eval_seconds")
@@ -203,7 +195,7 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: dict) -> str:
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
         + _reruns(trials)
         + _share(resources)
-        + _step_modes(trials, compile_on=resources.get("compile"))
+        + _step_modes(trials, compile_on=resources.compile)
     )
     failed = trials[trials["status"] == "failed"]
     if failed.empty:
@@ -235,14 +227,14 @@ def _reruns(trials: pd.DataFrame) -> str:
     return text
 
 
-def _share(resources: dict) -> str:
+def _share(resources: Resources) -> str:
     """The GPU share trials had, and the memory probe it came from, where one ran."""
-    probe = resources.get("memory_probe")
-    if not probe:
-        return f" Trials had {resources['gpus_per_trial']:g} of a GPU each." if resources.get("gpus_per_trial") else ""
-    return (f" Trials had {probe['share']:g} of a GPU each: one trial of the space's heaviest configuration "
-            f"(r={probe['lora_config']['r']}) held {probe['footprint_gb']:.1f} GB of the {probe['gpu_gb']:.0f} GB GPU "
-            f"(allocator peak {probe['allocated_gb']:.1f} GB), counted {1 + probe['margin']:g} times "
+    probe = resources.memory_probe
+    if probe is None:
+        return f" Trials had {resources.gpus_per_trial:g} of a GPU each." if resources.gpus_per_trial else ""
+    return (f" Trials had {probe.share:g} of a GPU each: one trial of the space's heaviest configuration "
+            f"(r={probe.lora_config['r']}) held {probe.footprint_gb:.1f} GB of the {probe.gpu_gb:.0f} GB GPU "
+            f"(allocator peak {probe.allocated_gb:.1f} GB), counted {1 + probe.margin:g} times "
             "(resources.memory_margin) when packing trials on it.")
 
 
@@ -255,7 +247,7 @@ def at_the_edge(search: dict, row: pd.Series) -> str:
     log scale it is sampled on, or the largest rank searched. There the best may lie outside what
     was searched: the range says nothing of what is past it. Empty when nothing is."""
     found = []
-    low, high = search.get("learning_rate", (0, 0))
+    low, high = search["learning_rate"]
     if 0 < low < high:
         position = math.log(row["learning_rate"] / low) / math.log(high / low)
         if position >= 1 - EDGE or position <= EDGE:
@@ -263,7 +255,7 @@ def at_the_edge(search: dict, row: pd.Series) -> str:
             found.append(f"its learning rate {row['learning_rate']:.3g} lies in the {end} tenth of `search.learning_rate` "
                          f"[{low:g}, {high:g}] (on the log scale it is sampled on): a "
                          f"{'higher' if end == 'top' else 'lower'} one may do better")
-    ranks = search.get("ranks", [])
+    ranks = search["ranks"]
     if len(ranks) > 1 and int(row["r"]) == max(ranks):
         found.append(f"its rank {int(row['r'])} is the largest of `search.ranks`, and no smaller one came within the "
                      "tolerance: a larger one may do better")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields, replace
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig
-from analysis.pipeline import analyse, analyse_at_uri, run_selection
+from analysis.pipeline import analyse, analyse_at_uri
 from analysis.results import read_run_config
 from rundir.files import is_uri
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if is_uri(arguments.run_dir):
             return analyse_at_uri(arguments.run_dir, overrides)
-        selection = replace(run_selection(read_run_config(arguments.run_dir)), **overrides)
+        selection = replace(SelectionConfig.recorded(read_run_config(arguments.run_dir).selection), **overrides)
         return analyse(arguments.run_dir, selection)
     except ValueError as error:
         print(f"analysis: {error}", file=sys.stderr)

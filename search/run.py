@@ -21,9 +21,10 @@ from pathlib import Path
 from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import LocationError, RunLocation, locate
+from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search.config import SHARED, Config, ConfigError, leaves, load, resolve_packing, to_dict, to_yaml
 from search.console import Console, keep_logs_in, use_console
-from search.resume import CREATED_BY, record_driver, record_ray_session
+from search.resume import record_driver, record_ray_session
 from trainables.config import cache_root
 
 
@@ -182,7 +183,7 @@ def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float
 
 
 def _start(config: Config, prepared, gpus: float, location: RunLocation, overwrite: bool, stop: GracefulStop,
-           memory_probe=None) -> dict:
+           memory_probe=None) -> DataInfo:
     """Tokenize the data (in memory: bad data is input error with nothing written), then
     create the run directory with the data and the resolved config (uploaded at once to a
     URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
@@ -194,7 +195,6 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
     run_dir = location.local
     _check_run_dir(location, overwrite)
     splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
-    data_info = asdict(prepared_data)
     stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
     stop.again = "--overwrite"  # a new run is refused where one is, even half made
     location.delete_remote()  # only reached with --overwrite when it holds anything
@@ -202,26 +202,27 @@ def _start(config: Config, prepared, gpus: float, location: RunLocation, overwri
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     save_splits(splits, run_dir / DATA)
-    write_json_atomic(run_dir / RUN_CONFIG, {
+    record = RunConfig.from_json({
         **to_dict(config),
         "resources": {**to_dict(config)["resources"], "gpus_per_trial": gpus,
                       "memory_probe": asdict(memory_probe) if memory_probe else None},
         "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                        "total_params": prepared.total_params},
-        "data_info": data_info,
+        "data_info": asdict(prepared_data),
         "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
                         for k, v in prepared.resolved.items()},
         "created_by": CREATED_BY,
     })
+    write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
     try:
         location.push(data=True)  # every node reads the data from there
     except Exception as e:  # noqa: BLE001 - the output was writable a moment ago: say what failed
         raise ConfigError(f"could not upload the run's data to {location.remote} ({type(e).__name__}: {e}). "
                           f"Fix: check the URI and its credentials, then start again with --overwrite") from None
-    return data_info
+    return record.data_info
 
 
-def _search(config: Config, args, prepared, gpus: float, data_info: dict, location: RunLocation) -> int:
+def _search(config: Config, args, prepared, gpus: float, data_info: DataInfo, location: RunLocation) -> int:
     import ray
 
     from rundir.layout import SEARCH_EXPERIMENT
@@ -250,7 +251,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
         cpu_threads=config.resources.cpus_per_trial,
         warmup_steps=config.budget.warmup_steps,
         total_params=prepared.total_params,
-        pad_token_id=data_info["pad_token_id"],
+        pad_token_id=data_info.pad_token_id,
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=config.resources.compile,
         gradient_checkpointing=config.model.gradient_checkpointing,
@@ -284,7 +285,7 @@ def _search(config: Config, args, prepared, gpus: float, data_info: dict, locati
                     slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                 config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                 trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
+                priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
                                       config.budget.num_samples)
                 space = LoraSpace(config.search, prepared.resolved, config.seed, priors=len(priors))
                 fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
