@@ -1,6 +1,6 @@
 """Read a run directory into tables: one row per trial, and every reported step for curves.
 
-The run directory is the only input (see DESIGN.md): `run_config.json` written by the driver,
+The run directory is the only input: `run_config.json` written by the driver,
 and the Ray Tune experiments whose trials compete (`rundir.layout.COMPETING_EXPERIMENTS`), each
 with one sub-directory per trial. Seen with Ray 2.60, a trial directory holds:
 - `params.json`: the trial's config, read through the trial contract (`rundir.params`; it

@@ -2,9 +2,10 @@
 
 Pure functions over the trial table (`analysis.results.load_trials`). Only trials that
 finished the full budget compete: a trial stopped early is never compared with a finished
-one (DESIGN.md, decision 1). Metrics are assumed non-negative (losses, accuracies), so
+one. Metrics are assumed non-negative (losses, accuracies), so
 "within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
-value <= best / tolerance.
+value <= best / tolerance. `Comparison` is this rule, once: the pick, the search's promotions,
+confirmations and extra seeds (`analysis.candidates`) and the report's statement of it all ask it.
 
 Every value is uncertain, and "within tolerance" is judged with that uncertainty (a refinement
 of `selection.tolerance`, not a second knob): the bar is set by the best mean, and a
