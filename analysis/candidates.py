@@ -21,8 +21,7 @@ import pandas as pd
 
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles, curves_table, trials_table
-from analysis.select import (NoCandidate, Pick, against_bar, by_configuration, finished_trials, pick, rank_candidates,
-                              tolerance_bar, within_bar)
+from analysis.select import Comparison, NoCandidate, Pick, pick
 from rundir.params import Origin
 
 
@@ -39,29 +38,31 @@ class Decision:
 
 def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: int,
            running: Collection[str] = ()) -> Decision:
-    """Promotions, confirmations and the current pick, by the analysis' own rules (`pick`,
-    `promotion_candidates`, `confirmation_candidates`), from the trials' raw reports. Trials
-    in `running` have not ended: their reports count towards the best value at each rung,
-    but they are neither promoted, confirmed nor picked."""
-    rule = (selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
+    """Promotions, confirmations and the current pick, by the analysis' own comparison
+    (`analysis.select.Comparison`: `pick`, `promotion_candidates`, `confirmation_candidates`,
+    `more_seeds`), from the trials' raw reports. Trials in `running` have not ended: their
+    reports count towards the best value at each rung, but they are neither promoted,
+    confirmed nor picked."""
+    comparison = Comparison.of(selection, max_steps)
     table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps, selection.metric)
     chosen = None
     try:
-        chosen = pick(table, *rule, lora_configs=defaultdict(dict))
+        chosen = pick(table, comparison, lora_configs=defaultdict(dict))
     except NoCandidate:
         pass
     pick_id, pick_cost = (chosen.trial_id, chosen.cost) if chosen else (None, math.inf)
-    promote = (promotion_candidates(table, curves_table(trials, selection.metric), *rule[:4], max_steps, pick_cost)
+    promote = (promotion_candidates(table, curves_table(trials, selection.metric), comparison, pick_cost)
                if selection.promote else [])
     confirm, more = [], {}
     if selection.confirm_seeds and selection.confirm_top_k:  # leaders among the runs of their own configuration
-        confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], *rule, selection.confirm_top_k)
+        confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], comparison,
+                                          selection.confirm_top_k)
         if chosen is not None:
-            more = more_seeds(table, chosen, max_steps, selection.confirm_max_seeds)
+            more = more_seeds(table, chosen, comparison, selection.confirm_max_seeds)
     return Decision(promote, confirm, pick_id, more)
 
 
-def more_seeds(trials: pd.DataFrame, chosen: Pick, max_steps: int, max_runs: int) -> dict[str, int]:
+def more_seeds(trials: pd.DataFrame, chosen: Pick, comparison: Comparison, max_runs: int) -> dict[str, int]:
     """While `chosen` cannot be told apart from `chosen.undecided_with`: for each of the two, its
     trial id -> the runs with other seeds it should have in all, one more than it has finished.
 
@@ -74,22 +75,22 @@ def more_seeds(trials: pd.DataFrame, chosen: Pick, max_steps: int, max_runs: int
     report says so. Empty when the pick is decided."""
     if chosen.undecided_with is None:
         return {}
-    finished = finished_trials(trials, chosen.metric, chosen.cost_name)
-    configurations = by_configuration(finished[finished["step"] == max_steps], trials, chosen.metric)
-    configurations = against_bar(configurations, chosen.best_trial_id, chosen.mode, chosen.tolerance)
+    table = comparison.standings(trials).table
     out = {}
-    for _, row in configurations[configurations["trial_id"].isin([chosen.trial_id, chosen.undecided_with])].iterrows():
+    for _, row in table[table["trial_id"].isin([chosen.trial_id, chosen.undecided_with])].iterrows():
         runs = int(row["seeds"])
         if runs < max_runs and (runs == 1 or row["seeds_se"] >= row["gap_row_se"]):
             out[row["trial_id"]] = runs  # the runs with other seeds: all but its own, plus one
     return out
 
 
-def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, metric: str, mode: str, tolerance: float,
-                         cost: str, max_steps: int, pick_cost: float) -> list[str]:
-    """Ids of stopped trials within `tolerance` of their rung's best and cheaper than
-    `pick_cost` (math.inf when there is no pick yet), cheapest first. For the cost
-    `train_seconds` a stopped trial's time is scaled to the full budget."""
+def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, comparison: Comparison,
+                         pick_cost: float) -> list[str]:
+    """Ids of stopped trials within the bar of their rung's best (`Comparison.within`: by the
+    value at the rung, where a stopped trial has one run only) and cheaper than `pick_cost`
+    (math.inf when there is no pick yet), cheapest first. For the cost `train_seconds` a
+    stopped trial's time is scaled to the full budget."""
+    metric, cost, max_steps = comparison.metric, comparison.cost, comparison.max_steps
     proposed = [origin.value for origin in Origin if origin.proposed]
     stopped = trials[(trials["status"] == "stopped") & (trials["origin"].isin(proposed))]
     out = []
@@ -98,23 +99,19 @@ def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, metric: str
         if pd.isna(step) or pd.isna(value) or not math.isfinite(value):
             continue
         at_rung = curves[(curves["step"] == step) & curves[metric].notna()][metric]
-        best = at_rung.min() if mode == "min" else at_rung.max()
+        best = at_rung.min() if comparison.mode == "min" else at_rung.max()
         projected = row[cost] * max_steps / step if cost == "train_seconds" else row[cost]
-        if within_bar(value, tolerance_bar(best, tolerance, mode), mode) and projected < pick_cost:
+        if comparison.within(value, comparison.bar(best)) and projected < pick_cost:
             out.append((projected, row["trial_id"]))
     return [trial_id for _, trial_id in sorted(out)]
 
 
-def confirmation_candidates(trials: pd.DataFrame, metric: str, mode: str, tolerance: float, cost: str,
-                            max_steps: int, top_k: int) -> list[str]:
-    """The `top_k` finished trials the pick would prefer: those within tolerance of the
-    best, cheapest first, then the rest by metric. Empty when nothing finished."""
-    finished = finished_trials(trials, metric, cost)
-    finished = finished[finished["step"] == max_steps]
-    if finished.empty or top_k <= 0:
+def confirmation_candidates(trials: pd.DataFrame, comparison: Comparison, top_k: int) -> list[str]:
+    """The `top_k` configurations in the order the pick prefers them (`Standings.preferred`: the
+    pick first, then those within the bar, then those it cannot be told apart from, then the
+    rest by metric). Empty when nothing finished."""
+    try:
+        standings = comparison.standings(trials)
+    except NoCandidate:
         return []
-    best = finished[metric].min() if mode == "min" else finished[metric].max()
-    within = finished[[within_bar(v, tolerance_bar(best, tolerance, mode), mode) for v in finished[metric]]]
-    rest = finished.drop(within.index).sort_values(metric, ascending=mode == "min")
-    ordered = pd.concat([rank_candidates(within, metric, mode, cost), rest])
-    return list(ordered["trial_id"][:top_k])
+    return list(standings.preferred()["trial_id"][:max(top_k, 0)])

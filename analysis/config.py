@@ -1,7 +1,9 @@
 """The selection settings: which metric decides, how much quality may be traded, for what."""
 
+from __future__ import annotations
+
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 # The direction each built-in metric improves in; besides these, trials report only the user's
 # function that selection.metric names (`is_user_metric`).
@@ -75,6 +77,16 @@ class SelectionConfig:
         # (Tune, the pick, run_config.json) sees min or max
         if self.mode == "auto" and self.metric in METRIC_MODES:
             object.__setattr__(self, "mode", METRIC_MODES[self.metric])
+
+    @classmethod
+    def recorded(cls, settings: dict) -> SelectionConfig:
+        """The settings as run_config.json records them (`RunConfig.selection`); ValueError naming
+        any key it does not know."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ValueError(f"run_config.json: selection has unknown keys {unknown}; the known keys are {known}.")
+        return cls(**settings)
 
     def problems(self) -> list[str]:
         """Every problem with these settings, one message per problem; empty when valid."""

@@ -1,6 +1,6 @@
 """Read a run directory into tables: one row per trial, and every reported step for curves.
 
-The run directory is the only input (see DESIGN.md): `run_config.json` written by the driver,
+The run directory is the only input: `run_config.json` written by the driver,
 and the Ray Tune experiments whose trials compete (`rundir.layout.COMPETING_EXPERIMENTS`), each
 with one sub-directory per trial. Seen with Ray 2.60, a trial directory holds:
 - `params.json`: the trial's config, read through the trial contract (`rundir.params`; it
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.config import is_user_metric
+from analysis.config import SelectionConfig, is_user_metric
 from rundir.files import atomic_path
 from rundir.layout import COMPETING_EXPERIMENTS, RETRAIN_EXPERIMENT, RUN_CONFIG
 from rundir.params import TrialParams
 from rundir.report import ROW_COLUMNS as REPORT_ROW_COLUMNS
 from rundir.report import TABLE_COLUMNS
+from rundir.runconfig import RunConfig
 
 COLUMNS = (
     "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
@@ -53,11 +54,6 @@ ROW_COLUMNS = {column.replace("eval_row_", "eval_"): column for column in REPORT
 # Integer columns that are missing for a trial without reports: pandas' nullable integers.
 _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
-_REQUIRED_RUN_CONFIG = (
-    "name", "seed", "search", "selection", "base_model.path", "base_model.total_params",
-    "budget.num_samples", "budget.max_steps", "budget.eval_every", "budget.grace_period",
-    "budget.reduction_factor", "budget.batch_size",
-)
 _TRIAL_ID_IN_NAME = re.compile(r"_(?P<trial_id>[0-9a-f]{8}|[0-9a-f]{5}_[0-9]{5})(?:_|$)")
 _FAILURE_HEADER = re.compile(r"^Failure # \d+ .*$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Za-z_]\w*): (?P<message>.*\S)")
@@ -75,11 +71,12 @@ class TrialFiles:
     directory: Path | None
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict:
-    """The run's resolved config from `<run_dir>/run_config.json`, as plain JSON values.
+def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The run's record, `<run_dir>/run_config.json`.
 
     Raises ValueError naming the path when the directory or file is missing or unreadable,
-    or listing every key the analysis needs that the file lacks.
+    and, from `RunConfig.from_json`, naming a key of the wrong type or unknown, or listing every
+    key the file lacks.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -90,11 +87,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
             f"{str(path)!r} is missing, so {str(run_dir)!r} is not a run directory. "
             "Fix: pass the directory a search wrote (it holds run_config.json and tune/)."
         )
-    config = _read_json(path)
-    missing = [key for key in _REQUIRED_RUN_CONFIG if not _has_dotted(config, key)]
-    if missing:
-        raise ValueError(f"{str(path)!r} lacks {missing}; it was not written by this version of the search.")
-    return config
+    return RunConfig.from_json(_read_json(path))
 
 
 def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
@@ -144,7 +137,8 @@ def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
     columns `step` and `trainable_params`) when it never reported.
     """
     run_config = read_run_config(run_dir)
-    return trials_table(read_trial_files(run_dir), run_config["budget"]["max_steps"], run_config["selection"]["metric"])
+    return trials_table(read_trial_files(run_dir), run_config.budget.max_steps,
+                        SelectionConfig.recorded(run_config.selection).metric)
 
 
 def trials_table(trials: list[TrialFiles], max_steps: int, metric: str) -> pd.DataFrame:
@@ -161,7 +155,7 @@ def load_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
 
     When a restored trial reported a step twice, the later report wins.
     """
-    return curves_table(read_trial_files(run_dir), read_run_config(run_dir)["selection"]["metric"])
+    return curves_table(read_trial_files(run_dir), SelectionConfig.recorded(read_run_config(run_dir).selection).metric)
 
 
 def curves_table(trials: list[TrialFiles], metric: str) -> pd.DataFrame:
@@ -323,11 +317,3 @@ def _read_json(path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"{str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}).") from None
 
-
-def _has_dotted(config: dict, dotted_key: str) -> bool:
-    node = config
-    for part in dotted_key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True

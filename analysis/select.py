@@ -2,9 +2,10 @@
 
 Pure functions over the trial table (`analysis.results.load_trials`). Only trials that
 finished the full budget compete: a trial stopped early is never compared with a finished
-one (DESIGN.md, decision 1). Metrics are assumed non-negative (losses, accuracies), so
+one. Metrics are assumed non-negative (losses, accuracies), so
 "within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
-value <= best / tolerance.
+value <= best / tolerance. `Comparison` is this rule, once: the pick, the search's promotions,
+confirmations and extra seeds (`analysis.candidates`) and the report's statement of it all ask it.
 
 Every value is uncertain, and "within tolerance" is judged with that uncertainty (a refinement
 of `selection.tolerance`, not a second knob): the bar is set by the best mean, and a
@@ -44,19 +45,31 @@ rows, a configuration's own row standard error is about 0.008 on a loss of 0.4, 
 is half the band's width of 5%.)
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
+from analysis.config import SelectionConfig
 from analysis.results import ROW_COLUMNS
 from rundir.params import Origin
 
-# The one-sided 90% normal quantile: a configuration is within the band when the band is inside
-# its 90% one-sided interval.
-Z = 1.2816
+# The level of the one-sided interval: a configuration is within the band when the band is inside
+# its one-sided 90% interval.
+LEVEL = 0.90
+
+
+def one_sided_z(level: float) -> float:
+    """The one-sided normal quantile of `level`, to four digits (1.2816 at 90%)."""
+    return round(NormalDist().inv_cdf(level), 4)
+
+
+Z = one_sided_z(LEVEL)
 
 
 class NoCandidate(Exception):
@@ -88,69 +101,153 @@ class Pick:
     compared: int   # configurations compared with the best (all that finished, but the best)
     paired: int     # of those, the ones whose rows' part was paired with the best's rows (the module's docstring)
 
+    def comparison(self, max_steps: int) -> Comparison:
+        """The comparison that made this pick, at `max_steps`."""
+        return Comparison(self.metric, self.mode, self.tolerance, self.cost_name, max_steps)
 
-def pick(
-    trials: pd.DataFrame,
-    metric: str,
-    mode: str,
-    tolerance: float,
-    cost: str,
-    max_steps: int,
-    lora_configs: Mapping[str, dict],
-) -> Pick:
-    """Pick the cheapest trial within `tolerance` of the best, among trials that finished `max_steps`.
+
+@dataclass(frozen=True)
+class Comparison:
+    """The one comparison with the best that the pick, the promotions, the confirmations and the
+    extra seeds all make (the module's docstring): which trials compete (finished, at
+    `max_steps`), the bar the best sets (`tolerance`, in the direction `mode`), whether a value
+    is past it by its mean (`within`) or by its one-sided `level` interval (`reaches`), and the
+    order of preference among the candidates (`cost` first). The pick's rule and the report's
+    statement of it are worded from these same fields."""
+
+    metric: str
+    mode: str
+    tolerance: float
+    cost: str
+    max_steps: int
+    level: float = LEVEL
+
+    @classmethod
+    def of(cls, selection: SelectionConfig, max_steps: int) -> Comparison:
+        """The comparison that `selection` (as resolved: mode "min" or "max") asks for at `max_steps`."""
+        return cls(selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
+
+    @property
+    def z(self) -> float:
+        return one_sided_z(self.level)
+
+    def bar(self, best_value: float) -> float:
+        """The worst value still within the tolerance of `best_value` (`tolerance_bar`)."""
+        return tolerance_bar(best_value, self.tolerance, self.mode)
+
+    def within(self, value: float, bar: float) -> bool:
+        """Whether `value` is at `bar` or better by itself (its mean)."""
+        return within_bar(value, bar, self.mode)
+
+    def reaches(self, value: float, se: float, bar: float) -> bool:
+        """Whether the one-sided `level` interval of `value`, standard error `se`, reaches `bar`."""
+        return self.within(value + (-1.0 if self.mode == "min" else 1.0) * self.z * se, bar)
+
+    def standings(self, trials: pd.DataFrame) -> Standings:
+        """The configurations that finished `max_steps` with a finite metric and cost, compared
+        with the best of them; NoCandidate, saying why, when there are none."""
+        eligible = finished_trials(trials, self.metric, self.cost)
+        eligible = eligible[eligible["step"] == self.max_steps]
+        if eligible.empty:
+            raise NoCandidate(_why_no_candidate(trials, self.metric, self.cost, self.max_steps))
+        eligible = by_configuration(eligible, trials, self.metric)
+        best = rank_by_metric(eligible, self.metric, self.mode).iloc[0]
+        bar = self.bar(best[self.metric])
+        table = against_bar(eligible, best["trial_id"], self.mode, self.tolerance)
+        table = table.assign(by_mean=[self.within(value, bar) for value in table[self.metric]],
+                             in_band=[self.reaches(value, se, bar)
+                                      for value, se in zip(table[self.metric], table["gap_se"])])
+        return Standings(self, table, best, bar)
+
+    def rank(self, candidates: pd.DataFrame) -> pd.DataFrame:
+        """`candidates` from most to least preferred (`rank_candidates`)."""
+        return rank_candidates(candidates, self.metric, self.mode, self.cost)
+
+    def statement(self) -> str:
+        """The rule in one clause, as the report states it above everything else."""
+        return (f"the cheapest trial by `{self.cost}` whose `{self.metric}` "
+                f"({'higher' if self.mode == 'max' else 'lower'} is better) is within {self.tolerance:g} of the best")
+
+    def rule(self, standings: Standings) -> str:
+        """The rule as applied to `standings`: the bar, how it came from the best, and which
+        standard error each configuration's interval used."""
+        table, metric = standings.table, self.metric
+        compared, paired = len(table) - 1, int(table["paired"].sum())
+        averaged = " (a configuration run with several seeds counts by its mean)" if table["seeds"].max() > 1 else ""
+        return (
+            f"Cheapest by {self.cost} among the {int(table['by_mean'].sum())} configurations that finished "
+            f"{self.max_steps} steps with {metric} {'>=' if self.mode == 'max' else '<='} {standings.bar:.6g}, the "
+            f"best ({standings.best[metric]:.6g}) {'times' if self.mode == 'max' else 'divided by'} the tolerance "
+            f"{self.tolerance:g}{averaged}; a cheaper one whose one-sided {self.level:.0%} interval reaches the bar is "
+            f"named as not told apart.{_intervals(compared, paired, metric)}"
+        )
+
+
+@dataclass(frozen=True)
+class Standings:
+    """`Comparison.standings`: one row per configuration (`against_bar`'s table, with `by_mean`,
+    within the bar by its mean, and `in_band`, within it by its interval), the best's row, the bar."""
+
+    comparison: Comparison
+    table: pd.DataFrame
+    best: pd.Series
+    bar: float
+
+    def candidates(self) -> pd.DataFrame:
+        """The configurations within the band by their interval, most preferred first."""
+        return self.comparison.rank(self.table[self.table["in_band"]])
+
+    def preferred(self) -> pd.DataFrame:
+        """Every configuration in the order the pick prefers them: those within the bar by their
+        mean (the first is the pick), then those within it by their interval only (one of them
+        is the pick if more seeds move its mean), each most preferred first, then the rest from
+        the best metric down."""
+        table, comparison = self.table, self.comparison
+        return pd.concat([comparison.rank(table[table["by_mean"]]),
+                          comparison.rank(table[table["in_band"] & ~table["by_mean"]]),
+                          rank_by_metric(table[~table["in_band"]], comparison.metric, comparison.mode)])
+
+
+def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str, dict]) -> Pick:
+    """Pick the cheapest trial within the tolerance of the best, among trials that finished the
+    full budget, by `comparison`.
 
     Eligible: status "finished", step == `max_steps`, finite `metric` and `cost`. The best
-    eligible value sets the bar; every eligible trial at or past the bar is a candidate
-    (including the best); the most preferred candidate (`rank_candidates`) wins.
-    `lora_configs` maps trial ids to their exact LoraConfig arguments
+    eligible value sets the bar; every eligible configuration whose interval reaches the bar is
+    a candidate (including the best); the most preferred candidate within the bar by its mean
+    wins (`Comparison`). `lora_configs` maps trial ids to their exact LoraConfig arguments
     (`analysis.results.load_lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
     """
-    eligible = finished_trials(trials, metric, cost)
-    eligible = eligible[eligible["step"] == max_steps]
-    if eligible.empty:
-        raise NoCandidate(_why_no_candidate(trials, metric, cost, max_steps))
-    eligible = by_configuration(eligible, trials, metric)
-    best = rank_by_metric(eligible, metric, mode).iloc[0]
-    bar = tolerance_bar(best[metric], tolerance, mode)
-    eligible = against_bar(eligible, best["trial_id"], mode, tolerance)
-    candidates = rank_candidates(eligible[within_band(eligible, metric, bar, mode)], metric, mode, cost)
-    by_mean = [within_bar(value, bar, mode) for value in candidates[metric]]
-    chosen = candidates[by_mean].iloc[0]  # the best is within by its mean: never empty
+    metric, cost = comparison.metric, comparison.cost
+    standings = comparison.standings(trials)
+    best, bar = standings.best, standings.bar
+    candidates = standings.candidates()
+    chosen = standings.preferred().iloc[0]  # the best is within by its mean: always one
     undecided_with = undecided = None
-    if not by_mean[0]:  # a cheaper configuration is in the band by its interval only
+    if not candidates["by_mean"].iloc[0]:  # a cheaper configuration is in the band by its interval only
         other = candidates.iloc[0]
         undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost, bar)
-    compared, paired = len(eligible) - 1, int(eligible["paired"].sum())
-    comparison = ">=" if mode == "max" else "<="
-    averaged = " (a configuration run with several seeds counts by its mean)" if eligible["seeds"].max() > 1 else ""
-    rule = (
-        f"Cheapest by {cost} among the {sum(by_mean)} configurations that finished {max_steps} steps with "
-        f"{metric} {comparison} {bar:.6g}, the best ({best[metric]:.6g}) "
-        f"{'times' if mode == 'max' else 'divided by'} the tolerance {tolerance:g}{averaged}; a cheaper one whose "
-        f"one-sided 90% interval reaches the bar is named as not told apart.{_intervals(compared, paired, metric)}"
-    )
     return Pick(
         trial_id=chosen["trial_id"],
         lora_config=dict(lora_configs[chosen["trial_id"]]),
         metric=metric,
-        mode=mode,
+        mode=comparison.mode,
         value=float(chosen[metric]),
         best_value=float(best[metric]),
         best_trial_id=best["trial_id"],
-        tolerance=float(tolerance),
+        tolerance=float(comparison.tolerance),
         cost_name=cost,
         cost=float(chosen[cost]),
         step=int(chosen["step"]),
-        rule=rule,
+        rule=comparison.rule(standings),
         candidates=len(candidates),
         seeds=int(chosen["seeds"]),
         spread=float(chosen["spread"]),
         se=float(chosen["se"]),
         undecided_with=undecided_with,
         undecided=undecided,
-        compared=compared,
-        paired=paired,
+        compared=len(standings.table) - 1,
+        paired=int(standings.table["paired"].sum()),
     )
 
 
@@ -188,7 +285,7 @@ def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_config
     runs = int(own.sum())
     left = f"`{chosen.trial_id}`" + (f" and its {runs - 1} other run{'s' if runs > 2 else ''}" if runs > 1 else "")
     try:
-        other = pick(trials[~own], chosen.metric, chosen.mode, chosen.tolerance, chosen.cost_name, max_steps, lora_configs)
+        other = pick(trials[~own], chosen.comparison(max_steps), lora_configs)
     except NoCandidate:
         return WithoutPick(None, None, None, None, False, False, True, runs, (
             f"**The pick is uncertain**: no other configuration finished {max_steps} steps, so nothing the search "
@@ -196,7 +293,8 @@ def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_config
     row = trials[trials["trial_id"] == other.trial_id].iloc[0]
     found = (row["module_set"], int(row["r"]))
     same = found == cell
-    as_good = not same and within_bar(other.value, tolerance_bar(chosen.value, chosen.tolerance, chosen.mode), chosen.mode)
+    comparison = chosen.comparison(max_steps)
+    as_good = not same and comparison.within(other.value, comparison.bar(chosen.value))
     change = other.value / chosen.value - 1 if chosen.value else math.nan
     described = (f"`{other.trial_id}`, {found[0]} r={found[1]} ({chosen.metric} {other.value:.4g}, "
                  f"{abs(change):.1%} {'above' if change > 0 else 'below'} the pick's {chosen.value:.4g})")
@@ -339,14 +437,6 @@ def paired_row_se(rows: np.ndarray | None, best_rows: np.ndarray | None, toleran
 def tolerance_bar(best_value: float, tolerance: float, mode: str) -> float:
     """The worst value still within `tolerance` of `best_value`: best * tolerance (max) or best / tolerance (min)."""
     return tolerance * best_value if mode == "max" else best_value / tolerance
-
-
-def within_band(configurations: pd.DataFrame, metric: str, bar: float, mode: str) -> list[bool]:
-    """Per row of `against_bar`'s table: whether the one-sided 90% interval of its distance to
-    `bar` reaches it."""
-    sign = -1.0 if mode == "min" else 1.0
-    return [within_bar(value + sign * Z * se, bar, mode)
-            for value, se in zip(configurations[metric], configurations["gap_se"])]
 
 
 def within_bar(value: float, bar: float, mode: str) -> bool:

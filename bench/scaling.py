@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from analysis.report import own_total  # noqa: E402
+from analysis.render import own_total  # noqa: E402
 from search_vs_grid import RESULTS, busy_windows, facts_overrides, reports_by_trial, union_seconds  # noqa: E402
 
 # the spread part's search, after the reference task's settings for 2 trials of 20 steps

@@ -15,7 +15,8 @@ from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import RunLocation, locate
 from search import environment
-from search.cluster.resume import CREATED_BY, record_driver, record_ray_session
+from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
+from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
 from search.output.console import keep_logs_in
 from search.signals import GracefulStop, stopped
@@ -101,7 +102,7 @@ class SearchRecipe:
         print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora)))
         return 0
 
-    def _start(self) -> dict:
+    def _start(self) -> DataInfo:
         """Tokenize the data (in memory: bad data is input error with nothing written), then
         create the run directory with the data and the resolved config (uploaded at once to a
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
@@ -114,7 +115,6 @@ class SearchRecipe:
         run_dir = location.local
         _check_run_dir(location, self.overwrite)
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
-        data_info = asdict(prepared_data)
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
         stop.again = "--overwrite"  # a new run is refused where one is, even half made
         location.delete_remote()  # only reached with --overwrite when it holds anything
@@ -123,23 +123,24 @@ class SearchRecipe:
         run_dir.mkdir(parents=True)
         save_splits(splits, run_dir / DATA)
         probe = self.plan.memory_probe
-        write_json_atomic(run_dir / RUN_CONFIG, {
+        record = RunConfig.from_json({
             **to_dict(config),
             "resources": {**to_dict(config)["resources"], "gpus_per_trial": self.plan.gpus_per_trial,
                           "memory_probe": asdict(probe) if probe else None},
             "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                            "total_params": prepared.total_params},
-            "data_info": data_info,
+            "data_info": asdict(prepared_data),
             "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
         })
+        write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
         try:
             location.push(data=True)  # every node reads the data from there
         except Exception as e:  # noqa: BLE001 - the output was writable a moment ago: say what failed
             raise ConfigError(f"could not upload the run's data to {location.remote} ({type(e).__name__}: {e}). "
                               f"Fix: check the URI and its credentials, then start again with --overwrite") from None
-        return data_info
+        return record.data_info
 
     def search(self) -> int | None:
         """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
@@ -178,7 +179,7 @@ class SearchRecipe:
                         slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                     config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                     trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                    priors = prior_points(config.search, data_info["search_train_rows"], config.task.kind,
+                    priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
                                           config.budget.num_samples)
                     space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
                     fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
@@ -200,7 +201,7 @@ class SearchRecipe:
         return None
 
     def finish(self) -> int:
-        from analysis.report import analyse
+        from analysis.pipeline import analyse
 
         config, location = self.config, self.location
         code = analyse(location.local)
@@ -216,7 +217,7 @@ class SearchRecipe:
         return code
 
 
-def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info: dict) -> TrialSetup:
+def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info: DataInfo) -> TrialSetup:
     """What every trial of the run reads: the config's trial settings, as the plan resolved them."""
     from trainables.model import resolve_dtype
 
@@ -237,7 +238,7 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         cpu_threads=config.resources.cpus_per_trial,
         warmup_steps=config.budget.warmup_steps,
         total_params=prepared.total_params,
-        pad_token_id=data_info["pad_token_id"],
+        pad_token_id=data_info.pad_token_id,
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=plan.compiled,
         gradient_checkpointing=config.model.gradient_checkpointing,

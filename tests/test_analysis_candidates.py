@@ -14,7 +14,7 @@ import pytest
 from analysis.candidates import confirmation_candidates, decide, promotion_candidates
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles
-from analysis.select import NoCandidate, pick
+from analysis.select import Comparison, NoCandidate, pick
 from rundir.params import Origin, TrialParams
 from test_analysis_select import MAX_STEPS, configs, table
 
@@ -30,7 +30,7 @@ def test_a_cheap_trial_stopped_within_tolerance_of_its_rung_is_promoted():
     trials = table({"trainable_params": 5000, "eval_loss": 0.50},
                    {"status": "stopped", "step": 10, "trainable_params": 1000, "eval_loss": 0.82})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.82), ("t0", MAX_STEPS, 0.50))
-    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, pick_cost=5000) == ["t1"]
+    assert promotion_candidates(trials, rungs, Comparison(*RULE, MAX_STEPS), pick_cost=5000) == ["t1"]
 
 
 def test_a_stopped_trial_outside_tolerance_or_not_cheaper_is_not_promoted():
@@ -38,7 +38,7 @@ def test_a_stopped_trial_outside_tolerance_or_not_cheaper_is_not_promoted():
                    {"status": "stopped", "step": 10, "trainable_params": 1000, "eval_loss": 0.90},
                    {"status": "stopped", "step": 10, "trainable_params": 9000, "eval_loss": 0.80})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.90), ("t2", 10, 0.80))
-    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, pick_cost=5000) == []
+    assert promotion_candidates(trials, rungs, Comparison(*RULE, MAX_STEPS), pick_cost=5000) == []
 
 
 def test_everything_stopped_within_tolerance_is_promoted_when_nothing_finished():
@@ -46,15 +46,31 @@ def test_everything_stopped_within_tolerance_is_promoted_when_nothing_finished()
                    {"status": "stopped", "step": 10, "eval_loss": 0.81, "trainable_params": 1000})
     rungs = curves(("t0", 10, 0.80), ("t1", 10, 0.81))
     with pytest.raises(NoCandidate):
-        pick(trials, *RULE, MAX_STEPS, configs(trials))
-    assert promotion_candidates(trials, rungs, *RULE, MAX_STEPS, math.inf) == ["t1", "t0"]
+        pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
+    assert promotion_candidates(trials, rungs, Comparison(*RULE, MAX_STEPS), math.inf) == ["t1", "t0"]
 
 
 def test_confirmation_takes_the_pick_order_cheapest_within_tolerance_first():
     trials = table({"trainable_params": 5000, "eval_loss": 0.50},
                    {"trainable_params": 1000, "eval_loss": 0.52},
                    {"trainable_params": 500, "eval_loss": 0.90})
-    assert confirmation_candidates(trials, *RULE, MAX_STEPS, top_k=2) == ["t1", "t0"]
+    assert confirmation_candidates(trials, Comparison(*RULE, MAX_STEPS), top_k=2) == ["t1", "t0"]
+
+
+def test_confirmation_follows_the_pick_where_a_mean_only_ranking_would_not():
+    # t0 is the best (bar 0.50 / 0.95 = 0.5263); t1 is cheap and past the bar by its mean (0.55), but its
+    # interval (0.55 - 1.28 * 0.03 = 0.5116) reaches it: the pick cannot tell it apart from t0. t2 is better
+    # than t1 by its mean (0.54) but certain (no standard error), so outside. Ranked by means alone, the
+    # second leader would be t2; the pick's own comparison puts t1 there.
+    trials = table({"trainable_params": 5000, "eval_loss": 0.50},
+                   {"trainable_params": 1000, "eval_loss": 0.55, "eval_loss_se": 0.03},
+                   {"trainable_params": 9000, "eval_loss": 0.54})
+    comparison = Comparison(*RULE, MAX_STEPS)
+    chosen = pick(trials, comparison, configs(trials))
+
+    assert (chosen.trial_id, chosen.undecided_with) == ("t0", "t1")
+    assert confirmation_candidates(trials, comparison, top_k=2) == [chosen.trial_id, chosen.undecided_with]
+    assert confirmation_candidates(trials, comparison, top_k=3) == ["t0", "t1", "t2"]
 
 
 def test_a_lucky_single_run_loses_once_its_other_seed_is_in():
@@ -65,17 +81,17 @@ def test_a_lucky_single_run_loses_once_its_other_seed_is_in():
     trials = pd.concat([trials, table(*({"trainable_params": 1000, "eval_loss": 0.70, "origin": "confirm", "parent": "t0",
                                          "seed": seed} for seed in (2, 3, 4)))]).reset_index(drop=True)
     trials["trial_id"] = [f"t{i}" for i in range(len(trials))]
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t1" and chosen.seeds == 2
     assert chosen.value == 0.555 and abs(chosen.spread - 0.005) < 1e-12
-    assert pick(trials.iloc[:2], *RULE, MAX_STEPS, configs(trials)).trial_id == "t0"  # without the other seeds
+    assert pick(trials.iloc[:2], Comparison(*RULE, MAX_STEPS), configs(trials)).trial_id == "t0"  # without the other seeds
 
 
 def test_a_promoted_trial_competes_for_its_stopped_parent():
     trials = table({"trainable_params": 5000, "eval_loss": 0.50},
                    {"status": "stopped", "step": 10, "trainable_params": 1000, "eval_loss": 0.82},
                    {"trainable_params": 1000, "eval_loss": 0.51, "origin": "promoted", "parent": "t1"})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t2" and chosen.cost == 1000
 
 

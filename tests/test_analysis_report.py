@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,9 @@ import pytest
 from peft import LoraConfig
 
 from analysis.config import SelectionConfig
-from analysis.report import analyse, main
+from analysis.pipeline import analyse
+from analysis.report import main
+from analysis.results import read_run_config
 from test_analysis_rundir import add_trial, write_run_config
 
 PLOTS = {"metric_vs_rank.png", "train_seconds_vs_rank.png", "cost_vs_metric.png", "learning_curves.png", "importance.png"}
@@ -397,12 +400,11 @@ def test_pick_json_and_the_report_say_the_comparison_was_paired_over_the_same_ev
     ([{"module_set": "all_linear", "r": 16, "learning_rate": 2e-4}, {"module_set": "mlp", "r": 8}],
      "| `priors` | module_set=all_linear r=16 learning_rate=0.0002, module_set=mlp r=8 |"),
 ])
-def test_the_report_shows_the_priors_setting_as_given_not_letter_by_letter(priors, shown):
-    from analysis.report import _searched
+def test_the_report_shows_the_priors_setting_as_given_not_letter_by_letter(priors, shown, tmp_path):
+    from analysis.render import _searched
 
-    budget = {"num_samples": 8, "max_steps": 30, "eval_every": 10, "grace_period": 10, "reduction_factor": 2,
-              "batch_size": 8}
-    text = _searched({"search": {"ranks": [4, 8], "priors": priors}, "budget": budget})
+    run_config = read_run_config(write_run_config(tmp_path / "run"))
+    text = _searched(replace(run_config, search={"ranks": [4, 8], "priors": priors}))
     assert shown in text and "| `ranks` | 4, 8 |" in text
 
 

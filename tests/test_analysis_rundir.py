@@ -60,20 +60,32 @@ The actor is dead because its worker process has died. Worker exit type: SYSTEM_
 def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_path: str = "/models/tiny",
                      metric: str = "eval_loss", mode: str = "min", tolerance: float = 0.95,
                      cost: str = "trainable_params", resources: dict | None = None) -> Path:
-    """Write `<run_dir>/run_config.json` as the driver does; return `run_dir`."""
+    """Write `<run_dir>/run_config.json` as the driver does (`resources` overrides a CPU run's); return `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    split = {"source": "builtin:arithmetic", "format": "prompt_completion", "truncated": 0, "dropped": 0}
     config = {
-        "name": "demo", "seed": 0,
+        "name": "demo", "seed": 0, "output": "runs",
         "model": {"path": base_model_path},
         "data": {"task": "arithmetic"},
+        "task": {"kind": "domain"},
         "search": {"module_sets": list(MODULE_SETS), "ranks": [4, 8, 16], "alpha_ratios": [1.0, 2.0],
                    "dropout": [0.0, 0.1], "use_rslora": [False, True], "use_dora": [False],
                    "learning_rate": [1e-4, 1e-3], "loraplus_lr_ratio": [1.0]},
         "budget": {"num_samples": 8, "max_steps": max_steps, "eval_every": EVAL_EVERY, "grace_period": 25,
-                   "reduction_factor": 2, "batch_size": 8},
+                   "reduction_factor": 2, "batch_size": 8, "warmup_steps": 4},
+        "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1, "max_concurrent_trials": 0, "max_failures": 0,
+                      "memory_margin": 0.25, "cuda_graphs": True, "compile": False, "packing": "processes",
+                      "pack_slots": 8, "memory_probe": None, **(resources or {})},
         "selection": {"metric": metric, "mode": mode, "tolerance": tolerance, "cost": cost},
-        "base_model": {"path": base_model_path, "total_params": 1_000_000},
-        **({"resources": resources} if resources else {}),
+        "tracking": {},
+        "base_model": {"path": base_model_path, "name": base_model_path, "origin": "a local directory",
+                       "total_params": 1_000_000},
+        "data_info": {"template": "plain", "max_length": 128,
+                      "train": {"key": "data.train", "part": "split 'train'", "rows": 400, **split},
+                      "eval": {"key": "data.train", "part": "split 'eval'", "rows": 100, **split},
+                      "train_rows": 400, "search_train_rows": 400, "eval_rows": 100, "pad_token_id": 0},
+        "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
+        "created_by": "lora-search",
     }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     return run_dir
@@ -344,5 +356,6 @@ def test_a_directory_without_run_config_is_a_clear_error(tmp_path):
 def test_a_run_config_lacking_keys_lists_them_all(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"name": "x", "seed": 0}))
 
-    with pytest.raises(ValueError, match=r"lacks \['search', 'selection', 'base_model.path'"):
+    with pytest.raises(ValueError, match=r"lacks \['output', 'model', 'data', 'task', 'search', 'budget', 'resources', "
+                                         r"'selection', 'tracking', 'base_model', 'data_info', 'module_sets', 'created_by'\]"):
         read_run_config(tmp_path)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.results import COLUMNS
-from analysis.select import NoCandidate, pareto_front, pick, within_bar
+from analysis.select import Comparison, NoCandidate, pareto_front, pick, within_bar
 
 MAX_STEPS = 100
 
@@ -29,7 +29,7 @@ def configs(trials: pd.DataFrame) -> dict[str, dict]:
 
 
 def pick_from(trials: pd.DataFrame, metric="eval_loss", mode="min", tolerance=0.95, cost="trainable_params"):
-    return pick(trials, metric, mode, tolerance, cost, MAX_STEPS, configs(trials))
+    return pick(trials, Comparison(metric, mode, tolerance, cost, MAX_STEPS), configs(trials))
 
 
 def test_minimising_picks_the_cheapest_trial_within_tolerance():

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.select import Z, against_bar, by_configuration, pick, without_pick
+from analysis.select import Z, Comparison, against_bar, by_configuration, pick, without_pick
 from test_analysis_select import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")
@@ -21,7 +21,7 @@ def test_two_configurations_whose_intervals_overlap_are_both_inside_the_band():
     # bar 0.50 / 0.95 = 0.526; the cheaper one's mean is past it, its interval (0.54 - 1.28 * 0.02) is not
     trials = table({"eval_loss": 0.50, "eval_loss_se": 0.01, "trainable_params": 8000},
                    {"eval_loss": 0.54, "eval_loss_se": 0.02, "trainable_params": 2000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.candidates == 2 and chosen.trial_id == "t0" and chosen.se == 0.01  # the tolerance keeps its meaning
     assert chosen.undecided_with == "t1"  # in the band by its interval only: both are given
 
@@ -29,14 +29,14 @@ def test_two_configurations_whose_intervals_overlap_are_both_inside_the_band():
 def test_a_cheaper_configuration_whose_interval_is_entirely_above_the_band_is_not_picked():
     trials = table({"eval_loss": 0.50, "eval_loss_se": 0.01, "trainable_params": 8000},
                    {"eval_loss": 0.60, "eval_loss_se": 0.01, "trainable_params": 1000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t0" and chosen.candidates == 1 and chosen.undecided_with is None
 
 
 def test_a_pick_whose_mean_is_within_the_band_is_decided():
     trials = table({"eval_loss": 0.50, "eval_loss_se": 0.05, "trainable_params": 8000},
                    {"eval_loss": 0.52, "eval_loss_se": 0.05, "trainable_params": 2000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t1" and chosen.undecided_with is None
 
 
@@ -44,7 +44,7 @@ def test_seeds_combine_with_the_rows_standard_error():
     # same eval rows for both seeds: the rows' part stays, the seeds' part shrinks with their count
     trials = table({"eval_loss": 0.50, "eval_loss_se": 0.03},
                    {"eval_loss": 0.60, "eval_loss_se": 0.01, "origin": "confirm", "parent": "t0", "seed": 1})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     seed_sd = math.sqrt(2 * 0.05**2)  # sample standard deviation of 0.50 and 0.60
     assert chosen.seeds == 2 and chosen.se == pytest.approx(math.sqrt(0.02**2 + seed_sd**2 / 2))
 
@@ -56,13 +56,13 @@ def test_the_bests_own_seeds_spread_moves_the_bar_and_widens_every_comparison_wi
             {"eval_loss": 0.55, "eval_loss_se": 0.001, "trainable_params": 8000, "origin": "confirm", "parent": "t0",
              "seed": 1}]
     trials = table(*best, {"eval_loss": 0.54, "eval_loss_se": 0.001, "trainable_params": 2000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t0" and chosen.undecided_with == "t2"
     compared = against_bar(by_configuration(trials, trials, "eval_loss"), "t0", "min", 0.95).set_index("trial_id")
     best_seeds_se = statistics.stdev([0.45, 0.55]) / math.sqrt(2)
     assert compared.loc["t2", "gap_se"] == pytest.approx(math.hypot(0.001, best_seeds_se / 0.95))
     single = table(best[0], {"eval_loss": 0.54, "eval_loss_se": 0.001, "trainable_params": 2000})
-    assert pick(single, *RULE, MAX_STEPS, configs(single)).undecided_with is None  # a best of one run: no bar part
+    assert pick(single, Comparison(*RULE, MAX_STEPS), configs(single)).undecided_with is None  # a best of one run: no bar part
 
 
 def confirmed(*losses: float, row_se: float = 0.005):
@@ -75,16 +75,16 @@ def confirmed(*losses: float, row_se: float = 0.005):
 def test_agreeing_seeds_settle_a_case_whose_gap_to_the_bar_is_more_than_the_rows_part():
     # 0.535 is past the bar by 0.0087, more than 1.28 * 0.005: only the seeds' part reaches the bar
     two = confirmed(0.53, 0.54)
-    assert pick(two, *RULE, MAX_STEPS, configs(two)).undecided_with == "t1"
+    assert pick(two, Comparison(*RULE, MAX_STEPS), configs(two)).undecided_with == "t1"
     four = confirmed(0.53, 0.54, 0.535, 0.535)
-    chosen = pick(four, *RULE, MAX_STEPS, configs(four))
+    chosen = pick(four, Comparison(*RULE, MAX_STEPS), configs(four))
     assert chosen.trial_id == "t0" and chosen.undecided_with is None
 
 
 def test_no_number_of_seeds_settles_a_case_whose_gap_to_the_bar_is_within_the_rows_part():
     # 0.53 is past the bar by 0.0037, less than 1.28 * 0.005: the same eval rows keep it in the band
     trials = confirmed(*[0.53] * 8)
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t0" and chosen.undecided_with == "t1"
 
 
@@ -124,8 +124,8 @@ def test_paired_rows_tell_apart_a_cheaper_configuration_that_its_own_standard_er
     gap = cheap_rows.mean() - 0.50 / 0.95
     assert gap > Z * paired_se(cheap_rows, best_rows, 1 / 0.95) and gap < Z * trials["eval_loss_se"][1]
 
-    paired = pick(trials, *RULE, MAX_STEPS, configs(trials))
-    unpaired = pick(trials.drop(columns="eval_row_loss"), *RULE, MAX_STEPS, configs(trials))
+    paired = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
+    unpaired = pick(trials.drop(columns="eval_row_loss"), Comparison(*RULE, MAX_STEPS), configs(trials))
 
     assert (paired.trial_id, paired.undecided_with, paired.compared, paired.paired) == ("t0", None, 1, 1)
     assert (unpaired.trial_id, unpaired.undecided_with, unpaired.compared, unpaired.paired) == ("t0", "t1", 1, 0)
@@ -140,8 +140,8 @@ def test_paired_rows_keep_a_cheaper_configuration_undecided_where_the_difference
     gap = cheap_rows.mean() - 0.50 / 0.95
     assert gap < Z * paired_se(cheap_rows, best_rows, 1 / 0.95) and gap > Z * trials["eval_loss_se"][1]
 
-    paired = pick(trials, *RULE, MAX_STEPS, configs(trials))
-    unpaired = pick(trials.drop(columns="eval_row_loss"), *RULE, MAX_STEPS, configs(trials))
+    paired = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
+    unpaired = pick(trials.drop(columns="eval_row_loss"), Comparison(*RULE, MAX_STEPS), configs(trials))
 
     assert (paired.trial_id, paired.undecided_with) == ("t0", "t1")
     assert "`t1` only by the standard error of its distance to the bar paired with the best" in paired.undecided
@@ -155,7 +155,7 @@ def test_a_configuration_without_row_values_keeps_its_own_standard_error_beside_
                        {"eval_loss": 0.54, "eval_loss_se": 0.02, "trainable_params": 2000},
                        scored(best_rows + 0.06, trainable_params=1000))  # 0.56, out by its paired interval
 
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
 
     assert (chosen.trial_id, chosen.undecided_with, chosen.compared, chosen.paired) == ("t0", "t1", 2, 1)
     assert "for 1 of the 2 configurations compared with the best" in chosen.rule
@@ -210,7 +210,7 @@ def test_a_pick_whose_module_set_and_rank_only_its_own_configuration_found_is_un
                     "origin": "confirm", "parent": "t0", "seed": 1},
                    {"eval_loss": 0.70, "module_set": "mlp", "r": 8, "trainable_params": 2000},
                    {"eval_loss": 0.75, "module_set": "all_linear", "r": 4, "trainable_params": 1000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     assert chosen.trial_id == "t0"
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
     assert (standing.trial_id, standing.module_set, standing.r, standing.value) == ("t2", "mlp", 8, 0.70)
@@ -223,7 +223,7 @@ def test_a_pick_whose_place_another_module_set_takes_within_the_tolerance_is_not
     trials = table({"eval_loss": 0.50, "module_set": "all_linear", "r": 32, "trainable_params": 9000},
                    {"eval_loss": 0.52, "module_set": "mlp", "r": 8, "trainable_params": 9500},
                    {"eval_loss": 0.60, "module_set": "all_linear", "r": 4, "trainable_params": 1000})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
     assert (chosen.trial_id, standing.trial_id, standing.same, standing.as_good, standing.uncertain) == (
         "t0", "t1", False, True, False)
@@ -235,7 +235,7 @@ def test_a_pick_whose_module_set_and_rank_another_configuration_also_wins_with_i
     trials = table({"eval_loss": 0.50, "module_set": "all_linear", "r": 32, "learning_rate": 2e-3},
                    {"eval_loss": 0.55, "module_set": "all_linear", "r": 32, "learning_rate": 1e-3},
                    {"eval_loss": 0.70, "module_set": "mlp", "r": 8, "trainable_params": 10})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
     assert (chosen.trial_id, standing.trial_id, standing.same, standing.uncertain, standing.left_out) == (
         "t0", "t1", True, False, 1)
@@ -244,7 +244,7 @@ def test_a_pick_whose_module_set_and_rank_another_configuration_also_wins_with_i
 
 def test_a_pick_that_is_the_only_configuration_to_finish_is_uncertain():
     trials = table({"eval_loss": 0.50}, {"eval_loss": 0.40, "status": "stopped", "step": MAX_STEPS // 2})
-    chosen = pick(trials, *RULE, MAX_STEPS, configs(trials))
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
     standing = without_pick(trials, chosen, MAX_STEPS, configs(trials))
     assert (standing.trial_id, standing.same, standing.uncertain) == (None, False, True)
     assert standing.sentence.startswith("**The pick is uncertain**: no other configuration finished")

@@ -103,14 +103,20 @@ def test_the_probe_trains_the_spaces_heaviest_configuration():
 
 
 def test_the_report_gives_the_share_and_the_probe_it_came_from():
-    from analysis.report import _share
+    from analysis.render import _share
+    from rundir.runconfig import MemoryProbe, Resources
 
-    probe = {"footprint_gb": 12.99, "allocated_gb": 5.74, "gpu_gb": 139.8, "margin": 1.0, "share": 0.25,
-             "lora_config": {"r": 32}}
-    line = _share({"gpus_per_trial": 0.25, "memory_probe": probe})
+    probe = MemoryProbe(footprint_gb=12.99, reserved_gb=6.0, allocated_gb=5.74, context_gb=0.5, source="nvml",
+                        gpu_gb=139.8, margin=1.0, share=0.25, seconds=20.0, lora_config={"r": 32})
+
+    def resources(gpus_per_trial: float, memory_probe: MemoryProbe | None = None) -> Resources:
+        return Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=1, max_concurrent_trials=0, max_failures=0,
+                         memory_margin=1.0, cuda_graphs=True, compile=False, pack_slots=8, memory_probe=memory_probe)
+
+    line = _share(resources(0.25, probe))
     assert "0.25 of a GPU" in line and "13.0 GB" in line and "140 GB" in line and "counted 2 times" in line
-    assert _share({"gpus_per_trial": 0.5, "memory_probe": None}) == " Trials had 0.5 of a GPU each."
-    assert _share({"gpus_per_trial": 0.0}) == ""  # CPU trials share no GPU
+    assert _share(resources(0.5)) == " Trials had 0.5 of a GPU each."
+    assert _share(resources(0.0)) == ""  # CPU trials share no GPU
 
 
 def test_a_probe_of_the_same_model_configuration_and_gpu_is_read_from_the_cache_fake_gpu(tmp_path, monkeypatch):

@@ -96,9 +96,11 @@ def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mea
     # the two leading configurations at the end were confirmed (a trial that led earlier may be too)
     from analysis.candidates import confirmation_candidates
     from analysis.results import load_trials
+    from analysis.select import Comparison
 
     table = load_trials(run_dir)
-    leaders = confirmation_candidates(table[table.origin != "confirm"], "eval_loss", "min", 0.95, "trainable_params", 12, 2)
+    leaders = confirmation_candidates(table[table.origin != "confirm"],
+                                      Comparison("eval_loss", "min", 0.95, "trainable_params", 12), 2)
     assert len(leaders) == 2 and set(leaders) <= set(confirm.parent)
     for _, row in confirm.iterrows():
         assert trials.loc[row.parent].status == "finished" and row.seed != trials.loc[row.parent].seed

@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
-from search.cluster.resume import CREATED_BY, resume_check
+from search.cluster.resume import resume_check
 from search.run import main
 from processes import processes_using
+from test_analysis_rundir import write_run_config
 from test_cli import _cli
 from test_tracking import _cli as _popen, _reported
 
@@ -122,8 +123,8 @@ def test_a_resume_with_another_packing_is_refused_naming_the_one_it_started_with
     from search.config import ConfigError
 
     started = load(None, ["resources.packing=processes"])
-    (tmp_path / "run_config.json").write_text(json.dumps({**to_dict(started), "created_by": CREATED_BY,
-                                                          "data_info": {}}))
+    record = json.loads((write_run_config(tmp_path) / "run_config.json").read_text())  # resources.packing=processes
+    (tmp_path / "run_config.json").write_text(json.dumps({**record, **to_dict(started), "resources": record["resources"]}))
     with pytest.raises(ConfigError, match=r"started with resources.packing=processes.*--set resources.packing=processes"):
         resume_check(tmp_path, load(None, ["resources.packing=shared"]))
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from rundir.files import write_text_atomic
 from rundir.layout import DRIVER_PID, RAY_SESSION, RUN_CONFIG
-from search.config import PROCESSES, Config, ConfigError, to_dict
+from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
+from search.config import Config, ConfigError, to_dict
 
-CREATED_BY = "lora-search"
 # The keys of a trial's result row that name a process of the run: Tune's `pid`, the trial's own,
 # and under shared packing `trainer_pid`, the trainer that trained it (trainables/shared.py).
 PID_KEYS = ("pid", "trainer_pid")
 
 
-def resume_check(run_dir: Path, config: Config) -> dict:
+def resume_check(run_dir: Path, config: Config) -> DataInfo:
     """The stored data facts of a run that may be resumed with `config`; ConfigError when
     the directory is not a run of this tool, belongs to someone else, or was started with
     a different configuration (resources may change: they say where it runs, not what; but not
@@ -33,27 +33,33 @@ def resume_check(run_dir: Path, config: Config) -> dict:
     if stored_path.stat().st_uid != os.getuid():
         raise ConfigError(f"--resume: {run_dir} belongs to another user; its state files are pickles and are only "
                           f"read from runs you created")
-    stored = json.loads(stored_path.read_text())
-    if stored.get("created_by") != CREATED_BY:
+    try:
+        stored = RunConfig.from_json(json.loads(stored_path.read_text()))
+    except ValueError as error:  # not JSON, or not the record this tool writes
+        raise ConfigError(f"--resume: {stored_path} was not written by this tool ({error})") from None
+    if stored.created_by != CREATED_BY:
         raise ConfigError(f"--resume: {stored_path} was not written by this tool")
-    current = to_dict(config)
-    differing = [key for section in current if section not in ("resources",)
-                 for key in _differences(current[section], stored.get(section), section)]
+    current, recorded = to_dict(config), stored.to_json()
+    differing = [key for section in current if section != "resources"
+                 for key in _differences(current[section], recorded[section], section)]
     if differing:
         raise ConfigError(f"--resume: the configuration differs from the one {run_dir} was started with, at "
                           f"{', '.join(differing)}. Fix: resume with the original settings, or start a new run (--name)")
     # Tune continues an experiment only with the trainable it started with, and each packing has its own
-    started_with = stored["resources"].get("packing", PROCESSES)  # runs from before packing were processes
+    started_with = stored.resources.packing
     if config.resources.packing != started_with:
         raise ConfigError(f"--resume: {run_dir} was started with resources.packing={started_with}, and this resume "
                           f"would run it with {config.resources.packing}; a run continues with the packing it started "
                           f"with. Fix: --set resources.packing={started_with}")
-    return stored["data_info"]
+    return stored.data_info
 
 
 def _differences(current, stored, key: str) -> list[str]:
+    """The dotted keys of `current` at which `stored` differs from it (lacking one included)."""
     if isinstance(current, dict) and isinstance(stored, dict):
-        return [k for name in current for k in _differences(current[name], stored.get(name), f"{key}.{name}")]
+        return [k for name in current
+                for k in (_differences(current[name], stored[name], f"{key}.{name}") if name in stored
+                          else [f"{key}.{name}"])]
     return [] if current == stored else [key]
 
 

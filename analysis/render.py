@@ -1,0 +1,440 @@
+"""The text of report.md: what was searched, what it cost, the pick and why, the top trials, the
+retrain, the plots and how to use the pick (`render_report`), from the run's record and the
+analysis' results; it reads and writes no file.
+"""
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from analysis.select import Comparison, Pick, WithoutPick, finished_trials, rank_by_metric
+from rundir.params import Origin
+from rundir.runconfig import Resources, RunConfig
+
+if TYPE_CHECKING:
+    from analysis.plots import Plots
+
+TOP_TRIALS = 10
+
+
+# Search settings sampled from a [low, high] range rather than chosen from a list.
+_RANGES = ("dropout", "learning_rate")
+
+
+def render_report(
+    run_config: RunConfig,
+    trials: pd.DataFrame,
+    comparison: Comparison,
+    chosen: Pick | None,
+    no_pick: str | None,
+    plots: "Plots",
+    diagnoses: dict[str, str],
+    retrain: str = "",
+    standing: WithoutPick | None = None,
+) -> str:
+    """report.md's text: what was searched, what it cost, the pick and why, the top trials, the
+    retrain, the plots, the config.
+
+    `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None;
+    `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve; `retrain` the
+    section on retrained weights, if any; `standing` what the rule picks without the pick's
+    configuration (`analysis.select.without_pick`).
+    """
+    sections = [
+        _title(run_config, comparison),
+        _data_section(run_config),
+        _searched(run_config),
+        _module_notes(run_config),
+        _spent(trials, run_config.budget.max_steps, run_config.resources),
+        _pick_section(trials, chosen, no_pick, standing, run_config.search),
+        _prior_section(trials, chosen, comparison),
+        _top_trials(trials, comparison, chosen, diagnoses),
+        *([retrain] if retrain else []),
+        _plots_section(plots),
+    ]
+    if chosen is not None:
+        sections.append(_snippet_section(chosen, trials))
+    return "\n\n".join(sections) + "\n"
+
+
+def rationale(chosen: Pick, trials: pd.DataFrame) -> str:
+    """One sentence on why `chosen` won: its value, the best, the tolerance, and what it saves against the best trial."""
+    if chosen.trial_id == chosen.best_trial_id:
+        return (
+            f"Trial `{chosen.trial_id}` has the best {chosen.metric} ({chosen.value:.4g} at step {chosen.step}) "
+            f"and is also the cheapest by {chosen.cost_name} of the {chosen.candidates} trials within tolerance "
+            f"{chosen.tolerance:g} of it, so it saves nothing against the best."
+        )
+    row, best = _row(trials, chosen.trial_id), _row(trials, chosen.best_trial_id)
+    return (
+        f"Trial `{chosen.trial_id}` reaches {chosen.metric} {chosen.value:.4g} at step {chosen.step} against the best "
+        f"{chosen.best_value:.4g} (trial `{chosen.best_trial_id}`), within tolerance {chosen.tolerance:g}, and trains "
+        f"{row['trainable_params']:,} parameters instead of {best['trainable_params']:,} "
+        f"({_relative(row['trainable_params'], best['trainable_params'], 'fewer')}) in "
+        f"{row['train_seconds']:,.0f} s instead of {best['train_seconds']:,.0f} s "
+        f"({_relative(row['train_seconds'], best['train_seconds'], 'less')})."
+    )
+
+
+def lora_config_snippet(lora_config: dict) -> str:
+    """Python source that builds the same `LoraConfig`, one keyword argument per line."""
+    arguments = "".join(f"    {key}={value!r},\n" for key, value in lora_config.items())
+    return f"from peft import LoraConfig\n\nconfig = LoraConfig(\n{arguments})"
+
+
+def _title(run_config: RunConfig, comparison: Comparison) -> str:
+    base = run_config.base_model
+    origin = f"{base.origin}, at `{base.path}`; " if base.origin and base.path != base.name else ""
+    return (
+        f"# LoRA search: {run_config.name}\n\n"
+        f"Base model `{base.name}` ({origin}{base.total_params:,} parameters), seed {run_config.seed}. "
+        f"Selection: {comparison.statement()}."
+    )
+
+
+def _data_section(run_config: RunConfig) -> str:
+    """Where the train and eval rows came from, how many there were, and what data.max_length cut."""
+    info = run_config.data_info
+    rows = [(purpose, f"`{split.key}`: `{split.source}`", split.part, split.format, f"{split.rows:,}",
+             f"{split.truncated:,}", f"{split.dropped:,}")
+            for purpose, split in (("train", info.train), ("eval", info.eval))]
+    template = ("none: text rows are trained on every token" if info.train.format == "text"
+                else f"{info.template}: the loss is on the answer's tokens only")
+    return (
+        "## Data\n\n"
+        + _markdown_table(("", "source", "rows used", "format", "rows", f"truncated at {info.max_length} tokens",
+                           "dropped (no token left to train on)"), rows)
+        + f"\n\nTemplate {template}. The search's trials train on {info.search_train_rows:,} of the "
+        f"{info.train_rows:,} train rows kept; every eval round scores the same {info.eval_rows:,} eval rows."
+    )
+
+
+def _setting(key: str, values) -> str:
+    """A search setting as the report shows it: a range, a list, or a single word (`priors: auto`);
+    a list of priors as one configuration each."""
+    if isinstance(values, str):
+        return values
+    if key in _RANGES:
+        return f"from {values[0]:g} to {values[1]:g}"
+    return ", ".join(" ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+                     for value in values)
+
+
+def _searched(run_config: RunConfig) -> str:
+    rows = [(f"`{key}`", _setting(key, values)) for key, values in run_config.search.items()]
+    budget = run_config.budget
+    return (
+        "## What was searched\n\n"
+        + _markdown_table(("setting", "values"), rows)
+        + f"\n\nBudget: up to {budget.num_samples} trials of {budget.max_steps} optimizer steps "
+        f"(batch size {budget.batch_size}), evaluated every {budget.eval_every} steps; ASHA may stop "
+        f"a trial from step {budget.grace_period} on, keeping 1 in {budget.reduction_factor} at each rung."
+    )
+
+
+def _module_notes(run_config: RunConfig) -> str:
+    """How each module set was resolved on this model, with what had to be inferred or approximated."""
+    lines = [f"- `{name}`: {', '.join(info.target_modules)} ({info.layers} layers)"
+             + (f". {info.note}" if info.note else "")
+             for name, info in run_config.module_sets.items()]
+    return "## Module sets on this model\n\n" + ("\n".join(lines) if lines else "Not recorded in run_config.json.")
+
+
+STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly",
+              "packed": "packed in a shared trainer"}
+
+
+def _step_modes(trials: pd.DataFrame, compile_on) -> str:
+    """How the trials' train steps ran (trials.csv's `step_mode`), and which trials of a run
+    that asked for compiled steps trained without them (their compile failed: the worker's
+    log says why)."""
+    modes = trials["step_mode"].dropna() if "step_mode" in trials else pd.Series(dtype=object)
+    if modes.empty:
+        return ""
+    counts = modes.value_counts()
+    parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
+    text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
+    alone = int((modes != "packed").sum()) if "packed" in counts else 0
+    if alone:
+        text += (f" The {alone} DoRA trial(s) trained in processes of their own beside the shared trainer: "
+                 "DoRA's norm needs the adapted weight merged into a copy of the base weight, which a base shared by "
+                 "several trials never holds.")
+    if compile_on is True:
+        uncompiled = trials.loc[trials["step_mode"].notna() & (trials["step_mode"] != "compiled"), "trial_id"]
+        if len(uncompiled):
+            text += (f" resources.compile was on, but {len(uncompiled)} trial(s) trained uncompiled because their "
+                     f"step failed to compile (the trial worker's log says why): "
+                     + ", ".join(f"`{t}`" for t in uncompiled) + ".")
+    return text
+
+
+def own_total(trials: pd.DataFrame, column: str) -> float:
+    """`column` summed over `trials`, each counted for its own work: a promoted trial continued
+    its parent's checkpoint and reports their totals (steps, seconds) together, as does a rerun
+    of a trial that ran out of memory after a checkpoint."""
+    parents = trials.loc[trials["origin"].isin([Origin.PROMOTED.value, Origin.RERUN.value]), "parent"]
+    return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
+
+
+def _spent(trials: pd.DataFrame, max_steps: int, resources: Resources) -> str:
+    counts = trials["status"].value_counts()
+    seconds = own_total(trials, "train_seconds")
+    eval_seconds = own_total(trials, "eval_seconds")
+    generate_seconds = own_total(trials, "eval_generate_seconds")
+    generating = f" ({generate_seconds:,.0f} of it generating answers)" if generate_seconds > 0 else ""
+    stages = trials["origin"].value_counts()
+    text = (
+        "## What it cost\n\n"
+        f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
+        f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
+        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})"
+        f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
+        f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
+        f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
+        + _reruns(trials)
+        + _share(resources)
+        + _step_modes(trials, compile_on=resources.compile)
+    )
+    failed = trials[trials["status"] == "failed"]
+    if failed.empty:
+        return text
+    rerun_as = dict(zip(trials.loc[trials["origin"] == Origin.RERUN.value, "parent"],
+                        trials.loc[trials["origin"] == Origin.RERUN.value, "trial_id"]))
+    lines = [f"- `{row.trial_id}` ({row.module_set}, r={row.r}): {row.error}"
+             + (f"; run again as `{rerun_as[row.trial_id]}`" if row.trial_id in rerun_as else "")
+             for row in failed.itertuples()]
+    return text + "\n\nFailed trials:\n\n" + "\n".join(lines)
+
+
+def _reruns(trials: pd.DataFrame) -> str:
+    """Why trials ran again: the parent of a rerun that has a row of its own failed (it ran out
+    of GPU memory beside others); one without a row never started (Tune lost it:
+    search.tuning.tuner.TellLostTrials), and Tune wrote no files of it."""
+    parents = trials.loc[trials["origin"] == Origin.RERUN.value, "parent"]
+    out_of_memory = int(parents.isin(trials["trial_id"]).sum())
+    lost = len(parents) - out_of_memory
+    text = ""
+    if out_of_memory:
+        text += (f" {out_of_memory} trial{'s' if out_of_memory > 1 else ''} ran again (rerun) after running out of GPU "
+                 "memory while other trials shared the GPU, with a larger share of it: a neighbour's memory is no "
+                 "fault of a configuration, and the failed run is judged by its rerun.")
+    if lost:
+        text += (f" {lost} trial{'s' if lost > 1 else ''} ran again (rerun) because Tune could not start "
+                 f"{'them' if lost > 1 else 'it'} on a reused worker (the worker's last trial had not ended in time); "
+                 "no configuration was lost.")
+    return text
+
+
+def _share(resources: Resources) -> str:
+    """The GPU share trials had, and the memory probe it came from, where one ran."""
+    probe = resources.memory_probe
+    if probe is None:
+        return f" Trials had {resources.gpus_per_trial:g} of a GPU each." if resources.gpus_per_trial else ""
+    return (f" Trials had {probe.share:g} of a GPU each: one trial of the space's heaviest configuration "
+            f"(r={probe.lora_config['r']}) held {probe.footprint_gb:.1f} GB of the {probe.gpu_gb:.0f} GB GPU "
+            f"(allocator peak {probe.allocated_gb:.1f} GB), counted {1 + probe.margin:g} times "
+            "(resources.memory_margin) when packing trials on it.")
+
+
+EDGE = 0.1  # the share of a searched range at either end where the pick's value is called at its edge
+
+
+def at_the_edge(search: dict, row: pd.Series) -> str:
+    """One sentence on what of the pick (`row` of the trial table) lies at the edge of the space
+    `search` (run_config.json's): a learning rate in the top or bottom tenth of its range, on the
+    log scale it is sampled on, or the largest rank searched. There the best may lie outside what
+    was searched: the range says nothing of what is past it. Empty when nothing is."""
+    found = []
+    low, high = search["learning_rate"]
+    if 0 < low < high:
+        position = math.log(row["learning_rate"] / low) / math.log(high / low)
+        if position >= 1 - EDGE or position <= EDGE:
+            end = "top" if position >= 1 - EDGE else "bottom"
+            found.append(f"its learning rate {row['learning_rate']:.3g} lies in the {end} tenth of `search.learning_rate` "
+                         f"[{low:g}, {high:g}] (on the log scale it is sampled on): a "
+                         f"{'higher' if end == 'top' else 'lower'} one may do better")
+    ranks = search["ranks"]
+    if len(ranks) > 1 and int(row["r"]) == max(ranks):
+        found.append(f"its rank {int(row['r'])} is the largest of `search.ranks`, and no smaller one came within the "
+                     "tolerance: a larger one may do better")
+    if not found:
+        return ""
+    return ("At the edge of the space: " + "; ".join(found) + ". Widen the space there to see, with more trials "
+            "(`budget.num_samples`) for the wider space.")
+
+
+def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None,
+                  search: dict) -> str:
+    if chosen is None:
+        return f"## The pick\n\n**No pick.** {no_pick}"
+    row = _row(trials, chosen.trial_id)
+    return (
+        f"## The pick\n\n"
+        f"**Trial `{chosen.trial_id}`**: {row['module_set']} (`{row['target_modules']}`), r={row['r']}, "
+        f"lora_alpha={row['lora_alpha']:g}, dropout {row['lora_dropout']:.3g}, RSLoRA {row['use_rslora']}, "
+        f"DoRA {row['use_dora']}, learning rate {row['learning_rate']:.3g}.\n\n"
+        f"{rationale(chosen, trials)}\n\n"
+        + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
+           if chosen.seeds > 1 else "")
+        + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
+        + (f"{standing.sentence}\n\n" if standing else "")
+        + (f"{edge}\n\n" if (edge := at_the_edge(search, row)) else "")
+        + f"{_pick_against_best(trials, chosen)}\n\n"
+        + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
+    )
+
+
+# What the pick section shows of the pick and the best trial, whatever metric selects (it is
+# shown too); eval_exact_match only where the trials generated answers.
+_PICK_METRICS = ("eval_loss", "eval_accuracy", "eval_exact_match")
+
+
+def _pick_against_best(trials: pd.DataFrame, chosen: Pick) -> str:
+    """The pick's eval loss, token accuracy, exact match and selecting metric beside the best
+    trial's, as each trial reported them at the full budget; a metric no trial of the two
+    reported is left out."""
+    ids = list(dict.fromkeys([chosen.trial_id, chosen.best_trial_id]))
+    headers = ("", f"pick `{chosen.trial_id}`" + (" (also the best)" if len(ids) == 1 else ""),
+               *([f"best `{chosen.best_trial_id}`"] if len(ids) == 2 else []))
+    rows = []
+    for metric in dict.fromkeys([*_PICK_METRICS, chosen.metric]):
+        values = [_row(trials, trial_id)[metric] for trial_id in ids]
+        if all(pd.isna(value) for value in values):
+            continue
+        name = f"{metric} (selects)" if metric == chosen.metric else metric
+        rows.append((name, *("not reported" if pd.isna(value) else f"{value:.4g}" for value in values)))
+    return f"At step {chosen.step}, as each trial reported it:\n\n" + _markdown_table(headers, rows)
+
+
+def _prior_section(trials: pd.DataFrame, chosen: Pick | None, comparison: Comparison) -> str:
+    """The known-good configurations the search started from (search/tuning/prior.py), one row each,
+    beside the pick: what the search bought over them."""
+    priors = trials[trials["origin"] == Origin.PRIOR.value].sort_values("trial_id", kind="stable")
+    if priors.empty or chosen is None:
+        return "## Against the known-good configurations\n\nThe run has no prior trial to compare with."
+    metric, max_steps = comparison.metric, comparison.max_steps
+    pick_row = _row(trials, chosen.trial_id)
+    rows = []
+    for _, row in priors.iterrows():
+        value = row[metric]
+        if row["trial_id"] == chosen.trial_id:
+            against = "the pick"
+        elif row["status"] == "failed":
+            against = f"failed: {row['error']}"
+        elif row["status"] != "finished":
+            against = f"stopped at step {row['step']}, below its rung's cut"
+        else:
+            against = (f"{metric} {_relative(value, chosen.value, 'lower')} "
+                       f"than the pick's, {_relative(row['trainable_params'], pick_row['trainable_params'], 'fewer')} "
+                       "parameters")
+        rows.append((f"`{row['trial_id']}`",
+                     f"{row['module_set']}, r={row['r']}, alpha {row['lora_alpha']:g}{', RSLoRA' if row['use_rslora'] else ''}, "
+                     f"lr {row['learning_rate']:.3g}",
+                     "" if pd.isna(row["step"]) else row["step"], row["status"],
+                     "not reported" if pd.isna(value) else f"{value:.4g}", against))
+    return (f"## Against the known-good configurations\n\nThe search's first {len(priors)} trials were the priors; "
+            f"the pick (`{chosen.trial_id}`) reached {metric} {chosen.value:.4g} at step {max_steps}.\n\n"
+            + _markdown_table(("trial", "configuration", "step", "status", metric, "against the pick"), rows))
+
+
+def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | None, diagnoses: dict[str, str]) -> str:
+    finished = finished_trials(trials, comparison.metric, comparison.cost)
+    if finished.empty:
+        return "## Top trials\n\nNo trial finished the full budget."
+    top = rank_by_metric(finished, comparison.metric, comparison.mode).head(TOP_TRIALS)
+    headers = (
+        "trial", "origin", "module set", "r", "lora_alpha", "dropout", "RSLoRA", "DoRA", "learning rate",
+        comparison.metric, "trainable params", "train s", "curve", "",
+    )
+    rows = [
+        (
+            f"`{row.trial_id}`", row.origin, row.module_set, row.r, f"{row.lora_alpha:g}", f"{row.lora_dropout:.3g}",
+            row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{value:.4g}",
+            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", diagnoses.get(row.trial_id, ""),
+            _marks(row.trial_id, chosen),
+        )
+        # the metric's value beside the row: a user's `module:function` is no attribute name for itertuples
+        for row, value in zip(top.itertuples(), top[comparison.metric])
+    ]
+    return (
+        f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {comparison.metric}.\n\n"
+        + _markdown_table(headers, rows)
+    )
+
+
+def retrain_section(retrains: list[dict], chosen: Pick | None, run_dir: Path) -> str:
+    """Which trained weights exist and which pick they belong to."""
+    if not retrains:
+        return ("## Retrain\n\nNo configuration was retrained on all the data (`selection.retrain` is off, or the run "
+                "stopped first): `adapter/` holds the pick's configuration, not weights.")
+    lines = ["## Retrain", ""]
+    for retrain in retrains:
+        figures = ", ".join(f"{key} {retrain[key]:.4g}" for key in ("eval_loss", "eval_accuracy", "eval_exact_match")
+                            if isinstance(retrain[key], (int, float)))
+        rows = f" on all {retrain['train_rows']:,} training rows" if retrain["train_rows"] else " on all the training data"
+        state = f"failed ({retrain['error']})" if retrain["error"] else f"reached step {retrain['step']}: {figures}"
+        lines.append(f"- Trial `{retrain['trial_id']}` retrained trial `{retrain['parent']}`'s configuration{rows} "
+                     f"and {state}.")
+    matching = chosen is not None and any(r["parent"] == chosen.trial_id and r["weights"] for r in retrains)
+    if chosen is None:
+        pass
+    elif matching:
+        lines += ["", f"`adapter/` holds these weights with the pick's configuration: load it with "
+                      f"`PeftModel.from_pretrained(base, \"{run_dir.name}/adapter\")`."]
+    else:
+        lines += ["", f"**The pick, trial `{chosen.trial_id}`, was not retrained**: the weights above belong to another "
+                      "configuration. They are kept with the analysis that picked it (`picks/`) and in the retrain's "
+                      "trial directory; `adapter/` now holds this pick's configuration only. To get its weights, train "
+                      "`adapter/adapter_config.json` on all your data, or run the search again with this selection "
+                      "and `selection.retrain: true`."]
+    return "\n".join(lines)
+
+
+def _plots_section(plots: "Plots") -> str:
+    images = [f"![{path.stem.replace('_', ' ')}](plots/{path.name})" for path in plots.files]
+    skipped = [f"- `plots/{name}` not drawn: {reason}." for name, reason in plots.skipped.items()]
+    return "## Plots\n\n" + "\n\n".join(images + (["\n".join(skipped)] if skipped else []))
+
+
+def _snippet_section(chosen: Pick, trials: pd.DataFrame) -> str:
+    row = _row(trials, chosen.trial_id)
+    return (
+        "## Use it\n\n```python\n"
+        + lora_config_snippet(chosen.lora_config)
+        + f"\n```\n\nTrain with learning rate {row['learning_rate']:.3g} (LoRA+ learning-rate ratio "
+        f"{row['loraplus_lr_ratio']:g}), as the trial did."
+    )
+
+
+def _marks(trial_id: str, chosen: Pick | None) -> str:
+    if chosen is None:
+        return ""
+    marks = (("pick", chosen.trial_id), ("best", chosen.best_trial_id))
+    return ", ".join(mark for mark, marked_trial in marks if marked_trial == trial_id)
+
+
+def _row(trials: pd.DataFrame, trial_id: str) -> pd.Series:
+    return trials[trials["trial_id"] == trial_id].iloc[0]
+
+
+def _relative(value: float, reference: float, less: str) -> str:
+    """'75% fewer' / '10% more' for `value` against `reference`; 'not comparable' without a positive reference."""
+    if not reference > 0 or math.isnan(value):
+        return "not comparable"
+    change = (reference - value) / reference
+    return f"{change:.0%} {less}" if change >= 0 else f"{-change:.0%} more"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _markdown_table(headers: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
