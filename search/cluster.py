@@ -24,6 +24,7 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with its SETTINGS.
 _HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _HTTP2_SETTINGS = 0x4
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 _HEADS_TOKEN = "`ray get-auth-token` there prints it; `ray start --head` keeps it in ~/.ray/auth_token"
 _CHECK_HEAD = "check that the head is running (`ray status` on it) and that this is the address `ray start --head` printed"
 
@@ -161,13 +162,13 @@ def use_the_heads_auth(cluster: ClusterAddress, target: str) -> None:
     head = f"the Ray head at {_shown(cluster, target)}, from {cluster.source},"
     fix = (f"Fix: copy the token from the head node ({_HEADS_TOKEN}) to {_token_path()} here, or export "
            f"RAY_AUTH_TOKEN=<that token>, or {_local_instead(cluster)}")
-    mode = os.environ.get(ray_contract.AUTH_MODE_ENV)
+    mode = os.environ.get(AUTH_MODE_ENV)
     if not ray_contract.has_auth_token():
         raise ConfigError(f"{head} requires an auth token and this machine has none (RAY_AUTH_TOKEN is unset and "
                           f"{_token_path()} does not exist). {fix}")
     if mode is not None and mode.lower() != "token":
-        raise ConfigError(f"{head} requires an auth token, but {ray_contract.AUTH_MODE_ENV} is {mode!r} here, so none is sent. "
-                          f"Fix: unset {ray_contract.AUTH_MODE_ENV} or set it to token")
+        raise ConfigError(f"{head} requires an auth token, but {AUTH_MODE_ENV} is {mode!r} here, so none is sent. "
+                          f"Fix: unset {AUTH_MODE_ENV} or set it to token")
     if mode is None:
         ray_contract.send_auth_token()
         if not ray_contract.head_refuses_this_client(target):

@@ -9,8 +9,6 @@ Importing this module with another Ray is an error that names the version it was
 
 from __future__ import annotations
 
-import os
-
 import ray
 
 RAY_VERSION = "2.60.0"
@@ -21,11 +19,10 @@ if ray.__version__ != RAY_VERSION:
                       f"check each function against the new Ray (tests/test_ray_contract.py) and update "
                       f"RAY_VERSION")
 
+from ray._private.authentication.authentication_token_setup import _enable_token_auth
 from ray._private.services import canonicalize_bootstrap_address_or_die
-from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+from ray._raylet import AuthenticationTokenLoader, GcsClient
 from ray.exceptions import AuthenticationError
-
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def auto_address() -> str:
@@ -57,7 +54,7 @@ def has_auth_token() -> bool:
 
 
 def send_auth_token() -> None:
-    """Token auth for this process from now on, and for the processes it starts: RAY_AUTH_MODE=token,
-    and Ray's config, which this process read once at import, read again."""
-    os.environ[AUTH_MODE_ENV] = "token"
-    Config.initialize("")
+    """Token auth for this process from now on, and for the processes it starts, as a local
+    `ray.init` turns it on: RAY_AUTH_MODE=token, and Ray's config, which this process read once
+    at import, read again."""
+    _enable_token_auth()
