@@ -41,27 +41,40 @@ class Sleeper:
 
 @pytest.fixture
 def worker():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # the session's local Ray (conftest) may be up already
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         sleeper = Sleeper.remote()
-        yield ray.get(sleeper.pid.remote()), ray._private.worker._global_node.get_session_dir_path()
+        yield ray.get(sleeper.pid.remote()), ray.get_runtime_context().get_session_name()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _stopped(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
 
 
 def test_a_worker_of_the_recorded_session_is_stopped(worker, tmp_path):
     pid, session = worker
     stopped = stop_leftover_workers(_run_dir(tmp_path, [pid], session), grace_seconds=5)
     assert stopped == [pid]
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(pid)
+    assert _stopped(pid)
+
+
+def test_a_session_recorded_as_its_directory_by_an_earlier_version_is_found_by_its_name(worker, tmp_path):
+    pid, session = worker
+    assert stop_leftover_workers(_run_dir(tmp_path, [pid], f"/tmp/ray/{session}"), grace_seconds=5) == [pid]
+    assert _stopped(pid)
 
 
 def test_a_worker_of_another_session_is_left_alone(worker, tmp_path):
     pid, _ = worker
-    assert stop_leftover_workers(_run_dir(tmp_path, [pid], "/tmp/ray/session_of_another_run"), grace_seconds=1) == []
+    assert stop_leftover_workers(_run_dir(tmp_path, [pid], "session_2000-01-01_00-00-00_000000_1"), grace_seconds=1) == []
     assert _alive(pid)
 
 

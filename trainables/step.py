@@ -54,35 +54,41 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     )
 
 
-def repeated_blocks(model) -> list[torch.nn.Module]:
-    """The model's decoder layers: the modules of the classes transformers keeps whole when it
-    splits a model across devices (`_no_split_modules`, e.g. LlamaDecoderLayer). Empty for a
-    model that names none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def repeated_blocks(model) -> dict[str, torch.nn.Module]:
+    """The model's decoder layers by their names in the base model: the modules of the classes
+    transformers keeps whole when it splits a model across devices (`_no_split_modules`, e.g.
+    LlamaDecoderLayer). Empty for a model that names none."""
+    base = _base(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in base.modules() if type(m).__name__ in names]
+    return {name: m for name, m in base.named_modules() if type(m).__name__ in names}
+
+
+def _base(model) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class CompiledBlocks:
     """torch.compile on each decoder layer (one compiled code serves them all), and on the
-    loss; switched on only around the train step's forward (eval runs eagerly: other shapes,
-    no gradients, and it would compile again for them). A model without named decoder
-    layers is compiled whole."""
+    loss. The compiled layers (torch.compile's wrappers of them) stand in the model only during
+    the train step's forward; eval runs the layers themselves, eagerly (other shapes, no
+    gradients, and it would compile again for them). A model without named decoder layers is
+    compiled whole."""
 
     def __init__(self, model, backend: str):
         self.blocks = repeated_blocks(model)
         self.whole = None if self.blocks else torch.compile(model, backend=backend)
-        self.calls = [torch.compile(block._call_impl, backend=backend) for block in self.blocks]
+        self.compiled = {name: torch.compile(block, backend=backend) for name, block in self.blocks.items()}
         self.token_loss = torch.compile(shifted_cross_entropy, backend=backend)
 
     def loss(self, model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        for block, call in zip(self.blocks, self.calls):
-            block._compiled_call_impl = call
+        base = _base(model)
+        for name, compiled in self.compiled.items():
+            base.set_submodule(name, compiled)
         try:
             return answer_loss(self.whole or model, input_ids, labels, self.token_loss)
         finally:
-            for block in self.blocks:
-                block._compiled_call_impl = None
+            for name, block in self.blocks.items():
+                base.set_submodule(name, block)
 
 
 def keep_input_dtype(model) -> None:
@@ -227,7 +233,7 @@ class TrainStep:
     def _drop_compiled(self) -> None:
         if self.compiled is not None:
             self.compiled = None
-            torch._dynamo.reset()  # the next trial's adapter is new modules: it compiles again anyway
+            torch.compiler.reset()  # the next trial's adapter is new modules: it compiles again anyway
 
 
 def _first_line(error: BaseException) -> str:

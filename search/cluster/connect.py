@@ -114,11 +114,11 @@ def check_head_answers(cluster: ClusterAddress, timeout_s: float) -> str:
     a gRPC server, the head, answers there within timeout_s. ray.init alone would wait minutes on an address that does not answer
     (20 attempts of over 30 s each), and a SIGTERM meanwhile waits for the attempt to end."""
     target = cluster.address
-    if target == "auto":  # the head that ray.init would join: RAY_ADDRESS, then Ray's temp dir, then `ps`
-        from ray._private.services import canonicalize_bootstrap_address_or_die
+    if target == "auto":
+        from search.cluster.ray_contract import auto_address
 
         try:
-            target = canonicalize_bootstrap_address_or_die("auto")
+            target = auto_address()
         except ConnectionError as e:
             raise ConfigError(f"{cluster.source} is auto, but Ray found no cluster to join ({e}). "
                               f"Fix: give the head's HOST:PORT, or {_local_instead(cluster)}") from None
@@ -143,56 +143,26 @@ def use_the_heads_auth(cluster: ClusterAddress, target: str) -> None:
     and RAY_AUTH_MODE is unset, token mode is turned on for this process and the ones it starts,
     when this machine has a token. ConfigError when it has none, when RAY_AUTH_MODE says not to
     send one, or when the head refuses the one it has. ray:// (Ray Client) is left to Ray."""
-    if target.startswith("ray://") or not _refuses_this_client(target):
+    from search.cluster import ray_contract
+
+    if target.startswith("ray://") or not ray_contract.head_refuses_this_client(target):
         return
     head = f"the Ray head at {_shown(cluster, target)}, from {cluster.source},"
     fix = (f"Fix: copy the token from the head node ({_HEADS_TOKEN}) to {_token_path()} here, or export "
            f"RAY_AUTH_TOKEN=<that token>, or {_local_instead(cluster)}")
     mode = os.environ.get(AUTH_MODE_ENV)
-    if not _has_token():
+    if not ray_contract.has_auth_token():
         raise ConfigError(f"{head} requires an auth token and this machine has none (RAY_AUTH_TOKEN is unset and "
                           f"{_token_path()} does not exist). {fix}")
     if mode is not None and mode.lower() != "token":
         raise ConfigError(f"{head} requires an auth token, but {AUTH_MODE_ENV} is {mode!r} here, so none is sent. "
                           f"Fix: unset {AUTH_MODE_ENV} or set it to token")
     if mode is None:
-        _send_token()
-        if not _refuses_this_client(target):
+        ray_contract.send_auth_token()
+        if not ray_contract.head_refuses_this_client(target):
             return
     raise ConfigError(f"{head} refused this machine's auth token (from {_token_source()}): it is not the head's. "
                       f"Fix: replace it with the head's ({_HEADS_TOKEN}), or {_local_instead(cluster)}")
-
-
-def _refuses_this_client(target: str) -> bool:
-    """Whether the head's GCS turns this process away for its auth (a missing or wrong token);
-    it answers within milliseconds, having answered the gRPC probe."""
-    from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
-
-    try:
-        GcsClient(address=target)
-    except AuthenticationError:
-        return True
-    return False
-
-
-def _has_token() -> bool:
-    """Whether Ray finds an auth token on this machine (it raises where RAY_AUTH_TOKEN_PATH names no file)."""
-    from ray._raylet import AuthenticationTokenLoader
-    from ray.exceptions import AuthenticationError
-
-    try:
-        return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-    except AuthenticationError:
-        return False
-
-
-def _send_token() -> None:
-    """Ray's token mode for this process (its config is read once, so re-read it) and its children."""
-    from ray._raylet import Config
-
-    environment.setenv(AUTH_MODE_ENV, "token")
-    Config.initialize("")
 
 
 def _token_path() -> Path:

@@ -89,16 +89,19 @@ def stop_leftover_workers(run_dir: Path, grace_seconds: float = 10.0) -> list[in
 
 
 def record_ray_session(run_dir: Path) -> None:
-    """Write down the Ray session this driver's trials run in, for a later `stop_leftover_workers`."""
+    """Write down the name of the Ray session this driver's trials run in, for a later
+    `stop_leftover_workers`: its workers keep their log files open in the session's directory,
+    which bears that name on every node (wherever the node keeps its temp dir)."""
     import ray
 
-    # Ray has no public accessor for the session directory; its workers keep their logs open in it
-    write_text_atomic(run_dir / RAY_SESSION, ray._private.worker._global_node.get_session_dir_path())
+    write_text_atomic(run_dir / RAY_SESSION, ray.get_runtime_context().get_session_name())
 
 
 def _recorded_session(run_dir: Path) -> str | None:
+    """The recorded session's name; a run recorded before names held the session's directory,
+    whose last part is the name."""
     try:
-        return (run_dir / RAY_SESSION).read_text().strip() or None
+        return Path((run_dir / RAY_SESSION).read_text().strip()).name or None
     except OSError:
         return None
 
@@ -116,16 +119,17 @@ def _worker_pids(run_dir: Path) -> set[int]:
     return pids
 
 
-def _is_worker_of(pid: int, session_dir: str) -> bool:
+def _is_worker_of(pid: int, session: str) -> bool:
     """True for a live process of this user whose command line is a Ray worker's and which holds
-    a file open inside `session_dir` (every Ray worker keeps its log files there)."""
+    a file open inside a directory named `session` (every Ray worker keeps its log files in its
+    session's directory)."""
     try:
         if os.stat(f"/proc/{pid}").st_uid != os.getuid():
             return False
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         if not (cmdline.startswith(b"ray::") or b"default_worker.py" in cmdline):
             return False
-        return any(os.readlink(fd).startswith(session_dir + os.sep) for fd in Path(f"/proc/{pid}/fd").iterdir()
+        return any(session in Path(os.readlink(fd)).parts for fd in Path(f"/proc/{pid}/fd").iterdir()
                    if fd.is_symlink())
     except OSError:  # gone meanwhile, or not ours to read
         return False

@@ -7,12 +7,15 @@ while the other is on.
 from __future__ import annotations
 
 import json
+import numbers
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.tune.logger import LoggerCallback
+from ray.tune.utils import flatten_dict
 
 from rundir.files import write_json_atomic
 from rundir.layout import LATEST, MLFLOW_RUN, RUN_CONFIG, TRIALS_CSV
@@ -41,35 +44,55 @@ def search_run_id(client: MlflowClient, experiment_id: str, run_name: str, run_d
     return run.info.run_id
 
 
-class MLflowTrialRuns(MLflowLoggerCallback):
-    """Ray's MLflowLoggerCallback (a run per trial: its config as parameters, each report as
-    metrics), with each trial's run nested under the search's run, metrics at the trial's
-    optimizer step (Ray's step counts reports, and starts again for a promoted trial that
-    continues its parent's steps), and a trial that `--resume` continues logging to its own run."""
+class MLflowTrialRuns(LoggerCallback):
+    """A run per trial in MLflow, as Ray's MLflowLoggerCallback makes them (named and tagged
+    `trial_name` after the trial, its config as parameters, each report's numbers as metrics,
+    FINISHED or FAILED at its end), with each trial's run nested under the search's run, metrics
+    at the trial's optimizer step (Ray's step counts reports, and starts again for a promoted
+    trial that continues its parent's steps), and a trial that `--resume` continues logging to
+    its own run. Written on MLflow's public client: Ray's callback keeps its table of runs, which
+    a resumed trial must be entered in, to itself."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, run_dir: Path):
-        super().__init__(tracking_uri or None, experiment_name=experiment)
-        self._run_name, self._run_dir = run_name, run_dir
+        self._tracking_uri = tracking_uri or None
+        self._experiment, self._run_name, self._run_dir = experiment, run_name, run_dir
+        self._runs: dict[str, str] = {}  # trial id -> MLflow run id
 
     def setup(self, *args, **kwargs):
-        super().setup(*args, **kwargs)  # sets MLflow's tracking URI and experiment, made if missing
-        self._parent = search_run_id(_client(self.tracking_uri), self.mlflow_util.experiment_id, self._run_name,
-                                     self._run_dir)
-        self.tags = {**self.tags, PARENT_TAG: self._parent}
+        self._mlflow = _client(self._tracking_uri)
+        found = self._mlflow.get_experiment_by_name(self._experiment)
+        self._experiment_id = found.experiment_id if found else self._mlflow.create_experiment(self._experiment)
+        self._parent = search_run_id(self._mlflow, self._experiment_id, self._run_name, self._run_dir)
 
     def log_trial_start(self, trial):
-        # a trial that --resume continues has a run already (Tune's restore made a new Trial object
-        # for it): Ray's own tag of its name under the search's run finds it
-        if trial not in self._trial_runs:
-            earlier = _client(self.tracking_uri).search_runs(
-                [self.mlflow_util.experiment_id], max_results=1,
-                filter_string=f"tags.`{PARENT_TAG}` = '{self._parent}' AND tags.trial_name = '{trial}'")
-            if earlier:
-                self._trial_runs[trial] = earlier[0].info.run_id
-        super().log_trial_start(trial)
+        from mlflow.entities import Param
+
+        if trial.trial_id not in self._runs:
+            self._runs[trial.trial_id] = self._trial_run(str(trial))
+        params = [Param(key, str(value)) for key, value in flatten_dict(trial.config).items()]
+        self._mlflow.log_batch(self._runs[trial.trial_id], params=params)
+
+    def _trial_run(self, name: str) -> str:
+        """The id of the trial `name`'s run under the search's run: the one an interrupted driver
+        made for it (Tune's restore makes a new Trial object for it), else a new one."""
+        earlier = self._mlflow.search_runs([self._experiment_id], max_results=1,
+                                           filter_string=f"tags.`{PARENT_TAG}` = '{self._parent}' AND "
+                                                         f"tags.trial_name = '{name}'")
+        if earlier:
+            return earlier[0].info.run_id
+        tags = {PARENT_TAG: self._parent, "trial_name": name}
+        return self._mlflow.create_run(self._experiment_id, run_name=name, tags=tags).info.run_id
 
     def log_trial_result(self, iteration: int, trial, result: dict):
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=result["step"])
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now_ms, result["step"]) for key, value in flatten_dict(result).items()
+                   if isinstance(value, numbers.Real)]  # MLflow's metrics are numbers; a report also holds names
+        self._mlflow.log_batch(self._runs[trial.trial_id], metrics=metrics)
+
+    def log_trial_end(self, trial, failed: bool = False):
+        self._mlflow.set_terminated(self._runs[trial.trial_id], "FAILED" if failed else "FINISHED")
 
 
 class WandbTrialRuns(WandbLoggerCallback):

@@ -1,0 +1,60 @@
+"""The few things the driver needs from Ray that Ray offers no public API for, in one place,
+for the one Ray version they were written against (tests/test_ray_contract.py pins each).
+
+Joining a cluster started by `ray start --head` needs them: `ray.init` resolves the address
+"auto" and speaks token auth only inside its own connect, which waits minutes on a head that
+refuses it and never says why, so the driver resolves and checks first, as `ray.init` would.
+Importing this module with another Ray is an error that names the version it was written for.
+"""
+
+from __future__ import annotations
+
+import ray
+
+RAY_VERSION = "2.60.0"
+
+if ray.__version__ != RAY_VERSION:
+    raise ImportError(f"search/cluster/ray_contract.py was written for Ray {RAY_VERSION}, and Ray {ray.__version__} is "
+                      f"installed: the Ray internals it uses may differ. Fix: pip install ray=={RAY_VERSION}, or "
+                      f"check each function against the new Ray (tests/test_ray_contract.py) and update "
+                      f"RAY_VERSION")
+
+from ray._private.authentication.authentication_token_setup import _enable_token_auth
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray._raylet import AuthenticationTokenLoader, GcsClient
+from ray.exceptions import AuthenticationError
+
+
+def auto_address() -> str:
+    """The HOST:PORT of the head that `ray.init(address="auto")` would join: RAY_ADDRESS, then
+    the cluster Ray's temp dir names, then a GCS process found by `ps`. ConnectionError (Ray's
+    own message) when there is none, or more than one."""
+    return canonicalize_bootstrap_address_or_die("auto")
+
+
+def head_refuses_this_client(address: str) -> bool:
+    """Whether the GCS at `address` (HOST:PORT) turns this process away for its auth (a token
+    missing or not the head's). Call it once a gRPC server answers there: it answers within
+    milliseconds then."""
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        return True
+    return False
+
+
+def has_auth_token() -> bool:
+    """Whether Ray finds an auth token for this process (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), whatever RAY_AUTH_MODE says. False where RAY_AUTH_TOKEN_PATH names no
+    file (Ray raises there)."""
+    try:
+        return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except AuthenticationError:
+        return False
+
+
+def send_auth_token() -> None:
+    """Token auth for this process from now on, and for the processes it starts, as a local
+    `ray.init` turns it on: RAY_AUTH_MODE=token, and Ray's config, which this process read once
+    at import, read again."""
+    _enable_token_auth()
