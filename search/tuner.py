@@ -36,10 +36,10 @@ class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive `Tuner.restore`.
 
     Ray pickles the scheduler once, when the Tuner is created, and restores that empty
-    copy: a resumed run would forget every value recorded at
-    every rung and let weak trials through. Here ASHA's own `save` writes its state to
-    `state_path` after every decision, and its `restore` reads it back when the scheduler
-    is unpickled on restore. Stage trials (`_from_stage`) bypass it.
+    copy: a resumed run would forget every value recorded at every rung and let weak
+    trials through. Here ASHA's own `save` writes its state to `state_path` after every
+    decision, and its `restore` reads it back when the scheduler is unpickled on restore.
+    Stage trials (`_from_stage`) bypass it.
     """
 
     def __init__(self, *, state_path: str, **kwargs):
