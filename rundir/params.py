@@ -3,8 +3,8 @@ back from the trial's `params.json`.
 
 The space (`search.tuning.space`) and the stages (`search.tuning.stages`) build a `TrialParams`; it enters
 Tune's config through `to_config` only, and the trial and the analysis read it through
-`from_config` only. Tune's config may hold more keys than these: Ray's `OptunaSearch` merges
-the values Optuna sampled (`r`, `use_rslora`, ...) into it, and they are ignored here, since
+`from_config` only. Tune's config may hold more keys than these: the searcher merges the
+values Optuna sampled (`r`, `use_rslora`, ...) into it, and they are ignored here, since
 `lora_config` already holds them exactly as PEFT takes them.
 """
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +63,14 @@ def test_the_pick_is_among_the_healthy_trials(faulty_run):
 
 
 def test_every_optuna_trial_ends_in_one_state_matching_tune(faulty_run):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
     _, run_dir, trials = faulty_run
-    (state_file,) = (run_dir / "tune").glob("searcher-state-*.pkl")
-    study = pickle.loads(state_file.read_bytes())["_ot_study"]  # our own run's state
+    study = optuna.load_study(study_name="faulty",  # the run's own study, in its journal
+                              storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna_study.log"))))
     trials = trials[trials.origin.isin(["search", "prior"])]  # Optuna proposes these; later stages are Tune's
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states

@@ -87,18 +87,20 @@ def test_a_listed_prior_outside_the_space_is_a_config_error_naming_it(priors, me
 
 
 def test_a_real_optuna_search_proposes_the_priors_first_and_marks_them(tiny_model_dir):
-    from ray.tune.search.optuna import OptunaSearch
+    import optuna
 
     from rundir.params import Origin, TrialParams
     from search.inputs import modules
+    from search.tuning.searcher import StudySearcher
     from search.tuning.space import LoraSpace, module_set_key
 
     config = load(None, ["search.module_sets=[attention_qv,mlp,all_linear]", "search.ranks=[4,8,32]"])
     model = modules.meta_model(modules.load_model_config(str(tiny_model_dir)))
     resolved = {module_set_key(s): modules.resolve(model, s) for s in config.search.module_sets}
     priors = prior_points(config.search, train_rows=5_000, kind="domain", num_samples=8)
-    searcher = OptunaSearch(space=LoraSpace(config.search, resolved, seed=0, priors=len(priors)), metric="eval_loss",
-                            mode="min", points_to_evaluate=priors, seed=0)
+    searcher = StudySearcher(LoraSpace(config.search, resolved, seed=0, priors=len(priors)), metric="eval_loss",
+                             mode="min", sampler=optuna.samplers.TPESampler(seed=0), max_steps=config.budget.max_steps,
+                             points_to_evaluate=priors)
     proposals = [searcher.suggest(f"t{i}") for i in range(len(priors) + 1)]
 
     for prior, proposal in zip(priors, proposals):

@@ -5,6 +5,7 @@ written by hand (the end-to-end run is in test_search_run.py)."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,8 @@ from search.config import load
 from search.tuning.space import LoraSpace, module_set_key
 from rundir.location import RunLocation
 from search.tuning.stages import StagedSearch
-from search.tuning.tuner import LoraOptunaSearch, ResumableASHA
+from search.tuning.searcher import StudySearcher
+from search.tuning.tuner import ResumableASHA
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAX_STEPS = 4
@@ -39,8 +41,8 @@ def run_config(tiny_model_dir):
 def staged(run_config, **selection) -> StagedSearch:
     config, resolved = run_config
     config = replace(config, selection=replace(config.selection, **selection))
-    inner = LoraOptunaSearch(space=LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
-                             sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
+    inner = StudySearcher(LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
+                          sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
     return StagedSearch(inner, config.budget.num_samples, config.selection, MAX_STEPS, config.seed,
                         RunLocation(Path("/runs/x")))
 
@@ -150,7 +152,7 @@ def play_search(search: Searcher) -> dict[str, dict]:
 def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
     search = staged(run_config)
     play_search(search)
-    study = search.tuning.searcher._ot_study
+    study = search.searcher.study
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     stage_trial = search.suggest("p")
     assert stage_trial["origin"] in ("promoted", "confirm")
@@ -160,14 +162,14 @@ def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
 
 def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tmp_path):
     search = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
-    inner = search.tuning.searcher.searcher
+    inner = search.searcher.searcher
     configs = play_search(inner)
     search.save_to_dir(str(tmp_path), session_str="s")
 
     restored = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
     restored.restore_from_dir(str(tmp_path))
     again = restored.searcher.searcher
-    assert len(again.searcher._ot_study.trials) == 4  # Optuna's study came back too
+    assert len(again.searcher.study.trials) == 4  # Optuna's study came back too
     handed = [again.suggest(t) for t in ("p", "q", "r")]
     assert [(c["origin"], c["parent"]) for c in handed] == [("promoted", "c"), ("confirm", "b"), ("confirm", "a")]
     assert handed[0]["lora_config"] == configs["c"]["lora_config"]
@@ -188,7 +190,27 @@ def test_asha_neither_stops_nor_records_stage_trials(tmp_path):
     assert asha.on_trial_result(controller, good, {"step": 2, "eval_loss": 0.1}) == asha.CONTINUE
     # a confirmation far worse than the rung's best still continues, and is not recorded there
     assert asha.on_trial_result(controller, confirm, {"step": 2, "eval_loss": 9.0}) == asha.CONTINUE
-    assert all(9.0 not in recorded.values() for bracket in asha._brackets for _, recorded in bracket._rungs)
+    # not recorded: a search trial at 3.0, which 9.0 in the rung would let through (the cutoff would be the
+    # median of 0.1 and 9.0), is stopped
+    assert asha.on_trial_result(controller, trial("mid", "search"), {"step": 2, "eval_loss": 3.0}) == asha.STOP
     asha.on_trial_complete(controller, confirm, {"step": 8, "eval_loss": 9.0})
     # a search trial as bad is stopped: the rule still holds for the search
     assert asha.on_trial_result(controller, bad, {"step": 2, "eval_loss": 9.0}) == asha.STOP
+
+
+def test_asha_rungs_survive_tunes_restore_of_the_copy_it_pickled_at_the_start(tmp_path):
+    asha = ResumableASHA(state_path=str(tmp_path / "asha_state.pkl"), time_attr="step", max_t=8, grace_period=2,
+                         reduction_factor=2)
+    at_start = pickle.dumps(asha)  # as the Tuner pickles it, before Tune sets the metric
+    controller = SimpleNamespace(get_live_trials=lambda: [])
+
+    def result(scheduler, trial_id: str, loss: float) -> str:
+        assert scheduler.set_search_properties("eval_loss", "min")  # Tune sets them on every fit, a restored one too
+        trial = Trial("t", config={"origin": "search"}, trial_id=trial_id, stub=True)
+        scheduler.on_trial_add(controller, trial)
+        return scheduler.on_trial_result(controller, trial, {"step": 2, "eval_loss": loss})
+
+    assert result(asha, "good", 0.1) == asha.CONTINUE
+    assert result(pickle.loads(at_start), "bad", 9.0) == asha.STOP  # the good trial's value is in the rung
+    (tmp_path / "asha_state.pkl").unlink()
+    assert result(pickle.loads(at_start), "bad", 9.0) == asha.CONTINUE  # what the copy alone would decide

@@ -81,7 +81,7 @@ def test_the_whole_run_lands_in_the_bucket(s3_run):
     _, _, run_uri = s3_run
     objects = _objects(run_uri)
     for name in ("run_config.json", "trials.csv", "pick.json", "report.md", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "asha_state.json"):
+                 "adapter/adapter_model.safetensors", "asha_state.pkl"):
         assert name in objects, sorted(objects)
     assert any(name.startswith("data/search_train/") for name in objects)
     assert any(name.startswith("tune/experiment_state-") for name in objects)

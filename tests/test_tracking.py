@@ -216,11 +216,11 @@ def _space(trial) -> dict:
 def _searcher(storage, points=None):
     import optuna
 
-    from search.tuning.tuner import LoraOptunaSearch
+    from search.tuning.searcher import StudySearcher
 
     sampler = optuna.samplers.TPESampler(seed=0, constant_liar=True, n_startup_trials=1)  # as build_tuner's, TPE at once
-    return LoraOptunaSearch(space=_space, metric="loss", mode="min", sampler=sampler, storage=storage,
-                            study_name="s", points_to_evaluate=points, max_steps=4)
+    return StudySearcher(_space, metric="loss", mode="min", sampler=sampler, storage=storage, study_name="s",
+                         points_to_evaluate=points, max_steps=4)
 
 
 @pytest.fixture
@@ -249,7 +249,7 @@ def test_a_trial_asked_after_tunes_copy_fails_and_its_proposal_comes_again(journ
     resumed = _resumed(at_start, tmp_path / "saved.pkl")
     assert resumed.suggest("b2") == lost  # what an uninterrupted search runs: TPE saw the same trials
     resumed.on_trial_complete("b2", {"loss": 0.5, "step": 4})
-    assert [t.state.name for t in resumed._ot_study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert [t.state.name for t in resumed.study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
 
 
 def test_a_trial_the_study_ended_after_tunes_copy_is_not_told_again(journal, tmp_path):
@@ -262,7 +262,7 @@ def test_a_trial_the_study_ended_after_tunes_copy_is_not_told_again(journal, tmp
     resumed = _resumed(at_start, tmp_path / "saved.pkl")  # Tune resumes "a" from its last checkpoint
     resumed.on_trial_result("a", {"loss": 0.4, "step": 4})
     resumed.on_trial_complete("a", {"loss": 0.4, "step": 4})
-    (trial,) = resumed._ot_study.trials
+    (trial,) = resumed.study.trials
     assert trial.state.name == "COMPLETE" and trial.value == 0.5
 
 
@@ -271,14 +271,14 @@ def test_a_second_start_on_the_runs_study_queues_the_first_point_once(journal):
     again = _searcher(journal, points=[{"x": 0.25}])  # killed before Tune saved anything: built anew
     assert again.suggest("a") == {"x": 0.25}
     assert again.suggest("b") != {"x": 0.25}
-    assert len(again._ot_study.trials) == 2
+    assert len(again.study.trials) == 2
 
 
 def test_a_first_point_asked_before_tune_saved_anything_is_queued_again(journal):
     _searcher(journal, points=[{"x": 0.25}]).suggest("a")  # the prior, then killed
     again = _searcher(journal, points=[{"x": 0.25}])
     assert again.suggest("a2") == {"x": 0.25}
-    assert [t.state.name for t in again._ot_study.trials] == ["FAIL", "RUNNING"]
+    assert [t.state.name for t in again.study.trials] == ["FAIL", "RUNNING"]
 
 
 def test_an_mlflow_store_that_does_not_answer_exits_2_before_ray_starts_or_anything_is_written(tiny_model_dir, tmp_path,

@@ -63,7 +63,7 @@ def rule_of_thumb_rank(train_rows: int, kind: str) -> int:
 
 
 def prior_points(space: SpaceConfig, train_rows: int, kind: str, num_samples: int) -> list[dict]:
-    """The first trials as Optuna parameters of `LoraSpace` (for `OptunaSearch(points_to_evaluate=...)`):
+    """The first trials as Optuna parameters of `LoraSpace` (for `StudySearcher(points_to_evaluate=...)`):
     `space.priors` resolved (auto: the known-good configurations snapped into the space; a
     list: its points, checked already; none: none), duplicates dropped, at most `num_samples`
     (they count in the budget)."""

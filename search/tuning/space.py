@@ -1,6 +1,6 @@
 """The search space: ordinary Optuna code that reads like the decision it encodes.
 
-`LoraSpace` is Optuna's define-by-run function for `OptunaSearch(space=...)`.
+`LoraSpace` is Optuna's define-by-run function for `search.tuning.searcher.StudySearcher`.
 It returns the trial's whole contract (`rundir.params.TrialParams`), with `lora_config`,
 the exact `LoraConfig` arguments, built here once and used unchanged by the trial and by
 the export.

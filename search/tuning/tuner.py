@@ -5,25 +5,23 @@ progress, retries) is Ray's own.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from analysis.candidates import decide
 from analysis.results import read_trial_files
-from rundir.files import write_json_atomic
+from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
 from search.config import SHARED, Config
 from search.resources.memory import larger_share, ran_out_of_memory
 from search.output.trial_lines import progress_callbacks, status_reporter
+from search.tuning.searcher import StudySearcher
 from search.tuning.stages import GivenConfigs, StagedSearch
 from search.output.tracking import logger_callbacks
 from search.resources.trainers import ReleaseSlots
@@ -34,114 +32,23 @@ from trainables.trial import train_lora
 CLIENT_CPUS = 0.01  # a shared trial's client waits on its trainer nearly all the time
 
 
-class LoraOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about how a trial ended.
-
-    Ray's version records a trial stopped early by ASHA as COMPLETE with its early-rung
-    value, and leaves a NaN trial RUNNING (Optuna refuses the value, Ray logs and moves
-    on). Here a trial below the full budget is PRUNED (TPE then ranks it by its last
-    intermediate value at that step), a non-finite or missing value is FAIL, and every
-    Optuna trial ends with exactly one final state.
-
-    With a `storage` that outlives the process (the run's journal), the study can be ahead of
-    the copy of this searcher that Tune saved, at most a second before a kill. A resumed search
-    tells no trial twice (one told after that copy stays as the study has it), and ends a trial
-    asked after that copy, which Tune will never run, as FAIL (see `_fail_lost_trials`). A
-    study already in the storage (Tune had saved nothing yet) has its `points_to_evaluate`
-    queued already.
-    """
-
-    def __init__(self, *args, max_steps: int, storage=None, study_name: str | None = None,
-                 points_to_evaluate: list[dict] | None = None, **kwargs):
-        import optuna
-
-        if storage is not None and study_name in optuna.get_all_study_names(storage):
-            points_to_evaluate = None
-        super().__init__(*args, storage=storage, study_name=study_name, points_to_evaluate=points_to_evaluate, **kwargs)
-        self._max_steps = max_steps
-
-    def suggest(self, trial_id: str) -> dict | None:
-        if trial_id not in self._ot_trials:
-            self._fail_lost_trials()
-        return super().suggest(trial_id)
-
-    def _fail_lost_trials(self) -> None:
-        """End as FAIL each RUNNING trial of the study that no Tune trial holds: one asked after
-        Tune's last copy of this searcher, lost with the process that asked it (Optuna fails a
-        trial whose worker died the same way). TPE leaves failed trials out, so the sampler, in
-        the state of Tune's copy, proposes what it proposed before the kill: the resumed search
-        goes on as an uninterrupted one would. A queued point (the prior) is queued again."""
-        from optuna.trial import TrialState
-
-        held = {trial.number for trial in self._ot_trials.values()}
-        for lost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if lost.number not in held:
-                self._ot_study.tell(lost.number, state=TrialState.FAIL)
-                if "fixed_params" in lost.system_attrs:  # where Optuna keeps an enqueued trial's point
-                    self._ot_study.enqueue_trial(lost.system_attrs["fixed_params"])
-
-    def _ended_in_study(self, trial_id: str) -> bool:
-        return self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number].state.is_finished()
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials:
-            return
-        if self._ended_in_study(trial_id):  # told before a kill that came after Tune's last copy of this searcher
-            self._completed_trials.add(trial_id)
-            return
-        from optuna.trial import TrialState
-
-        ot_trial = self._ot_trials[trial_id]
-        value = (result or {}).get(self.metric)
-        if error or value is None or not math.isfinite(value):
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        elif result.get("step", 0) < self._max_steps:
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
-        self._completed_trials.add(trial_id)
-
-    def tell_rerun(self, trial_id: str, rerun_id: str, result: dict | None, error: bool) -> None:
-        """Add to the study what `rerun_id`, the rerun of this searcher's `trial_id` (which ran out of
-        GPU memory beside others, or which Tune lost before it started), reached: a trial of its own with `trial_id`'s parameters, complete
-        at the full budget, else pruned at its last step. `trial_id` itself ended FAIL, and Optuna
-        never tells an ended trial again; without this TPE would learn nothing of the configuration.
-        A rerun that failed adds nothing (TPE leaves failed trials out). Once per rerun: a resumed run
-        finds the trial it added by its `rerun` user attribute."""
-        import optuna
-        from optuna.trial import TrialState
-
-        value = (result or {}).get(self.metric)
-        if error or value is None or not math.isfinite(value) or trial_id not in self._ot_trials:
-            return
-        trials = self._ot_study.get_trials(deepcopy=False)
-        if any(trial.user_attrs.get("rerun") == rerun_id for trial in trials):
-            return
-        original = trials[self._ot_trials[trial_id].number]
-        full = result.get("step", 0) >= self._max_steps
-        self._ot_study.add_trial(optuna.trial.create_trial(
-            params=original.params, distributions=original.distributions,
-            state=TrialState.COMPLETE if full else TrialState.PRUNED, value=value if full else None,
-            intermediate_values={int(result.get("step", 0)): value}, user_attrs={"rerun": rerun_id, "rerun_of": trial_id}))
-
-    def on_trial_result(self, trial_id: str, result: dict):
-        value = result.get(self.metric)
-        if value is not None and math.isfinite(value) and not self._ended_in_study(trial_id):
-            self._ot_trials[trial_id].report(value, result["step"])
-
-
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive `Tuner.restore`.
 
     Ray pickles the scheduler once, when the Tuner is created, and restores that empty
-    copy (ray-project/ray#30838): a resumed run would forget every value recorded at
-    every rung and let weak trials through. Here the rungs are written to `state_path`
-    after every decision and read back when the scheduler is unpickled on restore.
+    copy: a resumed run would forget every value recorded at every rung and let weak
+    trials through. Here ASHA's own `save` writes its state to `state_path` after every
+    decision, and its `restore` reads it back when the scheduler is unpickled on restore.
+    Stage trials (`_from_stage`) bypass it.
     """
 
     def __init__(self, *, state_path: str, **kwargs):
         super().__init__(**kwargs)
         self._state_path = state_path
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        # a restored copy has Tune's metric and mode already (a resume with another config is refused before)
+        return super().set_search_properties(metric, mode, **spec) or metric == self.metric
 
     def on_trial_add(self, tune_controller, trial):
         if not _from_stage(trial):
@@ -151,32 +58,27 @@ class ResumableASHA(ASHAScheduler):
         if _from_stage(trial):
             return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
-        self._save_rungs()
+        self._save_state()
         return action
 
     def on_trial_complete(self, tune_controller, trial, result):
         if _from_stage(trial):
             return
         super().on_trial_complete(tune_controller, trial, result)
-        self._save_rungs()
+        self._save_state()
 
     def on_trial_remove(self, tune_controller, trial):
         if not _from_stage(trial):
             super().on_trial_remove(tune_controller, trial)
 
-    def _save_rungs(self) -> None:
-        write_json_atomic(self._state_path, [[[milestone, recorded] for milestone, recorded in bracket._rungs]
-                                             for bracket in self._brackets])
+    def _save_state(self) -> None:
+        with atomic_path(self._state_path) as temporary:
+            self.save(str(temporary))
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if os.path.exists(self._state_path):
-            with open(self._state_path) as f:
-                saved = json.load(f)
-            for bracket, rungs in zip(self._brackets, saved):
-                # same milestones: a resume with a different budget is refused before this
-                for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, rungs):
-                    recorded.update(saved_recorded)
+            self.restore(self._state_path)  # same milestones: a resume with a different budget is refused before this
 
 
 def _from_stage(trial) -> bool:
@@ -293,9 +195,8 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # appended to, so a kill leaves every line before it whole, and its lock is a symlink, which
     # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
-    searcher = LoraOptunaSearch(space=space, metric=selection.metric, mode=selection.mode, sampler=sampler,
-                                storage=storage, study_name=config.name, points_to_evaluate=priors or None,
-                                max_steps=budget.max_steps)
+    searcher = StudySearcher(space, metric=selection.metric, mode=selection.mode, sampler=sampler, storage=storage,
+                             study_name=config.name, points_to_evaluate=priors, max_steps=budget.max_steps)
     scheduler = ResumableASHA(
         state_path=str((location.local / ASHA_STATE).resolve()),
         time_attr="step",
