@@ -200,7 +200,7 @@ def test_plain_template_labels_only_the_completion_and_eos(tmp_path, plain_token
     train = splits["train"]
     assert set(answers(train, plain_tokenizer)) <= PLAIN_ANSWERS
     for ids, labels, prompt in zip(train["input_ids"], train["labels"], prompts(train, plain_tokenizer)):
-        assert prompt in QUESTIONS
+        assert prompt in {f"{q}\n" for q in QUESTIONS}  # the question, then data.separator's default
         assert labels[:len(plain_tokenizer(prompt)["input_ids"])] == [IGNORE] * len(plain_tokenizer(prompt)["input_ids"])
         assert labels[-1] == ids[-1] == plain_tokenizer.eos_token_id
 
