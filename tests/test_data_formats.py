@@ -438,8 +438,8 @@ def sharegpt_turn_with_other_keys(tmp_path):
     rows[1] = {"conversations": [{"speaker": "human", "text": "Q?"}]}
     path = write_jsonl(tmp_path / "keys.jsonl", rows)
     return ["--set", f"data.train={path}"], [
-        f"{path} line 2 turn 1 has the keys ['speaker', 'text']; expected a list of turns, each {{'role': ..., "
-        f"'content': ...}} or ShareGPT's {{'from': ..., 'value': ...}}"]
+        (f"{path} line 2 turn 1 has the keys ['speaker', 'text']; expected a list of turns, each {{'role': ..., "
+         f"'content': ...}} or ShareGPT's {{'from': ..., 'value': ...}}")]
 
 
 BAD = [bad_line_jsonl, row_without_answer, csv_row_without_answer, unknown_columns, mapped_column_missing, missing_txt,
