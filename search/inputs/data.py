@@ -63,8 +63,8 @@ FORMATS = {
 EVAL_SPLITS = ("validation", "test", "eval")
 ALLOWED_SOURCES = ("'builtin:atlas', a .jsonl, .json, .csv, .parquet or .txt file, a datasets.save_to_disk "
                    "directory, or a dataset id in the local datasets cache")
-ALLOWED_ROWS = ("chat 'messages' or ShareGPT 'conversations'; 'prompt' and 'completion'; Alpaca 'instruction', 'output' (and 'input'); "
-                "or 'text'")
+ALLOWED_ROWS = ("chat 'messages' or ShareGPT 'conversations'; 'prompt' and 'completion'; Alpaca 'instruction', "
+                "'output' (and 'input'); or 'text'")
 
 
 @dataclass(frozen=True)
@@ -527,7 +527,8 @@ def _chat_tokens(turns: list[dict], trained: list[int], tokenizer, where: str) -
 
     try:
         full = render(turns)
-        spans = [(render(turns[:k], prompt=True), render(turns[:k + 1]), k) for k in trained]
+        spans = [(render(turns[:k], prompt=True), render(turns[:k + 1]) if k + 1 < len(turns) else full, k)
+                 for k in trained]
     except Exception as e:  # the template is the model's own Jinja code, which raises what it likes
         raise ValueError(f"{where}: the tokenizer's chat template refused the row ({type(e).__name__}: {e})") from None
     ids, labels, done = [], [], 0
