@@ -81,29 +81,34 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What was read from one data source and kept."""
+    """What was read from one data source and kept: for run_config.json, the dry run and the report."""
 
     key: str        # the config key that named the source: data.train or data.eval
     source: str     # the source as the config gives it
     part: str       # which of its rows
-    format: str
+    format: str     # a key of search.inputs.data.FORMATS
     rows: int       # rows read
     truncated: int  # rows cut at data.max_length, still used
     dropped: int    # rows left with no token to train on within data.max_length, not used
+    empty: int      # rows whose trained answers are all empty: not used unless data.keep_empty_answers
 
 
 @dataclass(frozen=True)
 class DataInfo:
-    """The data as the driver prepared it."""
+    """The data as the driver prepared it (`data_info`)."""
 
     template: str           # chat or plain: how rows other than text became tokens
     max_length: int
     train: SourceInfo
     eval: SourceInfo
     train_rows: int         # rows a retrain uses: train's, less those dropped
-    search_train_rows: int  # rows the search's trials train on
-    eval_rows: int          # rows scored at every eval round
+    search_train_rows: int  # rows the search's trials train on: data.search_fraction of train_rows
+    eval_rows: int          # rows scored at every eval round: at most data.eval_examples
     pad_token_id: int
+    train_turns: str        # the assistant turns of a chat row that carry loss: all or last
+    eval_rows_kept: int     # eval rows left after dropping, of which eval_rows are scored
+    eval_chosen_by: str     # how the eval_rows were chosen of them, in words
+    example: str            # the first training row as the model sees it, its trained tokens between [[ and ]]
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,11 @@ class SearchRecipe:
         return None
 
     def _dry_run(self) -> int:
-        from search.inputs.dryrun import data_line, dry_run_rows, format_table, packing_line
+        from search.inputs.dryrun import data_lines, dry_run_rows, format_table, packing_line
 
         config, prepared = self.config, self.prepared
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
-        data = data_line(config, prepared)  # in memory: nothing is written
+        data = data_lines(config, prepared)  # in memory: nothing is written
         print(format_table(rows, config.model.path))
         print(data)
         print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora)))
@@ -108,6 +108,7 @@ class SearchRecipe:
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
         from rundir.files import write_json_atomic
         from rundir.layout import DATA, RUN_CONFIG
+        from search.inputs.data import eval_sample_line
         from search.inputs.prepare import load_tokenizer, prepare_data
         from trainables.data import save_splits
 
@@ -115,6 +116,7 @@ class SearchRecipe:
         run_dir = location.local
         _check_run_dir(location, self.overwrite)
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
+        print(eval_sample_line(prepared_data, config.data.eval_examples), flush=True)
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
         stop.again = "--overwrite"  # a new run is refused where one is, even half made
         location.delete_remote()  # only reached with --overwrite when it holds anything

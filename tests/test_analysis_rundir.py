@@ -62,7 +62,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
                      cost: str = "trainable_params", resources: dict | None = None) -> Path:
     """Write `<run_dir>/run_config.json` as the driver does (`resources` overrides a CPU run's); return `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    split = {"source": "builtin:arithmetic", "format": "prompt_completion", "truncated": 0, "dropped": 0}
+    split = {"source": "builtin:arithmetic", "format": "prompt_completion", "truncated": 0, "dropped": 0, "empty": 0}
     config = {
         "name": "demo", "seed": 0, "output": "runs",
         "model": {"path": base_model_path},
@@ -83,7 +83,9 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
         "data_info": {"template": "plain", "max_length": 128,
                       "train": {"key": "data.train", "part": "split 'train'", "rows": 400, **split},
                       "eval": {"key": "data.train", "part": "split 'eval'", "rows": 100, **split},
-                      "train_rows": 400, "search_train_rows": 400, "eval_rows": 100, "pad_token_id": 0},
+                      "train_rows": 400, "search_train_rows": 400, "eval_rows": 100, "pad_token_id": 0,
+                      "train_turns": "all", "eval_rows_kept": 100, "eval_chosen_by": "a shuffle seeded by seed=0",
+                      "example": "question?\n[[answer]]"},
         "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
         "created_by": "lora-search",
     }

@@ -36,6 +36,14 @@ def test_a_mapping_key_is_read_as_a_mapping_of_strings():
     assert config.data.columns == {"prompt": "question", "completion": "answer"}
 
 
+def test_data_settings_take_their_documented_forms():
+    config = load(None, ["data.eval_examples=all", "data.roles={bot: assistant}", "data.train_turns=last",
+                         "data.separator=' => '"])
+    assert (config.data.eval_examples, config.data.roles, config.data.train_turns, config.data.separator) == (
+        "all", {"bot": "assistant"}, "last", " => ")
+    assert load(None, []).data.separator == "\n"
+
+
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as e:
         load(None, ["search.ranks=[0,8]", "selection.tolerance=1.5", "budget.max_steps=abc"])
@@ -79,6 +87,12 @@ def test_all_problems_are_reported_at_once():
     ("data.columns=[question]", "data.columns is ['question']; allowed: a mapping of a string to a string"),
     ("data.columns={question: q}", "data.columns names ['question']; allowed keys: messages, prompt, completion"),
     ("data.columns={prompt: [q]}", "data.columns.prompt is ['q']; allowed: a string"),
+    ("data.eval_examples=0", "data.eval_examples is 0; allowed: an integer >= 1, or all (every eval row)"),
+    ("data.eval_examples=most", "data.eval_examples is 'most'; allowed: an integer >= 1, or all"),
+    ("data.train_turns=first", "data.train_turns is 'first'; allowed: all, last"),
+    ("data.roles={bot: robot}", ("data.roles maps {'bot': 'robot'}; allowed: the data's role names, each mapped to "
+                                 "system, user, assistant")),
+    ("data.keep_empty_answers=sometimes", "data.keep_empty_answers is 'sometimes'; allowed: true or false"),
     ("name=../escape", "name is '../escape'"),
     ("budget", "--set 'budget' is not KEY=VALUE"),
 ])

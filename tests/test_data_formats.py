@@ -112,8 +112,37 @@ def saved_dataset(tmp_path):
     return {"train": str(tmp_path / "saved")}
 
 
+SYSTEM = "Answer with the capital's name alone."
+
+
+def sharegpt_rows() -> list[dict]:
+    return [{"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": q},
+                               {"from": "gpt", "value": a}]} for q, a in QA]
+
+
+def sharegpt_jsonl(tmp_path):
+    return {"train": str(write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt_rows()))}
+
+
+def sharegpt_json_list(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(sharegpt_rows(), indent=2))
+    return {"train": str(path)}
+
+
+def sharegpt_mapped_as_messages(tmp_path):
+    """The mapping a user tried before ShareGPT was read natively: its from/value turns are read."""
+    return {**sharegpt_jsonl(tmp_path), "columns": {"messages": "conversations"}}
+
+
+def sharegpt_own_role_names(tmp_path):
+    rows = [{"conversations": [{"from": "customer", "value": q}, {"from": "bot", "value": a}]} for q, a in QA]
+    return {"train": str(write_jsonl(tmp_path / "roles.jsonl", rows)), "roles": {"customer": "user", "bot": "assistant"}}
+
+
 FORMATS = [messages_jsonl, prompt_completion_jsonl, alpaca_json_list, question_answer_csv_mapped,
-           prompt_completion_parquet, saved_dataset]
+           prompt_completion_parquet, saved_dataset, sharegpt_jsonl, sharegpt_json_list, sharegpt_mapped_as_messages,
+           sharegpt_own_role_names]
 
 
 @pytest.mark.parametrize("write", FORMATS, ids=lambda f: f.__name__)
@@ -124,6 +153,91 @@ def test_every_format_tokenizes_every_row_with_the_loss_on_its_answer(write, tmp
     assert sorted(sum((answers(s, tokenizer) for s in both), [])) == sorted(CHAT_ANSWERS)
     assert asked(sum((prompts(s, tokenizer) for s in both), [])) == QUESTIONS
     assert info.train.truncated == info.train.dropped == 0
+
+
+@pytest.mark.parametrize("write", [sharegpt_jsonl, sharegpt_json_list], ids=lambda f: f.__name__)
+def test_sharegpt_rows_are_read_natively_with_their_system_turn(write, tmp_path, tokenizer):
+    splits, info = prepare(DataConfig(**write(tmp_path)), tokenizer, seed=0)
+    assert info.train.format == info.eval.format == "sharegpt"
+    for text in prompts(splits["train"], tokenizer) + prompts(splits["eval"], tokenizer):
+        assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is the capital of")
+        assert "SmolLM" not in text  # the row's own system turn, not the template's default one
+
+
+MULTI_TURN = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
+                            {"role": "user", "content": "And its first letter?"}, {"role": "assistant", "content": a[0]}]}
+              for q, a in QA]
+
+
+def answer_runs(split, tokenizer) -> list[list[str]]:
+    """Each row's labelled stretches of tokens, decoded."""
+    import itertools
+
+    return [[tokenizer.decode([token for token, _ in run])
+             for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE) if trained]
+            for ids, labels in zip(split["input_ids"], split["labels"])]
+
+
+@pytest.mark.parametrize(("train_turns", "trained"), [("all", lambda a: [f"{a}<|im_end|>\n", f"{a[0]}<|im_end|>\n"]),
+                                                      ("last", lambda a: [f"{a[0]}<|im_end|>\n"])])
+def test_every_assistant_turn_of_a_multi_turn_row_carries_loss_unless_train_turns_is_last(train_turns, trained,
+                                                                                          tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "multi.jsonl", MULTI_TURN)
+    splits, info = prepare(DataConfig(train=str(path), eval=str(path), train_turns=train_turns), tokenizer, seed=0)
+    assert info.train_turns == train_turns
+    assert sorted(answer_runs(splits["train"], tokenizer)) == sorted(trained(a) for _, a in QA)
+
+
+def test_plain_template_puts_the_separator_between_every_turn_and_ends_each_answer_with_eos(tmp_path, plain_tokenizer):
+    path = write_jsonl(tmp_path / "multi.jsonl", [{"messages": [{"role": "system", "content": SYSTEM}, *row["messages"]]}
+                                                 for row in MULTI_TURN])
+    splits, _ = prepare(DataConfig(train=str(path), eval=str(path)), plain_tokenizer, seed=0)
+    texts = {plain_tokenizer.decode(ids) for ids in splits["train"]["input_ids"]}
+    assert texts == {f"{SYSTEM}\n{q}\n{a}<|im_end|>\nAnd its first letter?\n{a[0]}<|im_end|>" for q, a in QA}
+    assert sorted(answer_runs(splits["train"], plain_tokenizer)) == sorted([f"{a}<|im_end|>", f"{a[0]}<|im_end|>"]
+                                                                           for _, a in QA)
+    config = DataConfig(**prompt_completion_jsonl(tmp_path), eval=str(tmp_path / "qa.jsonl"), separator="\nAnswer: ")
+    splits, _ = prepare(config, plain_tokenizer, seed=0)
+    assert {plain_tokenizer.decode(ids) for ids in splits["train"]["input_ids"]} == {
+        f"{q}\nAnswer: {a}<|im_end|>" for q, a in QA}
+    assert set(answers(splits["train"], plain_tokenizer)) == PLAIN_ANSWERS
+
+
+def test_rows_with_an_empty_answer_are_dropped_and_counted_unless_kept(tmp_path, tokenizer):
+    rows = [{"prompt": q, "completion": a} for q, a in QA] + [{"prompt": "Q1?", "completion": ""},
+                                                              {"prompt": "Q2?", "completion": "  "}]
+    path = write_jsonl(tmp_path / "empty.jsonl", rows)
+    splits, info = prepare(DataConfig(train=str(path), eval=str(path)), tokenizer, seed=0)
+    assert (info.train.rows, info.train.empty, info.train.dropped, info.train_rows) == (12, 2, 0, 10)
+    assert sorted(answers(splits["train"], tokenizer)) == sorted(CHAT_ANSWERS)
+    kept, info = prepare(DataConfig(train=str(path), eval=str(path), keep_empty_answers=True), tokenizer, seed=0)
+    assert (info.train.empty, info.train_rows) == (2, 12)
+    assert sorted(answers(kept["train"], tokenizer)) == sorted(CHAT_ANSWERS | {"<|im_end|>\n", "  <|im_end|>\n"})
+
+
+def test_an_empty_earlier_answer_carries_no_loss_while_the_rows_other_answers_do(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "Well?"}, {"role": "assistant", "content": a}]} for q, a in QA]
+    path = write_jsonl(tmp_path / "gap.jsonl", rows)
+    splits, info = prepare(DataConfig(train=str(path), eval=str(path)), tokenizer, seed=0)
+    assert (info.train.empty, info.train_rows) == (0, len(QA))
+    assert sorted(answer_runs(splits["train"], tokenizer)) == sorted([f"{a}<|im_end|>\n"] for _, a in QA)
+
+
+def test_eval_examples_scores_a_seeded_sample_of_a_large_eval_file_or_all_of_it(tmp_path, plain_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": q, "completion": a} for q, a in QA])
+    evaluate = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"Code of item {i}?", "completion": f"C{i}"}
+                                                    for i in range(3000)])
+    config = DataConfig(train=str(train), eval=str(evaluate))
+    sample, info = prepare(config, plain_tokenizer, seed=0)
+    assert (info.eval_rows, info.eval_rows_kept) == (32, 3000)
+    assert info.eval_chosen_by == "a shuffle seeded by seed=0: the same rows at every round and in every trial"
+    again, _ = prepare(config, plain_tokenizer, seed=0)
+    other, _ = prepare(config, plain_tokenizer, seed=1)
+    assert again["eval"]["input_ids"] == sample["eval"]["input_ids"] != other["eval"]["input_ids"]
+    every, info = prepare(DataConfig(train=str(train), eval=str(evaluate), eval_examples="all"), plain_tokenizer, seed=0)
+    assert (info.eval_rows, info.eval_rows_kept, info.eval_chosen_by) == (3000, 3000, "taking every row")
+    assert len(every["eval"]) == 3000
 
 
 def test_a_datasetdict_directory_trains_on_train_and_evaluates_on_its_test_split(tmp_path, tokenizer):
@@ -200,7 +314,7 @@ def test_plain_template_labels_only_the_completion_and_eos(tmp_path, plain_token
     train = splits["train"]
     assert set(answers(train, plain_tokenizer)) <= PLAIN_ANSWERS
     for ids, labels, prompt in zip(train["input_ids"], train["labels"], prompts(train, plain_tokenizer)):
-        assert prompt in QUESTIONS
+        assert prompt in {f"{q}\n" for q in QUESTIONS}  # the question, then data.separator's default
         assert labels[:len(plain_tokenizer(prompt)["input_ids"])] == [IGNORE] * len(plain_tokenizer(prompt)["input_ids"])
         assert labels[-1] == ids[-1] == plain_tokenizer.eos_token_id
 
@@ -292,8 +406,46 @@ def empty_file(tmp_path):
     return ["--set", f"data.train={tmp_path / 'empty.csv'}"], ["empty.csv', an empty file"]
 
 
+def header_only_csv(tmp_path):
+    (tmp_path / "header.csv").write_text("prompt,completion\n")
+    return ["--set", f"data.train={tmp_path / 'header.csv'}"], [
+        "header.csv', a csv file that holds no rows (only its header: prompt, completion)", "Fix: add the rows"]
+
+
+def empty_json_list(tmp_path):
+    (tmp_path / "rows.json").write_text("[]\n")
+    return ["--set", f"data.train={tmp_path / 'rows.json'}"], ["rows.json', a json file that holds no rows (an empty JSON list)"]
+
+
+def sharegpt_unknown_role(tmp_path):
+    rows = [{"conversations": [{"from": "customer", "value": q}, {"from": "bot", "value": a}]} for q, a in QA]
+    path = write_jsonl(tmp_path / "roles.jsonl", rows)
+    return ["--set", f"data.train={path}"], [
+        f"{path} line 1 turn 1 has from 'customer'; expected one of system, human, user, gpt, assistant",
+        "Fix: map it to system, user or assistant with data.roles, e.g. --set 'data.roles={customer: assistant}'"]
+
+
+def sharegpt_ending_with_the_question(tmp_path):
+    rows = sharegpt_rows()
+    rows[2]["conversations"] = rows[2]["conversations"][:2]
+    path = write_jsonl(tmp_path / "open.jsonl", rows)
+    return ["--set", f"data.train={path}"], [
+        f"{path} line 3 ends with turn 2, from 'human' (user); expected an assistant answer last"]
+
+
+def sharegpt_turn_with_other_keys(tmp_path):
+    rows = sharegpt_rows()
+    rows[1] = {"conversations": [{"speaker": "human", "text": "Q?"}]}
+    path = write_jsonl(tmp_path / "keys.jsonl", rows)
+    return ["--set", f"data.train={path}"], [
+        (f"{path} line 2 turn 1 has the keys ['speaker', 'text']; expected a list of turns, each {{'role': ..., "
+         f"'content': ...}} or ShareGPT's {{'from': ..., 'value': ...}}")]
+
+
 BAD = [bad_line_jsonl, row_without_answer, csv_row_without_answer, unknown_columns, mapped_column_missing, missing_txt,
-       missing_relative_file, uncached_dataset_id, unknown_suffix, directory_not_saved_by_datasets, empty_file]
+       missing_relative_file, uncached_dataset_id, unknown_suffix, directory_not_saved_by_datasets, empty_file,
+       header_only_csv, empty_json_list, sharegpt_unknown_role, sharegpt_ending_with_the_question,
+       sharegpt_turn_with_other_keys]
 
 
 @pytest.mark.parametrize("write", BAD, ids=lambda f: f.__name__)
@@ -327,3 +479,28 @@ def test_dry_run_prints_one_line_on_the_data(tmp_path, tiny_model_dir, capsys):
     assert f"train {path}, all rows but the 1 held out for eval: 10 prompt/completion rows" in line
     assert "eval " in line and "1 of 11 rows held out by data.eval_fraction=0.1, seed 0" in line
     assert "template chat" in line and "at max_length 48: 1 rows truncated, 0 dropped" in line
+
+
+def test_dry_run_says_which_turns_train_what_is_dropped_and_prints_a_rendered_example(tmp_path, tiny_model_dir, capsys):
+    from search.run import main
+
+    sharegpt_names = {"user": "human", "assistant": "gpt"}
+    rows = [{"conversations": [{"from": "system", "value": SYSTEM}] + [
+        {"from": sharegpt_names[turn["role"]], "value": turn["content"]} for turn in row["messages"]]} for row in MULTI_TURN]
+    train = write_jsonl(tmp_path / "train.jsonl", rows + [{"conversations": [{"from": "human", "value": "Q?"},
+                                                                             {"from": "gpt", "value": ""}]}])
+    evaluate = write_jsonl(tmp_path / "eval.jsonl", rows * 300)
+    code = main(["--set", f"model.path={tiny_model_dir}", "--set", "search.ranks=[2]", "--dry-run",
+                 "--set", f"data.train={train}", "--set", f"data.eval={evaluate}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line.startswith("Data: ")]
+    assert "template chat, loss on every assistant turn (data.train_turns=all)" in line
+    assert "1 rows with an empty answer dropped (data.keep_empty_answers=false)" in line
+    assert ("Eval: 32 of 3,000 eval rows scored at each round (data.eval_examples=32), chosen by a shuffle seeded by "
+            "seed=0: the same rows at every round and in every trial") in out.splitlines()
+    q, a = QA[0]
+    assert ("Example: the first training row as the model sees it, its trained tokens between [[ and ]]:\n"
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+            f"[[{a}<|im_end|>\n]]<|im_start|>user\nAnd its first letter?<|im_end|>\n<|im_start|>assistant\n"
+            f"[[{a[0]}<|im_end|>\n]]\n(end of the example)\n") in out

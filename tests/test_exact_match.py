@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from trainables.data import IGNORE, collate
-from trainables.generate import AnswerMetrics, UserMetric, answerable, exact_match, generate_answers, normalise
+from trainables.generate import (
+    AnswerMetrics,
+    UserMetric,
+    answerable,
+    exact_match,
+    generate_answers,
+    normalise,
+    split_row,
+)
 
 WORDS = ["<pad>", "<eos>", "capital", "of", "old", "is", "the", "alba", "brun", "cora", "dune",
          "paris", "rome", "oslo", "bern"]
@@ -133,6 +141,14 @@ def test_only_rows_with_both_a_prompt_and_an_answer_are_answered_up_to_the_limit
 
     assert answerable(rows, 2) == rows[1:3]
     assert answerable(rows, 0) == []
+
+
+def test_a_multi_turn_row_is_asked_its_last_answer_after_the_earlier_turns():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    labels = [IGNORE, IGNORE, 3, 4, IGNORE, IGNORE, 7, 8]  # two answers: 3 4, then 7 8
+    assert split_row(ids, labels) == ([1, 2, 3, 4, 5, 6], [7, 8])
+    assert split_row(ids, [IGNORE] * 8) == (ids, [])
+    assert split_row(ids, ids) == ([], ids)
 
 
 @pytest.mark.parametrize("text, normalised", [

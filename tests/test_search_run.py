@@ -203,6 +203,8 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
                   "--set", "selection.trust_metric_code=true", "--set", "selection.mode=max", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("selection.trust_metric_code is true: every trial imports and runs mymetric:score\n")
+    assert ("eval rows scored at each round (data.eval_examples=4), chosen by a shuffle seeded by seed=0: the same rows "
+            "at every round and in every trial") in result.stdout
 
     run_dir = tmp_path / "runs" / "mine"
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]

@@ -20,7 +20,14 @@ AUTO_EVAL = "auto"
 # auto: chat where the tokenizer has a chat template; plain: prompt tokens, then completion tokens
 TEMPLATES = ("auto", "chat", "plain")
 # the row fields a data.columns mapping may name, in the formats that use them
-ROW_FIELDS = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+ROW_FIELDS = ("messages", "prompt", "completion", "instruction", "input", "output", "text", "conversations")
+# the roles of a chat turn, and the role names that ShareGPT data uses for them, mapped as LLaMA-Factory maps them
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# data.train_turns: the assistant turns of a chat row that carry loss
+TRAIN_TURNS = ("all", "last")
+# data.eval_examples: every eval row
+ALL_EVAL = "all"
 # data files by suffix, and the `datasets` builder that reads each
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # huggingface_hub's repo id shape: a name, or a namespace and a name
@@ -90,10 +97,14 @@ class DataConfig:
     eval: str = field(default=AUTO_EVAL, metadata={"help": "auto: data.train's own eval split (validation, test), else data.eval_fraction of its rows held out; or the same forms as train"})
     eval_fraction: float = field(default=0.1, metadata={"help": "with data.eval auto and no eval split in data.train: the share of its rows held out for eval (at least 1 row), chosen by seed"})
     columns: dict[str, str] = field(default_factory=dict, metadata={"help": "the data's column names for the row fields it lacks, e.g. {prompt: question, completion: answer}"})
-    template: str = field(default="auto", metadata={"help": "chat: the tokenizer's chat template; plain: prompt tokens, then completion tokens and EOS; auto: chat where the tokenizer has a template"})
+    roles: dict[str, str] = field(default_factory=dict, metadata={"help": "chat rows (messages, or ShareGPT conversations): the data's own role names, each mapped to system, user or assistant, e.g. {bot: assistant, customer: user}; understood without it: " + ", ".join(f"{name} -> {role}" for name, role in SHAREGPT_ROLES.items()) + " (as LLaMA-Factory reads ShareGPT)"})
+    template: str = field(default="auto", metadata={"help": "chat: the tokenizer's chat template; plain: each turn's text, data.separator between turns, an answer ending in EOS; auto: chat where the tokenizer has a template"})
+    separator: str = field(default="\n", metadata={"help": "plain template: the text between one turn and the next (a prompt and its completion are joined by it; an answer's EOS comes before it); an Alpaca input follows its instruction after a blank line"})
+    train_turns: str = field(default="all", metadata={"help": "the assistant turns of a chat row that carry loss: all (every assistant turn, as TRL's assistant-only loss) or last (the final answer alone; earlier turns are context)"})
+    keep_empty_answers: bool = field(default=False, metadata={"help": "false: a row whose answer is empty (no text in any assistant turn it trains) is dropped and counted, and an empty earlier turn carries no loss; true: train on them (the model learns to answer with end-of-turn alone)"})
     max_length: int = field(default=128, metadata={"help": "tokens per example; longer examples are truncated"})
     search_fraction: float = field(default=1.0, metadata={"help": "share of the training data that search trials use; a retrain of the pick uses all"})
-    eval_examples: int = field(default=32, metadata={"help": "eval examples scored at each eval round (the same ones every round and trial)"})
+    eval_examples: int | str = field(default=32, metadata={"help": "eval rows scored at each eval round, chosen by a shuffle seeded by seed (the same ones every round and trial); all: every eval row"})
     eval_generate_examples: int = field(default=32, metadata={"help": "of those, the ones whose answers are generated (greedy) for eval_exact_match at the full budget; 0: off"})
 
     def problems(self) -> list[str]:
@@ -102,8 +113,14 @@ class DataConfig:
             out.append(f"data.max_length is {self.max_length}; allowed: an integer >= 8")
         if not 0 < self.search_fraction <= 1:
             out.append(f"data.search_fraction is {self.search_fraction}; allowed: a number in (0, 1]")
-        if self.eval_examples < 1:
-            out.append(f"data.eval_examples is {self.eval_examples}; allowed: an integer >= 1")
+        if self.eval_examples != ALL_EVAL and not (isinstance(self.eval_examples, int) and self.eval_examples >= 1):
+            out.append(f"data.eval_examples is {self.eval_examples!r}; allowed: an integer >= 1, or {ALL_EVAL} (every eval row)")
+        if self.train_turns not in TRAIN_TURNS:
+            out.append(f"data.train_turns is {self.train_turns!r}; allowed: {', '.join(TRAIN_TURNS)}")
+        bad_roles = {name: role for name, role in self.roles.items() if role not in CHAT_ROLES or not name}
+        if bad_roles:
+            out.append(f"data.roles maps {bad_roles}; allowed: the data's role names, each mapped to "
+                       f"{', '.join(CHAT_ROLES)}, e.g. {{bot: assistant, customer: user}}")
         if self.eval_generate_examples < 0:
             out.append(f"data.eval_generate_examples is {self.eval_generate_examples}; allowed: an integer >= 0 (0: off)")
         if not 0 < self.eval_fraction < 1:

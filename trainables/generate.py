@@ -41,10 +41,13 @@ MetricFunction = Callable[[list[str], list[str]], float]
 
 
 def split_row(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """A tokenized row's prompt (the tokens before its first answer label) and its reference
-    (the answer tokens); the prompt is empty when every token is an answer token (plain text)."""
-    start = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
-    return input_ids[:start], [token for token in labels[start:] if token != IGNORE]
+    """A tokenized row's prompt (the tokens before its last answer: a multi-turn row's earlier
+    turns, their answers included, as the model would be asked) and its reference (the last
+    answer's tokens); the prompt is empty when every token is an answer token (plain text), the
+    reference when no token is."""
+    end = next((i + 1 for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), 0)
+    start = next((i + 1 for i in range(end - 1, -1, -1) if labels[i] == IGNORE), 0) if end else len(labels)
+    return input_ids[:start], labels[start:end]
 
 
 def answerable(rows: list[tuple[list[int], list[int]]], limit: int) -> list[tuple[list[int], list[int]]]:

@@ -7,13 +7,16 @@ Sources (`data.train`, `data.eval`): a builtin task (`builtin:atlas`); a .jsonl,
 and nothing is downloaded.
 
 Row formats, after `data.columns` has given the data's own columns the row fields' names: chat
-`messages`; `prompt`/`completion`; Alpaca `instruction`/`input`/`output` (the prompt is the
-instruction, then the input after a blank line where there is one); and `text` (a .txt file's
-lines), where the loss is on every token. In the others the loss is on the answer's tokens only
-(the last assistant turn, the completion, the output); everything else is labelled -100.
+`messages` (turns of `role`/`content`); ShareGPT `conversations` (turns of `from`/`value`, the
+role names read as LLaMA-Factory reads them, more through `data.roles`); `prompt`/`completion`;
+Alpaca `instruction`/`input`/`output` (the prompt is the instruction, then the input after a
+blank line where there is one); and `text` (a .txt file's lines), where the loss is on every
+token. In the others the loss is on the answers' tokens only (every assistant turn, or the last
+with `data.train_turns=last`; the completion; the output); everything else is labelled -100. A
+row whose answer is empty is dropped and counted unless `data.keep_empty_answers`.
 
-Templates: `chat` renders a row with the tokenizer's chat template; `plain` takes the prompt's
-tokens (a chat row's earlier turns joined by blank lines) and then the answer's and EOS.
+Templates: `chat` renders a row with the tokenizer's chat template; `plain` takes each turn's
+text in order, `data.separator` between one turn and the next, an answer ending in EOS.
 
 The driver writes `train`, `search_train` and `eval` with `datasets.save_to_disk`; a trial
 memory-maps them, so nothing is pickled into trials and nothing is tokenized twice.
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import json
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,13 +37,15 @@ from typing import Any
 
 import torch
 
+from rundir.runconfig import DataInfo, SourceInfo
 from search.inputs import atlas
 from trainables.config import (
+    ALL_EVAL,
     AUTO_EVAL,
     BUILTIN_PREFIX,
     DATA_FILE_BUILDERS,
+    SHAREGPT_ROLES,
     DataConfig,
-    cache_root,
     looks_local,
     relative_to_cwd,
 )
@@ -48,6 +55,7 @@ BUILTIN_TASKS = {"atlas": atlas.rows}
 # Each format by the row fields that identify it, tried in this order.
 FORMATS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt/completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
@@ -56,8 +64,8 @@ FORMATS = {
 EVAL_SPLITS = ("validation", "test", "eval")
 ALLOWED_SOURCES = ("'builtin:atlas', a .jsonl, .json, .csv, .parquet or .txt file, a datasets.save_to_disk "
                    "directory, or a dataset id in the local datasets cache")
-ALLOWED_ROWS = ("chat 'messages'; 'prompt' and 'completion'; Alpaca 'instruction', 'output' (and 'input'); "
-                "or 'text'")
+ALLOWED_ROWS = ("chat 'messages' or ShareGPT 'conversations'; 'prompt' and 'completion'; Alpaca 'instruction', "
+                "'output' (and 'input'); or 'text'")
 
 
 @dataclass(frozen=True)
@@ -73,33 +81,6 @@ class Rows:
 
     def subset(self, indices: list[int], part: str) -> Rows:
         return replace(self, part=part, data=self.data.select(indices), where=lambda i: self.where(indices[i]))
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What was read from one source and kept: for run_config.json, the dry run and the report."""
-
-    key: str        # the config key that named the source: data.train or data.eval
-    source: str     # the source as the config gives it
-    part: str       # which of its rows
-    format: str     # a key of FORMATS
-    rows: int       # rows read
-    truncated: int  # rows cut at data.max_length, still used
-    dropped: int    # rows left with no token to train on within data.max_length, not used
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """The data as prepared, recorded in run_config.json (`data_info`)."""
-
-    template: str           # chat or plain: how rows other than text became tokens
-    max_length: int
-    train: SourceInfo
-    eval: SourceInfo
-    train_rows: int         # rows a retrain uses: train's, less those dropped
-    search_train_rows: int  # rows the search's trials train on: data.search_fraction of train_rows
-    eval_rows: int          # rows scored at every eval round: at most data.eval_examples
-    pad_token_id: int
 
 
 def load_source(source: str, key: str, columns: dict[str, str]) -> dict[str, Rows]:
@@ -178,13 +159,15 @@ def _read_file(path: Path, key: str) -> tuple[Any, Callable[[int], str]]:
         raise ValueError(f"{key} is {str(path)!r}, an empty file; it needs rows of {ALLOWED_ROWS}")
     options = {}
     if builder == "csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
-            header = next(csv.reader(f), [])
-        options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+        options["features"] = datasets.Features({name: datasets.Value("string") for name in _csv_header(path)})
     try:
         with _quiet_datasets():
             data = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # datasets raises many types for a malformed file
+        nothing = _no_rows(path, builder)
+        if nothing:
+            raise ValueError(f"{key} is {str(path)!r}, a {builder} file that holds no rows ({nothing}); it needs rows "
+                             f"of {ALLOWED_ROWS}. Fix: add the rows, or point {key} at the file that holds them") from None
         problem = _json_problem(path) if builder == "json" else None
         fix = ("correct that line" if problem else
                f"check that it is valid {builder}, or give it the suffix of its format ({', '.join(DATA_FILE_BUILDERS)})")
@@ -222,6 +205,22 @@ def _innermost(error: BaseException) -> str:
     while error.__cause__ or error.__context__:
         error = error.__cause__ or error.__context__
     return f"{type(error).__name__}: {error}"
+
+
+def _no_rows(path: Path, builder: str) -> str | None:
+    """What a CSV or JSON file that holds no rows holds instead, in words; None where it holds rows
+    or is not one of these."""
+    if builder == "csv":
+        return None if _csv_record_lines(path) else f"only its header: {', '.join(_csv_header(path))}"
+    if builder != "json":
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return "only blank lines"
+    try:
+        return "an empty JSON list" if json.loads(text) == [] else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _json_problem(path: Path) -> str | None:
@@ -263,6 +262,11 @@ def _json_lines(path: Path) -> list[int]:
     """The line number of each row of a JSON Lines file: its non-blank lines."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return [number for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
 
 
 def _csv_record_lines(path: Path) -> list[int]:
@@ -356,42 +360,58 @@ def resolve_template(template: str, tokenizer) -> str:
     return template
 
 
-def tokenize(rows: Rows, tokenizer, template: str, max_length: int) -> tuple[dict[str, list], SourceInfo]:
-    """input_ids and labels per row, cut at `max_length` tokens; labels keep the answer's tokens
-    (every token of a text row). A row with no label left after the first token (nothing to
-    train on) is dropped and counted. ValueError naming the row (file and line where the rows
-    are lines) for a row without its answer; or when every row is dropped."""
-    input_ids, labels, truncated, dropped = [], [], 0, 0
+def tokenize(rows: Rows, tokenizer, template: str, cfg: DataConfig) -> tuple[dict[str, list], SourceInfo]:
+    """input_ids and labels per row, cut at data.max_length tokens; labels keep the tokens of the
+    answers the row trains (`trained_turns`; every token of a text row), -100 elsewhere. A row
+    whose trained answers are all empty is dropped and counted unless data.keep_empty_answers; a
+    row with no label left after the first token (nothing to train on) is dropped and counted.
+    ValueError naming the row (file and line where the rows are lines), what it holds and what is
+    expected, for a row without its answer; or when every row is dropped."""
+    input_ids, labels, truncated, dropped, empty = [], [], 0, 0, 0
     for i, row in enumerate(rows.data):
-        if rows.format == "text":
-            text = row["text"] or ""
-            ids = tokenizer(str(text))["input_ids"] + _eos(tokenizer)
-            row_labels = list(ids)
+        turns = _turns(row, rows, i, cfg.roles)
+        if not trained_turns(turns, cfg.train_turns, keep_empty=False):
+            empty += 1
+            if not cfg.keep_empty_answers:
+                continue
+        trained = trained_turns(turns, cfg.train_turns, cfg.keep_empty_answers)
+        if rows.format == "text" or template == "plain":
+            ids, row_labels = _plain_tokens(turns, trained, tokenizer, cfg.separator)
         else:
-            ids, row_labels = _answer_tokens(_messages(row, rows, i), tokenizer, template, rows.where(i))
-        if not any(label != IGNORE for label in row_labels[1:max_length]):
+            ids, row_labels = _chat_tokens(turns, trained, tokenizer, rows.where(i))
+        if not any(label != IGNORE for label in row_labels[1:cfg.max_length]):
             dropped += 1
             continue
-        truncated += len(ids) > max_length
-        input_ids.append(ids[:max_length])
-        labels.append(row_labels[:max_length])
+        truncated += len(ids) > cfg.max_length
+        input_ids.append(ids[:cfg.max_length])
+        labels.append(row_labels[:cfg.max_length])
     if not input_ids:
         raise ValueError(f"{rows.key} {rows.source!r} ({rows.part}): none of its {len(rows.data)} rows has a token to "
-                         f"train on within data.max_length={max_length} (the prompt fills it, or the row is empty). "
-                         f"Fix: raise data.max_length")
-    info = SourceInfo(rows.key, rows.source, rows.part, rows.format, len(rows.data), truncated, dropped)
+                         f"train on within data.max_length={cfg.max_length} ({empty} with an empty answer, {dropped} "
+                         f"whose prompt fills it). Fix: raise data.max_length, or fill in the answers")
+    info = SourceInfo(rows.key, rows.source, rows.part, rows.format, len(rows.data), truncated, dropped, empty)
     return {"input_ids": input_ids, "labels": labels}, info
 
 
-def _messages(row: dict, rows: Rows, i: int) -> list[dict]:
-    """The row as chat turns that end with the assistant's answer."""
-    if rows.format == "messages":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
-                or messages[-1].get("role") != "assistant":
-            raise ValueError(f"{rows.key}: {rows.where(i)} does not end with an assistant answer; every row needs one "
-                             f"to train on. Fix: add the answer as the last turn, or remove the row")
-        return messages
+def trained_turns(turns: list[dict], train_turns: str, keep_empty: bool) -> list[int]:
+    """The indices of the assistant turns that carry loss: every one, or the last (`train_turns`),
+    less those without text unless `keep_empty`."""
+    answers = [k for k, turn in enumerate(turns) if turn["role"] == "assistant"]
+    chosen = answers if train_turns == "all" else answers[-1:]
+    return [k for k in chosen if keep_empty or turns[k]["content"].strip()]
+
+
+_EXPECTED_TURNS = "a list of turns, each {'role': ..., 'content': ...} or ShareGPT's {'from': ..., 'value': ...}"
+_TURN_KEYS = (("role", "content"), ("from", "value"))
+
+
+def _turns(row: dict, rows: Rows, i: int, roles: dict[str, str]) -> list[dict]:
+    """The row as chat turns {'role': system, user or assistant, 'content': text}; a text row is
+    one assistant turn, the text to train on."""
+    if rows.format == "text":
+        return [{"role": "assistant", "content": str(row["text"] or "")}]
+    if rows.format in ("messages", "sharegpt"):
+        return _chat_turns(row, rows, i, {**SHAREGPT_ROLES, **roles})
     if rows.format == "prompt/completion":
         prompt, answer = _text(row, "prompt", rows, i), _text(row, "completion", rows, i)
     else:
@@ -399,6 +419,44 @@ def _messages(row: dict, rows: Rows, i: int) -> list[dict]:
         extra = row.get("input")
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _chat_turns(row: dict, rows: Rows, i: int, roles: dict[str, str]) -> list[dict]:
+    """A messages or conversations row's turns, each read by 'role'/'content' or ShareGPT's
+    'from'/'value', its role name mapped by `roles`; the last must be an assistant answer."""
+    field = FORMATS[rows.format][0]
+    where = f"{rows.key}: {rows.where(i)}"
+    turns = row[field]
+    if not isinstance(turns, list) or not turns:
+        found = "nothing" if turns is None else "no turns" if turns == [] else f"a {type(turns).__name__}"
+        raise ValueError(f"{where} has {found} for {field!r}; expected {_EXPECTED_TURNS}. Fix: correct the row, "
+                         f"or remove it")
+    out = []
+    for n, turn in enumerate(turns, start=1):
+        keys = next(((r, c) for r, c in _TURN_KEYS if isinstance(turn, dict) and turn.get(r) is not None), None)
+        if keys is None:
+            found = (f"the keys {sorted(k for k, v in turn.items() if v is not None)}" if isinstance(turn, dict)
+                     else f"a {type(turn).__name__}")
+            raise ValueError(f"{where} turn {n} has {found}; expected {_EXPECTED_TURNS}. Fix: rename the keys, or "
+                             f"remove the row")
+        role_key, text_key = keys
+        name = turn[role_key]
+        if not isinstance(name, str) or name not in roles:
+            raise ValueError(f"{where} turn {n} has {role_key} {name!r}; expected one of {', '.join(roles)}. Fix: map "
+                             f"it to system, user or assistant with data.roles, e.g. --set 'data.roles={{{name}: "
+                             f"assistant}}'")
+        text = turn[text_key]
+        if not isinstance(text, str):
+            found = "nothing" if text is None else f"a {type(text).__name__}"
+            raise ValueError(f"{where} turn {n} ({role_key} {name!r}) has {found} for {text_key!r}; expected its "
+                             f"text. Fix: fill it in, or remove the row")
+        out.append({"role": roles[name], "content": text})
+    if out[-1]["role"] != "assistant":
+        last = turns[-1]
+        raise ValueError(f"{where} ends with turn {len(out)}, {keys[0]} {last[keys[0]]!r} ({out[-1]['role']}); "
+                         f"expected an assistant answer last, to train on. Fix: add the answer as the last turn, "
+                         f"or remove the row")
+    return out
 
 
 def _text(row: dict, field: str, rows: Rows, i: int) -> str:
@@ -412,27 +470,65 @@ def _text(row: dict, field: str, rows: Rows, i: int) -> str:
     return value
 
 
-def _answer_tokens(messages: list[dict], tokenizer, template: str, where: str) -> tuple[list[int], list[int]]:
-    """The row's tokens and labels: -100 up to the answer, then the answer's tokens."""
-    if template == "chat":
-        try:
-            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as e:  # the template is the model's own Jinja code, which raises what it likes
-            raise ValueError(f"{where}: the tokenizer's chat template refused the row ({type(e).__name__}: {e})") from None
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        start = min(len(prompt_ids), len(ids))
-        return ids, [IGNORE] * start + ids[start:]
-    # with the tokenizer's own special tokens (a BOS where it adds one), tokenized apart so the
-    # answer starts on a token boundary
-    prompt_ids = tokenizer("\n\n".join(str(m.get("content", "")) for m in messages[:-1]))["input_ids"]
-    answer_ids = tokenizer(str(messages[-1].get("content", "")), add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+def _plain_tokens(turns: list[dict], trained: list[int], tokenizer, separator: str) -> tuple[list[int], list[int]]:
+    """Each turn's text in order, `separator` between one turn and the next, an answer ending in
+    EOS (before the separator); labels on the `trained` answers and their EOS. Each turn is
+    tokenized apart, so an answer starts on a token boundary, the first with the tokenizer's own
+    special tokens (a BOS where it adds one)."""
+    ids, labels = [], []
+    for k, turn in enumerate(turns):
+        answer = turn["role"] == "assistant"
+        # the separator after an answer's EOS opens the next turn, which is never an answer's own text
+        after_answer = separator if k and turns[k - 1]["role"] == "assistant" else ""
+        text = turn["content"] if answer else after_answer + turn["content"] + separator
+        piece = tokenizer(text, add_special_tokens=not ids)["input_ids"] + (_eos(tokenizer) if answer else [])
+        ids += piece
+        labels += piece if k in trained else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def _chat_tokens(turns: list[dict], trained: list[int], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """The row rendered by the tokenizer's chat template; labels on each `trained` answer, from
+    where its rendering departs from the prompt that asks for it (the generation prompt) to the
+    end of its turn. Trained and untrained text are tokenized apart, as a prompt is at inference."""
+    def render(messages: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+
+    try:
+        full = render(turns)
+        spans = [(render(turns[:k], prompt=True), render(turns[:k + 1]) if k + 1 < len(turns) else full, k)
+                 for k in trained]
+    except Exception as e:  # the template is the model's own Jinja code, which raises what it likes
+        raise ValueError(f"{where}: the tokenizer's chat template refused the row ({type(e).__name__}: {e})") from None
+    ids, labels, done = [], [], 0
+
+    def add(text: str, train: bool) -> None:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(piece)
+        labels.extend(piece if train else [IGNORE] * len(piece))
+
+    for asked, answered, k in spans:
+        if not full.startswith(answered):
+            raise ValueError(f"{where}: the tokenizer's chat template renders the turns up to assistant turn {k + 1} "
+                             f"differently once later turns follow, so that turn's tokens cannot be told apart. "
+                             f"Fix: --set data.train_turns=last, or data.template=plain")
+        start = max(done, len(os.path.commonprefix([asked, answered])))
+        add(full[done:start], False)
+        add(full[start:len(answered)], True)
+        done = len(answered)
+    add(full[done:], False)
+    return ids, labels
 
 
 def _eos(tokenizer) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+def marked(ids: list[int], labels: list[int], tokenizer) -> str:
+    """An example as the model sees it, decoded, its trained tokens between [[ and ]]."""
+    runs = itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE)
+    return "".join((f"[[{text}]]" if train else text)
+                   for train, run in runs for text in [tokenizer.decode([token for token, _ in run])])
 
 
 def read(cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
@@ -450,20 +546,32 @@ def read(cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
     """Read (`read`) and tokenize train and eval once, in memory (nothing is written until the
     whole input is known to be good). Keeps `search_fraction` of train and `eval_examples` of
-    eval, chosen by `seed`. Returns the splits and what they hold. ValueError for bad data,
-    naming the key, the source and the row."""
+    eval (all: every row), chosen by `seed`. Returns the splits and what they hold. ValueError
+    for bad data, naming the key, the source and the row."""
     import datasets
 
     train, evaluate = read(cfg, seed)
     template = resolve_template(cfg.template, tokenizer)
     (train_columns, train_info), (eval_columns, eval_info) = (
-        tokenize(rows, tokenizer, template, cfg.max_length) for rows in (train, evaluate))
+        tokenize(rows, tokenizer, template, cfg) for rows in (train, evaluate))
     splits = {"train": datasets.Dataset.from_dict(train_columns), "eval": datasets.Dataset.from_dict(eval_columns)}
     full_train = len(splits["train"])
     keep = max(1, round(cfg.search_fraction * full_train))
     splits["search_train"] = splits["train"].shuffle(seed=seed).select(range(keep))
-    splits["eval"] = splits["eval"].shuffle(seed=seed).select(range(min(cfg.eval_examples, len(splits["eval"]))))
+    kept = len(splits["eval"])
+    scored = kept if cfg.eval_examples == ALL_EVAL else min(cfg.eval_examples, kept)
+    splits["eval"] = splits["eval"].shuffle(seed=seed).select(range(scored))
+    chosen_by = ("taking every row" if scored == kept
+                 else f"a shuffle seeded by seed={seed}: the same rows at every round and in every trial")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     info = DataInfo(template=template, max_length=cfg.max_length, train=train_info, eval=eval_info,
-                    train_rows=full_train, search_train_rows=keep, eval_rows=len(splits["eval"]), pad_token_id=pad)
+                    train_rows=full_train, search_train_rows=keep, eval_rows=scored, pad_token_id=pad,
+                    train_turns=cfg.train_turns, eval_rows_kept=kept, eval_chosen_by=chosen_by,
+                    example=marked(train_columns["input_ids"][0], train_columns["labels"][0], tokenizer))
     return splits, info
+
+
+def eval_sample_line(info: DataInfo, eval_examples: int | str) -> str:
+    """How many eval rows every round scores, of how many, set by what, and chosen how."""
+    return (f"Eval: {info.eval_rows:,} of {info.eval_rows_kept:,} eval rows scored at each round "
+            f"(data.eval_examples={eval_examples}), chosen by {info.eval_chosen_by}")

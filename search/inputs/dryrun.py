@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from search.config import AUTO, SHARED, Config, ConfigError, ResourcesConfig
+from search.inputs.data import DataInfo, eval_sample_line
 from search.inputs.modules import adapter_param_count, base_param_count, resolve
 from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
 from search.tuning.space import module_set_key
@@ -75,11 +76,14 @@ def _flag(pct: float) -> str:
     return ""
 
 
-def data_line(config: Config, prepared: PreparedModel) -> str:
-    """One line on the data, read, checked and tokenized in memory: each source, the part of it
-    used, its rows and format; the template; how many rows data.max_length truncates and drops.
-    A model known from its config.json alone (no tokenizer beside it, none in model.tokenizer)
-    has its data read and checked, not tokenized. ConfigError for bad data."""
+def data_lines(config: Config, prepared: PreparedModel) -> str:
+    """What the data holds, read, checked and tokenized in memory: one line on each source, the
+    part of it used, its rows and format, the template and the turns that carry loss, how many
+    rows data.max_length truncates and drops and how many have an empty answer; one line on the
+    eval rows every round scores (`eval_sample_line`); then the first training row as the model
+    sees it, its trained part marked. A model known from its config.json alone (no tokenizer
+    beside it, none in model.tokenizer) has its data read and checked, not tokenized: one line.
+    ConfigError for bad data."""
     try:
         tokenizer = load_tokenizer(config, prepared.path)
     except ConfigError as no_tokenizer:
@@ -91,11 +95,30 @@ def data_line(config: Config, prepared: PreparedModel) -> str:
                 f"against data.max_length not checked: {no_tokenizer}")
     _, info = prepare_data(config, tokenizer)
     train, evaluate = info.train, info.eval
-    template = "no template (text: loss on every token)" if train.format == "text" else f"template {info.template}"
-    return (f"Data: train {_source(train.source, train.part, train.rows, train.format)}; eval "
-            f"{_source(evaluate.source, evaluate.part, evaluate.rows, evaluate.format)}; {template}; at max_length "
-            f"{info.max_length}: {train.truncated + evaluate.truncated} rows truncated, "
-            f"{train.dropped + evaluate.dropped} dropped (no token left to train on)")
+    empty = train.empty + evaluate.empty
+    kept = "kept" if config.data.keep_empty_answers else "dropped"
+    return "\n".join([
+        (f"Data: train {_source(train.source, train.part, train.rows, train.format)}; eval "
+        f"{_source(evaluate.source, evaluate.part, evaluate.rows, evaluate.format)}; {_template(info, config)}; "
+        f"at max_length {info.max_length}: {train.truncated + evaluate.truncated} rows truncated, "
+        f"{train.dropped + evaluate.dropped} dropped (no token left to train on); {empty} rows with an empty answer "
+        f"{kept} (data.keep_empty_answers={str(config.data.keep_empty_answers).lower()})"),
+        eval_sample_line(info, config.data.eval_examples),
+        "Example: the first training row as the model sees it, its trained tokens between [[ and ]]:",
+        info.example,
+        "(end of the example)",
+    ])
+
+
+def _template(info: DataInfo, config: Config) -> str:
+    """How rows became tokens: the template (with the plain one's separator) and the turns that
+    carry loss."""
+    if info.train.format == "text":
+        return "no template (text: loss on every token)"
+    template = (f"template plain (data.separator={config.data.separator!r} between turns)"
+                if info.template == "plain" else f"template {info.template}")
+    turns = "every assistant turn" if info.train_turns == "all" else "the last assistant turn only"
+    return f"{template}, loss on {turns} (data.train_turns={info.train_turns})"
 
 
 def _source(source: str, part: str, rows: int, format_: str) -> str:
