@@ -21,6 +21,7 @@ from rundir.files import write_json_atomic
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin
+from search.checkpoints import DropSupersededCheckpoints
 from search.config import SHARED, Config
 from search.memory import GPU_SHARE, larger_share, ran_out_of_memory
 from search.progress import progress_callbacks, status_reporter
@@ -336,10 +337,10 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             name=name,
             storage_path=location.storage,
             storage_filesystem=location.storage_filesystem(),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             callbacks=[*callbacks, *shared_callbacks(config), *logger_callbacks(config.tracking, config.name, location.local),
-                       *progress_callbacks(config)],
+                       *progress_callbacks(config), DropSupersededCheckpoints(location.storage_filesystem())],
             # Tune's own tables with --verbose, else these lines in their place (search/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,
