@@ -1,5 +1,5 @@
 """The filesystem through which Ray Tune writes a run: on which every file appears whole or not
-at all, and no checkpoint goes while the saved experiment state still names it.
+at all, and which notes when each experiment state became whole in storage.
 
 Ray Tune writes a run's files (its experiment state, each trial's params.json, result.json and
 checkpoints) into a staging directory and copies them into the storage path with pyarrow's
@@ -9,15 +9,15 @@ truncates each file and writes it anew, so a driver killed during a copy left an
 local file is written under a temporary name and renamed into place when complete; an object
 store (S3, GCS) makes an object appear whole when its upload completes.
 
-Tune also deletes a trial's previous checkpoint the moment it registers the next, and saves the
-experiment state that names the new one a moment later: a kill between the two left a state naming
-a deleted checkpoint, and that trial failed on resume. Here a checkpoint goes only once an
-experiment state that names a newer checkpoint of its trial, and not it, is whole in storage.
+Tune deletes no checkpoint here (`CheckpointConfig(num_to_keep=None)`); a trial's superseded
+checkpoints go through `drop_superseded_checkpoints`, at the moments `search.tuning.checkpoints` finds safe
+with `moment` and `whole_state_began_after`.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -29,75 +29,47 @@ import pyarrow.fs as pafs
 
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
 _EXPERIMENT_STATE = re.compile(r"experiment_state-.*\.json")
-_DIGITS = 6  # Tune names checkpoints checkpoint_000000, checkpoint_000001, ...
 
-# What this driver process owes storage, shared by every copy of the filesystem in it (Tune
-# unpickles one per checkpoint): the checkpoints Tune asked to delete, and the experiment
-# directories already searched for checkpoints that an earlier, killed driver left.
+# Shared by every copy of the filesystem in the driver process (Tune unpickles several), which
+# alone writes experiment states: one clock for the moments that the driver's thread notes and
+# that Tune's sync thread stamps on state writes, and the moment the latest whole state write of
+# each experiment directory began.
 _LOCK = threading.Lock()
-_PENDING: set[str] = set()
-_SEARCHED: set[str] = set()
+_CLOCK = itertools.count()
+_WHOLE_STATE_BEGAN: dict[str, int] = {}
 
 
-def named_checkpoints(state: str, trial_dir: str) -> set[int]:
-    """The indices of `trial_dir`'s checkpoints that an experiment state names. Tune keeps each
-    trial's checkpoints in a pickle that the JSON holds hex-encoded, so a path shows there as its
-    hex, elsewhere as itself; a false match only keeps a checkpoint longer."""
-    prefix = f"{trial_dir}/checkpoint_"
-    found = {int(m.group(1)) for m in re.finditer(re.escape(prefix) + rf"(\d{{{_DIGITS}}})", state)}
-    encoded = prefix.encode().hex()
-    at = state.find(encoded)
-    while at >= 0:
-        digits = state[at + len(encoded): at + len(encoded) + 2 * _DIGITS]
-        try:
-            text = bytes.fromhex(digits).decode()
-            if text.isdigit():
-                found.add(int(text))
-        except ValueError:
-            pass
-        at = state.find(encoded, at + 1)
-    return found
-
-
-def _checkpoints_in(fs: pafs.FileSystem, experiment_dir: str) -> set[str]:
-    """Every checkpoint directory of every trial under `experiment_dir`."""
-    out = set()
-    for trial in fs.get_file_info(pafs.FileSelector(experiment_dir, allow_not_found=True)):
-        if trial.type == pafs.FileType.Directory:
-            out |= {entry.path for entry in fs.get_file_info(pafs.FileSelector(trial.path, allow_not_found=True))
-                    if entry.type == pafs.FileType.Directory and _CHECKPOINT.fullmatch(entry.base_name)}
-    return out
-
-
-def drop_superseded_checkpoints(fs: pafs.FileSystem, experiment_dir: str, state: str) -> list[str]:
-    """Delete, through `fs`, each checkpoint under `experiment_dir` that Tune asked to delete
-    (or that a killed driver left, the first time this process saves the experiment's state)
-    where `state`, the experiment state now whole in storage, names a newer checkpoint of the
-    same trial and not it; return their paths. A newer checkpoint that the state does not name
-    yet (written by the trial, not yet registered by Tune) stays, and so does every checkpoint
-    Tune keeps, since the state names each."""
+def moment() -> int:
+    """A point in this process's order of events: later calls return larger numbers."""
     with _LOCK:
-        candidates = {path for path in _PENDING if path.startswith(experiment_dir + "/")}
-        first = experiment_dir not in _SEARCHED
-        _SEARCHED.add(experiment_dir)
-    if first:  # listed outside the lock: Tune's own thread must not wait on a bucket to note a deletion
-        candidates |= _checkpoints_in(fs, experiment_dir)
-    dropped, named_by_trial = [], {}
-    for path in sorted(candidates):
-        trial_dir, name = posixpath.split(path)
-        index = int(_CHECKPOINT.fullmatch(name).group(1))
-        if trial_dir not in named_by_trial:  # one reading of the state per trial, however many candidates
-            named_by_trial[trial_dir] = named_checkpoints(state, trial_dir)
-        named = named_by_trial[trial_dir]
-        if named and index < max(named) and index not in named:
-            try:
-                fs.delete_dir(path)
-            except FileNotFoundError:
-                pass
-            dropped.append(path)
+        return next(_CLOCK)
+
+
+def whole_state_began_after(experiment_dir: str, since: int) -> bool:
+    """Whether an experiment state of `experiment_dir` whose write began after `since` (a
+    `moment()`) is whole in storage."""
     with _LOCK:
-        _PENDING.difference_update(dropped)
-    return dropped
+        return _WHOLE_STATE_BEGAN.get(posixpath.normpath(experiment_dir), -1) > since
+
+
+def checkpoint_index(path: str) -> int:
+    """The index in a checkpoint directory's name (`.../checkpoint_000003`: 3)."""
+    match = _CHECKPOINT.fullmatch(posixpath.basename(path))
+    if match is None:
+        raise ValueError(f"{path!r} is not a checkpoint directory. Allowed: a name like checkpoint_000003")
+    return int(match.group(1))
+
+
+def drop_superseded_checkpoints(fs: pafs.FileSystem, trial_dir: str, keep_from: int) -> list[str]:
+    """Delete, through `fs`, each checkpoint directory of `trial_dir` whose index is below
+    `keep_from`; return their paths, oldest first."""
+    entries = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    older = sorted((entry.path for entry in entries if entry.type == pafs.FileType.Directory
+                    and _CHECKPOINT.fullmatch(entry.base_name) and checkpoint_index(entry.path) < keep_from),
+                   key=checkpoint_index)
+    for path in older:
+        fs.delete_dir(path)
+    return older
 
 
 class _ReplaceOnClose:
@@ -128,12 +100,13 @@ class _ReplaceOnClose:
 
 
 class _StateOnClose(io.BytesIO):
-    """An experiment state, held until closed: then written whole if it parses, and the
-    checkpoints it no longer needs are dropped."""
+    """An experiment state, held until closed: then written whole if it parses, and the moment
+    its write began noted for `whole_state_began_after`."""
 
     def __init__(self, storage: RunStorage, path: str):
         super().__init__()
         self._storage, self._path = storage, path
+        self._began = moment()
 
     def close(self) -> None:
         if self.closed:
@@ -141,21 +114,21 @@ class _StateOnClose(io.BytesIO):
         data = self.getvalue()
         super().close()
         try:
-            state = data.decode()
-            json.loads(state)
+            json.loads(data.decode())
         except ValueError:  # UnicodeDecodeError is one
             # Tune rewrites its staging copy of the state in place while an earlier sync may be
             # reading it; the half it read is dropped, and the next sync brings a whole one.
             return
         with self._storage.open_whole(self._path) as stream:
             stream.write(data)
-        drop_superseded_checkpoints(self._storage.base, posixpath.dirname(self._path), state)
+        experiment_dir = posixpath.normpath(posixpath.dirname(self._path))
+        with _LOCK:
+            _WHOLE_STATE_BEGAN[experiment_dir] = max(self._began, _WHOLE_STATE_BEGAN.get(experiment_dir, -1))
 
 
 class RunStorage(pafs.FileSystemHandler):
     """`base` (pyarrow's filesystem of the run's directory or URI) as Tune's storage:
-    `open_output_stream` writes each file whole, and `delete_dir` leaves a checkpoint to
-    `drop_superseded_checkpoints`. Pickles (with `base`) into every Ray worker that writes a
+    `open_output_stream` writes each file whole. Pickles (with `base`) into every Ray worker that writes a
     trial's files."""
 
     def __init__(self, base: pafs.FileSystem | None = None):
@@ -187,10 +160,6 @@ class RunStorage(pafs.FileSystemHandler):
         self.base.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
-        if _CHECKPOINT.fullmatch(posixpath.basename(path)):
-            with _LOCK:  # goes once a whole experiment state no longer needs it
-                _PENDING.add(path)
-            return
         self.base.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:

@@ -46,8 +46,8 @@ class RunLocation:
 
     def storage_filesystem(self):
         """The filesystem Tune writes the run through, the directory's or the URI's
-        (`rundir.atomicfs`): every file appears whole, and no checkpoint goes while the saved
-        experiment state names it, so a kill at any moment leaves a run that resumes."""
+        (`rundir.atomicfs`): every file appears whole, the experiment state included, so a kill
+        at any moment leaves a run that resumes."""
         from rundir.atomicfs import run_filesystem
 
         return run_filesystem(self._fs()[0] if self.remote else None)

@@ -1,6 +1,7 @@
 """Tune's storage on a local disk writes every file whole: a kill during a sync leaves the
-previous copy, never an empty or half-written file. A checkpoint Tune deletes stays until a
-whole experiment state names a newer one (in a bucket too: tests/test_storage.py)."""
+previous copy, never an empty or half-written file. A trial's superseded checkpoints go once it
+has ended and an experiment state saved after that is whole in storage (in a bucket too, and
+under kills: tests/test_storage.py, tests/test_resume.py)."""
 
 import json
 import os
@@ -9,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 
-from rundir.atomicfs import run_filesystem
+from rundir.atomicfs import drop_superseded_checkpoints, moment, run_filesystem, whole_state_began_after
+from search.tuning.checkpoints import DropSupersededCheckpoints
 
 
 def test_a_file_being_written_leaves_the_previous_copy_in_place_until_it_is_complete(tmp_path):
@@ -96,63 +100,103 @@ def _parses(text: str) -> bool:
         return False
 
 
-def _trial_with_checkpoints(tmp_path, *indices: int) -> list[str]:
-    trial = tmp_path / "tune" / "trial_a"
-    for index in indices:
-        (trial / f"checkpoint_{index:06d}").mkdir(parents=True)
-        (trial / f"checkpoint_{index:06d}" / "adapter_model.safetensors").write_bytes(b"w")
-    return [str(trial / f"checkpoint_{index:06d}") for index in indices]
+class _Trial:
+    """What the callback reads of a Tune trial: its id, whether it ended, its last registered checkpoint."""
+
+    def __init__(self, trial_dir: Path, *indices: int, ended: bool = False):
+        for index in indices:
+            (trial_dir / f"checkpoint_{index:06d}").mkdir(parents=True)
+            (trial_dir / f"checkpoint_{index:06d}" / "adapter_model.safetensors").write_bytes(b"w")
+        self.trial_id, self.ended, self.dir = trial_dir.name, ended, trial_dir
+        self.checkpoint = SimpleNamespace(path=str(trial_dir / f"checkpoint_{max(indices):06d}"))
+
+    def is_finished(self) -> bool:
+        return self.ended
+
+    def kept(self) -> list[str]:
+        return sorted(path.name for path in self.dir.glob("checkpoint_*"))
 
 
-def _tune_state_naming(*registered: str) -> bytes:
-    """An experiment state as Tune writes one, its trial's checkpoints registered in this order
-    by Tune's own checkpoint manager (which keeps one, asking the filesystem to delete the rest)."""
-    from ray.train import CheckpointConfig
-    from ray.train._internal.checkpoint_manager import _CheckpointManager
-    from ray.train._internal.session import _TrainingResult
-    from ray.tune import Checkpoint
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
-
-    metadata = _TrainingRunMetadata()
-    metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
-    for path in registered:
-        metadata.checkpoint_manager.register_checkpoint(
-            _TrainingResult(checkpoint=Checkpoint(path, filesystem=run_filesystem()), metrics={}))
-    return json.dumps({"trial_data": [["{}", metadata.get_json_state()]]}).encode()
-
-
-def _write(fs, path, data: bytes) -> None:
-    with fs.open_output_stream(str(path)) as stream:
+def _state(fs, experiment: Path, data: bytes = b'{"trial_data": []}') -> None:
+    with fs.open_output_stream(str(experiment / "experiment_state-x.json")) as stream:
         stream.write(data)
 
 
-def test_a_checkpoint_tune_deletes_stays_until_a_whole_state_names_a_newer_one(tmp_path):
+def test_a_state_counts_as_saved_after_a_moment_only_when_its_whole_write_began_after_it(tmp_path):
     fs = run_filesystem()
-    first, second, unregistered = _trial_with_checkpoints(tmp_path, 0, 1, 2)
-    state = tmp_path / "tune" / "experiment_state-x.json"
-    named_first = _tune_state_naming(first)
-    _write(fs, state, named_first)
-
-    newer = _tune_state_naming(first, second)  # registering the second deletes the first, as Tune does
-    assert os.path.isdir(first), "deleted while the state on disk still names it"
-    _write(fs, state, newer[: len(newer) // 2])  # half a state: what a sync reading a half-rewritten source copies
-    assert os.path.isdir(first) and state.read_bytes() == named_first
-    _write(fs, state, newer)
-
-    assert not os.path.exists(first)
-    assert os.path.isdir(second) and os.path.isdir(unregistered)  # named; written by the trial, not yet registered
+    before = moment()
+    _state(fs, tmp_path, b'{"trial_da')  # half a state: what a sync reading a half-rewritten source copies
+    assert not whole_state_began_after(str(tmp_path), before)
+    with fs.open_output_stream(str(tmp_path / "experiment_state-x.json")) as stream:
+        during = moment()
+        stream.write(b"{}")
+    assert whole_state_began_after(str(tmp_path), before)
+    assert not whole_state_began_after(str(tmp_path), during)  # began earlier, however late it completed
+    assert not whole_state_began_after(str(tmp_path / "other"), before)
 
 
-def test_a_checkpoint_left_by_a_killed_driver_goes_with_the_next_state_and_none_of_another_trial(tmp_path):
+def test_dropping_keeps_the_given_checkpoint_and_newer_ones_and_touches_nothing_else(tmp_path):
+    trial = _Trial(tmp_path / "trial_a", 0, 1, 2, 3)
+    (tmp_path / "trial_a" / "result.json").write_text("{}")
+    other = _Trial(tmp_path / "trial_b", 0)
+    dropped = drop_superseded_checkpoints(run_filesystem(), str(trial.dir), 2)
+    assert [Path(path).name for path in dropped] == ["checkpoint_000000", "checkpoint_000001"]
+    assert trial.kept() == ["checkpoint_000002", "checkpoint_000003"] and (trial.dir / "result.json").is_file()
+    assert other.kept() == ["checkpoint_000000"]
+
+
+def test_an_ended_trials_older_checkpoints_go_once_a_state_saved_after_its_end_is_whole(tmp_path):
     fs = run_filesystem()
-    old, current = _trial_with_checkpoints(tmp_path, 3, 4)
-    other = tmp_path / "tune" / "trial_b" / "checkpoint_000000"
-    other.mkdir(parents=True)
-    _write(fs, tmp_path / "tune" / "experiment_state-y.json", _tune_state_naming(current))
-    assert not os.path.exists(old) and os.path.isdir(current) and other.is_dir()
+    ending, running = _Trial(tmp_path / "trial_a", 0, 1, 2), _Trial(tmp_path / "trial_b", 0, 1)
+    callback = DropSupersededCheckpoints(fs)
+    callback.on_step_begin(0, [ending, running])
+
+    late = fs.open_output_stream(str(tmp_path / "experiment_state-x.json"))  # a sync that began before the end
+    ending.ended = True
+    callback.on_step_end(1, [ending, running])
+    assert callback.get_state() is None  # Tune saves the state (nothing of the callback's to keep)
+    late.write(b"{}")
+    late.close()
+    callback.on_step_end(2, [ending, running])
+    assert ending.kept() == ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
+
+    _state(fs, tmp_path)  # the copy of the save after the end
+    callback.on_step_end(3, [ending, running])
+    assert ending.kept() == ["checkpoint_000002"]
+    assert running.kept() == ["checkpoint_000000", "checkpoint_000001"]
 
 
-def test_other_directories_are_deleted_at_once(tmp_path):
-    (tmp_path / "trial_a").mkdir()
-    run_filesystem().delete_dir(str(tmp_path / "trial_a"))
-    assert not (tmp_path / "trial_a").exists()
+def test_a_state_saved_before_the_trial_ended_is_not_enough(tmp_path):
+    fs = run_filesystem()
+    trial = _Trial(tmp_path / "trial_a", 0, 1)
+    callback = DropSupersededCheckpoints(fs)
+    callback.on_step_begin(0, [trial])
+    callback.get_state()
+    trial.ended = True
+    _state(fs, tmp_path)
+    callback.on_step_end(1, [trial])
+    assert trial.kept() == ["checkpoint_000000", "checkpoint_000001"]
+
+
+def test_trials_ended_when_an_experiment_is_restored_lose_their_older_checkpoints_before_its_first_step(tmp_path):
+    fs = run_filesystem()
+    ended, unfinished = _Trial(tmp_path / "trial_a", 3, 4, ended=True), _Trial(tmp_path / "trial_b", 0, 1)
+    DropSupersededCheckpoints(fs).on_step_begin(0, [ended, unfinished])
+    assert ended.kept() == ["checkpoint_000004"] and unfinished.kept() == ["checkpoint_000000", "checkpoint_000001"]
+
+    restored_finished = _Trial(tmp_path / "trial_c", 5, 6, ended=True)
+    DropSupersededCheckpoints(fs).on_experiment_end([restored_finished])  # a restored experiment with no step left
+    assert restored_finished.kept() == ["checkpoint_000006"]
+
+
+def test_at_the_experiments_end_ended_trials_keep_one_checkpoint_and_unfinished_ones_all(tmp_path):
+    fs = run_filesystem()
+    ended, stopped = _Trial(tmp_path / "trial_a", 0, 1), _Trial(tmp_path / "trial_b", 0, 1)
+    callback = DropSupersededCheckpoints(fs)
+    callback.on_step_begin(0, [ended, stopped])
+    ended.ended = True
+    callback.on_step_end(1, [ended, stopped])
+    callback.get_state()  # Tune's last save, forced, and its copy waited for
+    _state(fs, tmp_path)
+    callback.on_experiment_end([ended, stopped])
+    assert ended.kept() == ["checkpoint_000001"] and stopped.kept() == ["checkpoint_000000", "checkpoint_000001"]

@@ -82,8 +82,9 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
     assert pick["value"] == pytest.approx(plain_pick["value"], rel=1e-6)
 
 
-# The driver, SIGKILLed the moment Tune deletes a trial's previous checkpoint: it has registered
-# the next one, and the experiment state on disk still names the one it deletes.
+# The driver, SIGKILLed the moment a trial's superseded checkpoint is deleted (Tune deletes none:
+# search/tuning/checkpoints.py does, through the run's storage filesystem), with the rest of that trial's
+# superseded checkpoints, and every other trial's, still there.
 _KILLED_AS_TUNE_DELETES_A_CHECKPOINT = """
 import os, runpy, signal, sys
 from rundir.atomicfs import RunStorage

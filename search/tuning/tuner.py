@@ -18,6 +18,7 @@ from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
+from search.tuning.checkpoints import DropSupersededCheckpoints
 from search.config import SHARED, Config
 from search.resources.memory import larger_share, ran_out_of_memory
 from search.output.trial_lines import progress_callbacks, status_reporter
@@ -238,10 +239,10 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
             name=name,
             storage_path=location.storage,
             storage_filesystem=location.storage_filesystem(),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
             callbacks=[*callbacks, *shared_callbacks(config), *logger_callbacks(config.tracking, config.name, location.local),
-                       *progress_callbacks(config)],
+                       *progress_callbacks(config), DropSupersededCheckpoints(location.storage_filesystem())],
             # Tune's own tables with --verbose, else these lines in their place (search/output/console.py)
             progress_reporter=status_reporter(config, num_samples),
             verbose=1,
