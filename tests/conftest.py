@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random-init Llama with the real SmolLM2 tokenizer (so the chat
-template and data path are the real ones), and one local Ray for the whole session."""
+template and data path are the real ones), and one local Ray for the whole session; and the
+test tiers: the tests listed in SLOW are marked `slow`, which the default run leaves out."""
 
 from __future__ import annotations
 
@@ -8,6 +9,83 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+ALL = "*"
+
+# The slow tier, by file: every test of the file (ALL) or the tests named. These are the ones that
+# take long on a 2-core CPU: whole searches on Ray beyond the one that `test_search_run.py` runs,
+# clusters, kills and resumes, object storage, the wheel, real trackers. `python -m pytest -q`
+# leaves them out (pyproject's addopts); `python -m pytest -q -m slow` runs them.
+SLOW: dict[str, str | tuple[str, ...]] = {
+    "test_wheel.py": ALL,
+    "test_ray_start.py": ALL,
+    "test_resume.py": ALL,
+    "test_kill_anywhere.py": ALL,
+    "test_failures.py": ALL,
+    "test_out_of_memory_rerun.py": ALL,
+    "test_lost_trials.py": ALL,
+    "test_user_data_run.py": ALL,
+    "test_console.py": (
+        "test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended",
+        "test_a_failed_trial_s_line_gives_its_one_line_reason",
+        "test_the_status_line_counts_the_trials_and_names_the_best_at_the_full_budget",
+        "test_the_default_console_has_no_library_output_and_at_most_three_lines_per_trial",
+        "test_the_libraries_own_output_is_in_the_runs_logs",
+        "test_quiet_prints_the_result_and_each_failed_trial_only",
+        "test_a_signal_while_the_model_is_prepared_exits_with_one_line_and_nothing_written",
+        "test_ctrl_c_during_the_search_says_one_line_and_neither_it_nor_the_resume_shows_ray_s_hints",
+    ),
+    "test_cluster.py": (
+        "test_trials_run_on_both_nodes_and_land_in_one_run_directory",
+        "test_more_gpus_per_trial_than_any_node_has_is_refused_with_exit_2",
+        "test_trial_slots_count_the_whole_clusters_gpus_and_cpus",
+    ),
+    "test_storage.py": (
+        "test_the_whole_run_lands_in_the_bucket",
+        "test_the_bucket_and_the_drivers_copy_agree",
+        "test_a_resume_from_another_machine_pulls_the_run_and_trains_nothing_again",
+        "test_a_new_run_over_a_run_in_the_bucket_is_refused_and_nothing_is_touched",
+        "test_a_bucket_that_does_not_exist_is_an_input_error",
+        "test_a_trial_continues_from_a_checkpoint_kept_at_a_uri",
+        "test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket",
+        "test_sigkill_as_tune_deletes_a_checkpoint_in_the_bucket_then_resume_continues_every_trial",
+        "test_the_analysis_redoes_the_pick_of_a_run_in_the_bucket_and_uploads_it_back",
+        "test_the_analysis_of_an_empty_uri_is_an_input_error",
+    ),
+    "test_tracking.py": (
+        "test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_the_searchs_run",
+        "test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter",
+        "test_wandb_offline_writes_each_trials_run_files_into_the_run_directory",
+        "test_tensorboard_event_files_are_in_each_trials_directory",
+        "test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_once",
+    ),
+    "test_search_run.py": (
+        "test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks",
+    ),
+    "test_shared_search.py": (
+        "test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_the_packed_ones",
+        "test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray",
+        "test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick",
+        "test_a_killed_shared_search_resumes_with_every_trial_once",
+        "test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retries_carry_them_on",
+    ),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark SLOW's tests `slow`; a name in SLOW that its file lacks is an error, so a renamed
+    test cannot drop into the default tier unnoticed."""
+    seen = {}
+    for item in items:
+        file = item.path.name
+        seen[file] = item.module
+        listed = SLOW.get(file, ())
+        if listed == ALL or item.originalname in listed:
+            item.add_marker(pytest.mark.slow)
+    stale = [f"{file}::{name}" for file, module in seen.items() if SLOW.get(file, ALL) != ALL
+             for name in SLOW[file] if not hasattr(module, name)]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(stale)}")
 
 
 @pytest.fixture(scope="session")
