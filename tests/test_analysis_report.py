@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from analysis.config import SelectionConfig
 from analysis.report import analyse, main
-from test_analysis_rundir import add_trial, write_run_config
+from helpers import add_trial, write_run_config
 
 PLOTS = {"metric_vs_rank.png", "train_seconds_vs_rank.png", "cost_vs_metric.png", "learning_curves.png", "importance.png"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

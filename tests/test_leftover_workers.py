@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from helpers import alive
 from rundir.layout import RAY_SESSION
 from search.resume import stop_leftover_workers
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def _run_dir(tmp_path: Path, pids: list[int], session: str) -> Path:
@@ -54,15 +47,15 @@ def test_a_worker_of_the_recorded_session_is_stopped(worker, tmp_path):
     stopped = stop_leftover_workers(_run_dir(tmp_path, [pid], session), grace_seconds=5)
     assert stopped == [pid]
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 def test_a_worker_of_another_session_is_left_alone(worker, tmp_path):
     pid, _ = worker
     assert stop_leftover_workers(_run_dir(tmp_path, [pid], "/tmp/ray/session_of_another_run"), grace_seconds=1) == []
-    assert _alive(pid)
+    assert alive(pid)
 
 
 def test_a_process_that_merely_has_a_recorded_pid_is_left_alone(tmp_path):

@@ -13,11 +13,10 @@ import time
 import pytest
 import ray
 
+from helpers import alive, run_cli
 from search.config import ResourcesConfig
 from search.resume import record_ray_session, stop_leftover_workers
 from search.trainers import shared_trainers
-from test_cli import _cli
-from test_leftover_workers import _alive
 from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too
 from trainables.client import _free_slots
 
@@ -48,16 +47,16 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
 
     assert stop_leftover_workers(run_dir, grace_seconds=5) == [pid]
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 def test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line(tiny_model_dir,
                                                                                                  tmp_path):
     weightless = tmp_path / "weightless"  # the driver reads the config and tokenizer; only the trainer loads weights
     shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
-    code, out, err, _ = _cli("--output", str(tmp_path), "--name", "run", "--set", f"model.path={weightless}",
+    code, out, err, _ = run_cli("--output", str(tmp_path), "--name", "run", "--set", f"model.path={weightless}",
                              "--set", "search.ranks=[2,4]", "--set", "resources.packing=shared")
     assert code == 1, out + err
     assert err.startswith("error: the search failed: TrainerNotStarted: shared trainer 0 could not start: OSError: ")
