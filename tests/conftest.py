@@ -13,9 +13,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 ALL = "*"
 
 # The slow tier, by file: every test of the file (ALL) or the tests named. These are the ones that
-# take long on a 2-core CPU: whole searches on Ray beyond the one that `test_search_run.py` runs,
-# clusters, kills and resumes, object storage, the wheel, real trackers. `python -m pytest -q`
-# leaves them out (pyproject's addopts); `python -m pytest -q -m slow` runs them.
+# take long on a 2-core CPU (tens of seconds to minutes each, measured with --durations): whole
+# searches on Ray, clusters, kills and resumes, object storage, the wheel, real trackers.
+# `python -m pytest -q` leaves them out (pyproject's addopts); `python -m pytest -q -m slow` runs them.
 SLOW: dict[str, str | tuple[str, ...]] = {
     "test_wheel.py": ALL,
     "test_ray_start.py": ALL,
@@ -60,8 +60,23 @@ SLOW: dict[str, str | tuple[str, ...]] = {
         "test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_once",
     ),
     "test_search_run.py": (
+        "test_search_finishes_and_writes_the_four_outputs",
+        "test_the_run_config_records_the_resources_as_resolved",
+        "test_asha_stops_some_trials_before_the_full_budget",
+        "test_stopped_trials_within_tolerance_are_promoted_from_their_checkpoint",
+        "test_promotions_and_confirmations_run_in_the_searchs_tuner_on_its_workers",
+        "test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mean",
+        "test_retrained_pick_exports_loadable_adapter_weights",
+        "test_every_trial_reports_the_contract_metrics",
+        "test_every_finished_trial_reports_its_per_row_eval_losses_and_the_pick_pairs_them",
+        "test_exported_config_is_the_picked_trials_and_applies_to_the_base_model",
+        "test_pick_agrees_with_trials_csv_under_the_stated_rule_and_plots_are_real_pngs",
+        "test_default_config_runs_with_a_tiny_budget",
         "test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks",
     ),
+    "test_bench_plumbing.py": ("test_the_grid_runs_end_to_end_in_smoke_mode",),
+    "test_local_ray.py": ("test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray",),
+    "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (
         "test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_the_packed_ones",
         "test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray",

@@ -1,6 +1,6 @@
 """The documentation stays true to the code: every key of configs/default.yaml has its line in
 docs/configuration.md and in `--help`, the README stays a front door of at most 150 lines, and
-every relative link of the README and docs/ names a file that exists."""
+every relative link and every file of the repository that the README and docs/ name exists."""
 
 from __future__ import annotations
 
@@ -61,3 +61,11 @@ def test_every_relative_link_names_a_file_that_exists(page):
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
     broken = [t for t in targets if "://" not in t and not (page.parent / t).exists()]
     assert not broken, f"{page.relative_to(ROOT)} links to {broken}, which do not exist"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_of_the_repository_named_in_backticks_exists(page):
+    top = {path.name for path in ROOT.iterdir() if path.is_dir() and not path.name.startswith(".")}
+    named = re.findall(r"`([\w.-]+/[\w./-]*\.\w+)`", page.read_text())
+    missing = [path for path in named if path.split("/")[0] in top and not (ROOT / path).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} names {missing}, which do not exist"

@@ -282,3 +282,26 @@ def test_an_mlflow_store_that_does_not_answer_exits_2_before_ray_starts_or_anyth
     assert f"tracking.mlflow.tracking_uri 'http://127.0.0.1:{port}': the MLflow store does not answer" in err
     assert "Traceback" not in err and not (tmp_path / "unreachable").exists()
     assert ray.is_initialized() == initialized  # no Ray was started for it
+
+
+def test_the_searchs_mlflow_run_is_made_once_and_gets_the_picks_files_when_it_is_finished(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from search.trackers import log_pick, search_run_id
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind it
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=str(tmp_path / "artifacts"))
+    run_dir = tmp_path / "run"
+    (run_dir / "plots").mkdir(parents=True)
+    (run_dir / "plots" / "cost_vs_metric.png").write_bytes(b"png")
+    (run_dir / "pick.json").write_text("{}")
+
+    run_id = search_run_id(client, experiment, "demo", run_dir)
+
+    assert search_run_id(client, experiment, "demo", run_dir) == run_id  # recorded in the run: a resume finds it
+    assert log_pick(uri, run_dir)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {artifact.path for artifact in client.list_artifacts(run_id)} == {"pick.json", "plots"}
+    assert f"the search's run {run_id} holds the pick's files" in capsys.readouterr().out
