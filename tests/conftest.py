@@ -5,6 +5,7 @@ test tiers: the tests listed in SLOW are marked `slow`, which the default run le
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -88,8 +89,11 @@ SLOW: dict[str, str | tuple[str, ...]] = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark SLOW's tests `slow`; a name in SLOW that its file lacks is an error, so a renamed
-    test cannot drop into the default tier unnoticed."""
+    """Mark SLOW's tests `slow`; a file or a name in SLOW that does not exist is an error, so a
+    renamed test cannot drop into the default tier unnoticed."""
+    missing = [file for file in SLOW if not (Path(__file__).parent / file).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names files that do not exist: {', '.join(missing)}")
     seen = {}
     for item in items:
         file = item.path.name
@@ -136,3 +140,27 @@ def local_ray():
     connect(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trial_setup(tiny_model_dir, tmp_path_factory):
+    """What a shared trainer is given: the tiny model, 24 train and 6 eval rows of random tokens
+    (the first four of each masked out of the loss), 6 steps with an eval every 3."""
+    import datasets
+    import torch
+
+    from trainables.config import TrialSetup
+    from trainables.data import save_splits
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> datasets.Dataset:
+        ids = [torch.randint(3, 1000, (int(torch.randint(8, 14, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+        return datasets.Dataset.from_dict({"input_ids": ids, "labels": [[-100] * 4 + x[4:] for x in ids]})
+
+    data_dir = tmp_path_factory.mktemp("shared") / "data"
+    train = split(24)
+    save_splits({"search_train": train, "train": train, "eval": split(6)}, data_dir)
+    return TrialSetup(model_path=str(tiny_model_dir), dtype="float32", quantization="none", trust_remote_code=False,
+                      data_dir=str(data_dir), max_steps=6, eval_every=3, batch_size=4, cpu_threads=1,
+                      warmup_steps=2, total_params=1, pad_token_id=0)

@@ -225,3 +225,12 @@ def processes_using(*paths: Path) -> list[int]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return pids
+
+
+# The shared trainer's trials.
+def shared_trial(lr: float = 1e-3, r: int = 4, seed: int = 0, modules=("q_proj", "v_proj")) -> dict:
+    """A trial's config as Tune hands it to a shared trainer (LoRA+ ratio 4)."""
+    lora_config = {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.1, "target_modules": list(modules), "use_rslora": False,
+                   "use_dora": False, "task_type": "CAUSAL_LM"}
+    return TrialParams(lora_config=lora_config, module_set="+".join(modules), alpha_ratio=2.0, learning_rate=lr,
+                       loraplus_lr_ratio=4.0, seed=seed, origin=Origin.SEARCH).to_config()

@@ -13,23 +13,22 @@ import time
 import pytest
 import ray
 
-from helpers import alive, run_cli
+from helpers import alive, run_cli, shared_trial
 from search.config import ResourcesConfig
 from search.resume import record_ray_session, stop_leftover_workers
 from search.trainers import shared_trainers
-from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too
 from trainables.client import _free_slots
 
 
 @pytest.fixture
-def trainers(local_ray, setup):  # noqa: F811 - the imported fixture
-    with shared_trainers(ResourcesConfig(pack_slots=2), setup) as handles:
+def trainers(local_ray, trial_setup):
+    with shared_trainers(ResourcesConfig(pack_slots=2), trial_setup) as handles:
         yield handles
 
 
 def test_a_client_reads_each_trainers_free_slots(trainers):
     (trainer,) = trainers
-    assert ray.get(trainer.open.remote("a", trial(), None))
+    assert ray.get(trainer.open.remote("a", shared_trial(), None))
     assert _free_slots(trainers) == ([(1, 0)], 0)
 
 
@@ -39,7 +38,7 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
     run_dir.mkdir()
     record_ray_session(run_dir)  # as the driver does before its trials start
     pid = ray.get(trainer.__ray_call__.remote(lambda _: os.getpid()))  # the trainer's process, asked of it
-    assert ray.get(trainer.open.remote("a", trial(), None))
+    assert ray.get(trainer.open.remote("a", shared_trial(), None))
     report = ray.get(trainer.next_report.remote("a"))
     result = run_dir / "tune" / "trial_a" / "result.json"
     result.parent.mkdir(parents=True)
