@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks on the lent machine, after the dependencies and the SmolLM2 GGUF were
-# staged (../shared/gpu/README.md: stage.sh --bnb --model, one call per chunk). One call:
+# staged (the wheels and the SmolLM2 GGUF under /tmp/site and /tmp/models). One call:
 #   bash bench/device.sh [imports|step_modes|trial_throughput|search_vs_grid|scaling|pick_stability|grid:--configs=0,1,2 ...]
 # (default: the three benches; the grid takes over 10 minutes: run it in parts, grid:--configs=0,1,2,3 then
 # grid:--configs=4,5 in the next call: each call gets a fresh copy of the working tree, and the results of

@@ -1,4 +1,4 @@
-"""The hand-made grid of ../shared/bench/README.md, rerun: six LoRA configurations trained one
+"""The hand-made grid (the Trainer anchor), rerun: six LoRA configurations trained one
 after another with the Hugging Face Trainer on the reference task, each scored by our own
 evaluation on the same 1,200 eval rows the search uses.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference search on the GPU, SIGKILLed twice (55 s in, and 30 s into the first resume), then
 # resumed to the end; prints the trials by origin and status, any failed, the checkpoints each trial
-# directory holds, and the pick. On the lent machine after staging (../shared/gpu/README.md):
+# directory holds, and the pick. On the GPU machine after device.sh's staging:
 #   bash bench/kill_resume.sh      (logs, trials.csv and pick.json into $OUT)
 set -u
 cd "$(dirname "$0")/.."

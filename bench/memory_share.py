@@ -1,4 +1,4 @@
-"""The GPU share `auto` takes from the memory probe, against a share fixed by hand (issue 19).
+"""The GPU share `auto` takes from the memory probe, against a share fixed by hand.
 
     python bench/memory_share.py [--model gemma3-270m|qwen2.5-0.5b] [--samples 16] [--by-hand 0.25]
 
@@ -17,7 +17,7 @@ Otherwise, three runs of `python -m search.run`, each its own process:
    allocator's peak and reserve, what is held outside the allocator, the share);
 2. the search with `gpus_per_trial: auto`;
 3. the same search with `gpus_per_trial` fixed by hand (`--by-hand`, 0.25 by default: the share
-   that finished issue 19's search).
+   at which a 262k-vocabulary 270M model's search finished with no trial out of memory).
 While each search runs, `nvidia-smi` is read every second for the most memory any one process
 held, to set beside the probe's footprint and the trials' `peak_memory_gb`.
 

@@ -2,7 +2,7 @@
 
     python bench/search_vs_grid.py [--samples 16]
 
-Runs `python -m search.run` on the reference task of ../shared/bench/README.md (the `facts`
+Runs `python -m search.run` on the reference task (the `facts`
 knowledge-injection set, copied to bench/data/facts/: 2,400 train rows, 1,200 eval rows,
 SmolLM2-135M-Instruct) with the anchor grid's budget per trial, 100 optimizer steps of 8
 sequences, the default search space, `--samples` trials, ASHA rungs at 50 and 100 steps, the
@@ -24,7 +24,7 @@ Figures:
   concurrent slots (1 / gpus_per_trial): how much of every trial slot's time was steps.
 The grid itself (six Trainer runs, over 10 GPU-minutes) is `bench/grid.py`; its figures are
 read from bench/results/grid.json when it holds all six configs from the same device, else
-the ones measured in ../shared/bench/README.md are recorded beside ours, as such.
+the ones first measured on one H100 (GRID_README) are recorded beside ours, as such.
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from rundir.params import Origin  # noqa: E402 - after the path is set
 
 RESULTS = ROOT / "bench" / "results"
 FACTS = ROOT / "bench" / "data" / "facts"
-# ../shared/bench/README.md, measured on one H100 (Trainer, 100 steps each, not rerun here)
+# The grid as first measured on one H100 (Trainer, 100 steps each, not rerun here)
 GRID_README = {"grid_eval_loss": 0.4223, "grid_train_seconds_five_configs": 69.2 + 89.3 + 86.8 + 108.8 + 116.5,
-               "note": "six configs; DoRA did not finish in 190 s; figures from ../shared/bench/README.md"}
+               "note": "six configs; DoRA did not finish in 190 s; figures first measured on one H100"}
 
 
 def grid_reference(device: str) -> dict:
     """The grid's figures to set a search beside: bench/results/grid.json where it was measured on
-    `device` (bench/grid.py), else those of ../shared/bench/README.md (GRID_README), with their
+    `device` (bench/grid.py), else those first measured on one H100 (GRID_README), with their
     `source` and `label`."""
     grid_path = RESULTS / "grid.json"
     grid = json.loads(grid_path.read_text()) if grid_path.exists() else {}

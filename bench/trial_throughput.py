@@ -3,8 +3,8 @@
     python bench/trial_throughput.py [--steps 100] [--anchor-steps 30] [--packing 1,2,4,8]
 
 1. The anchor: Hugging Face Trainer + PEFT, all seven Llama projections r=16 RSLoRA alpha 16,
-   micro-batch 2 x gradient accumulation 4, lr 2e-4, cosine, 10 warm-up steps, bf16 (the grid
-   in ../shared/bench/README.md), on the builtin atlas task, SmolLM2-135M-Instruct.
+   micro-batch 2 x gradient accumulation 4, lr 2e-4, cosine, 10 warm-up steps, bf16 (the grid's
+   anchor), on the builtin atlas task, SmolLM2-135M-Instruct.
 2. One of our trials, same model, configuration, data and 8 sequences per optimizer step, run
    through the real search (Ray Tune, one trial, no early stopping): its own tokens_per_second
    (its train_seconds include the CUDA graph's capture), with `resources.cuda_graphs` on (the

@@ -15,8 +15,8 @@ from analysis.candidates import confirmation_candidates, decide, promotion_candi
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles
 from analysis.select import Comparison, NoCandidate, pick
+from helpers import MAX_STEPS, configs, table
 from rundir.params import Origin, TrialParams
-from test_analysis_select import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")
 

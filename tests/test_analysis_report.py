@@ -14,7 +14,7 @@ from analysis.config import SelectionConfig
 from analysis.pipeline import analyse
 from analysis.report import main
 from analysis.results import read_run_config
-from test_analysis_rundir import add_trial, write_run_config
+from helpers import add_trial, write_run_config
 
 PLOTS = {"metric_vs_rank.png", "train_seconds_vs_rank.png", "cost_vs_metric.png", "learning_curves.png", "importance.png"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

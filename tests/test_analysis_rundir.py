@@ -1,7 +1,6 @@
-"""Reading a run directory: the helpers here write run directories in the layout Ray 2.60 was seen to write.
+"""Reading a run directory, written by tests/helpers.py in the layout Ray 2.60 was seen to write.
 
-The helpers (`write_run_config`, `add_trial`, `ray_traceback`) are shared by the other
-analysis tests. Layout, as seen with a real `Tuner` (see analysis/results.py):
+Layout, as seen with a real `Tuner` (see analysis/results.py):
 `<run>/<experiment>/trial_<trial id>/` (the driver's names; Ray's default is
 `<trainable>_<trial id>_<index>_<tag>_<date>`) with `params.json`, `result.json` (JSON lines,
 Ray's keys added, the config repeated) and `error.txt` when the trial raised.
@@ -25,28 +24,7 @@ from analysis.results import (
     read_run_config,
     write_trials_csv,
 )
-from rundir.params import Origin, TrialParams
-
-MAX_STEPS = 100
-EVAL_EVERY = 25
-MODULE_SETS = {"attention_qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-               "mlp": ["gate_proj", "up_proj", "down_proj"]}
-
-RAY_TRACEBACK = """Failure # 1 (occurred at 2026-11-23_09-37-09)
-\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=3123, ip=192.0.2.2, actor_id=09b7da19, repr=train_lora)
-           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
-  File "/venv/lib/python3.11/site-packages/ray/tune/trainable/function_trainable.py", line 249, in _trainable_func
-    output = fn()
-             ^^^^
-  File "/work/main/trainables/train.py", line 88, in train_lora
-    raise TrialDiverged(f"loss became nan at step {step}")
-ERROR_LINE
-"""
-
-
-def ray_traceback(error_line: str) -> str:
-    """error.txt as Ray writes it for a trial that raised, ending in `error_line`."""
-    return RAY_TRACEBACK.replace("ERROR_LINE", error_line)
+from helpers import MAX_STEPS, add_trial, ray_traceback, write_run_config
 
 ACTOR_DIED = """Failure # 1 (occurred at 2026-11-23_09-42-12)
 The actor died unexpectedly before finishing this task.
@@ -55,99 +33,6 @@ The actor died unexpectedly before finishing this task.
 \tpid: 5507
 The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR
 """
-
-
-def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_path: str = "/models/tiny",
-                     metric: str = "eval_loss", mode: str = "min", tolerance: float = 0.95,
-                     cost: str = "trainable_params", resources: dict | None = None) -> Path:
-    """Write `<run_dir>/run_config.json` as the driver does (`resources` overrides a CPU run's); return `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split = {"source": "builtin:arithmetic", "format": "prompt_completion", "truncated": 0, "dropped": 0, "empty": 0}
-    config = {
-        "name": "demo", "seed": 0, "output": "runs",
-        "model": {"path": base_model_path},
-        "data": {"task": "arithmetic"},
-        "task": {"kind": "domain"},
-        "search": {"module_sets": list(MODULE_SETS), "ranks": [4, 8, 16], "alpha_ratios": [1.0, 2.0],
-                   "dropout": [0.0, 0.1], "use_rslora": [False, True], "use_dora": [False],
-                   "learning_rate": [1e-4, 1e-3], "loraplus_lr_ratio": [1.0]},
-        "budget": {"num_samples": 8, "max_steps": max_steps, "eval_every": EVAL_EVERY, "grace_period": 25,
-                   "reduction_factor": 2, "batch_size": 8, "warmup_steps": 4},
-        "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1, "max_concurrent_trials": 0, "max_failures": 0,
-                      "memory_margin": 0.25, "cuda_graphs": True, "compile": False, "packing": "processes",
-                      "pack_slots": 8, "memory_probe": None, **(resources or {})},
-        "selection": {"metric": metric, "mode": mode, "tolerance": tolerance, "cost": cost},
-        "tracking": {},
-        "base_model": {"path": base_model_path, "name": base_model_path, "origin": "a local directory",
-                       "total_params": 1_000_000},
-        "data_info": {"template": "plain", "max_length": 128,
-                      "train": {"key": "data.train", "part": "split 'train'", "rows": 400, **split},
-                      "eval": {"key": "data.train", "part": "split 'eval'", "rows": 100, **split},
-                      "train_rows": 400, "search_train_rows": 400, "eval_rows": 100, "pad_token_id": 0,
-                      "train_turns": "all", "eval_rows_kept": 100, "eval_chosen_by": "a shuffle seeded by seed=0",
-                      "example": "question?\n[[answer]]"},
-        "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
-        "created_by": "lora-search",
-    }
-    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
-    return run_dir
-
-
-def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS, eval_loss: float = 1.0,
-              eval_accuracy: float | None = None, trainable_params: int | None = None,
-              train_seconds: float | None = None, error: str | None = None, error_text: str | None = None,
-              experiment: str = "tune", dir_name: str | None = None, module_set: str = "attention_qv", r: int = 8,
-              alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
-              learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
-              seed: int = 0, step_mode: str | None = None, eval_loss_se: float | None = None,
-              eval_row_loss: list[float] | None = None) -> Path:
-    """Write one trial directory the way Ray does; return it.
-
-    Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
-    carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` and the per-row losses
-    `eval_row_loss` where given. `error` is the last line of a Ray traceback
-    in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
-    `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
-    train_seconds a tenth of a second per step and rank.
-    """
-    trial_dir = run_dir / experiment / (dir_name or f"trial_{trial_id}")
-    trial_dir.mkdir(parents=True)
-    targets = MODULE_SETS[module_set]
-    lora_config = {"r": r, "lora_alpha": alpha_ratio * r, "lora_dropout": lora_dropout, "target_modules": targets,
-                   "use_rslora": use_rslora, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
-                   "task_type": "CAUSAL_LM"}
-    # as Tune stores it: the trial contract, and the values Optuna sampled, which Ray merges in
-    params = {"r": r, "use_rslora": use_rslora, "use_dora": False, "lora_dropout": lora_dropout,
-              **TrialParams(lora_config=lora_config, module_set=module_set, alpha_ratio=alpha_ratio,
-                            learning_rate=learning_rate, loraplus_lr_ratio=1.0, seed=seed, origin=Origin(origin),
-                            parent=parent).to_config()}
-    (trial_dir / "params.json").write_text(json.dumps(params, indent=2))
-    trainable_params = trainable_params if trainable_params is not None else r * 1_000 * len(targets)
-    rows = []
-    for step in range(EVAL_EVERY, (last_step or 0) + 1, EVAL_EVERY):
-        loss = eval_loss + (last_step - step) / 100
-        rows.append({
-            "step": step, "eval_loss": loss,
-            "eval_accuracy": eval_accuracy if eval_accuracy is not None else 1 - loss / 4,
-            "train_loss": loss * 0.9, "trainable_params": trainable_params,
-            "trainable_pct": 100 * trainable_params / 1_000_000,
-            "train_seconds": train_seconds if train_seconds is not None else 0.1 * step * r,
-            "eval_seconds": 0.2 * step,
-            "tokens_per_second": 1000.0, "peak_memory_gb": 0.5 + r / 100,
-            **({"step_mode": step_mode} if step_mode else {}),
-            **({"eval_loss_se": eval_loss_se} if eval_loss_se is not None else {}),
-            **({"eval_row_loss": eval_row_loss} if eval_row_loss is not None else {}),
-            # What Ray adds to every reported row:
-            "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
-            "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,
-            "pid": 3122, "hostname": "vm", "node_ip": "192.0.2.2", "config": params,
-            "time_since_restore": 0.1 * step, "iterations_since_restore": step // EVAL_EVERY,
-        })
-    if rows:
-        (trial_dir / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    if error is not None or error_text is not None:
-        (trial_dir / "error.txt").write_text(error_text or ray_traceback(error))
-    return trial_dir
 
 
 @pytest.fixture

@@ -5,27 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.results import COLUMNS
 from analysis.select import Comparison, NoCandidate, pareto_front, pick, within_bar
-
-MAX_STEPS = 100
-
-
-def table(*trials: dict) -> pd.DataFrame:
-    """A trial table (load_trials' columns): each dict overrides a finished trial's defaults; ids t0, t1, ..."""
-    default = {
-        "status": "finished", "origin": "search", "module_set": "attention_qv", "target_modules": '["q_proj", "v_proj"]',
-        "r": 8, "alpha_ratio": 2.0, "lora_alpha": 16, "lora_dropout": 0.05, "use_rslora": False, "use_dora": False,
-        "learning_rate": 2e-4, "loraplus_lr_ratio": 1.0, "seed": 0, "step": MAX_STEPS, "eval_loss": 1.0,
-        "eval_accuracy": 0.5, "train_loss": 1.0, "trainable_params": 1000, "trainable_pct": 0.1, "train_seconds": 10.0,
-        "tokens_per_second": 100.0, "peak_memory_gb": 1.0, "error": "",
-    }
-    rows = [{"trial_id": f"t{n}", **default, **trial} for n, trial in enumerate(trials)]
-    return pd.DataFrame.from_records(rows, columns=list(COLUMNS))
-
-
-def configs(trials: pd.DataFrame) -> dict[str, dict]:
-    return {trial_id: {"r": int(r), "lora_alpha": 2 * int(r)} for trial_id, r in zip(trials["trial_id"], trials["r"])}
+from helpers import MAX_STEPS, configs, table
 
 
 def pick_from(trials: pd.DataFrame, metric="eval_loss", mode="min", tolerance=0.95, cost="trainable_params"):

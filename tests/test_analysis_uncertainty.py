@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis.select import Z, Comparison, against_bar, by_configuration, pick, without_pick
-from test_analysis_select import MAX_STEPS, configs, table
+from helpers import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")
 

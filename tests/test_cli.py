@@ -3,34 +3,21 @@ torch, Ray, transformers or PEFT (3 s on a 2-core CPU), and every key is documen
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from search.config import Config, ConfigError, leaves, load
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = {"torch", "ray", "transformers", "peft", "optuna", "datasets", "pandas"}
-
-
-def _cli(*args: str, cwd: Path = ROOT) -> tuple[int, str, str, set[str]]:
-    """Run `python -m search.run ARGS` in a fresh interpreter: its exit code, stdout, stderr
-    without the import timings, and the heavy packages it imported (from `-X importtime`)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "search.run", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
-    timings = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
-    stderr = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("import time:"))
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in timings[1:]}  # [0] is the header
-    return done.returncode, done.stdout, stderr, imported & HEAVY
 
 
 def test_help_lists_every_key_with_its_default_and_help_without_heavy_imports():
-    code, out, _, heavy = _cli("--help")
+    code, out, _, heavy = run_cli("--help")
     assert code == 0
     assert heavy == set()
-    for key, f, value in leaves(Config()):
+    for key, f, _ in leaves(Config()):
         assert f"  {key} = " in out, f"--help does not list {key}"
         assert f.metadata["help"] in out, f"--help does not give the help of {key}"
     assert "  budget.max_steps = 30\n" in out
@@ -52,7 +39,7 @@ def test_every_key_has_a_one_line_help():
     (["--name", "../escape"], "name is '../escape'"),
 ])
 def test_a_bad_config_exits_2_with_one_paragraph_and_no_heavy_imports(args, named):
-    code, out, err, heavy = _cli(*args)
+    code, out, err, heavy = run_cli(*args)
     assert code == 2
     assert heavy == set()
     assert out == ""
@@ -61,7 +48,7 @@ def test_a_bad_config_exits_2_with_one_paragraph_and_no_heavy_imports(args, name
 
 
 def test_a_metric_function_without_trust_metric_code_exits_2_naming_both_keys_without_heavy_imports():
-    code, out, err, heavy = _cli("--set", "selection.metric=mymod:score", "--set", "selection.mode=max")
+    code, out, err, heavy = run_cli("--set", "selection.metric=mymod:score", "--set", "selection.mode=max")
     assert (code, heavy, out) == (2, set(), "")
     assert "selection.metric='mymod:score'" in err and "selection.trust_metric_code" in err
     assert "Traceback" not in err
@@ -71,11 +58,11 @@ def test_a_trusted_metric_function_is_announced_first_and_one_that_cannot_be_imp
     (tmp_path / "mymetric.py").write_text("def score(generations, references):\n    return 1.0\n")
     trusted = ("--set", "selection.trust_metric_code=true", "--set", "selection.mode=max")
 
-    code, out, err, _ = _cli("--set", "selection.metric=mymetric:score", *trusted, "--dry-run", cwd=tmp_path)
+    code, out, err, _ = run_cli("--set", "selection.metric=mymetric:score", *trusted, "--dry-run", cwd=tmp_path)
     assert code == 0, err
     assert out.splitlines()[0] == "selection.trust_metric_code is true: every trial imports and runs mymetric:score"
 
-    code, out, err, _ = _cli("--set", "selection.metric=nosuchmodule:score", *trusted, cwd=tmp_path)
+    code, out, err, _ = run_cli("--set", "selection.metric=nosuchmodule:score", *trusted, cwd=tmp_path)
     assert (code, out) == (2, "")
     assert "module 'nosuchmodule' cannot be imported" in err and "Fix:" in err and "Traceback" not in err
 
@@ -88,7 +75,7 @@ def test_a_metric_from_generated_answers_with_generation_off_is_a_config_error(m
 
 
 def test_a_missing_config_file_exits_2_without_heavy_imports(tmp_path):
-    code, _, err, heavy = _cli("--config", str(tmp_path / "absent.yaml"))
+    code, _, err, heavy = run_cli("--config", str(tmp_path / "absent.yaml"))
     assert (code, heavy) == (2, set())
     assert "absent.yaml" in err and "Fix:" in err
 
@@ -96,7 +83,7 @@ def test_a_missing_config_file_exits_2_without_heavy_imports(tmp_path):
 def test_print_config_gives_yaml_that_loads_back_to_the_same_config(tmp_path):
     sets = ["search.ranks=[8,16]", "search.module_sets=[mlp,[q_proj,v_proj]]",
             "search.learning_rate=[1e-5,1e-3]", "resources.gpus_per_trial=0.5"]
-    code, out, _, heavy = _cli(*[a for item in sets for a in ("--set", item)],
+    code, out, _, heavy = run_cli(*[a for item in sets for a in ("--set", item)],
                                "--name", "2024", "--output", "no", "--print-config")
     assert (code, heavy) == (0, set())
     saved = tmp_path / "resolved.yaml"
@@ -108,7 +95,7 @@ def test_print_config_gives_yaml_that_loads_back_to_the_same_config(tmp_path):
 
 def test_print_config_of_a_config_file_keeps_its_values(tmp_path):
     example = ROOT / "configs" / "examples" / "llama3-8b-qlora.yaml"
-    code, out, _, _ = _cli("--config", str(example), "--print-config")
+    code, out, _, _ = run_cli("--config", str(example), "--print-config")
     assert code == 0
     saved = tmp_path / "resolved.yaml"
     saved.write_text(out)

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LOOPBACK
+
 ROOT = Path(__file__).resolve().parent.parent
-# Ray turns a 127.0.0.1 address into the machine's own IP before connecting, which the
-# loopback-only nodes do not listen on; this keeps the driver on loopback too.
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 DRIVER = """
 import sys

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from test_resume import _args, _cli
+from helpers import INTERRUPTED_TRIALS, interrupted_search_args, start_cli
 
 KILLS = 20
-SEARCH_TRIALS = 6  # budget.num_samples in test_resume._args
 
 
 def _written(run_dir: Path) -> dict[str, int]:
@@ -54,10 +53,10 @@ def _invalid_json(run_dir: Path) -> list[str]:
 def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_files(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
     rng = random.Random(20)
-    args = _args(tiny_model_dir, tmp_path, "killed")
+    args = interrupted_search_args(tiny_model_dir, tmp_path, "killed")
     kills = 0
     for attempt in range(KILLS):
-        process = _cli(["--resume", *args] if run_dir.joinpath("run_config.json").exists() else args)
+        process = start_cli(["--resume", *args] if run_dir.joinpath("run_config.json").exists() else args)
         started = time.monotonic()
         at_sync = attempt % 2 == 1
         delay = rng.uniform(1.0, 12.0)
@@ -82,7 +81,7 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
         assert not _invalid_json(run_dir), f"after kill {kills}: {_invalid_json(run_dir)}"
 
     if not (run_dir / "trials.csv").exists():
-        resumed = _cli(["--resume", *args])
+        resumed = start_cli(["--resume", *args])
         log, _ = resumed.communicate(timeout=900)
         assert resumed.returncode == 0, log[-3000:]
 
@@ -90,7 +89,7 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
     assert not _invalid_json(run_dir)
     trials = pd.read_csv(run_dir / "trials.csv")
     searched = trials[trials.origin.isin(["search", "prior"])]
-    assert len(searched) == SEARCH_TRIALS, trials[["trial_id", "origin", "status"]].to_string()
+    assert len(searched) == INTERRUPTED_TRIALS, trials[["trial_id", "origin", "status"]].to_string()
     assert trials.trial_id.is_unique
     assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate"]

@@ -1,16 +1,19 @@
 """Dependencies point one way: search -> trainables, search -> analysis, all of them -> rundir;
 analysis reads only the run directory; a trial uses only tune.report / tune.get_checkpoint from
-Ray; and no module imports, at the top or inside a function, a module that imports it back."""
+Ray; and no module imports, at the top or inside a function, a module that imports it back.
+The README's architecture table states these arrows, and is checked against the imports here."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rundir", "search", "trainables", "analysis")
+ARCHITECTURE = "## Architecture"
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -107,3 +110,35 @@ def test_trainables_use_only_ray_tune_report_and_checkpoints():
         # a shared trial's client names its slot by its trial id (the driver frees the slot by that id)
         allowed = {"report", "get_checkpoint", "Checkpoint"} | ({"get_context"} if path == "trainables/client.py" else set())
         assert used <= allowed, f"{path} uses tune.{used}"
+
+
+def architecture_table(readme: str) -> dict[str, set[str] | None]:
+    """The README's architecture table: each package -> the packages it may import, named in
+    backticks in the last column (None where that column says `everything`)."""
+    section = readme.split(f"\n{ARCHITECTURE}\n", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            table[cells[0].strip("`")] = None if cells[-1] == "everything" else set(re.findall(r"`(\w+)`", cells[-1]))
+    return table
+
+
+def test_the_architecture_table_is_read_with_its_arrows():
+    readme = f"intro\n{ARCHITECTURE}\n\n| package | owns | may import |\n|---|---|---|\n" \
+             "| `low` | files | nothing of ours |\n| `mid` | steps | `low`; of Ray only `tune.report` |\n" \
+             "| `tests` | tests | everything |\n\n## Next\n| `other` | x | `low` |\n"
+    assert architecture_table(readme) == {"low": set(), "mid": {"low"}, "tests": None}
+
+
+def test_the_readmes_architecture_table_lists_every_package_and_the_arrows_the_imports_take():
+    table = architecture_table((ROOT / "README.md").read_text())
+    python_packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    assert python_packages <= set(table), f"the README's architecture table lacks {python_packages - set(table)}"
+    assert all((ROOT / package).is_dir() for package in table), "the table names a directory that does not exist"
+    graph = module_graph(ROOT, tuple(sorted(python_packages)))
+    for package in sorted(python_packages):
+        imported = {target.split(".")[0] for module, targets in graph.items() if module.split(".")[0] == package
+                    for target in targets} - {package}
+        assert table[package] is None or imported == table[package], (
+            f"README: {package} may import {sorted(table[package])}; its modules import {sorted(imported)}")

@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from helpers import alive
 from rundir.layout import RAY_SESSION
 from search.cluster.resume import stop_leftover_workers
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def _run_dir(tmp_path: Path, pids: list[int], session: str) -> Path:
@@ -54,9 +47,9 @@ def worker():
 
 def _stopped(pid: int) -> bool:
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def test_a_worker_of_the_recorded_session_is_stopped(worker, tmp_path):
@@ -75,7 +68,7 @@ def test_a_session_recorded_as_its_directory_by_an_earlier_version_is_found_by_i
 def test_a_worker_of_another_session_is_left_alone(worker, tmp_path):
     pid, _ = worker
     assert stop_leftover_workers(_run_dir(tmp_path, [pid], "session_2000-01-01_00-00-00_000000_1"), grace_seconds=1) == []
-    assert _alive(pid)
+    assert alive(pid)
 
 
 def test_a_process_that_merely_has_a_recorded_pid_is_left_alone(tmp_path):

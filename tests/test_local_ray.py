@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import processes_using
+
+from helpers import processes_using
 
 ROOT = Path(__file__).resolve().parent.parent
 

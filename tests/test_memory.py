@@ -24,7 +24,7 @@ def test_the_chosen_share_keeps_the_trials_footprints_with_their_margin_under_th
 
 
 def test_a_large_vocabulary_270m_model_on_an_h200_is_not_packed_eight_to_a_gpu():
-    # issue 19: 8 trials of a 270M model with a 262k vocabulary held 11.6 GB each and two ran out of memory
+    # measured: 8 trials of a 270M model with a 262k vocabulary held 11.6 GB each and two ran out of memory
     assert share_for(11.6, 140, margin=1.0) == 0.25
 
 
@@ -37,7 +37,7 @@ def test_auto_takes_the_larger_of_the_share_by_parameters_and_the_share_by_measu
     # what the probe measured on an H200 for SmolLM2 and a 262k-vocabulary 270M model: 8 fit with the margin
     assert auto.gpus(cuda=True, total_params=135e6, gpu_memory_gb=140, footprint_gb=9.4) == 0.125
     assert auto.gpus(cuda=True, total_params=270e6, gpu_memory_gb=140, footprint_gb=13.0) == 0.125
-    # what issue 19 saw nvidia-smi hold for that model's trials, before eval batches were capped: 4 fit
+    # what nvidia-smi was seen to hold for that model's trials, before eval batches were capped: 4 fit
     assert auto.gpus(cuda=True, total_params=270e6, gpu_memory_gb=140, footprint_gb=25.7) == 0.25
     assert auto.gpus(cuda=True, total_params=3e9, gpu_memory_gb=140, footprint_gb=2.0) == 0.5  # throughput's rule
     assert auto.gpus(cuda=True, total_params=270e6, gpu_memory_gb=140) == 0.125  # no measurement: by parameters

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import processes_using
+
+from helpers import processes_using
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")

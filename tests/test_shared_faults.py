@@ -13,24 +13,22 @@ import time
 import pytest
 import ray
 
+from helpers import alive, run_cli, shared_trial
 from search.config import ResourcesConfig
 from search.cluster.resume import record_ray_session, stop_leftover_workers
 from search.resources.trainers import shared_trainers
-from test_cli import _cli
-from test_leftover_workers import _alive
-from test_shared_trainer import setup, trial  # noqa: F401 - setup is a fixture of these tests too
 from trainables.client import _free_slots
 
 
 @pytest.fixture
-def trainers(local_ray, setup):  # noqa: F811 - the imported fixture
-    with shared_trainers(ResourcesConfig(pack_slots=2), setup) as handles:
+def trainers(local_ray, trial_setup):
+    with shared_trainers(ResourcesConfig(pack_slots=2), trial_setup) as handles:
         yield handles
 
 
 def test_a_client_reads_each_trainers_free_slots(trainers):
     (trainer,) = trainers
-    assert ray.get(trainer.open.remote("a", trial(), None))
+    assert ray.get(trainer.open.remote("a", shared_trial(), None))
     assert _free_slots(trainers) == ([(1, 0)], 0)
 
 
@@ -40,7 +38,7 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
     run_dir.mkdir()
     record_ray_session(run_dir)  # as the driver does before its trials start
     pid = ray.get(trainer.__ray_call__.remote(lambda _: os.getpid()))  # the trainer's process, asked of it
-    assert ray.get(trainer.open.remote("a", trial(), None))
+    assert ray.get(trainer.open.remote("a", shared_trial(), None))
     report = ray.get(trainer.next_report.remote("a"))
     result = run_dir / "tune" / "trial_a" / "result.json"
     result.parent.mkdir(parents=True)
@@ -48,16 +46,16 @@ def test_a_resume_stops_the_shared_trainer_that_trained_the_killed_drivers_trial
 
     assert stop_leftover_workers(run_dir, grace_seconds=5) == [pid]
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 def test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line(tiny_model_dir,
                                                                                                  tmp_path):
     weightless = tmp_path / "weightless"  # the driver reads the config and tokenizer; only the trainer loads weights
     shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
-    code, out, err, _ = _cli("--output", str(tmp_path), "--name", "run", "--set", f"model.path={weightless}",
+    code, out, err, _ = run_cli("--output", str(tmp_path), "--name", "run", "--set", f"model.path={weightless}",
                              "--set", "search.ranks=[2,4]", "--set", "resources.packing=shared")
     assert code == 1, out + err
     assert err.startswith("error: the search failed: TrainerNotStarted: shared trainer 0 could not start: OSError: ")

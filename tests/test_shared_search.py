@@ -17,13 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import processes_using, run_cli, start_cli, trial_reports
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.cluster.resume import resume_check
 from search.run import main
-from processes import processes_using
-from test_analysis_rundir import write_run_config
-from test_cli import _cli
-from test_tracking import _cli as _popen, _reported
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
@@ -35,7 +32,7 @@ SEARCH_TRIALS = 6
     ("resources.pack_slots=0", "resources.pack_slots is 0; allowed: an integer >= 1"),
 ])
 def test_a_bad_packing_setting_exits_2_naming_what_is_allowed_before_ray_starts(setting, named):
-    code, out, err, heavy = _cli("--set", setting)
+    code, out, err, heavy = run_cli("--set", setting)
     assert (code, out, heavy) == (2, "", set())
     assert named in err and "Traceback" not in err
 
@@ -58,7 +55,7 @@ def test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_t
     assert (trials.status == "finished").all() and (trials.step == 6).all()
     assert list(trials[trials.use_dora].step_mode) == ["eager"]  # trainables/trial.py's own step on a CPU
     assert set(trials[~trials.use_dora].step_mode) == {"packed"}
-    reported = {rows[0]["config"]["lora_config"]["use_dora"]: rows[-1] for rows in _reported(tmp_path / "dora").values()}
+    reported = {rows[0]["config"]["lora_config"]["use_dora"]: rows[-1] for rows in trial_reports(tmp_path / "dora").values()}
     assert "pack_size" not in reported[True] and reported[False]["pack_size"] >= 1
     assert "The 1 DoRA trial(s) trained in processes of their own" in (tmp_path / "dora" / "report.md").read_text()
 
@@ -97,7 +94,7 @@ def test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts(tmp_path):
 
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128).save_pretrained(gpt2)
-    code, out, err, heavy = _cli("--set", f"model.path={gpt2}", "--set", "search.module_sets=[mlp]",
+    code, out, err, heavy = run_cli("--set", f"model.path={gpt2}", "--set", "search.module_sets=[mlp]",
                                  "--set", "resources.packing=shared", "--dry-run")
     assert (code, out) == (2, "")
     assert "ray" not in heavy
@@ -149,7 +146,7 @@ def _args(tiny_model_dir, output: Path, name: str, *more: str) -> list[str]:
 def shared_run(tiny_model_dir, tmp_path_factory):
     """The run directory of an uninterrupted shared search, with the pick retrained, and its log."""
     output = tmp_path_factory.mktemp("shared")
-    process = _popen(_args(tiny_model_dir, output, "shared", "selection.retrain=true"))
+    process = start_cli(_args(tiny_model_dir, output, "shared", "selection.retrain=true"))
     log, _ = process.communicate(timeout=900)
     assert process.returncode == 0, log[-5000:]
     return output / "shared", log
@@ -163,7 +160,7 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
     assert trials.status.isin(["finished", "stopped"]).all(), trials[["trial_id", "status", "error"]].to_string()
     assert (trials[trials.status == "finished"].step == MAX_STEPS).all()
     assert json.loads((run_dir / "run_config.json").read_text())["resources"]["packing"] == SHARED
-    pack_sizes = {row["pack_size"] for rows in _reported(run_dir).values() for row in rows}
+    pack_sizes = {row["pack_size"] for rows in trial_reports(run_dir).values() for row in rows}
     assert max(pack_sizes) == 4  # four trials trained in one pass
     pick = json.loads((run_dir / "pick.json").read_text())
     assert pick["trial_id"] in set(trials.trial_id)
@@ -174,16 +171,16 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
 def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
     args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0")
-    process = _popen(args)
+    process = start_cli(args)
     deadline = time.monotonic() + 300
-    while sum(map(len, _reported(run_dir).values())) < 4 and process.poll() is None and time.monotonic() < deadline:
+    while sum(map(len, trial_reports(run_dir).values())) < 4 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.5)  # past the one-second experiment-state snapshot
     process.send_signal(signal.SIGKILL)
     log, _ = process.communicate()
     assert not (run_dir / "trials.csv").exists(), "the run finished before it could be killed:\n" + log[-3000:]
 
-    resumed = _popen(["--resume", *args])
+    resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log[-5000:]
     trials = pd.read_csv(run_dir / "trials.csv")
@@ -191,7 +188,7 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
     assert trials.status.isin(["finished", "stopped"]).all(), trials[["trial_id", "status", "error"]].to_string()
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate", "use_rslora", "lora_dropout"]
     assert not trials.duplicated(configuration).any(), "a configuration trained twice"
-    for trial_id, rows in _reported(run_dir).items():
+    for trial_id, rows in trial_reports(run_dir).items():
         steps = [row["step"] for row in rows]
         assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"
     assert (run_dir / "pick.json").is_file()
@@ -210,9 +207,9 @@ def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retrie
     run_dir = tmp_path / "dying"
     args = _args(tiny_model_dir, tmp_path, "dying", "budget.num_samples=4", "resources.max_failures=1",
                  "selection.promote=false", "selection.confirm_top_k=0")
-    process = _popen(args)
+    process = start_cli(args)
     deadline = time.monotonic() + 300
-    while not _reported(run_dir) and process.poll() is None and time.monotonic() < deadline:
+    while not trial_reports(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     (trainer,) = _trainer_pids(run_dir)
     os.kill(trainer, signal.SIGKILL)
@@ -226,6 +223,6 @@ def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retrie
     assert errors, "no trial was in the trainer when it died"
     assert all("TrainerDied: the shared trainer 0 of the run died while it trained this trial" in text
                for text in errors)
-    for trial_id, rows in _reported(run_dir).items():
+    for trial_id, rows in trial_reports(run_dir).items():
         steps = [row["step"] for row in rows]
         assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"

@@ -9,46 +9,15 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from rundir.params import Origin, TrialParams
-from trainables.config import TrialSetup
-from trainables.shared import SharedTrainer, SlotReport
+from helpers import shared_trial
 from trainables.divergence import TrialDiverged
-
-MAX_STEPS, EVAL_EVERY = 6, 3
-
-
-def trial(lr: float = 1e-3, r: int = 4, seed: int = 0, modules=("q_proj", "v_proj")) -> dict:
-    lora_config = {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.1, "target_modules": list(modules), "use_rslora": False,
-                       "use_dora": False, "task_type": "CAUSAL_LM"}
-    return TrialParams(lora_config=lora_config, module_set="+".join(modules), alpha_ratio=2.0, learning_rate=lr,
-                       loraplus_lr_ratio=4.0, seed=seed, origin=Origin.SEARCH).to_config()
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir, tmp_path_factory) -> TrialSetup:
-    import datasets
-
-    from trainables.data import save_splits
-
-    g = torch.Generator().manual_seed(0)
-
-    def split(n: int) -> datasets.Dataset:
-        ids = [torch.randint(3, 1000, (int(torch.randint(8, 14, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
-        return datasets.Dataset.from_dict({"input_ids": ids, "labels": [[-100] * 4 + x[4:] for x in ids]})
-
-    data_dir = tmp_path_factory.mktemp("shared") / "data"
-    train = split(24)
-    save_splits({"search_train": train, "train": train, "eval": split(6)}, data_dir)
-    return TrialSetup(model_path=str(tiny_model_dir), dtype="float32", quantization="none", trust_remote_code=False,
-                      data_dir=str(data_dir), max_steps=MAX_STEPS, eval_every=EVAL_EVERY, batch_size=4, cpu_threads=1,
-                      warmup_steps=2, total_params=1, pad_token_id=0)
+from trainables.shared import SharedTrainer, SlotReport
 
 
 @pytest.fixture
-def trainer(setup):
-    trainer = SharedTrainer(setup, capacity=3)
+def trainer(trial_setup):
+    trainer = SharedTrainer(trial_setup, capacity=3)
     yield trainer
     trainer.stop()
 
@@ -61,7 +30,8 @@ def reports(trainer: SharedTrainer, trial_id: str) -> list[SlotReport]:
 
 
 def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trainer):
-    assert trainer.open("a", trial(), None) and trainer.open("b", trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)
+    assert trainer.open("a", shared_trial(), None)
+    assert trainer.open("b", shared_trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)
     a, b = reports(trainer, "a"), reports(trainer, "b")
     for rows in (a, b):
         assert [r.report.step for r in rows] == [3, 6]
@@ -72,28 +42,28 @@ def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trai
     assert a[0].report.pack_size == 2
 
 
-def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_without_stopping(setup, trainer):
-    assert trainer.open("whole", trial(seed=5), None)
+def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_without_stopping(trial_setup, trainer):
+    assert trainer.open("whole", shared_trial(seed=5), None)
     whole = reports(trainer, "whole")
-    assert trainer.open("first", trial(seed=5), None)
+    assert trainer.open("first", shared_trial(seed=5), None)
     checkpoint = trainer.next_report("first").files  # at step 3, then the trial was stopped
     trainer.release("first")
     trainer.stop()  # a process holds one trainer: the new one takes over the process's cached base model
-    again = SharedTrainer(setup, capacity=2)  # a new trainer: a resumed search's
+    again = SharedTrainer(trial_setup, capacity=2)  # a new trainer: a resumed search's
     try:
-        assert again.open("first", trial(seed=5), checkpoint)
+        assert again.open("first", shared_trial(seed=5), checkpoint)
         (continued,) = reports(again, "first")
     finally:
         again.stop()
-    assert continued.report.step == MAX_STEPS
+    assert continued.report.step == trial_setup.max_steps
     assert continued.report.eval_loss == pytest.approx(whole[-1].report.eval_loss, rel=1e-5)
     assert continued.report.train_loss == pytest.approx(whole[-1].report.train_loss, rel=1e-5)
 
 
-def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(setup, trainer):
-    assert trainer.open("calm", trial(seed=2), None)
+def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(trial_setup, trainer):
+    assert trainer.open("calm", shared_trial(seed=2), None)
     calm = reports(trainer, "calm")
-    assert trainer.open("calm2", trial(seed=2), None) and trainer.open("wild", trial(lr=1e12, seed=3), None)
+    assert trainer.open("calm2", shared_trial(seed=2), None) and trainer.open("wild", shared_trial(lr=1e12, seed=3), None)
     with pytest.raises(TrialDiverged, match="loss became"):
         reports(trainer, "wild")
     beside = reports(trainer, "calm2")
@@ -102,18 +72,18 @@ def test_a_trial_that_diverges_fails_alone_and_the_others_report_as_without_it(s
 
 def test_a_released_slot_takes_the_next_trial_and_a_full_trainer_says_so(trainer):
     for name in ("a", "b", "c"):
-        assert trainer.open(name, trial(), None)
-    assert trainer.open("d", trial(), None) is None
+        assert trainer.open(name, shared_trial(), None)
+    assert trainer.open("d", shared_trial(), None) is None
     assert trainer.free_slots() == 0
     trainer.release("b")
-    assert trainer.open("d", trial(), None)
+    assert trainer.open("d", shared_trial(), None)
     with pytest.raises(RuntimeError, match="holds no slot"):
         trainer.next_report("b")
 
 
 def test_a_late_release_by_an_earlier_attempt_leaves_the_retrys_slot_alone(trainer):
-    first = trainer.open("a", trial(), None)
-    retry = trainer.open("a", trial(), None)  # Tune's retry of the trial, before the first attempt's release came
+    first = trainer.open("a", shared_trial(), None)
+    retry = trainer.open("a", shared_trial(), None)  # Tune's retry of the trial, before the first attempt's release came
     trainer.release("a", first)
     assert trainer.free_slots() == 2
     assert [r.report.step for r in reports(trainer, "a")] == [3, 6]
@@ -122,7 +92,7 @@ def test_a_late_release_by_an_earlier_attempt_leaves_the_retrys_slot_alone(train
 
 
 def test_a_configuration_a_pack_cannot_train_is_refused_with_the_way_out(trainer):
-    dora = trial()
+    dora = shared_trial()
     dora["lora_config"]["use_dora"] = True
     with pytest.raises(ValueError, match="resources.packing=processes"):
         trainer.open("dora", dora, None)
@@ -141,7 +111,7 @@ def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trai
         return real(batches, autocast)
 
     monkeypatch.setattr(trainer.pack, "step", held)
-    assert trainer.open("a", trial(), None) and trainer.open("b", trial(seed=1), None)
+    assert trainer.open("a", shared_trial(), None) and trainer.open("b", shared_trial(seed=1), None)
     assert stepping.wait(60)
     answers = {}
     caller = threading.Thread(target=lambda: answers.update(free=trainer.free_slots(), released=trainer.release("b")))

@@ -228,7 +228,7 @@ sys.exit(code)
 
 
 def test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket(s3, tiny_model_dir, tmp_path):
-    from test_cluster import LOOPBACK
+    from helpers import LOOPBACK
 
     head_cache, node_cache = tmp_path / "head-cache", tmp_path / "node-cache"
     output = f"s3://runs/cluster?{s3}"
@@ -251,10 +251,10 @@ def test_on_two_nodes_with_their_own_caches_each_reads_the_data_from_the_bucket(
 
 def test_sigkill_as_tune_deletes_a_checkpoint_in_the_bucket_then_resume_continues_every_trial(s3, tiny_model_dir,
                                                                                               tmp_path):
-    from test_resume import _KILLED_AS_TUNE_DELETES_A_CHECKPOINT
+    from helpers import KILLED_AS_TUNE_DELETES_A_CHECKPOINT
 
     output, cache = f"s3://runs/killed?{s3}", tmp_path / "driver-cache"
-    killed = _search(tiny_model_dir, output, "k", cache, driver=[sys.executable, "-c", _KILLED_AS_TUNE_DELETES_A_CHECKPOINT])
+    killed = _search(tiny_model_dir, output, "k", cache, driver=[sys.executable, "-c", KILLED_AS_TUNE_DELETES_A_CHECKPOINT])
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
 
     resumed = _search(tiny_model_dir, output, "k", cache, "--resume")

@@ -7,29 +7,21 @@ tracker configured but not installed is bad input."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from helpers import start_cli, trial_reports
 from search.config import ConfigError, load
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tracked"
 STATES = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
-
-
-def _cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
     args = ["--output", str(output), "--name", NAME, *[x for s in sets for x in ("--set", s)]]
     run_dir = output / NAME
 
-    process = _cli(args)
+    process = start_cli(args)
     deadline = time.monotonic() + 300
     while len(_saved(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -64,20 +56,11 @@ def tracked(tiny_model_dir, tmp_path_factory):
     assert not (run_dir / "trials.csv").exists(), "the run finished before it could be killed:\n" + log[-3000:]
     (crossing,) = [trial_id for trial_id, step in _saved(run_dir).items() if step < 12]
 
-    resumed = _cli(["--resume", *args])
+    resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log[-3000:]
     yield run_dir, client, crossing
     environment.undo()
-
-
-def _reported(run_dir: Path) -> dict[str, list[dict]]:
-    """Each trial's reports, by trial id, from Tune's result.json in the search and the retrain."""
-    out = {}
-    for result in [*run_dir.glob("tune/trial_*/result.json"), *run_dir.glob("retrain/trial_*/result.json")]:
-        if rows := [json.loads(line) for line in result.read_text().splitlines()]:
-            out[rows[0]["trial_id"]] = rows
-    return out
 
 
 def _saved(run_dir: Path) -> dict[str, int]:
@@ -90,7 +73,7 @@ def _saved(run_dir: Path) -> dict[str, int]:
         trials = json.loads(states[-1].read_text())["trial_data"] if states else []
     except (OSError, ValueError):  # replaced while read: the next poll reads the new one
         return {}
-    reported = _reported(run_dir)
+    reported = trial_reports(run_dir)
     steps = {}
     for config, runtime in trials:
         trial_id, step = json.loads(config)["trial_id"], (json.loads(runtime).get("last_result") or {}).get("step")
@@ -112,7 +95,7 @@ def test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_th
     experiment = client.get_experiment_by_name("sweeps").experiment_id
     parent = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    reported = _reported(run_dir)
+    reported = trial_reports(run_dir)
     assert len(reported) == 4  # three searched, one retrained
     assert sorted(_trial_id(run) for run in children) == sorted(reported)  # one run each, the crossing trial's too
     assert len({row["worker_started_at"] for row in reported[crossing]}) == 2  # it reported before and after the kill
@@ -143,7 +126,7 @@ def test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter(tracked,
 
 def test_wandb_offline_writes_each_trials_run_files_into_the_run_directory(tracked):
     run_dir, _, _ = tracked
-    for trial_id in _reported(run_dir):
+    for trial_id in trial_reports(run_dir):
         runs = list((run_dir / "wandb").glob(f"offline-run-*-{trial_id}"))
         assert runs, f"no W&B run files for {trial_id}"
         assert all((run / f"run-{trial_id}.wandb").stat().st_size > 0 for run in runs)
@@ -299,3 +282,26 @@ def test_an_mlflow_store_that_does_not_answer_exits_2_before_ray_starts_or_anyth
     assert f"tracking.mlflow.tracking_uri 'http://127.0.0.1:{port}': the MLflow store does not answer" in err
     assert "Traceback" not in err and not (tmp_path / "unreachable").exists()
     assert ray.is_initialized() == initialized  # no Ray was started for it
+
+
+def test_the_searchs_mlflow_run_is_made_once_and_gets_the_picks_files_when_it_is_finished(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from search.output.tracker_callbacks import log_pick, search_run_id
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind it
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=str(tmp_path / "artifacts"))
+    run_dir = tmp_path / "run"
+    (run_dir / "plots").mkdir(parents=True)
+    (run_dir / "plots" / "cost_vs_metric.png").write_bytes(b"png")
+    (run_dir / "pick.json").write_text("{}")
+
+    run_id = search_run_id(client, experiment, "demo", run_dir)
+
+    assert search_run_id(client, experiment, "demo", run_dir) == run_id  # recorded in the run: a resume finds it
+    assert log_pick(uri, run_dir)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {artifact.path for artifact in client.list_artifacts(run_id)} == {"pick.json", "plots"}
+    assert f"the search's run {run_id} holds the pick's files" in capsys.readouterr().out
