@@ -15,11 +15,18 @@ from pathlib import Path
 from analysis.config import SelectionConfig
 from analysis.diagnose import diagnose
 from analysis.render import render_report, retrain_section
-from analysis.results import (load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config,
-                              write_trials_csv)
+from analysis.results import load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config, write_trials_csv
 from analysis.select import Comparison, NoCandidate, amount, pick, without_pick
-from rundir.files import (download_tree, join_uri, publish_copy, remove, upload, without_trial_checkpoints,
-                          write_json_atomic, write_text_atomic)
+from rundir.files import (
+    download_tree,
+    join_uri,
+    publish_copy,
+    remove,
+    upload,
+    without_trial_checkpoints,
+    write_json_atomic,
+    write_text_atomic,
+)
 from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS, REPORT, TRIALS_CSV
 from rundir.runconfig import RunConfig
 

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.config import SelectionConfig
-from rundir.files import atomic_path
 from analysis.select import Pick, finished_trials, pareto_front, tolerance_bar
+from rundir.files import atomic_path
 
 # The parameters the search samples (trial-table columns) and how: from a list, a range, a log range.
 SEARCHED = {

@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from analysis.render import own_total  # noqa: E402
 from search_vs_grid import RESULTS, busy_windows, facts_overrides, reports_by_trial, union_seconds  # noqa: E402
+
+from analysis.render import own_total  # noqa: E402
 
 # the spread part's search, after the reference task's settings for 2 trials of 20 steps
 SPREAD_SETS = ["budget.warmup_steps=2", "selection.promote=false", "selection.confirm_top_k=0",
@@ -81,9 +82,9 @@ def run_search(devices: str, sets: list[str], output: Path, name: str, timeout: 
 def build_spread_model(path: Path) -> int:
     """A random-init 1.2B Llama with SmolLM2's tokenizer, saved in bf16; its parameter count."""
     import torch
+    from step_modes import llama_1b_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from step_modes import llama_1b_config
     from trainables.model import smollm2_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())

@@ -62,8 +62,8 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainables.step import TrainStep
     from trainables.optim import loraplus_adamw
+    from trainables.step import TrainStep
 
     params = trial_params(0)
     torch.manual_seed(0)

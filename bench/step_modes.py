@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 from bench.grid import ALL_SEVEN  # noqa: E402 - after the path is set
+
 # dense bf16 tensor-core peak (no sparsity), from NVIDIA's data sheets
 DEVICE = "cuda"  # a CPU smoke run of the script's plumbing sets "cpu"
 PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12, "H100 NVL": 835.0e12}

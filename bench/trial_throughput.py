@@ -41,8 +41,8 @@ def trainer_tokens_per_second(model_path: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from bench.grid import anchor_trainer
-    from trainables.config import DataConfig
     from search.inputs.data import prepare
+    from trainables.config import DataConfig
 
     splits, _ = prepare(DataConfig(), AutoTokenizer.from_pretrained(model_path), seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda()

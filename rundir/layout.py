@@ -1,4 +1,4 @@
-"""The names of what a run directory holds (DESIGN.md, "Entry points and outputs")."""
+"""The names of what a run directory holds (docs: README "What you get")."""
 
 RUN_CONFIG = "run_config.json"   # the resolved config and the facts of the model and data
 DATA = "data"                    # the tokenized splits, written once by the driver

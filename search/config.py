@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 
 from analysis.config import SelectionConfig, needs_generations
+from search.output.tracking import TrackingConfig
 from search.resources.memory import share_for
 from search.tuning.prior import TaskConfig
 from search.tuning.space import SpaceConfig
-from search.output.tracking import TrackingConfig
 from trainables.config import DataConfig, ModelConfig
 
 # Package data (the `configs` package), so a wheel install finds it as a checkout does.

@@ -14,8 +14,8 @@ from pathlib import Path
 from analysis.config import is_user_metric, needs_generations
 from rundir.layout import LOGS
 from rundir.location import RunLocation, locate
-from search import environment
 from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
+from search import environment
 from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
 from search.output.console import keep_logs_in

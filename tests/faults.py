@@ -72,8 +72,9 @@ def install_out_of_memory_when_shared() -> None:
     """A rank-8 trial runs out of memory just after its first report whenever it shares its GPU
     (its share below 1; Ray is told of a GPU this CPU machine does not have, so the trial itself
     runs on the CPU); with a GPU to itself it trains to the end."""
-    import trainables.trial as trial
     from ray import tune
+
+    import trainables.trial as trial
 
     original_train, original_report = trial._train, tune.report
     rank = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.select import Z, Comparison, against_bar, by_configuration, pick, without_pick
+from analysis.select import Comparison, Z, against_bar, by_configuration, pick, without_pick
 from helpers import MAX_STEPS, configs, table
 
 RULE = ("eval_loss", "min", 0.95, "trainable_params")

@@ -368,7 +368,7 @@ def csv_row_without_answer(tmp_path):
 
 def unknown_columns(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a} for q, a in QA])
-    return ["--set", f"data.train={path}"], [f"has columns ['answer', 'question']; allowed: chat 'messages'",
+    return ["--set", f"data.train={path}"], ["has columns ['answer', 'question']; allowed: chat 'messages'",
                                              "data.columns={prompt: question, completion: answer}"]
 
 

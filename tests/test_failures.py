@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from faults import run_search
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from faults import run_search
 
 ROOT = Path(__file__).resolve().parent.parent

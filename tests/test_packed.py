@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from rundir.params import Origin, TrialParams
-from trainables.packed import Pack
-from trainables.step import answer_loss
 from trainables.evaluation import evaluate
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
+from trainables.packed import Pack
+from trainables.step import answer_loss
 
 WARMUP, MAX_STEPS = 2, 10
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

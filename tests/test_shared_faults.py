@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from helpers import alive, run_cli, shared_trial
-from search.config import ResourcesConfig
 from search.cluster.resume import record_ray_session, stop_leftover_workers
+from search.config import ResourcesConfig
 from search.resources.trainers import shared_trainers
 from trainables.client import _free_slots
 

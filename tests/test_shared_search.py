@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import processes_using, run_cli, start_cli, trial_reports
-from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
+from helpers import processes_using, run_cli, start_cli, trial_reports, write_run_config
 from search.cluster.resume import resume_check
+from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent

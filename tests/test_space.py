@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search.inputs import modules
 from search.config import load
+from search.inputs import modules
 from search.tuning.space import LoraSpace, module_set_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -16,12 +16,12 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.search_generator import SearchGenerator
 
-from search.inputs import modules
-from search.config import load
-from search.tuning.space import LoraSpace, module_set_key
 from rundir.location import RunLocation
-from search.tuning.stages import StagedSearch
+from search.config import load
+from search.inputs import modules
 from search.tuning.searcher import StudySearcher
+from search.tuning.space import LoraSpace, module_set_key
+from search.tuning.stages import StagedSearch
 from search.tuning.tuner import ResumableASHA
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -14,7 +14,7 @@ EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
 # A batch's bf16 logits span the vocabulary, so the budget is what keeps them within
 # EVAL_LOGITS_BYTES: a 262k-token vocabulary gets 2048 tokens a batch, a 49k one 10922 (8x a
 # short train batch's tokens were 16k-token batches of 8.6 GB of logits with a 262k vocabulary,
-# and as much again in float32 for the answer positions: issue 19's trials held up to 25.7 GB).
+# and as much again in float32 for the answer positions: such trials held up to 25.7 GB).
 # Never fewer than a train batch's tokens, whose logits training holds anyway. Eval keeps no
 # activations for a backward pass, so past the logits a batch holds less than a train step.
 EVAL_LOGITS_BYTES = 1 << 30

@@ -5,8 +5,8 @@ At these model sizes a step is bound by kernel launches from Python (PEFT and th
 modules launch thousands of kernels a step for SmolLM2 with all seven projections adapted),
 not by the GPU. Replaying the step's forward and backward as one captured CUDA graph
 removes that cost without compiling anything: capture is a few eager passes, once per
-trial, for any configuration, DoRA included. `torch.compile` is the other way: measured in
-../shared/bench/README.md at 90-110 s to compile the whole model per set of shapes, more than
+trial, for any configuration, DoRA included. `torch.compile` is the other way: measured at
+90-110 s to compile the whole model per set of shapes (bench/results/step_modes_compile.json), more than
 a whole trial of a search trains; for large models it also fuses the elementwise work that
 bounds their steps (1.1B Llama on an H100: 464 ms a step against 650 eager), so long trials
 of large models can ask for it (`resources.compile`). It compiles one decoder layer, not the

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.inputs import modules
 from search.config import Config, ConfigError
+from search.inputs import modules
+from search.inputs.data import DataInfo, Rows, prepare, read
 from search.tuning.space import module_set_key
 from trainables.config import looks_local, relative_to_cwd
-from search.inputs.data import DataInfo, Rows, prepare, read
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
 

@@ -146,11 +146,11 @@ def _measure(spec: ProbeSpec) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainables.model import load_base_model
-    from trainables.step import TrainStep
     from trainables.evaluation import eval_token_budget, evaluate
     from trainables.metrics import allocated_peak_gb, outside_allocator, process_peak_gb
+    from trainables.model import load_base_model
     from trainables.optim import loraplus_adamw
+    from trainables.step import TrainStep
 
     device = torch.device("cuda", 0)
     base = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,

@@ -18,14 +18,14 @@ from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
-from search.tuning.checkpoints import DropSupersededCheckpoints
 from search.config import SHARED, Config
-from search.resources.memory import larger_share, ran_out_of_memory
+from search.output.tracking import logger_callbacks
 from search.output.trial_lines import progress_callbacks, status_reporter
+from search.resources.memory import larger_share, ran_out_of_memory
+from search.resources.trainers import ReleaseSlots
+from search.tuning.checkpoints import DropSupersededCheckpoints
 from search.tuning.searcher import StudySearcher
 from search.tuning.stages import GivenConfigs, StagedSearch
-from search.output.tracking import logger_callbacks
-from search.resources.trainers import ReleaseSlots
 from trainables.config import TrialSetup
 from trainables.placement import in_own_process, train_lora_packed_or_alone
 from trainables.trial import train_lora
