@@ -134,7 +134,7 @@ def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
     return sorted(rows, key=lambda row: row.get("called_at", row["entered_at"]))
 
 
-DRIVER_STEPS = (("search.inputs.prepare", "prepare_model"), ("trainables.data", "prepare"), ("search.cluster.connect", "connect"),
+DRIVER_STEPS = (("search.inputs.prepare", "prepare_model"), ("search.inputs.data", "prepare"), ("search.cluster.connect", "connect"),
                 ("search.tuning.tuner", "fit_or_restore"), ("analysis.pipeline", "analyse"))
 
 
