@@ -78,7 +78,8 @@ def module_set_colors(module_sets: pd.Series) -> dict[str, tuple]:
 
 
 def by_rank_figure(finished: pd.DataFrame, column: str, mode: str, colors: dict) -> Figure:
-    """`column` against rank, one colour per module set: each trial a dot, the best per rank (`mode` min or max) joined by a line."""
+    """`column` against rank, one colour per module set: each trial a dot, the best per rank (`mode` min or max)
+    joined by a line."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
     for module_set, group in finished.groupby("module_set"):
@@ -134,7 +135,8 @@ def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame, metric: s
         status, module_set = about.at[trial_id, "status"], about.at[trial_id, "module_set"]
         color = colors[module_set]
         is_pick = pick is not None and trial_id == pick.trial_id
-        axes.plot(curve["step"], curve[metric], color=color, linestyle=_STATUS_STYLE[status], linewidth=2.5 if is_pick else 1.0, alpha=0.9)
+        axes.plot(curve["step"], curve[metric], color=color, linestyle=_STATUS_STYLE[status],
+                  linewidth=2.5 if is_pick else 1.0, alpha=0.9)
         if status != "finished":
             axes.plot(curve["step"].iloc[-1], curve[metric].iloc[-1], marker="x", markersize=8, color=color)
     handles = [Line2D([], [], color=color, label=name) for name, color in colors.items()]

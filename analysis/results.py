@@ -80,7 +80,8 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"Run directory {str(run_dir)!r} does not exist. Fix: pass the directory a search wrote, such as runs/<name>.")
+        raise ValueError(f"Run directory {str(run_dir)!r} does not exist. "
+                         "Fix: pass the directory a search wrote, such as runs/<name>.")
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise ValueError(

@@ -120,13 +120,16 @@ def search(model_dir: Path, output: Path, name: str, gpus_per_trial: str, sample
                *[x for s in sets for x in ("--set", s)], *(["--dry-run"] if dry_run else [])]
     started = time.perf_counter()
     with ProcessMemory() as memory:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": python_path})
     wall = time.perf_counter() - started
     print(done.stdout[-4000:], done.stderr[-4000:] if done.returncode else "", sep="\n", flush=True)
     figures = {"exit_code": done.returncode, "wall_seconds": round(wall, 1),
                "max_process_gb_nvidia_smi": round(memory.max_mib / 1024, 2)}
     if dry_run:
-        return {**figures, "probe_line": next((line for line in done.stdout.splitlines() if line.startswith("memory probe")), None)}
+        probe_line = next((line for line in done.stdout.splitlines() if line.startswith("memory probe")), None)
+        return {**figures, "probe_line": probe_line}
     import pandas as pd
 
     run_dir = output / name
@@ -172,7 +175,8 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="gemma3-270m")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--by-hand", default="0.25", help="the share fixed by hand for the second search")
-    parser.add_argument("--only-probe", action="store_true", help="the probe alone (no Ray, Optuna or SmolLM2 GGUF needed), no searches")
+    parser.add_argument("--only-probe", action="store_true",
+                        help="the probe alone (no Ray, Optuna or SmolLM2 GGUF needed), no searches")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides, as search.run's --set")
     parser.add_argument("--searches", default="auto,by_hand", help="which searches to run, comma-separated: auto, by_hand "
                         "(the probe's dry run comes with auto)")

@@ -267,7 +267,9 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "ray": ray.__version__, "python": platform.python_version()},
         "exit_code": code, "wall_seconds": wall, "trials": trials.to_dict(orient="records"), "pick": pick,
-        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy, "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial, "step_modes": trials.step_mode.dropna().tolist(), "grid": grid_figures,
+        "model_conversion_seconds_before_timing": conversion_seconds, "inside_steps_seconds": inside, "busy_seconds": busy,
+        "time_account": account, "timeline": trial_clocks, "slots": slots, "gpus_per_trial": gpus_per_trial,
+        "step_modes": trials.step_mode.dropna().tolist(), "grid": grid_figures,
         "overrides": args.set, "figures": figures, "report": report,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

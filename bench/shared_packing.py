@@ -182,13 +182,15 @@ def main() -> None:
             print(f"K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
             break
         curve.append(point)
-        print(f"K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({point['tokens_per_second'] / single['tokens_per_second']:.2f}x), "
+        speedup = point["tokens_per_second"] / single["tokens_per_second"]
+        print(f"K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({speedup:.2f}x), "
               f"{point['step_ms']:.0f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}", flush=True)
     best = max(curve, key=lambda p: p["tokens_per_second"]) if curve else None
     name = "gpu" if device.type == "cuda" else "cpu"
     result = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name(0) if device.type == "cuda"
+                   else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__, "model": "llama-3-8b shapes, random" if args.llama8b else args.model,
         "rows_per_trial": batch, "tokens_per_row": tokens, "steps": args.steps,
         "alone": single, "packed": curve,

@@ -204,9 +204,11 @@ def figures_of(record: dict) -> dict:
     small_runs = record["small"]
     graphed = {k for k, v in small_runs.items() if v.get("mode") == "cuda_graph"}
     if {"all7_r16_dora/graph", "all7_r16/graph"} <= graphed:
-        figures["dora_step_time_ratio"] = small_runs["all7_r16_dora/graph"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
+        figures["dora_step_time_ratio"] = (small_runs["all7_r16_dora/graph"]["ms_per_step"]
+                                           / small_runs["all7_r16/graph"]["ms_per_step"])
     if "all7_r16_dora/eager" in small_runs and "all7_r16/eager" in small_runs:
-        figures["dora_step_time_ratio_eager"] = small_runs["all7_r16_dora/eager"]["ms_per_step"] / small_runs["all7_r16/eager"]["ms_per_step"]
+        figures["dora_step_time_ratio_eager"] = (small_runs["all7_r16_dora/eager"]["ms_per_step"]
+                                                 / small_runs["all7_r16/eager"]["ms_per_step"])
     if "all7_r16/graph" in graphed and "all7_r16/eager" in small_runs:
         figures["graph_step_speedup"] = small_runs["all7_r16/eager"]["ms_per_step"] / small_runs["all7_r16/graph"]["ms_per_step"]
     if record["1b"].get("mfu"):

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "unfinished ones continue from their last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print module sets, ranks and trainable parameter counts from the model's config; no Ray, no training")
+                        help="print module sets, ranks and trainable parameter counts from the model's config; "
+                             "no Ray, no training")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML (a file for --config) and exit")
     console = parser.add_mutually_exclusive_group()

@@ -1,4 +1,5 @@
-"""analyse() and `python -m analysis.report`: from a run directory to trials.csv, pick.json, the adapter config, plots and report.md."""
+"""analyse() and `python -m analysis.report`: from a run directory to trials.csv, pick.json, the adapter config, plots
+and report.md."""
 
 import json
 import subprocess
@@ -58,8 +59,10 @@ def test_analyse_writes_every_result_file(analysed):
 def test_the_pick_is_the_cheapest_within_tolerance_not_the_better_early_stopped_trial(analysed):
     picked = read_pick(analysed)
 
-    assert (picked["trial_id"], picked["best_trial_id"], picked["value"], picked["best_value"]) == ("aaaa0002", "aaaa0001", 0.52, 0.50)
-    assert (picked["metric"], picked["mode"], picked["tolerance"], picked["cost_name"]) == ("eval_loss", "min", 0.95, "trainable_params")
+    assert (picked["trial_id"], picked["best_trial_id"], picked["value"], picked["best_value"]) == (
+        "aaaa0002", "aaaa0001", 0.52, 0.50)
+    assert (picked["metric"], picked["mode"], picked["tolerance"], picked["cost_name"]) == (
+        "eval_loss", "min", 0.95, "trainable_params")
 
 
 def test_pick_json_agrees_with_trials_csv(analysed):
@@ -99,7 +102,8 @@ def test_plots_are_non_empty_png_files(analysed):
 def test_report_explains_the_pick_against_the_best_trial(analysed):
     report = (analysed / "report.md").read_text()
 
-    assert "Trial `aaaa0002` reaches eval_loss 0.52 at step 100 against the best 0.5 (trial `aaaa0001`), within tolerance 0.95" in report
+    assert ("Trial `aaaa0002` reaches eval_loss 0.52 at step 100 against the best 0.5 (trial `aaaa0001`), "
+            "within tolerance 0.95") in report
     assert "8,000 parameters instead of 32,000 (75% fewer) in 40 s instead of 160 s (75% less)" in report
 
 
@@ -354,7 +358,8 @@ def test_the_report_shows_every_prior_beside_the_pick(tmp_path):
     section = report.split("## Against the known-good configurations")[1].split("\n## ")[0]
     assert "The search's first 3 trials were the priors; the pick (`aaaa0004`) reached eval_loss 0.51" in section
     assert "| `aaaa0001` | mlp, r=8, alpha 16, lr 0.0002 | 100 | finished | 0.5 | eval_loss 2% lower than the pick's" in section
-    assert "| `aaaa0002` | mlp, r=32, alpha 64, RSLoRA, lr 0.0002 | 100 | finished | 0.55 | eval_loss 8% more than the pick's" in section
+    assert ("| `aaaa0002` | mlp, r=32, alpha 64, RSLoRA, lr 0.0002 | 100 | finished | 0.55 | "
+            "eval_loss 8% more than the pick's") in section
     assert "| `aaaa0003` | mlp, r=16, alpha 32, lr 0.0002 | 50 | stopped |" in section
     assert "stopped at step 50, below its rung's cut" in section
 

@@ -198,7 +198,8 @@ def test_load_curves_lists_every_reported_step_and_a_repeated_step_keeps_the_lat
     trial_dir = add_trial(run_dir, "aaaa0001", last_step=50, eval_loss=0.5)
     add_trial(run_dir, "aaaa0002", last_step=25, eval_loss=0.9)
     with open(trial_dir / "result.json", "a") as result:  # a restored trial reports step 50 again
-        result.write(json.dumps({"step": 50, "eval_loss": 0.4, "eval_accuracy": 0.9, "train_loss": 0.3, "trial_id": "aaaa0001"}) + "\n")
+        restored = {"step": 50, "eval_loss": 0.4, "eval_accuracy": 0.9, "train_loss": 0.3, "trial_id": "aaaa0001"}
+        result.write(json.dumps(restored) + "\n")
 
     curves = load_curves(run_dir)
 

@@ -174,7 +174,8 @@ def _default_yaml() -> str:
 def _dotted(mapping: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in mapping.items():
-        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + key]  # {} is a setting (data.columns), not a section
+        # {} is a setting (data.columns), not a section
+        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + key]
     return out
 
 

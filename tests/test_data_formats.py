@@ -274,7 +274,8 @@ def test_alpaca_input_follows_the_instruction_after_a_blank_line(tmp_path, plain
     rows = [{"instruction": "Name the capital.", "input": q, "output": a} for q, a in QA]
     splits, _ = prepare(DataConfig(train=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), template="plain"),
                         plain_tokenizer, seed=0)
-    assert all(text.startswith("Name the capital.\n\nWhat is the capital of") for text in prompts(splits["train"], plain_tokenizer))
+    assert all(text.startswith("Name the capital.\n\nWhat is the capital of")
+               for text in prompts(splits["train"], plain_tokenizer))
 
 
 def test_csv_cells_are_read_as_the_text_written(tmp_path, plain_tokenizer):

@@ -112,7 +112,8 @@ def test_sigterm_stops_gracefully_and_the_run_resumes(tiny_model_dir, tmp_path):
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_model_dir, uninterrupted):
-    args = interrupted_search_args(tiny_model_dir, uninterrupted.parent, "plain") + ["--set", "search.ranks=[2,4]", "--set", "seed=3"]
+    args = interrupted_search_args(tiny_model_dir, uninterrupted.parent, "plain") + [
+        "--set", "search.ranks=[2,4]", "--set", "seed=3"]
     process = start_cli(["--resume", *args])
     log, _ = process.communicate(timeout=120)
     assert process.returncode == 2

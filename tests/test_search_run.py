@@ -73,7 +73,8 @@ def test_stopped_trials_within_tolerance_are_promoted_from_their_checkpoint(tiny
         parent = trials.loc[row.parent]
         assert parent.status == "stopped" and row.status == "finished" and row.step == 12
         assert (parent.r, parent.learning_rate, parent.module_set) == (row.r, row.learning_rate, row.module_set)
-        steps = [json.loads(line)["step"] for line in (run_dir / "tune" / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+        result_lines = (run_dir / "tune" / f"trial_{trial_id}" / "result.json").read_text().splitlines()
+        steps = [json.loads(line)["step"] for line in result_lines]
         assert steps[0] > parent.step  # continued from the parent's checkpoint, not from scratch
 
 

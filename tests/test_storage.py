@@ -282,7 +282,8 @@ def test_the_analysis_redoes_the_pick_of_a_run_in_the_bucket_and_uploads_it_back
     assert "within 0.5 of the best" in after["report.md"].decode()
     # the retrained weights are exported again from the run's own retrain checkpoint
     assert after["adapter/adapter_model.safetensors"] == before["adapter/adapter_model.safetensors"]
-    untouched = [name for name in before if name.split("/")[0] not in ("trials.csv", "pick.json", "report.md", "adapter", "plots")]
+    rewritten = ("trials.csv", "pick.json", "report.md", "adapter", "plots")
+    untouched = [name for name in before if name.split("/")[0] not in rewritten]
     assert {name: after[name] for name in untouched} == {name: before[name] for name in untouched}
 
 

@@ -85,7 +85,8 @@ class Probe:
                 f"held {self.footprint_gb:.1f} GB ({self.source}; allocator peak {self.allocated_gb:.1f} GB, reserved "
                 f"{self.reserved_gb:.1f} GB, outside the allocator {self.context_gb:.1f} GB) of a {self.gpu_gb:.0f} GB GPU; "
                 f"with margin {self.margin:g}: gpus_per_trial {self.share:g} ({neighbours} trial{'s' if neighbours > 1 else ''} "
-                f"to a GPU), " + ("measured by an earlier run on this GPU" if self.cached else f"measured in {self.seconds:.0f} s"))
+                f"to a GPU), "
+                + ("measured by an earlier run on this GPU" if self.cached else f"measured in {self.seconds:.0f} s"))
 
 
 def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool], dropout: list[float] | float) -> dict:

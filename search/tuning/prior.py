@@ -42,7 +42,9 @@ LORA_OVER_FULL_LR = 10
 
 @dataclass
 class TaskConfig:
-    kind: str = field(default="domain", metadata={"help": f"one of {', '.join(TASK_KINDS)}: shapes the rule-of-thumb first trial"})
+    kind: str = field(
+        default="domain",
+        metadata={"help": f"one of {', '.join(TASK_KINDS)}: shapes the rule-of-thumb first trial"})
 
     def problems(self) -> list[str]:
         if self.kind not in TASK_KINDS:

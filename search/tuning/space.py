@@ -38,14 +38,23 @@ class SpaceConfig:
         metadata={"help": f"semantic sets ({', '.join(MODULE_SETS)}) or explicit lists of layer names"})
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "LoRA ranks r to try"})
     alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={"help": "lora_alpha / r ratios to try"})
-    dropout: list[float] | float = field(default_factory=lambda: [0.0, 0.1], metadata={"help": "[low, high] range of lora_dropout, or one value, fixed"})
-    use_rslora: list[bool] = field(default_factory=lambda: [False, True], metadata={"help": "RSLoRA choices (scale alpha/sqrt(r))"})
+    dropout: list[float] | float = field(
+        default_factory=lambda: [0.0, 0.1],
+        metadata={"help": "[low, high] range of lora_dropout, or one value, fixed"})
+    use_rslora: list[bool] = field(
+        default_factory=lambda: [False, True],
+        metadata={"help": "RSLoRA choices (scale alpha/sqrt(r))"})
     use_dora: list[bool] = field(default_factory=lambda: [False], metadata={"help": "DoRA choices (slower steps)"})
-    learning_rate: list[float] | float = field(default_factory=lambda: [2e-4, 3e-3], metadata={"help": "[low, high] range, sampled on a log scale, or one value, fixed"})
-    loraplus_lr_ratio: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
+    learning_rate: list[float] | float = field(
+        default_factory=lambda: [2e-4, 3e-3],
+        metadata={"help": "[low, high] range, sampled on a log scale, or one value, fixed"})
+    loraplus_lr_ratio: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
     priors: str | list[dict[str, bool | int | float | str]] = field(
         default="auto",
-        metadata={"help": "first trials, in the budget: auto (known-good ones, snapped), none, or [{module_set: mlp, r: 8}, ...]"})
+        metadata={"help": "first trials, in the budget: auto (known-good ones, snapped), none, "
+                          "or [{module_set: mlp, r: 8}, ...]"})
 
     def __post_init__(self) -> None:
         # one value is the range [value, value], which the space keeps fixed
@@ -67,8 +76,10 @@ class SpaceConfig:
         out += [f"search.ranks contains {r}; allowed: positive integers" for r in self.ranks if r < 1]
         out += [f"search.alpha_ratios contains {a}; allowed: positive numbers" for a in self.alpha_ratios if a <= 0]
         out += [f"search.loraplus_lr_ratio contains {a}; allowed: numbers >= 1" for a in self.loraplus_lr_ratio if a < 1]
-        out += _range_problems("search.dropout", self.dropout, low_ok=lambda x: x >= 0, high_ok=lambda x: x < 1, allowed="0 <= low <= high < 1")
-        out += _range_problems("search.learning_rate", self.learning_rate, low_ok=lambda x: x > 0, high_ok=lambda x: x < 1, allowed="0 < low <= high < 1")
+        out += _range_problems("search.dropout", self.dropout, low_ok=lambda x: x >= 0, high_ok=lambda x: x < 1,
+                               allowed="0 <= low <= high < 1")
+        out += _range_problems("search.learning_rate", self.learning_rate, low_ok=lambda x: x > 0, high_ok=lambda x: x < 1,
+                               allowed="0 < low <= high < 1")
         return out + self._prior_problems()
 
     def _prior_problems(self) -> list[str]:
