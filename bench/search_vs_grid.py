@@ -134,8 +134,9 @@ def timeline(reports: dict[str, list[dict]], started: float) -> list[dict]:
     return sorted(rows, key=lambda row: row.get("called_at", row["entered_at"]))
 
 
-DRIVER_STEPS = (("search.inputs.prepare", "prepare_model"), ("search.inputs.data", "prepare"), ("search.cluster.connect", "connect"),
-                ("search.tuning.tuner", "fit_or_restore"), ("analysis.pipeline", "analyse"))
+DRIVER_STEPS = (("search.inputs.prepare", "prepare_model"), ("search.inputs.data", "prepare"),
+                ("search.cluster.connect", "connect"), ("search.tuning.tuner", "fit_or_restore"),
+                ("analysis.pipeline", "analyse"))
 
 
 def clock_driver_steps(marks: list[tuple[str, float, float]]) -> None:

@@ -124,3 +124,13 @@ def test_pick_stability_counts_the_picks_that_share_a_module_set_and_rank_and_th
     failed = stability([run(["q_proj"], 8, 0.40, False), {"pick": {}, "report": ""}], grid_eval_loss=0.424)
     assert (failed["stability_picks_at_most_grid"], failed["stability_priors_shown"], failed["stability_same_cell"]) == (
         False, False, 1)  # a search without a pick fails the bar
+
+
+def test_the_driver_steps_the_search_benchmark_clocks_exist():
+    import importlib
+
+    from bench.search_vs_grid import DRIVER_STEPS
+
+    missing = [f"{module}.{name}" for module, name in DRIVER_STEPS
+               if not hasattr(importlib.import_module(module), name)]
+    assert missing == []
