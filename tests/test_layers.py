@@ -115,13 +115,22 @@ def test_trainables_use_only_ray_tune_report_and_checkpoints():
 def architecture_table(readme: str) -> dict[str, set[str] | None]:
     """The README's architecture table: each package -> the packages it may import, named in
     backticks in the last column (None where that column says `everything`)."""
-    section = readme.split(f"\n{ARCHITECTURE}\n", 1)[1].split("\n## ", 1)[0]
     table = {}
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            table[cells[0].strip("`")] = None if cells[-1] == "everything" else set(re.findall(r"`(\w+)`", cells[-1]))
+    for cells in _first_table(readme.split(f"\n{ARCHITECTURE}\n", 1)[1].split("\n## ", 1)[0]):
+        table[cells[0].strip("`")] = None if cells[-1] == "everything" else set(re.findall(r"`(\w+)`", cells[-1]))
     return table
+
+
+def _first_table(text: str) -> list[list[str]]:
+    """The rows of the first Markdown table in `text` (header and rule left out), as cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
 
 
 def test_the_architecture_table_is_read_with_its_arrows():
@@ -142,3 +151,12 @@ def test_the_readmes_architecture_table_lists_every_package_and_the_arrows_the_i
                     for target in targets} - {package}
         assert table[package] is None or imported == table[package], (
             f"README: {package} may import {sorted(table[package])}; its modules import {sorted(imported)}")
+
+
+def test_the_readme_names_every_part_of_search_and_each_part_it_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("| part of `search` |", 1)[1]
+    named = {name for cells in _first_table("| part of `search` |" + section) for name in re.findall(r"`([\w./]+)`", cells[0])}
+    parts = {path.name + ("/" if path.is_dir() else "") for path in (ROOT / "search").iterdir()
+             if (path.is_dir() and (path / "__init__.py").exists()) or (path.suffix == ".py" and path.name != "__init__.py")}
+    assert named == parts, f"README lists {sorted(named - parts)} that search/ lacks, and lacks {sorted(parts - named)}"
