@@ -9,10 +9,9 @@ with one sub-directory per trial. Seen with Ray 2.60, a trial directory holds:
   the config repeated under `config`, which we ignore in favour of `params.json`);
 - `error.txt`: when the trial raised, "Failure # N (occurred at ...)" then the traceback, once
   per failure; a trial can fail before its first report and then has no result rows. It stays
-  when Tune retried the trial (`resources.max_failures`) and the retry finished, so the
-  trial's status comes from the experiment's `experiment_state-*.json` (Tune's own record,
-  plain JSON) where one was written: a trial failed when Tune says `ERROR`, or when
-  `error.txt` holds more failures than that snapshot counted (it predates the last one).
+  when Tune retried the trial (`resources.max_failures`) and the retry reported again, so a
+  trial failed when its last failure is no older than its last report (`_failed_last`); Tune's
+  experiment state is not read.
 Its name is the driver's `trial_<trial id>`, or Ray's default
 `<trainable>_<trial id>_<index>_<short config>_<date>`; the trial id is 8 hex digits with a
 searcher (`ab12cd34`) or `<5 hex>_<5 digits>` without one (`711d0_00001`).
@@ -56,6 +55,7 @@ _NULLABLE_INTEGER_COLUMNS = ("step", "trainable_params")
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
 _TRIAL_ID_IN_NAME = re.compile(r"_(?P<trial_id>[0-9a-f]{8}|[0-9a-f]{5}_[0-9]{5})(?:_|$)")
 _FAILURE_HEADER = re.compile(r"^Failure # \d+ .*$", re.MULTILINE)
+_FAILURE_AT = re.compile(r"^Failure # \d+ \(occurred at ([\d_-]+)\)", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Za-z_]\w*): (?P<message>.*\S)")
 
 
@@ -98,32 +98,14 @@ def read_trial_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
     """
     trials = []
     for experiment in COMPETING_EXPERIMENTS:
-        tune_status = _tune_statuses(Path(run_dir, experiment))
         for params in sorted(Path(run_dir, experiment).glob("*/params.json")):
-            trials.append(_read_trial(params.parent, tune_status))
+            trials.append(_read_trial(params.parent))
     return trials
 
 
 def read_retrain_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
     """Every retrain of a pick on all the training data (the `retrain` experiment), by directory name."""
-    tune_status = _tune_statuses(Path(run_dir, RETRAIN_EXPERIMENT))
-    return [_read_trial(params.parent, tune_status)
-            for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json"))]
-
-
-def _tune_statuses(experiment_dir: Path) -> dict[str, tuple[str, int]]:
-    """Tune's status of each trial (`TERMINATED`, `ERROR`, `RUNNING`, ...) and its count of
-    failures, by trial id, from the newest `experiment_state-*.json`; {} when Tune wrote none
-    (killed before its first snapshot) or the file cannot be read: the trial files decide."""
-    states = sorted(experiment_dir.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        trial_data = json.loads(states[-1].read_text(encoding="utf-8"))["trial_data"]
-        records = [(json.loads(trial_json), json.loads(run_json)) for trial_json, run_json in trial_data]
-        return {trial["trial_id"]: (trial["status"], run["num_failures"]) for trial, run in records}
-    except (ValueError, KeyError, TypeError):
-        return {}
+    return [_read_trial(params.parent) for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json"))]
 
 
 def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -256,7 +238,7 @@ def error_summary(error_text: str) -> str:
     return lines[0].strip() if lines else "failed without a message"
 
 
-def _read_trial(trial_dir: Path, tune_status: dict[str, tuple[str, int]]) -> TrialFiles:
+def _read_trial(trial_dir: Path) -> TrialFiles:
     params_path = trial_dir / "params.json"
     config = _read_json(params_path)
     missing = [f"lora_config.{key}" for key in _LORA_CONFIG_KEYS if key not in config.get("lora_config", {})]
@@ -272,10 +254,19 @@ def _read_trial(trial_dir: Path, tune_status: dict[str, tuple[str, int]]) -> Tri
     error_path = trial_dir / "error.txt"
     trial_id = rows[0]["trial_id"] if rows else _trial_id_from_name(trial_dir.name)
     error_text = error_path.read_text(encoding="utf-8", errors="replace") if error_path.is_file() else ""
-    status, failures_seen = tune_status.get(trial_id, ("ERROR", 0))
-    failed = bool(error_text) and (status == "ERROR" or len(_FAILURE_HEADER.findall(error_text)) > failures_seen)
+    failed = bool(error_text) and _failed_last(error_text, rows)
     error = error_summary(error_text) if failed else ""
     return TrialFiles(trial_id=trial_id, params=params, rows=rows, error=error, directory=trial_dir)
+
+
+def _failed_last(error_text: str, rows: list[dict]) -> bool:
+    """Whether the trial's last failure came after its last report: then it ended failed. A trial
+    that Tune retried (resources.max_failures) and that reported again has a later report; the
+    trial's own files tell, not Tune's experiment state. Ray stamps both in its local time, to the
+    second (`date`, "Failure # N (occurred at ...)"); a retry takes longer than that to report."""
+    failures = _FAILURE_AT.findall(error_text)
+    dates = [row["date"] for row in rows if isinstance(row.get("date"), str)]
+    return not failures or not dates or failures[-1] >= max(dates)
 
 
 def _read_result_rows(path: Path) -> list[dict]:

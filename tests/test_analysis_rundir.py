@@ -94,20 +94,13 @@ def test_failed_trial_keeps_its_config_and_a_one_line_error_without_the_module_p
     assert row["r"] == 8
 
 
-def write_experiment_state(run_dir: Path, trials: dict[str, tuple[str, int]], experiment: str = "tune") -> None:
-    """Tune's experiment_state JSON as Ray 2.60 writes it: per trial, a JSON string of the
-    trial (with `status`) and one of its run metadata (with `num_failures`)."""
-    trial_data = [[json.dumps({"trial_id": trial_id, "status": status, "config": {}}),
-                   json.dumps({"num_failures": failures, "last_result": {}})]
-                  for trial_id, (status, failures) in trials.items()]
-    state = {"trial_data": trial_data, "runner_data": {}, "stats": {}}
-    (run_dir / experiment / "experiment_state-2026-11-23_12-21-08.json").write_text(json.dumps(state))
-
-
 def test_a_trial_that_tune_retried_to_the_end_is_finished_despite_its_error_file(run_dir):
-    add_trial(run_dir, "aaaa0001", error="builtins.RuntimeError: worker lost")
+    # aaaa0001 failed once, before its reports (which all carry the helper's date, 09:37:09), and
+    # Tune's retry trained it to the end; aaaa0002 failed after its last report.
+    retried = ray_traceback("builtins.RuntimeError: worker lost").replace("occurred at 2026-11-23_09-37-09",
+                                                                          "occurred at 2026-11-23_09-30-00")
+    add_trial(run_dir, "aaaa0001", error_text=retried)
     add_trial(run_dir, "aaaa0002", last_step=50, error="torch.OutOfMemoryError: CUDA out of memory.")
-    write_experiment_state(run_dir, {"aaaa0001": ("TERMINATED", 1), "aaaa0002": ("ERROR", 2)})
 
     trials = load_trials(run_dir).set_index("trial_id")
 
@@ -116,9 +109,8 @@ def test_a_trial_that_tune_retried_to_the_end_is_finished_despite_its_error_file
 
 
 def test_a_failure_newer_than_tunes_last_snapshot_is_still_a_failure(run_dir):
-    # Tune's snapshot saw the trial running with no failure; then it raised and the driver died.
+    # the trial raised after its last report, then the driver died before Tune recorded anything
     add_trial(run_dir, "aaaa0001", last_step=50, error="trainables.trial.TrialDiverged: loss became nan at step 52")
-    write_experiment_state(run_dir, {"aaaa0001": ("RUNNING", 0)})
 
     row = load_trials(run_dir).iloc[0]
 
