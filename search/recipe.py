@@ -18,7 +18,7 @@ from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
 from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
-from search.output.console import keep_logs_in
+from search.output.console import keep_logs_in, say
 from search.signals import GracefulStop, stopped
 from trainables.config import TrialSetup, cache_root
 
@@ -116,7 +116,7 @@ class SearchRecipe:
         run_dir = location.local
         _check_run_dir(location, self.overwrite)
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
-        print(eval_sample_line(prepared_data, config.data.eval_examples), flush=True)
+        say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
         stop.again = "--overwrite"  # a new run is refused where one is, even half made
         location.delete_remote()  # only reached with --overwrite when it holds anything
