@@ -143,7 +143,7 @@ def use_the_heads_auth(cluster: ClusterAddress, target: str) -> None:
     and RAY_AUTH_MODE is unset, token mode is turned on for this process and the ones it starts,
     when this machine has a token. ConfigError when it has none, when RAY_AUTH_MODE says not to
     send one, or when the head refuses the one it has. ray:// (Ray Client) is left to Ray."""
-    from search.cluster.connect import ray_contract
+    from search.cluster import ray_contract
 
     if target.startswith("ray://") or not ray_contract.head_refuses_this_client(target):
         return
