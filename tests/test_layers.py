@@ -160,3 +160,31 @@ def test_the_readme_names_every_part_of_search_and_each_part_it_names_exists():
     parts = {path.name + ("/" if path.is_dir() else "") for path in (ROOT / "search").iterdir()
              if (path.is_dir() and (path / "__init__.py").exists()) or (path.suffix == ".py" and path.name != "__init__.py")}
     assert named == parts, f"README lists {sorted(named - parts)} that search/ lacks, and lacks {sorted(parts - named)}"
+
+
+def test_every_import_of_our_own_names_resolves_deferred_ones_included():
+    import importlib
+
+    unresolved = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                        and node.module.split(".")[0] in PACKAGES):
+                    continue
+                module = importlib.import_module(node.module)
+                unresolved += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{alias.name}"
+                               for alias in node.names if not _has(module, alias.name)]
+    assert unresolved == []
+
+
+def _has(module, name: str) -> bool:
+    """Whether `from module import name` finds an attribute or a submodule."""
+    import importlib.util
+
+    if hasattr(module, name):
+        return True
+    try:
+        return importlib.util.find_spec(f"{module.__name__}.{name}") is not None
+    except ModuleNotFoundError:  # `module` is no package
+        return False
