@@ -229,6 +229,18 @@ def alive(pid: int) -> bool:
 # Every Ray process keeps its log files open in its session directory (worker command lines are
 # rewritten to `ray::IDLE`, and workers have process groups of their own), so open files, not
 # names or groups, tell a test's Ray processes apart.
+def processes_in_session(session: str) -> list[int]:
+    """PIDs with a file open inside a directory named `session`: the Ray session's processes."""
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(session in Path(os.readlink(fd)).parts for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
 def processes_using(*paths: Path) -> list[int]:
     """PIDs with a file open under one of `paths`."""
     prefixes = tuple(map(str, paths))

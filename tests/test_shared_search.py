@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import processes_using, run_cli, start_cli, trial_reports, write_run_config
+from helpers import processes_in_session, run_cli, start_cli, trial_reports, write_run_config
 from search.cluster.resume import resume_check
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.run import main
@@ -197,8 +197,8 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
 def _trainer_pids(run_dir: Path) -> list[int]:
     """The run's shared trainer processes: Ray workers named for the actor's class, with files
     open in the Ray session that the run recorded."""
-    session = (run_dir / "ray_session").read_text().strip()
-    return [pid for pid in processes_using(Path(session))
+    session = (run_dir / "ray_session").read_text().strip()  # the session's name
+    return [pid for pid in processes_in_session(session)
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::SharedTrainer")]
 
 

@@ -65,9 +65,12 @@ def tracked(tiny_model_dir, tmp_path_factory):
 
 def _saved(run_dir: Path) -> dict[str, int]:
     """The last reported step of each trial whose report is both in Tune's newest saved experiment
-    state and in its result.json. The kill waits for both: Tune uploads them in one copy, in no set
-    order, and a trial that the state saw report nothing restarts from scratch, whose new
-    result.json then replaces the old one, as does one whose result.json had not arrived."""
+    state, with a checkpoint, and in its result.json. The kill waits for all three: Tune uploads
+    them in one copy, in no set order, and saves the state on its own clock, so it may hold a
+    report before the checkpoint that came with it; a trial that the state saw checkpoint nothing
+    restarts from scratch, whose new result.json then replaces the old one, as does one whose
+    result.json had not arrived. The state keeps a trial's checkpoints in a pickle, hex-encoded:
+    this test's premise reads it, the product never does."""
     states = sorted((run_dir / "tune").glob("experiment_state-*.json"))
     try:
         trials = json.loads(states[-1].read_text())["trial_data"] if states else []
@@ -76,8 +79,10 @@ def _saved(run_dir: Path) -> dict[str, int]:
     reported = trial_reports(run_dir)
     steps = {}
     for config, runtime in trials:
-        trial_id, step = json.loads(config)["trial_id"], (json.loads(runtime).get("last_result") or {}).get("step")
-        if step is not None and step in {row["step"] for row in reported.get(trial_id, [])}:
+        runtime = json.loads(runtime)
+        trial_id, step = json.loads(config)["trial_id"], (runtime.get("last_result") or {}).get("step")
+        checkpointed = b"checkpoint_0".hex() in str(runtime.get("checkpoint_manager"))  # a directory checkpoint_000000
+        if step is not None and checkpointed and step in {row["step"] for row in reported.get(trial_id, [])}:
             steps[trial_id] = step
     return steps
 
