@@ -63,7 +63,7 @@ class SearchRecipe:
             return self._dry_run()
         check_device(config, plan.gpus_per_trial, local=local)
         self.config = config = plan.applied(config)
-        cluster = resolve_address(self.address)
+        self.cluster = cluster = resolve_address(self.address)
         if cluster is None:
             keep_local_ray_on_loopback()  # before this process first imports ray, in `search`
         else:  # join the cluster before anything is written
@@ -150,7 +150,7 @@ class SearchRecipe:
         import ray
 
         from rundir.layout import SEARCH_EXPERIMENT
-        from search.cluster.connect import connect, resolve_address, trial_slots
+        from search.cluster.connect import connect, trial_slots
         from search.resources.trainers import shared_trainers, trainer_slots
         from search.tuning.prior import prior_points
         from search.tuning.space import LoraSpace
@@ -159,7 +159,7 @@ class SearchRecipe:
         config, plan, location, data_info = self.config, self.plan, self.location, self.data_info
         setup = trial_setup(config, plan, self.prepared, location, data_info)
         environment.setenvs(environment.TUNE_STATE, keep_users=True)
-        cluster = resolve_address(self.address)
+        cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop()
         started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
         try:
