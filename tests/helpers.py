@@ -211,6 +211,21 @@ def trial_reports(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def assert_steps_in_order(trial_id: str, rows: list[dict]) -> None:
+    """Each step once, in order, except where a kill fell between a report and Tune's next save of
+    its state (every second, `TUNE_GLOBAL_CHECKPOINT_S`): the resume trains again from the
+    checkpoint that state names and reports those steps again, each repeat equal to the first in
+    its losses to the last digit (the analysis keeps one row a step)."""
+    first: dict[int, dict] = {}
+    for row in rows:
+        earlier = first.setdefault(row["step"], row)
+        if earlier is not row:
+            for key in ("eval_loss", "train_loss", "eval_row_loss"):
+                assert row[key] == earlier[key], f"{trial_id} reported step {row['step']} again with another {key}"
+    steps = list(first)
+    assert steps == sorted(steps), f"{trial_id} reported its steps out of order: {[row['step'] for row in rows]}"
+
+
 # Ray's processes.
 # Ray turns a 127.0.0.1 address into the machine's own IP before connecting, which the
 # loopback-only nodes do not listen on; this keeps the driver on loopback too.

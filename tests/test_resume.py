@@ -16,8 +16,10 @@ import pytest
 
 from helpers import (
     KILLED_AS_TUNE_DELETES_A_CHECKPOINT,
+    assert_steps_in_order,
     interrupted_search_args,
     start_cli,
+    trial_reports,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,13 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def _ended_trials(run_dir: Path) -> int:
     """Trials whose last report is in; a trial directory appears when the next one starts."""
     return max(0, len(list((run_dir / "tune").glob("trial_*"))) - 1)
-
-
-def _steps_reported(run_dir: Path) -> dict[str, list[int]]:
-    out = {}
-    for result in (run_dir / "tune").glob("trial_*/result.json"):
-        out[result.parent.name] = [json.loads(line)["step"] for line in result.read_text().splitlines()]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +60,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
     assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
     key = ["origin", "module_set", "r", "alpha_ratio", "learning_rate", "seed", "step"]
     assert sorted(map(tuple, trials[key].round(12).values)) == sorted(map(tuple, plain[key].round(12).values))
-    for name, steps in _steps_reported(run_dir).items():  # the search experiment
-        assert steps == sorted(set(steps)), f"{name} reported a step twice: {steps}"
+    for trial_id, rows in trial_reports(run_dir).items():
+        assert_steps_in_order(trial_id, rows)
     pick = json.loads((run_dir / "pick.json").read_text())
     plain_pick = json.loads((uninterrupted / "pick.json").read_text())
     assert pick["lora_config"] == plain_pick["lora_config"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import processes_in_session, run_cli, start_cli, trial_reports, write_run_config
+from helpers import assert_steps_in_order, processes_in_session, run_cli, start_cli, trial_reports, write_run_config
 from search.cluster.resume import resume_check
 from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
 from search.run import main
@@ -189,8 +189,7 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate", "use_rslora", "lora_dropout"]
     assert not trials.duplicated(configuration).any(), "a configuration trained twice"
     for trial_id, rows in trial_reports(run_dir).items():
-        steps = [row["step"] for row in rows]
-        assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"
+        assert_steps_in_order(trial_id, rows)
     assert (run_dir / "pick.json").is_file()
 
 
