@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 # The direction each built-in metric improves in; besides these, trials report only the user's
 # function that selection.metric names (`is_user_metric`).
@@ -72,11 +73,17 @@ class SelectionConfig:
         metadata={"help": "let every trial import and run the metric function that selection.metric names (your code)"},
     )
 
-    def __post_init__(self) -> None:
-        # `auto` becomes the metric's own direction here, once, so that everything downstream
-        # (Tune, the pick, run_config.json) sees min or max
-        if self.mode == "auto" and self.metric in METRIC_MODES:
-            object.__setattr__(self, "mode", METRIC_MODES[self.metric])
+    @property
+    def direction(self) -> str:
+        """'min' or 'max': `mode`, or for `auto` the metric's own direction. What Tune, the pick
+        and the console use; `mode` stays as the user wrote it, so a config printed or recorded
+        keeps `auto` and a later change of metric brings its own direction. ValueError for `auto`
+        with a function of the user's, whose direction only the user knows (`problems` says so)."""
+        if self.mode != "auto":
+            return self.mode
+        if self.metric not in METRIC_MODES:
+            raise ValueError(f"selection.mode is 'auto', which knows no direction for {self.metric!r}")
+        return METRIC_MODES[self.metric]
 
     @classmethod
     def recorded(cls, settings: dict) -> SelectionConfig:
@@ -88,55 +95,66 @@ class SelectionConfig:
             raise ValueError(f"run_config.json: selection has unknown keys {unknown}; the known keys are {known}.")
         return cls(**settings)
 
-    def problems(self) -> list[str]:
-        """Every problem with these settings, one message per problem; empty when valid."""
+    def with_options(self, **options) -> SelectionConfig:
+        """These settings with `options` (keyword arguments named as the fields) in place. A metric
+        other than this one comes with its own direction (mode auto) unless a mode is among them:
+        this one's direction may not be the other's."""
+        if options.get("metric", self.metric) != self.metric and "mode" not in options:
+            options = {**options, "mode": "auto"}
+        return replace(self, **options)
+
+    def problems(self, key: Callable[[str], str] = "selection.{}".format) -> list[str]:
+        """Every problem with these settings, one message per problem; empty when valid. `key`
+        names a setting as the command at hand takes it (a config key by default; an option of
+        `analysis.report`)."""
         found = []
+        metric, mode = key("metric"), key("mode")
         user_metric = is_user_metric(self.metric)
         if self.metric not in METRIC_MODES and not user_metric:
             found.append(
-                f"selection.metric={self.metric!r} is not a metric the trials report. "
+                f"{metric}={self.metric!r} is not a metric the trials report. "
                 f"Fix: use one of {list(METRIC_MODES)}, or a function of yours as module:function."
             )
         if user_metric and self.trust_metric_code is not True:
             # the trials would import and run the user's module: only on the user's explicit say-so
             found.append(
-                f"selection.metric={self.metric!r} is a function of yours, which every trial would import and run, "
-                "but selection.trust_metric_code is not true. "
-                "Fix: set selection.trust_metric_code to true if you trust that code."
+                f"{metric}={self.metric!r} is a function of yours, which every trial would import and run, "
+                f"but {key('trust_metric_code')} is not true. "
+                f"Fix: set {key('trust_metric_code')} to true if you trust that code."
             )
         if self.mode not in MODES:
-            found.append(f"selection.mode={self.mode!r} is not a direction. Fix: use 'min', 'max' or 'auto'.")
+            found.append(f"{mode}={self.mode!r} is not a direction. Fix: use 'min', 'max' or 'auto'.")
         elif user_metric and self.mode == "auto":
             found.append(
-                f"selection.mode is 'auto', which cannot know in which direction {self.metric!r} improves. "
-                "Fix: set selection.mode to 'max' (higher is better) or 'min'."
+                f"{mode} is 'auto', which cannot know in which direction {self.metric!r} improves. "
+                f"Fix: set {mode} to 'max' (higher is better) or 'min'."
             )
-        elif METRIC_MODES.get(self.metric, self.mode) != self.mode:
+        elif self.mode != "auto" and METRIC_MODES.get(self.metric, self.mode) != self.mode:
             # Optimising a loss upwards (or accuracy downwards) would silently pick the worst trial.
             found.append(
-                f"selection.mode={self.mode!r} does not fit selection.metric={self.metric!r}, "
+                f"{mode}={self.mode!r} does not fit {metric}={self.metric!r}, "
                 f"which improves towards {METRIC_MODES[self.metric]!r}. "
-                f"Fix: set selection.mode to {METRIC_MODES[self.metric]!r}."
+                f"Fix: set {mode} to {METRIC_MODES[self.metric]!r} or 'auto'."
             )
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)):
-            found.append(f"selection.tolerance={self.tolerance!r} is not a number. Fix: use a number such as 0.95.")
+            found.append(f"{key('tolerance')}={self.tolerance!r} is not a number. Fix: use a number such as 0.95.")
         elif not 0 < self.tolerance <= 1:
             found.append(
-                f"selection.tolerance={self.tolerance!r} is outside (0, 1]. "
+                f"{key('tolerance')}={self.tolerance!r} is outside (0, 1]. "
                 "Fix: use a share of the best quality, such as 0.95 (1 takes the best trial)."
             )
         if self.cost not in COSTS:
-            found.append(f"selection.cost={self.cost!r} is not a cost the trials report. Fix: use one of {list(COSTS)}.")
-        for key in ("confirm_top_k", "confirm_seeds"):
-            value = getattr(self, key)
+            found.append(f"{key('cost')}={self.cost!r} is not a cost the trials report. Fix: use one of {list(COSTS)}.")
+        for name in ("confirm_top_k", "confirm_seeds"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                found.append(f"selection.{key}={value!r} is not a whole number >= 0. Fix: use 0 (off) or more.")
+                found.append(f"{key(name)}={value!r} is not a whole number >= 0. Fix: use 0 (off) or more.")
         seeds, most = self.confirm_seeds, self.confirm_max_seeds
         if isinstance(most, bool) or not isinstance(most, int):
-            found.append(f"selection.confirm_max_seeds={most!r} is not a whole number. Fix: use a number such as 4.")
+            found.append(f"{key('confirm_max_seeds')}={most!r} is not a whole number. Fix: use a number such as 4.")
         elif isinstance(seeds, int) and not isinstance(seeds, bool) and most < seeds + 1:
             found.append(
-                f"selection.confirm_max_seeds={most} is less than selection.confirm_seeds + 1 = {seeds + 1}, the runs "
-                f"every confirmed candidate gets anyway. Fix: set selection.confirm_max_seeds to {seeds + 1} or more."
+                f"{key('confirm_max_seeds')}={most} is less than {key('confirm_seeds')} + 1 = {seeds + 1}, the runs "
+                f"every confirmed candidate gets anyway. Fix: set {key('confirm_max_seeds')} to {seeds + 1} or more."
             )
         return found

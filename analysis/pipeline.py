@@ -9,7 +9,7 @@ import filecmp
 import os
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from analysis.config import SelectionConfig
@@ -110,7 +110,7 @@ def analyse_at_uri(uri: str, overrides: dict) -> int:
             raise ValueError(f"cannot read {uri!r} ({type(error).__name__}: {error}).") from None
         if not found:
             raise ValueError(f"{uri!r} holds nothing. Fix: pass the URI a search wrote, <output>/<name>.")
-        selection = replace(SelectionConfig.recorded(read_run_config(run_dir).selection), **overrides)
+        selection = SelectionConfig.recorded(read_run_config(run_dir).selection).with_options(**overrides)
         code = analyse(run_dir, selection)
         for name in ANALYSIS_OUTPUTS:
             remove(join_uri(uri, name))  # an output this analysis did not write (no pick) must not stay behind

@@ -52,7 +52,7 @@ def write_plots(
         else None
     )
     figures = [
-        ("metric_vs_rank.png", no_finished, lambda: by_rank_figure(finished, selection.metric, selection.mode, colors)),
+        ("metric_vs_rank.png", no_finished, lambda: by_rank_figure(finished, selection.metric, selection.direction, colors)),
         ("train_seconds_vs_rank.png", no_finished, lambda: by_rank_figure(finished, "train_seconds", "min", colors)),
         ("cost_vs_metric.png", no_finished, lambda: cost_figure(finished, selection, pick)),
         (
@@ -100,7 +100,7 @@ def by_rank_figure(finished: pd.DataFrame, column: str, mode: str, colors: dict)
 def cost_figure(finished: pd.DataFrame, selection: SelectionConfig, pick: Pick | None) -> Figure:
     """Cost against metric for finished trials: the Pareto front, the tolerance bar and the pick."""
     metric, cost = selection.metric, selection.cost
-    front = pareto_front(finished, metric, selection.mode, cost)
+    front = pareto_front(finished, metric, selection.direction, cost)
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
     axes.scatter(finished[cost], finished[metric], color="0.6", label="finished trial")
@@ -112,7 +112,7 @@ def cost_figure(finished: pd.DataFrame, selection: SelectionConfig, pick: Pick |
     if finished[cost].max() > 10 * finished[cost].min() > 0:
         axes.set_xscale("log")
     axes.set_xlabel(cost)
-    axes.set_ylabel(f"{metric} ({'higher' if selection.mode == 'max' else 'lower'} is better)")
+    axes.set_ylabel(f"{metric} ({'higher' if selection.direction == 'max' else 'lower'} is better)")
     axes.set_title(f"What quality costs ({len(finished)} finished trials)")
     axes.legend()
     axes.grid(alpha=0.3)
@@ -198,7 +198,7 @@ def parameter_importance(finished: pd.DataFrame, metric: str, mode: str) -> dict
 
 def importance_figure(finished: pd.DataFrame, selection: SelectionConfig) -> Figure:
     """A horizontal bar per varied parameter: its importance for reaching the best metric values."""
-    importances = parameter_importance(finished, selection.metric, selection.mode)
+    importances = parameter_importance(finished, selection.metric, selection.direction)
     names = list(importances)[::-1]
     figure = Figure(figsize=(7, 0.5 * len(names) + 1.5))
     axes = figure.add_subplot()

@@ -124,8 +124,8 @@ class Comparison:
 
     @classmethod
     def of(cls, selection: SelectionConfig, max_steps: int) -> Comparison:
-        """The comparison that `selection` (as resolved: mode "min" or "max") asks for at `max_steps`."""
-        return cls(selection.metric, selection.mode, selection.tolerance, selection.cost, max_steps)
+        """The comparison that `selection` (in its `direction`, min or max) asks for at `max_steps`."""
+        return cls(selection.metric, selection.direction, selection.tolerance, selection.cost, max_steps)
 
     @property
     def z(self) -> float:

@@ -133,7 +133,7 @@ class RunConfig:
     search: dict       # the space's settings: lists of values, [low, high] ranges, `priors`
     budget: Budget
     resources: Resources
-    selection: dict    # the analysis' `SelectionConfig`, as resolved (mode min or max)
+    selection: dict    # the analysis' `SelectionConfig`, as the user gave it (mode auto, min or max)
     tracking: dict
     base_model: BaseModel
     data_info: DataInfo

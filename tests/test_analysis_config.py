@@ -51,10 +51,19 @@ def test_every_problem_is_reported_at_once():
 
 @pytest.mark.parametrize("metric, direction", [("eval_loss", "min"), ("train_loss", "min"), ("eval_accuracy", "max"),
                                                ("eval_exact_match", "max")])
-def test_mode_auto_becomes_the_metrics_own_direction(metric, direction):
+def test_mode_auto_becomes_the_metrics_own_direction_and_stays_auto_as_written(metric, direction):
     selection = SelectionConfig(metric=metric, mode="auto")
 
-    assert selection.mode == direction and selection.problems() == []
+    assert selection.direction == direction and selection.problems() == []
+    assert selection.mode == "auto"
+
+
+def test_another_metric_comes_with_its_own_direction_unless_a_mode_is_given():
+    loss = SelectionConfig(metric="eval_loss", mode="min")
+
+    assert loss.with_options(metric="eval_accuracy").direction == "max"
+    assert loss.with_options(tolerance=0.9).mode == "min"
+    assert loss.with_options(metric="eval_accuracy", mode="min").problems() != []
 
 
 def test_a_metric_function_without_trust_metric_code_is_a_problem_naming_both_keys():

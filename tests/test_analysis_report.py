@@ -223,11 +223,26 @@ def test_cli_metric_and_mode_switch_to_a_metric_to_maximise(tmp_path):
     assert (read_pick(run_dir)["metric"], read_pick(run_dir)["mode"]) == ("eval_accuracy", "max")
 
 
+def test_cli_metric_alone_picks_in_that_metrics_own_direction_whatever_mode_the_run_had(tmp_path):
+    run_dir = make_run(tmp_path / "run", mode="min")  # a run whose config said mode: min for eval_loss
+
+    assert main([str(run_dir), "--metric", "eval_accuracy"]) == 0
+    assert (read_pick(run_dir)["metric"], read_pick(run_dir)["mode"]) == ("eval_accuracy", "max")
+
+
+def test_cli_takes_the_users_metric_function_the_run_computed(tmp_path):
+    run_dir = _run_with_a_metric_function(tmp_path / "run")
+
+    assert main([str(run_dir), "--metric", "mymod:score", "--tolerance", "1"]) == 0
+    assert (read_pick(run_dir)["trial_id"], read_pick(run_dir)["mode"]) == ("aaaa0001", "max")
+
+
 @pytest.mark.parametrize("arguments, message", [
-    (["--tolerance", "2"], "selection.tolerance=2.0 is outside (0, 1]"),
+    (["--tolerance", "2"], "--tolerance=2.0 is outside (0, 1]"),
     (["--tolerance", "abc"], "invalid float value"),
     (["--cost", "dollars"], "invalid choice"),
-    (["--metric", "eval_accuracy"], "Fix: set selection.mode to 'max'"),
+    (["--metric", "eval_accuracy", "--mode", "min"], "Fix: set --mode to 'max' or 'auto'"),
+    (["--metric", "mymod:score"], "--metric='mymod:score': this run's trials did not compute it"),
     (["--unknown"], "unrecognized arguments"),
 ])
 def test_cli_exits_2_on_bad_arguments_with_a_message_and_no_traceback(tmp_path, capsys, arguments, message):
@@ -265,18 +280,24 @@ def test_the_report_states_the_training_and_evaluation_time_spent(analysed):
     assert f"evaluation {trials.eval_seconds.sum():,.0f}." in report
 
 
-def test_a_metric_function_picks_and_the_report_shows_it_beside_loss_accuracy_and_exact_match(tmp_path):
-    run_dir = write_run_config(tmp_path / "run", metric="mymod:score", mode="max")
+def _run_with_a_metric_function(run_dir: Path) -> Path:
+    """A run that selected by the user's function mymod:score (max): best aaaa0001 (0.80); aaaa0002
+    (0.78 >= 0.95 * 0.80) trains a quarter of its parameters; aaaa0003 is out."""
+    write_run_config(run_dir, metric="mymod:score", mode="max")
     run_config = json.loads((run_dir / "run_config.json").read_text())
     run_config["selection"]["trust_metric_code"] = True
     (run_dir / "run_config.json").write_text(json.dumps(run_config))
-    # best aaaa0001 (0.80); aaaa0002 (0.78 >= 0.95 * 0.80) trains a quarter of its parameters; aaaa0003 is out
     for trial_id, r, loss, exact, score in (("aaaa0001", 16, 0.50, 0.75, 0.80), ("aaaa0002", 4, 0.40, 0.5, 0.78),
                                             ("aaaa0003", 2, 0.45, 0.25, 0.60)):
         result = add_trial(run_dir, trial_id, r=r, eval_loss=loss) / "result.json"
         rows = [{**json.loads(line), "eval_exact_match": exact, "mymod:score": score}
                 for line in result.read_text().splitlines()]
         result.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run_dir
+
+
+def test_a_metric_function_picks_and_the_report_shows_it_beside_loss_accuracy_and_exact_match(tmp_path):
+    run_dir = _run_with_a_metric_function(tmp_path / "run")
 
     assert analyse(run_dir) == 0
 

@@ -93,6 +93,16 @@ def test_print_config_gives_yaml_that_loads_back_to_the_same_config(tmp_path):
     assert (resolved.name, resolved.output) == ("2024", "no")  # strings, though YAML reads 2024 and no otherwise
 
 
+def test_print_config_writes_auto_where_the_user_wrote_auto_so_a_later_metric_brings_its_own_direction(tmp_path):
+    code, out, _, _ = run_cli("--print-config")
+    assert code == 0
+    assert "  mode: auto" in out.split("\nselection:\n")[1]
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(out)
+    changed = load(saved, ["selection.metric=eval_accuracy"])  # refused while the file said mode: min
+    assert (changed.selection.mode, changed.selection.direction) == ("auto", "max")
+
+
 def test_print_config_of_a_config_file_keeps_its_values(tmp_path):
     example = ROOT / "configs" / "examples" / "llama3-8b-qlora.yaml"
     code, out, _, _ = run_cli("--config", str(example), "--print-config")

@@ -39,7 +39,7 @@ def status_reporter(config: Config, num_samples: int) -> StatusLine:
     """The reporter that prints a run's status line; `num_samples` is the experiment's, -1 for
     the search (budget.num_samples trials proposed, then the stages' trials as they come)."""
     planned = config.budget.num_samples if num_samples < 0 else num_samples
-    return StatusLine(config.selection.metric, config.selection.mode, config.budget.max_steps, planned)
+    return StatusLine(config.selection.metric, config.selection.direction, config.budget.max_steps, planned)
 
 
 class TrialEvents(tune.Callback):

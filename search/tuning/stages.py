@@ -51,7 +51,7 @@ class StagedSearch(Searcher):
 
     def __init__(self, searcher: Searcher, num_samples: int, selection: SelectionConfig, max_steps: int, seed: int,
                  location: RunLocation):
-        super().__init__(metric=selection.metric, mode=selection.mode)
+        super().__init__(metric=selection.metric, mode=selection.direction)
         self.searcher = searcher
         self._num_samples = num_samples
         self._selection, self._max_steps, self._seed = selection, max_steps, seed

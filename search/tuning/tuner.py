@@ -196,7 +196,7 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # appended to, so a kill leaves every line before it whole, and its lock is a symlink, which
     # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
-    searcher = StudySearcher(space, metric=selection.metric, mode=selection.mode, sampler=sampler, storage=storage,
+    searcher = StudySearcher(space, metric=selection.metric, mode=selection.direction, sampler=sampler, storage=storage,
                              study_name=config.name, points_to_evaluate=priors, max_steps=budget.max_steps)
     scheduler = ResumableASHA(
         state_path=str((location.local / ASHA_STATE).resolve()),
@@ -215,7 +215,7 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
     return experiment(SEARCH_EXPERIMENT, trainable, config, location, search_alg, -1,
                       [*reruns, TellLostTrials(staged, search_alg)],
-                      metric=selection.metric, mode=selection.mode, scheduler=scheduler)
+                      metric=selection.metric, mode=selection.direction, scheduler=scheduler)
 
 
 def experiment(name: str, trainable, config: Config, location: RunLocation, search_alg, num_samples: int,
