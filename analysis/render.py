@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from analysis.select import Comparison, Pick, WithoutPick, finished_trials, rank_by_metric
+from analysis.select import (
+    Comparison,
+    Pick,
+    WithoutPick,
+    by_configuration,
+    configuration_root,
+    finished_trials,
+    rank_by_metric,
+)
 from rundir.params import Origin
 from rundir.runconfig import Resources, RunConfig
 
@@ -174,7 +182,7 @@ def own_total(trials: pd.DataFrame, column: str) -> float:
     """`column` summed over `trials`, each counted for its own work: a promoted trial continued
     its parent's checkpoint and reports their totals (steps, seconds) together, as does a rerun
     of a trial that ran out of memory after a checkpoint."""
-    parents = trials.loc[trials["origin"].isin([Origin.PROMOTED.value, Origin.RERUN.value]), "parent"]
+    parents = trials.loc[trials["origin"].isin([origin.value for origin in Origin if origin.continues_parent]), "parent"]
     return float(trials[column].sum() - trials.set_index("trial_id")[column].reindex(parents).fillna(0).sum())
 
 
@@ -280,10 +288,18 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
            if chosen.seeds > 1 else "")
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
         + (f"{standing.sentence}\n\n" if standing else "")
-        + (f"{edge}\n\n" if (edge := at_the_edge(search, row)) else "")
+        + (f"{edge}\n\n" if _found_by_search(trials, chosen.trial_id) and (edge := at_the_edge(search, row)) else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."
     )
+
+
+def _found_by_search(trials: pd.DataFrame, trial_id: str) -> bool:
+    """Whether the search's sampler proposed `trial_id`'s configuration (its first run's origin is
+    `search`): only then does the pick at the edge of the space say where the search moved. A prior
+    sits where the user or the rule of thumb put it, at a bound of the range as often as not."""
+    root = configuration_root(trials)[trial_id]
+    return _row(trials, root)["origin"] == Origin.SEARCH.value
 
 
 # What the pick section shows of the pick and the best trial, whatever metric selects (it is
@@ -310,33 +326,62 @@ def _pick_against_best(trials: pd.DataFrame, chosen: Pick) -> str:
 
 def _prior_section(trials: pd.DataFrame, chosen: Pick | None, comparison: Comparison) -> str:
     """The known-good configurations the search started from (search/tuning/prior.py), one row each,
-    beside the pick: what the search bought over them."""
+    beside the pick: how each ended, what became of its configuration after (promoted, run again,
+    confirmed with other seeds), and what the search bought over it."""
     priors = trials[trials["origin"] == Origin.PRIOR.value].sort_values("trial_id", kind="stable")
     if priors.empty or chosen is None:
         return "## Against the known-good configurations\n\nThe run has no prior trial to compare with."
     metric, max_steps = comparison.metric, comparison.max_steps
     pick_row = _row(trials, chosen.trial_id)
+    roots = configuration_root(trials)
+    finished = finished_trials(trials, metric, comparison.cost)
+    compared = (by_configuration(finished, trials, metric) if not finished.empty else finished).assign(
+        _root=lambda table: table["trial_id"].map(roots)).set_index("_root")
     rows = []
     for _, row in priors.iterrows():
-        value = row[metric]
-        if row["trial_id"] == chosen.trial_id:
-            against = "the pick"
-        elif row["status"] == "failed":
-            against = f"failed: {row['error']}"
-        elif row["status"] != "finished":
-            against = f"stopped at step {row['step']}, below its rung's cut"
-        else:
-            against = (f"{metric} {_relative(value, chosen.value, 'lower')} "
+        value, root = row[metric], roots[row["trial_id"]]
+        if root == roots[chosen.trial_id]:
+            against = "the pick" if row["trial_id"] == chosen.trial_id else f"its configuration is the pick (`{chosen.trial_id}`)"
+        elif root in compared.index:
+            mean = compared.at[root, metric]
+            against = (f"{metric} {_relative(mean, chosen.value, 'lower')} "
                        f"than the pick's, {_relative(row['trainable_params'], pick_row['trainable_params'], 'fewer')} "
                        "parameters")
+        elif row["status"] == "failed":
+            against = f"failed: {row['error']}"
+        else:
+            against = f"stopped at step {row['step']}, below its rung's cut"
         rows.append((f"`{row['trial_id']}`",
                      f"{row['module_set']}, r={row['r']}, alpha {row['lora_alpha']:g}{', RSLoRA' if row['use_rslora'] else ''}, "
                      f"lr {row['learning_rate']:.3g}",
                      "" if pd.isna(row["step"]) else row["step"], row["status"],
-                     "not reported" if pd.isna(value) else f"{value:.4g}", against))
+                     "not reported" if pd.isna(value) else f"{value:.4g}", against,
+                     _what_became_of(row["trial_id"], trials, roots, compared, metric)))
     return (f"## Against the known-good configurations\n\nThe search's first {len(priors)} trials were the priors; "
             f"the pick (`{chosen.trial_id}`) reached {metric} {chosen.value:.4g} at step {max_steps}.\n\n"
-            + _markdown_table(("trial", "configuration", "step", "status", metric, "against the pick"), rows))
+            + _markdown_table(("trial", "configuration", "step", "status", metric, "against the pick",
+                               "what became of it"), rows))
+
+
+# How the report names a trial that carries on a prior's configuration, by its origin.
+_LATER_RUN = {Origin.PROMOTED.value: "promoted as", Origin.RERUN.value: "run again as",
+              Origin.CONFIRM.value: "repeated with another seed as"}
+
+
+def _what_became_of(trial_id: str, trials: pd.DataFrame, roots: dict[str, str], compared: pd.DataFrame,
+                    metric: str) -> str:
+    """The later runs of `trial_id`'s configuration (promoted, run again, confirmed), each with how
+    it ended, and the configuration's mean where several of its runs finished; "no later run"."""
+    later = trials[(trials["trial_id"].map(roots) == roots[trial_id]) & (trials["trial_id"] != trial_id)]
+    parts = []
+    for row in later.itertuples():
+        ended = ("failed" if row.status == "failed"
+                 else f"{row.status} at step {row.step} with {metric} {_row(trials, row.trial_id)[metric]:.4g}")
+        parts.append(f"{_LATER_RUN.get(row.origin, row.origin)} `{row.trial_id}`, {ended}")
+    root = roots[trial_id]
+    if root in compared.index and compared.at[root, "seeds"] > 1:
+        parts.append(f"mean of its {int(compared.at[root, 'seeds'])} finished runs {compared.at[root, metric]:.4g}")
+    return "; ".join(parts) if parts else "no later run"
 
 
 def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | None, diagnoses: dict[str, str]) -> str:
@@ -344,19 +389,22 @@ def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | Non
     if finished.empty:
         return "## Top trials\n\nNo trial finished the full budget."
     top = rank_by_metric(finished, comparison.metric, comparison.mode).head(TOP_TRIALS)
+    # a column only where some shown trial has something in it: the curve's diagnosis, the marks
+    curve = [diagnoses.get(trial_id, "") for trial_id in top["trial_id"]]
+    marks = [_marks(trial_id, chosen) for trial_id in top["trial_id"]]
+    optional = [(name, values) for name, values in (("curve", curve), ("pick or best", marks)) if any(values)]
     headers = (
         "trial", "origin", "module set", "r", "lora_alpha", "dropout", "RSLoRA", "DoRA", "learning rate",
-        comparison.metric, "trainable params", "train s", "curve", "",
+        comparison.metric, "trainable params", "train s", *(name for name, _ in optional),
     )
     rows = [
         (
             f"`{row.trial_id}`", row.origin, row.module_set, row.r, f"{row.lora_alpha:g}", f"{row.lora_dropout:.3g}",
             row.use_rslora, row.use_dora, f"{row.learning_rate:.3g}", f"{value:.4g}",
-            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", diagnoses.get(row.trial_id, ""),
-            _marks(row.trial_id, chosen),
+            f"{row.trainable_params:,}", f"{row.train_seconds:,.0f}", *(values[n] for _, values in optional),
         )
         # the metric's value beside the row: a user's `module:function` is no attribute name for itertuples
-        for row, value in zip(top.itertuples(), top[comparison.metric])
+        for n, (row, value) in enumerate(zip(top.itertuples(), top[comparison.metric]))
     ]
     return (
         f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {comparison.metric}.\n\n"

@@ -32,6 +32,12 @@ class Origin(str, Enum):
         train to the full budget outside both."""
         return self in (Origin.PRIOR, Origin.SEARCH)
 
+    @property
+    def continues_parent(self) -> bool:
+        """Whether such a trial carries on its parent's run from the parent's last checkpoint (where
+        it saved one): its reports continue the parent's steps, and its totals include the parent's."""
+        return self in (Origin.PROMOTED, Origin.RERUN)
+
 
 @dataclass(frozen=True)
 class TrialParams:
