@@ -61,9 +61,9 @@ def write_plots(
     )
     figures = [
         ("metric_vs_rank.png", no_finished,
-         lambda: by_rank_figure(finished, selection.metric, selection.direction, colors, _pick_at(pick, trials, "value"))),
+         lambda: by_rank_figure(finished, selection.metric, selection.direction, colors, pick_position(pick, trials, "value"))),
         ("train_seconds_vs_rank.png", no_finished,
-         lambda: by_rank_figure(finished, "train_seconds", "min", colors, _pick_at(pick, trials, "train_seconds"))),
+         lambda: by_rank_figure(finished, "train_seconds", "min", colors, pick_position(pick, trials, "train_seconds"))),
         ("cost_vs_metric.png", no_finished, lambda: cost_figure(finished, selection, pick)),
         (
             "learning_curves.png",
@@ -284,7 +284,7 @@ def plain_numbers(figure: Figure) -> Figure:
     return figure
 
 
-def _pick_at(pick: Pick | None, trials: pd.DataFrame, column: str) -> tuple[int, float, str] | None:
+def pick_position(pick: Pick | None, trials: pd.DataFrame, column: str) -> tuple[int, float, str] | None:
     """Where the pick goes on a by-rank figure: its rank, its `column` (`value`: the value it was
     picked by, a mean over its runs), its trial id; None without a pick."""
     if pick is None:
