@@ -62,6 +62,17 @@ def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
     return Decision(promote, confirm, pick_id, more)
 
 
+def leader(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: int) -> pd.Series | None:
+    """The best configuration so far among `trials` (ended ones), as the pick and the report name
+    it (`analysis.select.Standings.best`: a configuration's runs with other seeds and its promotion
+    count together, by their mean, under the id of its first run that is not a confirmation);
+    its row of `analysis.select.by_configuration`'s table. None while none finished the full budget."""
+    try:
+        return Comparison.of(selection, max_steps).standings(trials_table(list(trials), max_steps, selection.metric)).best
+    except NoCandidate:
+        return None
+
+
 def more_seeds(trials: pd.DataFrame, chosen: Pick, comparison: Comparison, max_runs: int) -> dict[str, int]:
     """While `chosen` cannot be told apart from `chosen.undecided_with`: for each of the two, its
     trial id -> the runs with other seeds it should have in all, one more than it has finished.

@@ -11,14 +11,16 @@ experiment, so a resume prints with the console of the command that resumes.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
 from ray.tune.experiment import Trial
 
-from analysis.results import error_summary
+from analysis.candidates import leader
+from analysis.config import SelectionConfig
+from analysis.results import TrialFiles, error_summary
 from rundir.params import Origin, TrialParams
 from search.config import Config
 from search.output.console import say
@@ -39,7 +41,7 @@ def status_reporter(config: Config, num_samples: int) -> StatusLine:
     """The reporter that prints a run's status line; `num_samples` is the experiment's, -1 for
     the search (budget.num_samples trials proposed, then the stages' trials as they come)."""
     planned = config.budget.num_samples if num_samples < 0 else num_samples
-    return StatusLine(config.selection.metric, config.selection.direction, config.budget.max_steps, planned)
+    return StatusLine(config.selection, config.budget.max_steps, planned)
 
 
 class TrialEvents(tune.Callback):
@@ -80,11 +82,11 @@ class StatusLine(tune.ProgressReporter):
     """The status line, printed when trials have ended since the last one (the first time on a
     resume, which starts with trials done), and at least every HEARTBEAT_S: trials done out of
     those planned (`planned` proposed, plus the stages' trials seen), running, the best
-    `metric` among the trials at the full budget (`max_steps`), and the time left at the pace
-    trials have ended since Tune started."""
+    configuration at the full budget (`max_steps`) by `selection`'s metric, as the report names
+    it (`best_configuration`), and the time left at the pace trials have ended since Tune started."""
 
-    def __init__(self, metric: str, mode: str, max_steps: int, planned: int) -> None:
-        self.metric, self.mode, self.max_steps, self.planned = metric, mode, max_steps, planned
+    def __init__(self, selection: SelectionConfig, max_steps: int, planned: int) -> None:
+        self.selection, self.max_steps, self.planned = selection, max_steps, planned
         self.setup()
 
     def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
@@ -106,8 +108,8 @@ class StatusLine(tune.ProgressReporter):
         running = sum(trial.status == Trial.RUNNING for trial in trials)
         now = time.monotonic()
         left = time_left_s(ended - (self._ended_before or 0), planned - ended, now - self._started)
-        best = best_trial(trials, self.metric, self.mode, self.max_steps)
-        say(status_text(ended, planned, running, self.metric, best, left))
+        best = best_configuration(trials, self.selection, self.max_steps)
+        say(status_text(ended, planned, running, self.selection.metric, best, left))
         self._ended_said, self._said_at = ended, now
 
 
@@ -136,25 +138,40 @@ _ORIGIN = {
 }
 
 
-def best_trial(trials: list[Trial], metric: str, mode: str, max_steps: int) -> Trial | None:
-    """The trial with the best finite `metric` among those that ended at the full budget: the
-    only ones the pick compares (a trial stopped early never competes with a finished one)."""
-    full = [trial for trial in trials if trial.status == Trial.TERMINATED
-            and trial.last_result.get("step", 0) >= max_steps and _finite(trial.last_result.get(metric))]
-    if not full:
+def best_configuration(trials: list[Trial], selection: SelectionConfig, max_steps: int) -> Best | None:
+    """The best configuration among the trials that ended at the full budget, as the analysis and
+    the report name it (`analysis.candidates.leader`): a configuration's runs with other seeds
+    count by their mean, under its first run's id, so a lucky confirmation is not named instead."""
+    ended = [trial for trial in trials if trial.status in _ENDED]
+    reports = [TrialFiles(trial.trial_id, TrialParams.from_config(trial.config),
+                          [trial.last_result] if "step" in trial.last_result else [],
+                          "failed" if trial.status == Trial.ERROR else "", None) for trial in ended]
+    row = leader(reports, selection, max_steps)
+    if row is None:
         return None
-    pick = max if mode == "max" else min
-    return pick(full, key=lambda trial: trial.last_result[metric])
+    params = next(report.params for report in reports if report.trial_id == row["trial_id"])
+    return Best(row["trial_id"], float(row[selection.metric]), int(row["seeds"]), params)
 
 
-def status_text(ended: int, planned: int, running: int, metric: str, best: Trial | None, left_s: float | None) -> str:
+@dataclass(frozen=True)
+class Best:
+    """The status line's best configuration: the id the report gives it, its value (the mean over
+    its `runs`), its parameters."""
+
+    trial_id: str
+    value: float
+    runs: int
+    params: TrialParams
+
+
+def status_text(ended: int, planned: int, running: int, metric: str, best: Best | None, left_s: float | None) -> str:
     """The status line: `3/8 trials done, 2 running; best eval_loss 0.4123 (trial ...: ...); about 2m 10s left`."""
     parts = [f"{ended}/{planned} trials done, {running} running"]
     if best is None:
         parts.append("no trial at the full budget yet")
     else:
-        params = TrialParams.from_config(best.config)
-        parts.append(f"best {metric} {best.last_result[metric]:.4g} (trial {best.trial_id}: {describe(params)})")
+        runs = f", mean of {best.runs} runs" if best.runs > 1 else ""
+        parts.append(f"best {metric} {best.value:.4g} (trial {best.trial_id}: {describe(best.params)}{runs})")
     if left_s is not None and ended < planned:
         parts.append(f"about {duration(left_s)} left")
     return "; ".join(parts)
@@ -201,6 +218,3 @@ def _reason(trial: Trial) -> str:
     except OSError:
         return unknown
 
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
