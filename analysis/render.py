@@ -357,7 +357,8 @@ def _prior_section(trials: pd.DataFrame, chosen: Pick | None, comparison: Compar
                      "" if pd.isna(row["step"]) else row["step"], row["status"],
                      "not reported" if pd.isna(value) else f"{value:.4g}", against,
                      _what_became_of(row["trial_id"], trials, roots, compared, metric)))
-    return (f"## Against the known-good configurations\n\nThe search's first {len(priors)} trials were the priors; "
+    first = "first trial was a prior" if len(priors) == 1 else f"first {len(priors)} trials were the priors"
+    return (f"## Against the known-good configurations\n\nThe search's {first}; "
             f"the pick (`{chosen.trial_id}`) reached {metric} {chosen.value:.4g} at step {max_steps}.\n\n"
             + _markdown_table(("trial", "configuration", "step", "status", metric, "against the pick",
                                "what became of it"), rows))

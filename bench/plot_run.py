@@ -21,7 +21,7 @@ def main() -> None:
     import pandas as pd
 
     from analysis.config import SelectionConfig
-    from analysis.plots import by_rank_figure, cost_figure, module_set_colors
+    from analysis.plots import by_rank_figure, cost_figure, module_set_colors, pick_position
     from analysis.select import Pick, finished_trials
 
     trials = pd.read_csv(args.run / "trials.csv")
@@ -31,7 +31,8 @@ def main() -> None:
     finished = finished_trials(trials, selection.metric, selection.cost)
     colors = module_set_colors(trials["module_set"])
     cost_figure(finished, selection, pick).savefig(args.run / "cost_vs_metric.png", dpi=110)
-    by_rank_figure(finished, selection.metric, selection.mode, colors).savefig(args.run / "metric_vs_rank.png", dpi=110)
+    by_rank_figure(finished, selection.metric, selection.direction, colors,
+                   pick_position(pick, trials, "value")).savefig(args.run / "metric_vs_rank.png", dpi=110)
 
 
 if __name__ == "__main__":
