@@ -392,7 +392,8 @@ def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | Non
     top = rank_by_metric(finished, comparison.metric, comparison.mode).head(TOP_TRIALS)
     # a column only where some shown trial has something in it: the curve's diagnosis, the marks
     curve = [diagnoses.get(trial_id, "") for trial_id in top["trial_id"]]
-    marks = [_marks(trial_id, chosen) for trial_id in top["trial_id"]]
+    roots = configuration_root(trials)
+    marks = [_marks(trial_id, chosen, roots) for trial_id in top["trial_id"]]
     optional = [(name, values) for name, values in (("curve", curve), ("pick or best", marks)) if any(values)]
     headers = (
         "trial", "origin", "module set", "r", "lora_alpha", "dropout", "RSLoRA", "DoRA", "learning rate",
@@ -408,8 +409,10 @@ def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | Non
         for n, (row, value) in enumerate(zip(top.itertuples(), top[comparison.metric]))
     ]
     return (
-        f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {comparison.metric}.\n\n"
-        + _markdown_table(headers, rows)
+        f"## Top trials\n\nThe {len(top)} best of {len(finished)} finished trials by {comparison.metric}."
+        + (" The pick and the best are configurations: one run with several seeds counts by the mean of its runs, "
+           "and each of them is marked." if any("another run" in mark for mark in marks) else "")
+        + "\n\n" + _markdown_table(headers, rows)
     )
 
 
@@ -457,11 +460,18 @@ def _snippet_section(chosen: Pick, trials: pd.DataFrame) -> str:
     )
 
 
-def _marks(trial_id: str, chosen: Pick | None) -> str:
+def _marks(trial_id: str, chosen: Pick | None, roots: dict[str, str]) -> str:
+    """"pick", "best", or both, for the run the pick and the best are named by; "pick (another run)"
+    and the like for the other runs of their configurations (`roots`: `configuration_root`)."""
     if chosen is None:
         return ""
-    marks = (("pick", chosen.trial_id), ("best", chosen.best_trial_id))
-    return ", ".join(mark for mark, marked_trial in marks if marked_trial == trial_id)
+    marks = []
+    for mark, marked_trial in (("pick", chosen.trial_id), ("best", chosen.best_trial_id)):
+        if marked_trial == trial_id:
+            marks.append(mark)
+        elif roots[marked_trial] == roots[trial_id]:
+            marks.append(f"{mark} (another run)")
+    return ", ".join(marks)
 
 
 def _row(trials: pd.DataFrame, trial_id: str) -> pd.Series:

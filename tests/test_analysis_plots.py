@@ -210,3 +210,17 @@ def test_the_top_trials_table_shows_the_curve_column_where_a_curve_has_a_diagnos
     header, _, *table = _top_table(run_dir)
     assert "curve" in header
     assert {row[0]: row[header.index("curve")] for row in table}["`aaaa0001`"] == "overfitting"
+
+
+def test_the_top_trials_table_marks_every_run_of_the_best_configuration_not_only_its_first(tmp_path):
+    # the confirmation aaaa0002 is the best run (0.44), but its configuration (mean 0.47) is named by aaaa0001
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "aaaa0001", eval_loss=0.50, r=16)
+    add_trial(run_dir, "aaaa0002", eval_loss=0.44, r=16, origin="confirm", parent="aaaa0001", seed=1)
+    add_trial(run_dir, "aaaa0003", eval_loss=0.48, r=4)
+    assert analyse(run_dir) == 0
+
+    header, _, *rows = _top_table(run_dir)
+    marks = {row[0]: row[header.index("pick or best")] for row in rows}
+    assert marks == {"`aaaa0002`": "best (another run)", "`aaaa0003`": "pick", "`aaaa0001`": "best"}
+    assert "each of them is marked" in _section(run_dir, "Top trials")
