@@ -138,6 +138,17 @@ _ORIGIN = {
 }
 
 
+@dataclass(frozen=True)
+class Best:
+    """The status line's best configuration: the id the report gives it, its value (the mean over
+    its `runs`), its parameters."""
+
+    trial_id: str
+    value: float
+    runs: int
+    params: TrialParams
+
+
 def best_configuration(trials: list[Trial], selection: SelectionConfig, max_steps: int) -> Best | None:
     """The best configuration among the trials that ended at the full budget, as the analysis and
     the report name it (`analysis.candidates.leader`): a configuration's runs with other seeds
@@ -151,17 +162,6 @@ def best_configuration(trials: list[Trial], selection: SelectionConfig, max_step
         return None
     params = next(report.params for report in reports if report.trial_id == row["trial_id"])
     return Best(row["trial_id"], float(row[selection.metric]), int(row["seeds"]), params)
-
-
-@dataclass(frozen=True)
-class Best:
-    """The status line's best configuration: the id the report gives it, its value (the mean over
-    its `runs`), its parameters."""
-
-    trial_id: str
-    value: float
-    runs: int
-    params: TrialParams
 
 
 def status_text(ended: int, planned: int, running: int, metric: str, best: Best | None, left_s: float | None) -> str:
