@@ -154,11 +154,12 @@ def of_run(run_dir: str | Path) -> tuple[Header, list[dict]]:
     reached the full budget, each of its eval rounds a row. `load` then checks that the grid is whole."""
     record = read_run_config(run_dir)
     search, budget = record.search, record.budget
-    if search["algorithm"] != "grid":
-        raise LandscapeError(f"{run_dir} is a run of search.algorithm={search['algorithm']!r}; a landscape comes "
-                             "from a run of search.algorithm=grid, where every configuration ran with every seed")
+    algorithm = search["algorithm"] if "algorithm" in search else "tpe"  # a run recorded before grids was TPE's
+    if algorithm != "grid":
+        raise LandscapeError(f"{run_dir} is a run of search.algorithm={algorithm!r}; a landscape comes from a run "
+                             "of search.algorithm=grid, where every configuration ran with every seed")
     selection = SelectionConfig.recorded(record.selection)
-    rows, steps, seeds = [], set(), set()
+    rows, steps, seeds, windows = [], set(), set(), []
     for trial in read_trial_files(run_dir):
         by_step = {row["step"]: row for row in trial.rows}  # a step reported again after a resume: the later
         if trial_status(max(by_step, default=math.nan), trial.error, budget.max_steps) != "finished":
@@ -168,6 +169,7 @@ def of_run(run_dir: str | Path) -> tuple[Header, list[dict]]:
                  "lora_dropout": lora["lora_dropout"], "use_rslora": lora["use_rslora"],
                  "use_dora": lora["use_dora"], "learning_rate": params.learning_rate}
         seeds.add(params.seed)
+        windows.append((trial.rows[0]["called_at"], trial.rows[-1]["busy_to"]))
         for step in sorted(by_step):
             reported = by_step[step]
             steps.add(step)
@@ -180,9 +182,16 @@ def of_run(run_dir: str | Path) -> tuple[Header, list[dict]]:
             "lora_dropout": search["grid"]["lora_dropouts"], "use_rslora": search["use_rslora"],
             "use_dora": search["use_dora"], "learning_rate": search["grid"]["learning_rates"]}
     header = Header(FORMAT, selection.metric, selection.mode, budget.max_steps, sorted(steps), sorted(seeds), grid,
-                    record.resources.max_concurrent_trials, record.data_info.search_train_rows, record.task["kind"],
+                    most_at_once(windows), record.data_info.search_train_rows, record.task["kind"],
                     f"python -m analysis.landscape {run_dir}: model {record.base_model.name}, data {record.data['train']}")
     return header, rows
+
+
+def most_at_once(windows: list[tuple[float, float]]) -> int:
+    """The most of the (start, end) windows that overlap at one moment: the trials the run had at
+    once (resources.max_concurrent_trials 0 records no number; the cluster's slots decided it)."""
+    ends = sorted((moment, change) for start, end in windows for moment, change in ((start, 1), (end, -1)))
+    return max(itertools.accumulate(change for _, change in ends), default=1)
 
 
 def _header(path: Path) -> Header:

@@ -187,3 +187,11 @@ def test_the_hand_grid_is_its_points_snapped_to_the_grid_and_picked_by_the_rule(
     # snapped: r8 to r4 (the nearer of 4 and 16), RSLoRA to the grid's only value; all_linear r16 lr 2e-4 (0.80) wins
     assert search.pick == Point("all_linear", 16, 1.0, 0.0, False, False, 2e-4)
     assert search.trials == 2
+
+
+def test_the_trials_at_once_are_the_most_windows_that_overlap():
+    from analysis.landscape import most_at_once
+
+    # two at once from 1 to 2 and from 3 to 4; one that ends as another starts does not overlap it
+    assert most_at_once([(0, 2), (1, 3), (3, 4), (3.5, 5)]) == 2
+    assert most_at_once([(0, 1), (1, 2)]) == 1
