@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.seeds < 1:
             raise ValueError(f"--seeds is {arguments.seeds}; allowed: an integer >= 1")
         landscape = load(arguments.landscape)
-        configs = {name: policy_config(landscape, [
-            *overrides, *([f"budget.grace_period={landscape.header.max_steps}"] if name == "tpe_no_asha" else []),
-            *arguments.set]) for name, overrides in POLICIES.items() if name in (arguments.policy or POLICIES)}
+        overrides = {name: [*own, *([f"budget.grace_period={landscape.header.max_steps}"] if name == "tpe_no_asha" else []),
+                            *arguments.set] for name, own in POLICIES.items() if name in (arguments.policy or POLICIES)}
+        configs = {name: policy_config(landscape, sets) for name, sets in overrides.items()}
     except (ValueError, ConfigError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         for seed in range(arguments.seeds)]
         else:
             searches = simulate(landscape, config, arguments.seeds)
-        figures = summary(searches, truth, landscape) | {"cpu_seconds": round(time.perf_counter() - started, 1)}
+        figures = {"overrides": overrides[name], **summary(searches, truth, landscape),
+                   "cpu_seconds": round(time.perf_counter() - started, 1)}
         out["policies"][name] = figures
         print(f"{name:14s} within tolerance {figures['within_tolerance']:.0%}, pick or <=2x its cost "
               f"{figures['pick_or_at_most_2x_cost']:.0%}, excess median {figures['excess_median']:.1%} "

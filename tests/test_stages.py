@@ -227,7 +227,8 @@ def test_a_grid_hands_out_every_point_then_each_again_with_the_next_seeds_and_no
                          "search.alpha_ratios=[1.0]", "search.use_rslora=[false]", "search.grid.learning_rates=[1e-3]",
                          "budget.landscape_seeds=3", f"budget.max_steps={MAX_STEPS}", "budget.eval_every=2",
                          "budget.grace_period=2", "seed=3"])
-    parts = search_parts(config, LoraSpace(config.search, resolved, config.seed), [], RunLocation(tmp_path))
+    parts = search_parts(config, LoraSpace(config.search, resolved, config.seed), [], RunLocation(tmp_path),
+                         str(tmp_path / "asha_state.pkl"))
     assert isinstance(parts.scheduler, FIFOScheduler)  # no ASHA: every run reaches the full budget
     handed = {f"t{i}": parts.search_alg.suggest(f"t{i}") for i in range(12)}
     points = grid_points(config.search)

@@ -109,8 +109,7 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator) -> Se
     space = LoraSpace(config.search, resolved, config.seed, priors=len(priors))
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for constant_liar, once per search
-        parts = search_parts(config, space, priors, RunLocation(Path(scratch)), storage=None,
-                             asha_state=str(Path(scratch) / "asha_state.pkl"))
+        parts = search_parts(config, space, priors, RunLocation(Path(scratch)), str(Path(scratch) / "asha_state.pkl"))
         search_alg, scheduler = parts.search_alg, parts.scheduler
         scheduler.set_search_properties(config.selection.metric, config.selection.mode)
         running: dict[str, _Running] = {}

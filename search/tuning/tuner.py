@@ -189,8 +189,8 @@ class SearchParts:
     scheduler: TrialScheduler  # ASHA on training steps; none that stops (FIFO) for a grid
 
 
-def search_parts(config: Config, space, priors: list[dict], location: RunLocation, storage=None,
-                 asha_state: str | None = None) -> SearchParts:
+def search_parts(config: Config, space, priors: list[dict], location: RunLocation, asha_state: str,
+                 storage=None) -> SearchParts:
     """Optuna (search.algorithm: TPE, seeded, constant liar for parallel proposals; random; or the
     grid) over `space` with the known-good `priors` (search/tuning/prior.py) as its first trials,
     ASHA on training steps with its rungs saved to `asha_state`, and the promotions and
@@ -242,7 +242,7 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # appended to, so a kill leaves every line before it whole, and its lock is a symlink, which
     # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
-    parts = search_parts(config, space, priors, location, storage, str((location.local / ASHA_STATE).resolve()))
+    parts = search_parts(config, space, priors, location, str((location.local / ASHA_STATE).resolve()), storage)
     staged, search_alg = parts.staged, parts.search_alg
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
