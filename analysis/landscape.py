@@ -63,6 +63,9 @@ class Point:
     def label(self) -> str:
         return " ".join(f"{key}={getattr(self, key)}" for key in POINT_KEYS)
 
+    def as_dict(self) -> dict:
+        return {key: getattr(self, key) for key in POINT_KEYS}
+
 
 @dataclass(frozen=True)
 class Header:
@@ -100,10 +103,14 @@ class Landscape:
         """`key` at the full budget, the mean over the seeds: the configuration's true value."""
         return sum(self.final(point, seed)[key] for seed in self.header.seeds) / len(self.header.seeds)
 
-    def seconds(self, point: Point, seed: int, step: int | None = None) -> float:
-        """Train and eval seconds of `point` with `seed` from its start to `step` (None: the full budget)."""
-        row = next(row for row in self.curves[point, seed] if row["step"] == step) if step else self.final(point, seed)
-        return row["train_seconds"] + row["eval_seconds"]
+    def seconds(self, point: Point, seed: int) -> float:
+        """Train and eval seconds of `point` with `seed` to the full budget."""
+        return row_seconds(self.final(point, seed))
+
+
+def row_seconds(row: dict) -> float:
+    """A row's train and eval seconds, from the trial's start."""
+    return row["train_seconds"] + row["eval_seconds"]
 
 
 def load(directory: str | Path) -> Landscape:

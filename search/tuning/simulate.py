@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.candidates import decide
-from analysis.landscape import POINT_KEYS, Landscape, Point
+from analysis.landscape import POINT_KEYS, Landscape, Point, row_seconds
 from analysis.results import TrialFiles
 from analysis.select import Comparison
 from rundir.location import RunLocation
@@ -173,15 +173,11 @@ def _start(landscape: Landscape, trial_id: str, proposal: dict, now: float, rng:
         seed = int(rng.choice(fresh))
         used.append(seed)
     curve = landscape.curves[point, seed]
-    elapsed = _seconds(curve[[row["step"] for row in curve].index(start)]) if start else 0.0
-    rows = [{**row, "at": now + _seconds(row) - elapsed, "index": index}
+    elapsed = row_seconds(curve[[row["step"] for row in curve].index(start)]) if start else 0.0
+    rows = [{**row, "at": now + row_seconds(row) - elapsed, "index": index}
             for index, row in enumerate(curve) if row["step"] > start]
     trial = Trial("simulated", config=proposal, trial_id=trial_id, stub=True)
     return _Running(trial, point, seed, rows, now)
-
-
-def _seconds(row: dict) -> float:
-    return row["train_seconds"] + row["eval_seconds"]
 
 
 def snap(landscape: Landscape, params: TrialParams) -> Point:
@@ -271,13 +267,9 @@ def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.
         rows = [{key: value for key, value in row.items() if key not in _ROW_KEYS}
                 for row in landscape.curves[point, seed]]
         seconds += landscape.seconds(point, seed)
-        trials.append(TrialFiles(f"{number:08x}", _params(asdict_point(point)), rows, "", None))
+        trials.append(TrialFiles(f"{number:08x}", _params(point.as_dict()), rows, "", None))
     picked = decide(trials, config.selection, config.budget.max_steps).pick
     return Search(snapped[int(picked, 16)] if picked else None, seconds, seconds, len(snapped))
-
-
-def asdict_point(point: Point) -> dict:
-    return {key: getattr(point, key) for key in POINT_KEYS}
 
 
 def _params(point: dict) -> TrialParams:
