@@ -33,6 +33,7 @@ class Budget:
     reduction_factor: int
     batch_size: int
     warmup_steps: int
+    landscape_seeds: int = 1  # a run recorded before grids ran one seed a configuration
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ class BudgetConfig:
     reduction_factor: int = field(default=2, metadata={"help": "ASHA keeps 1/reduction_factor of trials at each rung"})
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     warmup_steps: int = field(default=4, metadata={"help": "linear learning-rate warm-up before cosine decay"})
+    landscape_seeds: int = field(default=2, metadata={"help": "search.algorithm grid: runs of each grid point, with seeds seed, seed + 1, ..."})
 
     def problems(self) -> list[str]:
         out = [f"budget.{k} is {getattr(self, k)}; allowed: an integer >= 1"
-               for k in ("num_samples", "max_steps", "eval_every", "grace_period", "batch_size") if getattr(self, k) < 1]
+               for k in ("num_samples", "max_steps", "eval_every", "grace_period", "batch_size", "landscape_seeds")
+               if getattr(self, k) < 1]
         if self.reduction_factor < 2:
             out.append(f"budget.reduction_factor is {self.reduction_factor}; allowed: an integer >= 2")
         if self.warmup_steps < 0:

@@ -247,3 +247,23 @@ def _has_loaded(pid: int, library: str) -> bool:
         return library in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
+
+
+def test_a_grid_s_status_line_plans_every_point_with_every_seed_from_the_start(capsys):
+    from ray.tune.experiment import Trial
+
+    from search.config import load
+    from search.output.trial_lines import status_reporter
+
+    config = load(None, ["search.algorithm=grid", "search.module_sets=[mlp,all_linear]", "search.ranks=[4,16]",
+                         "search.alpha_ratios=[1.0]", "search.use_rslora=[false]",
+                         "search.grid.learning_rates=[2.0e-4,3.0e-3]", "budget.landscape_seeds=2"])
+    reporter = status_reporter(config, -1)
+    # a point's second seed runs as a confirmation of it: already in the plan of 2 x 2 x 2 points x 2 seeds
+    trials = [Trial("t", config={"origin": origin}, trial_id=trial_id, stub=True)
+              for trial_id, origin in (("a", "search"), ("b", "confirm"))]
+    reporter.report(trials, done=False)
+    assert "0/16 trials done" in capsys.readouterr().out
+    tpe = status_reporter(load(None, ["budget.num_samples=8"]), -1)
+    tpe.report(trials, done=False)
+    assert "0/9 trials done" in capsys.readouterr().out  # the search's 8, and the confirmation seen

@@ -107,3 +107,10 @@ def test_a_real_optuna_search_proposes_the_priors_first_and_marks_them(tiny_mode
         assert {key: proposal[key] for key in prior} == prior
         assert TrialParams.from_config(proposal).origin is Origin.PRIOR
     assert TrialParams.from_config(proposals[-1]).origin is Origin.SEARCH
+
+
+def test_a_grid_has_no_priors_since_it_runs_every_point():
+    from search.config import load
+
+    config = load(None, ["search.algorithm=grid"])
+    assert prior_points(config.search, train_rows=5_000, kind="domain", num_samples=8) == []

@@ -26,10 +26,12 @@ def test_the_record_reads_back_what_it_writes_field_for_field_and_in_order(recor
 def test_a_file_without_the_optional_fields_gets_their_defaults(recorded):
     for key in ("packing", "memory_probe"):
         del recorded["resources"][key]
+    del recorded["budget"]["landscape_seeds"]
 
-    resources = RunConfig.from_json(recorded).resources
+    record = RunConfig.from_json(recorded)
 
-    assert (resources.packing, resources.memory_probe) == ("processes", None)
+    assert (record.resources.packing, record.resources.memory_probe) == ("processes", None)
+    assert record.budget.landscape_seeds == 1
 
 
 @pytest.mark.parametrize("section, key, value, message", [

@@ -214,3 +214,31 @@ def test_asha_rungs_survive_tunes_restore_of_the_copy_it_pickled_at_the_start(tm
     assert result(pickle.loads(at_start), "bad", 9.0) == asha.STOP  # the good trial's value is in the rung
     (tmp_path / "asha_state.pkl").unlink()
     assert result(pickle.loads(at_start), "bad", 9.0) == asha.CONTINUE  # what the copy alone would decide
+
+
+def test_a_grid_hands_out_every_point_then_each_again_with_the_next_seeds_and_no_stage_of_its_own(run_config, tmp_path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from search.tuning.space import grid_points
+    from search.tuning.tuner import search_parts
+
+    config, resolved = run_config
+    config = load(None, ["search.algorithm=grid", "search.module_sets=[attention_qv,all_linear]", "search.ranks=[2,4]",
+                         "search.alpha_ratios=[1.0]", "search.use_rslora=[false]", "search.grid.learning_rates=[1e-3]",
+                         "budget.landscape_seeds=3", f"budget.max_steps={MAX_STEPS}", "budget.eval_every=2",
+                         "budget.grace_period=2", "seed=3"])
+    parts = search_parts(config, LoraSpace(config.search, resolved, config.seed), [], RunLocation(tmp_path),
+                         str(tmp_path / "asha_state.pkl"))
+    assert isinstance(parts.scheduler, FIFOScheduler)  # no ASHA: every run reaches the full budget
+    handed = {f"t{i}": parts.search_alg.suggest(f"t{i}") for i in range(12)}
+    points = grid_points(config.search)
+    first = [handed[f"t{i}"] for i in range(4)]
+    assert [(c["origin"], c["seed"]) for c in first] == [("search", 3)] * 4
+    assert sorted((c["module_set"], c["lora_config"]["r"]) for c in first) == sorted((p["module_set"], p["r"]) for p in points)
+    again = [handed[f"t{i}"] for i in range(4, 12)]
+    assert sorted((c["parent"], c["seed"]) for c in again) == sorted((f"t{i}", s) for i in range(4) for s in (4, 5))
+    assert all(c["origin"] == "confirm" for c in again)
+    assert parts.search_alg.suggest("x") is None  # all twelve run: nothing more until they end
+    for i, config_ in handed.items():  # the best a stage would confirm or promote gets nothing more
+        report(parts.search_alg, i, MAX_STEPS, 0.5 if config_["lora_config"]["r"] == 2 else 0.9, 100, last=True)
+    assert parts.search_alg.suggest("y") == Searcher.FINISHED

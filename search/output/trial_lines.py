@@ -24,6 +24,7 @@ from analysis.results import TrialFiles, error_summary
 from rundir.params import Origin, TrialParams
 from search.config import Config
 from search.output.console import say
+from search.tuning.space import GRID, grid_points
 
 # A status line at least this often when no trial ends: a long trial shows the run is alive,
 # without a line a minute in a log that runs for hours.
@@ -39,9 +40,14 @@ def progress_callbacks(config: Config) -> list[tune.Callback]:
 
 def status_reporter(config: Config, num_samples: int) -> StatusLine:
     """The reporter that prints a run's status line; `num_samples` is the experiment's, -1 for
-    the search (budget.num_samples trials proposed, then the stages' trials as they come)."""
-    planned = config.budget.num_samples if num_samples < 0 else num_samples
-    return StatusLine(config.selection, config.budget.max_steps, planned)
+    the search (budget.num_samples trials proposed, then the stages' trials as they come; a grid's
+    every point with every seed, all known from the start)."""
+    grid = num_samples < 0 and config.search.algorithm == GRID
+    if grid:
+        planned = len(grid_points(config.search)) * config.budget.landscape_seeds
+    else:
+        planned = config.budget.num_samples if num_samples < 0 else num_samples
+    return StatusLine(config.selection, config.budget.max_steps, planned, stages_planned=grid)
 
 
 class TrialEvents(tune.Callback):
@@ -81,12 +87,14 @@ class TrialEvents(tune.Callback):
 class StatusLine(tune.ProgressReporter):
     """The status line, printed when trials have ended since the last one (the first time on a
     resume, which starts with trials done), and at least every HEARTBEAT_S: trials done out of
-    those planned (`planned` proposed, plus the stages' trials seen), running, the best
-    configuration at the full budget (`max_steps`) by `selection`'s metric, as the report names
-    it (`best_configuration`), and the time left at the pace trials have ended since Tune started."""
+    those planned (`planned` proposed, plus the stages' trials seen unless `stages_planned`:
+    `planned` counts them already), running, the best configuration at the full budget
+    (`max_steps`) by `selection`'s metric, as the report names it (`best_configuration`), and the
+    time left at the pace trials have ended since Tune started."""
 
-    def __init__(self, selection: SelectionConfig, max_steps: int, planned: int) -> None:
+    def __init__(self, selection: SelectionConfig, max_steps: int, planned: int, stages_planned: bool = False) -> None:
         self.selection, self.max_steps, self.planned = selection, max_steps, planned
+        self.stages_planned = stages_planned
         self.setup()
 
     def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
@@ -104,7 +112,8 @@ class StatusLine(tune.ProgressReporter):
 
     def report(self, trials: list[Trial], done: bool, *sys_info: str) -> None:
         ended = sum(trial.status in _ENDED for trial in trials)
-        planned = self.planned + sum(Origin(trial.config["origin"]) in _STAGES for trial in trials)
+        planned = self.planned + (0 if self.stages_planned else
+                                  sum(Origin(trial.config["origin"]) in _STAGES for trial in trials))
         running = sum(trial.status == Trial.RUNNING for trial in trials)
         now = time.monotonic()
         left = time_left_s(ended - (self._ended_before or 0), planned - ended, now - self._started)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from search.tuning.space import SpaceConfig, module_set_key
+from search.tuning.space import GRID, SpaceConfig, module_set_key
 
 TASK_KINDS = ("format", "instruction", "domain", "code")
 
@@ -69,7 +69,7 @@ def prior_points(space: SpaceConfig, train_rows: int, kind: str, num_samples: in
     `space.priors` resolved (auto: the known-good configurations snapped into the space; a
     list: its points, checked already; none: none), duplicates dropped, at most `num_samples`
     (they count in the budget)."""
-    if space.priors == "none":
+    if space.priors == "none" or space.algorithm == GRID:  # a grid runs every point anyway
         return []
     if space.priors == "auto":
         lwr_rank = _nearest_rank(space, 32)

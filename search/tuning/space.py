@@ -8,6 +8,7 @@ the export.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from rundir.params import Origin, TrialParams
@@ -18,6 +19,21 @@ PRIOR_KEYS = ("module_set", "r", "alpha_ratio", "lora_dropout", "use_rslora", "u
 # The semantic module sets, resolved per architecture by `search.inputs.modules`. They are part of
 # the config's vocabulary, so they live here, where validating a config imports no torch.
 MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
+# How the search proposes configurations (search.tuning.tuner.search_parts): Optuna's TPE, Optuna's
+# random sampler, or every point of the grid (`grid_points`) once per landscape seed, without ASHA
+# or stages: the run that measures a landscape (analysis.landscape).
+TPE, RANDOM, GRID = "tpe", "random", "grid"
+ALGORITHMS = (TPE, RANDOM, GRID)
+
+
+@dataclass
+class GridConfig:
+    learning_rates: list[float] = field(
+        default_factory=lambda: [2e-4, 7.7e-4, 3e-3],
+        metadata={"help": "search.algorithm grid: the learning rates of the grid, within search.learning_rate"})
+    lora_dropouts: list[float] = field(
+        default_factory=lambda: [0.0],
+        metadata={"help": "search.algorithm grid: the lora_dropout values of the grid, within search.dropout"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,12 @@ class SpaceConfig:
     loraplus_lr_ratio: list[float] = field(
         default_factory=lambda: [1.0],
         metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
+    algorithm: str = field(
+        default=TPE,
+        metadata={"help": f"{', '.join(ALGORITHMS)}: how configurations are proposed; grid: every point of the "
+                          "space with search.grid's learning rates and dropouts, budget.landscape_seeds runs each, "
+                          "no ASHA, promotions or confirmations (a landscape: docs/landscape.md)"})
+    grid: GridConfig = field(default_factory=GridConfig)
     priors: str | list[dict[str, bool | int | float | str]] = field(
         default="auto",
         metadata={"help": "first trials, in the budget: auto (known-good ones, snapped), none, "
@@ -80,7 +102,24 @@ class SpaceConfig:
                                allowed="0 <= low <= high < 1")
         out += _range_problems("search.learning_rate", self.learning_rate, low_ok=lambda x: x > 0, high_ok=lambda x: x < 1,
                                allowed="0 < low <= high < 1")
-        return out + self._prior_problems()
+        return out + self._prior_problems() + self._grid_problems()
+
+    def _grid_problems(self) -> list[str]:
+        if self.algorithm not in ALGORITHMS:
+            return [f"search.algorithm is {self.algorithm!r}; allowed: {', '.join(ALGORITHMS)}"]
+        if self.algorithm != GRID:
+            return []
+        out = []
+        for key, name, (low, high) in (("learning_rates", "learning_rate", self.learning_rate),
+                                       ("lora_dropouts", "dropout", self.dropout)):
+            values = getattr(self.grid, key)
+            if not values or len(set(values)) != len(values):
+                out.append(f"search.grid.{key} is {values}; allowed: distinct values, at least one")
+            outside = [value for value in values if not low <= value <= high or (low == high and value != low)]
+            if outside:
+                out.append(f"search.grid.{key} has {outside} outside search.{name} [{low:g}, {high:g}]; allowed: "
+                           f"values within it (search.{name}'s one value where it is fixed)")
+        return out
 
     def _prior_problems(self) -> list[str]:
         """A listed prior must name the space's own parameters (PRIOR_KEYS) with values the space holds."""
@@ -139,6 +178,20 @@ def lora_config(resolved: ResolvedModules, r: int, alpha_ratio: float, dropout: 
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }
+
+
+def grid_points(space: SpaceConfig) -> list[dict]:
+    """Every point of `search.algorithm: grid`, as Optuna parameters of `LoraSpace` (a fixed
+    range is no parameter): the cross product of the space's choices with search.grid's
+    learning rates and dropouts."""
+    values = {"module_set": [module_set_key(s) for s in space.module_sets], "r": space.ranks,
+              "alpha_ratio": space.alpha_ratios, "use_rslora": space.use_rslora, "use_dora": space.use_dora,
+              "loraplus_lr_ratio": space.loraplus_lr_ratio}
+    if space.dropout[1] > space.dropout[0]:
+        values["lora_dropout"] = space.grid.lora_dropouts
+    if space.learning_rate[1] > space.learning_rate[0]:
+        values["learning_rate"] = space.grid.learning_rates
+    return [dict(zip(values, point)) for point in itertools.product(*values.values())]
 
 
 class LoraSpace:

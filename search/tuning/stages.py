@@ -30,7 +30,8 @@ from rundir.params import Origin, TrialParams
 
 class StagedSearch(Searcher):
     """The search and its stages from one Tuner: the first `num_samples` trials come from
-    `searcher` (Optuna); then promotions and confirmations, each handed out as soon as a
+    `searcher` (Optuna), each queued `repeats` times more with the next seeds (origin confirm:
+    a grid's runs of each point); then promotions and confirmations, each handed out as soon as a
     trial qualifies for one, in the slots the search's last trials leave free; finished once
     every trial has ended and none qualifies for more. In between it answers None (Tune asks
     again).
@@ -50,10 +51,11 @@ class StagedSearch(Searcher):
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
     def __init__(self, searcher: Searcher, num_samples: int, selection: SelectionConfig, max_steps: int, seed: int,
-                 location: RunLocation):
+                 location: RunLocation, repeats: int = 0):
         super().__init__(metric=selection.metric, mode=selection.direction)
         self.searcher = searcher
         self._num_samples = num_samples
+        self._repeats = repeats  # each proposed trial again with this many other seeds (a grid's landscape seeds)
         self._selection, self._max_steps, self._seed = selection, max_steps, seed
         self._location = location  # where Tune keeps the trials' checkpoints
         self._proposed = 0  # trials the wrapped searcher proposed
@@ -81,7 +83,9 @@ class StagedSearch(Searcher):
                 return None
             else:
                 self._proposed += 1
-                self._params[trial_id] = TrialParams.from_config(proposal)
+                self._params[trial_id] = params = TrialParams.from_config(proposal)
+                self._queue += [params.repeat(Origin.CONFIRM, trial_id, seed=self._seed + 1 + k)
+                                for k in range(self._repeats)]
                 return proposal
         if self._stale:
             self._queue, self._stale = self._queue + self._qualified(), False

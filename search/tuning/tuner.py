@@ -6,11 +6,12 @@ progress, retries) is Ray's own.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from analysis.candidates import decide
 from analysis.results import read_trial_files
@@ -25,6 +26,7 @@ from search.resources.memory import larger_share, ran_out_of_memory
 from search.resources.trainers import ReleaseSlots
 from search.tuning.checkpoints import DropSupersededCheckpoints
 from search.tuning.searcher import StudySearcher
+from search.tuning.space import GRID, RANDOM, grid_points
 from search.tuning.stages import GivenConfigs, StagedSearch
 from trainables.config import TrialSetup
 from trainables.placement import in_own_process, train_lora_packed_or_alone
@@ -177,45 +179,79 @@ def trial_dirname(trial) -> str:
     return trial_directory(trial.trial_id)
 
 
-def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
-    """A Tuner for `config`: Optuna TPE (seeded, constant liar for parallel proposals)
-    over `space` with the known-good `priors` (search/tuning/prior.py) as its first trials, ASHA on training
-    steps, then the promotions and confirmations (search/tuning/stages.py) on the same workers,
-    results in the run's `tune` experiment."""
+@dataclass(frozen=True)
+class SearchParts:
+    """The search's deciding parts, wired once (`search_parts`) for the real run and for the simulator."""
+
+    searcher: StudySearcher  # Optuna's sampler behind Tune's searcher interface
+    staged: StagedSearch     # the searcher with the promotions, confirmations and a grid's repeats around it
+    search_alg: Searcher     # `staged`, or the concurrency limiter around it: what Tune asks
+    scheduler: TrialScheduler  # ASHA on training steps; none that stops (FIFO) for a grid
+
+
+def search_parts(config: Config, space, priors: list[dict], location: RunLocation, asha_state: str,
+                 storage=None) -> SearchParts:
+    """Optuna (search.algorithm: TPE, seeded, constant liar for parallel proposals; random; or the
+    grid) over `space` with the known-good `priors` (search/tuning/prior.py) as its first trials,
+    ASHA on training steps with its rungs saved to `asha_state`, and the promotions and
+    confirmations (search/tuning/stages.py), concurrency-limited to resources.max_concurrent_trials.
+    `storage` holds the Optuna study (None: in memory). A grid proposes each of its points
+    (`grid_points`; `priors` are none) once, and runs each again with budget.landscape_seeds - 1
+    other seeds, with neither ASHA nor stages."""
     import optuna
+
+    budget, selection, algorithm = config.budget, config.selection, config.search.algorithm
+    num_samples = budget.num_samples
+    if algorithm == GRID:
+        # Every point queued, as the priors are, so that a point lost to a kill is queued again
+        # (StudySearcher); the sampler proposes nothing of its own.
+        priors = grid_points(config.search)
+        num_samples = len(priors)
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    elif algorithm == RANDOM:
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=config.seed,
+            constant_liar=True,  # parallel trials otherwise get near-duplicate proposals (optuna#892)
+            n_startup_trials=max(2, min(10, num_samples // 3)),
+        )
+    searcher = StudySearcher(space, metric=selection.metric, mode=selection.direction, sampler=sampler, storage=storage,
+                             study_name=config.name, points_to_evaluate=priors, max_steps=budget.max_steps)
+    if algorithm == GRID:
+        scheduler = FIFOScheduler()
+        selection = replace(selection, promote=False, confirm_top_k=0)
+        repeats = budget.landscape_seeds - 1
+    else:
+        scheduler = ResumableASHA(state_path=asha_state, time_attr="step", max_t=budget.max_steps,
+                                  grace_period=budget.grace_period, reduction_factor=budget.reduction_factor)
+        repeats = 0
+    staged = StagedSearch(searcher, num_samples, selection, budget.max_steps, config.seed, location, repeats=repeats)
+    slots = config.resources.max_concurrent_trials
+    search_alg = ConcurrencyLimiter(staged, max_concurrent=slots) if slots else staged
+    return SearchParts(searcher, staged, search_alg, scheduler)
+
+
+def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
+    """A Tuner for `config`: the search's parts (`search_parts`), with the study in the run and
+    ASHA's rungs beside it, results in the run's `tune` experiment."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    budget, selection = config.budget, config.selection
-    sampler = optuna.samplers.TPESampler(
-        seed=config.seed,
-        constant_liar=True,  # parallel trials otherwise get near-duplicate proposals (optuna#892)
-        n_startup_trials=max(2, min(10, budget.num_samples // 3)),
-    )
     # The study in the run, for optuna-dashboard and the resume: Optuna's journal file is only ever
     # appended to, so a kill leaves every line before it whole, and its lock is a symlink, which
     # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
-    searcher = StudySearcher(space, metric=selection.metric, mode=selection.direction, sampler=sampler, storage=storage,
-                             study_name=config.name, points_to_evaluate=priors, max_steps=budget.max_steps)
-    scheduler = ResumableASHA(
-        state_path=str((location.local / ASHA_STATE).resolve()),
-        time_attr="step",
-        max_t=budget.max_steps,
-        grace_period=budget.grace_period,
-        reduction_factor=budget.reduction_factor,
-    )
-    staged = StagedSearch(searcher, budget.num_samples, selection, budget.max_steps, config.seed, location)
+    parts = search_parts(config, space, priors, location, str((location.local / ASHA_STATE).resolve()), storage)
+    staged, search_alg = parts.staged, parts.search_alg
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
-    # The limiter that max_concurrent_trials would make inside Tune, made here so that TellLostTrials
-    # can tell it of a lost trial too: it would otherwise count that trial as running for good.
-    slots = config.resources.max_concurrent_trials
-    search_alg = ConcurrencyLimiter(staged, max_concurrent=slots) if slots else staged
+    # The limiter that max_concurrent_trials would make inside Tune is made in search_parts, so that
+    # TellLostTrials can tell it of a lost trial too: it would otherwise count that trial as running for good.
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
     return experiment(SEARCH_EXPERIMENT, trainable, config, location, search_alg, -1,
                       [*reruns, TellLostTrials(staged, search_alg)],
-                      metric=selection.metric, mode=selection.direction, scheduler=scheduler)
+                      metric=config.selection.metric, mode=config.selection.direction, scheduler=parts.scheduler)
 
 
 def experiment(name: str, trainable, config: Config, location: RunLocation, search_alg, num_samples: int,

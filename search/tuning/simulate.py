@@ -1,0 +1,288 @@
+"""The product's own search replayed on a landscape (`analysis.landscape`), with a simulated clock.
+
+`replay` wires the search as a run does (`search.tuning.tuner.search_parts`: Optuna's sampler
+behind `StudySearcher`, the priors, ASHA, `StagedSearch` with its promotions and confirmations,
+the concurrency limiter), and plays Tune's part through their public `Searcher` and
+`TrialScheduler` methods, in the order Tune's controller calls them: each report goes to the
+scheduler first, to the searcher unless the scheduler stops the trial, and a trial's end to
+both. A trial is a lookup: its configuration snapped to the grid's nearest point, its seed one
+of the table's seeds that this configuration has not run with yet in this search (drawn at
+random; a promotion continues its parent's curve, from its parent's step, with its parent's
+seed), its reports at the simulated times the table's cumulative seconds give, with at most
+`resources.max_concurrent_trials` trials at once (0: the landscape's `slots`). ASHA's STOP ends
+it. The pick is `analysis.candidates.decide`'s over the reports the trials made.
+
+What is not simulated: the time Optuna, ASHA and the analysis themselves take, model loading
+and Tune's own overheads between trials (a trial's seconds are its train and eval seconds).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from analysis.candidates import decide
+from analysis.landscape import POINT_KEYS, Landscape, Point, row_seconds
+from analysis.results import TrialFiles
+from analysis.select import Comparison
+from rundir.location import RunLocation
+from rundir.params import Origin, TrialParams
+from search.config import Config, load
+from search.tuning.prior import prior_points
+from search.tuning.space import LoraSpace, ResolvedModules
+from search.tuning.tuner import search_parts
+
+# The landscape's own keys in a row; the rest is what the trial reported.
+_ROW_KEYS = (*POINT_KEYS, "seed")
+
+
+def space_overrides(landscape: Landscape) -> list[str]:
+    """`--set` overrides that make the search's space the landscape's grid: its values for the
+    choices, [lowest, highest] of its values for the ranges (and the grid's points for
+    search.algorithm grid), its budget, metric and direction."""
+    grid, header = landscape.header.grid, landscape.header
+
+    def value(values) -> str:
+        return json.dumps(values)
+
+    module_sets = [name.split("+") if "+" in name else name for name in grid["module_set"]]
+    return [f"search.module_sets={value(module_sets)}", f"search.ranks={value(grid['r'])}",
+            f"search.alpha_ratios={value(grid['alpha_ratio'])}", f"search.use_rslora={value(grid['use_rslora'])}",
+            f"search.use_dora={value(grid['use_dora'])}", "search.loraplus_lr_ratio=[1.0]",
+            f"search.learning_rate={value([min(grid['learning_rate']), max(grid['learning_rate'])])}",
+            f"search.dropout={value([min(grid['lora_dropout']), max(grid['lora_dropout'])])}",
+            f"search.grid.learning_rates={value(grid['learning_rate'])}",
+            f"search.grid.lora_dropouts={value(grid['lora_dropout'])}",
+            f"budget.max_steps={header.max_steps}", f"budget.eval_every={header.steps[0]}",
+            f"budget.grace_period={min(header.steps[0], header.max_steps)}",
+            f"selection.metric={header.metric}", f"selection.mode={header.mode}"]
+
+
+def policy_config(landscape: Landscape, overrides: list[str] = ()) -> Config:
+    """The embedded default configuration on the landscape's space (`space_overrides`), then
+    `overrides` (a policy: `--set` strings, which may narrow the space)."""
+    config = load(None, [*space_overrides(landscape), *overrides])
+    if not config.resources.max_concurrent_trials:
+        config = replace(config, resources=replace(config.resources,
+                                                   max_concurrent_trials=landscape.header.slots))
+    return config
+
+
+@dataclass(frozen=True)
+class Search:
+    """One simulated search: what it picked (None: nothing), and what it cost."""
+
+    pick: Point | None
+    gpu_seconds: float  # the trials' train and eval seconds, summed
+    wall_seconds: float  # when the last trial ended
+    trials: int
+
+
+@dataclass
+class _Running:
+    trial: object  # Tune's Trial, which ASHA keeps in its rungs
+    point: Point
+    seed: int
+    rows: list[dict]  # what is left to report, with the simulated time of each
+    started: float
+    reported: list[dict] = field(default_factory=list)
+
+
+def replay(landscape: Landscape, config: Config, rng: np.random.Generator) -> Search:
+    """The search of `config` (`policy_config`) replayed once on `landscape`; `rng` draws the seeds."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    header = landscape.header
+    resolved = {name: ResolvedModules(name, name.split("+"), False, [], None) for name in header.grid["module_set"]}
+    priors = prior_points(config.search, header.search_train_rows, header.task_kind, config.budget.num_samples)
+    space = LoraSpace(config.search, resolved, config.seed, priors=len(priors))
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for constant_liar, once per search
+        parts = search_parts(config, space, priors, RunLocation(Path(scratch)), str(Path(scratch) / "asha_state.pkl"))
+        search_alg, scheduler = parts.search_alg, parts.scheduler
+        scheduler.set_search_properties(config.selection.metric, config.selection.direction)
+        running: dict[str, _Running] = {}
+        done: dict[str, _Running] = {}
+        controller = SimpleNamespace(get_live_trials=lambda: [state.trial for state in running.values()])
+        seeds_run: dict[Point, list[int]] = {}
+        events: list[tuple[float, int, str]] = []  # (time, order of arrival for ties, trial id)
+        order = itertools.count()
+        now, gpu_seconds, finished, number = 0.0, 0.0, False, 0
+        while True:
+            while not finished and len(running) < config.resources.max_concurrent_trials:
+                trial_id = f"{number:08x}"
+                proposal = search_alg.suggest(trial_id)
+                if proposal is None:
+                    break
+                if proposal == Searcher.FINISHED:
+                    finished = True
+                    break
+                number += 1
+                state = _start(landscape, trial_id, proposal, now, rng, seeds_run, {**running, **done})
+                scheduler.on_trial_add(controller, state.trial)
+                running[trial_id] = state
+                heapq.heappush(events, (state.rows[0]["at"], next(order), trial_id))
+            if not events:
+                break
+            now, _, trial_id = heapq.heappop(events)
+            state = running[trial_id]
+            row = state.rows.pop(0)
+            result = {key: value for key, value in row.items() if key not in (*_ROW_KEYS, "at", "index")}
+            result |= {"trial_id": trial_id, "checkpoint_dir_name": f"checkpoint_{row['index']:06d}"}
+            state.reported.append(result)
+            decision = scheduler.on_trial_result(controller, state.trial, result)
+            if decision != TrialScheduler.STOP:
+                search_alg.on_trial_result(trial_id, result)
+            if decision == TrialScheduler.STOP or not state.rows:
+                scheduler.on_trial_complete(controller, state.trial, result)
+                search_alg.on_trial_complete(trial_id, result=result)
+                gpu_seconds += now - state.started
+                done[trial_id] = running.pop(trial_id)
+            else:
+                heapq.heappush(events, (state.rows[0]["at"], next(order), trial_id))
+    trials = [TrialFiles(trial_id, TrialParams.from_config(state.trial.config), state.reported, "", None)
+              for trial_id, state in done.items()]
+    picked = decide(trials, config.selection, config.budget.max_steps).pick
+    return Search(done[picked].point if picked else None, gpu_seconds, now, len(done))
+
+
+def _start(landscape: Landscape, trial_id: str, proposal: dict, now: float, rng: np.random.Generator,
+           seeds_run: dict[Point, list[int]], trials: dict[str, _Running]) -> _Running:
+    """A trial of `proposal` started at `now`: its grid point, its seed, its reports' times."""
+    from ray.tune.experiment import Trial
+
+    params = TrialParams.from_config(proposal)
+    if params.origin == Origin.PROMOTED:  # the parent's curve, from the parent's last report on
+        parent = trials[params.parent]
+        point, seed, start = parent.point, parent.seed, parent.reported[-1]["step"]
+    else:
+        point, start = snap(landscape, params), 0
+        used = seeds_run.setdefault(point, [])
+        fresh = [seed for seed in landscape.header.seeds if seed not in used] or landscape.header.seeds
+        seed = int(rng.choice(fresh))
+        used.append(seed)
+    curve = landscape.curves[point, seed]
+    elapsed = row_seconds(curve[[row["step"] for row in curve].index(start)]) if start else 0.0
+    rows = [{**row, "at": now + row_seconds(row) - elapsed, "index": index}
+            for index, row in enumerate(curve) if row["step"] > start]
+    trial = Trial("simulated", config=proposal, trial_id=trial_id, stub=True)
+    return _Running(trial, point, seed, rows, now)
+
+
+def snap(landscape: Landscape, params: TrialParams) -> Point:
+    """The grid point nearest `params`: the same choices, the nearest learning rate on a log
+    scale and the nearest dropout. A module set the grid lacks is an error."""
+    grid, lora = landscape.header.grid, params.lora_config
+    if params.module_set not in grid["module_set"]:
+        raise ValueError(f"module set {params.module_set!r} is not in the landscape's grid {grid['module_set']}")
+
+    def nearest(key: str, value: float, scale=lambda x: x):
+        return min(grid[key], key=lambda candidate: abs(scale(candidate) - scale(value)))
+
+    return Point(params.module_set, nearest("r", lora["r"]), nearest("alpha_ratio", params.alpha_ratio),
+                 nearest("lora_dropout", lora["lora_dropout"]), nearest("use_rslora", lora["use_rslora"]),
+                 nearest("use_dora", lora["use_dora"]), nearest("learning_rate", params.learning_rate, math.log))
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What the table's means say: each configuration's value and cost, the best, and the rule's pick."""
+
+    comparison: Comparison
+    values: dict[Point, float]
+    costs: dict[Point, float]
+    best: float
+    pick: Point
+
+    @classmethod
+    def of(cls, landscape: Landscape, config: Config) -> Truth:
+        comparison = Comparison.of(config.selection, landscape.header.max_steps)
+        points = landscape.header.points()
+        values = {point: landscape.mean(point, comparison.metric) for point in points}
+        costs = {point: landscape.mean(point, comparison.cost) for point in points}
+        best = (min if comparison.mode == "min" else max)(values.values())
+        table = pd.DataFrame({"trial_id": [point.label() for point in points],
+                              comparison.metric: [values[point] for point in points],
+                              comparison.cost: [costs[point] for point in points],
+                              "trainable_params": [landscape.mean(point, "trainable_params") for point in points]})
+        within = table[[comparison.within(value, comparison.bar(best)) for value in table[comparison.metric]]]
+        label = comparison.rank(within)["trial_id"].iloc[0]
+        return cls(comparison, values, costs, best, next(point for point in points if point.label() == label))
+
+    def within(self, point: Point | None) -> bool:
+        return point is not None and self.comparison.within(self.values[point], self.comparison.bar(self.best))
+
+    def right(self, point: Point | None) -> bool:
+        """The rule's pick, or one at most twice its cost within the tolerance."""
+        return point == self.pick or (self.within(point) and self.costs[point] <= 2 * self.costs[self.pick])
+
+    def excess(self, point: Point | None) -> float:
+        """How much worse than the best `point`'s true value is, as a share of the best (inf: no pick)."""
+        if point is None:
+            return math.inf
+        change = self.values[point] / self.best - 1
+        return change if self.comparison.mode == "min" else -change
+
+    def cost_ratio(self, point: Point | None) -> float:
+        return math.inf if point is None else self.costs[point] / self.costs[self.pick]
+
+
+def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
+    """The figures of a policy over its simulated searches."""
+    picks = [search.pick for search in searches]
+    excess = np.array([truth.excess(pick) for pick in picks])
+    ratio = np.array([truth.cost_ratio(pick) for pick in picks])
+    return {
+        "searches": len(searches),
+        "within_tolerance": float(np.mean([truth.within(pick) for pick in picks])),
+        "pick_or_at_most_2x_cost": float(np.mean([truth.right(pick) for pick in picks])),
+        "true_pick": float(np.mean([pick == truth.pick for pick in picks])),
+        "no_pick": int(sum(pick is None for pick in picks)),
+        "excess_median": float(np.median(excess)), "excess_p90": float(np.quantile(excess, 0.9)),
+        "cost_ratio_median": float(np.median(ratio)), "cost_ratio_p90": float(np.quantile(ratio, 0.9)),
+        "gpu_seconds_median": float(np.median([search.gpu_seconds for search in searches])),
+        "wall_seconds_median": float(np.median([search.wall_seconds for search in searches])),
+        "trials_median": float(np.median([search.trials for search in searches])),
+    }
+
+
+def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.random.Generator) -> Search:
+    """The hand grid: `points` (space keys; each snapped to the grid, duplicates once) trained to
+    the full budget with one seed drawn from the table's, picked by the same rule."""
+    snapped = list(dict.fromkeys(snap(landscape, _params(point)) for point in points))
+    trials, seconds = [], 0.0
+    for number, point in enumerate(snapped):
+        seed = int(rng.choice(landscape.header.seeds))
+        rows = [{key: value for key, value in row.items() if key not in _ROW_KEYS}
+                for row in landscape.curves[point, seed]]
+        seconds += landscape.seconds(point, seed)
+        trials.append(TrialFiles(f"{number:08x}", _params(point.as_dict()), rows, "", None))
+    picked = decide(trials, config.selection, config.budget.max_steps).pick
+    return Search(snapped[int(picked, 16)] if picked else None, seconds, seconds, len(snapped))
+
+
+def _params(point: dict) -> TrialParams:
+    """A trial's parameters for the space keys of `point` (a hand grid's row)."""
+    lora = {"r": point["r"], "lora_alpha": point["alpha_ratio"] * point["r"], "lora_dropout": point["lora_dropout"],
+            "target_modules": point["module_set"].split("+"), "use_rslora": point["use_rslora"],
+            "use_dora": point["use_dora"]}
+    return TrialParams(lora, point["module_set"], point["alpha_ratio"], point["learning_rate"], 1.0, 0)
+
+
+def simulate(landscape: Landscape, config: Config, seeds: int) -> list[Search]:
+    """`seeds` searches of `config`, the search's seed 0 to seeds - 1 (the seeds' draws too)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return [replay(landscape, replace(config, seed=seed), np.random.default_rng(seed)) for seed in range(seeds)]
