@@ -48,6 +48,9 @@ class SearchRecipe:
                 raise ConfigError(str(e)) from None
             print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}",
                   flush=True)
+        if not self.dry_run:  # first, so that an output that cannot hold the run costs nothing
+            self.location = locate(config.output, config.name, cache_root())
+            _check_output(self.location, resume=self.resume, overwrite=self.overwrite)
         self.prepared = prepare_model(config)
         store_problem = mlflow_store_problem(config.tracking.mlflow)
         if store_problem:
@@ -74,12 +77,11 @@ class SearchRecipe:
                 except KeyboardInterrupt:
                     return stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
                                    again="")
-        self.location = location = locate(config.output, config.name, cache_root())
+        location = self.location
         if self.resume:
             from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
 
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
-            location.check_writable()
             location.pull()  # a run kept at a URI resumes from any machine
             self.data_info = resume_check(location.local, config)
             check_driver_gone(location.local)
@@ -114,7 +116,6 @@ class SearchRecipe:
 
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
-        _check_run_dir(location, self.overwrite)
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
         say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
@@ -267,9 +268,14 @@ def _push(location: RunLocation) -> bool:
         return False
 
 
-def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
+def _check_output(location: RunLocation, *, resume: bool, overwrite: bool) -> None:
+    """ConfigError or LocationError where the run cannot be written at `location`: a path that is
+    a file or cannot be made, a bucket not writable; and, for a new run, a run already there
+    (unless `overwrite`)."""
     run_dir = location.local
     location.check_writable()
+    if resume:
+        return
     if location.remote:
         if location.remote_exists() and not overwrite:
             raise ConfigError(f"the run {location.remote} already exists and is not empty; nothing in it was touched. "
