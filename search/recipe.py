@@ -110,7 +110,7 @@ class SearchRecipe:
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
         from rundir.files import write_json_atomic
         from rundir.layout import DATA, RUN_CONFIG
-        from search.inputs.data import eval_sample_line
+        from search.inputs.data import eval_sample_line, template_fallback_line
         from search.inputs.prepare import load_tokenizer, prepare_data
         from trainables.data import save_splits
 
@@ -118,6 +118,9 @@ class SearchRecipe:
         run_dir = location.local
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
         say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
+        fallback = template_fallback_line(prepared_data, config.data)
+        if fallback:
+            say(fallback)
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
         stop.again = "--overwrite"  # a new run is refused where one is, even half made
         location.delete_remote()  # only reached with --overwrite when it holds anything

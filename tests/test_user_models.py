@@ -126,3 +126,17 @@ def test_a_dry_run_from_a_config_json_alone_counts_exactly_and_says_the_data_is_
     assert f"{2 * (2 * (64 + 192) + 2 * (64 + 64)):,}" in out
     assert "token lengths against data.max_length not checked: model.path" in out
     assert "holds no tokenizer that could be loaded" in out and "without a vocabulary" in out
+
+
+@pytest.mark.parametrize("template, said", [("auto", True), ("plain", False)])
+def test_the_console_says_once_at_setup_that_auto_fell_back_to_the_plain_template(
+        template, said, base_model_dir, qa_file, tmp_path, capsys, monkeypatch):
+    from search.recipe import SearchRecipe
+
+    monkeypatch.setattr(SearchRecipe, "search", lambda self: 0)  # setup only: the search is not what is said here
+    code = main(["--output", str(tmp_path / "runs"), "--set", "search.ranks=[2]", "--set", f"model.path={base_model_dir}",
+                 "--set", f"data.train={qa_file}", "--set", f"data.template={template}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if "Template: plain, as data.template=auto chose" in line]
+    assert len(lines) == (1 if said else 0), out
