@@ -18,7 +18,7 @@ from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
 from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
-from search.output.console import keep_logs_in, say
+from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, stopped
 from trainables.config import TrialSetup, cache_root
 
@@ -52,7 +52,7 @@ class SearchRecipe:
             self.location = locate(config.output, config.name, cache_root())
             _check_output(self.location, resume=self.resume, overwrite=self.overwrite)
         self.prepared = prepare_model(config)
-        store_problem = mlflow_store_problem(config.tracking.mlflow)
+        store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
         if store_problem:
             raise ConfigError(store_problem)
         local = self.address is None
@@ -166,41 +166,42 @@ class SearchRecipe:
         cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop()
         started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
-        try:
-            with stop:
-                started_here = connect(cluster) or cluster is not None
-                record_ray_session(location.local)
-                gpus = plan.gpus_per_trial
-                # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
-                beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
-                with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
-                    # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
-                    # so trials would start one after another: on an H100 with 8 slots, 3 were running
-                    # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
-                    # and Optuna proposes only when a slot is free.
-                    if plan.shared:
-                        slots = trainer_slots(trainers, config.resources.pack_slots,
-                                              config.resources.max_concurrent_trials)
-                    else:
-                        slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
-                    config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
-                    trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                    priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
-                                          config.budget.num_samples)
-                    space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
-                    fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                                   lambda: build_tuner(config, trainable, space, priors, location))
-                    if config.selection.retrain and stop.requested is None:
-                        retrain(config, trainable, location)
-        except KeyboardInterrupt:
-            pass  # raised by `stop`, which remembers the signal; what was saved is said below
-        except Exception as e:  # a failure of the search itself, not of one trial (those are results)
-            _push(location)
-            print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        finally:
-            if started_here:
-                ray.shutdown()
+        with ray_core_output_in_logs():  # from Ray's start to its shutdown
+            try:
+                with stop:
+                    started_here = connect(cluster) or cluster is not None
+                    record_ray_session(location.local)
+                    gpus = plan.gpus_per_trial
+                    # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
+                    beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
+                    with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
+                        # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
+                        # so trials would start one after another: on an H100 with 8 slots, 3 were running
+                        # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
+                        # and Optuna proposes only when a slot is free.
+                        if plan.shared:
+                            slots = trainer_slots(trainers, config.resources.pack_slots,
+                                                  config.resources.max_concurrent_trials)
+                        else:
+                            slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
+                        config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
+                        trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                        priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
+                                              config.budget.num_samples)
+                        space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
+                        fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                                       lambda: build_tuner(config, trainable, space, priors, location))
+                        if config.selection.retrain and stop.requested is None:
+                            retrain(config, trainable, location)
+            except KeyboardInterrupt:
+                pass  # raised by `stop`, which remembers the signal; what was saved is said below
+            except Exception as e:  # a failure of the search itself, not of one trial (those are results)
+                _push(location)
+                print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
+                return 1
+            finally:
+                if started_here:
+                    ray.shutdown()
         if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
             _push(location)
             return stopped(stop, saved_line(location))
