@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import time
 from pathlib import Path
@@ -26,9 +27,9 @@ STATES = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
 
 @pytest.fixture(scope="module")
 def tracked(tiny_model_dir, tmp_path_factory):
-    """The run directory, an MlflowClient on its store, and the trial that ran across the kill: a
-    search with MLflow and W&B (offline) on, killed once the run directory holds its second trial's
-    first report (`_saved`), then resumed to the end."""
+    """The run directory, an MlflowClient on its store, the trial that ran across the kill, and the
+    resumed run's console (stdout and stderr): a search with MLflow and W&B (offline) on, killed once
+    the run directory holds its second trial's first report (`_saved`), then resumed to the end."""
     from mlflow import MlflowClient
 
     environment = pytest.MonkeyPatch()
@@ -59,7 +60,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
     resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log[-3000:]
-    yield run_dir, client, crossing
+    yield run_dir, client, crossing, log
     environment.undo()
 
 
@@ -96,7 +97,7 @@ def _trials(run_dir: Path) -> pd.DataFrame:
 
 
 def test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_the_searchs_run(tracked):
-    run_dir, client, crossing = tracked
+    run_dir, client, crossing, _ = tracked
     experiment = client.get_experiment_by_name("sweeps").experiment_id
     parent = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -117,7 +118,7 @@ def test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_th
 
 
 def test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter(tracked, tmp_path):
-    run_dir, client, _ = tracked
+    run_dir, client, _, _ = tracked
     parent = client.get_run(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == NAME
     names = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
@@ -130,15 +131,28 @@ def test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter(tracked,
 
 
 def test_wandb_offline_writes_each_trials_run_files_into_the_run_directory(tracked):
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     for trial_id in trial_reports(run_dir):
         runs = list((run_dir / "wandb").glob(f"offline-run-*-{trial_id}"))
         assert runs, f"no W&B run files for {trial_id}"
         assert all((run / f"run-{trial_id}.wandb").stat().st_size > 0 for run in runs)
 
 
+# A line of Ray's C++ core as it prints one: [date time,ms LEVEL pid tid] file.cc:line: ...
+RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:", re.MULTILINE)
+
+
+def test_ray_s_own_lines_stay_off_the_console_and_are_in_the_runs_logs(tracked):
+    run_dir, _, _, console = tracked
+    assert not RAY_CORE_LINE.search(console), console
+    assert "(raylet)" not in console and "core_worker" not in console
+    # Ray's core warns of each W&B logging actor it starts (max_restarts with arguments in the object store)
+    core = (run_dir / "logs" / "ray_core.log").read_text()
+    assert RAY_CORE_LINE.search(core) and "_WandbLoggingActor" in core
+
+
 def test_tensorboard_event_files_are_in_each_trials_directory(tracked):
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     trial_dirs = list((run_dir / "tune").glob("trial_*"))
     assert len(trial_dirs) == 3
     for trial_dir in trial_dirs:
@@ -150,7 +164,7 @@ def test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_on
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna_study.log")))
     assert optuna.get_all_study_names(storage) == [NAME]
     trials = optuna.load_study(study_name=NAME, storage=storage).trials
