@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         selection = replace(SelectionConfig.recorded(read_run_config(arguments.run_dir).selection), **overrides)
         return analyse(arguments.run_dir, selection)
     except ValueError as error:
-        return print_errors(error)
+        return print_errors(str(error))
 
 
 if __name__ == "__main__":

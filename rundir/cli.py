@@ -9,12 +9,11 @@ import sys
 BAD_INPUT = 2
 
 
-def print_errors(error: Exception) -> int:
-    """Print `error`'s problems (its message, one problem a line) to stderr, one line each
-    starting with `error: `, any line breaks inside a problem flattened; return BAD_INPUT."""
-    for problem in str(error).splitlines() or ["(no message)"]:
-        if problem.strip():
-            print(f"error: {' '.join(problem.split())}", file=sys.stderr)
+def print_errors(*problems: str) -> int:
+    """Print each of `problems` to stderr as one line (its line breaks flattened) that starts
+    with `error: `; return BAD_INPUT."""
+    for problem in problems:
+        print(f"error: {' '.join(problem.split()) or '(no message)'}", file=sys.stderr)
     return BAD_INPUT
 
 
@@ -23,5 +22,5 @@ class ArgumentParser(argparse.ArgumentParser):
     as well, over several lines) and exit 2."""
 
     def error(self, message: str):
-        print_errors(ValueError(f"{message}; see {self.prog} --help"))
+        print_errors(f"{message}; see {self.prog} --help")
         raise SystemExit(BAD_INPUT)

