@@ -313,9 +313,10 @@ def test_the_searchs_mlflow_run_is_made_once_and_gets_the_picks_files_when_it_is
     client = MlflowClient(uri)
     experiment = client.create_experiment("sweeps", artifact_location=str(tmp_path / "artifacts"))
     run_dir = tmp_path / "run"
+    add_trial(run_dir, "t0")
     (run_dir / "plots").mkdir(parents=True)
     (run_dir / "plots" / "cost_vs_metric.png").write_bytes(b"png")
-    (run_dir / "pick.json").write_text("{}")
+    (run_dir / "pick.json").write_text(json.dumps({"trial_id": "t0", "value": 1.0, "se": 0.01}))
 
     run_id = search_run_id(client, experiment, "demo", run_dir)
 

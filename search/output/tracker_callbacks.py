@@ -176,7 +176,8 @@ def _mark_pick(client: MlflowClient, run_id: str, run_dir: Path) -> None:
     experiment = [held.info.experiment_id]
     for earlier in client.search_runs(experiment, filter_string=f"{children} AND tags.{PICKED_TAG} = 'true'"):
         client.set_tag(earlier.info.run_id, PICKED_TAG, "false")
-    (child,) = client.search_runs(experiment, filter_string=f"{children} AND tags.{TRIAL_ID_TAG} = '{picked.trial_id}'")
-    client.set_tag(child.info.run_id, PICKED_TAG, "true")
-    for tag, value in zip(PICK_TAGS, (picked.trial_id, child.info.run_id)):
-        client.set_tag(run_id, tag, value)
+    client.set_tag(run_id, PICK_TAGS[0], picked.trial_id)
+    # none where the trial's run was made without the tag (by an earlier version of this callback)
+    for child in client.search_runs(experiment, filter_string=f"{children} AND tags.{TRIAL_ID_TAG} = '{picked.trial_id}'"):
+        client.set_tag(child.info.run_id, PICKED_TAG, "true")
+        client.set_tag(run_id, PICK_TAGS[1], child.info.run_id)
