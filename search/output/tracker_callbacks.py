@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: its UI and API nest a run under the run it names
 TRIAL_ID_TAG = "trial_id"          # Tune's id of a trial's run, which pick.json names
 PICKED_TAG = "picked"              # "true" on the picked trial's run, "false" on one an earlier analysis picked
-PICK_TAGS = ("pick.trial_id", "pick.run_id")  # on the search's run: the picked trial and its MLflow run
+PICK_TRIAL_TAG = "pick.trial_id"   # on the search's run: the picked trial
+PICK_RUN_TAG = "pick.run_id"       # on the search's run: the picked trial's MLflow run
 
 
 def trial_params(params: TrialParams) -> dict[str, str]:
@@ -176,8 +177,8 @@ def _mark_pick(client: MlflowClient, run_id: str, run_dir: Path) -> None:
     experiment = [held.info.experiment_id]
     for earlier in client.search_runs(experiment, filter_string=f"{children} AND tags.{PICKED_TAG} = 'true'"):
         client.set_tag(earlier.info.run_id, PICKED_TAG, "false")
-    client.set_tag(run_id, PICK_TAGS[0], picked.trial_id)
+    client.set_tag(run_id, PICK_TRIAL_TAG, picked.trial_id)
     # none where the trial's run was made without the tag (by an earlier version of this callback)
     for child in client.search_runs(experiment, filter_string=f"{children} AND tags.{TRIAL_ID_TAG} = '{picked.trial_id}'"):
         client.set_tag(child.info.run_id, PICKED_TAG, "true")
-        client.set_tag(run_id, PICK_TAGS[1], child.info.run_id)
+        client.set_tag(run_id, PICK_RUN_TAG, child.info.run_id)
