@@ -7,13 +7,12 @@ Writes trials.csv, pick.json, adapter/adapter_config.json, plots/ and report.md 
 trials.csv still say why), 2 on bad input.
 """
 
-import argparse
-import sys
 from dataclasses import fields
 
 from analysis.config import COSTS, METRIC_MODES, MODES, SelectionConfig, is_user_metric
 from analysis.pipeline import analyse, analyse_at_uri
 from analysis.results import read_run_config
+from rundir.cli import ArgumentParser, print_errors
 from rundir.files import is_uri
 
 _FIELD_HELP = {f.name: f.metadata["help"] for f in fields(SelectionConfig)}
@@ -22,7 +21,7 @@ _OPTIONS = ("metric", "mode", "tolerance", "cost")
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0 picked, 1 nothing eligible, 2 bad input)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.report",
         description="Re-analyse a LoRA search run without training. Writes trials.csv, pick.json, "
         "adapter/adapter_config.json, plots/ and report.md into RUN_DIR. Options override the "
@@ -54,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(" ".join(problems))
         return analyse(arguments.run_dir, selection)
     except ValueError as error:
-        print(f"analysis: {error}", file=sys.stderr)
-        return 2
+        return print_errors(str(error))
 
 
 def _problems(selection: SelectionConfig, recorded: SelectionConfig) -> list[str]:

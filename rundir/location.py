@@ -69,9 +69,13 @@ class RunLocation:
 
     def check_writable(self) -> None:
         """Create and delete a probe where the run's directory will be made (at the URI, for a
-        remote run): a path that cannot be created, a wrong bucket, missing credentials
-        or an unreachable endpoint is an input error before anything runs."""
+        remote run): a run directory that is a file, a path that cannot be created, a wrong
+        bucket, missing credentials or an unreachable endpoint is an input error before anything runs."""
         if not self.remote:
+            if self.local.exists() and not self.local.is_dir():  # --overwrite replaces a run, never a file
+                raise LocationError(f"output {str(self.local.parent)!r} cannot hold the run {self.local.name!r}: "
+                                    f"{str(self.local)!r} is a file, not a run directory; it was not touched. "
+                                    f"Fix: choose another --name or --output")
             existing = self.local.parent.absolute()
             while not existing.exists():
                 existing = existing.parent

@@ -31,7 +31,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ConfigError(ValueError):
-    """Bad input: the CLI prints it as one paragraph and exits 2."""
+    """Bad input: its `problems`, each of which the CLI prints as one line that starts with
+    `error: `, and exits 2."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -205,7 +210,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     except OSError as e:
         raise ConfigError(f"--config {source}: cannot read it ({e.strerror}). Fix: give an existing YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {source} is not valid YAML: {e}") from None
+        raise ConfigError(f"--config {source} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {source} must hold a mapping of keys, found {type(raw).__name__}")
     problems: list[str] = []
@@ -214,7 +219,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     config = _build(Config, raw, "", problems)
     problems += _all_problems(config)  # fields that failed conversion kept their (valid) defaults
     if problems:
-        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(*problems)
     return config
 
 

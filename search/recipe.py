@@ -18,7 +18,7 @@ from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
 from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
-from search.output.console import keep_logs_in, say
+from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, stopped
 from trainables.config import TrialSetup, cache_root
 
@@ -48,8 +48,11 @@ class SearchRecipe:
                 raise ConfigError(str(e)) from None
             print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}",
                   flush=True)
+        if not self.dry_run:  # first, so that an output that cannot hold the run costs nothing
+            self.location = locate(config.output, config.name, cache_root())
+            _check_output(self.location, resume=self.resume, overwrite=self.overwrite)
         self.prepared = prepare_model(config)
-        store_problem = mlflow_store_problem(config.tracking.mlflow)
+        store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
         if store_problem:
             raise ConfigError(store_problem)
         local = self.address is None
@@ -74,12 +77,11 @@ class SearchRecipe:
                 except KeyboardInterrupt:
                     return stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
                                    again="")
-        self.location = location = locate(config.output, config.name, cache_root())
+        location = self.location
         if self.resume:
             from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
 
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
-            location.check_writable()
             location.pull()  # a run kept at a URI resumes from any machine
             self.data_info = resume_check(location.local, config)
             check_driver_gone(location.local)
@@ -108,15 +110,17 @@ class SearchRecipe:
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
         from rundir.files import write_json_atomic
         from rundir.layout import DATA, RUN_CONFIG
-        from search.inputs.data import eval_sample_line
+        from search.inputs.data import eval_sample_line, template_fallback_line
         from search.inputs.prepare import load_tokenizer, prepare_data
         from trainables.data import save_splits
 
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
-        _check_run_dir(location, self.overwrite)
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
         say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
+        fallback = template_fallback_line(prepared_data, config.data)
+        if fallback:
+            say(fallback)
         stop.saved = f"the run directory {location.remote or run_dir} was being made and is incomplete"
         stop.again = "--overwrite"  # a new run is refused where one is, even half made
         location.delete_remote()  # only reached with --overwrite when it holds anything
@@ -162,41 +166,42 @@ class SearchRecipe:
         cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop()
         started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
-        try:
-            with stop:
-                started_here = connect(cluster) or cluster is not None
-                record_ray_session(location.local)
-                gpus = plan.gpus_per_trial
-                # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
-                beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
-                with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
-                    # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
-                    # so trials would start one after another: on an H100 with 8 slots, 3 were running
-                    # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
-                    # and Optuna proposes only when a slot is free.
-                    if plan.shared:
-                        slots = trainer_slots(trainers, config.resources.pack_slots,
-                                              config.resources.max_concurrent_trials)
-                    else:
-                        slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
-                    config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
-                    trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                    priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
-                                          config.budget.num_samples)
-                    space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
-                    fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                                   lambda: build_tuner(config, trainable, space, priors, location))
-                    if config.selection.retrain and stop.requested is None:
-                        retrain(config, trainable, location)
-        except KeyboardInterrupt:
-            pass  # raised by `stop`, which remembers the signal; what was saved is said below
-        except Exception as e:  # a failure of the search itself, not of one trial (those are results)
-            _push(location)
-            print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        finally:
-            if started_here:
-                ray.shutdown()
+        with ray_core_output_in_logs():  # from Ray's start to its shutdown
+            try:
+                with stop:
+                    started_here = connect(cluster) or cluster is not None
+                    record_ray_session(location.local)
+                    gpus = plan.gpus_per_trial
+                    # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
+                    beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
+                    with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
+                        # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
+                        # so trials would start one after another: on an H100 with 8 slots, 3 were running
+                        # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
+                        # and Optuna proposes only when a slot is free.
+                        if plan.shared:
+                            slots = trainer_slots(trainers, config.resources.pack_slots,
+                                                  config.resources.max_concurrent_trials)
+                        else:
+                            slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
+                        config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
+                        trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                        priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
+                                              config.budget.num_samples)
+                        space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
+                        fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                                       lambda: build_tuner(config, trainable, space, priors, location))
+                        if config.selection.retrain and stop.requested is None:
+                            retrain(config, trainable, location)
+            except KeyboardInterrupt:
+                pass  # raised by `stop`, which remembers the signal; what was saved is said below
+            except Exception as e:  # a failure of the search itself, not of one trial (those are results)
+                _push(location)
+                print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
+                return 1
+            finally:
+                if started_here:
+                    ray.shutdown()
         if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
             _push(location)
             return stopped(stop, saved_line(location))
@@ -267,9 +272,14 @@ def _push(location: RunLocation) -> bool:
         return False
 
 
-def _check_run_dir(location: RunLocation, overwrite: bool) -> None:
+def _check_output(location: RunLocation, *, resume: bool, overwrite: bool) -> None:
+    """ConfigError or LocationError where the run cannot be written at `location`: a path that is
+    a file or cannot be made, a bucket not writable; and, for a new run, a run already there
+    (unless `overwrite`)."""
     run_dir = location.local
     location.check_writable()
+    if resume:
+        return
     if location.remote:
         if location.remote_exists() and not overwrite:
             raise ConfigError(f"the run {location.remote} already exists and is not empty; nothing in it was touched. "

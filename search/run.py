@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
+from rundir.cli import ArgumentParser, print_errors
 from rundir.location import LocationError
 from search import environment
 from search.config import Config, ConfigError, leaves, load, to_yaml
@@ -22,7 +22,7 @@ from search.signals import GracefulStop, stopped
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     keys = "\n".join(f"  {key} = {json.dumps(value)}\n      {f.metadata['help']}" for key, f, value in leaves(Config()))
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m search.run", description=__doc__.splitlines()[0],
         epilog=f"configuration keys, with the embedded default's values (set any with --set KEY=VALUE):\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # --help, or a bad argument said in one line
+        return done.code
     overrides = list(args.overrides)
     # quoted, so YAML keeps them strings: --name 2024 is a name, not a number
     overrides += [f"name={json.dumps(args.name)}"] if args.name else []
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             if code is None:
                 code = recipe.search()
             return recipe.finish() if code is None else code
-    except (ConfigError, LocationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:
+        return print_errors(*e.problems)
+    except LocationError as e:
+        return print_errors(str(e))
     except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what the run has saved by now
         return stopped(stop, stop.saved, stop.again)
     finally:

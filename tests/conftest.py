@@ -59,6 +59,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
         "test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_the_searchs_run",
         "test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter",
         "test_wandb_offline_writes_each_trials_run_files_into_the_run_directory",
+        "test_ray_s_own_lines_stay_off_the_console_and_are_in_the_runs_logs",
         "test_tensorboard_event_files_are_in_each_trials_directory",
         "test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_once",
     ),

@@ -262,6 +262,15 @@ def test_cli_exits_2_on_a_missing_run_directory(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments", [["--tolerance", "abc"], ["--unknown"], ["--tolerance", "2"], ["--cost", "dollars"]])
+def test_cli_bad_input_is_one_line_that_starts_with_error_as_in_the_search(tmp_path, capsys, arguments):
+    run_dir = make_run(tmp_path / "run")
+    for args in ([str(run_dir), *arguments], [str(tmp_path / "nowhere")]):
+        assert main(args) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
 def test_analyse_rejects_invalid_selection_settings(tmp_path):
     with pytest.raises(ValueError, match="selection.cost='dollars'"):
         analyse(make_run(tmp_path / "run"), SelectionConfig(cost="dollars"))

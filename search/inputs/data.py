@@ -575,3 +575,13 @@ def eval_sample_line(info: DataInfo, eval_examples: int | str) -> str:
     """How many eval rows every round scores, of how many, set by what, and chosen how."""
     return (f"Eval: {info.eval_rows:,} of {info.eval_rows_kept:,} eval rows scored at each round "
             f"(data.eval_examples={eval_examples}), chosen by {info.eval_chosen_by}")
+
+
+def template_fallback_line(info: DataInfo, cfg: DataConfig) -> str | None:
+    """A line where data.template=auto fell back to the plain template (the tokenizer has no chat
+    template), which a person prompting the adapter must know; None otherwise."""
+    if cfg.template != "auto" or info.template != "plain" or info.train.format == "text":
+        return None
+    return (f"Template: plain, as data.template=auto chose for a tokenizer without a chat template: turns joined by "
+            f"data.separator={cfg.separator!r}; prompt the adapter the same way, or set data.template=chat with "
+            f"model.tokenizer that has a chat template")

@@ -43,12 +43,12 @@ def load_model_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model path {path!r} holds no config.json. "
+        raise ValueError(f"model.path {path!r} holds no config.json. "
                          "Fix: give the local directory of a transformers model (the one with config.json)")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"model path {path!r}: its config.json cannot be read: {e}") from None
+        raise ValueError(f"model.path {path!r}: its config.json cannot be read: {' '.join(str(e).split())}") from None
 
 
 def meta_model(config) -> nn.Module:

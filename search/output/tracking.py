@@ -89,21 +89,29 @@ def logger_callbacks(tracking: TrackingConfig, run_name: str, run_dir: Path) -> 
 _CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # MLflow 3 keeps its file store in maintenance, behind this variable; its own message is long
 _FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
+_SQLITE = "sqlite:///"  # then the database's path, absolute where it starts with a fourth slash
 
 
-def mlflow_store_problem(mlflow: MlflowConfig) -> str | None:
+def mlflow_store_problem(mlflow: MlflowConfig, dry_run: bool = False) -> str | None:
     """Why the MLflow store that `mlflow` names cannot be used, or None (also when MLflow is off):
     it is asked for the run's experiment once, before Ray starts, so a wrong URI is bad input
-    rather than a failure inside the search."""
+    rather than a failure inside the search. A `dry_run` writes nothing: it leaves alone a SQLite
+    store that does not exist yet, which asking would create."""
     if not mlflow.enabled:
         return None
     with environment.temporarily(_CHECK_ENV):
-        return _store_problem(mlflow)
+        return _store_problem(mlflow, dry_run)
 
 
-def _store_problem(mlflow: MlflowConfig) -> str | None:
-    from mlflow import MlflowClient
+def _store_problem(mlflow: MlflowConfig, dry_run: bool) -> str | None:
+    from mlflow import MlflowClient, get_tracking_uri
 
+    from search.output.console import divert_logs
+
+    divert_logs("mlflow")  # its INFO lines (a new SQLite store's tables, ...) go to the run's logs/
+    uri = mlflow.tracking_uri or get_tracking_uri()  # MLflow's default: sqlite:///mlflow.db in the working directory
+    if dry_run and uri.startswith(_SQLITE) and not Path(uri.removeprefix(_SQLITE).split("?", 1)[0]).exists():
+        return None
     try:
         MlflowClient(mlflow.tracking_uri or None).get_experiment_by_name(mlflow.experiment)
     except Exception as error:  # noqa: BLE001 - whatever the store says is the reason to show
