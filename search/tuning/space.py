@@ -69,9 +69,8 @@ class SpaceConfig:
         metadata={"help": "LoRA+ ratios: B's learning rate over A's; 1 is plain LoRA"})
     algorithm: str = field(
         default=TPE,
-        metadata={"help": f"{', '.join(ALGORITHMS)}: how configurations are proposed; grid: every point of the "
-                          "space with search.grid's learning rates and dropouts, budget.landscape_seeds runs each, "
-                          "no ASHA, promotions or confirmations (a landscape: docs/landscape.md)"})
+        metadata={"help": f"{', '.join(ALGORITHMS)}: how configurations are proposed; grid trains every "
+                          "point budget.landscape_seeds times, without ASHA (docs/landscape.md)"})
     grid: GridConfig = field(default_factory=GridConfig)
     priors: str | list[dict[str, bool | int | float | str]] = field(
         default="auto",
