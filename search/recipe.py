@@ -49,6 +49,7 @@ class SearchRecipe:
             print(f"selection.trust_metric_code is true: every trial imports and runs {config.selection.metric}",
                   flush=True)
         self.prepared = prepare_model(config)
+        self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow)
         if store_problem:
             raise ConfigError(store_problem)
@@ -97,9 +98,11 @@ class SearchRecipe:
         config, prepared = self.config, self.prepared
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
         data = data_lines(config, prepared)  # in memory: nothing is written
-        print(format_table(rows, config.model.path))
+        architecture = next((res.architecture_note for res in prepared.resolved.values() if res.architecture_note), None)
+        print(format_table(rows, config.model.path, architecture))
         print(data)
-        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora)))
+        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora),
+                           any(res.holds_fixed for res in prepared.resolved.values())))
         return 0
 
     def _start(self) -> DataInfo:
@@ -167,8 +170,10 @@ class SearchRecipe:
                 started_here = connect(cluster) or cluster is not None
                 record_ray_session(location.local)
                 gpus = plan.gpus_per_trial
-                # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
-                beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
+                # a DoRA trial, or one that adapts expert weights, of a shared run trains in a process of its
+                # own, beside its GPU's trainer
+                alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
+                beside = gpus if plan.shared and alone else 0.0
                 with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
                     # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
                     # so trials would start one after another: on an H100 with 8 slots, 3 were running

@@ -5,13 +5,13 @@ tokenized data. Any problem here is bad input (exit 2), found before a GPU is as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from search.config import Config, ConfigError
 from search.inputs import modules
 from search.inputs.data import DataInfo, Rows, prepare, read
-from search.tuning.space import module_set_key
+from search.tuning.space import SpaceConfig, module_set_key
 from trainables.config import looks_local, relative_to_cwd
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
@@ -23,7 +23,11 @@ class PreparedModel:
     origin: str                                   # where its weights came from, in words
     model: object                                 # the base model on the meta device: shapes only
     total_params: int
-    resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers
+    resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers, one per distinct set
+
+    def space(self, search: SpaceConfig) -> SpaceConfig:
+        """`search` with only the module sets the space keeps (`distinct_sets`), in their order."""
+        return replace(search, module_sets=[spec for spec in search.module_sets if module_set_key(spec) in self.resolved])
 
 
 def model_path(config: Config) -> str:
@@ -107,6 +111,15 @@ def prepare_model(config: Config) -> PreparedModel:
         resolved = {module_set_key(spec): modules.resolve(model, spec) for spec in config.search.module_sets}
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.model.quantization == "4bit" and modules.has_experts(model):
+        raise ConfigError(f"model.quantization is '4bit' but {type(model).__name__} is a mixture of experts whose routed "
+                          "experts are 3-D parameters, not Linear layers: bitsandbytes 4-bit quantizes Linear layers "
+                          "only, so the experts (most of the model) would stay unquantized, and PEFT's target_parameters "
+                          "on a 4-bit model is untested here; allowed: model.quantization=none for this model. "
+                          "Fix: --set model.quantization=none")
+    resolved, dropped = distinct_sets(resolved, type(model).__name__)
+    for line in dropped:
+        print(line, flush=True)
     problems = []
     for key, res in resolved.items():
         limit = modules.max_rank(model, res)
@@ -119,6 +132,25 @@ def prepare_model(config: Config) -> PreparedModel:
     name, origin = model_name(config.model.path)
     return PreparedModel(path=path, name=name, origin=origin, model=model, total_params=modules.base_param_count(model),
                          resolved=resolved)
+
+
+def distinct_sets(resolved: dict[str, modules.ResolvedModules], model_name: str
+                  ) -> tuple[dict[str, modules.ResolvedModules], list[str]]:
+    """`resolved` without each set that adapts the same layers and expert weights as an earlier one
+    (Mixtral's `mlp` is its `experts`), so the space never samples one configuration under two
+    names; and a line for each set left out."""
+    kept: dict[str, modules.ResolvedModules] = {}
+    seen: dict[tuple, str] = {}
+    lines = []
+    for key, res in resolved.items():
+        adapted = (tuple(res.layers), tuple(res.parameters))
+        if adapted in seen:
+            lines.append(f"module set {key!r} adapts the same layers as {seen[adapted]!r} on {model_name}: "
+                         "left out of the space")
+        else:
+            seen[adapted] = key
+            kept[key] = res
+    return kept, lines
 
 
 def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
