@@ -44,6 +44,8 @@ ATTENTION_NAMES = (QUERY_NAMES | VALUE_NAMES | FUSED_QKV_NAMES | LATENT_QV_NAMES
 MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc",
                        "dense_h_to_4h", "dense_4h_to_h"})
 # model_type values whose resolution the tests pin down; for any other the note says what was inferred.
+MLP_WEIGHTS_NOTE = ("its MLP layers are named in target_parameters by their weight (mlp.down_proj.weight): PEFT "
+                    "moves MLP layer names in target_modules of a mixture of experts onto the expert weights")
 VERIFIED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "gemma", "phi3", "gpt_neox", "falcon", "gpt2", "opt",
                                     "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "jamba", "bamba"})
 
@@ -257,19 +259,41 @@ def _has_conv1d(model: nn.Module, chosen: list[str]) -> bool:
     return any(isinstance(m, Conv1D) for name, m in model.named_modules() if name in wanted)
 
 
+def _mlp_weights(model: nn.Module, chosen: list[str], layers: dict[str, str]) -> list[str]:
+    """The weights of the chosen MLP layers (a dense block's, a shared expert's) in a model with expert
+    weights: PEFT (0.21, with transformers 5) takes a target_modules entry named like an MLP layer
+    (gate_proj, up_proj, down_proj, w1 to w3) in such a model for an expert of transformers 4 and
+    moves it onto the fused expert weights, so these layers are named in target_parameters by their
+    weight ("mlp.down_proj.weight"), which PEFT adapts with the same r x (d_in + d_out) pair."""
+    if not has_experts(model):
+        return []
+    return [f"{name}.weight" for name in chosen if (_place_by_name(layers[name]) or ("",))[0] == "mlp"]
+
+
 def _resolved(model: nn.Module, name: str, chosen: list[str], notes: list[str], parameters: list[str],
-              architecture_note: str | None = None) -> ResolvedModules:
+              layers: dict[str, str], architecture_note: str | None = None) -> ResolvedModules:
     """A ResolvedModules for `chosen` layers and expert `parameters` (full names, in model order),
     named for PEFT; a name that needs its parent module to stay unambiguous is said in the note,
-    and so are the settings that expert weights hold fixed (HELD_FIXED)."""
+    and so are the settings that expert weights hold fixed (HELD_FIXED) and MLP layers named by
+    their weight (`_mlp_weights`)."""
+    weights = _mlp_weights(model, chosen, layers)
+    chosen = [layer for layer in chosen if f"{layer}.weight" not in weights]
+    parameters = [p for p in _block_parameters_and_weights(model) if p in set(parameters) | set(weights)]
     names = sorted(set(_names_for(_module_names(model), chosen).values()))
     notes = notes + [f"{n.rsplit('.', 1)[-1]!r} also names layers outside this set, so target_modules says {n!r} "
                      "(PEFT matches it as a suffix of the full name)" for n in names if "." in n]
     notes += [HELD_FIXED] if parameters else []
+    notes += [MLP_WEIGHTS_NOTE] if weights else []
     return ResolvedModules(name=name, target_modules=names, fan_in_fan_out=_has_conv1d(model, chosen),
                            layers=chosen, note="; ".join(notes) or None,
                            target_parameters=_parameter_targets(model, parameters), parameters=parameters,
                            architecture_note=architecture_note)
+
+
+def _block_parameters_and_weights(model: nn.Module) -> list[str]:
+    """Every parameter name inside the blocks, in model order: the order `parameters` keeps."""
+    prefix = _blocks_prefix(model)
+    return [name for name in _parameter_names(model) if _inside_block(name, prefix)]
 
 
 def _resolve_names(model: nn.Module, names: list[str], layers: dict[str, str]) -> ResolvedModules:
@@ -309,6 +333,8 @@ def _resolve_names(model: nn.Module, names: list[str], layers: dict[str, str]) -
                          f"Fix: use names from that list, or a module set: {', '.join(MODULE_SETS)}")
     ordered = [name for name in layers if name in chosen]
     parameters = [name for name in block_parameters if name in chosen_parameters]
+    if _mlp_weights(model, ordered, layers):  # named anew, as the sets are
+        return _resolved(model, "custom", ordered, [], parameters, layers)
     return ResolvedModules(name="custom", target_modules=sorted(set(names) - set(parameter_entries)),
                            fan_in_fan_out=_has_conv1d(model, ordered), layers=ordered,
                            note=HELD_FIXED if parameters else None,
@@ -325,7 +351,7 @@ def _resolve_set(model: nn.Module, spec: str, layers: dict[str, str]) -> Resolve
                          f"weights (3-D parameters); its adaptable layers are: {_layer_listing(model, layers)}.\n"
                          "Fix: use another module set")
     if spec == "all_linear":  # needs no placing: it takes an architecture that names no part
-        return _resolved(model, spec, list(layers), [], parameters)
+        return _resolved(model, spec, list(layers), [], parameters, layers)
     model_type = _model_type(model)
     places = _place(list(dict.fromkeys(layers.values())), model_type)
     architecture_note = _inference_note(places, model_type)
@@ -339,7 +365,7 @@ def _resolve_set(model: nn.Module, spec: str, layers: dict[str, str]) -> Resolve
     if not chosen and not parameters:
         raise ValueError(f"module set {spec!r} matches no layer of {type(model).__name__}, whose adaptable layers are: "
                          f"{_layer_listing(model, layers)}.\nFix: use another module set, or name the layers")
-    return _resolved(model, spec, chosen, notes, parameters, architecture_note)
+    return _resolved(model, spec, chosen, notes, parameters, layers, architecture_note)
 
 
 def _query_value(attention: list[str], layers: dict[str, str]) -> tuple[list[str], str | None]:

@@ -70,16 +70,22 @@ def load_tokenizer(config: Config, model_dir: str):
     if not own and looks_local(given) and not Path(given).expanduser().is_dir():
         raise ConfigError(f"model.tokenizer {given!r} is a directory that does not exist{relative_to_cwd(Path(given))}. "
                           f"Fix: give the directory the tokenizer was saved to, or a hub id in the local cache")
+    fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
+           f"directory or cached hub id that holds it" if own
+           else "give a directory that holds a tokenizer, or a hub id in the local cache")
     try:
-        return AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
-                                             trust_remote_code=config.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
+                                                  trust_remote_code=config.model.trust_remote_code)
     except Exception as e:  # transformers raises many types for a directory without a usable tokenizer
-        fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
-               f"directory or cached hub id that holds it" if own
-               else "give a directory that holds a tokenizer, or a hub id in the local cache")
         reason = (str(e).splitlines() or [""])[0]
         raise ConfigError(f"{key} {given!r} holds no tokenizer that could be loaded ({type(e).__name__}: {reason}). "
                           f"Fix: {fix}") from None
+    # For some model types (Qwen3-MoE, OLMoE) transformers builds a tokenizer from no files at all: its
+    # vocabulary is its special tokens, and every text becomes no token
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise ConfigError(f"{key} {given!r} holds no tokenizer files: transformers made a {type(tokenizer).__name__} "
+                          f"with no vocabulary but its special tokens. Fix: {fix}")
+    return tokenizer
 
 
 def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
