@@ -26,6 +26,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_out_of_memory_rerun.py": ALL,
     "test_lost_trials.py": ALL,
     "test_user_data_run.py": ALL,
+    "test_moe_search.py": ALL,
     "test_console.py": (
         "test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended",
         "test_a_failed_trial_s_line_gives_its_one_line_reason",
