@@ -96,3 +96,35 @@ def test_an_expert_trial_s_adapter_loads_in_peft_and_scores_what_the_trial_repor
     rows = load_split(str(run_dir / DATA), "eval")
     scored = evaluate(model, rows, tokenizer.pad_token_id, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     assert scored.loss == pytest.approx(last["eval_loss"], abs=1e-4)
+
+
+def test_a_shared_search_trains_expert_trials_in_processes_of_their_own_and_says_so(smollm2_dir, local_ray, tmp_path,
+                                                                                   capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = CONFIGS["olmoe"]()
+    config.update({"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmoe")
+    tokenizer.save_pretrained(tmp_path / "olmoe")
+    priors = ("[{module_set: experts, r: 2, learning_rate: 1.0e-2}, "
+              "{module_set: attention_qv, r: 4, use_dora: false, learning_rate: 1.0e-2}]")
+    sets = [f"model.path={tmp_path / 'olmoe'}", "search.module_sets=[attention_qv,experts]", "search.ranks=[2,4]",
+            "search.learning_rate=[1e-3,2e-2]", f"search.priors={priors}",
+            "budget.num_samples=3", "budget.max_steps=4", "budget.eval_every=2", "budget.grace_period=4",
+            "budget.warmup_steps=1", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
+            "resources.packing=shared", "selection.confirm_top_k=0", "selection.promote=false"]
+    args = ["--output", str(tmp_path), "--name", "shared", *[x for s in sets for x in ("--set", s)]]
+    assert main([*args, "--dry-run"]) == 0
+    assert "trials that adapt expert weights (the shared trainer adapts Linear layers only) train in processes" \
+        in capsys.readouterr().out
+    assert main(args) == 0
+
+    trials = pd.read_csv(tmp_path / "shared" / "trials.csv")
+    assert (trials.status == "finished").all() and (trials.step == 4).all()
+    experts = trials.module_set == "experts"
+    assert experts.any() and set(trials[experts].step_mode) == {"eager"}  # trainables/trial.py's own step
+    assert set(trials[~experts].step_mode) == {"packed"}
+    assert "trial(s) that adapt expert weights trained in processes of their own" in \
+        (tmp_path / "shared" / "report.md").read_text()
