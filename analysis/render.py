@@ -156,7 +156,7 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     counts = modes.value_counts()
     parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
     text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
-    alone = (modes != "packed") if "packed" in counts else modes.iloc[:0]
+    alone = (modes != "packed") & ("packed" in counts)  # only a shared run trains some trials alone
     dora = int(trials.loc[alone[alone].index, "use_dora"].astype(bool).sum())
     if dora:
         text += (f" The {dora} DoRA trial(s) trained in processes of their own beside the shared trainer: "
