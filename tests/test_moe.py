@@ -225,6 +225,15 @@ def test_no_two_module_sets_of_the_space_resolve_to_the_same_layers(tmp_path, ca
     assert prepared.space(config.search).module_sets == ["attention_qv", "attention", "mlp", "attention_mlp"]
 
 
+def test_a_listed_prior_on_a_set_left_out_of_the_space_takes_the_kept_set_that_adapts_the_same_layers(tmp_path):
+    config = load_config(None, [f"model.path={model_dir(tmp_path, 'mixtral', CONFIGS['mixtral'])}",
+                                "search.module_sets=[attention, mlp, experts]",
+                                "search.priors=[{module_set: experts, r: 4}, {module_set: attention, r: 8}]"])
+    space = prepare_model(config).space(config.search)
+    assert space.priors == [{"module_set": "mlp", "r": 4}, {"module_set": "attention", "r": 8}]
+    assert space.problems() == []
+
+
 def test_latent_attention_s_attention_qv_is_not_its_attention():
     model = meta_model(CONFIGS["deepseek_v3"]())
     assert set(resolve(model, "attention_qv").layers) < set(resolve(model, "attention").layers)

@@ -5,7 +5,7 @@ tokenized data. Any problem here is bad input (exit 2), found before a GPU is as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from search.config import Config, ConfigError
@@ -24,10 +24,16 @@ class PreparedModel:
     model: object                                 # the base model on the meta device: shapes only
     total_params: int
     resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers, one per distinct set
+    same_as: dict[str, str] = field(default_factory=dict)  # a set left out of the space -> the kept set it equals
 
     def space(self, search: SpaceConfig) -> SpaceConfig:
-        """`search` with only the module sets the space keeps (`distinct_sets`), in their order."""
-        return replace(search, module_sets=[spec for spec in search.module_sets if module_set_key(spec) in self.resolved])
+        """`search` with only the module sets the space keeps (`distinct_sets`), in their order, and
+        its listed priors' sets left out named by the kept set that adapts the same layers."""
+        priors = search.priors if isinstance(search.priors, str) else [
+            {**point, **({"module_set": self.same_as[point["module_set"]]} if point.get("module_set") in self.same_as
+                         else {})} for point in search.priors]
+        return replace(search, module_sets=[spec for spec in search.module_sets if module_set_key(spec) in self.resolved],
+                       priors=priors)
 
 
 def model_path(config: Config) -> str:
@@ -123,9 +129,10 @@ def prepare_model(config: Config) -> PreparedModel:
                           "only, so the experts (most of the model) would stay unquantized, and PEFT's target_parameters "
                           "on a 4-bit model is untested here; allowed: model.quantization=none for this model. "
                           "Fix: --set model.quantization=none")
-    resolved, dropped = distinct_sets(resolved, type(model).__name__)
-    for line in dropped:
-        print(line, flush=True)
+    kept, same_as = distinct_sets(resolved)
+    for key, kept_key in same_as.items():
+        print(f"module set {key!r} adapts the same layers as {kept_key!r} on {type(model).__name__}: left out of "
+              "the space", flush=True)
     problems = []
     for key, res in resolved.items():
         limit = modules.max_rank(model, res)
@@ -137,26 +144,25 @@ def prepare_model(config: Config) -> PreparedModel:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     name, origin = model_name(config.model.path)
     return PreparedModel(path=path, name=name, origin=origin, model=model, total_params=modules.base_param_count(model),
-                         resolved=resolved)
+                         resolved=kept, same_as=same_as)
 
 
-def distinct_sets(resolved: dict[str, modules.ResolvedModules], model_name: str
-                  ) -> tuple[dict[str, modules.ResolvedModules], list[str]]:
+def distinct_sets(resolved: dict[str, modules.ResolvedModules]
+                  ) -> tuple[dict[str, modules.ResolvedModules], dict[str, str]]:
     """`resolved` without each set that adapts the same layers and expert weights as an earlier one
-    (Mixtral's `mlp` is its `experts`), so the space never samples one configuration under two
-    names; and a line for each set left out."""
+    (Mixtral's `experts` is its `mlp`), so the space never samples one configuration under two
+    names; and each set left out -> the kept set it equals."""
     kept: dict[str, modules.ResolvedModules] = {}
     seen: dict[tuple, str] = {}
-    lines = []
+    same_as = {}
     for key, res in resolved.items():
         adapted = (tuple(res.layers), tuple(res.parameters))
         if adapted in seen:
-            lines.append(f"module set {key!r} adapts the same layers as {seen[adapted]!r} on {model_name}: "
-                         "left out of the space")
+            same_as[key] = seen[adapted]
         else:
             seen[adapted] = key
             kept[key] = res
-    return kept, lines
+    return kept, same_as
 
 
 def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:
