@@ -51,6 +51,7 @@ def test_a_search_with_the_default_module_sets_runs_to_its_pick_on_a_mixture_of_
     assert set(trials.module_set) <= {"attention_qv", "attention", "mlp", "all_linear"}
     experts = trials[trials.module_set.isin(["mlp", "all_linear"])]
     assert len(experts) and (experts.lora_dropout == 0).all() and not experts.use_dora.any()
+    assert all("experts.gate_up_proj" in json.loads(names) for names in experts.target_parameters)
     report = (run_dir / "report.md").read_text()
     assert "lora_dropout held at 0 and use_dora at false" in report
 
