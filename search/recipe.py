@@ -135,7 +135,9 @@ class SearchRecipe:
             "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                            "total_params": prepared.total_params},
             "data_info": asdict(prepared_data),
-            "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
+            # expert weights beside the layers, as the dry run lists them
+            "module_sets": {k: {"target_modules": v.target_modules + v.target_parameters,
+                                "layers": len(v.layers) + len(v.parameters), "note": v.note}
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
         })
