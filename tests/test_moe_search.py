@@ -54,8 +54,7 @@ def test_a_search_with_the_default_module_sets_runs_to_its_pick_on_a_mixture_of_
     assert all("experts.gate_up_proj" in json.loads(names) for names in experts.target_parameters)
     report = (run_dir / "report.md").read_text()
     assert "lora_dropout held at 0 and use_dora at false" in report
-    assert "- `mlp`: " + ", ".join(pd.read_json(run_dir / "run_config.json", typ="series")["module_sets"]["mlp"][
-        "target_modules"]) in report and "experts.gate_up_proj" in report
+    assert "experts.gate_up_proj" in report.split("## Module sets on this model")[1]
 
 
 def test_the_exported_adapter_loads_in_peft_and_scores_the_reported_eval_loss(moe_run):
