@@ -182,7 +182,7 @@ def _block_parameters(model: nn.Module) -> dict[str, str]:
     not the weight of a layer LoRA adapts as a module, nor of a convolution or an embedding: the
     expert weights, a router's weight. Full name -> name inside its block, in model order."""
     prefix = _blocks_prefix(model)
-    skipped = (nn.Linear, Conv1D, nn.modules.conv._ConvNd, nn.Embedding)
+    skipped = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
     return {f"{owner}.{name}": rel for owner, module in model.named_modules() if not isinstance(module, skipped)
             for name, parameter in module.named_parameters(recurse=False)
             if parameter.dim() in (2, 3) and (rel := _inside_block(f"{owner}.{name}", prefix))}
@@ -350,14 +350,14 @@ def _resolve_set(model: nn.Module, spec: str, layers: dict[str, str]) -> Resolve
         raise ValueError(f"module set 'experts' matches nothing in {type(model).__name__}: its blocks hold no expert "
                          f"weights (3-D parameters); its adaptable layers are: {_layer_listing(model, layers)}.\n"
                          "Fix: use another module set")
-    if spec == "all_linear":  # needs no placing: it takes an architecture that names no part
-        return _resolved(model, spec, list(layers), [], parameters, layers)
+    if spec in ("all_linear", "experts"):  # need no placing: they take an architecture that names no part
+        return _resolved(model, spec, list(layers) if spec == "all_linear" else [], [], parameters, layers)
     model_type = _model_type(model)
     places = _place(list(dict.fromkeys(layers.values())), model_type)
     architecture_note = _inference_note(places, model_type)
     notes = [architecture_note] if architecture_note else []
     parts = {"attention_qv": {"attention"}, "attention": {"attention"}, "mlp": {"mlp"},
-             "attention_mlp": {"attention", "mlp"}, "experts": set()}[spec]
+             "attention_mlp": {"attention", "mlp"}}[spec]
     chosen = [name for name, rel in layers.items() if places[rel][0] in parts]
     if spec == "attention_qv":
         chosen, qv_note = _query_value(chosen, layers)
