@@ -19,12 +19,13 @@ MIB = 2**20
 
 def dry_run_rows(model, module_sets: list, ranks: list[int], use_dora_choices: list[bool]) -> list[dict]:
     """One row per module set x rank x distinct DoRA choice (DoRA off only, for a set that holds it
-    off: `ResolvedModules.holds_fixed`), in the order given. Each row holds:
-    module_set (the set's name, or an explicit list's names joined by "+"), target_modules (and
-    target_parameters), layers (number of adapted layers and expert weights), r, use_dora, trainable_params (exact), trainable_pct
-    (percent of the base model's parameters; an expert weight counts r per expert), adapter_mb (the
-    adapter's size in fp32, in MiB of 2**20 bytes), flag ("below 0.05%", "above 1%" or "") and note
-    (the resolution's note without the architecture's, which `format_table` says once; or "").
+    off: `ResolvedModules.holds_fixed`), in the order given. Each row holds: module_set (the set's
+    name, or an explicit list's names joined by "+"), target_modules (and target_parameters),
+    layers (number of adapted layers and expert weights), r, use_dora, trainable_params (exact),
+    trainable_pct (percent of the base model's parameters; an expert weight counts r per expert),
+    adapter_mb (the adapter's size in fp32, in MiB of 2**20 bytes), flag ("below 0.05%", "above 1%"
+    or "") and note (the resolution's note without the architecture's, which `format_table` says
+    once; or "").
     Raises ValueError as `resolve` does for a set the model cannot take."""
     base = base_param_count(model)
     rows = []

@@ -33,7 +33,8 @@ class ResolvedModules:
     fan_in_fan_out: bool       # True for GPT-2 style Conv1D layers (weight stored as in x out)
     layers: list[str]          # full dotted names of every adapted layer, in model order
     note: str | None           # what could not be taken literally, or was inferred; None if nothing
-    # names for LoraConfig(target_parameters=...): the expert weights (3-D parameters), sorted; empty for none
+    # names for LoraConfig(target_parameters=...), sorted, empty for none: the expert weights (3-D parameters),
+    # and in a mixture of experts its MLP layers' weights, which PEFT takes by module name for experts
     target_parameters: list[str] = field(default_factory=list)
     parameters: list[str] = field(default_factory=list)  # full dotted names of every adapted parameter, in model order
     architecture_note: str | None = None  # the part of `note` that is about the model, the same in every set
