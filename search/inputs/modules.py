@@ -267,7 +267,7 @@ def _mlp_weights(model: nn.Module, chosen: list[str], layers: dict[str, str]) ->
     weight ("mlp.down_proj.weight"), which PEFT adapts with the same r x (d_in + d_out) pair."""
     if not has_experts(model):
         return []
-    return [f"{name}.weight" for name in chosen if (_place_by_name(layers[name]) or ("",))[0] == "mlp"]
+    return [f"{name}.weight" for name in chosen if (place := _place_by_name(layers[name])) and place[0] == "mlp"]
 
 
 def _resolved(model: nn.Module, name: str, chosen: list[str], notes: list[str], parameters: list[str],
@@ -278,7 +278,7 @@ def _resolved(model: nn.Module, name: str, chosen: list[str], notes: list[str], 
     their weight (`_mlp_weights`)."""
     weights = _mlp_weights(model, chosen, layers)
     chosen = [layer for layer in chosen if f"{layer}.weight" not in weights]
-    parameters = [p for p in _block_parameters_and_weights(model) if p in set(parameters) | set(weights)]
+    parameters = [p for p in _block_parameter_names(model) if p in set(parameters) | set(weights)]
     names = sorted(set(_names_for(_module_names(model), chosen).values()))
     notes = notes + [f"{n.rsplit('.', 1)[-1]!r} also names layers outside this set, so target_modules says {n!r} "
                      "(PEFT matches it as a suffix of the full name)" for n in names if "." in n]
@@ -290,7 +290,7 @@ def _resolved(model: nn.Module, name: str, chosen: list[str], notes: list[str], 
                            architecture_note=architecture_note)
 
 
-def _block_parameters_and_weights(model: nn.Module) -> list[str]:
+def _block_parameter_names(model: nn.Module) -> list[str]:
     """Every parameter name inside the blocks, in model order: the order `parameters` keeps."""
     prefix = _blocks_prefix(model)
     return [name for name in _parameter_names(model) if _inside_block(name, prefix)]
