@@ -50,6 +50,14 @@ HYBRIDS = {
     "bamba": lambda: transformers.BambaConfig(**SMALL, intermediate_size=64, attn_layer_indices=[1], mamba_n_heads=4,
                                               mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2),
 }
+
+
+def falcon_h1() -> transformers.PretrainedConfig:
+    """A hybrid whose Mamba mixers' out_proj PEFT refuses; only all_linear takes it."""
+    return transformers.FalconH1Config(**SMALL, intermediate_size=64, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                       mamba_d_state=8, mamba_n_groups=1, mamba_expand=1)
+
+
 EXPERT_WEIGHTS = ["experts.down_proj", "experts.gate_up_proj"]
 
 
@@ -316,3 +324,13 @@ def test_a_shared_run_trains_an_expert_trial_in_its_own_process():
                            alpha_ratio=2.0, learning_rate=1e-3, loraplus_lr_ratio=1.0, seed=0).to_config()
     assert in_own_process(trial("experts")) and not in_own_process(trial("attention"))
 
+
+
+def test_a_hybrid_set_that_peft_refuses_exits_2_naming_what_it_cannot_adapt(tmp_path, capsys):
+    path = model_dir(tmp_path, "falcon_h1", falcon_h1)
+    code = main(["--dry-run", "--set", f"model.path={path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: search.module_sets has 'all_linear', which PEFT cannot adapt on FalconH1ForCausalLM")
+    assert "'out_proj' is incompatible with Mamba-based models" in err
+    assert main(["--dry-run", "--set", f"model.path={path}", "--set", "search.module_sets=[attention_qv,attention,mlp]"]) == 0

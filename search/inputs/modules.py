@@ -136,6 +136,33 @@ def has_experts(model: nn.Module) -> bool:
     return bool(_expert_weights(model))
 
 
+def peft_check_needed(model: nn.Module) -> bool:
+    """Whether `model` is of a kind whose module sets PEFT may refuse although every name matches:
+    a mixture of experts or a hybrid with state-space layers (PEFT refuses a Mamba mixer's out_proj
+    in Falcon-H1, say). Dense models are not tried: their sets are pinned by the tests."""
+    return has_experts(model) or any(any(word in name.lower() for word in STATE_SPACE_WORDS)
+                                     for name in _block_layers(model).values())
+
+
+def peft_refuses(model: nn.Module, resolved: ResolvedModules) -> str | None:
+    """PEFT's own objection to adapting `resolved` in `model`, found by adapting a copy on the meta
+    device (no weights, no memory): its error's first line, or None when PEFT takes it."""
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from search.tuning.space import lora_config
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's notes on the copy are no one's business
+            get_peft_model(copy.deepcopy(model), LoraConfig(**lora_config(resolved, 1, 1.0, 0.0, False, False)))
+    except ValueError as e:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    return None
+
+
 def _dims(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear or a transformers Conv1D (whose weight is stored in x out)."""
     if isinstance(layer, Conv1D):

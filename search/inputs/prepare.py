@@ -133,6 +133,12 @@ def prepare_model(config: Config) -> PreparedModel:
     for key, kept_key in same_as.items():
         print(f"module set {key!r} adapts the same layers as {kept_key!r} on {type(model).__name__}: left out of "
               "the space", flush=True)
+    refused = {key: why for key, res in kept.items()
+               if modules.peft_check_needed(model) and (why := modules.peft_refuses(model, res))}
+    if refused:
+        raise ConfigError("; ".join(f"search.module_sets has {key!r}, which PEFT cannot adapt on "
+                                    f"{type(model).__name__}: {why}" for key, why in refused.items())
+                          + ". Fix: leave it out of search.module_sets, or name the layers to adapt")
     problems = []
     for key, res in resolved.items():
         limit = modules.max_rank(model, res)
