@@ -164,11 +164,16 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     counts = modes.value_counts()
     parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
     text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
-    alone = int((modes != "packed").sum()) if "packed" in counts else 0
-    if alone:
-        text += (f" The {alone} DoRA trial(s) trained in processes of their own beside the shared trainer: "
+    alone = (modes != "packed") & ("packed" in counts)  # only a shared run trains some trials alone
+    dora = int(trials.loc[alone[alone].index, "use_dora"].astype(bool).sum())
+    if dora:
+        text += (f" The {dora} DoRA trial(s) trained in processes of their own beside the shared trainer: "
                  "DoRA's norm needs the adapted weight merged into a copy of the base weight, which a base shared by "
                  "several trials never holds.")
+    # the other trials a shared run trains alone adapt expert weights (trainables.placement.in_own_process)
+    if experts := int(alone.sum()) - dora:
+        text += (f" The {experts} trial(s) that adapt expert weights trained in processes of their own beside the "
+                 "shared trainer, which adapts Linear layers only.")
     if compile_on is True:
         uncompiled = trials.loc[trials["step_mode"].notna() & (trials["step_mode"] != "compiled"), "trial_id"]
         if len(uncompiled):

@@ -37,7 +37,7 @@ from rundir.report import TABLE_COLUMNS
 from rundir.runconfig import RunConfig
 
 COLUMNS = (
-    "trial_id", "status", "origin", "parent", "module_set", "target_modules", "r", "alpha_ratio",
+    "trial_id", "status", "origin", "parent", "module_set", "target_modules", "target_parameters", "r", "alpha_ratio",
     "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate",
     "loraplus_lr_ratio", "seed", *TABLE_COLUMNS, "error",
 )
@@ -183,6 +183,8 @@ def trial_record(trial: TrialFiles, max_steps: int, metric: str) -> dict:
         "parent": params.parent,
         "module_set": params.module_set,
         "target_modules": json.dumps(lora_config["target_modules"]),
+        # expert weights, in a mixture of experts; a LoraConfig without them has no such key
+        "target_parameters": json.dumps(lora_config.get("target_parameters", [])),
         "r": lora_config["r"],
         "alpha_ratio": params.alpha_ratio,
         "lora_alpha": lora_config["lora_alpha"],

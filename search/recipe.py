@@ -52,6 +52,7 @@ class SearchRecipe:
             self.location = locate(config.output, config.name, cache_root())
             _check_output(self.location, resume=self.resume, overwrite=self.overwrite)
         self.prepared = prepare_model(config)
+        self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
         if store_problem:
             raise ConfigError(store_problem)
@@ -99,9 +100,11 @@ class SearchRecipe:
         config, prepared = self.config, self.prepared
         rows = dry_run_rows(prepared.model, config.search.module_sets, config.search.ranks, config.search.use_dora)
         data = data_lines(config, prepared)  # in memory: nothing is written
-        print(format_table(rows, config.model.path))
+        architecture = next((res.architecture_note for res in prepared.resolved.values() if res.architecture_note), None)
+        print(format_table(rows, config.model.path, architecture))
         print(data)
-        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora)))
+        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora),
+                           any(res.holds_fixed for res in prepared.resolved.values())))
         return 0
 
     def _start(self) -> DataInfo:
@@ -136,7 +139,9 @@ class SearchRecipe:
             "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                            "total_params": prepared.total_params},
             "data_info": asdict(prepared_data),
-            "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
+            # expert weights beside the layers, as the dry run lists them
+            "module_sets": {k: {"target_modules": v.target_modules + v.target_parameters,
+                                "layers": len(v.layers) + len(v.parameters), "note": v.note}
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
         })
@@ -172,8 +177,10 @@ class SearchRecipe:
                     started_here = connect(cluster) or cluster is not None
                     record_ray_session(location.local)
                     gpus = plan.gpus_per_trial
-                    # a DoRA trial of a shared run trains in a process of its own, beside its GPU's trainer
-                    beside = gpus if plan.shared and any(config.search.use_dora) else 0.0
+                    # a DoRA trial, or one that adapts expert weights, of a shared run trains in a process of
+                    # its own, beside its GPU's trainer
+                    alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
+                    beside = gpus if plan.shared and alone else 0.0
                     with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
                         # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
                         # so trials would start one after another: on an H100 with 8 slots, 3 were running

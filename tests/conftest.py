@@ -28,6 +28,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_user_data_run.py": ALL,
     "test_landscape_run.py": ("test_a_grid_run_trains_every_point_with_every_seed_to_the_full_budget",
                               "test_the_grid_run_becomes_a_landscape_that_the_simulator_replays"),
+    "test_moe_search.py": ALL,
     "test_console.py": (
         "test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended",
         "test_a_failed_trial_s_line_gives_its_one_line_reason",

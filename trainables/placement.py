@@ -14,8 +14,10 @@ from trainables.client import train_lora_shared
 def in_own_process(config: dict) -> bool:
     """Whether a shared run trains this trial (Tune's config) in a process of its own: a DoRA trial,
     whose norm needs the adapted weight merged into its own copy of the base weight, which a base
-    shared by several trials never holds."""
-    return bool(TrialParams.from_config(config).lora_config.get("use_dora"))
+    shared by several trials never holds; a trial that adapts expert weights (PEFT's
+    target_parameters), which the shared trainer, adapting Linear layers only, cannot train."""
+    lora = TrialParams.from_config(config).lora_config
+    return bool(lora.get("use_dora") or lora.get("target_parameters"))
 
 
 def train_lora_packed_or_alone(config: dict, setup, trainers: list) -> None:

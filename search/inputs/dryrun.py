@@ -18,40 +18,46 @@ MIB = 2**20
 
 
 def dry_run_rows(model, module_sets: list, ranks: list[int], use_dora_choices: list[bool]) -> list[dict]:
-    """One row per module set x rank x distinct DoRA choice, in the order given. Each row holds:
-    module_set (the set's name, or an explicit list's names joined by "+"), target_modules,
-    layers (number of adapted layers), r, use_dora, trainable_params (exact), trainable_pct
-    (percent of the base model's parameters), adapter_mb (the adapter's size in fp32, in MiB of
-    2**20 bytes), flag ("below 0.05%", "above 1%" or "") and note (the resolution's note, or "").
+    """One row per module set x rank x distinct DoRA choice (DoRA off only, for a set that holds it
+    off: `ResolvedModules.holds_fixed`), in the order given. Each row holds: module_set (the set's
+    name, or an explicit list's names joined by "+"), target_modules (and target_parameters),
+    layers (number of adapted layers and expert weights), r, use_dora, trainable_params (exact),
+    trainable_pct (percent of the base model's parameters; an expert weight counts r per expert),
+    adapter_mb (the adapter's size in fp32, in MiB of 2**20 bytes), flag ("below 0.05%", "above 1%"
+    or "") and note (the resolution's note without the architecture's, which `format_table` says
+    once; or "").
     Raises ValueError as `resolve` does for a set the model cannot take."""
     base = base_param_count(model)
     rows = []
     for spec in module_sets:
         resolved = resolve(model, spec)
         for r in ranks:
-            for use_dora in dict.fromkeys(use_dora_choices):
+            for use_dora in dict.fromkeys([False] if resolved.holds_fixed else use_dora_choices):
                 trainable = adapter_param_count(model, resolved, r, use_dora)
                 pct = 100 * trainable / base
                 rows.append({
                     "module_set": module_set_key(spec),
-                    "target_modules": resolved.target_modules,
-                    "layers": len(resolved.layers),
+                    "target_modules": resolved.target_modules + resolved.target_parameters,
+                    "layers": len(resolved.layers) + len(resolved.parameters),  # an expert weight: one per block
                     "r": r,
                     "use_dora": use_dora,
                     "trainable_params": trainable,
                     "trainable_pct": pct,
                     "adapter_mb": trainable * FP32_BYTES / MIB,
                     "flag": _flag(pct),
-                    "note": resolved.note or "",
+                    "note": resolved.own_note or "",
                 })
     return rows
 
 
-def format_table(rows: list[dict], model_name: str) -> str:
-    """A plain-text report: each module set's target modules, layer count and note once, then
-    one aligned table line per row of `dry_run_rows`."""
+def format_table(rows: list[dict], model_name: str, architecture_note: str | None = None) -> str:
+    """A plain-text report: what was inferred about the architecture (`architecture_note`) once,
+    each module set's target modules (and expert weights), layer count and note once, then one
+    aligned table line per row of `dry_run_rows`."""
     sets = {row["module_set"]: row for row in rows}
-    lines = [f"LoRA dry run for {model_name}", "", "Module sets:"]
+    lines = [f"LoRA dry run for {model_name}", ""]
+    lines += [f"Architecture: {architecture_note}", ""] if architecture_note else []
+    lines += ["Module sets:"]
     for name, row in sets.items():
         lines.append(f"  {name}: {', '.join(row['target_modules'])} ({row['layers']} layers)")
         lines += [f"    note: {row['note']}"] if row["note"] else []
@@ -125,13 +131,17 @@ def _source(source: str, part: str, rows: int, format_: str) -> str:
     return f"{source}, {part}: {rows} {format_} rows"
 
 
-def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False) -> str:
+def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False, experts: bool = False) -> str:
     """One line on how the run's trials would share a GPU: `packing`, as `resolve_packing` made
-    it of resources.packing, and what that means; `dora`: the space has DoRA trials."""
+    it of resources.packing, and what that means; `dora`: the space has DoRA trials; `experts`:
+    module sets that adapt expert weights (PEFT's target_parameters)."""
     given = "resources.packing=auto: processes, the faster where measured" \
         if resources.packing == AUTO else f"resources.packing={resources.packing}"
     if packing == SHARED:
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
                 f"up to {resources.pack_slots} trials' adapters together"
-                + ("; DoRA trials train in processes of their own beside it" if dora else ""))
+                + "".join(f"; {kind} train in processes of their own beside it" for kind, present in (
+                    ("DoRA trials", dora),
+                    ("trials that adapt expert weights (the shared trainer adapts Linear layers only)", experts))
+                    if present))
     return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model"

@@ -5,13 +5,13 @@ tokenized data. Any problem here is bad input (exit 2), found before a GPU is as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from search.config import Config, ConfigError
 from search.inputs import modules
 from search.inputs.data import DataInfo, Rows, prepare, read
-from search.tuning.space import module_set_key
+from search.tuning.space import SpaceConfig, module_set_key
 from trainables.config import looks_local, relative_to_cwd
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
 
@@ -23,7 +23,17 @@ class PreparedModel:
     origin: str                                   # where its weights came from, in words
     model: object                                 # the base model on the meta device: shapes only
     total_params: int
-    resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers
+    resolved: dict[str, modules.ResolvedModules]  # module_set_key -> resolved layers, one per distinct set
+    same_as: dict[str, str] = field(default_factory=dict)  # a set left out of the space -> the kept set it equals
+
+    def space(self, search: SpaceConfig) -> SpaceConfig:
+        """`search` with only the module sets the space keeps (`distinct_sets`), in their order, and
+        its listed priors' sets left out named by the kept set that adapts the same layers."""
+        priors = search.priors if isinstance(search.priors, str) else [
+            {**point, **({"module_set": self.same_as[point["module_set"]]} if point.get("module_set") in self.same_as
+                         else {})} for point in search.priors]
+        return replace(search, module_sets=[spec for spec in search.module_sets if module_set_key(spec) in self.resolved],
+                       priors=priors)
 
 
 def model_path(config: Config) -> str:
@@ -68,21 +78,24 @@ def load_tokenizer(config: Config, model_dir: str):
     if not own and looks_local(given) and not Path(given).expanduser().is_dir():
         raise ConfigError(f"model.tokenizer {given!r} is a directory that does not exist{relative_to_cwd(Path(given))}. "
                           f"Fix: give the directory the tokenizer was saved to, or a hub id in the local cache")
+    fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
+           f"directory or cached hub id that holds it" if own
+           else "give a directory that holds a tokenizer, or a hub id in the local cache")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir if own else local_model_dir(given),
                                                   trust_remote_code=config.model.trust_remote_code)
-        # from a directory without tokenizer files, transformers builds GPT-2's and GPT-NeoX's
-        # tokenizer with an empty vocabulary, which turns every text into no token at all
-        if not tokenizer.encode("hello world", add_special_tokens=False):
-            raise ValueError(f"{type(tokenizer).__name__} was built without a vocabulary (no tokenizer files)")
-        return tokenizer
     except Exception as e:  # transformers raises many types for a directory without a usable tokenizer
-        fix = (f"save the model's tokenizer into {model_dir} (tokenizer.save_pretrained), or set model.tokenizer to a "
-               f"directory or cached hub id that holds it" if own
-               else "give a directory that holds a tokenizer, or a hub id in the local cache")
         reason = (str(e).splitlines() or [""])[0]
         raise ConfigError(f"{key} {given!r} holds no tokenizer that could be loaded ({type(e).__name__}: {reason}). "
                           f"Fix: {fix}") from None
+    # From a directory without tokenizer files, transformers builds some tokenizers anyway: GPT-2's and
+    # GPT-NeoX's with an empty vocabulary, Qwen3-MoE's and OLMoE's with their special tokens only. Either
+    # turns every text into no token at all.
+    if (len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens)
+            or not tokenizer.encode("hello world", add_special_tokens=False)):
+        raise ConfigError(f"{key} {given!r} holds no tokenizer files: transformers made a {type(tokenizer).__name__} "
+                          f"with no vocabulary but its special tokens. Fix: {fix}")
+    return tokenizer
 
 
 def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
@@ -124,7 +137,23 @@ def prepare_model(config: Config) -> PreparedModel:
             unresolved.append(f"search.module_sets[{i}] is {spec!r}: {e}")
     if unresolved:
         raise ConfigError(*unresolved)
-    limits = {key: modules.max_rank(model, res) for key, res in resolved.items()}
+    if config.model.quantization == "4bit" and modules.has_experts(model):
+        raise ConfigError(f"model.quantization is '4bit' but {type(model).__name__} is a mixture of experts whose routed "
+                          "experts are 3-D parameters, not Linear layers: bitsandbytes 4-bit quantizes Linear layers "
+                          "only, so the experts (most of the model) would stay unquantized, and PEFT's target_parameters "
+                          "on a 4-bit model is untested here; allowed: model.quantization=none for this model. "
+                          "Fix: --set model.quantization=none")
+    kept, same_as = distinct_sets(resolved)
+    for key, kept_key in same_as.items():
+        print(f"module set {key!r} adapts the same layers as {kept_key!r} on {type(model).__name__}: left out of "
+              "the space", flush=True)
+    refused = {key: why for key, res in kept.items()
+               if modules.peft_check_needed(model) and (why := modules.peft_refuses(model, res))}
+    if refused:
+        raise ConfigError("; ".join(f"search.module_sets has {key!r}, which PEFT cannot adapt on "
+                                    f"{type(model).__name__}: {why}" for key, why in refused.items())
+                          + ". Fix: leave it out of search.module_sets, or name the layers to adapt")
+    limits = {key: modules.max_rank(model, res) for key, res in kept.items()}
     too_big = sorted({r for r in config.search.ranks for limit in limits.values() if r > limit})
     if too_big:  # one problem, said once: which sets each limit binds
         by_limit: dict[int, list[str]] = {}
@@ -137,7 +166,25 @@ def prepare_model(config: Config) -> PreparedModel:
                           f"{min(by_limit)}, or drop the module sets whose layers are smaller")
     name, origin = model_name(config.model.path)
     return PreparedModel(path=path, name=name, origin=origin, model=model, total_params=modules.base_param_count(model),
-                         resolved=resolved)
+                         resolved=kept, same_as=same_as)
+
+
+def distinct_sets(resolved: dict[str, modules.ResolvedModules]
+                  ) -> tuple[dict[str, modules.ResolvedModules], dict[str, str]]:
+    """`resolved` without each set that adapts the same layers and expert weights as an earlier one
+    (Mixtral's `experts` is its `mlp`), so the space never samples one configuration under two
+    names; and each set left out -> the kept set it equals."""
+    kept: dict[str, modules.ResolvedModules] = {}
+    seen: dict[tuple, str] = {}
+    same_as = {}
+    for key, res in resolved.items():
+        adapted = (tuple(res.layers), tuple(res.parameters))
+        if adapted in seen:
+            same_as[key] = seen[adapted]
+        else:
+            seen[adapted] = key
+            kept[key] = res
+    return kept, same_as
 
 
 def check_device(config: Config, gpus_per_trial: float, local: bool) -> None:

@@ -81,7 +81,7 @@ class Probe:
         """The probe in one line, for the console and the dry run."""
         neighbours = round(1 / self.share)
         return (f"memory probe: one trial of the heaviest configuration (r={self.lora_config['r']}, "
-                f"{len(self.lora_config['target_modules'])} module names{', DoRA' if self.lora_config.get('use_dora') else ''}) "
+                f"{_names(self.lora_config)} module names{', DoRA' if self.lora_config.get('use_dora') else ''}) "
                 f"held {self.footprint_gb:.1f} GB ({self.source}; allocator peak {self.allocated_gb:.1f} GB, reserved "
                 f"{self.reserved_gb:.1f} GB, outside the allocator {self.context_gb:.1f} GB) of a {self.gpu_gb:.0f} GB GPU; "
                 f"with margin {self.margin:g}: gpus_per_trial {self.share:g} ({neighbours} trial{'s' if neighbours > 1 else ''} "
@@ -89,15 +89,22 @@ class Probe:
                 + ("measured by an earlier run on this GPU" if self.cached else f"measured in {self.seconds:.0f} s"))
 
 
+def _names(lora_config: dict) -> int:
+    """How many names a LoraConfig targets: its modules and its expert weights."""
+    return len(lora_config["target_modules"]) + len(lora_config.get("target_parameters", []))
+
+
 def heaviest_lora_config(resolved: dict, ranks: list[int], use_dora: list[bool], dropout: list[float] | float) -> dict:
     """The space's configuration that holds the most memory: the largest rank on the module set
-    that adapts the most layers, DoRA where the space has it (it keeps each weight's norm and
-    a full-size product per step), and the highest dropout (its masks are kept for backward)."""
+    that adapts the most layers and expert weights, DoRA where the space has it (it keeps each
+    weight's norm and a full-size product per step), and the highest dropout (its masks are kept
+    for backward); neither where the set holds them fixed (its expert weights: HELD_FIXED)."""
     from search.tuning.space import lora_config
 
-    widest = max(resolved.values(), key=lambda m: (len(m.layers), len(m.target_modules)))
-    return lora_config(widest, max(ranks), 2.0, max(dropout) if isinstance(dropout, list) else dropout,
-                       False, any(use_dora))
+    widest = max(resolved.values(), key=lambda m: (len(m.layers) + len(m.parameters), len(m.target_modules)))
+    highest = max(dropout) if isinstance(dropout, list) else dropout
+    return lora_config(widest, max(ranks), 2.0, 0.0 if widest.holds_fixed else highest, False,
+                       any(use_dora) and not widest.holds_fixed)
 
 
 def probe(spec: ProbeSpec, cache_dir: Path | None = None, device: str = "") -> dict:

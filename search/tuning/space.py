@@ -18,7 +18,11 @@ PRIOR_KEYS = ("module_set", "r", "alpha_ratio", "lora_dropout", "use_rslora", "u
               "loraplus_lr_ratio")
 # The semantic module sets, resolved per architecture by `search.inputs.modules`. They are part of
 # the config's vocabulary, so they live here, where validating a config imports no torch.
-MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear")
+MODULE_SETS = ("attention_qv", "attention", "mlp", "attention_mlp", "all_linear", "experts")
+# PEFT adapts expert weights (3-D parameters, `target_parameters`) through its ParamWrapper, which refuses
+# lora_dropout != 0 and use_dora=True for the whole adapter: a module set that adapts them holds both fixed.
+HELD_FIXED = ("adapts expert weights through PEFT's target_parameters, whose wrapper refuses dropout and DoRA: "
+              "lora_dropout held at 0 and use_dora at false for this set")
 # How the search proposes configurations (search.tuning.tuner.search_parts): Optuna's TPE, Optuna's
 # random sampler, or every point of the grid (`grid_points`) once per landscape seed, without ASHA
 # or stages: the run that measures a landscape (analysis.landscape).
@@ -45,13 +49,31 @@ class ResolvedModules:
     fan_in_fan_out: bool       # True for GPT-2 style Conv1D layers (weight stored as in x out)
     layers: list[str]          # full dotted names of every adapted layer, in model order
     note: str | None           # what could not be taken literally, or was inferred; None if nothing
+    # names for LoraConfig(target_parameters=...), sorted, empty for none: the expert weights (3-D parameters),
+    # and in a mixture of experts its MLP layers' weights, which PEFT takes by module name for experts
+    target_parameters: list[str] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)  # full dotted names of every adapted parameter, in model order
+    architecture_note: str | None = None  # the part of `note` that is about the model, the same in every set
+
+    @property
+    def holds_fixed(self) -> bool:
+        """Whether this set holds lora_dropout at 0 and use_dora off (HELD_FIXED)."""
+        return bool(self.target_parameters)
+
+    @property
+    def own_note(self) -> str | None:
+        """`note` without the architecture's part, which a listing of every set says once."""
+        if not self.note or not self.architecture_note:
+            return self.note
+        return self.note.removeprefix(self.architecture_note).removeprefix("; ") or None
 
 
 @dataclass
 class SpaceConfig:
     module_sets: list[str | list[str]] = field(
         default_factory=lambda: ["attention_qv", "attention", "mlp", "all_linear"],
-        metadata={"help": f"semantic sets ({', '.join(MODULE_SETS)}) or explicit lists of layer names"})
+        metadata={"help": f"semantic sets ({', '.join(MODULE_SETS)}) or explicit lists of layer (or expert "
+                          "parameter) names"})
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "LoRA ranks r to try"})
     alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={"help": "lora_alpha / r ratios to try"})
     dropout: list[float] | float = field(
@@ -164,8 +186,12 @@ def module_set_key(spec: str | list[str]) -> str:
 
 
 def lora_config(resolved: ResolvedModules, r: int, alpha_ratio: float, dropout: float, use_rslora: bool, use_dora: bool) -> dict:
-    """The exact keyword arguments of PEFT's LoraConfig; lora_alpha = alpha_ratio * r."""
+    """The exact keyword arguments of PEFT's LoraConfig; lora_alpha = alpha_ratio * r; `target_parameters`
+    only where the set adapts expert weights. ValueError for dropout or DoRA on a set that holds them fixed."""
+    if resolved.holds_fixed and (dropout or use_dora):
+        raise ValueError(f"module set {resolved.name!r} {HELD_FIXED}; got lora_dropout={dropout}, use_dora={use_dora}")
     alpha = alpha_ratio * r
+    extra = {"target_parameters": list(resolved.target_parameters)} if resolved.target_parameters else {}
     return {
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
@@ -176,6 +202,7 @@ def lora_config(resolved: ResolvedModules, r: int, alpha_ratio: float, dropout: 
         "fan_in_fan_out": resolved.fan_in_fan_out,
         "bias": "none",
         "task_type": "CAUSAL_LM",
+        **extra,
     }
 
 
@@ -205,11 +232,15 @@ class LoraSpace:
         dropout_low, dropout_high = space.dropout
         lr_low, lr_high = space.learning_rate
         module_set = trial.suggest_categorical("module_set", list(self.resolved))
+        held = self.resolved[module_set].holds_fixed  # no dropout, no DoRA: HELD_FIXED
         r = trial.suggest_categorical("r", space.ranks)
         alpha_ratio = trial.suggest_categorical("alpha_ratio", space.alpha_ratios)
-        dropout = trial.suggest_float("lora_dropout", dropout_low, dropout_high) if dropout_high > dropout_low else dropout_low
+        if held or dropout_high == dropout_low:
+            dropout = 0.0 if held else dropout_low
+        else:
+            dropout = trial.suggest_float("lora_dropout", dropout_low, dropout_high)
         use_rslora = trial.suggest_categorical("use_rslora", space.use_rslora)
-        use_dora = trial.suggest_categorical("use_dora", space.use_dora)
+        use_dora = False if held else trial.suggest_categorical("use_dora", space.use_dora)
         learning_rate = trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_high > lr_low else lr_low
         loraplus_lr_ratio = trial.suggest_categorical("loraplus_lr_ratio", space.loraplus_lr_ratio)
         return TrialParams(
