@@ -93,8 +93,8 @@ def load_tokenizer(config: Config, model_dir: str):
     # turns every text into no token at all.
     if (len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens)
             or not tokenizer.encode("hello world", add_special_tokens=False)):
-        raise ConfigError(f"{key} {given!r} holds no tokenizer files: transformers made a {type(tokenizer).__name__} "
-                          f"with no vocabulary but its special tokens. Fix: {fix}")
+        raise ConfigError(f"{key} {given!r} holds no tokenizer that could be loaded (transformers made a "
+                          f"{type(tokenizer).__name__} without a vocabulary: no tokenizer files). Fix: {fix}")
     return tokenizer
 
 
