@@ -91,7 +91,8 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
         f"{chosen.cost_name} {amount(chosen.cost)}"
-        f"{', uncertain: it rests on one configuration the search found' if standing.uncertain else ''}. "
+        f"{', uncertain: it rests on one configuration the search found' if standing.uncertain else ''}"
+        f"{f', but {chosen.metric} cannot tell the finished configurations apart (one value for all)' if chosen.tie else ''}. "
         f"Report: {run_dir / REPORT}"
     )
     return 0

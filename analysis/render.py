@@ -279,6 +279,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
            if chosen.seeds > 1 else "")
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
+        + (f"**Unable to decide: {chosen.tie}**\n\n" if chosen.tie else "")
         + (f"{standing.sentence}\n\n" if standing else "")
         + (f"{edge}\n\n" if (edge := at_the_edge(search, row)) else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
