@@ -111,6 +111,7 @@ class SearchRecipe:
         from search.inputs.data import eval_sample_line
         from search.inputs.prepare import load_tokenizer, prepare_data
         from trainables.data import save_splits
+        from trainables.optim import OPTIMIZER, SCHEDULE
 
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
@@ -135,6 +136,7 @@ class SearchRecipe:
             "module_sets": {k: {"target_modules": v.target_modules, "layers": len(v.layers), "note": v.note}
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
+            "training": {"optimizer": OPTIMIZER, "schedule": SCHEDULE},
         })
         write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
         try:

@@ -89,6 +89,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
                       "example": "question?\n[[answer]]"},
         "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
         "created_by": "lora-search",
+        "training": {"optimizer": "AdamW, one step per batch", "schedule": "linear warm-up, then cosine decay"},
     }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     return run_dir
