@@ -14,9 +14,18 @@ from pathlib import Path
 
 from analysis.config import SelectionConfig
 from analysis.diagnose import diagnose
-from analysis.render import render_report, retrain_section
-from analysis.results import load_curves, load_lora_configs, load_trials, read_retrain_files, read_run_config, write_trials_csv
+from analysis.render import RETRAIN_COMMAND, render_report, retrain_section
+from analysis.results import (
+    load_curves,
+    load_lora_configs,
+    load_trials,
+    read_retrain_files,
+    read_run_config,
+    read_trial_files,
+    write_trials_csv,
+)
 from analysis.select import Comparison, NoCandidate, amount, pick, without_pick
+from analysis.timing import duration, run_clock
 from rundir.files import (
     download_tree,
     join_uri,
@@ -31,7 +40,7 @@ from rundir.layout import ADAPTER, ANALYSIS_OUTPUTS, LATEST, PICK, PICKS, PLOTS,
 from rundir.runconfig import RunConfig
 
 
-def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None) -> int:
+def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None, shown_as: str | None = None) -> int:
     """Write the analysis of `run_dir` into it; return 0 with a pick, 1 when no trial is eligible.
 
     `selection` replaces run_config.json's selection settings when given. trials.csv (the facts
@@ -39,10 +48,13 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     adapter/, plots/, report.md) goes into a directory of its own, `picks/<time>/`, which no
     later analysis touches, and is then copied to the top of the run as the latest. Nothing is
     deleted: an earlier pick, and the weights of a retrain that no longer match the pick, stay
-    in their own `picks/<time>/` (and the retrain's in `retrain/`). Prints the outcome once.
-    Raises ValueError for bad input (not a run directory, invalid selection settings).
+    in their own `picks/<time>/` (and the retrain's in `retrain/`). Prints the outcome once, with
+    the trials' wall time and the command that retrains the pick or the path its weights load from.
+    Commands and paths name the run as `shown_as` (default: its absolute path, which works from
+    any directory). Raises ValueError for bad input (not a run directory, invalid selection settings).
     """
     run_dir = Path(run_dir)
+    run_path = shown_as or str(run_dir.resolve())
     run_config = read_run_config(run_dir)
     selection = selection or SelectionConfig.recorded(run_config.selection)
     problems = selection.problems()
@@ -51,6 +63,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     max_steps = run_config.budget.max_steps
     comparison = Comparison.of(selection, max_steps)
     trials = load_trials(run_dir)
+    clock = run_clock(read_trial_files(run_dir))
     write_trials_csv(trials, run_dir / TRIALS_CSV)
     lora_configs = load_lora_configs(run_dir)
     try:
@@ -67,6 +80,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     curves = load_curves(run_dir)
     plots = write_plots(trials, curves, selection, chosen, out / PLOTS)
     retrains = [_retrain_record(trial, run_dir, run_config) for trial in read_retrain_files(run_dir)]
+    retrain = None
     if chosen is not None:
         from analysis.export import export_adapter_config, export_retrained_weights
 
@@ -77,9 +91,10 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         write_json_atomic(out / PICK, {**asdict(chosen), "without_pick": asdict(standing),
                                        "analysis": out.relative_to(run_dir).as_posix(),
                                        "retrain": retrain, "data": _data_sources(run_config)})
-    write_text_atomic(out / REPORT, render_report(run_config, trials, comparison, chosen, no_pick, plots,
-                                                  diagnose(trials, curves), retrain_section(retrains, chosen, run_dir),
-                                                  standing))
+    write_text_atomic(out / REPORT, render_report(
+        run_config, trials, comparison, chosen, no_pick, plots, diagnose(trials, curves),
+        retrain_section(retrains, chosen, run_path, run_config.budget.batch_size), standing, clock, run_path,
+        retrained=retrain is not None))
     for name in LATEST:
         if (out / name).exists():
             publish_copy(out / name, run_dir / name)
@@ -91,9 +106,19 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     print(
         f"Picked trial {chosen.trial_id}: {chosen.metric} {chosen.value:.4g} (best {chosen.best_value:.4g}), "
         f"{chosen.cost_name} {amount(chosen.cost)}"
-        f"{', uncertain: it rests on one configuration the search found' if standing.uncertain else ''}. "
+        f"{', uncertain: it rests on one configuration the search found' if standing.uncertain else ''}"
+        f"{f', but {chosen.metric} cannot tell the finished configurations apart (one value for all)' if chosen.tie else ''}. "
         f"Report: {run_dir / REPORT}"
     )
+    if clock:
+        print(f"Wall time: the trials ran for {duration(clock.wall_seconds)}; with budget.num_samples x2 about "
+              f"{duration(clock.estimate(2))}, x4 about {duration(clock.estimate(4))} (the report says how).")
+    adapter = Path(run_path) / ADAPTER
+    if retrain:
+        print(f"Weights: PeftModel.from_pretrained(base, \"{adapter}\") loads the pick retrained on all the training data.")
+    else:
+        print(f"Train the pick alone on all the training data: {RETRAIN_COMMAND} {run_path} "
+              f"(weights to {adapter})")
     return 0
 
 
@@ -111,7 +136,7 @@ def analyse_at_uri(uri: str, overrides: dict) -> int:
         if not found:
             raise ValueError(f"{uri!r} holds nothing. Fix: pass the URI a search wrote, <output>/<name>.")
         selection = SelectionConfig.recorded(read_run_config(run_dir).selection).with_options(**overrides)
-        code = analyse(run_dir, selection)
+        code = analyse(run_dir, selection, shown_as=uri)
         for name in ANALYSIS_OUTPUTS:
             remove(join_uri(uri, name))  # an output this analysis did not write (no pick) must not stay behind
             if (run_dir / name).exists():

@@ -18,8 +18,10 @@ from analysis.select import (
     finished_trials,
     rank_by_metric,
 )
+from analysis.timing import RunClock, duration
+from rundir.layout import ADAPTER
 from rundir.params import Origin
-from rundir.runconfig import Resources, RunConfig
+from rundir.runconfig import Budget, Resources, RunConfig
 
 if TYPE_CHECKING:
     from analysis.plots import Plots
@@ -41,6 +43,9 @@ def render_report(
     diagnoses: dict[str, str],
     retrain: str = "",
     standing: WithoutPick | None = None,
+    clock: RunClock | None = None,
+    run_path: str = "",
+    retrained: bool = False,
 ) -> str:
     """report.md's text: what was searched, what it cost, the pick and why, the top trials, the
     retrain, the plots, the config.
@@ -48,7 +53,9 @@ def render_report(
     `plots` is `analysis.plots.write_plots`' result; `no_pick` says why when `chosen` is None;
     `diagnoses` is `analysis.diagnose.diagnose`'s reading of each trial's curve; `retrain` the
     section on retrained weights, if any; `standing` what the rule picks without the pick's
-    configuration (`analysis.select.without_pick`).
+    configuration (`analysis.select.without_pick`); `clock` the trials' wall time
+    (`analysis.timing.run_clock`); `run_path` the run directory as commands should name it;
+    `retrained` whether its adapter/ holds the pick's retrained weights.
     """
     sections = [
         _title(run_config, comparison),
@@ -56,6 +63,7 @@ def render_report(
         _searched(run_config),
         _module_notes(run_config),
         _spent(trials, run_config.budget.max_steps, run_config.resources),
+        _clock_section(clock, run_config.budget),
         _pick_section(trials, chosen, no_pick, standing, run_config.search),
         _prior_section(trials, chosen, comparison),
         _top_trials(trials, comparison, chosen, diagnoses),
@@ -63,7 +71,7 @@ def render_report(
         _plots_section(plots),
     ]
     if chosen is not None:
-        sections.append(_snippet_section(chosen, trials))
+        sections.append(_snippet_section(chosen, trials, run_config, run_path, retrained))
     return "\n\n".join(sections) + "\n"
 
 
@@ -202,7 +210,7 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: Resources) -> str:
         "## What it cost\n\n"
         f"{len(trials)} trials: {counts.get('finished', 0)} finished all {max_steps} steps, "
         f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
-        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({_duration(seconds)})"
+        f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({duration(seconds)})"
         f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
@@ -292,6 +300,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         + (f"Its {chosen.metric} is the mean of {chosen.seeds} runs with different seeds (spread {chosen.spread:.3g}).\n\n"
            if chosen.seeds > 1 else "")
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
+        + (f"**Unable to decide: {chosen.tie}**\n\n" if chosen.tie else "")
         + (f"{standing.sentence}\n\n" if standing else "")
         + (f"{edge}\n\n" if _found_by_search(trials, chosen.trial_id) and (edge := at_the_edge(search, row)) else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
@@ -421,32 +430,45 @@ def _top_trials(trials: pd.DataFrame, comparison: Comparison, chosen: Pick | Non
     )
 
 
-def retrain_section(retrains: list[dict], chosen: Pick | None, run_dir: Path) -> str:
-    """Which trained weights exist and which pick they belong to."""
+def retrain_section(retrains: list[dict], chosen: Pick | None, run_path: str, batch_size: int) -> str:
+    """Which trained weights exist, how they were trained (steps of `batch_size` sequences on
+    how many rows) and which pick they belong to; `run_path` the run directory as commands name it."""
     if not retrains:
-        return ("## Retrain\n\nNo configuration was retrained on all the data (`selection.retrain` is off, or the run "
-                "stopped first): `adapter/` holds the pick's configuration, not weights.")
+        return ("## Retrain\n\nNo configuration was retrained on all the data (`selection.retrain` is off, "
+                f"`{RETRAIN_COMMAND}` was not run, or the run stopped first): `adapter/` holds the pick's configuration, "
+                "not weights.")
     lines = ["## Retrain", ""]
     for retrain in retrains:
         figures = ", ".join(f"{key} {retrain[key]:.4g}" for key in ("eval_loss", "eval_accuracy", "eval_exact_match")
                             if isinstance(retrain[key], (int, float)))
-        rows = f" on all {retrain['train_rows']:,} training rows" if retrain["train_rows"] else " on all the training data"
         state = f"failed ({retrain['error']})" if retrain["error"] else f"reached step {retrain['step']}: {figures}"
-        lines.append(f"- Trial `{retrain['trial_id']}` retrained trial `{retrain['parent']}`'s configuration{rows} "
-                     f"and {state}.")
+        lines.append(f"- Trial `{retrain['trial_id']}` retrained trial `{retrain['parent']}`'s configuration"
+                     f"{_retrain_amount(retrain['step'], batch_size, retrain['train_rows'])} and {state}.")
     matching = chosen is not None and any(r["parent"] == chosen.trial_id and r["weights"] for r in retrains)
     if chosen is None:
         pass
     elif matching:
-        lines += ["", f"`adapter/` holds these weights with the pick's configuration: load it with "
-                      f"`PeftModel.from_pretrained(base, \"{run_dir.name}/adapter\")`."]
+        lines += ["", f"`adapter/` holds these weights with the pick's configuration: load them with "
+                      f"`PeftModel.from_pretrained(base, \"{_adapter_path(run_path)}\")`."]
     else:
         lines += ["", f"**The pick, trial `{chosen.trial_id}`, was not retrained**: the weights above belong to another "
                       "configuration. They are kept with the analysis that picked it (`picks/`) and in the retrain's "
                       "trial directory; `adapter/` now holds this pick's configuration only. To get its weights, train "
-                      "`adapter/adapter_config.json` on all your data, or run the search again with this selection "
-                      "and `selection.retrain: true`."]
+                      f"it alone: `{RETRAIN_COMMAND} {run_path}` (the last section)."]
     return "\n".join(lines)
+
+
+def _retrain_amount(steps: int | None, batch_size: int, rows: int) -> str:
+    """' for 200 steps of 8 sequences on the 400 training rows (4 passes over them)': what a retrain trained on."""
+    if steps is None:
+        return f" on the {rows:,} training rows"
+    passes = steps * batch_size / rows if rows else math.inf
+    return (f" for {steps:,} steps of {batch_size} sequences on the {rows:,} training rows "
+            f"({passes:.2g} passes over them)" if rows else f" for {steps:,} steps of {batch_size} sequences")
+
+
+def _adapter_path(run_path: str) -> str:
+    return str(Path(run_path) / ADAPTER)
 
 
 def _plots_section(plots: "Plots") -> str:
@@ -455,13 +477,66 @@ def _plots_section(plots: "Plots") -> str:
     return "## Plots\n\n" + "\n\n".join(images + (["\n".join(skipped)] if skipped else []))
 
 
-def _snippet_section(chosen: Pick, trials: pd.DataFrame) -> str:
-    row = _row(trials, chosen.trial_id)
+# The command that trains the pick alone on all the training data (search/retrain.py).
+RETRAIN_COMMAND = "python -m search.retrain"
+
+
+def _clock_section(clock: RunClock | None, budget: Budget) -> str:
+    """The trials' wall time, and an estimate of it for `budget.num_samples` twice and four times over."""
+    if clock is None:
+        return "## Wall time\n\nNo trial of the search recorded its clock readings."
+    estimates = "; ".join(f"`budget.num_samples={budget.num_samples * factor}` (x{factor}) about "
+                          f"{duration(clock.estimate(factor))}" for factor in (2, 4))
+    return (
+        "## Wall time\n\n"
+        f"The search's trials ran for {duration(clock.wall_seconds)} of wall-clock time, from the first trial's start "
+        f"to the last one's end ({clock.concurrency:.2g} trials at a time on average; the time before the first trial "
+        f"and this analysis are not counted, nor, in a resumed run, the time it stood still).\n\n"
+        f"A larger search, estimated from these trials: {estimates}. Each trial added costs what the {clock.proposed} "
+        f"proposed trials cost on average, stopped by ASHA or not ({clock.seconds_per_proposed:,.0f} trial-seconds), "
+        f"and runs {clock.concurrency:.2g} at a time as these did; the promotions, confirmations and reruns are "
+        "counted once, as measured. A rough guide: more trials may promote or confirm more."
+    )
+
+
+def _snippet_section(chosen: Pick, trials: pd.DataFrame, run_config: RunConfig, run_path: str, retrained: bool) -> str:
+    """The pick's LoraConfig, the whole recipe its trial trained with, a training example as the model
+    saw it, and how to get its weights."""
+    row, budget, info = _row(trials, chosen.trial_id), run_config.budget, run_config.data_info
+    training = run_config.training
+    turns = "every assistant turn" if info.train_turns == "all" else "the last assistant turn"
+    template = ("none (text rows: every token trained)" if info.train.format == "text"
+                else f"{info.template}, loss on {turns} (`data.train_turns={info.train_turns}`)")
+    recipe = [
+        ("learning rate", f"{row['learning_rate']:.3g}"),
+        ("LoRA+ ratio (`loraplus_lr_ratio`)", f"{row['loraplus_lr_ratio']:g}"),
+        ("optimizer", training.optimizer if training else "not recorded"),
+        ("schedule", training.schedule if training else "not recorded"),
+        ("batch size (`budget.batch_size`)", f"{budget.batch_size} sequences"),
+        ("steps (`budget.max_steps`)", f"{budget.max_steps}"),
+        ("warm-up (`budget.warmup_steps`)", f"{budget.warmup_steps} steps"),
+        ("template", template),
+        ("`data.max_length`", f"{info.max_length} tokens"),
+        ("seed", f"{row['seed']}"),
+        ("training rows", f"{info.search_train_rows:,} in the search; a retrain draws from all {info.train_rows:,}"),
+    ]
+    adapter = _adapter_path(run_path)
+    if retrained:
+        weights = (f"`{adapter}` holds the pick's weights, retrained on all the training data (the Retrain section): "
+                   f"`PeftModel.from_pretrained(base, \"{adapter}\")` loads them.")
+    else:
+        weights = (f"Train the pick alone on the {info.train_rows:,} training rows with this recipe, without searching "
+                   f"again:\n\n```\n{RETRAIN_COMMAND} {run_path}\n```\n\nIt runs {budget.max_steps} steps of "
+                   f"{budget.batch_size} sequences and writes the weights to `{adapter}`, where "
+                   f"`PeftModel.from_pretrained(base, \"{adapter}\")` loads them.")
     return (
         "## Use it\n\n```python\n"
         + lora_config_snippet(chosen.lora_config)
-        + f"\n```\n\nTrain with learning rate {row['learning_rate']:.3g} (LoRA+ learning-rate ratio "
-        f"{row['loraplus_lr_ratio']:g}), as the trial did."
+        + "\n```\n\nThe trial trained it with:\n\n"
+        + _markdown_table(("", "value"), recipe)
+        + "\n\nThe first training row as the model saw it, its trained tokens between [[ and ]]; prompt the adapter "
+        "the same way:\n\n```\n" + info.example + "\n```\n\n"
+        + weights
     )
 
 
@@ -489,13 +564,6 @@ def _relative(value: float, reference: float, less: str) -> str:
         return "not comparable"
     change = (reference - value) / reference
     return f"{change:.0%} {less}" if change >= 0 else f"{-change:.0%} more"
-
-
-def _duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    if minutes < 1:
-        return f"{seconds:.0f} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _markdown_table(headers: tuple, rows: list[tuple]) -> str:

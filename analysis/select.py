@@ -100,6 +100,7 @@ class Pick:
     undecided: str | None  # one sentence that says so, giving both with value ± se and cost; None when decided
     compared: int   # configurations compared with the best (all that finished, but the best)
     paired: int     # of those, the ones whose rows' part was paired with the best's rows (the module's docstring)
+    tie: str | None = None  # one sentence where the metric has the same value for every configuration, else None
 
     def comparison(self, max_steps: int) -> Comparison:
         """The comparison that made this pick, at `max_steps`."""
@@ -248,7 +249,20 @@ def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str
         undecided=undecided,
         compared=len(standings.table) - 1,
         paired=int(standings.table["paired"].sum()),
+        tie=tie_sentence(standings.table, comparison),
     )
+
+
+def tie_sentence(table: pd.DataFrame, comparison: Comparison) -> str | None:
+    """Where every configuration of `table` (`Standings.table`, more than one) has the same value of
+    the metric, one sentence saying that the metric cannot decide and the cost alone did; else None."""
+    values = table[comparison.metric]
+    if len(table) < 2 or values.nunique() > 1:
+        return None
+    return (f"`{comparison.metric}` is {values.iloc[0]:.4g} for all {len(table)} configurations that finished "
+            f"{comparison.max_steps} steps, so it cannot tell them apart: the pick is only the cheapest by "
+            f"`{comparison.cost}`. Pick by a metric that separates them (`selection.metric`), or train longer "
+            f"(`budget.max_steps`).")
 
 
 @dataclass(frozen=True)
@@ -295,9 +309,8 @@ def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_config
     same = found == cell
     comparison = chosen.comparison(max_steps)
     as_good = not same and comparison.within(other.value, comparison.bar(chosen.value))
-    change = other.value / chosen.value - 1 if chosen.value else math.nan
     described = (f"`{other.trial_id}`, {found[0]} r={found[1]} ({chosen.metric} {other.value:.4g}, "
-                 f"{abs(change):.1%} {'above' if change > 0 else 'below'} the pick's {chosen.value:.4g})")
+                 f"{_against(other.value, chosen.value)} the pick's {chosen.value:.4g})")
     if same:
         sentence = (f"Without its configuration ({left}), the same rule picks {described}: the same module set and "
                     f"rank, so they do not rest on one configuration the search found.")
@@ -310,6 +323,15 @@ def without_pick(trials: pd.DataFrame, chosen: Pick, max_steps: int, lora_config
                     f"another seed may pick worse; more trials (`budget.num_samples`) make that less likely.")
     return WithoutPick(other.trial_id, found[0], found[1], other.value, same, as_good, not (same or as_good), runs,
                        sentence)
+
+
+def _against(value: float, reference: float) -> str:
+    """How `value` stands against `reference`: '3.0% above', 'equal to', or, where the reference is 0
+    and no share of it exists, '0.02 above'."""
+    if value == reference:
+        return "equal to"
+    side = "above" if value > reference else "below"
+    return f"{abs(value / reference - 1):.1%} {side}" if reference else f"{abs(value - reference):.4g} {side}"
 
 
 def _intervals(compared: int, paired: int, metric: str) -> str:

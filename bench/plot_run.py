@@ -26,7 +26,8 @@ def main() -> None:
 
     trials = pd.read_csv(args.run / "trials.csv")
     stored = json.loads((args.run / "pick.json").read_text())
-    pick = Pick(**{f.name: stored[f.name] for f in dataclasses.fields(Pick)})
+    # a pick.json written before a field with a default existed lacks it
+    pick = Pick(**{f.name: stored[f.name] for f in dataclasses.fields(Pick) if f.name in stored})
     selection = SelectionConfig(metric=pick.metric, mode=pick.mode, tolerance=pick.tolerance, cost=pick.cost_name)
     finished = finished_trials(trials, selection.metric, selection.cost)
     colors = module_set_colors(trials["module_set"])

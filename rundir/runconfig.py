@@ -113,6 +113,14 @@ class DataInfo:
 
 
 @dataclass(frozen=True)
+class Training:
+    """How every trial trains, in words, as the trainer that ran them describes itself (`training`)."""
+
+    optimizer: str  # the optimizer, its settings and how batches become steps
+    schedule: str   # the learning rate over the steps
+
+
+@dataclass(frozen=True)
 class ModuleSet:
     """How one module set resolved on the base model."""
 
@@ -140,6 +148,7 @@ class RunConfig:
     data_info: DataInfo
     module_sets: dict[str, ModuleSet]
     created_by: str
+    training: Training | None = None  # None: a run recorded before the trainer described itself here
 
     def to_json(self) -> dict:
         """The record as plain JSON values, in the file's order."""

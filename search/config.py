@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from analysis.config import SelectionConfig, needs_generations
+from rundir.runconfig import RunConfig
 from search.output.tracking import TrackingConfig
 from search.resources.memory import share_for
 from search.tuning.prior import TaskConfig
@@ -216,6 +217,22 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
+    return _checked(raw, problems)
+
+
+def recorded(run_config: RunConfig, output: str, name: str) -> Config:
+    """The config a run was started with, from its `run_config.json` record, as resolved there
+    (`auto` settings hold what they became), for the run where it is now: `output`/`name`.
+    ConfigError where the record no longer makes a valid config."""
+    values = run_config.to_json()
+    raw = {f.name: values[f.name] for f in dataclasses.fields(Config)}
+    settings = {f.name for f in dataclasses.fields(ResourcesConfig)}
+    raw["resources"] = {key: value for key, value in raw["resources"].items() if key in settings}
+    raw["output"], raw["name"] = output, name
+    return _checked(raw, [])
+
+
+def _checked(raw: dict, problems: list[str]) -> Config:
     config = _build(Config, raw, "", problems)
     problems += _all_problems(config)  # fields that failed conversion kept their (valid) defaults
     if problems:

@@ -28,9 +28,11 @@ class SearchRecipe:
     an exit code where the run ends there, else None."""
 
     def __init__(self, config: Config, address: str | None, stop: GracefulStop, *, dry_run: bool = False,
-                 resume: bool = False, overwrite: bool = False):
+                 resume: bool = False, overwrite: bool = False, retrain_of: str | None = None):
+        """`retrain_of`: the trial id of a finished run's pick, to retrain alone on all the training
+        data without searching (`search.retrain`); the run's config is then its recorded one."""
         self.config, self.address, self.stop = config, address, stop
-        self.dry_run, self.resume, self.overwrite = dry_run, resume, overwrite
+        self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
 
     def setup(self) -> int | None:
         from search.cluster.connect import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
@@ -50,7 +52,7 @@ class SearchRecipe:
                   flush=True)
         if not self.dry_run:  # first, so that an output that cannot hold the run costs nothing
             self.location = locate(config.output, config.name, cache_root())
-            _check_output(self.location, resume=self.resume, overwrite=self.overwrite)
+            _check_output(self.location, resume=self.resume or bool(self.retrain_of), overwrite=self.overwrite)
         self.prepared = prepare_model(config)
         self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
@@ -79,7 +81,16 @@ class SearchRecipe:
                     return stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
                                    again="")
         location = self.location
-        if self.resume:
+        if self.retrain_of:
+            from analysis.results import read_run_config
+            from search.cluster.resume import check_driver_gone, stop_leftover_workers
+
+            self.stop.saved, self.stop.again = saved_line(location), ""  # the same command continues the retrain
+            location.pull()
+            self.data_info = read_run_config(location.local).data_info
+            check_driver_gone(location.local)
+            stop_leftover_workers(location.local)
+        elif self.resume:
             from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
 
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
@@ -89,7 +100,8 @@ class SearchRecipe:
             stop_leftover_workers(location.local)
         else:
             self.data_info = self._start()
-        self.stop.saved, self.stop.again = saved_line(location), "--resume"
+        if not self.retrain_of:
+            self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)
         return None
@@ -116,6 +128,7 @@ class SearchRecipe:
         from search.inputs.data import eval_sample_line, template_fallback_line
         from search.inputs.prepare import load_tokenizer, prepare_data
         from trainables.data import save_splits
+        from trainables.optim import OPTIMIZER, SCHEDULE
 
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
@@ -144,6 +157,7 @@ class SearchRecipe:
                                 "layers": len(v.layers) + len(v.parameters), "note": v.note}
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
+            "training": {"optimizer": OPTIMIZER, "schedule": SCHEDULE},
         })
         write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
         try:
@@ -169,7 +183,7 @@ class SearchRecipe:
         setup = trial_setup(config, plan, self.prepared, location, data_info)
         environment.setenvs(environment.TUNE_STATE, keep_users=True)
         cluster = self.cluster  # resolved in `setup`
-        stop = GracefulStop()
+        stop = GracefulStop(self.stop.program)
         started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
         with ray_core_output_in_logs():  # from Ray's start to its shutdown
             try:
@@ -193,13 +207,14 @@ class SearchRecipe:
                             slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                         config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                         trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                        priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
-                                              config.budget.num_samples)
-                        space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
-                        fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                                       lambda: build_tuner(config, trainable, space, priors, location))
-                        if config.selection.retrain and stop.requested is None:
-                            retrain(config, trainable, location)
+                        if not self.retrain_of:
+                            priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
+                                                  config.budget.num_samples)
+                            space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
+                            fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                                           lambda: build_tuner(config, trainable, space, priors, location))
+                        if (config.selection.retrain or self.retrain_of) and stop.requested is None:
+                            retrain(config, trainable, location, self.retrain_of)
             except KeyboardInterrupt:
                 pass  # raised by `stop`, which remembers the signal; what was saved is said below
             except Exception as e:  # a failure of the search itself, not of one trial (those are results)
@@ -211,14 +226,15 @@ class SearchRecipe:
                     ray.shutdown()
         if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
             _push(location)
-            return stopped(stop, saved_line(location))
+            return stopped(stop, saved_line(location), self.stop.again)
         return None
 
     def finish(self) -> int:
         from analysis.pipeline import analyse
 
         config, location = self.config, self.location
-        code = analyse(location.local)
+        # a retrain's pick was made by pick.json's selection, which may differ from the recorded one
+        code = analyse(location.local, config.selection if self.retrain_of else None)
         if config.tracking.mlflow.enabled:
             from search.output.tracker_callbacks import log_pick
 

@@ -25,7 +25,8 @@ class GracefulStop:
 
     GRACE_S = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, program: str = "search.run") -> None:
+        self.program = program  # the module whose command line continues the run
         self.requested: str | None = None
         self.saved = "nothing was written"
         self.again = ""
@@ -69,7 +70,7 @@ def stopped(stop: GracefulStop, saved: str, again: str = "--resume") -> int:
     import shlex
 
     name = stop.requested or "SIGINT"
-    command = ["python", "-m", "search.run", *sys.argv[1:]]
+    command = ["python", "-m", stop.program, *sys.argv[1:]]
     if again and again not in command:
         command.append(again)
     how = "Resume with" if again == "--resume" else "Start again with"

@@ -89,6 +89,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
                       "example": "question?\n[[answer]]"},
         "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
         "created_by": "lora-search",
+        "training": {"optimizer": "AdamW, one step per batch", "schedule": "linear warm-up, then cosine decay"},
     }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     return run_dir
@@ -101,12 +102,15 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
               alpha_ratio: float = 2.0, lora_dropout: float = 0.05, use_rslora: bool = False,
               learning_rate: float = 2e-4, origin: str = "search", parent: str | None = None,
               seed: int = 0, step_mode: str | None = None, eval_loss_se: float | None = None,
-              eval_row_loss: list[float] | None = None) -> Path:
+              eval_row_loss: list[float] | None = None, eval_exact_match: float | None = None,
+              clock: tuple[float, float] | None = None) -> Path:
     """Write one trial directory the way Ray does; return it.
 
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
     carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` and the per-row losses
-    `eval_row_loss` where given. `error` is the last line of a Ray traceback
+    `eval_row_loss` where given, and `eval_exact_match` at every report where given. `clock`
+    (start, seconds per step) gives each report the trial's clock readings: called at start,
+    reporting step n at start + n * seconds per step. `error` is the last line of a Ray traceback
     in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
     `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
     train_seconds a tenth of a second per step and rank.
@@ -138,6 +142,8 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             **({"step_mode": step_mode} if step_mode else {}),
             **({"eval_loss_se": eval_loss_se} if eval_loss_se is not None else {}),
             **({"eval_row_loss": eval_row_loss} if eval_row_loss is not None else {}),
+            **({"eval_exact_match": eval_exact_match} if eval_exact_match is not None else {}),
+            **({"called_at": clock[0], "busy_to": clock[0] + step * clock[1]} if clock else {}),
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
             "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,

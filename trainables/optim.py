@@ -14,6 +14,14 @@ import math
 import torch
 from torch import nn
 
+# What `loraplus_adamw` and `warmup_cosine` do, in words: the run records them (run_config.json's
+# `training`) for the report's recipe of the pick.
+OPTIMIZER = ("AdamW (weight decay 0, torch's default betas and eps) with PEFT's LoRA+ groups: lora_B at "
+             "loraplus_lr_ratio times the learning rate, lora_A at the learning rate; one optimizer step per batch "
+             "of budget.batch_size sequences, no gradient accumulation")
+SCHEDULE = ("linear warm-up over budget.warmup_steps, then cosine decay to 10% of the learning rate at "
+            "budget.max_steps")
+
 
 def loraplus_adamw(model: nn.Module, learning_rate: float, loraplus_lr_ratio: float, cuda: bool) -> torch.optim.Optimizer:
     """AdamW with PEFT's LoRA+ groups: `lora_B` and every one-dimensional parameter (DoRA's

@@ -286,12 +286,12 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
     )
 
 
-def retrain(config: Config, trainable, location: RunLocation) -> None:
-    """Train the current pick once more on all the training data, in the run's retrain
-    experiment (restored when a retrain already started). The pick comes from the search's
-    trials by the analysis' rule (`decide`); nothing happens when there is none."""
+def retrain(config: Config, trainable, location: RunLocation, picked: str | None = None) -> None:
+    """Train the trial `picked` once more on all the training data, in the run's retrain
+    experiment (restored when a retrain already started). Without `picked`, the current pick of
+    the search's trials by the analysis' rule (`decide`); nothing happens when there is none."""
     trials = read_trial_files(location.local)  # each experiment is pulled into the local copy after its fit
-    picked = decide(trials, config.selection, config.budget.max_steps).pick
+    picked = picked or decide(trials, config.selection, config.budget.max_steps).pick
     if picked is None:
         return
     params = {trial.trial_id: trial.params for trial in trials}[picked]
