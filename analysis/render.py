@@ -123,7 +123,7 @@ def _data_section(run_config: RunConfig) -> str:
         + _markdown_table(("", "source", "rows used", "format", "rows", f"truncated at {info.max_length} tokens",
                            "dropped (no token left to train on)"), rows)
         + f"\n\nTemplate {template}. The search's trials train on {info.search_train_rows:,} of the "
-        f"{info.train_rows:,} train rows kept; every eval round scores the same {info.eval_rows:,} eval rows."
+        f"{info.train_rows:,} train rows kept. {info.eval_sample()}."
     )
 
 

@@ -111,6 +111,13 @@ class DataInfo:
     eval_chosen_by: str     # how the eval_rows were chosen of them, in words
     example: str            # the first training row as the model sees it, its trained tokens between [[ and ]]
 
+    def eval_sample(self, eval_examples: int | str | None = None) -> str:
+        """How many eval rows every round scores, of how many, set by what (`eval_examples`, the
+        setting's value where known), and chosen how."""
+        setting = "data.eval_examples" if eval_examples is None else f"data.eval_examples={eval_examples}"
+        return (f"{self.eval_rows:,} of {self.eval_rows_kept:,} eval rows scored at each round ({setting}), "
+                f"chosen by {self.eval_chosen_by}")
+
 
 @dataclass(frozen=True)
 class Training:

@@ -81,3 +81,17 @@ def test_a_retrain_is_described_by_its_steps_and_batch_not_as_all_the_rows(tmp_p
     assert ("retrained trial `aaaa0001`'s configuration for 100 steps of 8 sequences on the 400 training rows "
             "(2 passes over them)") in report
     assert "on all 400" not in report
+
+
+def test_the_reports_data_section_says_how_many_eval_rows_each_round_scored_of_how_many_and_how_chosen(tmp_path):
+    run_dir = write_run_config(tmp_path / "run")
+    config = json.loads((run_dir / "run_config.json").read_text())
+    config["data_info"].update(eval_rows=32, eval_rows_kept=3000)  # a 3,000-row eval set, 32 scored
+    (run_dir / "run_config.json").write_text(json.dumps(config))
+    add_trial(run_dir, "aaaa0001", r=16, eval_loss=0.50)
+
+    assert analyse(run_dir) == 0
+
+    data = (run_dir / "report.md").read_text().split("## Data", 1)[1]
+    assert ("32 of 3,000 eval rows scored at each round (data.eval_examples), chosen by a shuffle seeded by seed=0"
+            in data)

@@ -573,8 +573,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
 
 def eval_sample_line(info: DataInfo, eval_examples: int | str) -> str:
     """How many eval rows every round scores, of how many, set by what, and chosen how."""
-    return (f"Eval: {info.eval_rows:,} of {info.eval_rows_kept:,} eval rows scored at each round "
-            f"(data.eval_examples={eval_examples}), chosen by {info.eval_chosen_by}")
+    return f"Eval: {info.eval_sample(eval_examples)}"
 
 
 def template_fallback_line(info: DataInfo, cfg: DataConfig) -> str | None:
