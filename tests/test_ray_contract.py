@@ -142,3 +142,20 @@ def test_contract_checker_sees_a_private_module_imported_or_reached(tmp_path):
                        "ray._private.worker.global_worker\ntorch.compiler.reset()\n")
     assert set(_private_uses(planted)) == {"ray._raylet.GcsClient", "torch._dynamo", "ray._private.worker.global_worker",
                                            "ray._private.worker", "ray._private"}
+
+
+def test_contract_error_messages_off_the_console_stops_the_drivers_raylet_lines_and_puts_the_switch_back(capsys):
+    import ray._private.worker as ray_worker
+
+    from search.cluster.ray_contract import error_messages_off_the_console
+
+    # what Ray's error listener thread calls with each error the cluster publishes for the job (Ray
+    # prints a line it printed a moment ago once, so each call has its own)
+    def message(text: str) -> dict:
+        return {"lines": [text], "pid": "raylet", "is_err": False}
+
+    with error_messages_off_the_console():
+        ray_worker.print_to_stdstream(message("A worker died or was killed (1)"), ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    ray_worker.print_to_stdstream(message("The actor is very large (2)"), ignore_prefix=False)
+    assert "The actor is very large (2)" in capsys.readouterr().out

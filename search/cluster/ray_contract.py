@@ -4,10 +4,16 @@ for the one Ray version they were written against (tests/test_ray_contract.py pi
 Joining a cluster started by `ray start --head` needs them: `ray.init` resolves the address
 "auto" and speaks token auth only inside its own connect, which waits minutes on a head that
 refuses it and never says why, so the driver resolves and checks first, as `ray.init` would.
+And Ray's driver prints the errors its cluster publishes for the job ("(raylet) A worker died
+...") to the console from a thread of its own, whatever `log_to_driver` says; only the switch
+Ray's debugger uses stops that (`error_messages_off_the_console`).
 Importing this module with another Ray is an error that names the version it was written for.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -19,6 +25,7 @@ if ray.__version__ != RAY_VERSION:
                       f"check each function against the new Ray (tests/test_ray_contract.py) and update "
                       f"RAY_VERSION")
 
+import ray._private.worker as ray_worker
 from ray._private.authentication.authentication_token_setup import _enable_token_auth
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray._raylet import AuthenticationTokenLoader, GcsClient
@@ -58,3 +65,16 @@ def send_auth_token() -> None:
     `ray.init` turns it on: RAY_AUTH_MODE=token, and Ray's config, which this process read once
     at import, read again."""
     _enable_token_auth()
+
+
+@contextmanager
+def error_messages_off_the_console() -> Iterator[None]:
+    """Inside this block, the driver prints none of the error messages Ray publishes for the job,
+    nor (were `log_to_driver` on) its workers' output: the console keeps the run's own lines, and
+    each trial's failure reaches the run's files through Tune. Ray's switch, put back after."""
+    before = ray_worker._worker_logs_enabled
+    ray_worker._worker_logs_enabled = False
+    try:
+        yield
+    finally:
+        ray_worker._worker_logs_enabled = before

@@ -159,11 +159,13 @@ def ray_core_output_in_logs():
     """While Ray runs in this process (inside this block): what its C++ core writes to the
     process's stderr (its core worker's warnings and errors, such as one for every W&B logging
     actor) goes to RAY_CORE_LOG in the run's logs/, while what Python prints to sys.stderr still
-    reaches the console. Nothing to do with the VERBOSE console, or before `keep_logs_in`."""
+    reaches the console; and the error messages Ray's driver would print are not printed. Nothing
+    to do with the VERBOSE console, or before `keep_logs_in`."""
     directory = _console.log_dir
     if not _diverting() or directory is None:
         yield
         return
+    from search.cluster.ray_contract import error_messages_off_the_console
     python_stderr = sys.stderr
     python_stderr.flush()
     console = os.dup(2)
@@ -174,7 +176,8 @@ def ray_core_output_in_logs():
         sys.stderr = open(console, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
                           errors=python_stderr.errors)
     try:
-        yield
+        with error_messages_off_the_console():  # Ray's "(raylet) ..." lines, which it prints to sys.stdout
+            yield
     finally:
         sys.stderr.flush()
         if sys.stderr is not python_stderr:
