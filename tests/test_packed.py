@@ -92,27 +92,27 @@ class PeftAlone:
         return name.replace(".default", "")
 
 
-def grads_at_step(pack: Pack, index: int, into: dict) -> None:
-    """Record slot `index`'s gradients just before its optimizer steps, by PEFT's key."""
-    slot = pack.slots[index]
-
-    def hook(optimizer, args, kwargs):
-        into[index] = {key: w.grad.clone() for key, w in slot.named_weights()}
-
-    slot.optimizer.register_step_pre_hook(hook)
-
-
 def close(actual: dict, expected: dict, what: str, atol: float = 1e-7) -> None:
     assert sorted(actual) == sorted(expected), what
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{what}: {key}: {m}")
 
 
+def close_weights(actual: dict, expected: dict, what: str) -> None:
+    """Within 1e-5 of each tensor's largest entry. A rank padded to the pack's largest changes
+    the order in which the matmuls sum (float noise of 1e-8 in a gradient), and Adam divides a
+    gradient near zero by its own size, so an entry's own relative error says nothing there."""
+    assert sorted(actual) == sorted(expected), what
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5 * value.abs().max().item(),
+                                   msg=lambda m, key=key: f"{what}: {key}: {m}")
+
+
 def test_a_packed_step_gives_each_slot_the_loss_gradients_and_update_of_peft_training_it_alone(tiny_model_dir):
     model = base(tiny_model_dir)
     vocab = model.config.vocab_size
     pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
-    alone, grads = {}, {}
+    alone = {}
     for seed, config in enumerate(CONFIGS):
         p = params(**config, seed=seed)
         index = pack.add(p)
@@ -121,7 +121,6 @@ def test_a_packed_step_gives_each_slot_the_loss_gradients_and_update_of_peft_tra
         reference = PeftAlone(tiny_model_dir, p, state)
         pack.load_adapter_state(index, state)
         alone[index] = reference
-        grads_at_step(pack, index, grads)
     lengths = [10, 12, 8, 12]  # a pack pads its slots' batches to the longest
     for step in range(2):  # the second step runs on Adam's state and the schedule's next rate
         batches = {i: batch(100 * step + i, 2, lengths[i], vocab) for i in alone}
@@ -129,8 +128,8 @@ def test_a_packed_step_gives_each_slot_the_loss_gradients_and_update_of_peft_tra
         for i, reference in alone.items():
             loss, expected_grads = reference.step(*batches[i])
             assert losses[i].item() == pytest.approx(loss, rel=1e-5), f"slot {i} loss at step {step}"
-            close(grads[i], expected_grads, f"slot {i} gradients at step {step}")
-            close(pack.adapter_state(i), reference.weights(), f"slot {i} weights after step {step}")
+            close(pack.gradients(i), expected_grads, f"slot {i} gradients at step {step}")
+            close_weights(pack.adapter_state(i), reference.weights(), f"slot {i} weights after step {step}")
 
 
 def test_a_slot_trains_the_same_whatever_the_other_slots_hold_dropout_masks_included(tiny_model_dir):
