@@ -252,3 +252,88 @@ def test_a_pass_that_runs_out_of_memory_is_split_and_trains_the_same_with_a_fake
     for i in losses:
         assert split_losses[i] == pytest.approx(losses[i], rel=1e-6)
         close(split_weights[i], weights[i], f"slot {i} after split passes")
+
+
+def mixed(k: int, dropout: float) -> TrialParams:
+    """The k-th of a pack mixing every module set, ranks 4-32, RSLoRA on and off, LoRA+ 1 and 16
+    and a learning rate of its own."""
+    config = CONFIGS[k % len(CONFIGS)]
+    return params(**{**config, "lr": config["lr"] * (1 + k)}, dropout=dropout, seed=k)
+
+
+def full_pack(tiny_model_dir, trials: list[TrialParams], max_rank: int = 1) -> tuple[Pack, torch.Tensor, torch.Tensor]:
+    """A pack at capacity holding `trials`, and a batch of 2 x 10 tokens for each slot."""
+    pack = Pack(base(tiny_model_dir), capacity=len(trials), warmup_steps=WARMUP, max_steps=MAX_STEPS, max_rank=max_rank)
+    for p in trials:
+        pack.add(p)
+    rows = [batch(k, 2, 10, pack.model.config.vocab_size) for k in range(len(trials))]
+    return pack, torch.cat([ids for ids, _ in rows]), torch.cat([labels for _, labels in rows])
+
+
+def dispatched_ops(pack: Pack, ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """The aten operations that one training step of every slot dispatches: forward, backward, update."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pack.losses(ids, labels).sum().backward()
+        pack.update(torch.ones(pack.capacity, dtype=torch.bool))
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+def test_a_packed_step_of_sixteen_mixed_slots_dispatches_the_operations_of_one_slot(tiny_model_dir):
+    one = dispatched_ops(*full_pack(tiny_model_dir, [params(ATTENTION + MLP, 32, 2, True, 16.0, 1e-3, dropout=0.1)]))
+    sixteen = dispatched_ops(*full_pack(tiny_model_dir, [mixed(k, dropout=0.1 * (k % 2)) for k in range(16)]))
+    assert sixteen <= 1.1 * one, (one, sixteen)
+
+
+def test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eager_one(tiny_model_dir):
+    """fullgraph=True fails at any graph break: nothing in the forward, backward or update needs
+    the host. The "aot_eager" backend traces forward and backward as inductor would, without a C compiler."""
+    trials = [mixed(k, dropout=0.1 * (k % 2)) for k in range(4)]
+    results = []
+    for compiled in (False, True):
+        pack, ids, labels = full_pack(tiny_model_dir, trials, max_rank=32)
+        for i in pack.slots:
+            pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+        losses, update = pack.losses, pack.update
+        if compiled:
+            losses = torch.compile(losses, fullgraph=True, backend="aot_eager")
+            update = torch.compile(update, fullgraph=True, backend="aot_eager")
+        steps = []
+        for _ in range(2):
+            pack.model.zero_grad(set_to_none=True)
+            for layer in pack._layers.values():
+                layer.A.grad = layer.B.grad = None
+            step = losses(ids, labels)
+            step.sum().backward()
+            update(torch.ones(pack.capacity, dtype=torch.bool))
+            steps.append(step.detach())
+        results.append((steps, {i: pack.adapter_state(i) for i in pack.slots}))
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = results
+    for eager, compiled in zip(eager_losses, compiled_losses):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for i in eager_weights:
+        close_weights(compiled_weights[i], eager_weights[i], f"slot {i} compiled")
+
+
+def test_trials_that_open_and_end_write_their_slots_entries_into_the_tensors_the_step_already_uses(tiny_model_dir):
+    pack, ids, labels = full_pack(tiny_model_dir, [mixed(3, 0.1), mixed(0, 0.0), mixed(1, 0.2)], max_rank=32)
+    vocab = pack.model.config.vocab_size
+
+    def tensors() -> dict[str, int]:
+        out = {f"{name}.{t}": getattr(layer, t).data_ptr() for name, layer in pack._layers.items()
+               for t in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq", "scale", "rank")}
+        return out | {t: getattr(pack, t).data_ptr() for t in ("learning_rate", "loraplus_ratio", "steps", "keep", "seed")}
+
+    before = tensors()
+    pack.step({i: batch(i, 2, 10, vocab) for i in pack.slots})
+    pack.remove(1)
+    for layer in pack._layers.values():  # an ended trial leaves an empty slot's entries: nothing in its place
+        assert not layer.A[1].any() and not layer.B_avg_sq[1].any() and layer.scale[1] == 0
+    assert pack.learning_rate[1] == 0 and pack.steps[1] == 0
+    assert pack.add(mixed(2, 0.1)) == 1
+    pack.step({i: batch(10 + i, 2, 10, vocab) for i in pack.slots})
+    pack.remove(2)
+    pack.step({i: batch(20 + i, 2, 10, vocab) for i in pack.slots})  # at capacity, an empty slot masked
+    assert tensors() == before
+    assert pack.steps.tolist() == [3, 2, 0]

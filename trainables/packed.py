@@ -11,7 +11,7 @@ that does not adapt the layer or holds no trial. Nothing in a decoder mixes the 
 so a slot's loss, gradients and update are those of its adapter trained alone; tests/test_packed.py
 holds them to PEFT's own model with the same `LoraConfig`.
 
-One AdamW update serves all slots (`_update`): each slot's learning rate, LoRA+ ratio (PEFT's
+One AdamW update serves all slots (`update`): each slot's learning rate, LoRA+ ratio (PEFT's
 LoRA+: B at `learning_rate * loraplus_lr_ratio`), step count and warm-up and cosine schedule are
 entries of tensors, so the update is the same operations for one slot or thirty-two. Dropout keeps
 each element with the slot's own probability, drawn for all slots at once from a hash of the
@@ -270,7 +270,7 @@ class Pack:
             start += 1
         stepping = torch.zeros(self.capacity, dtype=torch.bool)
         stepping[order] = True
-        self._update(stepping.to(self.device))
+        self.update(stepping.to(self.device))
         return {i: losses[i] for i in order}
 
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
@@ -308,7 +308,7 @@ class Pack:
                                              ignore_index=IGNORE, reduction="none").view(slots, -1)
         return tokens.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
 
-    def _update(self, stepping: torch.Tensor) -> None:
+    def update(self, stepping: torch.Tensor) -> None:
         """One AdamW step (PEFT's LoRA+ groups, the warm-up and cosine schedule) of every slot in
         `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it; the
         other slots, their moments and the padding stay as they are."""
