@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from search.config import AUTO, SHARED, Config, ConfigError, ResourcesConfig
+from search.config import AUTO, AUTO_PACKING_REASON, SHARED, Config, ConfigError, ResourcesConfig
 from search.inputs.data import DataInfo, eval_sample_line
 from search.inputs.modules import adapter_param_count, base_param_count, resolve
 from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
@@ -134,4 +134,5 @@ def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False) -
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
                 f"up to {resources.pack_slots} trials' adapters together"
                 + ("; DoRA trials train in processes of their own beside it" if dora else ""))
-    return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model"
+    why = f"; auto's reason: {AUTO_PACKING_REASON}" if resources.packing == AUTO else ""
+    return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model{why}"
