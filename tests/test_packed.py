@@ -337,3 +337,21 @@ def test_trials_that_open_and_end_write_their_slots_entries_into_the_tensors_the
     pack.step({i: batch(20 + i, 2, 10, vocab) for i in pack.slots})  # at capacity, an empty slot masked
     assert tensors() == before
     assert pack.steps.tolist() == [3, 2, 0]
+
+
+def test_dropout_keeps_each_slots_share_and_its_masks_depend_on_its_own_seed_and_step(tiny_model_dir):
+    pack = Pack(base(tiny_model_dir), capacity=3, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    for seed, dropout in ((5, 0.1), (5, 0.3), (6, 0.3)):
+        pack.add(params(**CONFIGS[0], dropout=dropout, seed=seed))
+    ones = torch.ones(3, 8, 64, 256)
+    kept = pack.dropped(ones, layer=0) != 0
+    for slot, keep in enumerate((0.9, 0.7, 0.7)):
+        assert kept[slot].float().mean().item() == pytest.approx(keep, abs=0.01)
+    torch.testing.assert_close(pack.dropped(ones, layer=0)[1], ones[1] * kept[1] / 0.7)  # scaled as nn.Dropout
+    assert (kept[2] != kept[1]).any()                        # another seed
+    assert (pack.dropped(ones, layer=1)[1] != 0).ne(kept[1]).any()  # another layer
+    pack.steps[1] += 1
+    assert (pack.dropped(ones, layer=0)[1] != 0).ne(kept[1]).any()  # the next step
+    pack.steps[1] -= 1
+    with pack.only(1):  # the slot's masks wherever its rows are
+        assert torch.equal(pack.dropped(ones[:1], layer=0)[0] != 0, kept[1])
