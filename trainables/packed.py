@@ -6,7 +6,7 @@ every base layer once over all rows, and adds every slot's low-rank path in a fi
 batched operations, whatever the number of slots (Punica's and LoRAFusion's layout rather than a
 loop over adapters): each adapted layer holds the slots' A and B stacked, `[capacity, rank, in]`
 and `[capacity, out, rank]`, ranks padded to the layer's largest with zeros that stay zero (their
-gradients and updates are masked), and each slot's scale as an entry of a tensor, 0 for a slot
+gradients are exact zeros), and each slot's scale as an entry of a tensor, 0 for a slot
 that does not adapt the layer or holds no trial. Nothing in a decoder mixes the rows of a batch,
 so a slot's loss, gradients and update are those of its adapter trained alone; tests/test_packed.py
 holds them to PEFT's own model with the same `LoraConfig`.
@@ -81,11 +81,6 @@ class PackedLinear(nn.Module):
                 new[tuple(slice(0, n) for n in old_tensor.shape)] = old_tensor.detach()
             setattr(self, name, new.requires_grad_(name in ("A", "B")))
         self.max_rank = rank
-
-    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where A and B hold a slot's weights (the rest is padding, held at zero)."""
-        used = torch.arange(self.max_rank, device=self.rank.device) < self.rank[:, None]  # [capacity, rank]
-        return used[:, :, None], used[:, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -310,27 +305,35 @@ class Pack:
 
     def update(self, stepping: torch.Tensor) -> None:
         """One AdamW step (PEFT's LoRA+ groups, the warm-up and cosine schedule) of every slot in
-        `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it; the
-        other slots, their moments and the padding stay as they are."""
+        `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it (its
+        operations, in its order); the other slots keep their weights and moments: their moments'
+        decay is 1 and their step size 0. Padding stays zero without a mask: its gradients are
+        exact zeros (A's padded rows and B's padded columns meet only zeros), and so are its moments."""
         beta1, beta2 = BETAS
+        on = stepping.double()
         taken = self.steps + stepping.long()
         rate = self.learning_rate * schedule_factor(self.steps.double(), self.warmup_steps, self.max_steps)
-        step_size = rate / (1 - beta1 ** taken.clamp(min=1).double())
-        correction = (1 - beta2 ** taken.clamp(min=1).double()).sqrt()
-        sizes = {"A": step_size, "B": step_size * self.loraplus_ratio}
+        step_size = -on * rate / (1 - beta1 ** taken.clamp(min=1).double())
+
+        def per_slot(values: torch.Tensor) -> torch.Tensor:
+            return values.float()[:, None, None]
+
+        average = per_slot((1 - beta1) * on)                       # lerp's weight: 0 keeps a moment as it is
+        decay, squares = per_slot(1 - (1 - beta2) * on), per_slot((1 - beta2) * on)
+        correction = per_slot((1 - beta2 ** taken.clamp(min=1).double()).sqrt())
+        sizes = {"A": per_slot(step_size), "B": per_slot(step_size * self.loraplus_ratio)}
         with torch.no_grad():
             for layer in self._layers.values():
-                for matrix, used in zip(("A", "B"), layer.masks()):
+                for matrix in ("A", "B"):
                     weight = getattr(layer, matrix)
                     if weight.grad is None:
                         continue
-                    on = used & stepping[:, None, None]
-                    grad = torch.where(on, weight.grad, 0)
+                    grad = weight.grad
                     avg, avg_sq = getattr(layer, f"{matrix}_avg"), getattr(layer, f"{matrix}_avg_sq")
-                    avg.copy_(torch.where(on, avg.lerp(grad, 1 - beta1), avg))
-                    avg_sq.copy_(torch.where(on, avg_sq * beta2 + grad * grad * (1 - beta2), avg_sq))
-                    denom = avg_sq.sqrt() / correction.float()[:, None, None] + EPS
-                    weight.sub_(torch.where(on, avg / denom * sizes[matrix].float()[:, None, None], 0))
+                    avg.lerp_(grad, average)
+                    avg_sq.mul_(decay).addcmul_(grad * squares, grad)
+                    denom = (avg_sq.sqrt() / correction).add_(EPS)
+                    weight.addcmul_(avg / denom, sizes[matrix])
         self.steps.copy_(taken)
 
     def dropped(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
