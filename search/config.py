@@ -183,7 +183,8 @@ class Config:
 
 # Why `auto` resolves as it does: the dry run prints it.
 AUTO_PACKING_REASON = ("on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone (0.94x at K=4, "
-                       "0.62x at K=8, bench/results/shared_packing_cpu.json); on a GPU the batched pack is not measured yet")
+                       "0.62x at K=8, the pack that looped over its trials, bench/results/shared_packing_cpu_loop.json); "
+                       "the batched pack is not measured yet against processes, on a CPU or a GPU")
 
 
 def resolve_packing(config: Config) -> str:
