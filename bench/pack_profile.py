@@ -34,34 +34,23 @@ def _timed(sync_then) -> float:
 
 
 def phases(pack, batches: dict, autocast) -> dict[str, float]:
-    """Milliseconds of each phase of a step, as Pack._pass and Pack.step run them, averaged."""
+    """Milliseconds of each phase of a step, as Pack.step runs them at capacity, averaged."""
     import torch
-
-    from trainables.step import shifted_cross_entropy
 
     order = sorted(batches)
     ids = torch.cat([batches[i][0] for i in order])
     labels = torch.cat([batches[i][1] for i in order])
+    stepping = torch.ones(pack.capacity, dtype=torch.bool, device=ids.device)
     totals = {"forward+loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     for _ in range(REPEATS):
-        pack.routes = [(i, n * ROWS, (n + 1) * ROWS, TOKENS) for n, i in enumerate(order)]
         out = {}
 
         def forward():
-            with autocast:
-                logits = pack.model(input_ids=ids).logits
-            out["loss"] = sum(shifted_cross_entropy(logits[s:e], labels[s:e]) for _, s, e, _ in pack.routes)
+            out["loss"] = pack.losses(ids, labels, autocast).sum()
 
         totals["forward+loss"] += _timed(forward)
-        pack.routes = []
         totals["backward"] += _timed(lambda: out["loss"].backward())
-
-        def optimize():
-            for i in order:
-                pack.slots[i].optimizer.step()
-                pack.slots[i].optimizer.zero_grad(set_to_none=True)
-
-        totals["optimizer"] += _timed(optimize)
+        totals["optimizer"] += _timed(lambda: pack.update(stepping))
     return {name: round(1000 * seconds / REPEATS, 1) for name, seconds in totals.items()}
 
 

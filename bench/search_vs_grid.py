@@ -13,6 +13,7 @@ Figures:
   preparation, every stage, the report and export included; the embedded model's one-time
   GGUF conversion is done before the clock starts, as it is for the grid), and `search_eval_loss`: the
   pick's eval loss at step 100 (the mean over its seeds), to set beside the grid's.
+- `first_step_seconds`: from the command to the first training step of any trial.
 - `seconds_to_first_trial_as_good_as_grid`: when some trial first reported, at the full budget,
   an eval loss at most the grid's best (the search held such a configuration from then on; its
   pick comes after the confirmation runs).
@@ -171,6 +172,13 @@ def first_full_budget_result_at_least_as_good(reports: dict[str, list[dict]], ma
     return min(times) if times else None
 
 
+def first_step_seconds(reports: dict[str, list[dict]], started: float) -> float | None:
+    """Seconds from the start (epoch `started`) until the first training step of any trial began:
+    the earliest `busy_from` of a trial's first report. None before any report."""
+    starts = [trial[0]["busy_from"] for trial in reports.values() if trial and "busy_from" in trial[0]]
+    return min(starts) - started if starts else None
+
+
 def busy_windows(reports: dict[str, list[dict]]) -> list[tuple[float, float]]:
     """Every trial's busy windows, from every report."""
     return [(r["busy_from"], r["busy_to"]) for trial_reports in reports.values() for r in trial_reports
@@ -253,6 +261,7 @@ def main() -> int:
                                                               started_epoch)
     figures = {
         "search_gpu_seconds": wall,
+        "first_step_seconds": first_step_seconds(reports, started_epoch),
         "search_eval_loss": pick.get("value", pick.get("metric_value")),
         "overhead_share": busy / wall,
         # the same from the first step on: how busy the search kept the GPU once its workers were up

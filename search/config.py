@@ -189,13 +189,16 @@ class Config:
         return out
 
 
+# Why `auto` resolves as it does: the dry run prints it.
+AUTO_PACKING_REASON = ("on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone (0.94x at K=4, "
+                       "0.62x at K=8, the pack that looped over its trials, bench/results/shared_packing_cpu_loop.json); "
+                       "the batched pack is not measured yet against processes, on a CPU or a GPU")
+
+
 def resolve_packing(config: Config) -> str:
     """The packing a run of `config` uses, SHARED or PROCESSES: resources.packing as given, and
-    for auto, processes. Measured on a 2-core CPU (bench/shared_packing.py,
-    bench/results/shared_packing_cpu.json), a pack of K SmolLM2 trials trains no faster than one
-    trial alone (0.94x at K=4, 0.62x at K=8): the CPU is busy with one trial's arithmetic already.
-    On a GPU the same benchmark has not run yet; until it shows the pack faster, auto stays with
-    the processes measured so far."""
+    for auto, processes (`AUTO_PACKING_REASON`): until the benchmark (bench/shared_packing.py)
+    shows the pack faster on a device, auto stays with the processes measured so far."""
     if config.resources.packing != AUTO:
         return config.resources.packing
     return PROCESSES

@@ -272,6 +272,7 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=plan.compiled,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        max_rank=max(config.search.ranks),
         generate_examples=config.data.eval_generate_examples,
         generate_every_round=needs_generations(config.selection.metric),
         tokenizer=tokenizer,

@@ -113,7 +113,9 @@ def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):
     assert "Packing: shared (resources.packing=shared): one trainer per GPU (one on a CPU) holds the base model " \
            "once and trains up to 4 trials' adapters together" in capsys.readouterr().out
     assert main([*tiny, "--dry-run"]) == 0
-    assert "Packing: processes (resources.packing=auto: processes, the faster where measured)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Packing: processes (resources.packing=auto: processes, the faster where measured)" in out
+    assert "auto's reason: on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone" in out
 
 
 def test_a_resume_with_another_packing_is_refused_naming_the_one_it_started_with(tmp_path):

@@ -5,7 +5,7 @@
   counters).
 The optimizer's state has PEFT's LoRA+ groups in either trainer (trainables/optim.py), so a
 checkpoint of a per-process trial continues in a shared trainer's slot and the other way round.
-Only the dropout masks then start afresh: each trainer draws them from generators of its own.
+Only the dropout masks then start afresh: each trainer draws them in a way of its own.
 
 Imports torch only where it reads or writes the state: a shared trial's client writes the files
 (`write_files`) without it.
@@ -30,7 +30,7 @@ ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 # Whose generators `TrialCheckpoint.dropout_rng` holds:
 PROCESS = "process"  # a per-process trial's: torch's default generators, the CPU's then each GPU's
-SLOT = "slot"        # a shared trainer's slot's own generator
+SLOT = "slot"        # a shared trainer's slot's: none, its masks are a function of the trial's seed and step
 _COUNTERS = ("step", "tokens", "train_seconds", "eval_seconds", "generate_seconds")
 
 

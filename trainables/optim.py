@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, named for the shared trainer's own update
 # What `loraplus_adamw` and `warmup_cosine` do, in words: the run records them (run_config.json's
 # `training`) for the report's recipe of the pick.
 OPTIMIZER = ("AdamW (weight decay 0, torch's default betas and eps) with PEFT's LoRA+ groups: lora_B at "
@@ -32,7 +33,7 @@ def loraplus_adamw(model: nn.Module, learning_rate: float, loraplus_lr_ratio: fl
 
     # on CPU, the multi-tensor kernels: torch chooses them by itself on GPU only
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
-                                     weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
+                                     betas=BETAS, eps=EPS, weight_decay=0.0, fused=cuda, foreach=None if cuda else True)
 
 
 class SlotWeights(nn.Module):
@@ -51,14 +52,21 @@ class _LayerWeights(nn.Module):
         self.lora_A, self.lora_B = A, B
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10% at max_steps: the same for every trial, so
-    trials compared at a rung saw the same schedule."""
+def schedule_factor(step: torch.Tensor, warmup_steps: int, max_steps: int) -> torch.Tensor:
+    """The learning rate's factor after `step` scheduler steps (a float64 tensor, elementwise):
+    linear warm-up, then cosine decay to 10% at max_steps. The same for every trial, so trials
+    compared at a rung saw the same schedule; the shared trainer takes it for all its slots at once."""
+    fraction = ((step - warmup_steps) / max(1, max_steps - warmup_steps)).clamp(max=1.0)
+    decay = 0.1 + 0.9 * 0.5 * (1 + torch.cos(math.pi * fraction))
+    return torch.where(step < warmup_steps, (step + 1) / warmup_steps, decay)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        fraction = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                  steps_taken: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """`schedule_factor` as the optimizer's schedule, `steps_taken` steps into it."""
+    if steps_taken:  # torch's schedulers start part-way only from each group's recorded initial rate
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule_factor(torch.tensor(step, dtype=torch.float64), warmup_steps, max_steps).item(),
+        last_epoch=steps_taken - 1)

@@ -1,22 +1,36 @@
 """Many LoRA adapters on one frozen base model, trained together: a `Pack`.
 
-The base model is loaded once; each slot holds one trial's adapter. A packed step concatenates
-the slots' micro-batches along the batch dimension, runs every base layer once over all rows,
-and adds each slot's low-rank path to its own rows only (mLoRA's layout, arXiv 2312.02515: any
-rank, no padding, a layer a slot does not adapt adds nothing to its rows). Nothing in a decoder
-mixes the rows of a batch, so a slot's loss, gradients and update are those of its adapter
-trained alone; tests/test_packed.py holds them to PEFT's own model with the same `LoraConfig`.
+The base model is loaded once; each of `capacity` slots holds one trial's adapter. A packed step
+puts the slots' micro-batches side by side (slot k's rows are the k-th block of the batch), runs
+every base layer once over all rows, and adds every slot's low-rank path in a fixed number of
+batched operations, whatever the number of slots (Punica's and LoRAFusion's layout rather than a
+loop over adapters): each adapted layer holds the slots' A and B stacked, `[capacity, rank, in]`
+and `[capacity, out, rank]`, ranks padded to the layer's largest with zeros that stay zero (their
+gradients are exact zeros), and each slot's scale as an entry of a tensor, 0 for a slot
+that does not adapt the layer or holds no trial. Nothing in a decoder mixes the rows of a batch,
+so a slot's loss, gradients and update are those of its adapter trained alone; tests/test_packed.py
+holds them to PEFT's own model with the same `LoraConfig`.
 
-Per slot: its `target_modules`, rank, `lora_alpha` with the plain or RSLoRA scale, dropout with
-masks from the slot's own generator, its AdamW with PEFT's LoRA+ groups (A at the learning rate,
-B at `learning_rate * loraplus_lr_ratio`) and the warm-up and cosine schedule by its own step
-count. PEFT cannot do this itself: its mixed-adapter batches (`adapter_names`) refuse training
-mode (huggingface/peft#631), so the adapted layers are this module's own. DoRA (a merged weight
-per adapter for its norm), Conv1D layers (GPT-2) and LoRA biases are refused: such a trial
-trains in its own process (`resources.packing=processes`).
+One AdamW update serves all slots (`update`): each slot's learning rate, LoRA+ ratio (PEFT's
+LoRA+: B at `learning_rate * loraplus_lr_ratio`), step count and warm-up and cosine schedule are
+entries of tensors, so the update is the same operations for one slot or thirty-two. Dropout keeps
+each element with the slot's own probability, drawn for all slots at once from a hash of the
+slot's seed and step, the layer and the element's place in the slot's own rows: no slot's masks
+depend on another's, and a resumed slot draws the masks it would have drawn.
+
+The step runs at capacity: an empty slot's rows are padding, its scale 0 and its learning rate 0,
+and a trial that opens, ends or fails writes its slot's entries into the same tensors, so the
+step's shapes and operations stay those of the first step (what a captured CUDA graph needs).
+The tensors of a layer grow (new tensors) only when a slot first adapts it or brings a rank above
+the layer's largest; `max_rank` sizes them for the search's largest rank from the start.
+
+PEFT cannot do this itself: its mixed-adapter batches (`adapter_names`) refuse training mode
+(huggingface/peft#631). DoRA (a merged weight per adapter for its norm), Conv1D layers (GPT-2) and
+LoRA biases are refused: such a trial trains in its own process (`resources.packing=processes`).
 
 A slot's checkpoint (`checkpoint`) has a per-process trial's format (trainables/checkpoint.py):
-`PeftModel.from_pretrained` loads its adapter as any adapter the search exports.
+`PeftModel.from_pretrained` loads its adapter, and its optimizer state is the state dict of the
+trial's own AdamW with PEFT's LoRA+ groups, so either trainer continues the other's.
 """
 
 from __future__ import annotations
@@ -32,8 +46,7 @@ from rundir.params import TrialParams
 from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
-from trainables.optim import SlotWeights, loraplus_adamw, warmup_cosine
-from trainables.step import shifted_cross_entropy
+from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
 
 
 class SlotOutOfMemory(RuntimeError):
@@ -44,105 +57,110 @@ class SlotOutOfMemory(RuntimeError):
         self.slot = slot
 
 
-@dataclass
-class _Adapter:
-    """One slot's adapter on one layer."""
-
-    A: nn.Parameter  # (r, in_features)
-    B: nn.Parameter  # (out_features, r)
-    scale: float
-    dropout: float
-    generator: torch.Generator
-
-
 class PackedLinear(nn.Module):
-    """A frozen `nn.Linear` plus the adapters of the slots that adapt it. The rows each slot owns
-    in the current batch come from the pack's router (`Pack.routes`)."""
+    """A frozen `nn.Linear` plus the stacked adapters of the pack's slots on it."""
 
-    def __init__(self, base: nn.Linear, router: Pack):
+    def __init__(self, base: nn.Linear, pack: Pack, number: int, rank: int):
         super().__init__()
         self.base = base
-        object.__setattr__(self, "router", router)  # not a submodule: the pack owns the model
-        self.adapters: dict[int, _Adapter] = {}     # by slot; their parameters belong to the slots' optimizers
+        object.__setattr__(self, "pack", pack)  # not a submodule: the pack owns the model
+        self.number = number  # the layer's own key in the dropout hash
+        capacity, device = pack.capacity, pack.device
+        self.scale = torch.zeros(capacity, device=device)
+        self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
+        self._allocate(rank)
+
+    def _allocate(self, rank: int) -> None:
+        """The stacked weights and AdamW moments at `rank`, keeping what they held (a new rank is padding)."""
+        capacity, device = self.pack.capacity, self.pack.device
+        shapes = {"A": (capacity, rank, self.base.in_features), "B": (capacity, self.base.out_features, rank)}
+        old = {name: getattr(self, name, None) for name in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq")}
+        for name, old_tensor in old.items():
+            new = torch.zeros(shapes[name[0]], device=device)
+            if old_tensor is not None:
+                new[tuple(slice(0, n) for n in old_tensor.shape)] = old_tensor.detach()
+            setattr(self, name, new.requires_grad_(name in ("A", "B")))
+        self.max_rank = rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        for slot, start, end, width in self.router.routes_for(x):
-            adapter = self.adapters.get(slot)
-            if adapter is None:
-                continue
-            rows = x[start:end]
-            if adapter.dropout and self.training:
-                # drawn over the slot's own width, then padded: the pack's width depends on its neighbours
-                keep = torch.empty((end - start, width, *rows.shape[2:]), dtype=rows.dtype, device=rows.device)
-                keep.bernoulli_(1 - adapter.dropout, generator=adapter.generator)
-                keep = nn.functional.pad(keep, (0, 0, 0, rows.shape[1] - width), value=1.0)
-                rows = rows * keep / (1 - adapter.dropout)
-            # in place on the base output's rows: its backward needs x and the weight, never out
-            out[start:end] += nn.functional.linear(nn.functional.linear(rows, adapter.A), adapter.B) * adapter.scale
-        return out
+        A, B, scale = self.A, self.B, self.scale
+        slots = self.pack.selection
+        if slots is not None:
+            A, B, scale = A.index_select(0, slots), B.index_select(0, slots), scale.index_select(0, slots)
+        rows = x.reshape(A.shape[0], -1, *x.shape[1:])  # [slots, rows, ..., in]: each slot's own block
+        if self.training and self.pack.dropout:
+            rows = self.pack.dropped(rows, self.number)
+        low = torch.bmm(rows.flatten(1, -2), A.transpose(1, 2).to(rows.dtype))
+        lora = torch.bmm(low, B.transpose(1, 2).to(low.dtype)) * scale[:, None, None].to(low.dtype)
+        return out + lora.view(out.shape)
 
 
 @dataclass
 class Slot:
-    """What one slot trains: the trial's parameters, its adapted layers by module name, its
-    optimizer and schedule, and the generator of its dropout masks."""
+    """What one slot trains: the trial's parameters and the names of the layers it adapts."""
 
     params: TrialParams
     layers: dict[str, PackedLinear]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator
     index: int
 
-    def named_weights(self):
-        """(PEFT's state-dict key, tensor) of each adapter weight, in the layers' order."""
+    def named_weights(self, what: str = ""):
+        """(PEFT's state-dict key, the slot's part of the layer's tensor) of each adapter weight, in
+        the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq" their gradients or
+        AdamW moments."""
         for name, layer in self.layers.items():
-            adapter = layer.adapters[self.index]
-            yield f"base_model.model.{name}.lora_A.weight", adapter.A
-            yield f"base_model.model.{name}.lora_B.weight", adapter.B
+            r = int(layer.rank[self.index])
+            for matrix in ("A", "B"):
+                tensor = getattr(layer, matrix)
+                if what == "grad":
+                    tensor = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+                elif what:
+                    tensor = getattr(layer, f"{matrix}_{what}")
+                part = tensor[self.index, :r] if matrix == "A" else tensor[self.index, :, :r]
+                yield f"base_model.model.{name}.lora_{matrix}.weight", part
 
 
 class Pack:
-    """`model` (a causal LM, frozen, on its device) with up to `capacity` adapter slots.
+    """`model` (a causal LM, frozen, on its device) with `capacity` adapter slots.
 
     `add` fills a free slot with a trial's adapter, `remove` frees it at once; `step` trains the
     slots given a batch each, together; `only(slot)` makes the model one slot's adapted model
     for every row (evaluation, generation)."""
 
-    def __init__(self, model: nn.Module, capacity: int, warmup_steps: int, max_steps: int):
+    def __init__(self, model: nn.Module, capacity: int, warmup_steps: int, max_steps: int, max_rank: int = 1):
         self.model, self.capacity = model, capacity
-        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.warmup_steps, self.max_steps, self.max_rank = warmup_steps, max_steps, max_rank
         self.slots: dict[int, Slot] = {}
-        self.routes: list[tuple[int, int, int, int]] = []
-        self.single: int | None = None
         self.device = next(model.parameters()).device
-        self.pass_slots = capacity  # slots per forward/backward pass: halved after running out of memory
+        self.selection: torch.Tensor | None = None  # the slots whose rows a pass holds; None: all, in order
+        self.pass_slots = capacity  # slots per forward/backward pass: fewer after running out of memory
         self._layers: dict[str, PackedLinear] = {}
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
+        # each slot's entries: what `add` writes and `remove` clears; float64 for the few numbers
+        # of a slot, as the Python floats of torch's own AdamW and schedule are
+        self.learning_rate = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+        self.loraplus_ratio = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+        self.steps = torch.zeros(capacity, dtype=torch.long, device=self.device)  # optimizer steps taken
+        self.keep = torch.ones(capacity, device=self.device)  # 1 - lora_dropout
+        self.seed = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.dropout = False  # any slot's dropout above 0: the masks are drawn only then
 
-
-    # -- routing ---------------------------------------------------------------------------
-    def routes_for(self, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
-        """(slot, first row, end row, the slot's own sequence width) for each slot in `x`."""
-        return [(self.single, 0, x.shape[0], x.shape[1])] if self.single is not None else self.routes
-
+    # -- slots -----------------------------------------------------------------------------
     @contextmanager
     def only(self, slot: int):
         """Every row through `slot`'s adapter alone: the model is that trial's adapted model."""
-        self.single = slot
+        self.selection = torch.tensor([slot], device=self.device)
         try:
             yield self.model
         finally:
-            self.single = None
+            self.selection = None
 
-    # -- slots -----------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
         return [i for i in range(self.capacity) if i not in self.slots]
 
     def add(self, params: TrialParams) -> int:
         """Fill a free slot with `params`' adapter (A drawn as PEFT draws it, B zero, from a
-        generator seeded with the trial's seed), optimizer and schedule; its index. ValueError
+        generator seeded with the trial's seed), learning rate and schedule; its index. ValueError
         for what the pack cannot train, or when no slot is free."""
         from peft import LoraConfig
         from peft.tuners.tuners_utils import check_target_module_exists
@@ -164,42 +182,50 @@ class Pack:
         if wrong:
             raise ValueError(f"the shared trainer adapts torch.nn.Linear layers only; {wrong[0]} is "
                              f"{type(_plain(self.model, wrong[0])).__name__}: set resources.packing=processes")
-        generator = torch.Generator(device=self.device).manual_seed(params.seed)
         init = torch.Generator().manual_seed(params.seed)  # on the CPU: the same weights on any device
         scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         layers: dict[str, PackedLinear] = {}
-        for name, _ in targets:
-            layer = self._wrap(name)
-            base = layer.base
-            A = torch.empty(config.r, base.in_features, dtype=torch.float32)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=init)
-            A = nn.Parameter(A.to(self.device))
-            B = nn.Parameter(torch.zeros(base.out_features, config.r, dtype=torch.float32, device=self.device))
-            layer.adapters[index] = _Adapter(A, B, scale, config.lora_dropout, generator)
-            layers[name] = layer
-        weights = SlotWeights([(layer.adapters[index].A, layer.adapters[index].B) for layer in layers.values()])
-        optimizer = loraplus_adamw(weights, params.learning_rate, params.loraplus_lr_ratio, self.device.type == "cuda")
-        scheduler = warmup_cosine(optimizer, self.warmup_steps, self.max_steps)
-        self.slots[index] = Slot(params, layers, optimizer, scheduler, generator, index)
+        with torch.no_grad():
+            for name, _ in targets:
+                layer = self._wrap(name, config.r)
+                A = torch.empty(config.r, layer.base.in_features, dtype=torch.float32)
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=init)
+                layer.A[index, :config.r] = A.to(self.device)
+                layer.scale[index], layer.rank[index] = scale, config.r
+                layers[name] = layer
+            self.learning_rate[index], self.loraplus_ratio[index] = params.learning_rate, params.loraplus_lr_ratio
+            self.steps[index], self.seed[index] = 0, params.seed
+            self.keep[index] = 1 - config.lora_dropout
+        self.slots[index] = Slot(params, layers, index)
+        self.dropout = bool((self.keep < 1).any())
         return index
 
     def remove(self, index: int) -> None:
-        """Free slot `index` (its adapter, optimizer state and gradients) at once."""
-        slot = self.slots.pop(index, None)
-        if slot is None:
+        """Free slot `index` at once: its entries back to an empty slot's (zero weights, moments,
+        scale and learning rate), in place."""
+        if self.slots.pop(index, None) is None:
             return
-        for layer in slot.layers.values():
-            layer.adapters.pop(index, None)
+        with torch.no_grad():
+            for layer in self._layers.values():
+                for name in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq"):
+                    getattr(layer, name)[index] = 0
+                layer.scale[index], layer.rank[index] = 0, 0
+            self.learning_rate[index], self.loraplus_ratio[index], self.steps[index] = 0, 0, 0
+            self.keep[index] = 1
+        self.dropout = bool((self.keep < 1).any())
 
-    def _wrap(self, name: str) -> PackedLinear:
-        """The packed layer at `name`, put in place of the model's Linear the first time a slot adapts it."""
-        if name in self._layers:
-            return self._layers[name]
-        parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        layer = PackedLinear(getattr(parent, child), self)
-        setattr(parent, child, layer)
-        self._layers[name] = layer
+    def _wrap(self, name: str, rank: int) -> PackedLinear:
+        """The packed layer at `name` with room for `rank`, put in place of the model's Linear the
+        first time a slot adapts it."""
+        layer = self._layers.get(name)
+        if layer is None:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            layer = PackedLinear(getattr(parent, child), self, len(self._layers), max(rank, self.max_rank))
+            setattr(parent, child, layer)
+            self._layers[name] = layer
+        elif rank > layer.max_rank:
+            layer._allocate(rank)
         return layer
 
     def trainable_params(self, index: int) -> int:
@@ -209,64 +235,134 @@ class Pack:
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,
         on the pack's device): its loss, left on the device (a NaN or infinite one is the caller's
-        to act on; it touched nothing but its own slot's rows and weights). Slots go through the
-        model `pass_slots` at a time; a pass that runs out of GPU memory is split in two and run
-        again, down to one slot a pass (the gradients of each slot are its own either way); a
-        slot that does not fit alone raises SlotOutOfMemory, and no slot steps."""
+        to act on; it touched nothing but its own slot's rows and weights). All slots go through
+        the model in one pass, the empty ones as padding; a pass that runs out of GPU memory is
+        split in two and run again, down to one slot a pass (the gradients of each slot are its
+        own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps."""
+        self._zero_grad()
         order = sorted(batches)
+        chunks = [list(range(self.capacity))] if self.pass_slots >= self.capacity else None
         losses: dict[int, torch.Tensor] = {}
         start = 0
-        while start < len(order):
-            chunk = order[start:start + self.pass_slots]
+        while True:
+            if chunks is None:
+                chunks = [order[i:i + self.pass_slots] for i in range(0, len(order), self.pass_slots)]
+            if start == len(chunks):
+                break
+            chunk = chunks[start]
             try:
-                losses.update(self._pass({i: batches[i] for i in chunk}, autocast))
+                losses.update(self._pass({i: batches.get(i) for i in chunk}, autocast))
             except torch.OutOfMemoryError as error:
                 if len(chunk) == 1:
-                    self._zero_grad(order)  # no slot steps: the passes before this one are dropped too
+                    self._zero_grad()  # no slot steps: the passes before this one are dropped too
                     raise SlotOutOfMemory(chunk[0], str(error)) from error
-                self._zero_grad(chunk)
-                self.pass_slots = max(1, len(chunk) // 2)
+                self._zero_grad()
+                losses, start, chunks = {}, 0, None
+                self.pass_slots = max(1, min(len(chunk), len(order)) // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            start += len(chunk)
-        for i in order:
-            slot = self.slots[i]
-            slot.optimizer.step()
-            slot.scheduler.step()
-        self._zero_grad(order)
-        return losses
+            start += 1
+        stepping = torch.zeros(self.capacity, dtype=torch.bool)
+        stepping[order] = True
+        self.update(stepping.to(self.device))
+        return {i: losses[i] for i in order}
 
-    def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[int, torch.Tensor]:
-        width = max(ids.shape[1] for ids, _ in batches.values())
-        ids, labels, self.routes, row = [], [], [], 0
-        for i, (slot_ids, slot_labels) in batches.items():
-            extra = width - slot_ids.shape[1]
+    def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
+        """Forward and backward of the slots of `batches` (in their order), whose rows are padded
+        to one count and one width: a slot without a batch (None) gives padding rows only."""
+        given = [b for b in batches.values() if b is not None]
+        rows = max(ids.shape[0] for ids, _ in given)
+        width = max(ids.shape[1] for ids, _ in given)
+        ids, labels = [], []
+        for batch in batches.values():
+            slot_ids, slot_labels = batch if batch is not None else given[0]
             # any id pads: it sits after every real token (causal attention) and carries no label
-            ids.append(nn.functional.pad(slot_ids, (0, extra), value=0))
-            labels.append(nn.functional.pad(slot_labels, (0, extra), value=IGNORE))
-            self.routes.append((i, row, row + slot_ids.shape[0], slot_ids.shape[1]))
-            row += slot_ids.shape[0]
+            pad = (0, width - slot_ids.shape[1], 0, rows - slot_ids.shape[0])
+            ids.append(nn.functional.pad(slot_ids, pad, value=0))
+            labels.append(nn.functional.pad(slot_labels if batch is not None else torch.full_like(slot_labels, IGNORE),
+                                            pad, value=IGNORE))
+        slots = list(batches)
+        self.selection = None if slots == list(range(self.capacity)) else torch.tensor(slots, device=self.device)
         try:
-            with autocast or torch.autocast(self.device.type, enabled=False):
-                logits = self.model(input_ids=torch.cat(ids)).logits
-            labels = torch.cat(labels)
-            losses = {i: shifted_cross_entropy(logits[start:end], labels[start:end]) for i, start, end, _ in self.routes}
+            losses = self.losses(torch.cat(ids), torch.cat(labels), autocast)
         finally:
-            self.routes = []
+            self.selection = None
         # each slot's gradients are those of its own loss: no parameter is shared between slots
-        torch.stack([loss for loss in losses.values()]).sum().backward()
-        return {i: loss.detach() for i, loss in losses.items()}
+        losses.sum().backward()
+        return {i: losses[n].detach() for n, i in enumerate(slots) if batches[i] is not None}
 
-    def _zero_grad(self, indices) -> None:
-        for i in indices:
-            self.slots[i].optimizer.zero_grad(set_to_none=True)
+    def losses(self, ids: torch.Tensor, labels: torch.Tensor, autocast=None) -> torch.Tensor:
+        """Each slot's mean token loss over its own block of rows (`[slots]`; 0 for a block
+        without labels): the forward of a packed step, the same operations for any pack."""
+        with autocast or torch.autocast(self.device.type, enabled=False):
+            logits = self.model(input_ids=ids).logits
+        slots = self.capacity if self.selection is None else self.selection.shape[0]
+        targets = labels[:, 1:].reshape(slots, -1)
+        tokens = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE, reduction="none").view(slots, -1)
+        return tokens.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+
+    def update(self, stepping: torch.Tensor) -> None:
+        """One AdamW step (PEFT's LoRA+ groups, the warm-up and cosine schedule) of every slot in
+        `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it (its
+        operations, in its order); the other slots keep their weights and moments: their moments'
+        decay is 1 and their step size 0. Padding stays zero without a mask: its gradients are
+        exact zeros (A's padded rows and B's padded columns meet only zeros), and so are its moments."""
+        beta1, beta2 = BETAS
+        on = stepping.double()
+        taken = self.steps + stepping.long()
+        rate = self.learning_rate * schedule_factor(self.steps.double(), self.warmup_steps, self.max_steps)
+        step_size = -on * rate / (1 - beta1 ** taken.clamp(min=1).double())
+
+        def per_slot(values: torch.Tensor) -> torch.Tensor:
+            return values.float()[:, None, None]
+
+        average = per_slot((1 - beta1) * on)                       # lerp's weight: 0 keeps a moment as it is
+        decay, squares = per_slot(1 - (1 - beta2) * on), per_slot((1 - beta2) * on)
+        correction = per_slot((1 - beta2 ** taken.clamp(min=1).double()).sqrt())
+        sizes = {"A": per_slot(step_size), "B": per_slot(step_size * self.loraplus_ratio)}
+        with torch.no_grad():
+            for layer in self._layers.values():
+                for matrix in ("A", "B"):
+                    weight = getattr(layer, matrix)
+                    if weight.grad is None:
+                        continue
+                    grad = weight.grad
+                    avg, avg_sq = getattr(layer, f"{matrix}_avg"), getattr(layer, f"{matrix}_avg_sq")
+                    avg.lerp_(grad, average)
+                    avg_sq.mul_(decay).addcmul_(grad * squares, grad)
+                    denom = (avg_sq.sqrt() / correction).add_(EPS)
+                    weight.addcmul_(avg / denom, sizes[matrix])
+        self.steps.copy_(taken)
+
+    def dropped(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
+        """`rows` (`[slots, rows, tokens, in]`, the selected slots') with each element kept with
+        its slot's probability and scaled as `nn.Dropout` does: the masks are a hash of the slot's
+        seed and step, `layer` and the element's row, token and feature, so they depend on nothing
+        of another slot's, nor on the padding."""
+        slots = self.selection if self.selection is not None else slice(None)
+        keep, seed, step = self.keep[slots], self.seed[slots], self.steps[slots]
+        place = [torch.arange(n, device=rows.device) for n in rows.shape[1:]]
+        key = _mix(seed * 1_000_003 + step * 8191 + layer)
+        key = _mix(key[:, None] ^ place[0][None, :])[:, :, None] ^ place[1][None, None, :]  # [slots, rows, tokens]
+        draw = _mix(_mix(key)[..., None] ^ _mix(place[2] + 0x5bd1e995))
+        kept = (draw.to(torch.float32) * 2.0 ** -32) < keep[:, None, None, None]
+        return rows * kept / keep[:, None, None, None].to(rows.dtype)
+
+    def _zero_grad(self) -> None:
+        for layer in self._layers.values():
+            layer.A.grad, layer.B.grad = None, None
 
     # -- state -----------------------------------------------------------------------------
     def adapter_state(self, index: int) -> dict[str, torch.Tensor]:
         """The slot's adapter as PEFT's state dict (keys without the adapter name), on the CPU."""
         return {key: weight.detach().to("cpu", copy=True).contiguous()
                 for key, weight in self.slots[index].named_weights()}
+
+    def gradients(self, index: int) -> dict[str, torch.Tensor]:
+        """The slot's gradients of the last step, by PEFT's key, on the CPU."""
+        return {key: grad.to("cpu", copy=True) for key, grad in self.slots[index].named_weights("grad")}
 
     def load_adapter_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
         weights = dict(self.slots[index].named_weights())
@@ -277,23 +373,46 @@ class Pack:
             for key, weight in weights.items():
                 weight.copy_(state[key])
 
+    def _trial_optimizer(self, index: int):
+        """The slot's trial's own AdamW (PEFT's LoRA+ groups) and schedule over copies of its
+        weights, at the slot's step, and those copies in `Slot.named_weights`' order: the
+        optimizer of the checkpoints of both trainers."""
+        slot = self.slots[index]
+        params = [nn.Parameter(w.detach().clone()) for _, w in slot.named_weights()]
+        optimizer = loraplus_adamw(SlotWeights(list(zip(params[::2], params[1::2]))), slot.params.learning_rate,
+                                   slot.params.loraplus_lr_ratio, self.device.type == "cuda")
+        return optimizer, warmup_cosine(optimizer, self.warmup_steps, self.max_steps, int(self.steps[index])), params
+
     def checkpoint(self, index: int, progress: Progress, base_model_name_or_path: str) -> TrialCheckpoint:
-        """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model."""
+        """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model.
+        Its dropout needs no generator state: the masks are a function of the trial's seed and step."""
         slot = self.slots[index]
         from peft import LoraConfig
 
+        optimizer, scheduler, params = self._trial_optimizer(index)
+        steps = int(self.steps[index])
+        if steps:  # torch's AdamW holds no state before its first step
+            for param, (_, avg), (_, avg_sq) in zip(params, slot.named_weights("avg"), slot.named_weights("avg_sq")):
+                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg.detach().clone(),
+                                          "exp_avg_sq": avg_sq.detach().clone()}
         return TrialCheckpoint.take(progress, self.adapter_state(index),
                                     adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
-                                    slot.optimizer, slot.scheduler, [slot.generator.get_state()], SLOT)
+                                    optimizer, scheduler, [], SLOT)
 
     def restore(self, index: int, checkpoint: TrialCheckpoint, progress: Progress) -> None:
         """Continue the slot and `progress` from `checkpoint`, of a slot or of a per-process trial
-        (whose dropout generators a slot has not: its masks are drawn afresh)."""
+        (whose dropout generators a slot has not: its masks are drawn from its seed and step)."""
         self.load_adapter_state(index, checkpoint.adapter)
+        optimizer, scheduler, params = self._trial_optimizer(index)
+        checkpoint.restore(optimizer, scheduler, progress)
         slot = self.slots[index]
-        checkpoint.restore(slot.optimizer, slot.scheduler, progress)
-        if checkpoint.dropout_rng_of == SLOT:
-            slot.generator.set_state(checkpoint.dropout_rng[0])
+        with torch.no_grad():
+            for param, (_, avg), (_, avg_sq) in zip(params, slot.named_weights("avg"), slot.named_weights("avg_sq")):
+                state = optimizer.state.get(param)
+                if state:
+                    avg.copy_(state["exp_avg"])
+                    avg_sq.copy_(state["exp_avg_sq"])
+            self.steps[index] = scheduler.last_epoch
 
 
 def unpack(model: nn.Module) -> None:
@@ -302,6 +421,15 @@ def unpack(model: nn.Module) -> None:
     for name, module in packed:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32's shifts, multipliers below 2**31 so that int64 never
+    overflows) of each element of `x`, an int64 tensor; values in [0, 2**32)."""
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def _unsupported(config) -> str | None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from search.config import AUTO, SHARED, Config, ConfigError, ResourcesConfig
+from search.config import AUTO, AUTO_PACKING_REASON, SHARED, Config, ConfigError, ResourcesConfig
 from search.inputs.data import DataInfo, eval_sample_line
 from search.inputs.modules import adapter_param_count, base_param_count, resolve
 from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
@@ -144,4 +144,5 @@ def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False, e
                     ("DoRA trials", dora),
                     ("trials that adapt expert weights (the shared trainer adapts Linear layers only)", experts))
                     if present))
-    return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model"
+    why = f"; auto's reason: {AUTO_PACKING_REASON}" if resources.packing == AUTO else ""
+    return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model{why}"

@@ -1,0 +1,59 @@
+"""`first_step_seconds` of a run: from the command to the first training step of any trial, on a
+warm cache (the embedded model converted, the libraries imported once before).
+
+    PYTHONPATH=$PWD python bench/first_step.py [--out FILE] [-- search.run arguments]
+
+Starts `python -m search.run` (the default run unless arguments follow `--`) in a process of its
+own, so the command's own imports count, and reads the trials' reports as they come: a trial's
+first report has `busy_from`, when its setup ended and its first step began. Once one is there
+the run is interrupted (Ctrl+C, as a user would): the figure needs nothing later. Run it from the
+root of the tree to measure; bench/search_vs_grid.py reports the same figure for its whole run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.search_vs_grid import first_step_seconds, reports_by_trial
+
+POLL_S, LIMIT_S = 2.0, 1800
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="")
+    parser.add_argument("search_args", nargs="*")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as output:
+        command = [sys.executable, "-m", "search.run", "--output", output, "--name", "first-step", *args.search_args]
+        started = time.time()
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        figure = None
+        while figure is None and run.poll() is None and time.time() - started < LIMIT_S:
+            time.sleep(POLL_S)
+            try:
+                figure = first_step_seconds(reports_by_trial(Path(output) / "first-step"), started)
+            except (OSError, ValueError):  # a report being written: read again at the next poll
+                continue
+        run.send_signal(signal.SIGINT)
+        try:
+            run.wait(120)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+    record = {"benchmark": "first_step", "command": " ".join(command[1:]), "first_step_seconds": figure,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
+    print(json.dumps(record, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if figure is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
