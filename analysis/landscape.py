@@ -188,7 +188,7 @@ def of_run(run_dir: str | Path) -> tuple[Header, list[dict]]:
     grid = {"module_set": list(record.module_sets), "r": search["ranks"], "alpha_ratio": search["alpha_ratios"],
             "lora_dropout": search["grid"]["lora_dropouts"], "use_rslora": search["use_rslora"],
             "use_dora": search["use_dora"], "learning_rate": search["grid"]["learning_rates"]}
-    header = Header(FORMAT, selection.metric, selection.mode, budget.max_steps, sorted(steps), sorted(seeds), grid,
+    header = Header(FORMAT, selection.metric, selection.direction, budget.max_steps, sorted(steps), sorted(seeds), grid,
                     most_at_once(windows), record.data_info.search_train_rows, record.task["kind"],
                     f"python -m analysis.landscape {run_dir}: model {record.base_model.name}, data {record.data['train']}")
     return header, rows

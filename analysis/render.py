@@ -312,8 +312,9 @@ def _found_by_search(trials: pd.DataFrame, trial_id: str) -> bool:
     """Whether the search's sampler proposed `trial_id`'s configuration (its first run's origin is
     `search`): only then does the pick at the edge of the space say where the search moved. A prior
     sits where the user or the rule of thumb put it, at a bound of the range as often as not."""
-    root = configuration_root(trials)[trial_id]
-    return _row(trials, root)["origin"] == Origin.SEARCH.value
+    first = trials[trials["trial_id"] == configuration_root(trials)[trial_id]]
+    # a first run that Tune lost before it started left no row: who proposed it is not known
+    return not first.empty and first.iloc[0]["origin"] == Origin.SEARCH.value
 
 
 # What the pick section shows of the pick and the best trial, whatever metric selects (it is

@@ -192,9 +192,11 @@ def test_quiet_prints_the_result_and_each_failed_trial_only(quiet_run):
     lines = (out + err).splitlines()
     failed = [line for line in lines if re.match(r"^\[\d+:\d\d\] trial \w+ failed ", line)]
     assert len(failed) == (trials.status == "failed").sum() >= 1
-    picked = [line for line in lines if line.startswith("Picked trial ")]
-    assert len(picked) == 1
-    assert sorted(lines) == sorted(failed + picked), out + err
+    # the result: the pick, the run's wall time with its estimates, and how to train the pick alone
+    result = [line for line in lines if line.startswith(("Picked trial ", "Wall time: ", "Train the pick alone "))]
+    assert [line.split(":")[0].split(" trial ")[0] for line in result] == [
+        "Picked", "Wall time", "Train the pick alone on all the training data"]
+    assert sorted(lines) == sorted(failed + result), out + err
 
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
