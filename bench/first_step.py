@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.search_vs_grid import first_step_seconds, reports_by_trial
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.search_vs_grid import first_step_seconds, reports_by_trial  # noqa: E402 - after the path is set
 
 POLL_S, LIMIT_S = 2.0, 1800
 
