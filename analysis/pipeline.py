@@ -16,12 +16,12 @@ from analysis.config import SelectionConfig
 from analysis.diagnose import diagnose
 from analysis.render import RETRAIN_COMMAND, render_report, retrain_section
 from analysis.results import (
-    load_curves,
-    load_lora_configs,
-    load_trials,
+    curves_table,
+    lora_configs,
     read_retrain_files,
     read_run_config,
     read_trial_files,
+    trials_table,
     write_trials_csv,
 )
 from analysis.select import Comparison, NoCandidate, amount, pick, without_pick
@@ -62,22 +62,25 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
         raise ValueError(" ".join(problems))
     max_steps = run_config.budget.max_steps
     comparison = Comparison.of(selection, max_steps)
-    trials = load_trials(run_dir)
-    clock = run_clock(read_trial_files(run_dir))
+    # every trial's files read once, for the table, the curves, the configs and the clock
+    files = read_trial_files(run_dir)
+    recorded_metric = SelectionConfig.recorded(run_config.selection).metric  # the column the trials reported
+    trials = trials_table(files, max_steps, recorded_metric)
+    clock = run_clock(files)
     write_trials_csv(trials, run_dir / TRIALS_CSV)
-    lora_configs = load_lora_configs(run_dir)
+    configs = lora_configs(files)
     try:
-        chosen = pick(trials, comparison, lora_configs)
+        chosen = pick(trials, comparison, configs)
     except NoCandidate as error:
         chosen, no_pick, standing = None, str(error), None
     else:
-        no_pick, standing = None, without_pick(trials, chosen, max_steps, lora_configs)
+        no_pick, standing = None, without_pick(trials, chosen, max_steps, configs)
     # Imported here, not at the top, so that --help and input errors answer at once:
     # matplotlib and optuna take about a second to import, peft (through torch) about five.
     from analysis.plots import write_plots
 
     out = _new_analysis_dir(run_dir)
-    curves = load_curves(run_dir)
+    curves = curves_table(files, recorded_metric)
     plots = write_plots(trials, curves, selection, chosen, out / PLOTS)
     retrains = [_retrain_record(trial, run_dir, run_config) for trial in read_retrain_files(run_dir)]
     retrain = None

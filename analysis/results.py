@@ -157,7 +157,12 @@ def user_metric_columns(metric: str) -> tuple[str, ...]:
 
 def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
     """The exact PEFT `LoraConfig` keyword arguments each trial trained with, by trial id."""
-    return {trial.trial_id: trial.params.lora_config for trial in read_trial_files(run_dir)}
+    return lora_configs(read_trial_files(run_dir))
+
+
+def lora_configs(trials: list[TrialFiles]) -> dict[str, dict]:
+    """The `LoraConfig` arguments (`load_lora_configs`) of `trials`, by trial id."""
+    return {trial.trial_id: trial.params.lora_config for trial in trials}
 
 
 def write_trials_csv(trials: pd.DataFrame, path: str | os.PathLike) -> Path:
