@@ -1,4 +1,4 @@
-"""How both commands (`search.run`, `analysis.report`) say that their input is bad: each problem
+"""How the commands (`search.run`, `search.retrain`, `analysis.report`) say that their input is bad: each problem
 on one line of its own that starts with `error: `, and exit status 2."""
 
 from __future__ import annotations

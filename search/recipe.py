@@ -81,26 +81,19 @@ class SearchRecipe:
                     return stopped(joining, f"nothing was written (it was joining the Ray cluster at {cluster.address})",
                                    again="")
         location = self.location
-        if self.retrain_of:
+        if self.resume or self.retrain_of:
             from analysis.results import read_run_config
-            from search.cluster.resume import check_driver_gone, stop_leftover_workers
-
-            self.stop.saved, self.stop.again = saved_line(location), ""  # the same command continues the retrain
-            location.pull()
-            self.data_info = read_run_config(location.local).data_info
-            check_driver_gone(location.local)
-            stop_leftover_workers(location.local)
-        elif self.resume:
             from search.cluster.resume import check_driver_gone, resume_check, stop_leftover_workers
 
-            self.stop.saved, self.stop.again = saved_line(location), "--resume"
-            location.pull()  # a run kept at a URI resumes from any machine
-            self.data_info = resume_check(location.local, config)
+            # the same command continues a retrain; a search continues with --resume
+            self.stop.saved, self.stop.again = saved_line(location), "" if self.retrain_of else "--resume"
+            location.pull()  # a run kept at a URI continues from any machine
+            self.data_info = (read_run_config(location.local).data_info if self.retrain_of
+                              else resume_check(location.local, config))
             check_driver_gone(location.local)
             stop_leftover_workers(location.local)
         else:
             self.data_info = self._start()
-        if not self.retrain_of:
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)

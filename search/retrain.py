@@ -10,13 +10,12 @@ local Ray this command starts, or on the cluster `--address` names. Exit codes a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+from rundir.cli import ArgumentParser, print_errors
 from rundir.layout import ADAPTER, PICK
 from rundir.location import LocationError
 from rundir.runconfig import CREATED_BY
@@ -30,11 +29,14 @@ PROGRAM = "search.retrain"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROGRAM}", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=f"python -m {PROGRAM}", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory a search wrote (<output>/<name>)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="join a Ray cluster: auto or ray://HOST:PORT (default: $RAY_ADDRESS, else a local Ray)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad argument said in one line
+        return done.code
     stop = GracefulStop(PROGRAM)
     try:
         with stop:
@@ -50,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             if code is None:
                 code = recipe.search()
             return recipe.finish() if code is None else code
-    except (ConfigError, LocationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:
+        return print_errors(*e.problems)
+    except LocationError as e:
+        return print_errors(str(e))
     except KeyboardInterrupt:
         return stopped(stop, stop.saved, stop.again)
     finally:
