@@ -1,13 +1,16 @@
 """Packed trials on one shared base against one trial alone, on one device (GPU, or the CPU).
 
     python bench/shared_packing.py [--slots 1,2,4,8,16,32] [--steps 20] [--model smollm2] [--rows 8 --tokens 64]
+    python bench/shared_packing.py --random    # SmolLM2-135M's shapes, random init: no model files needed
     python bench/shared_packing.py --llama8b   # Llama-3-8B shapes, random init, bf16, 4 x 512 tokens a trial
 
 1. One trial as a per-process trial trains it (trainables/trial.py's PEFT model and LoRA+ AdamW,
    trainables/step.py's step: a CUDA graph on GPU, eager on the CPU): training tokens/s.
 2. The shared trainer's pack (trainables/packed.py) at K slots, each a different configuration of
    all_linear r16 (rank and alpha vary by slot, as a search's do): aggregate training tokens/s and
-   peak memory; `shared_packing_speedup` is the best K's over (1).
+   peak memory, its step eager and (on a GPU) captured as a CUDA graph; `shared_packing_speedup`
+   is the best K's over (1). On a GPU, first a check: four slots' losses and weights after five
+   steps, captured against eager, from the same start.
 3. With --llama8b: how many trials fit on the device as processes (one trial's peak memory into
    the device's) and shared (K grows until a step runs out of memory), and their tokens/s.
 
@@ -88,19 +91,26 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
             "peak_memory_gb": peak_gb(device)}
 
 
-def packed(model, device, slots: int, steps: int, batch: int, tokens: int) -> dict:
-    """`slots` trials in one pack, each with its own batch each step."""
+def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool):
+    """A pack of `slots` trials, and each one's batch (on the host, as the shared trainer gives them)."""
     import torch
 
     from trainables.packed import Pack
 
-    reset_peak(device)
-    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP)
+    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph)
     indices = [pack.add(trial_params(k)) for k in range(slots)]
     data = {i: rows(batch, tokens, model.config.vocab_size, i) for i in indices}
-    batches = {i: (torch.tensor([r[0] for r in data[i]], device=device), torch.tensor([r[1] for r in data[i]], device=device))
-               for i in indices}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    batches = {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in indices}
+    return pack, batches
+
+
+def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool) -> dict:
+    """`slots` trials in one pack, each with its own batch each step."""
+    from trainables.packed import unpack
+
+    reset_peak(device)
+    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph)
+    autocast = bf16(device)
     for _ in range(WARMUP):
         pack.step(batches, autocast)
     sync(device)
@@ -109,11 +119,37 @@ def packed(model, device, slots: int, steps: int, batch: int, tokens: int) -> di
         pack.step(batches, autocast)
     sync(device)
     seconds = time.perf_counter() - started
-    result = {"slots": slots, "tokens_per_second": steps * slots * batch * tokens / seconds,
+    result = {"slots": slots, "step_mode": pack.step_mode, "tokens_per_second": steps * slots * batch * tokens / seconds,
               "step_ms": 1000 * seconds / steps, "pass_slots": pack.pass_slots, "peak_memory_gb": peak_gb(device)}
-    for i in indices:
-        pack.remove(i)
+    pack.captured = None
+    unpack(model)
     return result
+
+
+def bf16(device):
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+
+def graph_check(model, device, batch: int, tokens: int, steps: int = 5) -> dict:
+    """Four slots trained `steps` steps eagerly and captured, from the same start: the largest
+    differences of their losses and weights."""
+    from trainables.packed import unpack
+
+    runs = []
+    for graph in (False, True):
+        pack, batches = new_pack(model, device, 4, steps, batch, tokens, graph)
+        losses = [pack.step(batches, bf16(device)) for _ in range(steps)]
+        runs.append(([float(step[i]) for step in losses for i in sorted(step)], {i: pack.adapter_state(i) for i in pack.slots},
+                     pack.step_mode))
+        pack.captured = None
+        unpack(model)
+    (eager_losses, eager_weights, _), (graph_losses, graph_weights, mode) = runs
+    loss_diff = max(abs(a - b) for a, b in zip(eager_losses, graph_losses))
+    weight_diff = max(float((graph_weights[i][k] - w).abs().max()) for i in eager_weights for k, w in eager_weights[i].items())
+    return {"step_mode": mode, "steps": steps, "largest_loss_difference": loss_diff,
+            "largest_weight_difference": weight_diff, "eager_losses": eager_losses, "graph_losses": graph_losses}
 
 
 def peak_gb(device) -> float:
@@ -141,11 +177,15 @@ def load(args, device):
     from trainables.model import local_model_dir
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.llama8b:
-        # Llama-3-8B's config.json shapes; random weights: the step costs the same
-        config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                      max_position_embeddings=8192, rope_theta=500000.0)
+    if args.llama8b or args.random:
+        # the config.json shapes of Llama-3-8B or SmolLM2-135M; random weights: a step costs the same
+        shapes = (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+                  if args.llama8b else
+                  dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                       tie_word_embeddings=True))
+        config = AutoConfig.for_model("llama", **shapes)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
@@ -165,6 +205,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="sequences per trial and step (8; 4 with --llama8b)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (64; 512 with --llama8b)")
     parser.add_argument("--llama8b", action="store_true")
+    parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights")
+    parser.add_argument("--modes", default="eager,cuda_graph", help="the pack's step modes to time (cuda_graph: GPU only)")
     args = parser.parse_args()
     batch = args.rows or (4 if args.llama8b else 8)
     tokens = args.tokens or (512 if args.llama8b else 64)
@@ -174,17 +216,29 @@ def main() -> None:
     single = alone(model, device, args.steps, batch, tokens)
     print(f"one trial alone: {single['tokens_per_second']:,.0f} tokens/s ({single['step_mode']}), "
           f"{single['peak_memory_gb']:.2f} GB", flush=True)
-    curve = []
-    for slots in [int(s) for s in args.slots.split(",")]:
-        try:
-            point = packed(model, device, slots, args.steps, batch, tokens)
-        except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
-            print(f"K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
-            break
-        curve.append(point)
-        speedup = point["tokens_per_second"] / single["tokens_per_second"]
-        print(f"K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({speedup:.2f}x), "
-              f"{point['step_ms']:.0f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}", flush=True)
+    check = None
+    modes = [m for m in args.modes.split(",") if m == "eager" or device.type == "cuda"]
+    if "cuda_graph" in modes and not args.llama8b:
+        check = graph_check(model, device, batch, tokens)
+        print(f"captured against eager, 4 slots, {check['steps']} steps ({check['step_mode']}): largest loss difference "
+              f"{check['largest_loss_difference']:.3g}, largest weight difference {check['largest_weight_difference']:.3g}",
+              flush=True)
+    curves = {}
+    for mode in modes:
+        curve = curves[mode] = []
+        for slots in [int(s) for s in args.slots.split(",")]:
+            try:
+                point = packed(model, device, slots, args.steps, batch, tokens, graph=mode == "cuda_graph")
+            except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
+                print(f"{mode} K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                reset_peak(device)
+                break
+            curve.append(point)
+            speedup = point["tokens_per_second"] / single["tokens_per_second"]
+            print(f"{mode} K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({speedup:.2f}x, {point['step_mode']}), "
+                  f"{point['step_ms']:.1f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}",
+                  flush=True)
+    curve = max(curves.values(), key=lambda c: max((p["tokens_per_second"] for p in c), default=0))
     best = max(curve, key=lambda p: p["tokens_per_second"]) if curve else None
     name = "gpu" if device.type == "cuda" else "cpu"
     result = {
@@ -193,7 +247,8 @@ def main() -> None:
                    else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__, "model": "llama-3-8b shapes, random" if args.llama8b else args.model,
         "rows_per_trial": batch, "tokens_per_row": tokens, "steps": args.steps,
-        "alone": single, "packed": curve,
+        "alone": single, "packed": curve, "curves": curves, "graph_check": check,
+        "best_mode": best["step_mode"] if best else None,
         "shared_packing_speedup": best["tokens_per_second"] / single["tokens_per_second"] if best else None,
         "best_slots": best["slots"] if best else None,
     }
@@ -209,6 +264,8 @@ def main() -> None:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if args.llama8b:
             summary["shared_8b_trials"] = {k: result[k] for k in ("processes_that_fit", "shared_slots_that_fit")}
+            at16 = next((p for p in curve if p["slots"] == 16), None)
+            summary["shared_8b_k16_over_alone"] = at16["tokens_per_second"] / single["tokens_per_second"] if at16 else None
         else:
             summary["shared_packing_speedup"] = result["shared_packing_speedup"]
             summary["shared_packing_memory_gb"] = next((p["peak_memory_gb"] for p in curve if p["slots"] == 8), None)

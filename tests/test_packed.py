@@ -355,3 +355,43 @@ def test_dropout_keeps_each_slots_share_and_its_masks_depend_on_its_own_seed_and
     pack.steps[1] -= 1
     with pack.only(1):  # the slot's masks wherever its rows are
         assert torch.equal(pack.dropped(ones[:1], layer=0)[0] != 0, kept[1])
+
+
+def test_the_captured_step_replayed_without_a_gpu_trains_as_the_eager_step_and_is_captured_once(tiny_model_dir):
+    """The CUDA graph's path with the graph faked (no GPU here): the step runs over the captured
+    step's static tensors, eagerly. Slots open, end and step unevenly; a slot's rows narrower
+    than the captured width are padding. The capture is redone only for a new layer's tensors."""
+    trials = [mixed(3, 0.1), mixed(0, 0.0), mixed(1, 0.2)]
+    vocab = None
+    runs = []
+    for captured in (False, True):
+        pack, _, _ = full_pack(tiny_model_dir, trials, max_rank=32)
+        pack.cuda_graph = captured  # on the CPU, a pack only takes the graph's path when told to
+        vocab = pack.model.config.vocab_size
+        for i in pack.slots:
+            pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+        losses, captures = [], []
+        plan = [({0: 10, 1: 10, 2: 10}, None), ({0: 8, 2: 10}, None), ({0: 10, 2: 6}, ("remove", 1)),
+                ({0: 10, 1: 10, 2: 10}, ("add", mixed(2, 0.1))), ({1: 10, 2: 10}, None)]
+        for step, (widths, change) in enumerate(plan):
+            if change and change[0] == "remove":
+                pack.remove(change[1])
+            elif change:
+                assert pack.add(change[1]) == 1
+            result = pack.step({i: batch(100 * step + i, 2, w, vocab) for i, w in widths.items()})
+            assert sorted(result) == sorted(widths)
+            losses.append({i: float(v) for i, v in result.items()})
+            captures.append(id(pack.captured))
+        runs.append((losses, {i: pack.adapter_state(i) for i in pack.slots}, pack.steps.tolist(), captures))
+    (eager_losses, eager_weights, eager_steps, _), (graph_losses, graph_weights, graph_steps, captures) = runs
+    for eager, graph in zip(eager_losses, graph_losses):
+        assert graph == pytest.approx(eager, rel=1e-5)
+    assert graph_steps == eager_steps == [4, 2, 5]  # slot 1 ended after its first step; its new trial stepped twice
+    for i in eager_weights:
+        close_weights(graph_weights[i], eager_weights[i], f"slot {i} captured")
+    assert len(set(captures)) == 1, "slots opening, ending and narrower batches must not capture the step again"
+    # a slot that adapts a layer no slot adapted before makes new tensors: the step is captured again
+    pack.remove(0)
+    pack.add(params(["lm_head"], 4, 1, False, 1.0, 1e-3))
+    pack.step({0: batch(7, 2, 10, vocab)})
+    assert id(pack.captured) != captures[-1]

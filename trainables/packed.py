@@ -20,9 +20,13 @@ depend on another's, and a resumed slot draws the masks it would have drawn.
 
 The step runs at capacity: an empty slot's rows are padding, its scale 0 and its learning rate 0,
 and a trial that opens, ends or fails writes its slot's entries into the same tensors, so the
-step's shapes and operations stay those of the first step (what a captured CUDA graph needs).
-The tensors of a layer grow (new tensors) only when a slot first adapts it or brings a rank above
-the layer's largest; `max_rank` sizes them for the search's largest rank from the start.
+step's shapes and operations stay those of the first step. On a GPU (`cuda_graph`) the whole
+step, forward, backward and update, is captured once as a CUDA graph and replayed: the batches
+are copied into the graph's own input tensors (every slot's rows padded to the widest batch
+seen), which slots step is a mask in a device tensor, and nothing in the step waits for the host.
+The capture is redone only when the tensors it holds change: a slot first adapts a layer or
+brings a rank above the layer's largest (`max_rank` sizes them for the search's largest rank from
+the start), a batch is wider than the captured width, or dropout turns on or off for the pack.
 
 PEFT cannot do this itself: its mixed-adapter batches (`adapter_names`) refuse training mode
 (huggingface/peft#631). DoRA (a merged weight per adapter for its norm), Conv1D layers (GPT-2) and
@@ -35,8 +39,9 @@ trial's own AdamW with PEFT's LoRA+ groups, so either trainer continues the othe
 
 from __future__ import annotations
 
+import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +52,9 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
+
+WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator), as trainables/step.py
+log = logging.getLogger(__name__)
 
 
 class SlotOutOfMemory(RuntimeError):
@@ -81,6 +89,7 @@ class PackedLinear(nn.Module):
                 new[tuple(slice(0, n) for n in old_tensor.shape)] = old_tensor.detach()
             setattr(self, name, new.requires_grad_(name in ("A", "B")))
         self.max_rank = rank
+        self.pack.layout += 1  # a captured step holds the old tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -120,6 +129,25 @@ class Slot:
                 yield f"base_model.model.{name}.lora_{matrix}.weight", part
 
 
+@dataclass
+class Captured:
+    """A packed step captured as a CUDA graph, with the tensors it reads and writes: `ids` and
+    `labels` (`[capacity * rows, width]`), `stepping` (`[capacity]` bool) and the slots' `losses`.
+    `replay` runs it: the graph's replay, or, where no GPU is (tests), the same step run eagerly
+    on the same tensors."""
+
+    rows: int
+    width: int
+    dropout: bool
+    layout: int
+    ids: torch.Tensor
+    labels: torch.Tensor
+    stepping: torch.Tensor
+    losses: torch.Tensor
+    replay: object
+    order: tuple = ()  # the slots `stepping` holds
+
+
 class Pack:
     """`model` (a causal LM, frozen, on its device) with `capacity` adapter slots.
 
@@ -127,7 +155,8 @@ class Pack:
     slots given a batch each, together; `only(slot)` makes the model one slot's adapted model
     for every row (evaluation, generation)."""
 
-    def __init__(self, model: nn.Module, capacity: int, warmup_steps: int, max_steps: int, max_rank: int = 1):
+    def __init__(self, model: nn.Module, capacity: int, warmup_steps: int, max_steps: int, max_rank: int = 1,
+                 cuda_graph: bool = False):
         self.model, self.capacity = model, capacity
         self.warmup_steps, self.max_steps, self.max_rank = warmup_steps, max_steps, max_rank
         self.slots: dict[int, Slot] = {}
@@ -135,6 +164,9 @@ class Pack:
         self.selection: torch.Tensor | None = None  # the slots whose rows a pass holds; None: all, in order
         self.pass_slots = capacity  # slots per forward/backward pass: fewer after running out of memory
         self._layers: dict[str, PackedLinear] = {}
+        self.layout = 0  # bumped when a layer's tensors are made: a captured step must be captured again
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.captured: Captured | None = None
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
         # each slot's entries: what `add` writes and `remove` clears; float64 for the few numbers
         # of a slot, as the Python floats of torch's own AdamW and schedule are
@@ -232,13 +264,28 @@ class Pack:
         return sum(p.numel() for _, p in self.slots[index].named_weights())
 
     # -- training --------------------------------------------------------------------------
+    @property
+    def step_mode(self) -> str:
+        return "cuda_graph" if self.cuda_graph else "eager"
+
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,
-        on the pack's device): its loss, left on the device (a NaN or infinite one is the caller's
+        on the host or the pack's device): its loss, left on the device (a NaN or infinite one is the caller's
         to act on; it touched nothing but its own slot's rows and weights). All slots go through
         the model in one pass, the empty ones as padding; a pass that runs out of GPU memory is
         split in two and run again, down to one slot a pass (the gradients of each slot are its
-        own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps."""
+        own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps.
+        With `cuda_graph`, the captured step instead (see the module's docstring); a capture that
+        fails or runs out of memory leaves the pack stepping eagerly from then on, and says so."""
+        if self.cuda_graph:
+            try:
+                return self._replay(batches, autocast)
+            except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
+                log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps eagerly",
+                            type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
+                self.cuda_graph, self.captured = False, None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         self._zero_grad()
         order = sorted(batches)
         chunks = [list(range(self.capacity))] if self.pass_slots >= self.capacity else None
@@ -268,24 +315,78 @@ class Pack:
         self.update(stepping.to(self.device))
         return {i: losses[i] for i in order}
 
+    def _replay(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[int, torch.Tensor]:
+        """The step as the captured graph's replay, capturing it first where none fits."""
+        given = list(batches.values())
+        rows, width = max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given)
+        captured = self.captured
+        if (captured is None or rows != captured.rows or width > captured.width or self.dropout != captured.dropout
+                or self.layout != captured.layout):
+            self.captured = None  # its memory goes back to the allocator before the next capture takes its own
+            captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0), autocast)
+        ids, labels = _gathered({i: batches.get(i) for i in range(self.capacity)}, rows, captured.width)
+        captured.ids.copy_(_pinned(ids), non_blocking=True)
+        captured.labels.copy_(_pinned(labels), non_blocking=True)
+        order = tuple(sorted(batches))
+        if order != captured.order:
+            stepping = torch.zeros(self.capacity, dtype=torch.bool)
+            stepping[list(order)] = True
+            captured.stepping.copy_(_pinned(stepping), non_blocking=True)
+            captured.order = order
+        captured.replay()
+        losses = captured.losses.clone()  # the next replay overwrites the graph's own
+        return {i: losses[i] for i in order}
+
+    def _capture(self, rows: int, width: int, autocast) -> Captured:
+        """The whole step, forward, backward and update, over static tensors; captured as a CUDA
+        graph on a GPU. The warm-up passes (forward and backward of padding only) touch no weight."""
+        ids = torch.zeros(self.capacity * rows, width, dtype=torch.long, device=self.device)
+        labels = torch.full_like(ids, IGNORE)
+        stepping = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+        # no autocast cache under capture (torch.cuda.graph's own rule): casts are redone at every replay
+        context = (torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
+                   if autocast is not None and self.device.type == "cuda" else autocast or nullcontext())
+
+        def step() -> torch.Tensor:
+            with context:
+                losses = self.losses(ids, labels)
+            losses.sum().backward()
+            self.update(stepping)
+            return losses.detach()
+
+        if self.device.type != "cuda":  # no graph without a GPU: the same step on the same tensors, eagerly (tests)
+            losses = torch.zeros(self.capacity, device=self.device)
+
+            def replay() -> None:
+                self._zero_grad()
+                losses.copy_(step())
+
+            return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, replay)
+        self._zero_grad()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                with context:
+                    losses = self.losses(ids, labels)
+                losses.sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        self._zero_grad()  # the captured backward allocates the gradients from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = step()
+        return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
+
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
         """Forward and backward of the slots of `batches` (in their order), whose rows are padded
         to one count and one width: a slot without a batch (None) gives padding rows only."""
         given = [b for b in batches.values() if b is not None]
-        rows = max(ids.shape[0] for ids, _ in given)
-        width = max(ids.shape[1] for ids, _ in given)
-        ids, labels = [], []
-        for batch in batches.values():
-            slot_ids, slot_labels = batch if batch is not None else given[0]
-            # any id pads: it sits after every real token (causal attention) and carries no label
-            pad = (0, width - slot_ids.shape[1], 0, rows - slot_ids.shape[0])
-            ids.append(nn.functional.pad(slot_ids, pad, value=0))
-            labels.append(nn.functional.pad(slot_labels if batch is not None else torch.full_like(slot_labels, IGNORE),
-                                            pad, value=IGNORE))
+        ids, labels = _gathered(batches, max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given))
+        ids, labels = _pinned(ids).to(self.device, non_blocking=True), _pinned(labels).to(self.device, non_blocking=True)
         slots = list(batches)
         self.selection = None if slots == list(range(self.capacity)) else torch.tensor(slots, device=self.device)
         try:
-            losses = self.losses(torch.cat(ids), torch.cat(labels), autocast)
+            losses = self.losses(ids, labels, autocast)
         finally:
             self.selection = None
         # each slot's gradients are those of its own loss: no parameter is shared between slots
@@ -421,6 +522,27 @@ def unpack(model: nn.Module) -> None:
     for name, module in packed:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+
+
+def _gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows: int, width: int):
+    """The batches' input ids and labels as one batch, each slot's block `rows` rows of `width`
+    tokens (on the batches' device); a slot without a batch (None) gives padding rows only."""
+    given = next(b for b in batches.values() if b is not None)
+    ids, labels = [], []
+    for batch in batches.values():
+        slot_ids, slot_labels = batch if batch is not None else given
+        # any id pads: it sits after every real token (causal attention) and carries no label
+        pad = (0, width - slot_ids.shape[1], 0, rows - slot_ids.shape[0])
+        ids.append(nn.functional.pad(slot_ids, pad, value=0))
+        labels.append(nn.functional.pad(slot_labels if batch is not None else torch.full_like(slot_labels, IGNORE),
+                                        pad, value=IGNORE))
+    return torch.cat(ids), torch.cat(labels)
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor in page-locked memory, where a GPU is: its copy to the GPU then waits for
+    nothing, not even for the step before to end (a copy from pageable memory may)."""
+    return tensor.pin_memory() if tensor.device.type == "cpu" and torch.cuda.is_available() else tensor
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

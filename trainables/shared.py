@@ -91,7 +91,7 @@ class SharedTrainer:
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
                                setup.gradient_checkpointing)
-        self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank)
+        self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs)
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         self.eval_rows = load_split(setup.data_dir, "eval")
         vocab_size = base.config.get_text_config().vocab_size
@@ -236,7 +236,8 @@ class SharedTrainer:
         for trial in ready:
             examples = [trial.rows[i] for i in batch_indices(len(trial.rows), self.setup.batch_size, trial.params.seed,
                                                              trial.progress.step)]
-            batch = collate(examples, self.setup.pad_token_id, self.device)
+            # on the host: the pack copies them to the device without waiting for the step before
+            batch = collate(examples, self.setup.pad_token_id, torch.device("cpu"))
             batches[trial.index] = (batch["input_ids"], batch["labels"])
             tokens[trial.index] = int(batch["attention_mask"].sum())
         try:
