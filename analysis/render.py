@@ -215,6 +215,7 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: Resources) -> str:
         f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
         f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
         + _reruns(trials)
+        + _packing(resources)
         + _share(resources)
         + _step_modes(trials, compile_on=resources.compile)
     )
@@ -246,6 +247,13 @@ def _reruns(trials: pd.DataFrame) -> str:
                  f"{'them' if lost > 1 else 'it'} on a reused worker (the worker's last trial had not ended in time); "
                  "no configuration was lost.")
     return text
+
+
+def _packing(resources: Resources) -> str:
+    """How the trials shared the machine (resources.packing), and why where `auto` chose it."""
+    how = ("together in one shared trainer per GPU, its base model held once (resources.packing=shared)"
+           if resources.packing == "shared" else "each in a process of its own (resources.packing=processes)")
+    return f" Trials trained {how}" + (f": auto chose it, {resources.packing_reason}." if resources.packing_reason else ".")
 
 
 def _share(resources: Resources) -> str:

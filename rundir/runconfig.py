@@ -68,6 +68,7 @@ class Resources:
     compile: bool
     # a run recorded before trials could share a trainer ran a process per trial
     packing: str = field(default="processes", kw_only=True)
+    packing_reason: str = field(default="", kw_only=True)  # why `auto` chose `packing`; "": it was named
     pack_slots: int
     memory_probe: MemoryProbe | None = None  # None: no probe ran (no GPU, a fixed share, or shared packing)
 

@@ -189,19 +189,23 @@ class Config:
         return out
 
 
-# Why `auto` resolves as it does: the dry run prints it.
-AUTO_PACKING_REASON = ("on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone (0.94x at K=4, "
-                       "0.62x at K=8, the pack that looped over its trials, bench/results/shared_packing_cpu_loop.json); "
-                       "the batched pack is not measured yet against processes, on a CPU or a GPU")
+# What `auto` resolves to on each kind of device, and why: the dry run and the report say it.
+AUTO_PACKING = {
+    "cpu": (PROCESSES, "on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone (0.94x at "
+                       "K=4, 0.62x at K=8, bench/results/shared_packing_cpu_loop.json): a CPU's step is bound by its "
+                       "arithmetic, which a pack does not reduce"),
+    "cuda": (PROCESSES, "on one H200 the pack that looped over its trials trained at 0.07x to 0.13x of one trial "
+                        "alone (bench/results/h200-2026-12-01-shared/), and the batched pack is not measured on a GPU yet"),
+}
 
 
-def resolve_packing(config: Config) -> str:
-    """The packing a run of `config` uses, SHARED or PROCESSES: resources.packing as given, and
-    for auto, processes (`AUTO_PACKING_REASON`): until the benchmark (bench/shared_packing.py)
-    shows the pack faster on a device, auto stays with the processes measured so far."""
+def resolve_packing(config: Config, cuda: bool) -> tuple[str, str]:
+    """The packing a run of `config` uses, SHARED or PROCESSES, and why where `auto` chose it
+    ("" where resources.packing names it): for auto, the one `AUTO_PACKING` gives this kind of
+    device, the faster where bench/shared_packing.py measured them."""
     if config.resources.packing != AUTO:
-        return config.resources.packing
-    return PROCESSES
+        return config.resources.packing, ""
+    return AUTO_PACKING["cuda" if cuda else "cpu"]
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

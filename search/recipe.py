@@ -108,7 +108,7 @@ class SearchRecipe:
         architecture = next((res.architecture_note for res in prepared.resolved.values() if res.architecture_note), None)
         print(format_table(rows, config.model.path, architecture))
         print(data)
-        print(packing_line(config.resources, self.plan.packing, any(config.search.use_dora),
+        print(packing_line(config.resources, self.plan, any(config.search.use_dora),
                            any(res.holds_fixed for res in prepared.resolved.values())))
         return 0
 
@@ -141,7 +141,7 @@ class SearchRecipe:
         record = RunConfig.from_json({
             **to_dict(config),
             "resources": {**to_dict(config)["resources"], "gpus_per_trial": self.plan.gpus_per_trial,
-                          "memory_probe": asdict(probe) if probe else None},
+                          "packing_reason": self.plan.packing_reason, "memory_probe": asdict(probe) if probe else None},
             "base_model": {"path": prepared.path, "name": prepared.name, "origin": prepared.origin,
                            "total_params": prepared.total_params},
             "data_info": asdict(prepared_data),

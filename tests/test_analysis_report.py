@@ -174,6 +174,20 @@ def test_the_report_says_how_steps_ran_and_names_trials_whose_compile_failed(tmp
     assert "trained uncompiled" not in (quiet / "report.md").read_text()
 
 
+def test_the_report_says_how_trials_shared_the_machine_and_why_auto_chose_it(tmp_path):
+    chosen = write_run_config(tmp_path / "auto", resources={"packing": "shared",
+                                                            "packing_reason": "the pack trained 9x faster here"})
+    named = write_run_config(tmp_path / "named", resources={"packing": "processes"})
+    for run_dir in (chosen, named):
+        add_trial(run_dir, "dddd0001", eval_loss=0.5, r=16)
+        assert analyse(run_dir) == 0
+    assert ("Trials trained together in one shared trainer per GPU, its base model held once "
+            "(resources.packing=shared): auto chose it, the pack trained 9x faster here.") in (chosen / "report.md").read_text()
+    report = (named / "report.md").read_text()
+    assert "Trials trained each in a process of its own (resources.packing=processes)." in report
+    assert "auto chose" not in report
+
+
 def test_importance_plot_is_skipped_with_a_reason_when_too_few_configurations_finished(tmp_path):
     run_dir = write_run_config(tmp_path / "run")
     add_trial(run_dir, "cccc0001", eval_loss=0.5, r=16)

@@ -101,10 +101,13 @@ def test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts(tmp_path):
     assert "adapt Conv1D layers" in err and "Fix: use resources.packing=processes or auto" in err
 
 
-def test_auto_packing_resolves_to_processes_and_shared_stays_shared():
-    assert resolve_packing(load(None, [])) == PROCESSES
-    assert resolve_packing(load(None, ["resources.packing=shared"])) == SHARED
-    assert resolve_packing(load(None, ["resources.packing=processes"])) == PROCESSES
+def test_auto_packing_resolves_by_device_with_its_reason_and_a_named_packing_stays_as_named():
+    for cuda in (False, True):
+        packing, reason = resolve_packing(load(None, []), cuda)
+        assert packing in (PROCESSES, SHARED) and "bench/results/" in reason
+        assert resolve_packing(load(None, ["resources.packing=shared"]), cuda) == (SHARED, "")
+        assert resolve_packing(load(None, ["resources.packing=processes"]), cuda) == (PROCESSES, "")
+    assert resolve_packing(load(None, []), False)[0] == PROCESSES  # measured slower on the 2-core CPU
 
 
 def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):
@@ -114,7 +117,7 @@ def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):
            "once and trains up to 4 trials' adapters together" in capsys.readouterr().out
     assert main([*tiny, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "Packing: processes (resources.packing=auto: processes, the faster where measured)" in out
+    assert "Packing: processes (resources.packing=auto): every trial is a process of its own" in out
     assert "auto's reason: on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone" in out
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from search.config import AUTO, AUTO_PACKING_REASON, SHARED, Config, ConfigError, ResourcesConfig
+from search.config import SHARED, Config, ConfigError, ResourcesConfig
 from search.inputs.data import DataInfo, eval_sample_line
 from search.inputs.modules import adapter_param_count, base_param_count, resolve
 from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
@@ -131,18 +131,17 @@ def _source(source: str, part: str, rows: int, format_: str) -> str:
     return f"{source}, {part}: {rows} {format_} rows"
 
 
-def packing_line(resources: ResourcesConfig, packing: str, dora: bool = False, experts: bool = False) -> str:
-    """One line on how the run's trials would share a GPU: `packing`, as `resolve_packing` made
-    it of resources.packing, and what that means; `dora`: the space has DoRA trials; `experts`:
-    module sets that adapt expert weights (PEFT's target_parameters)."""
-    given = "resources.packing=auto: processes, the faster where measured" \
-        if resources.packing == AUTO else f"resources.packing={resources.packing}"
-    if packing == SHARED:
+def packing_line(resources: ResourcesConfig, plan, dora: bool = False, experts: bool = False) -> str:
+    """One line on how the run's trials would share a GPU: `plan.packing`, as `resolve_packing`
+    made it of resources.packing, what that means, and why where `auto` chose it; `dora`: the
+    space has DoRA trials; `experts`: module sets that adapt expert weights (PEFT's target_parameters)."""
+    given = f"resources.packing={resources.packing}"
+    why = f"; auto's reason: {plan.packing_reason}" if plan.packing_reason else ""
+    if plan.packing == SHARED:
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
                 f"up to {resources.pack_slots} trials' adapters together"
                 + "".join(f"; {kind} train in processes of their own beside it" for kind, present in (
                     ("DoRA trials", dora),
                     ("trials that adapt expert weights (the shared trainer adapts Linear layers only)", experts))
-                    if present))
-    why = f"; auto's reason: {AUTO_PACKING_REASON}" if resources.packing == AUTO else ""
+                    if present) + why)
     return f"Packing: processes ({given}): every trial is a process of its own with its own copy of the base model{why}"

@@ -15,6 +15,7 @@ from trainables.config import cache_root
 @dataclass(frozen=True)
 class ResourcePlan:
     packing: str                 # SHARED or PROCESSES, `auto` resolved
+    packing_reason: str          # why `auto` chose it; "" where resources.packing named it
     gpus_per_trial: float        # `auto` resolved: 0 without CUDA
     compiled: bool               # trials torch.compile their steps (`resources.compile`, auto resolved)
     gpu_memory_gb: float | None  # this machine's GPU, where the run is local and has one
@@ -35,8 +36,8 @@ def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
     here; `prepared`: the model as `search.inputs.prepare.prepare_model` resolved it."""
     import torch
 
-    packing = resolve_packing(config)
     cuda = torch.cuda.is_available()
+    packing, packing_reason = resolve_packing(config, cuda)
     gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda and local else None
     bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
     gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
@@ -48,8 +49,8 @@ def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
     if config.resources.gpus_per_trial == "auto" and gpu_memory_gb and packing != SHARED:
         probe = _probe_memory(config, prepared, compiled, gpu_memory_gb)
         gpus = probe.share
-    return ResourcePlan(packing=packing, gpus_per_trial=gpus, compiled=compiled, gpu_memory_gb=gpu_memory_gb,
-                        memory_probe=probe)
+    return ResourcePlan(packing=packing, packing_reason=packing_reason, gpus_per_trial=gpus, compiled=compiled,
+                        gpu_memory_gb=gpu_memory_gb, memory_probe=probe)
 
 
 def _probe_memory(config: Config, prepared, compiled: bool, gpu_memory_gb: float) -> Probe:
