@@ -266,7 +266,11 @@ class SharedTrainer:
         from trainables.metrics import trial_report
 
         progress, setup = trial.progress, self.setup
+        waiting = time.perf_counter()
         train_loss = float(trial.loss_sum / trial.loss_count)
+        # the steps' own clock is the host's, which runs ahead of a GPU's queue: the wait for the
+        # steps still queued is training time too
+        progress.train_seconds += time.perf_counter() - waiting
         trial.loss_sum, trial.loss_count = 0.0, 0
         if diverged := train_diverged(train_loss, progress.step):
             with self.lock:
