@@ -1,6 +1,6 @@
 """The pick: the cheapest trial whose quality at the full budget is within tolerance of the best.
 
-Pure functions over the trial table (`analysis.results.load_trials`). Only trials that
+Pure functions over the trial table (`analysis.results.trials_table`). Only trials that
 finished the full budget compete: a trial stopped early is never compared with a finished
 one. Metrics are assumed non-negative (losses, accuracies), so
 "within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
@@ -217,7 +217,7 @@ def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str
     eligible value sets the bar; every eligible configuration whose interval reaches the bar is
     a candidate (including the best); the most preferred candidate within the bar by its mean
     wins (`Comparison`). `lora_configs` maps trial ids to their exact LoraConfig arguments
-    (`analysis.results.load_lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
+    (`analysis.results.lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
     """
     metric, cost = comparison.metric, comparison.cost
     standings = comparison.standings(trials)
