@@ -12,6 +12,8 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,6 +40,16 @@ class ConfigError(ValueError):
     def __init__(self, *problems: str):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+@contextmanager
+def bad_input(prefix: str = "") -> Iterator[None]:
+    """A ValueError raised in the block (whose message names the key, the value and what is
+    allowed) is bad input: a ConfigError of `prefix` and its message."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 @dataclass
