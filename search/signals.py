@@ -82,7 +82,7 @@ def stopped(stop: GracefulStop, saved: str, again: str = "--resume") -> int:
     return 128 + signal.Signals[name].value
 
 
-def run_command(stop: GracefulStop, prepare: Callable[[], int | object]) -> int:
+def run_command(stop: GracefulStop, prepare: Callable[[], object]) -> int:
     """A command's run under `stop`, with the exit codes both commands share: `prepare` returns an
     exit code where the command ends before the run, else the `SearchRecipe` whose `setup`,
     `search` and `finish` run in turn until one returns a code. Bad input is one `error: ` line
