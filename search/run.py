@@ -72,5 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(stop, prepare)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
