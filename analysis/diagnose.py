@@ -1,6 +1,6 @@
 """What each trial's learning curve says: diverged, overfitting, or plateaued early.
 
-Pure functions over the curves (`analysis.results.load_curves`) and the trial table. The
+Pure functions over the curves (`analysis.results.curves_table`) and the trial table. The
 thresholds are deliberately coarse: a diagnosis is a hint for the reader of the report,
 never an input to the pick.
 """

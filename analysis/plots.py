@@ -48,7 +48,7 @@ def write_plots(
 ) -> Plots:
     """Draw every figure the data allows into `out_dir` (created if needed), each file replaced atomically.
 
-    `trials` is `load_trials`' table, `curves` `load_curves`' table, `pick` None when nothing
+    `trials` is `trials_table`'s table, `curves` `curves_table`'s, `pick` None when nothing
     was picked. Figures over finished trials use those with a finite metric and cost.
     """
     finished = finished_trials(trials, selection.metric, selection.cost)

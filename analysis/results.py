@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.config import SelectionConfig, is_user_metric
+from analysis.config import is_user_metric
 from rundir.files import atomic_path
 from rundir.layout import COMPETING_EXPERIMENTS, RETRAIN_EXPERIMENT, RUN_CONFIG
 from rundir.params import TrialParams
@@ -108,42 +108,26 @@ def read_retrain_files(run_dir: str | os.PathLike) -> list[TrialFiles]:
     return [_read_trial(params.parent) for params in sorted(Path(run_dir, RETRAIN_EXPERIMENT).glob("*/params.json"))]
 
 
-def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per trial with exactly `COLUMNS` (then the user's metric column where the run's
-    selection.metric names one: `user_metric_columns`, then `ROW_COLUMNS`' columns), in
-    `read_trial_files` order.
+def trials_table(trials: list[TrialFiles], max_steps: int, metric: str) -> pd.DataFrame:
+    """One row per trial of `trials` (read from files, or known from their reports) with exactly
+    `COLUMNS` (then the user's metric column where `metric`, the run's selection.metric, names
+    one: `user_metric_columns`, then `ROW_COLUMNS`' columns), in the order of `trials`.
 
     `status` is "failed" when Ray recorded an error (then `error` is its one-line summary),
-    "finished" when the trial reported step `budget.max_steps` of run_config.json, and
-    "stopped" otherwise (stopped early by the scheduler, or the run was interrupted).
-    Metrics are those of the trial's last report, at `step`; NaN (NA for the integer
-    columns `step` and `trainable_params`) when it never reported.
+    "finished" when the trial reported step `max_steps` (budget.max_steps), and "stopped"
+    otherwise (stopped early by the scheduler, or the run was interrupted). Metrics are those of
+    the trial's last report, at `step`; NaN (NA for the integer columns `step` and
+    `trainable_params`) when it never reported.
     """
-    run_config = read_run_config(run_dir)
-    return trials_table(read_trial_files(run_dir), run_config.budget.max_steps,
-                        SelectionConfig.recorded(run_config.selection).metric)
-
-
-def trials_table(trials: list[TrialFiles], max_steps: int, metric: str) -> pd.DataFrame:
-    """The trial table (`load_trials`) of `trials`, read from files or known from their reports;
-    `metric` is the run's selection.metric."""
     records = [trial_record(trial, max_steps, metric) for trial in trials]
     table = pd.DataFrame.from_records(records, columns=[*COLUMNS, *user_metric_columns(metric), *ROW_COLUMNS.values()])
     return table.astype({column: "Int64" for column in _NULLABLE_INTEGER_COLUMNS})
 
 
-def load_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every reported step of every trial: `CURVE_COLUMNS` (then the user's metric column, as in
-    `load_trials`), trials in `read_trial_files` order, steps ascending.
-
-    When a restored trial reported a step twice, the later report wins.
-    """
-    return curves_table(read_trial_files(run_dir), SelectionConfig.recorded(read_run_config(run_dir).selection).metric)
-
-
 def curves_table(trials: list[TrialFiles], metric: str) -> pd.DataFrame:
-    """The curves (`load_curves`) of `trials`, read from files or known from their reports;
-    `metric` is the run's selection.metric."""
+    """Every reported step of `trials`: `CURVE_COLUMNS` (then the user's metric column, as in
+    `trials_table`), trials in the order given, steps ascending; where a restored trial reported a
+    step twice, the later report wins. `metric` is the run's selection.metric."""
     columns = [*CURVE_COLUMNS, *user_metric_columns(metric)]
     records = [record for trial in trials for record in _curve_records(trial, columns[1:])]
     return pd.DataFrame.from_records(records, columns=columns)
@@ -155,13 +139,8 @@ def user_metric_columns(metric: str) -> tuple[str, ...]:
     return (metric,) if is_user_metric(metric) else ()
 
 
-def load_lora_configs(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """The exact PEFT `LoraConfig` keyword arguments each trial trained with, by trial id."""
-    return lora_configs(read_trial_files(run_dir))
-
-
 def lora_configs(trials: list[TrialFiles]) -> dict[str, dict]:
-    """The `LoraConfig` arguments (`load_lora_configs`) of `trials`, by trial id."""
+    """The exact PEFT `LoraConfig` keyword arguments each of `trials` trained with, by trial id."""
     return {trial.trial_id: trial.params.lora_config for trial in trials}
 
 

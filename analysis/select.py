@@ -1,6 +1,6 @@
 """The pick: the cheapest trial whose quality at the full budget is within tolerance of the best.
 
-Pure functions over the trial table (`analysis.results.load_trials`). Only trials that
+Pure functions over the trial table (`analysis.results.trials_table`). Only trials that
 finished the full budget compete: a trial stopped early is never compared with a finished
 one. Metrics are assumed non-negative (losses, accuracies), so
 "within tolerance" is a ratio: maximise -> value >= tolerance * best; minimise ->
@@ -161,8 +161,14 @@ class Comparison:
         return Standings(self, table, best, bar)
 
     def rank(self, candidates: pd.DataFrame) -> pd.DataFrame:
-        """`candidates` from most to least preferred (`rank_candidates`)."""
-        return rank_candidates(candidates, self.metric, self.mode, self.cost)
+        """`candidates` from most to least preferred: cheapest `cost` first; ties go to fewer
+        trainable parameters, then the better metric, then the smaller trial id, so the order never
+        depends on row order. This is the one place where further tie-breakers belong (such as the
+        spread of a config across seeds)."""
+        keys = list(dict.fromkeys([self.cost, "trainable_params", *(["spread"] if "spread" in candidates else []),
+                                   self.metric, "trial_id"]))
+        ascending = [key != self.metric or self.mode == "min" for key in keys]  # spread: lower first
+        return candidates.sort_values(keys, ascending=ascending, kind="stable")
 
     def statement(self) -> str:
         """The rule in one clause, as the report states it above everything else."""
@@ -217,7 +223,7 @@ def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str
     eligible value sets the bar; every eligible configuration whose interval reaches the bar is
     a candidate (including the best); the most preferred candidate within the bar by its mean
     wins (`Comparison`). `lora_configs` maps trial ids to their exact LoraConfig arguments
-    (`analysis.results.load_lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
+    (`analysis.results.lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
     """
     metric, cost = comparison.metric, comparison.cost
     standings = comparison.standings(trials)
@@ -468,18 +474,6 @@ def within_bar(value: float, bar: float, mode: str) -> bool:
     past it (0.9 * 0.2 is 0.18000000000000002).
     """
     return (value >= bar if mode == "max" else value <= bar) or math.isclose(value, bar, rel_tol=1e-12)
-
-
-def rank_candidates(candidates: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
-    """Candidates from most to least preferred.
-
-    Cheapest `cost` first; ties go to fewer trainable parameters, then the better metric,
-    then the smaller trial id, so the order never depends on row order. This is the one
-    place where further tie-breakers belong (such as the spread of a config across seeds).
-    """
-    keys = list(dict.fromkeys([cost, "trainable_params", *(["spread"] if "spread" in candidates else []), metric, "trial_id"]))
-    ascending = [key != metric or mode == "min" for key in keys]  # spread: lower first
-    return candidates.sort_values(keys, ascending=ascending, kind="stable")
 
 
 def rank_by_metric(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:

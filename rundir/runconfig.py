@@ -41,17 +41,17 @@ class MemoryProbe:
     """One trial of the space's heaviest configuration, measured on the driver's GPU, and the share
     per trial chosen from it (the search's memory probe)."""
 
-    footprint_gb: float
-    reserved_gb: float
-    allocated_gb: float
-    context_gb: float
-    source: str
+    footprint_gb: float       # what the process held at most, as a trial's peak_memory_gb counts it
+    reserved_gb: float        # torch.cuda.max_memory_reserved: the allocator's peak reserve
+    allocated_gb: float       # torch.cuda.max_memory_allocated: the tensors' own peak
+    context_gb: float         # what the process holds outside the allocator (the CUDA context, libraries' workspaces)
+    source: str               # "nvml" (measured) or "estimate" (pynvml not installed): where context_gb comes from
     gpu_gb: float
     margin: float
-    share: float
-    seconds: float
+    share: float              # the share `auto` chose (the larger of this and the share by parameter count)
+    seconds: float            # the probe's wall time, its own process included (0 when `cached`)
     lora_config: dict
-    cached: bool = False
+    cached: bool = False      # the figures of an earlier probe of the same model, configuration and GPU
 
 
 @dataclass(frozen=True)

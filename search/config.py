@@ -12,6 +12,8 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,6 +42,22 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+@contextmanager
+def bad_input(prefix: str = "") -> Iterator[None]:
+    """A ValueError raised in the block (whose message names the key, the value and what is
+    allowed) is bad input: a ConfigError of `prefix` and its message."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def too_small(section: str, settings, **least: int) -> list[str]:
+    """A problem for each integer setting of `section` below the least value `least` allows it."""
+    return [f"{section}.{key} is {getattr(settings, key)}; allowed: an integer >= {minimum}"
+            for key, minimum in least.items() if getattr(settings, key) < minimum]
+
+
 @dataclass
 class BudgetConfig:
     num_samples: int = field(default=8, metadata={"help": "configurations the search tries"})
@@ -52,13 +70,8 @@ class BudgetConfig:
     landscape_seeds: int = field(default=2, metadata={"help": "search.algorithm grid: runs of each grid point, with seeds seed, seed + 1, ..."})
 
     def problems(self) -> list[str]:
-        out = [f"budget.{k} is {getattr(self, k)}; allowed: an integer >= 1"
-               for k in ("num_samples", "max_steps", "eval_every", "grace_period", "batch_size", "landscape_seeds")
-               if getattr(self, k) < 1]
-        if self.reduction_factor < 2:
-            out.append(f"budget.reduction_factor is {self.reduction_factor}; allowed: an integer >= 2")
-        if self.warmup_steps < 0:
-            out.append(f"budget.warmup_steps is {self.warmup_steps}; allowed: an integer >= 0")
+        out = too_small("budget", self, num_samples=1, max_steps=1, eval_every=1, grace_period=1, reduction_factor=2,
+                        batch_size=1, warmup_steps=0, landscape_seeds=1)
         if self.grace_period > self.max_steps >= 1:
             out.append(f"budget.grace_period is {self.grace_period}, above budget.max_steps={self.max_steps}; allowed: 1 to max_steps")
         if self.eval_every > self.max_steps >= 1:
@@ -149,19 +162,13 @@ class ResourcesConfig:
             out.append(f"resources.gpus_per_trial is {self.gpus_per_trial}; allowed: 0, a fraction in (0, 1], or a whole number")
         if isinstance(self.compile, str) and self.compile != "auto":
             out.append(f"resources.compile is {self.compile!r}; allowed: auto, true or false")
-        if self.cpus_per_trial < 1:
-            out.append(f"resources.cpus_per_trial is {self.cpus_per_trial}; allowed: an integer >= 1")
         if self.max_concurrent_trials < 0:
             out.append(f"resources.max_concurrent_trials is {self.max_concurrent_trials}; allowed: 0 (no limit) or more")
-        if self.max_failures < 0:
-            out.append(f"resources.max_failures is {self.max_failures}; allowed: an integer >= 0")
         if self.memory_margin < 0:
             out.append(f"resources.memory_margin is {self.memory_margin}; allowed: a number >= 0 (0: trials packed to their measured footprint exactly)")
         if self.packing not in PACKINGS:
             out.append(f"resources.packing is {self.packing!r}; allowed: {', '.join(PACKINGS)}")
-        if self.pack_slots < 1:
-            out.append(f"resources.pack_slots is {self.pack_slots}; allowed: an integer >= 1")
-        return out
+        return out + too_small("resources", self, cpus_per_trial=1, max_failures=0, pack_slots=1)
 
 
 @dataclass

@@ -15,15 +15,13 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from rundir.cli import ArgumentParser, print_errors
+from rundir.cli import ArgumentParser
 from rundir.layout import ADAPTER, PICK
-from rundir.location import LocationError
 from rundir.runconfig import CREATED_BY
-from search import environment
 from search.config import ConfigError, recorded
 from search.output.console import Console, use_console
 from search.recipe import SearchRecipe
-from search.signals import GracefulStop, stopped
+from search.signals import GracefulStop, run_command
 
 PROGRAM = "search.retrain"
 
@@ -38,28 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a bad argument said in one line
         return done.code
     stop = GracefulStop(PROGRAM)
-    try:
-        with stop:
-            run_dir = Path(args.run_dir)
-            config, picked = pick_to_retrain(run_dir)
-            if already_retrained(run_dir, picked):
-                print(f"The pick, trial {picked}, is already retrained: PeftModel.from_pretrained(base, "
-                      f"\"{run_dir.resolve() / ADAPTER}\") loads its weights.")
-                return 0
-            use_console(Console.DEFAULT)
-            recipe = SearchRecipe(config, args.address, stop, retrain_of=picked)
-            code = recipe.setup()
-            if code is None:
-                code = recipe.search()
-            return recipe.finish() if code is None else code
-    except ConfigError as e:
-        return print_errors(*e.problems)
-    except LocationError as e:
-        return print_errors(str(e))
-    except KeyboardInterrupt:
-        return stopped(stop, stop.saved, stop.again)
-    finally:
-        environment.restore()
+
+    def prepare() -> int | SearchRecipe:
+        run_dir = Path(args.run_dir)
+        config, picked = pick_to_retrain(run_dir)
+        if already_retrained(run_dir, picked):
+            print(f"The pick, trial {picked}, is already retrained: PeftModel.from_pretrained(base, "
+                  f"\"{run_dir.resolve() / ADAPTER}\") loads its weights.")
+            return 0
+        use_console(Console.DEFAULT)
+        return SearchRecipe(config, args.address, stop, retrain_of=picked)
+
+    return run_command(stop, prepare)
 
 
 def pick_to_retrain(run_dir: Path):

@@ -11,13 +11,11 @@ import argparse
 import json
 import os
 
-from rundir.cli import ArgumentParser, print_errors
-from rundir.location import LocationError
-from search import environment
-from search.config import Config, ConfigError, leaves, load, to_yaml
+from rundir.cli import ArgumentParser
+from search.config import Config, leaves, load, to_yaml
 from search.output.console import Console, use_console
 from search.recipe import SearchRecipe
-from search.signals import GracefulStop, stopped
+from search.signals import GracefulStop, run_command
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,27 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"name={json.dumps(args.name)}"] if args.name else []
     overrides += [f"output={json.dumps(args.output)}"] if args.output else []
     stop = GracefulStop()  # whatever it is doing, the run ends the same way on Ctrl+C or SIGTERM
-    try:
-        with stop:
-            config = load(args.config, overrides)
-            if args.print_config:
-                print(to_yaml(config), end="")
-                return 0
-            use_console(args.console)
-            recipe = SearchRecipe(config, args.address, stop, dry_run=args.dry_run, resume=args.resume,
-                                  overwrite=args.overwrite)
-            code = recipe.setup()  # None: go on
-            if code is None:
-                code = recipe.search()
-            return recipe.finish() if code is None else code
-    except ConfigError as e:
-        return print_errors(*e.problems)
-    except LocationError as e:
-        return print_errors(str(e))
-    except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what the run has saved by now
-        return stopped(stop, stop.saved, stop.again)
-    finally:
-        environment.restore()
+
+    def prepare() -> int | SearchRecipe:
+        config = load(args.config, overrides)
+        if args.print_config:
+            print(to_yaml(config), end="")
+            return 0
+        use_console(args.console)
+        return SearchRecipe(config, args.address, stop, dry_run=args.dry_run, resume=args.resume,
+                            overwrite=args.overwrite)
+
+    return run_command(stop, prepare)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 
+from rundir.cli import print_errors
+from rundir.location import LocationError
 from search import environment
+from search.config import ConfigError
 
 
 class GracefulStop:
@@ -76,3 +80,27 @@ def stopped(stop: GracefulStop, saved: str, again: str = "--resume") -> int:
     how = "Resume with" if again == "--resume" else "Start again with"
     print(f"stopped by {name}: {saved}. {how}: {shlex.join(command)}", file=sys.stderr, flush=True)
     return 128 + signal.Signals[name].value
+
+
+def run_command(stop: GracefulStop, prepare: Callable[[], object]) -> int:
+    """A command's run under `stop`, with the exit codes both commands share: `prepare` returns an
+    exit code where the command ends before the run, else the `SearchRecipe` whose `setup`,
+    `search` and `finish` run in turn until one returns a code. Bad input is one `error: ` line
+    per problem and 2; a stop says what it saved; the environment is put back in any case."""
+    try:
+        with stop:
+            recipe = prepare()
+            if isinstance(recipe, int):
+                return recipe
+            code = recipe.setup()  # None: go on
+            if code is None:
+                code = recipe.search()
+            return recipe.finish() if code is None else code
+    except ConfigError as e:
+        return print_errors(*e.problems)
+    except LocationError as e:
+        return print_errors(str(e))
+    except KeyboardInterrupt:  # raised by `stop`, which knows the signal and what the run has saved by now
+        return stopped(stop, stop.saved, stop.again)
+    finally:
+        environment.restore()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.results import COLUMNS
+from analysis.config import SelectionConfig
+from analysis.results import COLUMNS, curves_table, lora_configs, read_run_config, read_trial_files, trials_table
 from rundir.params import Origin, TrialParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +25,25 @@ MODULE_SETS = {"attention_qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_
                "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
 
+def load_trials(run_dir) -> pd.DataFrame:
+    """The trial table of the run at `run_dir`, as the analysis builds it from the run's files."""
+    run_config = read_run_config(run_dir)
+    return trials_table(read_trial_files(run_dir), run_config.budget.max_steps,
+                        SelectionConfig.recorded(run_config.selection).metric)
+
+
+def load_curves(run_dir) -> pd.DataFrame:
+    """Every reported step of every trial of the run at `run_dir`, as the analysis reads them."""
+    return curves_table(read_trial_files(run_dir), SelectionConfig.recorded(read_run_config(run_dir).selection).metric)
+
+
+def load_lora_configs(run_dir) -> dict[str, dict]:
+    """The `LoraConfig` arguments of each trial of the run at `run_dir`, by trial id."""
+    return lora_configs(read_trial_files(run_dir))
+
+
 def table(*trials: dict) -> pd.DataFrame:
-    """A trial table (load_trials' columns): each dict overrides a finished trial's defaults; ids t0, t1, ..."""
+    """A trial table (trials_table's columns): each dict overrides a finished trial's defaults; ids t0, t1, ..."""
     default = {
         "status": "finished", "origin": "search", "module_set": "attention_qv", "target_modules": '["q_proj", "v_proj"]',
         "r": 8, "alpha_ratio": 2.0, "lora_alpha": 16, "lora_dropout": 0.05, "use_rslora": False, "use_dora": False,

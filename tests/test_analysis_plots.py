@@ -21,9 +21,8 @@ from analysis.plots import (
     module_set_colors,
     pick_position,
 )
-from analysis.results import load_curves, load_lora_configs, load_trials
 from analysis.select import Comparison, finished_trials, pick
-from helpers import MAX_STEPS, add_trial, write_run_config
+from helpers import MAX_STEPS, add_trial, load_curves, load_lora_configs, load_trials, write_run_config
 
 SELECTION = SelectionConfig(metric="eval_loss", mode="auto")
 

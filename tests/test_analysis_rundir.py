@@ -18,13 +18,10 @@ from analysis.results import (
     CURVE_COLUMNS,
     ROW_COLUMNS,
     error_summary,
-    load_curves,
-    load_lora_configs,
-    load_trials,
     read_run_config,
     write_trials_csv,
 )
-from helpers import MAX_STEPS, add_trial, ray_traceback, write_run_config
+from helpers import MAX_STEPS, add_trial, load_curves, load_lora_configs, load_trials, ray_traceback, write_run_config
 
 ACTOR_DIED = """Failure # 1 (occurred at 2026-11-23_09-42-12)
 The actor died unexpectedly before finishing this task.

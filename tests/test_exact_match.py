@@ -13,8 +13,8 @@ from trainables.generate import (
     AnswerMetrics,
     UserMetric,
     answerable,
-    exact_match,
     generate_answers,
+    matches,
     normalise,
     split_row,
 )
@@ -78,7 +78,7 @@ def test_the_fitted_model_answers_each_prompt_with_its_reference_and_exact_match
 
     assert references == ANSWERS
     assert generations == ANSWERS
-    assert exact_match(generations, references) == 1.0
+    assert matches(generations, references) == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_exact_match_counts_a_reference_the_model_does_not_give_as_a_miss(fitted, tokenizer):
@@ -87,7 +87,7 @@ def test_exact_match_counts_a_reference_the_model_does_not_give_as_a_miss(fitted
     generations, references = generate_answers(fitted, rows, tokenizer, 0, CPU, NO_AUTOCAST)
 
     assert generations[0] == "paris is the capital" and references[0] == "rome is the capital"
-    assert exact_match(generations, references) == 0.75
+    assert matches(generations, references) == [0.0, 1.0, 1.0, 1.0]  # exact match 0.75
 
 
 def test_generation_leaves_the_model_in_train_mode_when_it_found_it_so(fitted, tokenizer):
@@ -167,4 +167,4 @@ def test_normalise_collapses_whitespace_folds_case_and_strips_trailing_punctuati
 
 
 def test_exact_match_is_the_share_of_answers_equal_to_their_reference_after_normalising():
-    assert exact_match(["Paris.", "rome", "Oslo is cold"], ["paris", "Rome!", "oslo"]) == pytest.approx(2 / 3)
+    assert matches(["Paris.", "rome", "Oslo is cold"], ["paris", "Rome!", "oslo"]) == [1.0, 1.0, 0.0]

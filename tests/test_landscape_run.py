@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import landscape as format_
-from analysis.results import load_trials
+from helpers import load_trials
 from search.run import main
 from search.tuning.simulate import Truth, policy_config, simulate, summary
 

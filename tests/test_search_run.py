@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.results import load_trials
+from helpers import load_trials
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +96,8 @@ def test_leading_candidates_are_confirmed_with_other_seeds_and_picked_on_the_mea
     confirm = trials[trials.origin == "confirm"]
     # the two leading configurations at the end were confirmed (a trial that led earlier may be too)
     from analysis.candidates import confirmation_candidates
-    from analysis.results import load_trials
     from analysis.select import Comparison
+    from helpers import load_trials
 
     table = load_trials(run_dir)
     leaders = confirmation_candidates(table[table.origin != "confirm"],
@@ -188,7 +188,7 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
     """Its own Ray (started from the directory that holds the module, which Ray puts on the trials'
     path): each eval round of each trial calls the function once, with the generated answers and
     the references of the same eval rows, and its value, in a column of its own, makes the pick."""
-    from analysis.results import load_curves
+    from helpers import load_curves
     from search.inputs.atlas import rows
 
     (tmp_path / "mymetric.py").write_text(

@@ -40,10 +40,9 @@ REUSE_WAIT_S = "30"
 
 def let_tune_wait_for_the_last_trial() -> None:
     """Let Tune wait up to REUSE_WAIT_S for this worker's trial thread to end before reusing the
-    worker for the next trial, unless the user set TUNE_FUNCTION_THREAD_TIMEOUT_S. Ray's 2 s fail
-    the next trial where a stopped trial's thread takes longer to unwind, as it can on a loaded
-    machine; Tune reads the variable in this worker process when it reuses it, so a trial sets it
-    here, whichever cluster it runs on."""
+    worker, unless the user set TUNE_FUNCTION_THREAD_TIMEOUT_S: Ray's 2 s fail the next trial where
+    a stopped trial's thread takes longer to unwind, as it can on a loaded machine."""
+    # Set in the worker, not by search.environment: Tune reads it here, and a joined cluster's workers lack the driver's environment
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_WAIT_S)
 
 

@@ -99,12 +99,6 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold().rstrip(TRAILING_PUNCTUATION + " ")
 
 
-def exact_match(generations: list[str], references: list[str]) -> float:
-    """The share of generations that equal their reference once both are `normalise`d (one
-    generation per reference, at least one)."""
-    return sum(matches(generations, references)) / len(references)
-
-
 def matches(generations: list[str], references: list[str]) -> list[float]:
     """Per row, 1.0 where the generation equals its reference once both are `normalise`d, else 0.0."""
     return [float(normalise(g) == normalise(r)) for g, r in zip(generations, references, strict=True)]

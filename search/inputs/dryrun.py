@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from search.config import SHARED, Config, ConfigError, ResourcesConfig
-from search.inputs.data import DataInfo, eval_sample_line
+from search.config import SHARED, Config, ConfigError, ResourcesConfig, bad_input
+from search.inputs.data import DataInfo, eval_sample_line, read
 from search.inputs.modules import adapter_param_count, base_param_count, resolve
-from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data, read_data
+from search.inputs.prepare import PreparedModel, load_tokenizer, prepare_data
 from search.tuning.space import module_set_key
 
 # LoRA adapters usually train 0.05% to 1% of the base model; a row outside that range deserves a
@@ -95,7 +95,8 @@ def data_lines(config: Config, prepared: PreparedModel) -> str:
     except ConfigError as no_tokenizer:
         if config.model.tokenizer:
             raise
-        train, evaluate = read_data(config)
+        with bad_input():
+            train, evaluate = read(config.data, config.seed)
         return (f"Data: train {_source(train.source, train.part, len(train.data), train.format)}; eval "
                 f"{_source(evaluate.source, evaluate.part, len(evaluate.data), evaluate.format)}; token lengths "
                 f"against data.max_length not checked: {no_tokenizer}")

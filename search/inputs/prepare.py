@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from search.config import Config, ConfigError
+from search.config import Config, ConfigError, bad_input
 from search.inputs import modules
-from search.inputs.data import DataInfo, Rows, prepare, read
+from search.inputs.data import DataInfo, prepare
 from search.tuning.space import SpaceConfig, module_set_key
 from trainables.config import looks_local, relative_to_cwd
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
@@ -101,19 +101,8 @@ def load_tokenizer(config: Config, model_dir: str):
 def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
     """The data read, checked and tokenized in memory (`search.inputs.data.prepare`); bad data
     is a ConfigError that names the key, the source and the row."""
-    try:
+    with bad_input():
         return prepare(config.data, tokenizer, config.seed)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def read_data(config: Config) -> tuple[Rows, Rows]:
-    """The train and eval rows read and checked, not tokenized (`search.inputs.data.read`); bad
-    data is a ConfigError, as in `prepare_data`."""
-    try:
-        return read(config.data, config.seed)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def prepare_model(config: Config) -> PreparedModel:
@@ -121,14 +110,10 @@ def prepare_model(config: Config) -> PreparedModel:
     path = model_path(config)
     if config.model.trust_remote_code:
         print(f"model.trust_remote_code is true: code from {path} will run in every trial")
-    try:
+    with bad_input():
         model_config = modules.load_model_config(path, trust_remote_code=config.model.trust_remote_code)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
+    with bad_input(f"model.path {config.model.path!r}: "):
         model = modules.meta_model(model_config)
-    except ValueError as e:
-        raise ConfigError(f"model.path {config.model.path!r}: {e}") from None
     resolved, unresolved = {}, []
     for i, spec in enumerate(config.search.module_sets):
         try:

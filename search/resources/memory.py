@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rundir.runconfig import MemoryProbe
+
 SHARES = (0.125, 0.25, 0.5, 1.0)  # 8, 4, 2 or 1 trials to a GPU, as the rule by parameter count packs
 
 
@@ -60,22 +62,9 @@ class ProbeSpec:
     compiled: bool
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One trial's measured footprint on this machine's GPU, and the share chosen from it;
-    `run_config.json` keeps it as `resources.memory_probe`."""
-
-    footprint_gb: float       # what the process held at most, as a trial's peak_memory_gb counts it
-    reserved_gb: float        # torch.cuda.max_memory_reserved: the allocator's peak reserve
-    allocated_gb: float       # torch.cuda.max_memory_allocated: the tensors' own peak
-    context_gb: float         # what the process holds outside the allocator (the CUDA context, libraries' workspaces)
-    source: str               # "nvml" (measured) or "estimate" (pynvml not installed): where context_gb comes from
-    gpu_gb: float
-    margin: float
-    share: float              # the share `auto` chose (the larger of this and the share by parameter count)
-    seconds: float            # the probe's wall time, its own process included (0 when `cached`)
-    lora_config: dict
-    cached: bool = False      # the figures of an earlier probe of the same model, configuration and GPU
+class Probe(MemoryProbe):
+    """One trial's measured footprint on this machine's GPU, and the share chosen from it: the
+    record `run_config.json` keeps as `resources.memory_probe`, with its line for the console."""
 
     def line(self) -> str:
         """The probe in one line, for the console and the dry run."""

@@ -117,12 +117,8 @@ class StagedSearch(Searcher):
         (`search.tuning.tuner.OutOfMemoryReruns`, `search.tuning.tuner.TellLostTrials`), so the search cannot
         finish meanwhile."""
         params = self._params[trial_id]
-        rows = self._rows.get(trial_id, [])
-        checkpoint = rows[-1].get("checkpoint_dir_name") if rows else None
-        start_from = (self._location.path_of(SEARCH_EXPERIMENT, trial_directory(trial_id), checkpoint) if checkpoint
-                      else params.start_from)
-        rerun = params.repeat(Origin.RERUN, trial_id, start_from=start_from, full_data=params.full_data,
-                              gpu_share=gpu_share)
+        rerun = params.repeat(Origin.RERUN, trial_id, start_from=self._last_checkpoint(trial_id) or params.start_from,
+                              full_data=params.full_data, gpu_share=gpu_share)
         self._reruns.append(rerun.to_config())
 
     def get_state(self) -> dict:
@@ -142,6 +138,12 @@ class StagedSearch(Searcher):
         while params is not None and params.origin == Origin.RERUN:
             trial_id, params = params.parent, self._params.get(params.parent)
         return trial_id if params is not None and params.origin.proposed else None
+
+    def _last_checkpoint(self, trial_id: str) -> str | None:
+        """The checkpoint of the trial's last report, where Tune keeps it; None without one."""
+        rows = self._rows.get(trial_id)
+        checkpoint = rows[-1].get("checkpoint_dir_name") if rows else None
+        return self._location.path_of(SEARCH_EXPERIMENT, trial_directory(trial_id), checkpoint) if checkpoint else None
 
     def _from_search(self, trial_id: str) -> bool:
         params = self._params.get(trial_id)
@@ -175,11 +177,10 @@ class StagedSearch(Searcher):
         decision = decide(reports, selection, self._max_steps, running)
         out = []
         for parent in decision.promote:
-            checkpoint = self._rows[parent][-1].get("checkpoint_dir_name")
-            if (Origin.PROMOTED, parent) in self._handed or not checkpoint:  # every report carries one
+            start_from = self._last_checkpoint(parent)
+            if (Origin.PROMOTED, parent) in self._handed or not start_from:  # every report carries one
                 continue
             self._handed.add((Origin.PROMOTED, parent))
-            start_from = self._location.path_of(SEARCH_EXPERIMENT, trial_directory(parent), checkpoint)
             out.append(self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from))
         wanted = {parent: selection.confirm_seeds for parent in decision.confirm}
         for parent, runs in decision.more_seeds.items():
