@@ -2,7 +2,7 @@
 often its pick is right, what it costs, and the same for the baselines on the same table.
 
     python bench/simulate.py --landscape bench/landscapes/NAME [--seeds 100] [--policy search ...]
-                             [--set KEY=VALUE ...] [--out bench/results/simulate_NAME.json]
+                             [--set KEY=VALUE ...] [--eval-rows N] [--out bench/results/simulate_NAME.json]
 
 Policies (each the embedded default on the landscape's space, then its own overrides, then
 `--set`'s, which apply to every policy):
@@ -15,8 +15,11 @@ For each: the share of searches whose pick's true value (its mean over the table
 within the tolerance of the true best, the share that picked the true pick (the rule on the
 table's means) or one at most twice its cost within the tolerance, the median and 90th
 percentile of the excess over the true best and of the cost over the true pick's, and the
-simulated GPU-seconds, beside the hand grid's and the whole landscape's. Exit 2 with one
-`error:` line for a landscape or a setting that cannot be used.
+simulated GPU-seconds, beside the hand grid's and the whole landscape's. With --eval-rows N,
+every policy's trials are scored on N of the landscape's eval rows, the same N for every trial of
+one simulated search (as a run with data.eval_examples N), while the truth stays the landscape's
+values over all its rows. Exit 2 with one `error:` line for a landscape or a setting that cannot
+be used.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", choices=list(POLICIES), help="policies to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override applied to every policy, as python -m search.run --set")
+    parser.add_argument("--eval-rows", type=int, metavar="N",
+                        help="score every trial on N of the landscape's eval rows, drawn once per simulated search "
+                             "(default: all rows, the landscape's values as they are)")
     parser.add_argument("--out", help="write the figures as JSON here")
     arguments = parser.parse_args(argv)
 
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.landscape import load
     from search.config import ConfigError
-    from search.tuning.simulate import Truth, hand_grid, policy_config, simulate, summary
+    from search.tuning.simulate import Truth, eval_subset, hand_grid, policy_config, simulate, summary
 
     try:
         if arguments.seeds < 1:
@@ -75,28 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {name: [*own, *([f"budget.grace_period={landscape.header.max_steps}"] if name == "tpe_no_asha" else []),
                             *arguments.set] for name, own in POLICIES.items() if name in (arguments.policy or POLICIES)}
         configs = {name: policy_config(landscape, sets) for name, sets in overrides.items()}
+        base = policy_config(landscape, arguments.set)
+        if arguments.eval_rows is not None:  # refused before any search runs
+            eval_subset(landscape, base.selection.metric, arguments.eval_rows, np.random.default_rng(0))
     except (ValueError, ConfigError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    base = policy_config(landscape, arguments.set)
     truth = Truth.of(landscape, base)
     # a module set the landscape did not measure cannot be looked up: that configuration is left out, and said
     grid_points = [point for point in hand_grid_points() if point["module_set"] in landscape.header.grid["module_set"]]
     left_out = [point for point in hand_grid_points() if point not in grid_points]
-    hand_seconds = float(np.mean([hand_grid(landscape, base, grid_points, np.random.default_rng(seed)).gpu_seconds
-                                  for seed in range(arguments.seeds)]))
+    hand_seconds = float(np.mean([hand_grid(landscape, base, grid_points, np.random.default_rng(seed),
+                                            arguments.eval_rows).gpu_seconds for seed in range(arguments.seeds)]))
     whole = sum(landscape.seconds(point, seed) for point, seed in landscape.curves)
     out = {"landscape": str(arguments.landscape), "seeds": arguments.seeds, "overrides": arguments.set,
+           "eval_rows": arguments.eval_rows,
            "true_pick": truth.pick.label(), "true_pick_value": truth.values[truth.pick], "true_best": truth.best,
            "hand_grid_gpu_seconds": hand_seconds,
            "hand_grid_left_out": left_out, "landscape_gpu_seconds": whole, "policies": {}}
     for name, config in configs.items():
         started = time.perf_counter()
         if name == "hand_grid":
-            searches = [hand_grid(landscape, config, grid_points, np.random.default_rng(seed))
+            searches = [hand_grid(landscape, config, grid_points, np.random.default_rng(seed), arguments.eval_rows)
                         for seed in range(arguments.seeds)]
         else:
-            searches = simulate(landscape, config, arguments.seeds)
+            searches = simulate(landscape, config, arguments.seeds, arguments.eval_rows)
         figures = {"overrides": overrides[name], **summary(searches, truth, landscape),
                    "cpu_seconds": round(time.perf_counter() - started, 1)}
         out["policies"][name] = figures
