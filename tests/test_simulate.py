@@ -6,7 +6,9 @@ without Ray running."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +256,57 @@ def test_fewer_than_two_eval_rows_and_a_landscape_without_per_row_values_are_ref
                                       [{k: v for k, v in row.items() if k != "eval_row_loss"} for row in rows_of()]))
     with pytest.raises(LandscapeError, match=r"per-row values of eval_loss \(eval_row_loss; found \[0\] per row\)"):
         eval_subset(bare, "eval_loss", 2, np.random.default_rng(0))
+
+
+def test_a_sweep_writes_its_json_and_a_png_with_a_point_per_value_on_every_policy_s_line(tmp_path, capsys):
+    from bench.simulate import main, sweep_figure
+
+    out = tmp_path / "results" / "sweep.json"
+    landscape = write_landscape(tmp_path / "landscape")
+    assert main(["--landscape", str(landscape), "--seeds", "2", "--sweep", "budget.num_samples=2,6",
+                 "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["sweep"] == {"key": "budget.num_samples", "values": ["2", "6"]}
+    lines = written["lines"]
+    assert list(lines) == ["search", "random_asha", "hand_grid"]
+    for line in lines.values():
+        assert [len(line[key]) for key in ("values", "gpu_seconds_median", "within_tolerance",
+                                           "pick_or_at_most_2x_cost")] == [2, 2, 2, 2]
+    trials = [run["policies"]["search"]["trials_median"] for run in written["runs"]]
+    assert trials[0] < trials[1]  # six proposals and their stages are more trials than two: the value reached it
+    assert len(set(lines["hand_grid"]["gpu_seconds_median"])) == 1  # the hand grid has no num_samples
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = sweep_figure(lines, "budget.num_samples", "landscape", 2)
+    for axes in figure.axes:
+        assert axes.get_xlabel() == "simulated GPU-seconds per search (median)"
+        assert [len(line.get_xdata()) for line in axes.get_lines()] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("budget.num_samples=8", r"--sweep is 'budget.num_samples=8'; allowed: KEY=V1,V2,..."),
+    ("eval_rows=4,64", r"eval rows \(--eval-rows\) is 64; allowed: an integer from 2"),
+    ("budget.num_samples=8,lots", r"budget.num_samples"),
+])
+def test_a_sweep_that_cannot_run_is_refused_before_any_search(tmp_path, capsys, sweep, message):
+    from bench.simulate import main
+
+    out = tmp_path / "sweep.json"
+    path = format_.write(tmp_path / "landscape", header(), rows_with_difficulty())
+    assert main(["--landscape", str(path), "--seeds", "1", "--sweep", sweep, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1
+    assert re.search(message, captured.err) and captured.out == ""
+    assert not out.exists()
+
+
+def test_a_sweep_of_eval_rows_scores_fewer_rows_for_less_eval_time(tmp_path, capsys):
+    from bench.simulate import main
+
+    out = tmp_path / "sweep.json"
+    path = format_.write(tmp_path / "landscape", header(), rows_with_difficulty())
+    assert main(["--landscape", str(path), "--seeds", "2", "--sweep", "eval_rows=4,32", "--policy", "hand_grid",
+                 "--out", str(out)]) == 0
+    spent = json.loads(out.read_text())["lines"]["hand_grid"]["gpu_seconds_median"]
+    # bench/grid.py's configurations in this grid are two once snapped (attention_qv r4, all_linear r16; its
+    # attention ones are left out), each 1.5 eval seconds at all 32 rows; 4 rows take an eighth of that
+    assert spent[1] - spent[0] == pytest.approx(2 * 1.5 * (1 - 4 / 32))
