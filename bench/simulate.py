@@ -46,7 +46,7 @@ POLICIES = {
     "search": [],
     "random_asha": ["search.algorithm=random", "search.priors=none"],
     "tpe_no_priors": ["search.priors=none"],
-    "tpe_no_asha": [],  # the grace period at the landscape's full budget, set below
+    "tpe_no_asha": [],  # the grace period at the landscape's full budget (policy_overrides)
     "hand_grid": [],
 }
 SWEPT_POLICIES = ("search", "random_asha", "hand_grid")
@@ -89,6 +89,12 @@ def sweep_values(text: str) -> tuple[str, list[str]]:
     return key.strip(), parts
 
 
+def policy_overrides(landscape, name: str, sets: list[str]) -> list[str]:
+    """The `--set` overrides of policy `name`: its own, then `sets`."""
+    grace = [f"budget.grace_period={landscape.header.max_steps}"] if name == "tpe_no_asha" else []
+    return [*POLICIES[name], *grace, *sets]
+
+
 def run_policies(landscape, names: list[str], sets: list[str], seeds: int, eval_rows: int | None) -> dict:
     """Each policy of `names` simulated `seeds` times with `sets` after its own overrides, each
     trial scored on `eval_rows` of the eval rows (None: all); the figures, as the JSON holds them."""
@@ -96,8 +102,7 @@ def run_policies(landscape, names: list[str], sets: list[str], seeds: int, eval_
 
     from search.tuning.simulate import Truth, hand_grid, policy_config, simulate, summary
 
-    overrides = {name: [*POLICIES[name], *([f"budget.grace_period={landscape.header.max_steps}"]
-                                           if name == "tpe_no_asha" else []), *sets] for name in names}
+    overrides = {name: policy_overrides(landscape, name, sets) for name in names}
     configs = {name: policy_config(landscape, overrides[name]) for name in names}
     base = policy_config(landscape, sets)
     truth = Truth.of(landscape, base)
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings.append(([*arguments.set, *([f"{key}={value}"] if key else [])], arguments.eval_rows))
         for sets, rows in settings:
             for name in names:
-                policy_config(landscape, [*POLICIES[name], *sets])
+                policy_config(landscape, policy_overrides(landscape, name, sets))
             if rows is not None:
                 eval_subset(landscape, policy_config(landscape, sets).selection.metric, rows, np.random.default_rng(0))
     except ValueError as error:  # a LandscapeError, a ConfigError or a setting above
