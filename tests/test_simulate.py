@@ -286,6 +286,8 @@ def test_a_sweep_writes_its_json_and_a_png_with_a_point_per_value_on_every_polic
     ("budget.num_samples=8", r"--sweep is 'budget.num_samples=8'; allowed: KEY=V1,V2,..."),
     ("eval_rows=4,64", r"eval rows \(--eval-rows\) is 64; allowed: an integer from 2"),
     ("budget.num_samples=8,lots", r"budget.num_samples"),
+    ("budget.max_steps=10,30", r"budget.max_steps is 10; allowed: 30, the landscape's own"),
+    ("selection.metric=eval_loss,train_loss", r"selection.metric is 'train_loss'; allowed: a metric every row"),
 ])
 def test_a_sweep_that_cannot_run_is_refused_before_any_search(tmp_path, capsys, sweep, message):
     from bench.simulate import main

@@ -73,8 +73,19 @@ def space_overrides(landscape: Landscape) -> list[str]:
 
 def policy_config(landscape: Landscape, overrides: list[str] = ()) -> Config:
     """The embedded default configuration on the landscape's space (`space_overrides`), then
-    `overrides` (a policy: `--set` strings, which may narrow the space)."""
+    `overrides` (a policy: `--set` strings, which may narrow the space). ValueError for an
+    override the landscape cannot replay: a budget or eval rounds other than those it measured,
+    a selection metric its rows lack."""
     config = load(None, [*space_overrides(landscape), *overrides])
+    header = landscape.header
+    for key, value, measured in (("budget.max_steps", config.budget.max_steps, header.max_steps),
+                                 ("budget.eval_every", config.budget.eval_every, header.steps[0])):
+        if value != measured:
+            raise ValueError(f"{key} is {value}; allowed: {measured}, the landscape's own (its rows were measured "
+                             f"at steps {header.steps})")
+    if not all(config.selection.metric in row for curve in landscape.curves.values() for row in curve):
+        raise ValueError(f"selection.metric is {config.selection.metric!r}; allowed: a metric every row of the "
+                         f"landscape carries, such as its own {header.metric!r}")
     if not config.resources.max_concurrent_trials:
         config = replace(config, resources=replace(config.resources,
                                                    max_concurrent_trials=landscape.header.slots))
