@@ -287,6 +287,7 @@ def test_a_sweep_writes_its_json_and_a_png_with_a_point_per_value_on_every_polic
     ("eval_rows=4,64", r"eval rows \(--eval-rows\) is 64; allowed: an integer from 2"),
     ("budget.num_samples=8,lots", r"budget.num_samples"),
     ("budget.max_steps=10,30", r"budget.max_steps is 10; allowed: 30, the landscape's own"),
+    ("search.module_sets=[mlp],[attention_mlp]", r"search.module_sets holds \['attention_mlp'\]; allowed: module sets"),
     ("selection.metric=eval_loss,train_loss", r"selection.metric is 'train_loss'; allowed: a metric every row"),
 ])
 def test_a_sweep_that_cannot_run_is_refused_before_any_search(tmp_path, capsys, sweep, message):

@@ -42,7 +42,7 @@ from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
 from search.config import Config, load
 from search.tuning.prior import prior_points
-from search.tuning.space import LoraSpace, ResolvedModules
+from search.tuning.space import LoraSpace, ResolvedModules, module_set_key
 from search.tuning.tuner import search_parts
 
 # The landscape's own keys in a row; the rest is what the trial reported.
@@ -74,8 +74,8 @@ def space_overrides(landscape: Landscape) -> list[str]:
 def policy_config(landscape: Landscape, overrides: list[str] = ()) -> Config:
     """The embedded default configuration on the landscape's space (`space_overrides`), then
     `overrides` (a policy: `--set` strings, which may narrow the space). ValueError for an
-    override the landscape cannot replay: a budget or eval rounds other than those it measured,
-    a selection metric its rows lack."""
+    override the landscape cannot replay: a budget or eval rounds other than those it measured, a
+    module set it did not measure, a selection metric its rows lack."""
     config = load(None, [*space_overrides(landscape), *overrides])
     header = landscape.header
     for key, value, measured in (("budget.max_steps", config.budget.max_steps, header.max_steps),
@@ -83,6 +83,10 @@ def policy_config(landscape: Landscape, overrides: list[str] = ()) -> Config:
         if value != measured:
             raise ValueError(f"{key} is {value}; allowed: {measured}, the landscape's own (its rows were measured "
                              f"at steps {header.steps})")
+    unmeasured = [key for key in map(module_set_key, config.search.module_sets) if key not in header.grid["module_set"]]
+    if unmeasured:
+        raise ValueError(f"search.module_sets holds {unmeasured}; allowed: module sets of the landscape's grid "
+                         f"{header.grid['module_set']}")
     if not all(config.selection.metric in row for curve in landscape.curves.values() for row in curve):
         raise ValueError(f"selection.metric is {config.selection.metric!r}; allowed: a metric every row of the "
                          f"landscape carries, such as its own {header.metric!r}")
