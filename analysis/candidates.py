@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.config import SelectionConfig
 from analysis.results import TrialFiles, curves_table, trials_table
-from analysis.select import Comparison, NoCandidate, Pick, pick
+from analysis.select import Comparison, NoCandidate, Pick, Standings
 from rundir.params import Origin
 
 
@@ -45,9 +45,10 @@ def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
     confirmed nor picked."""
     comparison = Comparison.of(selection, max_steps)
     table = trials_table([trial for trial in trials if trial.trial_id not in running], max_steps, selection.metric)
-    chosen = None
+    standings = chosen = None
     try:
-        chosen = pick(table, comparison, lora_configs=defaultdict(dict))
+        standings = comparison.standings(table)
+        chosen = standings.pick(lora_configs=defaultdict(dict))
     except NoCandidate:
         pass
     pick_id, pick_cost = (chosen.trial_id, chosen.cost) if chosen else (None, math.inf)
@@ -58,7 +59,7 @@ def decide(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
         confirm = confirmation_candidates(table[table["origin"] != Origin.CONFIRM.value], comparison,
                                           selection.confirm_top_k)
         if chosen is not None:
-            more = more_seeds(table, chosen, comparison, selection.confirm_max_seeds)
+            more = more_seeds(standings, chosen, selection.confirm_max_seeds)
     return Decision(promote, confirm, pick_id, more)
 
 
@@ -73,7 +74,7 @@ def leader(trials: Sequence[TrialFiles], selection: SelectionConfig, max_steps: 
         return None
 
 
-def more_seeds(trials: pd.DataFrame, chosen: Pick, comparison: Comparison, max_runs: int) -> dict[str, int]:
+def more_seeds(standings: Standings, chosen: Pick, max_runs: int) -> dict[str, int]:
     """While `chosen` cannot be told apart from `chosen.undecided_with`: for each of the two, its
     trial id -> the runs with other seeds it should have in all, one more than it has finished.
 
@@ -83,10 +84,10 @@ def more_seeds(trials: pd.DataFrame, chosen: Pick, comparison: Comparison, max_r
     with the best's rows where both have per-row values: `analysis.select.against_bar`). Every
     seed is scored on the same eval rows, so seeds shrink only the seeds' part; once the rows'
     part is the larger, the two are as far told apart as this eval set can tell them, and the
-    report says so. Empty when the pick is decided."""
+    report says so. Empty when the pick is decided. `standings` are those `chosen` was picked from."""
     if chosen.undecided_with is None:
         return {}
-    table = comparison.standings(trials).table
+    table = standings.table
     out = {}
     for _, row in table[table["trial_id"].isin([chosen.trial_id, chosen.undecided_with])].iterrows():
         runs = int(row["seeds"])
@@ -104,13 +105,14 @@ def promotion_candidates(trials: pd.DataFrame, curves: pd.DataFrame, comparison:
     metric, cost, max_steps = comparison.metric, comparison.cost, comparison.max_steps
     proposed = [origin.value for origin in Origin if origin.proposed]
     stopped = trials[(trials["status"] == "stopped") & (trials["origin"].isin(proposed))]
+    reported = curves[curves[metric].notna()].groupby("step")[metric]
+    best_at = reported.min() if comparison.mode == "min" else reported.max()  # each rung's best, by step
     out = []
     for _, row in stopped.iterrows():
         step, value = row["step"], row[metric]
-        if pd.isna(step) or pd.isna(value) or not math.isfinite(value):
+        if pd.isna(step) or pd.isna(value) or not math.isfinite(value) or step not in best_at.index:
             continue
-        at_rung = curves[(curves["step"] == step) & curves[metric].notna()][metric]
-        best = at_rung.min() if comparison.mode == "min" else at_rung.max()
+        best = best_at[step]
         projected = row[cost] * max_steps / step if cost == "train_seconds" else row[cost]
         if comparison.within(value, comparison.bar(best)) and projected < pick_cost:
             out.append((projected, row["trial_id"]))

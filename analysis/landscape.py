@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from analysis.config import SelectionConfig
-from analysis.results import read_run_config, read_trial_files, trial_status
+from analysis.results import ROW_COLUMNS, read_run_config, read_trial_files, trial_status
 from rundir.files import write_json_atomic, write_text_atomic
 
 FORMAT = 1
@@ -106,6 +106,17 @@ class Landscape:
     def seconds(self, point: Point, seed: int) -> float:
         """Train and eval seconds of `point` with `seed` to the full budget."""
         return row_seconds(self.final(point, seed))
+
+    def eval_rows(self, metric: str) -> int:
+        """How many eval rows every row's per-row values of `metric` hold (`eval_row_loss` for
+        eval_loss); LandscapeError where a row lacks them or two rows hold different numbers."""
+        column = ROW_COLUMNS.get(metric)
+        counts = {len(row[column]) if column in row else 0 for curve in self.curves.values() for row in curve}
+        if column is None or counts != {max(counts)} or not max(counts):
+            raise LandscapeError(f"the landscape's rows do not all hold the same number of per-row values of "
+                                 f"{metric} ({column or 'none kept for it'}; found {sorted(counts)} per row), "
+                                 f"so its eval rows cannot be sub-sampled")
+        return max(counts)
 
 
 def row_seconds(row: dict) -> float:

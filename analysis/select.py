@@ -147,12 +147,12 @@ class Comparison:
     def standings(self, trials: pd.DataFrame) -> Standings:
         """The configurations that finished `max_steps` with a finite metric and cost, compared
         with the best of them; NoCandidate, saying why, when there are none."""
-        eligible = finished_trials(trials, self.metric, self.cost)
-        eligible = eligible[eligible["step"] == self.max_steps]
+        eligible = trials[finished(trials, self.metric, self.cost) & (trials["step"] == self.max_steps)]
         if eligible.empty:
             raise NoCandidate(_why_no_candidate(trials, self.metric, self.cost, self.max_steps))
         eligible = by_configuration(eligible, trials, self.metric)
-        best = rank_by_metric(eligible, self.metric, self.mode).iloc[0]
+        # ranked on its keys alone: the search's stages ask for standings after every trial
+        best = eligible.loc[rank_by_metric(eligible[[self.metric, "trial_id"]], self.metric, self.mode).index[0]]
         bar = self.bar(best[self.metric])
         table = against_bar(eligible, best["trial_id"], self.mode, self.tolerance)
         table = table.assign(by_mean=[self.within(value, bar) for value in table[self.metric]],
@@ -168,7 +168,7 @@ class Comparison:
         keys = list(dict.fromkeys([self.cost, "trainable_params", *(["spread"] if "spread" in candidates else []),
                                    self.metric, "trial_id"]))
         ascending = [key != self.metric or self.mode == "min" for key in keys]  # spread: lower first
-        return candidates.sort_values(keys, ascending=ascending, kind="stable")
+        return sort_rows(candidates, keys, ascending)
 
     def statement(self) -> str:
         """The rule in one clause, as the report states it above everything else."""
@@ -210,9 +210,49 @@ class Standings:
         is the pick if more seeds move its mean), each most preferred first, then the rest from
         the best metric down."""
         table, comparison = self.table, self.comparison
-        return pd.concat([comparison.rank(table[table["by_mean"]]),
-                          comparison.rank(table[table["in_band"] & ~table["by_mean"]]),
-                          rank_by_metric(table[~table["in_band"]], comparison.metric, comparison.mode)])
+        # the parts are ordered on the ranking's keys alone, and the whole table reordered once
+        keys = [key for key in dict.fromkeys([comparison.cost, "trainable_params", "spread", comparison.metric,
+                                              "trial_id", "by_mean", "in_band"]) if key in table]
+        narrow = table[keys]
+        by_mean, in_band = narrow["by_mean"], narrow["in_band"]
+        order = [*comparison.rank(narrow[by_mean]).index, *comparison.rank(narrow[in_band & ~by_mean]).index,
+                 *rank_by_metric(narrow[~in_band], comparison.metric, comparison.mode).index]
+        return table.loc[order]
+
+    def pick(self, lora_configs: Mapping[str, dict]) -> Pick:
+        """The pick among these configurations (`pick`: its rule); `lora_configs` by trial id."""
+        comparison = self.comparison
+        metric, cost = comparison.metric, comparison.cost
+        best, bar = self.best, self.bar
+        candidates = self.candidates()
+        chosen = self.preferred().iloc[0]  # the best is within by its mean: always one
+        undecided_with = undecided = None
+        if not candidates["by_mean"].iloc[0]:  # a cheaper configuration is in the band by its interval only
+            other = candidates.iloc[0]
+            undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost, bar)
+        return Pick(
+            trial_id=chosen["trial_id"],
+            lora_config=dict(lora_configs[chosen["trial_id"]]),
+            metric=metric,
+            mode=comparison.mode,
+            value=float(chosen[metric]),
+            best_value=float(best[metric]),
+            best_trial_id=best["trial_id"],
+            tolerance=float(comparison.tolerance),
+            cost_name=cost,
+            cost=float(chosen[cost]),
+            step=int(chosen["step"]),
+            rule=comparison.rule(self),
+            candidates=len(candidates),
+            seeds=int(chosen["seeds"]),
+            spread=float(chosen["spread"]),
+            se=float(chosen["se"]),
+            undecided_with=undecided_with,
+            undecided=undecided,
+            compared=len(self.table) - 1,
+            paired=int(self.table["paired"].sum()),
+            tie=tie_sentence(self.table, comparison),
+        )
 
 
 def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str, dict]) -> Pick:
@@ -225,38 +265,7 @@ def pick(trials: pd.DataFrame, comparison: Comparison, lora_configs: Mapping[str
     wins (`Comparison`). `lora_configs` maps trial ids to their exact LoraConfig arguments
     (`analysis.results.lora_configs`). Raises NoCandidate, saying why, when no trial is eligible.
     """
-    metric, cost = comparison.metric, comparison.cost
-    standings = comparison.standings(trials)
-    best, bar = standings.best, standings.bar
-    candidates = standings.candidates()
-    chosen = standings.preferred().iloc[0]  # the best is within by its mean: always one
-    undecided_with = undecided = None
-    if not candidates["by_mean"].iloc[0]:  # a cheaper configuration is in the band by its interval only
-        other = candidates.iloc[0]
-        undecided_with, undecided = other["trial_id"], undecided_sentence(chosen, other, metric, cost, bar)
-    return Pick(
-        trial_id=chosen["trial_id"],
-        lora_config=dict(lora_configs[chosen["trial_id"]]),
-        metric=metric,
-        mode=comparison.mode,
-        value=float(chosen[metric]),
-        best_value=float(best[metric]),
-        best_trial_id=best["trial_id"],
-        tolerance=float(comparison.tolerance),
-        cost_name=cost,
-        cost=float(chosen[cost]),
-        step=int(chosen["step"]),
-        rule=comparison.rule(standings),
-        candidates=len(candidates),
-        seeds=int(chosen["seeds"]),
-        spread=float(chosen["spread"]),
-        se=float(chosen["se"]),
-        undecided_with=undecided_with,
-        undecided=undecided,
-        compared=len(standings.table) - 1,
-        paired=int(standings.table["paired"].sum()),
-        tie=tie_sentence(standings.table, comparison),
-    )
+    return comparison.standings(trials).pick(lora_configs)
 
 
 def tie_sentence(table: pd.DataFrame, comparison: Comparison) -> str | None:
@@ -400,32 +409,46 @@ def by_configuration(eligible: pd.DataFrame, trials: pd.DataFrame, metric: str) 
     the standard deviation of `metric` (0 for one run), `row_se` the mean of the runs' own
     standard errors over the eval rows, `seeds_se` the seeds' part (0 for one run), `se`
     the two combined (the module's docstring says how), and `row_values` the runs' per-row
-    values averaged row by row (`mean_row_values`; None where there are none to pair)."""
+    values averaged row by row (`mean_row_values`; None where there are none to pair).
+    Configurations come in the order of their first run in `eligible`."""
     roots = configuration_root(trials)
-    eligible = eligible.assign(_root=eligible["trial_id"].map(roots),
-                               _confirm=(eligible["origin"] == Origin.CONFIRM.value).astype(int))
-    rows = []
-    for _, group in eligible.groupby("_root", sort=False):
-        row = group.sort_values(["_confirm", "trial_id"], kind="stable").iloc[0].copy()
-        for column in (metric, "train_seconds", "peak_memory_gb"):
-            row[column] = group[column].mean()
-        row["seeds"] = len(group)
-        row["spread"] = float(group[metric].std(ddof=0)) if len(group) > 1 else 0.0
-        row["row_se"] = group[f"{metric}_se"].fillna(0.0).mean() if f"{metric}_se" in group else 0.0
-        row["seeds_se"] = float(group[metric].std(ddof=1)) / math.sqrt(len(group)) if len(group) > 1 else 0.0
-        row["se"] = math.hypot(row["row_se"], row["seeds_se"])
-        row["row_values"] = mean_row_values(group, metric)
-        rows.append(row)
-    return pd.DataFrame(rows).drop(columns=["_root", "_confirm"]).reset_index(drop=True)
+    runs_of: dict[str, list[int]] = {}  # root -> positions of its runs in `eligible`, in order of the first
+    for position, trial_id in enumerate(eligible["trial_id"]):
+        runs_of.setdefault(roots[trial_id], []).append(position)
+    # plain arrays, not a pandas row per configuration: the search's stages ask this after every trial
+    confirm = (eligible["origin"] == Origin.CONFIRM.value).to_numpy()
+    ids = eligible["trial_id"].to_numpy()
+    averaged = {column: eligible[column].astype(float).to_numpy() for column in (metric, "train_seconds", "peak_memory_gb")}
+    own_se = (np.nan_to_num(eligible[f"{metric}_se"].astype(float).to_numpy(), nan=0.0) if f"{metric}_se" in eligible
+              else np.zeros(len(eligible)))
+    row_column = ROW_COLUMNS.get(metric)
+    row_lists = list(eligible[row_column]) if row_column in eligible else [None] * len(eligible)
+    firsts, columns = [], {name: [] for name in (*averaged, "seeds", "spread", "row_se", "seeds_se", "se", "row_values")}
+    for positions in runs_of.values():
+        firsts.append(min(positions, key=lambda position: (confirm[position], ids[position])))
+        for column, values in averaged.items():
+            columns[column].append(_mean(values[positions]))
+        values, runs = averaged[metric][positions], len(positions)
+        columns["seeds"].append(runs)
+        columns["spread"].append(float(np.std(values)) if runs > 1 else 0.0)
+        columns["row_se"].append(float(np.mean(own_se[positions])))
+        columns["seeds_se"].append(float(np.std(values, ddof=1)) / math.sqrt(runs) if runs > 1 else 0.0)
+        columns["se"].append(math.hypot(columns["row_se"][-1], columns["seeds_se"][-1]))
+        columns["row_values"].append(mean_row_values([row_lists[position] for position in positions]))
+    table = eligible.iloc[firsts].reset_index(drop=True)
+    return table.assign(**columns | {"row_values": pd.Series(columns["row_values"], index=table.index, dtype=object)})
 
 
-def mean_row_values(runs: pd.DataFrame, metric: str) -> np.ndarray | None:
-    """The per-row values of `metric` (`ROW_COLUMNS`) averaged over `runs`, row by row; None
-    unless every run reported them for the same number of rows."""
-    column = ROW_COLUMNS.get(metric)
-    if column not in runs:
-        return None
-    values = list(runs[column])
+def _mean(values: np.ndarray) -> float:
+    """The mean of the values that are not NaN, as pandas takes a column's (NaN when none is)."""
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if len(present) else math.nan
+
+
+def mean_row_values(values: list) -> np.ndarray | None:
+    """The runs' per-row values of the metric (`ROW_COLUMNS`: each run's a list, or None where it
+    reported none) averaged row by row; None unless every run reported them for the same number
+    of rows."""
     if any(not isinstance(run, list) for run in values) or len({len(run) for run in values}) != 1:
         return None
     return np.mean(np.array(values, dtype=float), axis=0)
@@ -478,7 +501,26 @@ def within_bar(value: float, bar: float, mode: str) -> bool:
 
 def rank_by_metric(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     """Trials from best to worst `metric`; ties go to the smaller trial id."""
-    return trials.sort_values([metric, "trial_id"], ascending=[mode == "min", True], kind="stable")
+    return sort_rows(trials, [metric, "trial_id"], [mode == "min", True])
+
+
+def sort_rows(frame: pd.DataFrame, keys: list[str], ascending: list[bool]) -> pd.DataFrame:
+    """`frame.sort_values(keys, ascending=ascending, kind="stable")`: by each key in turn, a
+    missing value last whichever the direction, ties in `frame`'s order; a descending key must be
+    numeric. Sorted in Python on the keys' values, which for the few rows of a trial table is far
+    quicker than pandas' sort (it encodes every key first), and the search's stages rank after
+    every trial."""
+    columns = [(frame[key].tolist(), up) for key, up in zip(keys, ascending)]
+
+    def order(position: int) -> tuple:
+        out = []
+        for values, up in columns:
+            value = values[position]
+            missing = value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+            out.append((True, 0) if missing else (False, value if up else -value))
+        return tuple(out)
+
+    return frame.iloc[sorted(range(len(frame)), key=order)]
 
 
 def pareto_front(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
@@ -497,8 +539,13 @@ def pareto_front(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.
 
 def finished_trials(trials: pd.DataFrame, metric: str, cost: str) -> pd.DataFrame:
     """Trials with status "finished" and a finite `metric` and `cost`: the ones that can be compared."""
+    return trials[finished(trials, metric, cost)]
+
+
+def finished(trials: pd.DataFrame, metric: str, cost: str) -> pd.Series:
+    """Which of `trials` `finished_trials` keeps, as a mask."""
     finite = np.isfinite(trials[metric].astype(float)) & np.isfinite(trials[cost].astype(float))
-    return trials[(trials["status"] == "finished") & finite]
+    return (trials["status"] == "finished") & finite
 
 
 def _why_no_candidate(trials: pd.DataFrame, metric: str, cost: str, max_steps: int) -> str:

@@ -166,3 +166,21 @@ def test_pareto_front_when_maximising():
     )
 
     assert pareto_front(trials, "eval_accuracy", "max", "trainable_params")["trial_id"].tolist() == ["t2", "t0"]
+
+
+@pytest.mark.parametrize("keys, ascending", [
+    (["cost", "params", "metric", "trial_id"], [True, True, False, True]),
+    (["metric", "trial_id"], [True, True]),
+    (["params", "cost"], [False, True]),
+])
+def test_sort_rows_orders_as_pandas_stable_sort_with_missing_values_last(keys, ascending):
+    from analysis.select import sort_rows
+
+    frame = pd.DataFrame({
+        "cost": [2.0, 1.0, math.nan, 1.0, 2.0, 1.0, 3.0],
+        "params": pd.array([10, 20, None, 20, 10, 5, None], dtype="Int64"),
+        "metric": [0.5, 0.4, 0.4, 0.4, math.nan, 0.7, 0.1],
+        "trial_id": ["t6", "t5", "t4", "t3", "t2", "t1", "t0"],
+    }, index=[10, 11, 12, 13, 14, 15, 16])
+    expected = frame.sort_values(keys, ascending=ascending, kind="stable")
+    assert list(sort_rows(frame, keys, ascending).index) == list(expected.index)

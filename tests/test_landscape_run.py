@@ -60,6 +60,10 @@ def test_the_grid_run_becomes_a_landscape_that_the_simulator_replays(grid_run, t
     searches = simulate(landscape, config, seeds=2)
     assert all(search.pick in landscape.header.points() for search in searches)
     assert 0 <= summary(searches, Truth.of(landscape, config), landscape)["within_tolerance"] <= 1
+    assert landscape.eval_rows("eval_loss") == 8  # every report kept all its rows: fewer can be simulated
+    fewer = simulate(landscape, config, seeds=2, eval_rows=4)
+    assert all(search.pick in landscape.header.points() for search in fewer)
+    assert sum(search.gpu_seconds for search in fewer) > 0
 
 
 def test_a_run_that_is_not_a_grid_is_refused_as_a_landscape(tmp_path, capsys):

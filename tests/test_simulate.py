@@ -6,6 +6,9 @@ without Ray running."""
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +198,118 @@ def test_the_trials_at_once_are_the_most_windows_that_overlap():
     # two at once from 1 to 2 and from 3 to 4; one that ends as another starts does not overlap it
     assert most_at_once([(0, 2), (1, 3), (3, 4), (3.5, 5)]) == 2
     assert most_at_once([(0, 1), (1, 2)]) == 1
+
+
+# Eval rows of uneven difficulty: row i shifts every configuration's loss alike, by up to 0.3 either way (mean 0).
+DIFFICULTY = [0.3 * math.sin(1.7 * index) for index in range(32)]
+DIFFICULTY = [shift - sum(DIFFICULTY) / 32 for shift in DIFFICULTY]
+
+
+def rows_with_difficulty() -> list[dict]:
+    """`rows_of()` with 32 eval rows per report: the row's loss plus each row's difficulty."""
+    return [row | {"eval_row_loss": [row["eval_loss"] + shift for shift in DIFFICULTY]} for row in rows_of()]
+
+
+def test_a_report_scored_on_a_subset_of_rows_has_their_mean_their_standard_error_and_their_share_of_eval_time():
+    from search.tuning.simulate import Subset, scored
+
+    row = {"eval_loss": 0.9, "eval_loss_se": 0.01, "eval_row_loss": [0.1, 0.2, 0.3, 0.7],
+           "eval_row_exact_match": [1.0, 0.0], "train_seconds": 10.0, "eval_seconds": 2.0}
+    out = scored(row, Subset(np.array([1, 3]), 4))
+    assert out["eval_row_loss"] == [0.2, 0.7]
+    assert out["eval_loss"] == pytest.approx(0.45)
+    assert out["eval_loss_se"] == pytest.approx(0.25)  # sample sd of 0.2 and 0.7 (0.3536) over sqrt(2)
+    assert out["eval_seconds"] == pytest.approx(1.0) and out["train_seconds"] == 10.0
+    assert out["eval_row_exact_match"] == [1.0, 0.0]  # another number of rows: left as it is
+
+
+def test_every_trial_of_a_search_scores_the_same_rows_so_hard_rows_shift_all_alike_and_the_pick_holds(tmp_path):
+    landscape = format_.load(format_.write(tmp_path, header(), rows_with_difficulty()))
+    config = policy_config(landscape, ["search.algorithm=grid", "budget.landscape_seeds=1"])
+    searches = simulate(landscape, config, seeds=6, eval_rows=4)
+    # four rows' shifts move every configuration's mean by the same amount, far less than the gaps between them;
+    # rows drawn trial by trial would shift all_linear r4 and r16 apart by ~0.17 and often past the bar
+    assert [search.pick for search in searches] == [TRUE_PICK] * 6
+    whole = sum(landscape.seconds(point, seed) for point, seed in landscape.curves if seed == 0)
+    eval_whole = 12 * 1.5  # each configuration's eval seconds at step 30: 30 / 10 * 0.5
+    assert searches[0].gpu_seconds == pytest.approx(whole - eval_whole * (1 - 4 / 32))
+
+
+def test_the_simulator_cli_refuses_more_eval_rows_than_the_landscape_kept(tmp_path):
+    path = format_.write(tmp_path / "landscape", header(), rows_with_difficulty())
+    done = subprocess.run([sys.executable, "bench/simulate.py", "--landscape", str(path), "--seeds", "1",
+                           "--eval-rows", "33", "--out", str(tmp_path / "out.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+    assert "(--eval-rows) is 33; allowed: an integer from 2" in done.stderr and "to 32" in done.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_fewer_than_two_eval_rows_and_a_landscape_without_per_row_values_are_refused(tmp_path):
+    from search.tuning.simulate import eval_subset
+
+    landscape = format_.load(format_.write(tmp_path / "rows", header(), rows_with_difficulty()))
+    with pytest.raises(ValueError, match=r"is 1; allowed: an integer from 2"):
+        eval_subset(landscape, "eval_loss", 1, np.random.default_rng(0))
+    bare = format_.load(format_.write(tmp_path / "bare", header(),
+                                      [{k: v for k, v in row.items() if k != "eval_row_loss"} for row in rows_of()]))
+    with pytest.raises(LandscapeError, match=r"per-row values of eval_loss \(eval_row_loss; found \[0\] per row\)"):
+        eval_subset(bare, "eval_loss", 2, np.random.default_rng(0))
+
+
+def test_a_sweep_writes_its_json_and_a_png_with_a_point_per_value_on_every_policy_s_line(tmp_path, capsys):
+    from bench.simulate import main, sweep_figure
+
+    out = tmp_path / "results" / "sweep.json"
+    landscape = write_landscape(tmp_path / "landscape")
+    assert main(["--landscape", str(landscape), "--seeds", "2", "--sweep", "budget.num_samples=2,6",
+                 "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["sweep"] == {"key": "budget.num_samples", "values": ["2", "6"]}
+    lines = written["lines"]
+    assert list(lines) == ["search", "random_asha", "hand_grid"]
+    for line in lines.values():
+        assert [len(line[key]) for key in ("values", "gpu_seconds_median", "within_tolerance",
+                                           "pick_or_at_most_2x_cost")] == [2, 2, 2, 2]
+    trials = [run["policies"]["search"]["trials_median"] for run in written["runs"]]
+    assert trials[0] < trials[1]  # six proposals and their stages are more trials than two: the value reached it
+    assert len(set(lines["hand_grid"]["gpu_seconds_median"])) == 1  # the hand grid has no num_samples
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = sweep_figure(lines, "budget.num_samples", "landscape", 2)
+    for axes in figure.axes:
+        assert axes.get_xlabel() == "simulated GPU-seconds per search (median)"
+        assert [len(line.get_xdata()) for line in axes.get_lines()] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("budget.num_samples=8", r"--sweep is 'budget.num_samples=8'; allowed: KEY=V1,V2,..."),
+    ("eval_rows=4,64", r"eval rows \(--eval-rows\) is 64; allowed: an integer from 2"),
+    ("budget.num_samples=8,lots", r"budget.num_samples"),
+    ("budget.max_steps=10,30", r"budget.max_steps is 10; allowed: 30, the landscape's own"),
+    ("search.module_sets=[mlp],[attention_mlp]", r"search.module_sets holds \['attention_mlp'\]; allowed: module sets"),
+    ("selection.metric=eval_loss,train_loss", r"selection.metric is 'train_loss'; allowed: a metric every row"),
+])
+def test_a_sweep_that_cannot_run_is_refused_before_any_search(tmp_path, capsys, sweep, message):
+    from bench.simulate import main
+
+    out = tmp_path / "sweep.json"
+    path = format_.write(tmp_path / "landscape", header(), rows_with_difficulty())
+    assert main(["--landscape", str(path), "--seeds", "1", "--sweep", sweep, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1
+    assert re.search(message, captured.err) and captured.out == ""
+    assert not out.exists()
+
+
+def test_a_sweep_of_eval_rows_scores_fewer_rows_for_less_eval_time(tmp_path, capsys):
+    from bench.simulate import main
+
+    out = tmp_path / "sweep.json"
+    path = format_.write(tmp_path / "landscape", header(), rows_with_difficulty())
+    assert main(["--landscape", str(path), "--seeds", "2", "--sweep", "eval_rows=4,32", "--policy", "hand_grid",
+                 "--out", str(out)]) == 0
+    spent = json.loads(out.read_text())["lines"]["hand_grid"]["gpu_seconds_median"]
+    # bench/grid.py's configurations in this grid are two once snapped (attention_qv r4, all_linear r16; its
+    # attention ones are left out), each 1.5 eval seconds at all 32 rows; 4 rows take an eighth of that
+    assert spent[1] - spent[0] == pytest.approx(2 * 1.5 * (1 - 4 / 32))

@@ -10,7 +10,10 @@ of the table's seeds that this configuration has not run with yet in this search
 random; a promotion continues its parent's curve, from its parent's step, with its parent's
 seed), its reports at the simulated times the table's cumulative seconds give, with at most
 `resources.max_concurrent_trials` trials at once (0: the landscape's `slots`). ASHA's STOP ends
-it. The pick is `analysis.candidates.decide`'s over the reports the trials made.
+it. The pick is `analysis.candidates.decide`'s over the reports the trials made. With `eval_rows`,
+every trial of one search is scored on the same random `eval_rows` of the landscape's eval rows, as
+a run with `data.eval_examples` scores the same rows in every trial (`scored`); the truth stays the
+landscape's own values over all its rows.
 
 What is not simulated: the time Optuna, ASHA and the analysis themselves take, model loading
 and Tune's own overheads between trials (a trial's seconds are its train and eval seconds).
@@ -39,7 +42,7 @@ from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
 from search.config import Config, load
 from search.tuning.prior import prior_points
-from search.tuning.space import LoraSpace, ResolvedModules
+from search.tuning.space import LoraSpace, ResolvedModules, module_set_key
 from search.tuning.tuner import search_parts
 
 # The landscape's own keys in a row; the rest is what the trial reported.
@@ -70,8 +73,23 @@ def space_overrides(landscape: Landscape) -> list[str]:
 
 def policy_config(landscape: Landscape, overrides: list[str] = ()) -> Config:
     """The embedded default configuration on the landscape's space (`space_overrides`), then
-    `overrides` (a policy: `--set` strings, which may narrow the space)."""
+    `overrides` (a policy: `--set` strings, which may narrow the space). ValueError for an
+    override the landscape cannot replay: a budget or eval rounds other than those it measured, a
+    module set it did not measure, a selection metric its rows lack."""
     config = load(None, [*space_overrides(landscape), *overrides])
+    header = landscape.header
+    for key, value, measured in (("budget.max_steps", config.budget.max_steps, header.max_steps),
+                                 ("budget.eval_every", config.budget.eval_every, header.steps[0])):
+        if value != measured:
+            raise ValueError(f"{key} is {value}; allowed: {measured}, the landscape's own (its rows were measured "
+                             f"at steps {header.steps})")
+    unmeasured = [key for key in map(module_set_key, config.search.module_sets) if key not in header.grid["module_set"]]
+    if unmeasured:
+        raise ValueError(f"search.module_sets holds {unmeasured}; allowed: module sets of the landscape's grid "
+                         f"{header.grid['module_set']}")
+    if not all(config.selection.metric in row for curve in landscape.curves.values() for row in curve):
+        raise ValueError(f"selection.metric is {config.selection.metric!r}; allowed: a metric every row of the "
+                         f"landscape carries, such as its own {header.metric!r}")
     if not config.resources.max_concurrent_trials:
         config = replace(config, resources=replace(config.resources,
                                                    max_concurrent_trials=landscape.header.slots))
@@ -98,12 +116,14 @@ class _Running:
     reported: list[dict] = field(default_factory=list)
 
 
-def replay(landscape: Landscape, config: Config, rng: np.random.Generator) -> Search:
-    """The search of `config` (`policy_config`) replayed once on `landscape`; `rng` draws the seeds."""
+def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_rows: int | None = None) -> Search:
+    """The search of `config` (`policy_config`) replayed once on `landscape`; `rng` draws the seeds
+    (and first the eval rows: `eval_subset`)."""
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.search import Searcher
 
     header = landscape.header
+    subset = eval_subset(landscape, config.selection.metric, eval_rows, rng)
     resolved = {name: ResolvedModules(name, name.split("+"), False, [], None) for name in header.grid["module_set"]}
     priors = prior_points(config.search, header.search_train_rows, header.task_kind, config.budget.num_samples)
     space = LoraSpace(config.search, resolved, config.seed, priors=len(priors))
@@ -129,7 +149,7 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator) -> Se
                     finished = True
                     break
                 number += 1
-                state = _start(landscape, trial_id, proposal, now, rng, seeds_run, {**running, **done})
+                state = _start(landscape, trial_id, proposal, now, rng, seeds_run, {**running, **done}, subset)
                 scheduler.on_trial_add(controller, state.trial)
                 running[trial_id] = state
                 heapq.heappush(events, (state.rows[0]["at"], next(order), trial_id))
@@ -158,8 +178,9 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator) -> Se
 
 
 def _start(landscape: Landscape, trial_id: str, proposal: dict, now: float, rng: np.random.Generator,
-           seeds_run: dict[Point, list[int]], trials: dict[str, _Running]) -> _Running:
-    """A trial of `proposal` started at `now`: its grid point, its seed, its reports' times."""
+           seeds_run: dict[Point, list[int]], trials: dict[str, _Running], subset: Subset | None) -> _Running:
+    """A trial of `proposal` started at `now`: its grid point, its seed, its reports' times, its
+    reports scored on `subset` of the eval rows (None: all)."""
     from ray.tune.experiment import Trial
 
     params = TrialParams.from_config(proposal)
@@ -172,12 +193,53 @@ def _start(landscape: Landscape, trial_id: str, proposal: dict, now: float, rng:
         fresh = [seed for seed in landscape.header.seeds if seed not in used] or landscape.header.seeds
         seed = int(rng.choice(fresh))
         used.append(seed)
-    curve = landscape.curves[point, seed]
+    curve = [scored(row, subset) for row in landscape.curves[point, seed]]
     elapsed = row_seconds(curve[[row["step"] for row in curve].index(start)]) if start else 0.0
     rows = [{**row, "at": now + row_seconds(row) - elapsed, "index": index}
             for index, row in enumerate(curve) if row["step"] > start]
     trial = Trial("simulated", config=proposal, trial_id=trial_id, stub=True)
     return _Running(trial, point, seed, rows, now)
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The eval rows one simulated search scores: their positions among the landscape's `total`."""
+
+    rows: np.ndarray
+    total: int
+
+
+def eval_subset(landscape: Landscape, metric: str, eval_rows: int | None, rng: np.random.Generator) -> Subset | None:
+    """`eval_rows` of the landscape's eval rows of `metric` (`Landscape.eval_rows`), drawn by `rng`
+    without replacement; None for None (every row, the landscape's values as they are). ValueError
+    for a count the landscape cannot give."""
+    if eval_rows is None:
+        return None
+    total = landscape.eval_rows(metric)
+    if not 2 <= eval_rows <= total:
+        raise ValueError(f"eval rows (--eval-rows) is {eval_rows}; allowed: an integer from 2 (a standard error needs two) to "
+                         f"{total}, the eval rows the landscape kept per-row values of {metric} for")
+    return Subset(np.sort(rng.choice(total, size=eval_rows, replace=False)), total)
+
+
+def scored(row: dict, subset: Subset | None) -> dict:
+    """A landscape row as a trial that scored only `subset`'s eval rows would report it: each
+    metric whose per-row values (`eval_row_<name>`) hold all the rows is their mean over the
+    subset (every row weighs the same, where the landscape's own value weighs every answer token
+    the same), with its standard error over them; the eval seconds are the subset's share of the
+    row's. Per-row values of another length (exact match, over the rows answered by generation)
+    are left as they are. `row` itself for None."""
+    if subset is None:
+        return row
+    out = dict(row)
+    for key, values in row.items():
+        if key.startswith("eval_row_") and len(values) == subset.total:
+            kept = np.asarray(values, dtype=float)[subset.rows]
+            metric = "eval_" + key.removeprefix("eval_row_")
+            out |= {key: kept.tolist(), metric: float(kept.mean()),
+                    f"{metric}_se": float(kept.std(ddof=1)) / math.sqrt(len(kept))}
+    out["eval_seconds"] = row["eval_seconds"] * len(subset.rows) / subset.total
+    return out
 
 
 def snap(landscape: Landscape, params: TrialParams) -> Point:
@@ -257,16 +319,19 @@ def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
     }
 
 
-def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.random.Generator) -> Search:
+def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.random.Generator,
+              eval_rows: int | None = None) -> Search:
     """The hand grid: `points` (space keys; each snapped to the grid, duplicates once) trained to
-    the full budget with one seed drawn from the table's, picked by the same rule."""
+    the full budget with one seed drawn from the table's, picked by the same rule; with
+    `eval_rows`, scored on that many of the eval rows (`eval_subset`, drawn first)."""
+    subset = eval_subset(landscape, config.selection.metric, eval_rows, rng)
     snapped = list(dict.fromkeys(snap(landscape, _params(point)) for point in points))
     trials, seconds = [], 0.0
     for number, point in enumerate(snapped):
         seed = int(rng.choice(landscape.header.seeds))
-        rows = [{key: value for key, value in row.items() if key not in _ROW_KEYS}
+        rows = [{key: value for key, value in scored(row, subset).items() if key not in _ROW_KEYS}
                 for row in landscape.curves[point, seed]]
-        seconds += landscape.seconds(point, seed)
+        seconds += row_seconds(scored(landscape.final(point, seed), subset))
         trials.append(TrialFiles(f"{number:08x}", _params(point.as_dict()), rows, "", None))
     picked = decide(trials, config.selection, config.budget.max_steps).pick
     return Search(snapped[int(picked, 16)] if picked else None, seconds, seconds, len(snapped))
@@ -280,9 +345,11 @@ def _params(point: dict) -> TrialParams:
     return TrialParams(lora, point["module_set"], point["alpha_ratio"], point["learning_rate"], 1.0, 0)
 
 
-def simulate(landscape: Landscape, config: Config, seeds: int) -> list[Search]:
-    """`seeds` searches of `config`, the search's seed 0 to seeds - 1 (the seeds' draws too)."""
+def simulate(landscape: Landscape, config: Config, seeds: int, eval_rows: int | None = None) -> list[Search]:
+    """`seeds` searches of `config`, the search's seed 0 to seeds - 1 (the seeds' draws too), each
+    scored on `eval_rows` of the eval rows (None: all; `eval_subset`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return [replay(landscape, replace(config, seed=seed), np.random.default_rng(seed)) for seed in range(seeds)]
+    return [replay(landscape, replace(config, seed=seed), np.random.default_rng(seed), eval_rows)
+            for seed in range(seeds)]
