@@ -19,7 +19,7 @@ from search import environment
 from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
 from search.output.console import keep_logs_in, ray_core_output_in_logs, say
-from search.signals import GracefulStop, stopped
+from search.signals import GracefulStop, command_again, stopped
 from trainables.config import TrialSetup, cache_root
 
 
@@ -211,8 +211,7 @@ class SearchRecipe:
             except KeyboardInterrupt:
                 pass  # raised by `stop`, which remembers the signal; what was saved is said below
             except Exception as e:  # a failure of the search itself, not of one trial (those are results)
-                _push(location)
-                print(f"error: the search failed: {type(e).__name__}: {e}", file=sys.stderr)
+                failed(e, location, self.stop, self.stop.again)
                 return 1
             finally:
                 if started_here:
@@ -271,6 +270,31 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         tokenizer=tokenizer,
         metric_function=config.selection.metric if is_user_metric(config.selection.metric) else "",
     )
+
+
+# Ray's memory monitor kills a worker when the machine runs low on memory, and Tune then ends the
+# whole search rather than the trial: the words that name it, and what to do about it.
+MEMORY_MONITOR = "killed due to the node running low on memory"
+MEMORY_HINT = ("Ray's memory monitor killed a trial's worker because the machine ran low on memory: run fewer "
+               "trials at once (resources.max_concurrent_trials) or close other programs")
+
+
+def failed(error: Exception, location: RunLocation, stop: GracefulStop, again: str) -> None:
+    """Say in one line why the search failed, where the whole error is where it is longer than a
+    line (logs/failure.log), what is saved and the command that continues it."""
+    _push(location)
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    whole = ""
+    if "\n" in text:
+        path = location.local / LOGS / "failure.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{type(error).__name__}: {text}\n")
+        whole = f" (the whole error: {path})"
+    hint = f". {MEMORY_HINT}" if MEMORY_MONITOR in text else ""
+    how = "resume with" if again == "--resume" else "run again with"
+    print(f"error: the search failed: {type(error).__name__}: {first}{whole}{hint}. {saved_line(location)}; "
+          f"{how}: {command_again(stop, again)}", file=sys.stderr)
 
 
 def saved_line(location: RunLocation) -> str:

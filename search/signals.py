@@ -71,15 +71,20 @@ def stopped(stop: GracefulStop, saved: str, again: str = "--resume") -> int:
     it: this process's command line, plus `again` (--resume where there is something to resume,
     --overwrite where a half-made run directory is in the way, "" for neither). The exit code is
     a shell's for that signal: 130 for SIGINT, 143 for SIGTERM."""
+    name = stop.requested or "SIGINT"
+    how = "Resume with" if again == "--resume" else "Start again with"
+    print(f"stopped by {name}: {saved}. {how}: {command_again(stop, again)}", file=sys.stderr, flush=True)
+    return 128 + signal.Signals[name].value
+
+
+def command_again(stop: GracefulStop, again: str) -> str:
+    """This process's command line, plus `again` (--resume, --overwrite or "") where not in it."""
     import shlex
 
-    name = stop.requested or "SIGINT"
     command = ["python", "-m", stop.program, *sys.argv[1:]]
     if again and again not in command:
         command.append(again)
-    how = "Resume with" if again == "--resume" else "Start again with"
-    print(f"stopped by {name}: {saved}. {how}: {shlex.join(command)}", file=sys.stderr, flush=True)
-    return 128 + signal.Signals[name].value
+    return shlex.join(command)
 
 
 def run_command(stop: GracefulStop, prepare: Callable[[], object]) -> int:

@@ -3,6 +3,7 @@ torch, Ray, transformers or PEFT (3 s on a 2-core CPU), and every key is documen
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,30 @@ def test_print_config_of_a_config_file_keeps_its_values(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(out)
     assert load(saved) == load(example)
+
+
+def test_a_failed_search_says_why_in_one_line_keeps_the_whole_error_in_the_logs_and_how_to_resume(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """A search that fails as a whole (here, the words of Ray's memory monitor, which Tune raises as
+    the search's own failure) leaves one error: line naming the cause, the file with all of it,
+    what is saved and the command that resumes it."""
+    from rundir.location import RunLocation
+    from search.recipe import failed
+    from search.signals import GracefulStop
+
+    monkeypatch.setattr(sys, "argv", ["search.run", "--name", "run"])
+    location = RunLocation(tmp_path / "run")
+    error = RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low on "
+                         "memory.\nMemory on the node was 22.05GB used / 23.54GB limit\nTop 10 memory users: ...")
+    failed(error, location, GracefulStop(), "--resume")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the search failed: RuntimeError: Caught unexpected exception: ")
+    assert "run fewer trials at once (resources.max_concurrent_trials)" in err
+    log = tmp_path / "run" / "logs" / "failure.log"
+    assert f"(the whole error: {log})" in err and "Top 10 memory users" in log.read_text()
+    assert err.rstrip().endswith("resume with: python -m search.run --name run --resume")
+
+    failed(ValueError("one line"), RunLocation(tmp_path / "other"), GracefulStop(), "")
+    err = capsys.readouterr().err
+    assert "whole error" not in err and "memory" not in err
+    assert err.rstrip().endswith("run again with: python -m search.run --name run")
