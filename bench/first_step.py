@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.search_vs_grid import first_step_seconds, reports_by_trial  # noqa: E402 - after the path is set
+from analysis.results import read_trial_files  # noqa: E402 - after the path is set
+from analysis.timing import first_step_seconds  # noqa: E402
 
 POLL_S, LIMIT_S = 2.0, 1800
 
@@ -40,7 +41,7 @@ def main() -> int:
         while figure is None and run.poll() is None and time.time() - started < LIMIT_S:
             time.sleep(POLL_S)
             try:
-                figure = first_step_seconds(reports_by_trial(Path(output) / "first-step"), started)
+                figure = first_step_seconds(read_trial_files(Path(output) / "first-step"), started)
             except (OSError, ValueError):  # a report being written: read again at the next poll
                 continue
         run.send_signal(signal.SIGINT)

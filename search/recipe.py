@@ -28,10 +28,13 @@ class SearchRecipe:
     an exit code where the run ends there, else None."""
 
     def __init__(self, config: Config, address: str | None, stop: GracefulStop, *, dry_run: bool = False,
-                 resume: bool = False, overwrite: bool = False, retrain_of: str | None = None):
+                 resume: bool = False, overwrite: bool = False, retrain_of: str | None = None,
+                 started_at: float | None = None):
         """`retrain_of`: the trial id of a finished run's pick, to retrain alone on all the training
-        data without searching (`search.retrain`); the run's config is then its recorded one."""
+        data without searching (`search.retrain`); the run's config is then its recorded one.
+        `started_at`: when the command started (epoch seconds), which a new run records."""
         self.config, self.address, self.stop = config, address, stop
+        self.started_at = started_at
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
 
     def setup(self) -> int | None:
@@ -151,6 +154,7 @@ class SearchRecipe:
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
             "training": {"optimizer": OPTIMIZER, "schedule": SCHEDULE},
+            "started_at": self.started_at,
         })
         write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
         try:

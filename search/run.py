@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 from rundir.cli import ArgumentParser, print_errors
 from rundir.location import LocationError
@@ -52,7 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    """The command with `argv` (default: this process's arguments); `started_at`, when the command
+    started (epoch seconds), default now: the run measures from it to its first training step."""
+    started_at = time.time() if started_at is None else started_at
     try:
         args = parse_args(argv)
     except SystemExit as done:  # --help, or a bad argument said in one line
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             use_console(args.console)
             recipe = SearchRecipe(config, args.address, stop, dry_run=args.dry_run, resume=args.resume,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, started_at=started_at)
             code = recipe.setup()  # None: go on
             if code is None:
                 code = recipe.search()
@@ -86,4 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import psutil
+
+    # the process's own start, so that the interpreter's start and the imports above count
+    raise SystemExit(main(started_at=psutil.Process().create_time()))
