@@ -156,8 +156,8 @@ class RunConfig:
     module_sets: dict[str, ModuleSet]
     created_by: str
     training: Training | None = None  # None: a run recorded before the trainer described itself here
-    # when the command that made the run started (epoch seconds: its process's start, where it ran as
-    # a command); None for a run recorded before this was
+    # when the command that made the run started (epoch seconds, read before its imports); None for a
+    # run recorded before this was
     started_at: float | None = None
 
     def to_json(self) -> dict:
