@@ -66,7 +66,7 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
     files = read_trial_files(run_dir)
     recorded_metric = SelectionConfig.recorded(run_config.selection).metric  # the column the trials reported
     trials = trials_table(files, max_steps, recorded_metric)
-    clock = run_clock(files)
+    clock = run_clock(files, run_config.started_at)
     write_trials_csv(trials, run_dir / TRIALS_CSV)
     configs = lora_configs(files)
     try:
@@ -93,7 +93,8 @@ def analyse(run_dir: str | os.PathLike, selection: SelectionConfig | None = None
             export_retrained_weights(run_dir / retrain["directory"], out / ADAPTER)
         write_json_atomic(out / PICK, {**asdict(chosen), "without_pick": asdict(standing),
                                        "analysis": out.relative_to(run_dir).as_posix(),
-                                       "retrain": retrain, "data": _data_sources(run_config)})
+                                       "retrain": retrain, "data": _data_sources(run_config),
+                                       "wall_time": asdict(clock) if clock else None})
     write_text_atomic(out / REPORT, render_report(
         run_config, trials, comparison, chosen, no_pick, plots, diagnose(trials, curves),
         retrain_section(retrains, chosen, run_path, run_config.budget.batch_size), standing, clock, run_path,

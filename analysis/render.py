@@ -491,7 +491,8 @@ RETRAIN_COMMAND = "python -m search.retrain"
 
 
 def _clock_section(clock: RunClock | None, budget: Budget) -> str:
-    """The trials' wall time, and an estimate of it for `budget.num_samples` twice and four times over."""
+    """The trials' wall time, an estimate of it for `budget.num_samples` twice and four times over, and
+    how long the run took to start training where it recorded its start."""
     if clock is None:
         return "## Wall time\n\nNo trial of the search recorded its clock readings."
     estimates = "; ".join(f"`budget.num_samples={budget.num_samples * factor}` (x{factor}) about "
@@ -505,6 +506,10 @@ def _clock_section(clock: RunClock | None, budget: Budget) -> str:
         f"proposed trials cost on average, stopped by ASHA or not ({clock.seconds_per_proposed:,.0f} trial-seconds), "
         f"and runs {clock.concurrency:.2g} at a time as these did; the promotions, confirmations and reruns are "
         "counted once, as measured. A rough guide: more trials may promote or confirm more."
+        + ("" if clock.first_step_seconds is None else
+           f"\n\nThe first training step began {clock.first_step_seconds:,.1f} s after the command started "
+           "(`first_step_seconds`: its imports, the model and data prepared, Ray's start, the trials' processes, "
+           "their imports and their setup).")
     )
 
 

@@ -1,6 +1,7 @@
-"""The search's wall time, and what a search with more trials would take, from the clock readings
-every trial report carries (`rundir.report.TrialReport`: `called_at`, when Tune called the trial
-function, and `busy_to`, when the trial made that report; epoch seconds)."""
+"""The search's wall time, what a search with more trials would take, and how long the run took to
+start training, from the clock readings every trial report carries (`rundir.report.TrialReport`:
+`called_at`, when Tune called the trial function, `busy_from`, since when the trial only trained
+and evaluated, and `busy_to`, when the trial made that report; epoch seconds)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ class RunClock:
     trial_seconds: float     # every trial's own span, summed (a resumed trial's sessions each counted)
     proposed: int            # trials the searcher proposed (priors included): what budget.num_samples counts
     proposed_seconds: float  # their spans, summed
+    # from the command's start to the first training step of any trial; None where the run did not
+    # record its start or its trials their first steps
+    first_step_seconds: float | None
 
     @property
     def concurrency(self) -> float:
@@ -35,11 +39,12 @@ class RunClock:
         return self.wall_seconds + (factor - 1) * self.proposed_seconds / self.concurrency
 
 
-def run_clock(trials: list[TrialFiles]) -> RunClock | None:
-    """`RunClock` of `trials` (`analysis.results.read_trial_files`); None where no proposed trial
-    reported a clock reading. A trial's span is the union of [called_at, busy_to] over its
-    reports: the reports of one call share `called_at`, and a trial resumed after an
-    interruption has one such interval per call, with the time it stood still left out."""
+def run_clock(trials: list[TrialFiles], started_at: float | None) -> RunClock | None:
+    """`RunClock` of `trials` (`analysis.results.read_trial_files`) of a run whose command started
+    at `started_at` (`RunConfig.started_at`); None where no proposed trial reported a clock
+    reading. A trial's span is the union of [called_at, busy_to] over its reports: the reports of
+    one call share `called_at`, and a trial resumed after an interruption has one such interval
+    per call, with the time it stood still left out."""
     spans = {trial.trial_id: _union([(row["called_at"], row["busy_to"]) for row in trial.rows
                                      if "called_at" in row and "busy_to" in row])
              for trial in trials}
@@ -48,7 +53,15 @@ def run_clock(trials: list[TrialFiles]) -> RunClock | None:
         return None
     wall = _union([interval for intervals in spans.values() for interval in intervals])
     return RunClock(wall_seconds=_length(wall), trial_seconds=sum(_length(s) for s in spans.values()),
-                    proposed=len(proposed), proposed_seconds=sum(_length(spans[t]) for t in proposed))
+                    proposed=len(proposed), proposed_seconds=sum(_length(spans[t]) for t in proposed),
+                    first_step_seconds=None if started_at is None else first_step_seconds(trials, started_at))
+
+
+def first_step_seconds(trials: list[TrialFiles], started_at: float) -> float | None:
+    """Seconds from `started_at` (epoch) until the first training step of any of `trials` began:
+    the earliest `busy_from`, a trial's first report's, when its setup ended. None before any report."""
+    steps_from = [row["busy_from"] for trial in trials for row in trial.rows if "busy_from" in row]
+    return min(steps_from) - started_at if steps_from else None
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -6,8 +6,9 @@ warm cache (the embedded model converted, the libraries imported once before).
 Starts `python -m search.run` (the default run unless arguments follow `--`) in a process of its
 own, so the command's own imports count, and reads the trials' reports as they come: a trial's
 first report has `busy_from`, when its setup ended and its first step began. Once one is there
-the run is interrupted (Ctrl+C, as a user would): the figure needs nothing later. Run it from the
-root of the tree to measure; bench/search_vs_grid.py reports the same figure for its whole run."""
+the run is interrupted (Ctrl+C, as a user would): the figure needs nothing later. `phases` says
+where the time went on the way (`_phases`). Run it from the root of the tree to measure (with that
+tree on PYTHONPATH); bench/search_vs_grid.py reports the same figure for its whole run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.search_vs_grid import first_step_seconds, reports_by_trial  # noqa: E402 - after the path is set
+from analysis.results import read_trial_files  # noqa: E402 - after the path is set
+from analysis.timing import first_step_seconds  # noqa: E402
 
 POLL_S, LIMIT_S = 2.0, 1800
 
@@ -40,9 +42,10 @@ def main() -> int:
         while figure is None and run.poll() is None and time.time() - started < LIMIT_S:
             time.sleep(POLL_S)
             try:
-                figure = first_step_seconds(reports_by_trial(Path(output) / "first-step"), started)
+                figure = first_step_seconds(read_trial_files(Path(output) / "first-step"), started)
             except (OSError, ValueError):  # a report being written: read again at the next poll
                 continue
+        phases = _phases(Path(output) / "first-step", started) if figure is not None else {}
         run.send_signal(signal.SIGINT)
         try:
             run.wait(120)
@@ -50,11 +53,33 @@ def main() -> int:
             run.kill()
             run.wait()
     record = {"benchmark": "first_step", "command": " ".join(command[1:]), "first_step_seconds": figure,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
+              "phases": phases, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
     print(json.dumps(record, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0 if figure is not None else 1
+
+
+def _phases(run_dir: Path, started: float) -> dict:
+    """Seconds from the start until each step on the way to the first training step was done: the
+    run directory written (the driver's imports, the model and the data prepared), Ray's session
+    recorded (Ray started), and for the trial that trained first, its trial code loaded in its
+    process (Tune's start, the process's start, its Ray and torch imports), PEFT imported, and its
+    first step begun (the model, the data and the adapter set up); and the run's own figure, from
+    its process's start, where it records one."""
+    from analysis.results import read_run_config
+    from analysis.timing import run_clock
+    from rundir.layout import RAY_SESSION, RUN_CONFIG
+
+    trials = read_trial_files(run_dir)
+    first = min((trial.rows[0] for trial in trials if trial.rows), key=lambda row: row["busy_from"])
+    clock = run_clock(trials, read_run_config(run_dir).started_at)
+    return {"run_directory_written": (run_dir / RUN_CONFIG).stat().st_mtime - started,
+            "ray_started": (run_dir / RAY_SESSION).stat().st_mtime - started,
+            "trial_code_loaded": first["worker_started_at"] - started,
+            "peft_imported": first["entered_at"] - started,
+            "first_step": first["busy_from"] - started,
+            "as_the_run_records": clock.first_step_seconds if clock else None}
 
 
 if __name__ == "__main__":

@@ -172,13 +172,6 @@ def first_full_budget_result_at_least_as_good(reports: dict[str, list[dict]], ma
     return min(times) if times else None
 
 
-def first_step_seconds(reports: dict[str, list[dict]], started: float) -> float | None:
-    """Seconds from the start (epoch `started`) until the first training step of any trial began:
-    the earliest `busy_from` of a trial's first report. None before any report."""
-    starts = [trial[0]["busy_from"] for trial in reports.values() if trial and "busy_from" in trial[0]]
-    return min(starts) - started if starts else None
-
-
 def busy_windows(reports: dict[str, list[dict]]) -> list[tuple[float, float]]:
     """Every trial's busy windows, from every report."""
     return [(r["busy_from"], r["busy_to"]) for trial_reports in reports.values() for r in trial_reports
@@ -223,6 +216,8 @@ def main() -> int:
     from search.run import main as search
 
     sets = facts_overrides(args.samples, args.max_steps, args.eval_examples, args.gpus_per_trial) + args.set
+    from analysis.results import read_trial_files
+    from analysis.timing import first_step_seconds
     from trainables.model import smollm2_checkpoint
 
     # The grid loads the converted checkpoint of the embedded default: so does the timed search.
@@ -261,7 +256,7 @@ def main() -> int:
                                                               started_epoch)
     figures = {
         "search_gpu_seconds": wall,
-        "first_step_seconds": first_step_seconds(reports, started_epoch),
+        "first_step_seconds": first_step_seconds(read_trial_files(run_dir), started_epoch),
         "search_eval_loss": pick.get("value", pick.get("metric_value")),
         "overhead_share": busy / wall,
         # the same from the first step on: how busy the search kept the GPU once its workers were up

@@ -157,6 +157,9 @@ class RunConfig:
     module_sets: dict[str, ModuleSet]
     created_by: str
     training: Training | None = None  # None: a run recorded before the trainer described itself here
+    # when the command that made the run started (epoch seconds, read before its imports); None for a
+    # run recorded before this was
+    started_at: float | None = None
 
     def to_json(self) -> dict:
         """The record as plain JSON values, in the file's order."""

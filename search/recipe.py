@@ -1,5 +1,6 @@
-"""The run as a recipe, read top to bottom: `setup` checks and prepares everything before Ray
-starts (bad input exits 2 with nothing written, a GPU not yet asked for), `search` runs the
+"""The run as a recipe, read top to bottom: `setup` checks and prepares everything before the
+search (bad input exits 2 with nothing written, a GPU not yet asked for; a new run's local Ray
+starts meanwhile, in the background, and is shut down again on bad input), `search` runs the
 Ray Tune search and the retrain of the pick, `finish` hands the run directory to `analysis`
 for the pick, report and export, and uploads it where it is kept at a URI."""
 
@@ -28,14 +29,32 @@ class SearchRecipe:
     an exit code where the run ends there, else None."""
 
     def __init__(self, config: Config, address: str | None, stop: GracefulStop, *, dry_run: bool = False,
-                 resume: bool = False, overwrite: bool = False, retrain_of: str | None = None):
+                 resume: bool = False, overwrite: bool = False, retrain_of: str | None = None,
+                 started_at: float | None = None):
         """`retrain_of`: the trial id of a finished run's pick, to retrain alone on all the training
-        data without searching (`search.retrain`); the run's config is then its recorded one."""
+        data without searching (`search.retrain`); the run's config is then its recorded one.
+        `started_at`: when the command started (epoch seconds), which a new run records."""
         self.config, self.address, self.stop = config, address, stop
+        self.started_at = started_at
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
+        self.ray_start = None  # a local Ray starting in the background, from `setup` on
 
     def setup(self) -> int | None:
-        from search.cluster.connect import check_cluster_gpus, connect, keep_local_ray_on_loopback, resolve_address
+        try:
+            return self._setup()
+        except BaseException:  # bad input or a stop: the Ray started meanwhile goes too
+            if self.ray_start is not None:
+                self.ray_start.shut_down()
+            raise
+
+    def _setup(self) -> int | None:
+        from search.cluster.connect import (
+            LocalRayStart,
+            check_cluster_gpus,
+            connect,
+            keep_local_ray_on_loopback,
+            resolve_address,
+        )
         from search.inputs.prepare import check_device, check_shared_packing, prepare_model
         from search.output.tracking import mlflow_store_problem
         from search.resources.plan import plan_resources
@@ -53,6 +72,10 @@ class SearchRecipe:
         if not self.dry_run:  # first, so that an output that cannot hold the run costs nothing
             self.location = locate(config.output, config.name, cache_root())
             _check_output(self.location, resume=self.resume or bool(self.retrain_of), overwrite=self.overwrite)
+        self.cluster = cluster = resolve_address(self.address)
+        if cluster is None and not (self.dry_run or self.resume or self.retrain_of):
+            # a new run's local Ray starts (seconds) while the model and the data are prepared
+            self.ray_start = LocalRayStart()
         self.prepared = prepare_model(config)
         self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
@@ -69,9 +92,9 @@ class SearchRecipe:
             return self._dry_run()
         check_device(config, plan.gpus_per_trial, local=local)
         self.config = config = plan.applied(config)
-        self.cluster = cluster = resolve_address(self.address)
         if cluster is None:
-            keep_local_ray_on_loopback()  # before this process first imports ray, in `search`
+            if self.ray_start is None:
+                keep_local_ray_on_loopback()  # before this process first imports ray, in `search`
         else:  # join the cluster before anything is written
             with GracefulStop() as joining:
                 try:
@@ -151,6 +174,7 @@ class SearchRecipe:
                             for k, v in prepared.resolved.items()},
             "created_by": CREATED_BY,
             "training": {"optimizer": OPTIMIZER, "schedule": SCHEDULE},
+            "started_at": self.started_at,
         })
         write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
         try:
@@ -181,7 +205,10 @@ class SearchRecipe:
         with ray_core_output_in_logs():  # from Ray's start to its shutdown
             try:
                 with stop:
-                    started_here = connect(cluster) or cluster is not None
+                    if self.ray_start is not None:
+                        started_here = self.ray_start.wait()
+                    else:
+                        started_here = connect(cluster) or cluster is not None
                     record_ray_session(location.local)
                     gpus = plan.gpus_per_trial
                     # a DoRA trial, or one that adapts expert weights, of a shared run trains in a process of
@@ -214,7 +241,9 @@ class SearchRecipe:
                 failed(e, location, self.stop, self.stop.again)
                 return 1
             finally:
-                if started_here:
+                if self.ray_start is not None:
+                    self.ray_start.shut_down()
+                elif started_here:
                     ray.shutdown()
         if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
             _push(location)

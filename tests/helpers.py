@@ -78,8 +78,10 @@ def ray_traceback(error_line: str) -> str:
 
 def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_path: str = "/models/tiny",
                      metric: str = "eval_loss", mode: str = "min", tolerance: float = 0.95,
-                     cost: str = "trainable_params", resources: dict | None = None) -> Path:
-    """Write `<run_dir>/run_config.json` as the driver does (`resources` overrides a CPU run's); return `run_dir`."""
+                     cost: str = "trainable_params", resources: dict | None = None,
+                     started_at: float | None = None) -> Path:
+    """Write `<run_dir>/run_config.json` as the driver does (`resources` overrides a CPU run's; `started_at`
+    the command's start, None where it was not recorded); return `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     split = {"source": "builtin:arithmetic", "format": "prompt_completion", "truncated": 0, "dropped": 0, "empty": 0}
     config = {
@@ -108,6 +110,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
         "module_sets": {name: {"target_modules": names, "layers": 4, "note": None} for name, names in MODULE_SETS.items()},
         "created_by": "lora-search",
         "training": {"optimizer": "AdamW, one step per batch", "schedule": "linear warm-up, then cosine decay"},
+        "started_at": started_at,
     }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     return run_dir
@@ -127,8 +130,9 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
     Reports every EVAL_EVERY steps up to `last_step` (None: no report at all); the last report
     carries `eval_loss` (earlier ones are worse), each with `eval_loss_se` and the per-row losses
     `eval_row_loss` where given, and `eval_exact_match` at every report where given. `clock`
-    (start, seconds per step) gives each report the trial's clock readings: called at start,
-    reporting step n at start + n * seconds per step. `error` is the last line of a Ray traceback
+    (start, seconds per step) gives each report the trial's clock readings: called at start, its
+    first step at start + 1 s (its setup), reporting step n at start + n * seconds per step, each
+    later report busy since the one before. `error` is the last line of a Ray traceback
     in error.txt; `error_text` the whole file. `experiment` is the stage's experiment directory,
     `dir_name` the trial directory's name (default: the driver's `trial_<id>`). Defaults: trainable params r * 1,000 per module,
     train_seconds a tenth of a second per step and rank.
@@ -161,7 +165,9 @@ def add_trial(run_dir: Path, trial_id: str, *, last_step: int | None = MAX_STEPS
             **({"eval_loss_se": eval_loss_se} if eval_loss_se is not None else {}),
             **({"eval_row_loss": eval_row_loss} if eval_row_loss is not None else {}),
             **({"eval_exact_match": eval_exact_match} if eval_exact_match is not None else {}),
-            **({"called_at": clock[0], "busy_to": clock[0] + step * clock[1]} if clock else {}),
+            **({"called_at": clock[0],
+                "busy_from": clock[0] + (step - EVAL_EVERY) * clock[1] + (1.0 if step == EVAL_EVERY else 0.0),
+                "busy_to": clock[0] + step * clock[1]} if clock else {}),
             # What Ray adds to every reported row:
             "timestamp": 1795426629, "checkpoint_dir_name": None, "done": False, "training_iteration": step // EVAL_EVERY,
             "trial_id": trial_id, "date": "2026-11-23_09-37-09", "time_this_iter_s": 0.1, "time_total_s": 0.1 * step,

@@ -206,7 +206,7 @@ def test_a_signal_while_the_model_is_prepared_exits_with_one_line_and_nothing_wr
     process = _cli(args)
     deadline = time.monotonic() + 120
     while not _has_loaded(process.pid, "libtorch") and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # the run imports torch to read the model's config: long before Ray starts
+        time.sleep(0.02)  # the run imports torch to read the model's config, while its Ray starts
     process.send_signal(sent)
     out, err = process.communicate(timeout=60)
     assert process.returncode == code, err[-3000:]

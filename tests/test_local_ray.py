@@ -81,10 +81,17 @@ def test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_l
     assert time.monotonic() - sent < 15
     assert process.returncode == 143, err[-3000:]
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM: the run so far is saved in {tmp_path / 'early'} (finished trials, and unfinished ones "
-        f"at their last checkpoint). Resume with: python -m search.run {' '.join(args[:-1])} 'search.ranks=[2,4]' "
-        f"--resume")
+    # a new run's Ray starts while the model and the data are prepared: the signal lands before the run
+    # directory is made, while it is, or after, and the line says which
+    run_dir, command = tmp_path / "early", f"python -m search.run {' '.join(args[:-1])} 'search.ranks=[2,4]'"
+    if not run_dir.exists():
+        said = "nothing was written. Start again with: " + command
+    elif not (run_dir / "run_config.json").exists():
+        said = f"the run directory {run_dir} was being made and is incomplete. Start again with: {command} --overwrite"
+    else:
+        said = (f"the run so far is saved in {run_dir} (finished trials, and unfinished ones at their last checkpoint). "
+                f"Resume with: {command} --resume")
+    assert err.strip().splitlines()[-1] == f"stopped by SIGTERM: {said}"
     assert not _processes_left(ray_tmpdir, wait_s=10), "the run's Ray is still running"
 
 def _processes_left(path: Path, wait_s: float) -> list[int]:

@@ -26,10 +26,11 @@ def test_a_metric_that_ties_every_finished_trial_is_named_unable_to_decide_and_n
 
 def test_the_report_and_the_console_give_the_wall_time_and_estimates_for_twice_and_four_times_the_trials(
         tmp_path, capsys):
-    run_dir = write_run_config(tmp_path / "run")  # budget.num_samples 8
+    run_dir = write_run_config(tmp_path / "run", started_at=970.0)  # budget.num_samples 8
     # (called at, seconds per step): the search's trials span [1000, 1100], [1000, 1050], [1100, 1200];
     # the promoted one [1200, 1250]. Wall time 250 s, trials 300 s together: 1.2 at a time;
     # the 3 proposed ones 250 s. x2: 250 + 250 / 1.2 = 458 s; x4: 250 + 3 * 250 / 1.2 = 875 s.
+    # The first two trials' first steps begin after a setup of 1 s: 1001 - 970 = 31 s after the command.
     add_trial(run_dir, "aaaa0001", r=16, eval_loss=0.5, clock=(1000.0, 1.0))
     add_trial(run_dir, "aaaa0002", r=4, eval_loss=0.6, clock=(1000.0, 0.5))
     add_trial(run_dir, "aaaa0003", r=8, eval_loss=0.7, clock=(1100.0, 1.0), module_set="attention")
@@ -44,6 +45,19 @@ def test_the_report_and_the_console_give_the_wall_time_and_estimates_for_twice_a
     assert "`budget.num_samples=16` (x2) about 8 min; `budget.num_samples=32` (x4) about 15 min" in report
     assert "Wall time: the trials ran for 4 min; with budget.num_samples x2 about 8 min, x4 about 15 min" in (
         capsys.readouterr().out)
+    assert "The first training step began 31.0 s after the command started (`first_step_seconds`" in report
+    wall_time = json.loads((run_dir / "pick.json").read_text())["wall_time"]
+    assert wall_time["first_step_seconds"] == 31.0 and wall_time["wall_seconds"] == 250.0
+
+
+def test_a_run_that_did_not_record_its_start_has_no_first_step_figure(tmp_path):
+    run_dir = write_run_config(tmp_path / "run")
+    add_trial(run_dir, "aaaa0001", clock=(1000.0, 1.0))
+
+    assert analyse(run_dir) == 0
+
+    assert "first_step_seconds" not in (run_dir / "report.md").read_text()
+    assert json.loads((run_dir / "pick.json").read_text())["wall_time"]["first_step_seconds"] is None
 
 
 def test_use_it_gives_the_picks_whole_recipe_a_training_example_and_the_command_that_trains_it_alone(tmp_path,

@@ -27,11 +27,12 @@ def test_a_file_without_the_optional_fields_gets_their_defaults(recorded):
     for key in ("packing", "packing_reason", "memory_probe"):
         del recorded["resources"][key]
     del recorded["budget"]["landscape_seeds"]
+    del recorded["started_at"]
 
     record = RunConfig.from_json(recorded)
 
     assert (record.resources.packing, record.resources.memory_probe) == ("processes", None)
-    assert record.budget.landscape_seeds == 1
+    assert record.budget.landscape_seeds == 1 and record.started_at is None
 
 
 @pytest.mark.parametrize("section, key, value, message", [

@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -187,7 +188,9 @@ def test_default_config_runs_with_a_tiny_budget(local_ray, tmp_path):
 def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(tiny_model_dir, tmp_path):
     """Its own Ray (started from the directory that holds the module, which Ray puts on the trials'
     path): each eval round of each trial calls the function once, with the generated answers and
-    the references of the same eval rows, and its value, in a column of its own, makes the pick."""
+    the references of the same eval rows, and its value, in a column of its own, makes the pick.
+    Being a whole command, it also shows the run's time to its first training step, counted from
+    the command's start."""
     from helpers import load_curves
     from search.inputs.atlas import rows
 
@@ -196,12 +199,14 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
         "    with open(pathlib.Path(__file__).with_name('calls.jsonl'), 'a') as calls:\n"
         "        calls.write(json.dumps([generations, references]) + '\\n')\n"
         "    return 1.0 + sum(map(len, generations))\n")
+    started = time.time()
     result = _cli("--output", str(tmp_path / "runs"), "--name", "mine", "--set", f"model.path={tiny_model_dir}",
                   "--set", "search.module_sets=[attention_qv]", "--set", "search.ranks=[2,4]",
                   "--set", "budget.num_samples=2", "--set", "budget.max_steps=2", "--set", "budget.eval_every=1",
                   "--set", "budget.grace_period=1", "--set", "budget.warmup_steps=1", "--set", "data.eval_examples=4",
                   "--set", "selection.confirm_top_k=0", "--set", "selection.metric=mymetric:score",
                   "--set", "selection.trust_metric_code=true", "--set", "selection.mode=max", cwd=tmp_path)
+    command_seconds = time.time() - started
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("selection.trust_metric_code is true: every trial imports and runs mymetric:score\n")
     assert ("eval rows scored at each round (data.eval_examples=4), chosen by a shuffle seeded by seed=0: the same rows "
@@ -218,6 +223,10 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
     trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
     assert (pick["metric"], pick["mode"]) == ("mymetric:score", "max")
     assert pick["value"] == trials.loc[pick["trial_id"], "mymetric:score"] >= 1.0
+    first_step = pick["wall_time"]["first_step_seconds"]
+    assert 0 < first_step < command_seconds
+    assert f"The first training step began {first_step:,.1f} s after the command started" in (
+        (run_dir / "report.md").read_text())
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

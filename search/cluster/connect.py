@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,14 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     this machine's token where it requires one (`use_the_heads_auth`); an address that is
     malformed, finds no cluster or does not answer, and a token missing or refused, are a
     ConfigError naming the address and its source."""
+    divert_logs("ray")  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
+    return _connect(cluster, num_cpus)
+
+
+def _connect(cluster: ClusterAddress | None, num_cpus: int | None) -> bool:
+    """`connect`, Ray's logs diverted already."""
     import ray
 
-    divert_logs("ray")  # Ray's and Tune's lines, from the token-auth warning of ray.init on, go to the run's ray.log
     if ray.is_initialized():
         return False
     if cluster is None:
@@ -91,12 +97,59 @@ def connect(cluster: ClusterAddress | None, num_cpus: int | None = None) -> bool
     return True
 
 
+class LocalRayStart:
+    """A local Ray (`connect(None)`) started in a thread of its own, so that its start (seconds:
+    its processes each import Ray) overlaps what the driver does meanwhile. Ray's logs are
+    diverted here, in the calling thread, before the thread starts. Ray starts its processes to
+    die with the thread that started them (PR_SET_PDEATHSIG), so that thread lives until
+    `shut_down`."""
+
+    def __init__(self) -> None:
+        keep_local_ray_on_loopback()
+        divert_logs("ray")
+        self._started: bool | None = None
+        self._error: BaseException | None = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._started = _connect(None, None)
+        except BaseException as error:  # noqa: BLE001 - raised in the driver's thread by `wait`
+            self._error = error
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> bool:
+        """`connect`'s answer once Ray has started; what kept it from starting is raised here."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return bool(self._started)
+
+    def shut_down(self) -> None:
+        """Ray, once started, shut down where this started it; then the thread ends."""
+        import ray
+
+        self._ready.wait()
+        if self._started:
+            ray.shutdown()
+        self._release.set()
+        self._thread.join()
+
+
 def _init(**kwargs) -> None:
     """ray.init, keeping this process's SIGTERM handler: ray.init installs its own (sys.exit(15))
-    for good, so a SIGTERM during ray.init arrives as that SystemExit and is handed to the kept
-    handler as the signal it was."""
+    for good when called from the main thread, so a SIGTERM during ray.init arrives as that
+    SystemExit and is handed to the kept handler as the signal it was. From another thread
+    ray.init leaves the handlers alone."""
     import ray
 
+    if threading.current_thread() is not threading.main_thread():
+        ray.init(**kwargs)
+        return
     kept = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
