@@ -198,9 +198,9 @@ class Config:
 
 # What `auto` resolves to on each kind of device, and why: the dry run and the report say it.
 AUTO_PACKING = {
-    "cpu": (PROCESSES, "on a 2-core CPU a pack of K SmolLM2 trials trained no faster than one trial alone (0.94x at "
-                       "K=4, 0.62x at K=8, bench/results/shared_packing_cpu_loop.json): a CPU's step is bound by its "
-                       "arithmetic, which a pack does not reduce"),
+    "cpu": (PROCESSES, "on an idle 2-core CPU the batched pack of 2 to 8 SmolLM2 trials trained at 1.03x to 1.07x of "
+                       "one trial alone, with 1.7x to 5.8x its memory (bench/results/shared_packing_cpu.json): a CPU's "
+                       "step is bound by its arithmetic, which a pack does not reduce"),
     "cuda": (PROCESSES, "on one H200 the pack that looped over its trials trained at 0.07x to 0.13x of one trial "
                         "alone (bench/results/h200-2026-12-01-shared/), and the batched pack is not measured on a GPU yet"),
 }
