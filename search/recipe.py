@@ -73,9 +73,6 @@ class SearchRecipe:
             self.location = locate(config.output, config.name, cache_root())
             _check_output(self.location, resume=self.resume or bool(self.retrain_of), overwrite=self.overwrite)
         self.cluster = cluster = resolve_address(self.address)
-        if cluster is None and not (self.dry_run or self.resume or self.retrain_of):
-            # a new run's local Ray starts (seconds) while the model and the data are prepared
-            self.ray_start = LocalRayStart()
         self.prepared = prepare_model(config)
         self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
@@ -93,8 +90,7 @@ class SearchRecipe:
         check_device(config, plan.gpus_per_trial, local=local)
         self.config = config = plan.applied(config)
         if cluster is None:
-            if self.ray_start is None:
-                keep_local_ray_on_loopback()  # before this process first imports ray, in `search`
+            keep_local_ray_on_loopback()  # before this process first imports ray
         else:  # join the cluster before anything is written
             with GracefulStop() as joining:
                 try:
@@ -116,6 +112,10 @@ class SearchRecipe:
             check_driver_gone(location.local)
             stop_leftover_workers(location.local)
         else:
+            if cluster is None:
+                # a new run's local Ray starts (seconds) while the data is prepared; not before the
+                # model's checks, so that bad input of the model or the device costs no Ray start
+                self.ray_start = LocalRayStart()
             self.data_info = self._start()
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
