@@ -238,7 +238,7 @@ class SearchRecipe:
             except KeyboardInterrupt:
                 pass  # raised by `stop`, which remembers the signal; what was saved is said below
             except Exception as e:  # a failure of the search itself, not of one trial (those are results)
-                failed(e, location, self.stop, self.stop.again)
+                failed(e, location, self.stop)
                 return 1
             finally:
                 if self.ray_start is not None:
@@ -308,9 +308,9 @@ MEMORY_HINT = ("Ray's memory monitor killed a trial's worker because the machine
                "trials at once (resources.max_concurrent_trials) or close other programs")
 
 
-def failed(error: Exception, location: RunLocation, stop: GracefulStop, again: str) -> None:
+def failed(error: Exception, location: RunLocation, stop: GracefulStop) -> None:
     """Say in one line why the search failed, where the whole error is where it is longer than a
-    line (logs/failure.log), what is saved and the command that continues it."""
+    line (logs/failure.log), what is saved and the command that continues it (`stop.again`)."""
     _push(location)
     text = str(error).strip()
     first = text.splitlines()[0] if text else ""
@@ -321,9 +321,9 @@ def failed(error: Exception, location: RunLocation, stop: GracefulStop, again: s
         path.write_text(f"{type(error).__name__}: {text}\n")
         whole = f" (the whole error: {path})"
     hint = f". {MEMORY_HINT}" if MEMORY_MONITOR in text else ""
-    how = "resume with" if again == "--resume" else "run again with"
+    how = "resume with" if stop.again == "--resume" else "run again with"
     print(f"error: the search failed: {type(error).__name__}: {first}{whole}{hint}. {saved_line(location)}; "
-          f"{how}: {command_again(stop, again)}", file=sys.stderr)
+          f"{how}: {command_again(stop, stop.again)}", file=sys.stderr)
 
 
 def saved_line(location: RunLocation) -> str:

@@ -126,7 +126,9 @@ def test_a_failed_search_says_why_in_one_line_keeps_the_whole_error_in_the_logs_
     location = RunLocation(tmp_path / "run")
     error = RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low on "
                          "memory.\nMemory on the node was 22.05GB used / 23.54GB limit\nTop 10 memory users: ...")
-    failed(error, location, GracefulStop(), "--resume")
+    stop = GracefulStop()
+    stop.again = "--resume"  # as setup sets it once a run directory exists
+    failed(error, location, stop)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the search failed: RuntimeError: Caught unexpected exception: ")
     assert "run fewer trials at once (resources.max_concurrent_trials)" in err
@@ -134,7 +136,9 @@ def test_a_failed_search_says_why_in_one_line_keeps_the_whole_error_in_the_logs_
     assert f"(the whole error: {log})" in err and "Top 10 memory users" in log.read_text()
     assert err.rstrip().endswith("resume with: python -m search.run --name run --resume")
 
-    failed(ValueError("one line"), RunLocation(tmp_path / "other"), GracefulStop(), "")
+    retrain = GracefulStop()
+    retrain.again = ""  # a retrain continues with the same command
+    failed(ValueError("one line"), RunLocation(tmp_path / "other"), retrain)
     err = capsys.readouterr().err
     assert "whole error" not in err and "memory" not in err
     assert err.rstrip().endswith("run again with: python -m search.run --name run")

@@ -52,8 +52,8 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
+from trainables.step import WARMUP_PASSES, first_line
 
-WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator), as trainables/step.py
 log = logging.getLogger(__name__)
 
 
@@ -282,7 +282,7 @@ class Pack:
                 return self._replay(batches, autocast)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
                 log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps eagerly",
-                            type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
+                            type(error).__name__, first_line(error))
                 self.cuda_graph, self.captured = False, None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -164,7 +164,7 @@ class TrainStep:
             for p in self.params:
                 p.grad = None
             log.warning("CUDA graph capture failed (%s: %s); this trial runs its steps eagerly",
-                        type(error).__name__, _first_line(error))
+                        type(error).__name__, first_line(error))
 
     def __call__(self, step: int) -> tuple[torch.Tensor, int]:
         """(loss on the GPU, real unpadded tokens in the batch) of optimizer step `step`."""
@@ -177,7 +177,7 @@ class TrainStep:
                 raise
             except Exception as error:  # noqa: BLE001 - the step without compiling computes the same
                 log.warning("compiling the train step failed (%s: %s); this trial runs without compiling",
-                            type(error).__name__, _first_line(error))
+                            type(error).__name__, first_line(error))
                 self._drop_compiled()
                 for p in self.params:
                     p.grad = None
@@ -236,7 +236,7 @@ class TrainStep:
             torch.compiler.reset()  # the next trial's adapter is new modules: it compiles again anyway
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The error's first line; with the next one where the first only introduces it (dynamo's
     "backend='inductor' raised:" before the backend's own error)."""
     lines = [text.strip() for text in str(error).splitlines() if text.strip()]
