@@ -362,7 +362,6 @@ class Pack:
                 losses.copy_(step())
 
             return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, replay)
-        self._zero_grad()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
