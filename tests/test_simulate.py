@@ -192,6 +192,30 @@ def test_the_hand_grid_is_its_points_snapped_to_the_grid_and_picked_by_the_rule(
     assert search.trials == 2
 
 
+def point(module_set: str, r: int, learning_rate: float) -> dict:
+    return {"module_set": module_set, "r": r, "alpha_ratio": 1.0, "lora_dropout": 0.0, "use_rslora": False,
+            "use_dora": False, "learning_rate": learning_rate}
+
+
+def test_a_simulated_pick_is_called_uncertain_as_the_report_would_and_the_shares_right_are_split_by_it(tmp_path):
+    landscape = format_.load(write_landscape(tmp_path))
+    config = policy_config(landscape)
+    truth = Truth.of(landscape, config)
+    searches = [hand_grid(landscape, config, points, np.random.default_rng(0)) for points in (
+        # the true pick, and nothing else within the tolerance: without it the rule picks past it
+        [point("all_linear", 4, 2e-3), point("attention_qv", 4, 2e-3)],
+        # two ranks of the best module set: without the cheaper, the other wins within the tolerance
+        [point("all_linear", 4, 2e-3), point("all_linear", 16, 2e-3)],
+        # mlp at the lower rate (0.90) beats attention_qv (1.00) past the tolerance, and is far from the best (0.50)
+        [point("mlp", 4, 2e-4), point("attention_qv", 4, 2e-3)])]
+    assert [search.uncertain for search in searches] == [True, False, True]
+    assert [truth.within(search.pick) for search in searches] == [True, True, False]
+    figures = summary(searches, truth, landscape)
+    assert figures["uncertain"] == pytest.approx(2 / 3)
+    assert figures["within_tolerance_if_uncertain"] == pytest.approx(0.5)
+    assert figures["within_tolerance_if_certain"] == 1.0
+
+
 def test_the_trials_at_once_are_the_most_windows_that_overlap():
     from analysis.landscape import most_at_once
 

@@ -10,7 +10,8 @@ of the table's seeds that this configuration has not run with yet in this search
 random; a promotion continues its parent's curve, from its parent's step, with its parent's
 seed), its reports at the simulated times the table's cumulative seconds give, with at most
 `resources.max_concurrent_trials` trials at once (0: the landscape's `slots`). ASHA's STOP ends
-it. The pick is `analysis.candidates.decide`'s over the reports the trials made. With `eval_rows`,
+it. The pick, and whether the report would call it uncertain, are the analysis' own over the
+reports the trials made (`final_pick`). With `eval_rows`,
 every trial of one search is scored on the same random `eval_rows` of the landscape's eval rows, as
 a run with `data.eval_examples` scores the same rows in every trial (`scored`); the truth stays the
 landscape's own values over all its rows.
@@ -27,6 +28,7 @@ import json
 import math
 import tempfile
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,10 +36,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from analysis.candidates import decide
 from analysis.landscape import POINT_KEYS, Landscape, Point, row_seconds
-from analysis.results import TrialFiles
-from analysis.select import Comparison
+from analysis.results import TrialFiles, trials_table
+from analysis.select import Comparison, NoCandidate, pick, without_pick
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
 from search.config import Config, load
@@ -104,6 +105,7 @@ class Search:
     gpu_seconds: float  # the trials' train and eval seconds, summed
     wall_seconds: float  # when the last trial ended
     trials: int
+    uncertain: bool = False  # what the run's report would call the pick: `analysis.select.WithoutPick.uncertain`
 
 
 @dataclass
@@ -173,8 +175,20 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_
                 heapq.heappush(events, (state.rows[0]["at"], next(order), trial_id))
     trials = [TrialFiles(trial_id, TrialParams.from_config(state.trial.config), state.reported, "", None)
               for trial_id, state in done.items()]
-    picked = decide(trials, config.selection, config.budget.max_steps).pick
-    return Search(done[picked].point if picked else None, gpu_seconds, now, len(done))
+    picked, uncertain = final_pick(trials, config)
+    return Search(done[picked].point if picked else None, gpu_seconds, now, len(done), uncertain)
+
+
+def final_pick(trials: list[TrialFiles], config: Config) -> tuple[str | None, bool]:
+    """The pick's trial id (None: nothing finished) and whether the report would call it uncertain,
+    by the same two functions the analysis' pipeline calls."""
+    max_steps = config.budget.max_steps
+    table = trials_table(trials, max_steps, config.selection.metric)
+    try:
+        chosen = pick(table, Comparison.of(config.selection, max_steps), configs := defaultdict(dict))
+    except NoCandidate:
+        return None, False
+    return chosen.trial_id, without_pick(table, chosen, max_steps, configs).uncertain
 
 
 def _start(landscape: Landscape, trial_id: str, proposal: dict, now: float, rng: np.random.Generator,
@@ -316,7 +330,16 @@ def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
         "gpu_seconds_median": float(np.median([search.gpu_seconds for search in searches])),
         "wall_seconds_median": float(np.median([search.wall_seconds for search in searches])),
         "trials_median": float(np.median([search.trials for search in searches])),
+        # whether the report's "the pick is uncertain" tells a worse pick: the share right with and without it
+        "uncertain": float(np.mean([search.uncertain for search in searches])),
+        **{f"within_tolerance_{flag}": _share([truth.within(s.pick) for s in searches if s.uncertain == is_flagged])
+           for flag, is_flagged in (("if_uncertain", True), ("if_certain", False))},
     }
+
+
+def _share(flags: list[bool]) -> float | None:
+    """The share of `flags` that are true; None for none (JSON's null)."""
+    return float(np.mean(flags)) if flags else None
 
 
 def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.random.Generator,
@@ -333,8 +356,8 @@ def hand_grid(landscape: Landscape, config: Config, points: list[dict], rng: np.
                 for row in landscape.curves[point, seed]]
         seconds += row_seconds(scored(landscape.final(point, seed), subset))
         trials.append(TrialFiles(f"{number:08x}", _params(point.as_dict()), rows, "", None))
-    picked = decide(trials, config.selection, config.budget.max_steps).pick
-    return Search(snapped[int(picked, 16)] if picked else None, seconds, seconds, len(snapped))
+    picked, uncertain = final_pick(trials, config)
+    return Search(snapped[int(picked, 16)] if picked else None, seconds, seconds, len(snapped), uncertain)
 
 
 def _params(point: dict) -> TrialParams:
