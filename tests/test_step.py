@@ -334,3 +334,48 @@ def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_b
     assert by_tokens == pytest.approx(metrics["eval_loss"], rel=1e-5)
     own_se = statistics.stdev(metrics["eval_row_loss"]) / len(row_losses) ** 0.5
     assert own_se == pytest.approx(metrics["eval_loss_se"], rel=1e-5)
+
+
+def test_the_capture_recipe_warms_up_on_a_side_stream_then_clears_gradients_then_captures_with_a_fake_cuda(monkeypatch):
+    """torch.cuda.graph's own recipe, which both the trial's step and the pack's take from
+    `cuda_graph`: the order of its calls, on stand-ins for CUDA's stream and graph (no GPU here)."""
+    from contextlib import contextmanager
+
+    from trainables import step as step_module
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextmanager
+    def on(stream):
+        calls.append(f"on {stream.name}")
+        yield
+        calls.append(f"off {stream.name}")
+
+    @contextmanager
+    def capturing(graph):
+        calls.append("capture begins")
+        yield
+        calls.append("capture ends")
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    graph, out = step_module.cuda_graph(lambda: calls.append("warm-up pass"), lambda: calls.append("step") or "loss",
+                                        lambda: calls.append("gradients cleared"))
+    assert out == "loss" and isinstance(graph, Graph)
+    assert calls == ["side waits for main", "on side", *["warm-up pass"] * step_module.WARMUP_PASSES, "off side",
+                     "main waits for side", "gradients cleared", "capture begins", "step", "capture ends"]

@@ -52,7 +52,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import WARMUP_PASSES, first_line
+from trainables.step import cuda_graph, first_line
 
 log = logging.getLogger(__name__)
 
@@ -362,18 +362,13 @@ class Pack:
                 losses.copy_(step())
 
             return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, replay)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                with context:
-                    losses = self.losses(ids, labels)
-                losses.sum().backward()
-        torch.cuda.current_stream().wait_stream(side)
-        self._zero_grad()  # the captured backward allocates the gradients from the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            losses = step()
+
+        def warmup() -> None:  # forward and backward of padding only: no weight moves
+            with context:
+                losses = self.losses(ids, labels)
+            losses.sum().backward()
+
+        graph, losses = cuda_graph(warmup, step, self._zero_grad)
         return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:

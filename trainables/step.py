@@ -32,11 +32,14 @@ the trial runs the same step eagerly, says so in the worker's log, and reports
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from trainables.data import IGNORE, batch_indices, collate
 
+T = TypeVar("T")
 WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator)
 log = logging.getLogger(__name__)
 
@@ -205,23 +208,18 @@ class TrainStep:
     def _capture(self) -> None:
         first = self.device_schedule[0]
         self.static_ids, self.static_labels = self.ids[first].long(), self.labels[first].long()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                with self.autocast:
-                    loss = answer_loss(self.model, self.static_ids, self.static_labels)
-                loss.backward()
-        torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:  # the captured backward allocates them from the graph's pool
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+
+        def step() -> torch.Tensor:
             with self.autocast:
                 loss = answer_loss(self.model, self.static_ids, self.static_labels)
             loss.backward()
-        self.static_loss = loss.detach()
-        self.graph = graph
+            return loss.detach()
+
+        def clear() -> None:
+            for p in self.params:
+                p.grad = None
+
+        self.graph, self.static_loss = cuda_graph(step, step, clear)
 
     def close(self) -> None:
         """Free the graph's memory, the compiled step and the gradients that live in them."""
@@ -234,6 +232,24 @@ class TrainStep:
         if self.compiled is not None:
             self.compiled = None
             torch.compiler.reset()  # the next trial's adapter is new modules: it compiles again anyway
+
+
+def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads: Callable[[], None]
+               ) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`step` captured as a CUDA graph, as `torch.cuda.graph` asks: `warmup` run WARMUP_PASSES
+    times on a side stream first, then the gradients cleared so that the captured backward
+    allocates them from the graph's pool. The graph, and what `step` returned (its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_PASSES):
+            warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    clear_grads()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def first_line(error: BaseException) -> str:
