@@ -214,6 +214,9 @@ def test_a_simulated_pick_is_called_uncertain_as_the_report_would_and_the_shares
     assert figures["uncertain"] == pytest.approx(2 / 3)
     assert figures["within_tolerance_if_uncertain"] == pytest.approx(0.5)
     assert figures["within_tolerance_if_certain"] == 1.0
+    assert [(search["uncertain"], search["within"]) for search in figures["per_search"]] == [
+        (True, True), (False, True), (True, False)]
+    assert figures["per_search"][0]["pick"] == TRUE_PICK.label()
 
 
 def test_the_trials_at_once_are_the_most_windows_that_overlap():

@@ -334,6 +334,9 @@ def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
         "uncertain": float(np.mean([search.uncertain for search in searches])),
         **{f"within_tolerance_{flag}": _share([truth.within(s.pick) for s in searches if s.uncertain == is_flagged])
            for flag, is_flagged in (("if_uncertain", True), ("if_certain", False))},
+        # each search's own, in the order of its seed: what pairs one policy's searches with another's
+        "per_search": [{"pick": None if s.pick is None else s.pick.label(), "within": truth.within(s.pick),
+                        "uncertain": s.uncertain, "gpu_seconds": round(s.gpu_seconds, 1)} for s in searches],
     }
 
 
