@@ -7,6 +7,8 @@ trials), so a trial only builds its adapter; the adapter is removed again with
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import sys
@@ -130,6 +132,17 @@ def load_base_model(path: str, dtype: str, quantization: str, trust_remote_code:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _cached.update(key=key, model=model)
     return model
+
+
+def return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system at a trial's end (glibc's `malloc_trim`): a
+    worker that Tune reuses for trial after trial otherwise keeps every trial's freed activations
+    in its heap, and on a CPU grows by about half a GB a trial until the node's memory monitor kills it."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): no such call, and nothing kept to give back
+        return
+    trim(0)
 
 
 def forget_base_model() -> None:

@@ -24,7 +24,7 @@ from trainables.divergence import eval_diverged, train_diverged
 from trainables.evaluation import eval_token_budget, evaluate
 from trainables.generate import AnswerMetrics
 from trainables.metrics import Progress, trial_report
-from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model
+from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model, return_freed_memory
 from trainables.optim import loraplus_adamw, warmup_cosine
 from trainables.step import TrainStep
 
@@ -74,6 +74,7 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
         finally:
             del model
             gc.collect()
+            return_freed_memory()
             if cuda:
                 torch.cuda.empty_cache()
 
