@@ -179,6 +179,15 @@ def test_the_grace_period_changes_the_simulated_searches(tmp_path):
     assert sum(spent[10]) < sum(spent[30])
 
 
+def test_a_narrower_module_set_list_is_all_the_simulated_search_tries(tmp_path):
+    landscape = format_.load(write_landscape(tmp_path))
+    config = policy_config(landscape, ["search.module_sets=[attention_qv,mlp]", "budget.num_samples=6",
+                                       "search.priors=none"])
+    picks = {search.pick.module_set for search in simulate(landscape, config, seeds=4)}
+    # all_linear, the best module set, is out of the space: mlp (0.60 at the higher rate) wins every time
+    assert picks == {"mlp"}
+
+
 def test_the_hand_grid_is_its_points_snapped_to_the_grid_and_picked_by_the_rule(tmp_path):
     landscape = format_.load(write_landscape(tmp_path))
     config = policy_config(landscape)

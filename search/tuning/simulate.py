@@ -126,7 +126,9 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_
 
     header = landscape.header
     subset = eval_subset(landscape, config.selection.metric, eval_rows, rng)
-    resolved = {name: ResolvedModules(name, name.split("+"), False, [], None) for name in header.grid["module_set"]}
+    # the run's module sets as the run resolves them: the config's, which may be fewer than the landscape's
+    resolved = {name: ResolvedModules(name, name.split("+"), False, [], None)
+                for name in map(module_set_key, config.search.module_sets)}
     priors = prior_points(config.search, header.search_train_rows, header.task_kind, config.budget.num_samples)
     space = LoraSpace(config.search, resolved, config.seed, priors=len(priors))
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
