@@ -36,7 +36,7 @@ class SelectionConfig:
     tolerance: float = field(default=0.95, metadata={"help": "share of the best quality a cheaper trial must keep, in (0, 1]; 1 takes the best"})
     cost: str = field(default="trainable_params", metadata={"help": f"what 'cheaper' means, one of {list(COSTS)}"})
     promote: bool = field(default=True, metadata={"help": "train on to the full budget the trials ASHA stopped that are within tolerance and cheaper than the pick"})
-    confirm_top_k: int = field(default=2, metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"})
+    confirm_top_k: int = field(default=1, metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"})
     confirm_seeds: int = field(default=1, metadata={"help": "extra seeds per confirmed candidate"})
     confirm_max_seeds: int = field(default=4, metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart from it; at least confirm_seeds + 1"})
     retrain: bool = field(default=False, metadata={"help": "train the pick once more on all the training data and export its adapter weights"})

@@ -259,7 +259,7 @@ def test_a_grid_s_status_line_plans_every_point_with_every_seed_from_the_start(c
 
     config = load(None, ["search.algorithm=grid", "search.module_sets=[mlp,all_linear]", "search.ranks=[4,16]",
                          "search.alpha_ratios=[1.0]", "search.use_rslora=[false]",
-                         "search.grid.learning_rates=[2.0e-4,3.0e-3]", "budget.landscape_seeds=2"])
+                         "search.grid.learning_rates=[7.7e-4,3.0e-3]", "budget.landscape_seeds=2"])
     reporter = status_reporter(config, -1)
     # a point's second seed runs as a confirmation of it: already in the plan of 2 x 2 x 2 points x 2 seeds
     trials = [Trial("t", config={"origin": origin}, trial_id=trial_id, stub=True)

@@ -74,11 +74,11 @@ def test_the_grid_is_every_choice_crossed_with_the_grids_learning_rates_and_drop
 
     config = load(None, ["search.algorithm=grid", "search.module_sets=[mlp,all_linear]", "search.ranks=[4,16]",
                          "search.alpha_ratios=[1.0]", "search.use_rslora=[false,true]",
-                         "search.grid.learning_rates=[2.0e-4,3.0e-3]", "search.grid.lora_dropouts=[0.0,0.1]"])
+                         "search.grid.learning_rates=[7.7e-4,3.0e-3]", "search.grid.lora_dropouts=[0.0,0.1]"])
     points = grid_points(config.search)
     assert len(points) == 2 * 2 * 1 * 2 * 1 * 1 * 2 * 2
     assert len({tuple(sorted(point.items())) for point in points}) == len(points)
-    assert {point["learning_rate"] for point in points} == {2e-4, 3e-3}
+    assert {point["learning_rate"] for point in points} == {7.7e-4, 3e-3}
     assert {point["lora_dropout"] for point in points} == {0.0, 0.1}
     # a fixed range is no parameter of the space, so no key of the grid
     fixed = load(None, ["search.algorithm=grid", "search.learning_rate=1e-3", "search.grid.learning_rates=[1e-3]"])
@@ -89,7 +89,7 @@ def test_a_grid_value_outside_its_range_and_an_unknown_algorithm_are_refused_by_
     from search.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"search.grid.learning_rates has \[0.01\] outside search.learning_rate"):
-        load(None, ["search.algorithm=grid", "search.grid.learning_rates=[2.0e-4,1.0e-2]"])
+        load(None, ["search.algorithm=grid", "search.grid.learning_rates=[7.7e-4,1.0e-2]"])
     with pytest.raises(ConfigError, match=r"search.algorithm is 'bohb'; allowed: tpe, random, grid"):
         load(None, ["search.algorithm=bohb"])
     with pytest.raises(ConfigError, match=r"budget.landscape_seeds is 0; allowed: an integer >= 1"):

@@ -33,7 +33,7 @@ ALGORITHMS = (TPE, RANDOM, GRID)
 @dataclass
 class GridConfig:
     learning_rates: list[float] = field(
-        default_factory=lambda: [2e-4, 7.7e-4, 3e-3],
+        default_factory=lambda: [7.7e-4, 1.5e-3, 3e-3],
         metadata={"help": "search.algorithm grid: the learning rates of the grid, within search.learning_rate"})
     lora_dropouts: list[float] = field(
         default_factory=lambda: [0.0],
@@ -84,7 +84,7 @@ class SpaceConfig:
         metadata={"help": "RSLoRA choices (scale alpha/sqrt(r))"})
     use_dora: list[bool] = field(default_factory=lambda: [False], metadata={"help": "DoRA choices (slower steps)"})
     learning_rate: list[float] | float = field(
-        default_factory=lambda: [2e-4, 3e-3],
+        default_factory=lambda: [7.7e-4, 3e-3],
         metadata={"help": "[low, high] range, sampled on a log scale, or one value, fixed"})
     loraplus_lr_ratio: list[float] = field(
         default_factory=lambda: [1.0],
