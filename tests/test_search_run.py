@@ -36,6 +36,7 @@ def tiny_run(tiny_model_dir, local_ray, tmp_path_factory):
         "--set", "budget.batch_size=4",
         "--set", "data.eval_examples=8",
         "--set", "selection.retrain=true",
+        "--set", "selection.confirm_top_k=2",  # two leaders, so that the confirmations' choice among them is seen
     ])
     return code, output / "tiny"
 
