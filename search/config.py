@@ -201,8 +201,9 @@ AUTO_PACKING = {
     "cpu": (PROCESSES, "on an idle 2-core CPU the batched pack of 2 to 8 SmolLM2 trials trained at 1.03x to 1.07x of "
                        "one trial alone, with 1.7x to 5.8x its memory (bench/results/shared_packing_cpu.json): a CPU's "
                        "step is bound by its arithmetic, which a pack does not reduce"),
-    "cuda": (PROCESSES, "on one H200 the pack that looped over its trials trained at 0.07x to 0.13x of one trial "
-                        "alone (bench/results/h200-2026-12-01-shared/), and the batched pack is not measured on a GPU yet"),
+    "cuda": (PROCESSES, "on one H100 the batched pack of 8 SmolLM2 trials trained at 2.81x one trial alone "
+                        "(bench/results/h100-2026-12-05-packed/) against 3.4x for 8 processes (bench/results/"
+                        "trial_throughput.json), and at 0.94x with 16 trials of Llama-3-8B's shapes"),
 }
 
 
