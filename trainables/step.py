@@ -164,8 +164,7 @@ class TrainStep:
             self.mode = "cuda_graph"
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             self.graph = None
-            for p in self.params:
-                p.grad = None
+            self._clear_grads()
             log.warning("CUDA graph capture failed (%s: %s); this trial runs its steps eagerly",
                         type(error).__name__, first_line(error))
 
@@ -182,8 +181,7 @@ class TrainStep:
                 log.warning("compiling the train step failed (%s: %s); this trial runs without compiling",
                             type(error).__name__, first_line(error))
                 self._drop_compiled()
-                for p in self.params:
-                    p.grad = None
+                self._clear_grads()
                 self.mode = "eager"
                 self._try_graph()
         return self._step(step)
@@ -193,8 +191,7 @@ class TrainStep:
         index = self.device_schedule[step]
         if self.graph is None:
             width = self.ids.shape[1] if self.mode == "compiled" else int(lengths.max())
-            for p in self.params:
-                p.grad = None
+            self._clear_grads()
             ids, labels = self.ids[index, :width].long(), self.labels[index, :width].long()
             with self.autocast:
                 loss = self.compiled.loss(self.model, ids, labels) if self.compiled else answer_loss(self.model, ids, labels)
@@ -215,16 +212,15 @@ class TrainStep:
             loss.backward()
             return loss.detach()
 
-        def clear() -> None:
-            for p in self.params:
-                p.grad = None
-
-        self.graph, self.static_loss = cuda_graph(step, step, clear)
+        self.graph, self.static_loss = cuda_graph(step, step, self._clear_grads)
 
     def close(self) -> None:
         """Free the graph's memory, the compiled step and the gradients that live in them."""
         self.graph = None
         self._drop_compiled()
+        self._clear_grads()
+
+    def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
 
