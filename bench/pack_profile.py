@@ -20,6 +20,7 @@ ROWS, TOKENS, REPEATS = 8, 64, 5
 
 class _Args:
     llama8b = False
+    random = True  # SmolLM2's shapes, random weights: no model files on the machine
     model = "smollm2"
 
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     from bench.shared_packing import load as load_model
     from bench.shared_packing import rows, trial_params
-    from trainables.packed import Pack
+    from trainables.packed import Pack, unpack
 
     device = torch.device("cuda", 0)
     model = load_model(_Args, device)
@@ -75,8 +76,13 @@ def main() -> None:
         for i in indices:
             ids = torch.tensor([r[0] for r in rows(ROWS, TOKENS, model.config.vocab_size, i)], device=device)
             batches[i] = (ids, ids)
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             pack.step(batches, autocast)
+        torch.cuda.synchronize()
+        print(f"K={slots} memory GB: allocated {torch.cuda.memory_allocated() / 2**30:.2f}, peak allocated "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f}, reserved {torch.cuda.memory_reserved() / 2**30:.2f}",
+              flush=True)
         print(f"K={slots} phases ms: {phases(pack, batches, autocast)}", flush=True)
         ids = torch.cat([batches[i][0] for i in indices])
         with torch.no_grad(), autocast:
@@ -90,6 +96,7 @@ def main() -> None:
         print(profiled.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
         for i in indices:
             pack.remove(i)
+        unpack(model)
 
 
 if __name__ == "__main__":

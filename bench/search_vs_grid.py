@@ -243,6 +243,7 @@ def main() -> int:
                                    for name, began, end in marks]
         trial_clocks = timeline(reports, started_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
+        first_step = first_step_seconds(read_trial_files(run_dir), started_epoch)  # the run directory goes with the block
     inside = sum(end - start for start, end in windows)
     busy = union_seconds(windows)
     import os
@@ -256,7 +257,7 @@ def main() -> int:
                                                               started_epoch)
     figures = {
         "search_gpu_seconds": wall,
-        "first_step_seconds": first_step_seconds(read_trial_files(run_dir), started_epoch),
+        "first_step_seconds": first_step,
         "search_eval_loss": pick.get("value", pick.get("metric_value")),
         "overhead_share": busy / wall,
         # the same from the first step on: how busy the search kept the GPU once its workers were up

@@ -163,8 +163,11 @@ def peak_gb(device) -> float:
 
 
 def reset_peak(device) -> None:
+    import gc
+
     import torch
 
+    gc.collect()  # a pack and its layers refer to each other: only the collector frees the last one's tensors
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
