@@ -91,38 +91,46 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
             "peak_memory_gb": peak_gb(device)}
 
 
-def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool):
+def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False):
     """A pack of `slots` trials, and each one's batch (on the host, as the shared trainer gives them)."""
     import torch
 
     from trainables.packed import Pack
 
-    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph)
+    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
+                compile_backend="inductor" if compiled else None)
     indices = [pack.add(trial_params(k)) for k in range(slots)]
     data = {i: rows(batch, tokens, model.config.vocab_size, i) for i in indices}
     batches = {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in indices}
     return pack, batches
 
 
-def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool) -> dict:
+def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False) -> dict:
     """`slots` trials in one pack, each with its own batch each step."""
     from trainables.packed import unpack
 
     reset_peak(device)
-    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph)
+    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph, compiled)
     autocast = bf16(device)
+    started = time.perf_counter()
     for _ in range(WARMUP):
         pack.step(batches, autocast)
     sync(device)
+    first_steps = time.perf_counter() - started  # the capture, and the compile where there is one
     started = time.perf_counter()
     for _ in range(steps):
         pack.step(batches, autocast)
     sync(device)
     seconds = time.perf_counter() - started
     result = {"slots": slots, "step_mode": pack.step_mode, "tokens_per_second": steps * slots * batch * tokens / seconds,
-              "step_ms": 1000 * seconds / steps, "pass_slots": pack.pass_slots, "peak_memory_gb": peak_gb(device)}
+              "step_ms": 1000 * seconds / steps, "pass_slots": pack.pass_slots,
+              "warmup_seconds": first_steps, "peak_memory_gb": peak_gb(device)}
     pack.captured = None
     unpack(model)
+    if compiled:
+        import torch
+
+        torch.compiler.reset()  # each pack size compiles anew: no guard of an earlier size to fail first
     return result
 
 
@@ -209,7 +217,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (64; 512 with --llama8b)")
     parser.add_argument("--llama8b", action="store_true")
     parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights")
-    parser.add_argument("--modes", default="eager,cuda_graph", help="the pack's step modes to time (cuda_graph: GPU only)")
+    parser.add_argument("--modes", default="eager,cuda_graph,compiled",
+                        help="the pack's step modes to time (cuda_graph; compiled: torch.compile, then captured; GPU only)")
     args = parser.parse_args()
     batch = args.rows or (4 if args.llama8b else 8)
     tokens = args.tokens or (512 if args.llama8b else 64)
@@ -231,7 +240,8 @@ def main() -> None:
         curve = curves[mode] = []
         for slots in [int(s) for s in args.slots.split(",")]:
             try:
-                point = packed(model, device, slots, args.steps, batch, tokens, graph=mode == "cuda_graph")
+                point = packed(model, device, slots, args.steps, batch, tokens, graph=mode != "eager",
+                               compiled=mode == "compiled")
             except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
                 print(f"{mode} K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 reset_peak(device)
@@ -239,7 +249,8 @@ def main() -> None:
             curve.append(point)
             speedup = point["tokens_per_second"] / single["tokens_per_second"]
             print(f"{mode} K={slots}: {point['tokens_per_second']:,.0f} tokens/s ({speedup:.2f}x, {point['step_mode']}), "
-                  f"{point['step_ms']:.1f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}",
+                  f"{point['step_ms']:.1f} ms a step, {point['peak_memory_gb']:.2f} GB, pass of {point['pass_slots']}, "
+                  f"first {WARMUP} steps {point['warmup_seconds']:.1f} s",
                   flush=True)
     curve = max(curves.values(), key=lambda c: max((p["tokens_per_second"] for p in c), default=0))
     best = max(curve, key=lambda p: p["tokens_per_second"]) if curve else None

@@ -101,8 +101,10 @@ class PackedLinear(nn.Module):
         if self.training and self.pack.dropout:
             rows = self.pack.dropped(rows, self.number)
         low = torch.bmm(rows.flatten(1, -2), A.transpose(1, 2).to(rows.dtype))
-        lora = torch.bmm(low, B.transpose(1, 2).to(low.dtype)) * scale[:, None, None].to(low.dtype)
-        return out + lora.view(out.shape)
+        # the scale on B rather than on the product, and the sum in the same kernel: no pass over
+        # the layer's output for either, forward or backward
+        scaled = (B * scale[:, None, None]).transpose(1, 2).to(low.dtype)
+        return torch.baddbmm(out.view(low.shape[0], -1, out.shape[-1]), low, scaled).view(out.shape)
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Pack:
     for every row (evaluation, generation)."""
 
     def __init__(self, model: nn.Module, capacity: int, warmup_steps: int, max_steps: int, max_rank: int = 1,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compile_backend: str | None = None):
         self.model, self.capacity = model, capacity
         self.warmup_steps, self.max_steps, self.max_rank = warmup_steps, max_steps, max_rank
         self.slots: dict[int, Slot] = {}
@@ -167,6 +169,10 @@ class Pack:
         self.layout = 0  # bumped when a layer's tensors are made: a captured step must be captured again
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.captured: Captured | None = None
+        # the captured step's forward and update through torch.compile (backend "inductor" on a
+        # GPU): the step is bound by its elementwise passes (norms, rotary, AdamW), which it fuses
+        self.compile_backend = compile_backend
+        self._compiled: tuple | None = None
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
         # each slot's entries: what `add` writes and `remove` clears; float64 for the few numbers
         # of a slot, as the Python floats of torch's own AdamW and schedule are
@@ -266,7 +272,8 @@ class Pack:
     # -- training --------------------------------------------------------------------------
     @property
     def step_mode(self) -> str:
-        return "cuda_graph" if self.cuda_graph else "eager"
+        mode = "cuda_graph" if self.cuda_graph else "eager"
+        return f"compiled+{mode}" if self.compile_backend and self.cuda_graph else mode
 
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,
@@ -347,11 +354,17 @@ class Pack:
         context = (torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
                    if autocast is not None and self.device.type == "cuda" else autocast or nullcontext())
 
+        if self._compiled is None:
+            self._compiled = ((torch.compile(self.losses, fullgraph=True, dynamic=False, backend=self.compile_backend),
+                               torch.compile(self.update, fullgraph=True, dynamic=False, backend=self.compile_backend))
+                              if self.compile_backend else (self.losses, self.update))
+        losses_of, update = self._compiled
+
         def step() -> torch.Tensor:
             with context:
-                losses = self.losses(ids, labels)
+                losses = losses_of(ids, labels)
             losses.sum().backward()
-            self.update(stepping)
+            update(stepping)
             return losses.detach()
 
         if self.device.type != "cuda":  # no graph without a GPU: the same step on the same tensors, eagerly (tests)
@@ -363,10 +376,11 @@ class Pack:
 
             return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, replay)
 
-        def warmup() -> None:  # forward and backward of padding only: no weight moves
+        def warmup() -> None:  # padding only, and no slot steps: no weight or moment moves
             with context:
-                losses = self.losses(ids, labels)
+                losses = losses_of(ids, labels)
             losses.sum().backward()
+            update(torch.zeros_like(stepping))  # compiled here, if at all: nothing compiles under the capture
 
         graph, losses = cuda_graph(warmup, step, self._zero_grad)
         return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
