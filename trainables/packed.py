@@ -43,6 +43,7 @@ import logging
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import cuda_graph, first_line
+from trainables.step import CompiledBlocks, cuda_graph, first_line, repeated_blocks
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.base = base
         object.__setattr__(self, "pack", pack)  # not a submodule: the pack owns the model
-        self.number = number  # the layer's own key in the dropout hash
+        # the layer's own key in the dropout hash; a tensor, so that one compiled decoder layer serves every layer
+        self.number = torch.tensor(number, device=pack.device)
         capacity, device = pack.capacity, pack.device
         self.scale = torch.zeros(capacity, device=device)
         self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
@@ -355,9 +357,7 @@ class Pack:
                    if autocast is not None and self.device.type == "cuda" else autocast or nullcontext())
 
         if self._compiled is None:
-            self._compiled = ((torch.compile(self.losses, fullgraph=True, dynamic=False, backend=self.compile_backend),
-                               torch.compile(self.update, fullgraph=True, dynamic=False, backend=self.compile_backend))
-                              if self.compile_backend else (self.losses, self.update))
+            self._compiled = self._compile() if self.compile_backend else (self.losses, self.update)
         losses_of, update = self._compiled
 
         def step() -> torch.Tensor:
@@ -385,6 +385,23 @@ class Pack:
         graph, losses = cuda_graph(warmup, step, self._zero_grad)
         return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
+    def _compile(self) -> tuple:
+        """The step's forward and update through torch.compile, by parts that repeat: one decoder
+        layer (its code serves every layer), the loss over the logits, and AdamW on one stacked
+        tensor; compiling the model and the update whole took minutes (409 s on an H100's host
+        for SmolLM2), the parts a layer's time. A model without named decoder layers compiles whole."""
+        backend = self.compile_backend
+        tail, adamw = torch.compile(slot_losses, backend=backend), torch.compile(adamw_, backend=backend)
+        if not repeated_blocks(self.model):
+            return torch.compile(self.losses, fullgraph=True, backend=backend), partial(self.update, adamw=adamw)
+        blocks = CompiledBlocks(self.model, backend)
+
+        def losses_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with blocks.installed(self.model):
+                return self.losses(ids, labels, tail=tail)
+
+        return losses_of, partial(self.update, adamw=adamw)
+
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
         """Forward and backward of the slots of `batches` (in their order), whose rows are padded
         to one count and one width: a slot without a batch (None) gives padding rows only."""
@@ -401,18 +418,15 @@ class Pack:
         losses.sum().backward()
         return {i: losses[n].detach() for n, i in enumerate(slots) if batches[i] is not None}
 
-    def losses(self, ids: torch.Tensor, labels: torch.Tensor, autocast=None) -> torch.Tensor:
+    def losses(self, ids: torch.Tensor, labels: torch.Tensor, autocast=None, tail=None) -> torch.Tensor:
         """Each slot's mean token loss over its own block of rows (`[slots]`; 0 for a block
         without labels): the forward of a packed step, the same operations for any pack."""
         with autocast or torch.autocast(self.device.type, enabled=False):
             logits = self.model(input_ids=ids).logits
         slots = self.capacity if self.selection is None else self.selection.shape[0]
-        targets = labels[:, 1:].reshape(slots, -1)
-        tokens = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                             ignore_index=IGNORE, reduction="none").view(slots, -1)
-        return tokens.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+        return (tail or slot_losses)(logits, labels, slots)
 
-    def update(self, stepping: torch.Tensor) -> None:
+    def update(self, stepping: torch.Tensor, adamw=None) -> None:
         """One AdamW step (PEFT's LoRA+ groups, the warm-up and cosine schedule) of every slot in
         `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it (its
         operations, in its order); the other slots keep their weights and moments: their moments'
@@ -435,14 +449,10 @@ class Pack:
             for layer in self._layers.values():
                 for matrix in ("A", "B"):
                     weight = getattr(layer, matrix)
-                    if weight.grad is None:
-                        continue
-                    grad = weight.grad
-                    avg, avg_sq = getattr(layer, f"{matrix}_avg"), getattr(layer, f"{matrix}_avg_sq")
-                    avg.lerp_(grad, average)
-                    avg_sq.mul_(decay).addcmul_(grad * squares, grad)
-                    denom = (avg_sq.sqrt() / correction).add_(EPS)
-                    weight.addcmul_(avg / denom, sizes[matrix])
+                    if weight.grad is not None:
+                        (adamw or adamw_)(weight, weight.grad, getattr(layer, f"{matrix}_avg"),
+                                          getattr(layer, f"{matrix}_avg_sq"), average, decay, squares, correction,
+                                          sizes[matrix])
         self.steps.copy_(taken)
 
     def dropped(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
@@ -551,6 +561,23 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     """A host tensor in page-locked memory, where a GPU is: its copy to the GPU then waits for
     nothing, not even for the step before to end (a copy from pageable memory may)."""
     return tensor.pin_memory() if tensor.device.type == "cpu" and torch.cuda.is_available() else tensor
+
+
+def slot_losses(logits: torch.Tensor, labels: torch.Tensor, slots: int) -> torch.Tensor:
+    """Each of `slots` blocks of rows' mean next-token loss over its labelled tokens (0 where none is)."""
+    targets = labels[:, 1:].reshape(slots, -1)
+    tokens = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                         ignore_index=IGNORE, reduction="none").view(slots, -1)
+    return tokens.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+
+
+def adamw_(weight, grad, avg, avg_sq, average, decay, squares, correction, size) -> None:
+    """One AdamW step of a stacked tensor in place, in torch's AdamW's operations and order; the
+    factors are per slot (`[capacity, 1, 1]`), so a slot not stepping keeps its weights and moments."""
+    avg.lerp_(grad, average)
+    avg_sq.mul_(decay).addcmul_(grad * squares, grad)
+    denom = (avg_sq.sqrt() / correction).add_(EPS)
+    weight.addcmul_(avg / denom, size)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
