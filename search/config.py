@@ -201,9 +201,10 @@ AUTO_PACKING = {
     "cpu": (PROCESSES, "on an idle 2-core CPU the batched pack of 2 to 8 SmolLM2 trials trained at 1.03x to 1.07x of "
                        "one trial alone, with 1.7x to 5.8x its memory (bench/results/shared_packing_cpu.json): a CPU's "
                        "step is bound by its arithmetic, which a pack does not reduce"),
-    "cuda": (PROCESSES, "on one H100 the batched pack of 8 SmolLM2 trials trained at 2.81x one trial alone "
-                        "(bench/results/h100-2026-12-05-packed/) against 3.4x for 8 processes (bench/results/"
-                        "trial_throughput.json), and at 0.94x with 16 trials of Llama-3-8B's shapes"),
+    "cuda": (PROCESSES, "on one H100 the batched pack of 8 SmolLM2 trials trained at 2.98x one trial alone "
+                        "captured, 3.88x with its loss and AdamW compiled (resources.compile; bench/results/"
+                        "h100-2026-12-05-packed-compiled/), against 3.4x for 8 processes (bench/results/"
+                        "trial_throughput.json); a whole search packed has not been timed against processes"),
 }
 
 

@@ -53,7 +53,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import CompiledBlocks, cuda_graph, first_line, repeated_blocks
+from trainables.step import cuda_graph, first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.base = base
         object.__setattr__(self, "pack", pack)  # not a submodule: the pack owns the model
-        # the layer's own key in the dropout hash; a tensor, so that one compiled decoder layer serves every layer
-        self.number = torch.tensor(number, device=pack.device)
+        self.number = number  # the layer's own key in the dropout hash
         capacity, device = pack.capacity, pack.device
         self.scale = torch.zeros(capacity, device=device)
         self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
@@ -386,21 +385,17 @@ class Pack:
         return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
     def _compile(self) -> tuple:
-        """The step's forward and update through torch.compile, by parts that repeat: one decoder
-        layer (its code serves every layer), the loss over the logits, and AdamW on one stacked
-        tensor; compiling the model and the update whole took minutes (409 s on an H100's host
-        for SmolLM2), the parts a layer's time. A model without named decoder layers compiles whole."""
+        """The step's forward and update with two parts through torch.compile, each a few
+        seconds' compile: the loss over the logits (the float logits and their softmax are never
+        held whole: 5.6 GB at K=8 against 8.3) and AdamW on one stacked tensor (one kernel for
+        its passes). On an H100 they took the captured step from 48.7 to 37.3 ms at K=8
+        (bench/results/h100-2026-12-05-packed-compiled/). The model itself is not compiled:
+        whole, it compiled for 409 s; by decoder layer, the layer compiled again under the
+        capture, which failed it."""
         backend = self.compile_backend
-        tail, adamw = torch.compile(slot_losses, backend=backend), torch.compile(adamw_, backend=backend)
-        if not repeated_blocks(self.model):
-            return torch.compile(self.losses, fullgraph=True, backend=backend), partial(self.update, adamw=adamw)
-        blocks = CompiledBlocks(self.model, backend)
-
-        def losses_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with blocks.installed(self.model):
-                return self.losses(ids, labels, tail=tail)
-
-        return losses_of, partial(self.update, adamw=adamw)
+        tail = torch.compile(slot_losses, backend=backend, dynamic=False)
+        adamw = torch.compile(adamw_, backend=backend, dynamic=False)
+        return partial(self.losses, tail=tail), partial(self.update, adamw=adamw)
 
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
         """Forward and backward of the slots of `batches` (in their order), whose rows are padded

@@ -91,7 +91,8 @@ class SharedTrainer:
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
                                setup.gradient_checkpointing)
-        self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs)
+        self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
+                         compile_backend="inductor" if setup.compile and self.cuda else None)
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         self.eval_rows = load_split(setup.data_dir, "eval")
         vocab_size = base.config.get_text_config().vocab_size
