@@ -212,8 +212,9 @@ def _spent(trials: pd.DataFrame, max_steps: int, resources: Resources) -> str:
         f"{counts.get('stopped', 0)} stopped early (by ASHA, or the run was interrupted), "
         f"{counts.get('failed', 0)} failed. Training took {seconds:,.0f} trial-seconds ({duration(seconds)})"
         f"{f', evaluation {eval_seconds:,.0f}{generating}.' if eval_seconds > 0 else '.'}"
-        f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted) and "
-        f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm)."
+        f" Of these, {stages.get('promoted', 0)} continued a trial ASHA had stopped within tolerance (promoted), "
+        f"{stages.get('confirm', 0)} repeated a leading candidate with another seed (confirm) and "
+        f"{stages.get('cheaper', 0)} tried a configuration next to the pick that trains fewer parameters (cheaper)."
         + _reruns(trials)
         + _packing(resources)
         + _share(resources)

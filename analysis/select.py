@@ -388,8 +388,10 @@ def amount(value: float) -> str:
 
 
 def configuration_root(trials: pd.DataFrame) -> dict[str, str]:
-    """trial_id -> the id of the search trial it repeats (following `parent`), itself for a search trial."""
-    parents = dict(zip(trials["trial_id"], trials["parent"]))
+    """trial_id -> the id of the search trial it repeats (following `parent` where the trial
+    repeats its parent's configuration), itself for a search trial or a cheaper neighbour."""
+    parents = {trial_id: parent for trial_id, parent, origin in zip(trials["trial_id"], trials["parent"], trials["origin"])
+               if Origin(origin).repeats_parent}
 
     def root(trial_id: str) -> str:
         seen = set()

@@ -23,6 +23,7 @@ class Origin(str, Enum):
     SEARCH = "search"       # proposed by the sampler
     PROMOTED = "promoted"   # a trial ASHA stopped, continued to the full budget from its checkpoint
     CONFIRM = "confirm"     # a leading configuration again, with another seed
+    CHEAPER = "cheaper"     # the pick with the next smaller rank, or with a module set inside its own
     RERUN = "rerun"         # a trial that ran out of GPU memory beside others, again with fewer neighbours
     RETRAIN = "retrain"     # the pick, trained on all the training data
 
@@ -31,6 +32,12 @@ class Origin(str, Enum):
         """Whether the searcher (Optuna) proposed this trial and ASHA schedules it; the stages' trials
         train to the full budget outside both."""
         return self in (Origin.PRIOR, Origin.SEARCH)
+
+    @property
+    def repeats_parent(self) -> bool:
+        """Whether such a trial is its parent's configuration run again (its runs count together);
+        a cheaper neighbour names the pick it is next to as its parent, but is a configuration of its own."""
+        return self in (Origin.PROMOTED, Origin.CONFIRM, Origin.RERUN, Origin.RETRAIN)
 
     @property
     def continues_parent(self) -> bool:

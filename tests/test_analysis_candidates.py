@@ -198,3 +198,15 @@ def test_with_paired_rows_seeds_go_on_while_they_outweigh_the_paired_rows_part()
 
     assert decide(leaders, SEEDS, max_steps=10).more_seeds == {"cheap": 2}
     assert decide(unpaired, SEEDS, max_steps=10).more_seeds == {}  # undecided, but no seed can narrow it
+
+
+def test_a_cheaper_neighbour_of_the_pick_is_a_configuration_of_its_own_not_a_run_of_its_parent():
+    """The neighbour names the pick it is next to as its parent; its loss must not join the pick's
+    mean (as a confirming run's does), and it wins on its own where it is within tolerance."""
+    trials = table({"trainable_params": 5000, "eval_loss": 0.50},
+                   {"trainable_params": 2500, "eval_loss": 0.51, "r": 4, "origin": "cheaper", "parent": "t0"},
+                   {"trainable_params": 5000, "eval_loss": 0.52, "origin": "confirm", "parent": "t0", "seed": 1})
+    chosen = pick(trials, Comparison(*RULE, MAX_STEPS), configs(trials))
+    assert chosen.trial_id == "t1"
+    assert chosen.best_value == pytest.approx(0.51)  # t0's two runs average 0.51; t1 alone is 0.51
+    assert chosen.seeds == 1

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
 import pytest
+from optuna.trial import FixedTrial
 
+from rundir.params import TrialParams
 from search.config import load
 from search.inputs import modules
 from search.tuning.space import LoraSpace, module_set_key
@@ -62,8 +66,7 @@ def test_same_seed_gives_same_first_proposals(space_setup):
 
 def test_fixed_dropout_and_learning_rate_are_constants(space_setup):
     config, resolved = space_setup
-    config.search.dropout = [0.05, 0.05]
-    config.search.learning_rate = [3e-4, 3e-4]
+    config = replace(config, search=replace(config.search, dropout=[0.05, 0.05], learning_rate=[3e-4, 3e-4]))
     p = _proposals(config, resolved, seed=0, n=1)[0]
     assert "lora_dropout" not in p  # nothing sampled: no Optuna parameter of that name
     assert p["lora_config"]["lora_dropout"] == 0.05 and p["learning_rate"] == 3e-4
@@ -94,3 +97,22 @@ def test_a_grid_value_outside_its_range_and_an_unknown_algorithm_are_refused_by_
         load(None, ["search.algorithm=bohb"])
     with pytest.raises(ConfigError, match=r"budget.landscape_seeds is 0; allowed: an integer >= 1"):
         load(None, ["budget.landscape_seeds=0"])
+
+
+def test_the_cheaper_neighbours_are_the_next_smaller_rank_then_the_module_sets_inside_its_own(space_setup):
+    config, resolved = space_setup
+    space = LoraSpace(config.search, resolved, 0)
+    pick = TrialParams.from_config(LoraSpace(config.search, resolved, 0)(FixedTrial(
+        {"module_set": "all_linear", "r": 8, "alpha_ratio": 2, "lora_dropout": 0.1, "use_rslora": True, "use_dora": False,
+         "learning_rate": 3e-3, "loraplus_lr_ratio": 16})))
+    neighbours = space.cheaper(pick)
+    # r 8 -> 4 first; then mlp (3 layers a block), attention_qv (2); q_proj+o_proj (2) is inside all_linear too
+    assert [(n.module_set, n.lora_config["r"]) for n in neighbours] == [
+        ("all_linear", 4), ("mlp", 8), ("attention_qv", 8), ("q_proj+o_proj", 8)]
+    for n in neighbours:
+        assert n.lora_config["lora_alpha"] == 2 * n.lora_config["r"]
+        assert (n.learning_rate, n.loraplus_lr_ratio, n.lora_config["lora_dropout"], n.lora_config["use_rslora"]) == (
+            3e-3, 16, 0.1, True)
+        assert n.lora_config["target_modules"] == resolved[n.module_set].target_modules
+    smallest = replace(pick, module_set="attention_qv", lora_config={**pick.lora_config, "r": 2})
+    assert space.cheaper(smallest) == []  # no smaller rank, no set inside q and v

@@ -17,6 +17,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.search_generator import SearchGenerator
 
 from rundir.location import RunLocation
+from rundir.params import TrialParams
 from search.config import load
 from search.inputs import modules
 from search.tuning.searcher import StudySearcher
@@ -38,13 +39,14 @@ def run_config(tiny_model_dir):
     return config, resolved
 
 
-def staged(run_config, **selection) -> StagedSearch:
+def staged(run_config, with_cheaper: bool = False, **selection) -> StagedSearch:
     config, resolved = run_config
     config = replace(config, selection=replace(config.selection, **selection))
-    inner = StudySearcher(LoraSpace(config.search, resolved, config.seed), metric="eval_loss", mode="min",
+    space = LoraSpace(config.search, resolved, config.seed)
+    inner = StudySearcher(space, metric="eval_loss", mode="min",
                           sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
     return StagedSearch(inner, config.budget.num_samples, config.selection, MAX_STEPS, config.seed,
-                        RunLocation(Path("/runs/x")))
+                        RunLocation(Path("/runs/x")), cheaper=space.cheaper if with_cheaper else None)
 
 
 def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False,
@@ -115,6 +117,34 @@ def test_more_seeds_go_to_the_leaders_while_they_cannot_be_told_apart_each_seed_
 
     report(search, "g", 4, 0.54, 1000, last=True, se=0.005)  # b at 0.54 +- 0.0076: told apart, a is the pick
     assert search.suggest("x") == Searcher.FINISHED
+
+
+def test_the_picks_cheaper_neighbours_come_once_all_else_has_ended_each_once_and_no_more_than_allowed(run_config):
+    search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=0, cheaper=2)
+    configs = {t: search.suggest(t) for t in "abcd"}
+    space = search._cheaper.__self__
+    # the best and the pick: the trial with the most cheaper neighbours that no other trial ran
+    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
+
+    def fresh(trial_id):
+        return [n for n in space.cheaper(TrialParams.from_config(configs[trial_id]))
+                if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]
+
+    best = max(configs, key=lambda t: len(fresh(t)))
+    assert len(fresh(best)) >= 2, "the fixture's space gives this trial two cheaper neighbours"
+    for trial_id in configs:
+        report(search, trial_id, 4, 0.50 if trial_id == best else 0.90, 9000, last=trial_id != "d")
+    assert search.suggest("x") is None  # d still runs: the pick may still move
+    report(search, "d", 4, 0.90, 9000, last=True)
+    handed = [search.suggest(t) for t in "ef"]
+    expected = fresh(best)[:2]
+    assert [(c["origin"], c["parent"], c["seed"]) for c in handed] == [("cheaper", best, 3)] * 2
+    assert [(c["module_set"], c["lora_config"]) for c in handed] == [(n.module_set, n.lora_config) for n in expected]
+    assert all(c["learning_rate"] == configs[best]["learning_rate"] for c in handed)
+    assert search.suggest("x") is None  # both run; the budget of two is spent
+    report(search, "e", 4, 0.51, 3000, last=True)  # within tolerance and cheaper: the new pick
+    report(search, "f", 4, 0.60, 2000, last=True)
+    assert search.suggest("x") == Searcher.FINISHED  # the new pick's neighbours are past selection.cheaper
 
 
 def test_the_stages_compare_a_trial_with_the_best_row_by_row_where_both_reported_rows(run_config):

@@ -30,7 +30,7 @@ from search.tuning.space import GRID, grid_points
 # without a line a minute in a log that runs for hours.
 HEARTBEAT_S = 300.0
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
-_STAGES = (Origin.PROMOTED, Origin.CONFIRM, Origin.RERUN)  # trials the search adds to those Optuna proposes
+_STAGES = (Origin.PROMOTED, Origin.CONFIRM, Origin.CHEAPER, Origin.RERUN)  # trials the search adds to those Optuna proposes
 
 
 def progress_callbacks(config: Config) -> list[tune.Callback]:
@@ -142,6 +142,7 @@ _ORIGIN = {
     Origin.PRIOR: "a known-good configuration, tried first",
     Origin.PROMOTED: "promoted: continues trial {parent} to the full budget",
     Origin.CONFIRM: "confirms trial {parent} with seed {seed}",
+    Origin.CHEAPER: "cheaper than the pick, trial {parent}, and next to it",
     Origin.RERUN: "trial {parent} again, from its last checkpoint with a larger GPU share",
     Origin.RETRAIN: "the pick, trial {parent}, retrained on all the data",
 }

@@ -8,6 +8,7 @@ the export.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -226,6 +227,31 @@ class LoraSpace:
 
     def __init__(self, space: SpaceConfig, resolved: dict[str, ResolvedModules], seed: int, priors: int = 0):
         self.space, self.resolved, self.seed, self.priors = space, resolved, seed, priors
+
+    def cheaper(self, params: TrialParams) -> list[TrialParams]:
+        """The configurations of this space next to `params` that train fewer parameters, nearest
+        first: its next smaller rank, then each module set whose layers are a strict part of its
+        own (the largest first), everything else the same. Empty for a module set the space lacks."""
+        own = self.resolved.get(params.module_set)
+        if own is None:
+            return []
+
+        def layers(resolved: ResolvedModules) -> set[str]:
+            return set(resolved.target_modules) | set(resolved.target_parameters)
+
+        config = params.lora_config
+        smaller = [r for r in self.space.ranks if r < config["r"]]
+        inside = sorted((name for name, m in self.resolved.items() if layers(m) < layers(own)),
+                        key=lambda name: -len(layers(self.resolved[name])))
+        out = []
+        for name, r in ([(params.module_set, max(smaller))] if smaller else []) + [(name, config["r"]) for name in inside]:
+            try:
+                lora = lora_config(self.resolved[name], r, params.alpha_ratio, config["lora_dropout"],
+                                   config["use_rslora"], config["use_dora"])
+            except ValueError:  # a set that holds dropout or DoRA fixed: not the same configuration
+                continue
+            out.append(dataclasses.replace(params, lora_config=lora, module_set=name))
+        return out
 
     def __call__(self, trial) -> dict:
         space = self.space

@@ -6,7 +6,12 @@ as soon as a trial qualifies:
   so the cheapest-within-tolerance rule sees exactly what early stopping would hide;
 - confirm: the leading candidates are trained again with other seeds, and the pick is
   made on the mean, so one lucky run cannot win; while the pick cannot be told apart from
-  another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each.
+  another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each;
+- cheaper: once the search's own trials have ended, the configurations next to the pick that
+  train fewer parameters (`LoraSpace.cheaper`: its next smaller rank, a module set inside its
+  own) are trained to the full budget, up to `selection.cheaper` of them, nearest first: a
+  sampler finds the region that is good, and the rule asks for the cheapest point in it, which
+  the sampler has no reason to try.
 Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
 The retrain of the pick on all the data follows as a Tune run of its own (`search.tuning.tuner.retrain`),
 handed out by `GivenConfigs`.
@@ -15,6 +20,8 @@ handed out by `GivenConfigs`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ray.tune.search import Searcher
@@ -51,7 +58,7 @@ class StagedSearch(Searcher):
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
     def __init__(self, searcher: Searcher, num_samples: int, selection: SelectionConfig, max_steps: int, seed: int,
-                 location: RunLocation, repeats: int = 0):
+                 location: RunLocation, repeats: int = 0, cheaper: Callable[[TrialParams], list[TrialParams]] | None = None):
         super().__init__(metric=selection.metric, mode=selection.direction)
         self.searcher = searcher
         self._num_samples = num_samples
@@ -66,6 +73,7 @@ class StagedSearch(Searcher):
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars, and the latest's per-row values)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
         self._reruns: list[dict] = []  # Tune configs of trials to run again with a larger GPU share
+        self._cheaper = cheaper  # the configurations next to a pick that train fewer parameters
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -169,7 +177,7 @@ class StagedSearch(Searcher):
     def _qualified(self) -> list[TrialParams]:
         """Promotions and confirmations that qualify now and were not handed out yet."""
         selection = self._selection
-        if not selection.promote and not (selection.confirm_top_k and selection.confirm_seeds):
+        if not selection.promote and not (selection.confirm_top_k and selection.confirm_seeds) and not selection.cheaper:
             return []
         reports = [TrialFiles(trial_id, params, self._rows.get(trial_id, []), "failed" if self._ended.get(trial_id) else "",
                               None) for trial_id, params in self._params.items()]
@@ -190,7 +198,33 @@ class StagedSearch(Searcher):
                 if (Origin.CONFIRM, parent, k) not in self._handed:
                     self._handed.add((Origin.CONFIRM, parent, k))
                     out.append(self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k))
+        if out or running or self._queue or self._proposed < self._num_samples:
+            return out
+        return self._cheaper_than(decision.pick)
+
+    def _cheaper_than(self, pick: str | None) -> list[TrialParams]:
+        """The pick's cheaper neighbours not yet run, within what `selection.cheaper` leaves. Only
+        once every other trial has ended and none qualifies for more: before, the pick may still
+        move, and the neighbours would be those of a configuration that is not picked."""
+        left = self._selection.cheaper - sum(1 for key in self._handed if key[0] == Origin.CHEAPER)
+        if not self._cheaper or left <= 0 or pick is None:
+            return []
+        tried = {_configuration(params) for params in self._params.values()}
+        out = []
+        for neighbour in self._cheaper(self._params[pick]):
+            key = (Origin.CHEAPER, *_configuration(neighbour))
+            if len(out) < left and _configuration(neighbour) not in tried and key not in self._handed:
+                self._handed.add(key)
+                out.append(replace(neighbour, origin=Origin.CHEAPER, parent=pick, seed=self._seed, start_from=None,
+                                   full_data=False, gpu_share=None))
         return out
+
+
+def _configuration(params: TrialParams) -> tuple:
+    """What makes two trials the same configuration: everything but the seed and why it ran."""
+    config = params.lora_config
+    return (params.module_set, config["r"], params.alpha_ratio, config["lora_dropout"], config["use_rslora"],
+            config["use_dora"], params.learning_rate, params.loraplus_lr_ratio)
 
 
 class GivenConfigs(Searcher):

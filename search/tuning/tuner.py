@@ -220,13 +220,14 @@ def search_parts(config: Config, space, priors: list[dict], location: RunLocatio
                              study_name=config.name, points_to_evaluate=priors, max_steps=budget.max_steps)
     if algorithm == GRID:
         scheduler = FIFOScheduler()
-        selection = replace(selection, promote=False, confirm_top_k=0)
+        selection = replace(selection, promote=False, confirm_top_k=0, cheaper=0)
         repeats = budget.landscape_seeds - 1
     else:
         scheduler = ResumableASHA(state_path=asha_state, time_attr="step", max_t=budget.max_steps,
                                   grace_period=budget.grace_period, reduction_factor=budget.reduction_factor)
         repeats = 0
-    staged = StagedSearch(searcher, num_samples, selection, budget.max_steps, config.seed, location, repeats=repeats)
+    staged = StagedSearch(searcher, num_samples, selection, budget.max_steps, config.seed, location, repeats=repeats,
+                          cheaper=space.cheaper)
     slots = config.resources.max_concurrent_trials
     search_alg = ConcurrencyLimiter(staged, max_concurrent=slots) if slots else staged
     return SearchParts(searcher, staged, search_alg, scheduler)
