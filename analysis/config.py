@@ -38,7 +38,7 @@ class SelectionConfig:
     promote: bool = field(default=True, metadata={"help": "train on to the full budget the trials ASHA stopped that are within tolerance and cheaper than the pick"})
     confirm_top_k: int = field(default=1, metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"})
     confirm_seeds: int = field(default=1, metadata={"help": "extra seeds per confirmed candidate"})
-    cheaper: int = field(default=1, metadata={"help": "once the search's own trials have ended, configurations cheaper than the pick and next to it (the next smaller rank; a module set inside its own; all else the same) trained to the full budget, at most this many; 0: off"})
+    cheaper: int = field(default=1, metadata={"help": "after the search, the pick's nearest cheaper neighbours (next smaller rank, a module set inside its own) trained in full, at most this many; 0: off"})
     confirm_max_seeds: int = field(default=4, metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart from it; at least confirm_seeds + 1"})
     retrain: bool = field(default=False, metadata={"help": "train the pick once more on all the training data and export its adapter weights"})
     trust_metric_code: bool = field(default=False, metadata={"help": "let every trial import and run the metric function that selection.metric names (your code)"})
