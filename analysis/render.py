@@ -295,6 +295,32 @@ def at_the_edge(search: dict, row: pd.Series) -> str:
             "(`budget.num_samples`) for the wider space.")
 
 
+def _cheaper_stage(trials: pd.DataFrame, chosen: Pick) -> str:
+    """What the search's last stage (`selection.cheaper`) found: that the pick is the cheaper
+    neighbour it tried, or which neighbours it tried that did not win and how they ended."""
+    tried = trials[trials["origin"] == Origin.CHEAPER.value]
+    if tried.empty:
+        return ""
+
+    def named(row) -> str:
+        return f"`{row['trial_id']}` ({row['module_set']} r={int(row['r'])})"
+
+    if chosen.trial_id in set(tried["trial_id"]):
+        row = _row(trials, chosen.trial_id)
+        parent = _row(trials, row["parent"]) if row["parent"] in set(trials["trial_id"]) else None
+        before = f" of {named(parent)}, the pick before it" if parent is not None else ""
+        return (f"The search's last stage found it: the nearest cheaper neighbour{before} (the next smaller rank, or a "
+                f"module set inside its own, all else the same), trained to the full budget (`selection.cheaper`).")
+    outcomes = []
+    for _, row in tried.iterrows():
+        value = row[chosen.metric]
+        ended = (f"{chosen.metric} {value:.4g}" if row["status"] == "finished" and pd.notna(value)
+                 else f"it {row['status']}")
+        outcomes.append(f"{named(row)}: {ended}")
+    return (f"The search's last stage (`selection.cheaper`) tried cheaper neighbours of the pick of its time, and "
+            f"the rule prefers none of them: {'; '.join(outcomes)}.")
+
+
 def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None, standing: WithoutPick | None,
                   search: dict) -> str:
     if chosen is None:
@@ -311,6 +337,7 @@ def _pick_section(trials: pd.DataFrame, chosen: Pick | None, no_pick: str | None
         + (f"**{chosen.undecided}**\n\n" if chosen.undecided else "")
         + (f"**Unable to decide: {chosen.tie}**\n\n" if chosen.tie else "")
         + (f"{standing.sentence}\n\n" if standing else "")
+        + (f"{cheaper}\n\n" if (cheaper := _cheaper_stage(trials, chosen)) else "")
         + (f"{edge}\n\n" if _found_by_search(trials, chosen.trial_id) and (edge := at_the_edge(search, row)) else "")
         + f"{_pick_against_best(trials, chosen)}\n\n"
         + f"Rule: {chosen.rule} Written to `pick.json` and `adapter/adapter_config.json`."

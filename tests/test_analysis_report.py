@@ -500,3 +500,22 @@ def test_the_pick_section_says_when_the_picks_learning_rate_or_rank_is_at_the_ed
             "[0.0001, 0.001]") in section
     assert "its rank 16 is the largest of `search.ranks`" in section
     assert "At the edge" not in (inside / "report.md").read_text()
+
+
+def test_the_report_says_when_the_last_stage_found_the_pick_and_what_it_tried_when_it_did_not(tmp_path):
+    found = write_run_config(tmp_path / "found")
+    add_trial(found, "cccc0001", eval_loss=0.50, module_set="attention", r=16)
+    add_trial(found, "cccc0002", eval_loss=0.70, module_set="mlp", r=16)
+    add_trial(found, "cccc0003", eval_loss=0.51, module_set="attention", r=8, origin="cheaper", parent="cccc0001")
+    assert analyse(found) == 0
+    assert read_pick(found)["trial_id"] == "cccc0003"
+    report = (found / "report.md").read_text()
+    assert "The search's last stage found it: the nearest cheaper neighbour of `cccc0001` (attention r=16)" in report
+
+    missed = write_run_config(tmp_path / "missed")
+    add_trial(missed, "dddd0001", eval_loss=0.50, module_set="attention", r=16)
+    add_trial(missed, "dddd0002", eval_loss=0.60, module_set="attention", r=8, origin="cheaper", parent="dddd0001")
+    assert analyse(missed) == 0
+    assert read_pick(missed)["trial_id"] == "dddd0001"
+    assert "tried cheaper neighbours of the pick of its time, and the rule prefers none of them: `dddd0002` " \
+           "(attention r=8): eval_loss 0.6." in (missed / "report.md").read_text()
