@@ -60,7 +60,7 @@ def too_small(section: str, settings, **least: int) -> list[str]:
 
 @dataclass
 class BudgetConfig:
-    num_samples: int = field(default=8, metadata={"help": "configurations the search tries"})
+    num_samples: int = field(default=5, metadata={"help": "configurations the search tries"})
     max_steps: int = field(default=30, metadata={"help": "optimizer steps of a trial at full budget (the fidelity ASHA allocates)"})
     eval_every: int = field(default=10, metadata={"help": "steps between evaluations; ASHA decides at these"})
     grace_period: int = field(default=10, metadata={"help": "steps every trial gets before ASHA may stop it"})

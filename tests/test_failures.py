@@ -86,7 +86,7 @@ def test_a_transient_failure_is_retried_from_the_last_checkpoint(tiny_model_dir,
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv]", "search.ranks=[2,4]",
             "budget.num_samples=2", "budget.max_steps=9", "budget.eval_every=3", "budget.grace_period=9",
             "budget.batch_size=4", "data.eval_examples=8", "resources.max_failures=1",
-            "selection.promote=false", "selection.confirm_top_k=0"]
+            "selection.promote=false", "selection.confirm_top_k=0", "selection.cheaper=0"]
     args = ["--output", str(tmp_path), "--name", "retried", *[x for s in sets for x in ("--set", s)]]
     result = subprocess.run([sys.executable, "-c", driver % (str(ROOT), str(tmp_path)), *args], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)

@@ -28,6 +28,7 @@ def lost(tiny_model_dir, tmp_path_factory):
             "search.learning_rate=[1e-3,2e-2]", f"budget.num_samples={SAMPLES}", "budget.max_steps=6",
             "budget.eval_every=3", "budget.grace_period=6", "budget.batch_size=4", "data.eval_examples=8",
             "data.eval_generate_examples=0", "resources.max_concurrent_trials=1", "selection.confirm_top_k=0",
+            "selection.cheaper=0",
             "selection.promote=false"]
     done = subprocess.run([sys.executable, "-m", "search.run", "--output", str(output), "--name", "lost",
                            *[x for s in sets for x in ("--set", s)]], cwd=ROOT, capture_output=True, text=True,

@@ -116,7 +116,7 @@ def test_a_shared_search_trains_expert_trials_in_processes_of_their_own_and_says
             "search.learning_rate=[1e-3,2e-2]", f"search.priors={priors}",
             "budget.num_samples=3", "budget.max_steps=4", "budget.eval_every=2", "budget.grace_period=4",
             "budget.warmup_steps=1", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
-            "resources.packing=shared", "selection.confirm_top_k=0", "selection.promote=false"]
+            "resources.packing=shared", "selection.confirm_top_k=0", "selection.cheaper=0", "selection.promote=false"]
     args = ["--output", str(tmp_path), "--name", "shared", *[x for s in sets for x in ("--set", s)]]
     assert main([*args, "--dry-run"]) == 0
     assert "trials that adapt expert weights (the shared trainer adapts Linear layers only) train in processes" \

@@ -33,6 +33,7 @@ def shared_run(tiny_model_dir, tmp_path_factory):
             "search.module_sets=[attention_qv]", "search.ranks=[8]", "search.priors=none",
             "search.learning_rate=2e-2", "budget.num_samples=2", "budget.max_steps=6", "budget.eval_every=3",
             "budget.grace_period=6", "budget.batch_size=4", "data.eval_examples=8", "selection.confirm_top_k=0",
+            "selection.cheaper=0",
             "selection.promote=false"]
     return run_search(DRIVER, output, "shared", sets)
 

@@ -205,7 +205,8 @@ def test_a_user_metric_function_is_run_by_every_trial_on_its_answers_and_picks(t
                   "--set", "search.module_sets=[attention_qv]", "--set", "search.ranks=[2,4]",
                   "--set", "budget.num_samples=2", "--set", "budget.max_steps=2", "--set", "budget.eval_every=1",
                   "--set", "budget.grace_period=1", "--set", "budget.warmup_steps=1", "--set", "data.eval_examples=4",
-                  "--set", "selection.confirm_top_k=0", "--set", "selection.metric=mymetric:score",
+                  "--set", "selection.confirm_top_k=0", "--set", "selection.cheaper=0",
+                  "--set", "selection.metric=mymetric:score",
                   "--set", "selection.trust_metric_code=true", "--set", "selection.mode=max", cwd=tmp_path)
     command_seconds = time.time() - started
     assert result.returncode == 0, result.stderr

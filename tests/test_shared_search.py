@@ -45,7 +45,7 @@ def test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_t
             "search.learning_rate=[1e-3,2e-2]", "search.use_dora=[false,true]", f"search.priors={priors}",
             "budget.num_samples=3", "budget.max_steps=6", "budget.eval_every=3", "budget.grace_period=6",
             "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0", "resources.packing=shared",
-            "selection.confirm_top_k=0", "selection.promote=false"]
+            "selection.confirm_top_k=0", "selection.cheaper=0", "selection.promote=false"]
     args = ["--output", str(tmp_path), "--name", "dora", *[x for s in sets for x in ("--set", s)]]
     assert main([*args, "--dry-run"]) == 0
     assert "DoRA trials train in processes of their own beside it" in capsys.readouterr().out
@@ -82,7 +82,7 @@ def test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray(tiny_mo
             "search.ranks=[2,4]", "search.learning_rate=[1e-3,2e-2]", "search.use_dora=[false,true]",
             f"search.priors={priors}", "budget.num_samples=2", "budget.max_steps=6", "budget.eval_every=3",
             "budget.grace_period=6", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
-            "resources.packing=shared", "resources.gpus_per_trial=0.5", "selection.confirm_top_k=0",
+            "resources.packing=shared", "resources.gpus_per_trial=0.5", "selection.confirm_top_k=0", "selection.cheaper=0",
             "selection.promote=false"]
     code, _, trials = run_search(GPU_DRIVER, tmp_path, "gpu", sets)
     assert code == 0
@@ -175,7 +175,8 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
 
 def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
-    args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0")
+    args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0",
+                 "selection.cheaper=0")
     process = start_cli(args)
     deadline = time.monotonic() + 300
     while sum(map(len, trial_reports(run_dir).values())) < 4 and process.poll() is None and time.monotonic() < deadline:
@@ -210,7 +211,7 @@ def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retrie
                                                                                                  tmp_path):
     run_dir = tmp_path / "dying"
     args = _args(tiny_model_dir, tmp_path, "dying", "budget.num_samples=4", "resources.max_failures=1",
-                 "selection.promote=false", "selection.confirm_top_k=0")
+                 "selection.promote=false", "selection.confirm_top_k=0", "selection.cheaper=0")
     process = start_cli(args)
     deadline = time.monotonic() + 300
     while not trial_reports(run_dir) and process.poll() is None and time.monotonic() < deadline:

@@ -147,6 +147,25 @@ def test_the_picks_cheaper_neighbours_come_once_all_else_has_ended_each_once_and
     assert search.suggest("x") == Searcher.FINISHED  # the new pick's neighbours are past selection.cheaper
 
 
+def test_the_cheaper_neighbour_runs_beside_the_picks_confirmation_once_the_searchs_trials_have_ended(run_config):
+    search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1)
+    configs = {t: search.suggest(t) for t in "abcd"}
+    space = search._cheaper.__self__
+    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
+    best = max(configs, key=lambda t: len([n for n in space.cheaper(TrialParams.from_config(configs[t]))
+                                          if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]))
+    others = [t for t in configs if t != best]
+    report(search, best, 4, 0.50, 9000, last=True)
+    confirm = search.suggest("e")  # the leader's confirmation starts at once; the search's trials still run
+    assert (confirm["origin"], confirm["parent"]) == ("confirm", best)
+    assert search.suggest("x") is None
+    for trial_id in others:
+        report(search, trial_id, 4, 0.90, 9000, last=True)
+    neighbour = search.suggest("f")  # the search's trials have ended: the neighbour, while the confirmation runs
+    assert (neighbour["origin"], neighbour["parent"]) == ("cheaper", best)
+    assert search.suggest("x") is None
+
+
 def test_the_stages_compare_a_trial_with_the_best_row_by_row_where_both_reported_rows(run_config):
     search = staged(run_config, confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
     {t: search.suggest(t) for t in "abcd"}

@@ -42,7 +42,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp]", "search.ranks=[2,4]",
             "search.learning_rate=[1e-3,2e-2]", "budget.num_samples=3", "budget.max_steps=12", "budget.eval_every=3",
             "budget.grace_period=12", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
-            "resources.max_concurrent_trials=1", "selection.promote=false", "selection.confirm_top_k=0",
+            "resources.max_concurrent_trials=1", "selection.promote=false", "selection.confirm_top_k=0", "selection.cheaper=0",
             "selection.retrain=true", "tracking.mlflow.enabled=true", f"tracking.mlflow.tracking_uri={uri}",
             "tracking.mlflow.experiment=sweeps", "tracking.wandb.enabled=true", "tracking.wandb.mode=offline"]
     args = ["--output", str(output), "--name", NAME, *[x for s in sets for x in ("--set", s)]]

@@ -30,7 +30,7 @@ def user_run(tiny_model_dir, local_ray, tmp_path_factory):
         "--set", "budget.grace_period=1",
         "--set", "budget.batch_size=2",
         "--set", "selection.promote=false",
-        "--set", "selection.confirm_top_k=0",
+        "--set", "selection.confirm_top_k=0", "--set", "selection.cheaper=0",
     ])
     return code, output / "doors", data
 

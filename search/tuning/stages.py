@@ -7,11 +7,11 @@ as soon as a trial qualifies:
 - confirm: the leading candidates are trained again with other seeds, and the pick is
   made on the mean, so one lucky run cannot win; while the pick cannot be told apart from
   another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each;
-- cheaper: once the search's own trials have ended, the configurations next to the pick that
-  train fewer parameters (`LoraSpace.cheaper`: its next smaller rank, a module set inside its
-  own) are trained to the full budget, up to `selection.cheaper` of them, nearest first: a
-  sampler finds the region that is good, and the rule asks for the cheapest point in it, which
-  the sampler has no reason to try.
+- cheaper: once the search's own trials have ended and no promotion is pending, beside the
+  confirmations, the configurations next to the pick that train fewer parameters
+  (`LoraSpace.cheaper`: its next smaller rank, a module set inside its own) are trained to the
+  full budget, up to `selection.cheaper` of them, nearest first: a sampler finds the region that
+  is good, and the rule asks for the cheapest point in it, which the sampler has no reason to try.
 Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
 The retrain of the pick on all the data follows as a Tune run of its own (`search.tuning.tuner.retrain`),
 handed out by `GivenConfigs`.
@@ -198,14 +198,18 @@ class StagedSearch(Searcher):
                 if (Origin.CONFIRM, parent, k) not in self._handed:
                     self._handed.add((Origin.CONFIRM, parent, k))
                     out.append(self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k))
-        if out or running or self._queue or self._proposed < self._num_samples:
+        search_running = any(params.origin.proposed and trial_id in running for trial_id, params in self._params.items())
+        promoting = any(p.origin == Origin.PROMOTED for p in [*out, *self._queue]) or any(
+            params.origin == Origin.PROMOTED and trial_id in running for trial_id, params in self._params.items())
+        if search_running or promoting or self._proposed < self._num_samples:
             return out
-        return self._cheaper_than(decision.pick)
+        return out + self._cheaper_than(decision.pick)
 
     def _cheaper_than(self, pick: str | None) -> list[TrialParams]:
         """The pick's cheaper neighbours not yet run, within what `selection.cheaper` leaves. Only
-        once every other trial has ended and none qualifies for more: before, the pick may still
-        move, and the neighbours would be those of a configuration that is not picked."""
+        once the search's own trials have ended and no promotion is pending (either may still move
+        the pick anywhere); beside the confirmations, which keep it among the configurations
+        already run, so that the neighbour adds no round of its own to the search's wall time."""
         left = self._selection.cheaper - sum(1 for key in self._handed if key[0] == Origin.CHEAPER)
         if not self._cheaper or left <= 0 or pick is None:
             return []
