@@ -170,8 +170,8 @@ class Pack:
         self.layout = 0  # bumped when a layer's tensors are made: a captured step must be captured again
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.captured: Captured | None = None
-        # the captured step's forward and update through torch.compile (backend "inductor" on a
-        # GPU): the step is bound by its elementwise passes (norms, rotary, AdamW), which it fuses
+        # the captured step's loss over the logits and its AdamW through torch.compile (backend
+        # "inductor" on a GPU; `_compile` says why those two and not the model)
         self.compile_backend = compile_backend
         self._compiled: tuple | None = None
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -85,17 +84,11 @@ class CompiledBlocks:
         self.token_loss = torch.compile(shifted_cross_entropy, backend=backend)
 
     def loss(self, model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self.installed(model):
-            return answer_loss(self.whole or model, input_ids, labels, self.token_loss)
-
-    @contextmanager
-    def installed(self, model):
-        """The compiled layers in the model's place while the block runs."""
         base = _base(model)
         for name, compiled in self.compiled.items():
             base.set_submodule(name, compiled)
         try:
-            yield
+            return answer_loss(self.whole or model, input_ids, labels, self.token_loss)
         finally:
             for name, block in self.blocks.items():
                 base.set_submodule(name, block)
