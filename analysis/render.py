@@ -159,7 +159,9 @@ def _module_notes(run_config: RunConfig) -> str:
 
 
 STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly",
-              "packed": "packed in a shared trainer"}
+              "packed": "packed in a shared trainer",
+              "packed+cuda_graph": "packed in a shared trainer as a CUDA graph",
+              "packed+compiled+cuda_graph": "packed in a shared trainer, its loss and AdamW compiled, as a CUDA graph"}
 
 
 def _step_modes(trials: pd.DataFrame, compile_on) -> str:
@@ -172,7 +174,8 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
     counts = modes.value_counts()
     parts = [f"{STEP_MODES.get(mode, mode)} in {count}" for mode, count in counts.items()]
     text = f" Train steps ran {', '.join(parts)} trial{'s' if len(modes) > 1 else ''}."
-    alone = (modes != "packed") & ("packed" in counts)  # only a shared run trains some trials alone
+    packed = modes.str.startswith("packed")
+    alone = ~packed & packed.any()  # only a shared run trains some trials alone
     dora = int(trials.loc[alone[alone].index, "use_dora"].astype(bool).sum())
     if dora:
         text += (f" The {dora} DoRA trial(s) trained in processes of their own beside the shared trainer: "
@@ -183,7 +186,7 @@ def _step_modes(trials: pd.DataFrame, compile_on) -> str:
         text += (f" The {experts} trial(s) that adapt expert weights trained in processes of their own beside the "
                  "shared trainer, which adapts Linear layers only.")
     if compile_on is True:
-        uncompiled = trials.loc[trials["step_mode"].notna() & (trials["step_mode"] != "compiled"), "trial_id"]
+        uncompiled = trials.loc[modes.index[~modes.str.contains("compiled")], "trial_id"]
         if len(uncompiled):
             text += (f" resources.compile was on, but {len(uncompiled)} trial(s) trained uncompiled because their "
                      f"step failed to compile (the trial worker's log says why): "

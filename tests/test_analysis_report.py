@@ -174,6 +174,22 @@ def test_the_report_says_how_steps_ran_and_names_trials_whose_compile_failed(tmp
     assert "trained uncompiled" not in (quiet / "report.md").read_text()
 
 
+def test_packed_trials_whose_pack_compiled_are_not_called_uncompiled_and_one_whose_pack_did_not_is(tmp_path):
+    run_dir = write_run_config(tmp_path / "run", resources={"compile": True, "packing": "shared"})
+    add_trial(run_dir, "eeee0001", eval_loss=0.5, r=16, step_mode="packed+compiled+cuda_graph")
+    add_trial(run_dir, "eeee0002", eval_loss=0.6, r=4, step_mode="packed+compiled+cuda_graph")
+    add_trial(run_dir, "eeee0003", eval_loss=0.7, r=8, step_mode="packed+cuda_graph")
+
+    assert analyse(run_dir) == 0
+    report = (run_dir / "report.md").read_text()
+    assert ("Train steps ran packed in a shared trainer, its loss and AdamW compiled, as a CUDA graph in 2, "
+            "packed in a shared trainer as a CUDA graph in 1 trials.") in report
+    assert "resources.compile was on, but 1 trial(s) trained uncompiled" in report
+    named = report.split("trained uncompiled")[1].split("\n")[0]
+    assert "`eeee0003`" in named and "`eeee0001`" not in named and "`eeee0002`" not in named
+    assert "in processes of their own" not in report
+
+
 def test_the_report_says_how_trials_shared_the_machine_and_why_auto_chose_it(tmp_path):
     chosen = write_run_config(tmp_path / "auto", resources={"packing": "shared",
                                                             "packing_reason": "the pack trained 9x faster here"})

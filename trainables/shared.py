@@ -11,7 +11,8 @@ opens, is stopped or fails changes the next packed step and nothing else: no rec
 process, no model load.
 
 A trial's report is a per-process trial's `TrialReport` (trainables/metrics.py builds both), with
-`step_mode` "packed" and `pack_size`, the trials the last step trained. `train_seconds` is the
+`step_mode` "packed" (with the pack's own mode where it is not eager: "packed+cuda_graph",
+"packed+compiled+cuda_graph") and `pack_size`, the trials the last step trained. `train_seconds` is the
 wall time of the packed steps the trial was in (every trial in a step is charged the whole
 step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
 `peak_memory_gb` is the trainer's: every trial of the pack shares it. `trainer_pid` is the
@@ -43,6 +44,11 @@ if TYPE_CHECKING:
 PENDING_REPORTS = 2  # reports a slot may run ahead of its client before it waits for it
 FAILURE_GRACE_S = 2.0  # after the stepping thread fails: time for the waiting clients to take the reason
 log = logging.getLogger(__name__)
+
+
+def packed_mode(pack_mode: str) -> str:
+    """A packed trial's `step_mode`: "packed", and how the pack stepped where it was not eagerly."""
+    return "packed" if pack_mode == "eager" else f"packed+{pack_mode}"
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,8 @@ class SharedTrainer:
             progress.generate_seconds += time.perf_counter() - generating
         progress.eval_seconds += time.perf_counter() - started
         report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
-                              setup.total_params, self.cuda, "packed", pack_size=pack_size, trainer_pid=os.getpid())
+                              setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
+                              trainer_pid=os.getpid())
         files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
         progress.busy_from = time.time()
         with self.lock:
