@@ -9,7 +9,7 @@ A landscape is a directory of two files (docs/landscape.md says every field):
 - `landscape.json`, the header (`Header`): the metric and its direction, the full budget and the
   eval rounds, the seeds, the grid (each configuration key with its values: the grid is their
   cross product), the trials that ran at once where it was measured, and where it came from;
-- `landscape.jsonl`, one JSON object a line for each configuration, seed and eval round: the
+- `landscape.jsonl` (or gzipped, `landscape.jsonl.gz`), one JSON object a line for each configuration, seed and eval round: the
   configuration's keys (`POINT_KEYS`), `seed`, `step`, the header's metric and any other
   `eval_*` value, per-row values as lists (`eval_row_loss`), `trainable_params`,
   `train_seconds` and `eval_seconds` (cumulative from the trial's start to this report, as a
@@ -22,6 +22,7 @@ an eval round missing, or a row twice, naming the line or the missing row (`Land
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
@@ -129,11 +130,18 @@ def load(directory: str | Path) -> Landscape:
     directory = Path(directory)
     header = _header(directory / HEADER_FILE)
     path = directory / ROWS_FILE
-    if not path.is_file():
-        raise LandscapeError(f"{path} is missing; a landscape is {HEADER_FILE} and {ROWS_FILE} (docs/landscape.md)")
+    if not path.is_file() and (directory / f"{ROWS_FILE}.gz").is_file():
+        path = directory / f"{ROWS_FILE}.gz"
+    elif not path.is_file():
+        raise LandscapeError(f"{path} is missing; a landscape is {HEADER_FILE} and {ROWS_FILE} (or {ROWS_FILE}.gz; "
+                             "docs/landscape.md)")
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise LandscapeError(f"{path} cannot be read ({e}); allowed: UTF-8 JSON lines, gzipped where it ends .gz") from None
     grid = {key: set(values) for key, values in header.grid.items()}
     curves: dict[tuple[Point, int], dict[int, dict]] = defaultdict(dict)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"

@@ -106,6 +106,20 @@ def test_a_row_twice_and_a_line_that_is_not_json_are_refused(tmp_path):
         format_.load(path)
 
 
+def test_a_gzipped_landscape_loads_as_the_plain_one_and_a_broken_gzip_is_refused_naming_the_file(tmp_path):
+    import gzip
+
+    plain = format_.load(write_landscape(tmp_path / "plain"))
+    zipped = write_landscape(tmp_path / "zipped", noisy=False)
+    rows = zipped / "landscape.jsonl"
+    (zipped / "landscape.jsonl.gz").write_bytes(gzip.compress(rows.read_bytes()))
+    rows.unlink()
+    assert format_.load(zipped).curves == plain.curves
+    (zipped / "landscape.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(LandscapeError, match=r"landscape.jsonl.gz cannot be read .*gzipped where it ends .gz"):
+        format_.load(zipped)
+
+
 def test_the_simulator_cli_exits_2_with_one_error_line_naming_the_row(tmp_path):
     rows = [row for row in rows_of() if row["seed"] == 0]
     done = subprocess.run([sys.executable, "bench/simulate.py", "--landscape", str(write_landscape(tmp_path, rows)),
