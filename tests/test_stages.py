@@ -166,6 +166,23 @@ def test_the_cheaper_neighbour_runs_beside_the_picks_confirmation_once_the_searc
     assert search.suggest("x") is None
 
 
+def test_where_the_neighbour_and_the_picks_confirmation_qualify_together_the_neighbour_goes_first(run_config):
+    """Its own confirmation, if it becomes the pick, can only follow it: started first, the chain of
+    the two ends sooner, and the pick's confirmation runs beside it."""
+    search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1)
+    configs = {t: search.suggest(t) for t in "abcd"}
+    space = search._cheaper.__self__
+    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
+    best = max(configs, key=lambda t: len([n for n in space.cheaper(TrialParams.from_config(configs[t]))
+                                          if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]))
+    for trial_id in [t for t in configs if t != best]:
+        report(search, trial_id, 4, 0.90, 9000, last=True)
+    report(search, best, 4, 0.50, 9000, last=True)  # the last search trial to end is the leader
+    handed = [search.suggest("e"), search.suggest("f")]
+    assert [(c["origin"], c["parent"]) for c in handed] == [("cheaper", best), ("confirm", best)]
+    assert search.suggest("x") is None
+
+
 def test_the_stages_compare_a_trial_with_the_best_row_by_row_where_both_reported_rows(run_config):
     search = staged(run_config, confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
     {t: search.suggest(t) for t in "abcd"}

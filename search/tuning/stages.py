@@ -7,8 +7,9 @@ as soon as a trial qualifies:
 - confirm: the leading candidates are trained again with other seeds, and the pick is
   made on the mean, so one lucky run cannot win; while the pick cannot be told apart from
   another configuration, both get more seeds, up to `selection.confirm_max_seeds` runs each;
-- cheaper: once the search's own trials have ended and no promotion is pending, beside the
-  confirmations, the configurations next to the pick that train fewer parameters
+- cheaper: once the search's own trials have ended and no promotion is pending, ahead of the
+  confirmations (a neighbour that becomes the pick needs its own confirmation after it), the
+  configurations next to the pick that train fewer parameters
   (`LoraSpace.cheaper`: its next smaller rank, a module set inside its own) are trained to the
   full budget, up to `selection.cheaper` of them, nearest first: a sampler finds the region that
   is good, and the rule asks for the cheapest point in it, which the sampler has no reason to try.
@@ -203,13 +204,15 @@ class StagedSearch(Searcher):
             params.origin == Origin.PROMOTED and trial_id in running for trial_id, params in self._params.items())
         if search_running or promoting or self._proposed < self._num_samples:
             return out
-        return out + self._cheaper_than(decision.pick)
+        return self._cheaper_than(decision.pick) + out
 
     def _cheaper_than(self, pick: str | None) -> list[TrialParams]:
         """The pick's cheaper neighbours not yet run, within what `selection.cheaper` leaves. Only
         once the search's own trials have ended and no promotion is pending (either may still move
         the pick anywhere); beside the confirmations, which keep it among the configurations
-        already run, so that the neighbour adds no round of its own to the search's wall time."""
+        already run, so that the neighbour adds no round of its own to the search's wall time.
+        Handed out ahead of them: where the neighbour becomes the pick, its own confirmation
+        follows it, and the pick's confirmation can run beside that instead of before both."""
         left = self._selection.cheaper - sum(1 for key in self._handed if key[0] == Origin.CHEAPER)
         if not self._cheaper or left <= 0 or pick is None:
             return []
