@@ -64,7 +64,7 @@ class BudgetConfig:
     max_steps: int = field(default=30, metadata={"help": "optimizer steps of a trial at full budget (the fidelity ASHA allocates)"})
     eval_every: int = field(default=10, metadata={"help": "steps between evaluations; ASHA decides at these"})
     grace_period: int = field(default=10, metadata={"help": "steps every trial gets before ASHA may stop it"})
-    reduction_factor: int = field(default=2, metadata={"help": "ASHA keeps 1/reduction_factor of trials at each rung"})
+    reduction_factor: int = field(default=4, metadata={"help": "ASHA keeps 1/reduction_factor of trials at each rung"})
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     warmup_steps: int = field(default=4, metadata={"help": "linear learning-rate warm-up before cosine decay"})
     landscape_seeds: int = field(default=2, metadata={"help": "search.algorithm grid: runs of each grid point, with seeds seed, seed + 1, ..."})
