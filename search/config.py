@@ -204,7 +204,8 @@ AUTO_PACKING = {
     "cuda": (PROCESSES, "on one H100 the batched pack of 8 SmolLM2 trials trained at 2.98x one trial alone "
                         "captured, 3.88x with its loss and AdamW compiled (resources.compile; bench/results/"
                         "h100-2026-12-05-packed-compiled/), against 3.4x for 8 processes (bench/results/"
-                        "trial_throughput.json); a whole search packed has not been timed against processes"),
+                        "trial_throughput.json); but the reference search packed took 162 s against 111 s with "
+                        "processes (bench/results/h100-2026-12-05-shared-search/)"),
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rundir.params import Origin, TrialParams
-from trainables.evaluation import evaluate
+from trainables.evaluation import evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
 from trainables.packed import Pack
@@ -194,6 +194,37 @@ def test_a_freed_slot_adds_nothing_and_takes_the_next_trial(tiny_model_dir):
     with torch.no_grad(), pack.only(first):
         torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
     assert pack.add(params(**CONFIGS[0])) == first
+
+
+@pytest.mark.parametrize("token_budget", [0, 60])
+def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_model_dir, token_budget):
+    """The shared trainer evaluates every slot due at a step in one pass of the pack: each block's
+    losses and accuracies, row by row, are those of its slot alone (rows of several lengths, a row
+    whose answer was cut away, a token budget that splits them into batches, or rows per batch)."""
+    model = base(tiny_model_dir)
+    vocab = model.config.vocab_size
+    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
+    for i in slots:
+        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    rows = []
+    for k, length in enumerate([7, 12, 9, 15, 12, 6, 10]):
+        ids, labels = batch(700 + k, 1, length, vocab)
+        rows.append((ids[0].tolist(), labels[0].tolist()))
+    rows.append((rows[0][0], [-100] * len(rows[0][0])))  # no answer token left: not a row of the mean
+    off, cpu = torch.autocast("cpu", enabled=False), torch.device("cpu")
+    chosen = [slots[3], slots[0], slots[2]]  # any slots, in any order
+    with pack.only(*chosen):
+        together = evaluate_blocks(model, rows, 0, cpu, off, token_budget, blocks=len(chosen))
+    for i, evaluation in zip(chosen, together):
+        with pack.only(i):
+            alone = evaluate(model, rows, 0, cpu, off, token_budget)
+        assert len(evaluation.row_loss) == len(rows) - 1
+        torch.testing.assert_close(torch.tensor(evaluation.row_loss), torch.tensor(alone.row_loss), rtol=1e-5, atol=1e-6)
+        assert evaluation.row_accuracy == alone.row_accuracy
+        assert evaluation.loss == pytest.approx(alone.loss, rel=1e-5)
+        assert evaluation.loss_se == pytest.approx(alone.loss_se, rel=1e-4)
+    assert len({round(e.loss, 6) for e in together}) == len(chosen)  # three adapters, three different scores
 
 
 def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_reported(tiny_model_dir, tmp_path):

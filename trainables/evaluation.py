@@ -69,44 +69,64 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int
     training (causal attention: no real token sees the padding after it). The sums stay on
     the device and are read once at the end (selecting the answer positions still waits for
     each batch's logits)."""
+    return evaluate_blocks(model, rows, pad_token_id, device, autocast, token_budget)[0]
+
+
+@torch.no_grad()
+def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0,
+                    blocks: int = 1) -> list[Evaluation]:
+    """`evaluate` of `blocks` models at once: each batch goes through `model` as `blocks` copies
+    of its rows, one after another, and block n's rows give the n-th `Evaluation`. A pack whose
+    selection holds n slots (`Pack.only`) is n adapted models in one forward pass; the token
+    budget is shared by the blocks, so a batch's logits stay as large as one model's."""
     model.eval()
-    row_losses, row_correct, row_counts = [], [], []  # per row: summed loss, correct tokens, answer tokens
+    # per block and row: summed loss, correct tokens; per row: answer tokens
+    row_losses, row_correct, row_counts = [], [], []
     order = sorted(range(len(rows)), key=lambda index: len(rows[index][0]))  # similar lengths together: less padding
     rows = [rows[index] for index in order]
+    budget = token_budget // blocks
     start = 0
     while start < len(rows):
         end = min(len(rows), start + EVAL_BATCH)
         if token_budget:  # as many rows as fit: (rows) x (the longest's length)
             end = start + 1
-            while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= token_budget:
+            while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= budget:
                 end += 1
         chunk = rows[start:end]
         start = end
         batch = collate(chunk, pad_token_id, torch.device("cpu"))
         ids, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels"))
         with autocast:
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids.repeat(blocks, 1)).logits
+        logits = logits.view(blocks, *ids.shape, -1)
         labels = labels[:, 1:]
         keep = labels != IGNORE
-        answer_logits, answer_labels = logits[:, :-1][keep].float(), labels[keep]  # answer positions only
+        answer_logits, answer_labels = logits[:, :, :-1][:, keep].float(), labels[keep]  # answer positions only
         row_of_token = keep.nonzero()[:, 0]
-        token_losses = torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="none").double()
+        token_losses = torch.nn.functional.cross_entropy(
+            answer_logits.flatten(0, 1), answer_labels.repeat(blocks), reduction="none").double().view(blocks, -1)
         token_correct = (answer_logits.argmax(-1) == answer_labels).long()
-        row_losses.append(torch.zeros(len(chunk), device=device, dtype=torch.float64).index_add_(0, row_of_token, token_losses))
-        row_correct.append(torch.zeros(len(chunk), device=device, dtype=torch.long).index_add_(0, row_of_token, token_correct))
+        row_losses.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.float64)
+                          .index_add_(1, row_of_token, token_losses))
+        row_correct.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.long)
+                           .index_add_(1, row_of_token, token_correct))
         row_counts.append(keep.sum(1))
     model.train()
     rows_order = torch.argsort(torch.tensor(order))  # from the batches' order back to the rows' own
-    losses, correct, counts = (torch.cat(parts).cpu()[rows_order] for parts in (row_losses, row_correct, row_counts))
+    counts = torch.cat(row_counts).cpu()[rows_order]
     answered = counts > 0  # a row whose answer was truncated away has no token to score
     count = int(counts.sum())
-    row_loss = (losses[answered] / counts[answered]).tolist()
-    row_accuracy = (correct[answered] / counts[answered]).tolist()
-    return Evaluation(
-        loss=losses.sum().item() / count,
-        accuracy=correct.sum().item() / count,
-        loss_se=standard_error(row_loss),
-        accuracy_se=standard_error(row_accuracy),
-        row_loss=row_loss,
-        row_accuracy=row_accuracy,
-    )
+    out = []
+    for losses, correct in zip(torch.cat(row_losses, dim=1).cpu()[:, rows_order],
+                               torch.cat(row_correct, dim=1).cpu()[:, rows_order]):
+        row_loss = (losses[answered] / counts[answered]).tolist()
+        row_accuracy = (correct[answered] / counts[answered]).tolist()
+        out.append(Evaluation(
+            loss=losses.sum().item() / count,
+            accuracy=correct.sum().item() / count,
+            loss_se=standard_error(row_loss),
+            accuracy_se=standard_error(row_accuracy),
+            row_loss=row_loss,
+            row_accuracy=row_accuracy,
+        ))
+    return out

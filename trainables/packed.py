@@ -186,9 +186,11 @@ class Pack:
 
     # -- slots -----------------------------------------------------------------------------
     @contextmanager
-    def only(self, slot: int):
-        """Every row through `slot`'s adapter alone: the model is that trial's adapted model."""
-        self.selection = torch.tensor([slot], device=self.device)
+    def only(self, *slots: int):
+        """With one slot, every row through its adapter alone: the model is that trial's adapted
+        model. With several, the rows are as many blocks, block n through the n-th slot's adapter
+        (`trainables.evaluation.evaluate_blocks`)."""
+        self.selection = torch.tensor(slots, device=self.device)
         try:
             yield self.model
         finally:

@@ -255,6 +255,7 @@ class SharedTrainer:
                 culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
             return
         elapsed = time.perf_counter() - started
+        due = []
         for trial in ready:
             progress = trial.progress
             progress.step += 1
@@ -263,47 +264,64 @@ class SharedTrainer:
             trial.loss_sum = trial.loss_sum + losses[trial.index]
             trial.loss_count += 1
             if progress.step % self.setup.eval_every == 0 or progress.step == self.setup.max_steps:
-                self._report(trial, len(ready))
+                due.append(trial)
+        if due:
+            self._report(due, len(ready))
 
-    def _report(self, trial: _Open, pack_size: int) -> None:
-        """Evaluate the trial's adapter, and queue its report and checkpoint; a NaN or infinite
-        loss fails the trial instead, and its slot stops stepping."""
+    def _report(self, due: list[_Open], pack_size: int) -> None:
+        """Evaluate the adapters of the trials `due` together, one forward pass of the pack for
+        all of them per eval batch (`evaluate_blocks`: evaluated one at a time, the other slots
+        would wait for each), then queue each one's report and checkpoint; a NaN or infinite
+        loss fails its trial instead, and its slot stops stepping. Each trial is charged the whole
+        evaluation pass, as it is the whole of each packed step."""
         from trainables.divergence import eval_diverged, train_diverged
-        from trainables.evaluation import evaluate
+        from trainables.evaluation import evaluate_blocks
         from trainables.metrics import trial_report
 
-        progress, setup = trial.progress, self.setup
+        setup = self.setup
         waiting = time.perf_counter()
-        train_loss = float(trial.loss_sum / trial.loss_count)
+        train_losses = [float(trial.loss_sum / trial.loss_count) for trial in due]
         # the steps' own clock is the host's, which runs ahead of a GPU's queue: the wait for the
         # steps still queued is training time too
-        progress.train_seconds += time.perf_counter() - waiting
-        trial.loss_sum, trial.loss_count = 0.0, 0
-        if diverged := train_diverged(train_loss, progress.step):
-            with self.lock:
-                trial.error = diverged
+        waited = time.perf_counter() - waiting
+        evaluating = []
+        for trial, train_loss in zip(due, train_losses):
+            trial.progress.train_seconds += waited
+            trial.loss_sum, trial.loss_count = 0.0, 0
+            if diverged := train_diverged(train_loss, trial.progress.step):
+                with self.lock:
+                    trial.error = diverged
+            else:
+                evaluating.append((trial, train_loss))
+        if not evaluating:
             return
         started = time.perf_counter()
-        budget = self.eval_budget["train" if trial.params.full_data else "search_train"]
-        with self.pack.only(trial.index) as model:
-            evaluation = evaluate(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget)
+        budget = min(self.eval_budget["train" if trial.params.full_data else "search_train"] for trial, _ in evaluating)
+        with self.pack.only(*(trial.index for trial, _ in evaluating)) as model:
+            evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
+                                          blocks=len(evaluating))
+        evaluated = time.perf_counter() - started
+        for (trial, train_loss), evaluation in zip(evaluating, evaluations):
+            progress = trial.progress
+            progress.eval_seconds += evaluated
             if diverged := eval_diverged(evaluation.loss, progress.step):
                 with self.lock:
                     trial.error = diverged
-                return
+                continue
             generating = time.perf_counter()
             answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
-            answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
+            with self.pack.only(trial.index) as model:
+                answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
             progress.generate_seconds += time.perf_counter() - generating
-        progress.eval_seconds += time.perf_counter() - started
-        report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
-                              setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
-                              trainer_pid=os.getpid())
-        files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
-        progress.busy_from = time.time()
-        with self.lock:
-            trial.reports.append(SlotReport(report, files))
-            if progress.step >= setup.max_steps:
-                trial.finished = True
-                trial.reports.append(None)
-            self.lock.notify_all()
+            progress.eval_seconds += time.perf_counter() - generating
+            report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
+                                  setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
+                                  trainer_pid=os.getpid())
+            files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
+            progress.busy_from = time.time()
+            with self.lock:
+                trial.reports.append(SlotReport(report, files))
+                if progress.step >= setup.max_steps:
+                    trial.finished = True
+                    trial.reports.append(None)
+                self.lock.notify_all()
