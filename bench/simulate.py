@@ -129,7 +129,8 @@ def run_policies(landscape, names: list[str], sets: list[str], seeds: int, eval_
               f"{figures['pick_or_at_most_2x_cost']:.0%}, excess median {figures['excess_median']:.1%} "
               f"p90 {figures['excess_p90']:.1%}, cost ratio median {figures['cost_ratio_median']:.2f} "
               f"p90 {figures['cost_ratio_p90']:.2f}, GPU-s median {figures['gpu_seconds_median']:.0f} "
-              f"(hand grid {hand_seconds:.0f}, landscape {whole:.0f}); uncertain {figures['uncertain']:.0%}, within "
+              f"(hand grid {hand_seconds:.0f}, landscape {whole:.0f}), wall s median {figures['wall_seconds_median']:.0f} "
+              f"p90 {figures['wall_seconds_p90']:.0f}; uncertain {figures['uncertain']:.0%}, within "
               f"tolerance when uncertain {_share(figures['within_tolerance_if_uncertain'])}, when not "
               f"{_share(figures['within_tolerance_if_certain'])}; {figures['cpu_seconds']} s", flush=True)
     return out

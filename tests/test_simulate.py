@@ -165,6 +165,19 @@ def test_the_grid_with_both_seeds_picks_on_the_means_and_finds_the_true_pick(tmp
     assert [search.gpu_seconds for search in searches] == [pytest.approx(whole)] * 3
 
 
+def test_one_trial_at_a_time_takes_as_long_as_its_trials_and_two_at_once_less(tmp_path):
+    landscape = format_.load(write_landscape(tmp_path))
+    figures = {}
+    for slots in (1, 2):
+        config = policy_config(landscape, [f"resources.max_concurrent_trials={slots}"])
+        figures[slots] = summary(simulate(landscape, config, seeds=6), Truth.of(landscape, config), landscape)
+    serial, paired = figures[1]["per_search"], figures[2]["per_search"]
+    assert [s["wall_seconds"] for s in serial] == pytest.approx([s["gpu_seconds"] for s in serial], abs=0.1)
+    assert all(s["wall_seconds"] < s["gpu_seconds"] for s in paired)
+    walls = sorted(s["wall_seconds"] for s in paired)
+    assert walls[len(walls) // 2] <= figures[2]["wall_seconds_p90"] <= walls[-1]
+
+
 def test_the_default_search_replayed_tries_its_budget_and_always_picks(tmp_path):
     landscape = format_.load(write_landscape(tmp_path))
     config = policy_config(landscape)

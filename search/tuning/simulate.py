@@ -331,6 +331,8 @@ def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
         "cost_ratio_median": float(np.median(ratio)), "cost_ratio_p90": float(np.quantile(ratio, 0.9)),
         "gpu_seconds_median": float(np.median([search.gpu_seconds for search in searches])),
         "wall_seconds_median": float(np.median([search.wall_seconds for search in searches])),
+        # a run's wall time has a long tail (a pick that cannot be told apart gets seeds one after another)
+        "wall_seconds_p90": float(np.quantile([search.wall_seconds for search in searches], 0.9)),
         "trials_median": float(np.median([search.trials for search in searches])),
         # whether the report's "the pick is uncertain" tells a worse pick: the share right with and without it
         "uncertain": float(np.mean([search.uncertain for search in searches])),
@@ -338,7 +340,8 @@ def summary(searches: list[Search], truth: Truth, landscape: Landscape) -> dict:
            for flag, is_flagged in (("if_uncertain", True), ("if_certain", False))},
         # each search's own, in the order of its seed: what pairs one policy's searches with another's
         "per_search": [{"pick": None if s.pick is None else s.pick.label(), "within": truth.within(s.pick),
-                        "uncertain": s.uncertain, "gpu_seconds": round(s.gpu_seconds, 1)} for s in searches],
+                        "uncertain": s.uncertain, "gpu_seconds": round(s.gpu_seconds, 1),
+                        "wall_seconds": round(s.wall_seconds, 1)} for s in searches],
     }
 
 
