@@ -119,25 +119,28 @@ def test_more_seeds_go_to_the_leaders_while_they_cannot_be_told_apart_each_seed_
     assert search.suggest("x") == Searcher.FINISHED
 
 
+def fresh_neighbours(search: StagedSearch, configs: dict[str, dict]) -> dict[str, list[TrialParams]]:
+    """Each trial's cheaper neighbours (the search's own `LoraSpace.cheaper`) that no trial of `configs` ran."""
+    space = search._cheaper.__self__
+    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
+    return {trial_id: [n for n in space.cheaper(TrialParams.from_config(config))
+                       if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]
+            for trial_id, config in configs.items()}
+
+
 def test_the_picks_cheaper_neighbours_come_once_all_else_has_ended_each_once_and_no_more_than_allowed(run_config):
     search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=0, cheaper=2)
     configs = {t: search.suggest(t) for t in "abcd"}
-    space = search._cheaper.__self__
     # the best and the pick: the trial with the most cheaper neighbours that no other trial ran
-    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
-
-    def fresh(trial_id):
-        return [n for n in space.cheaper(TrialParams.from_config(configs[trial_id]))
-                if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]
-
-    best = max(configs, key=lambda t: len(fresh(t)))
-    assert len(fresh(best)) >= 2, "the fixture's space gives this trial two cheaper neighbours"
+    fresh = fresh_neighbours(search, configs)
+    best = max(fresh, key=lambda t: len(fresh[t]))
+    assert len(fresh[best]) >= 2, "the fixture's space gives this trial two cheaper neighbours"
     for trial_id in configs:
         report(search, trial_id, 4, 0.50 if trial_id == best else 0.90, 9000, last=trial_id != "d")
     assert search.suggest("x") is None  # d still runs: the pick may still move
     report(search, "d", 4, 0.90, 9000, last=True)
     handed = [search.suggest(t) for t in "ef"]
-    expected = fresh(best)[:2]
+    expected = fresh[best][:2]
     assert [(c["origin"], c["parent"], c["seed"]) for c in handed] == [("cheaper", best, 3)] * 2
     assert [(c["module_set"], c["lora_config"]) for c in handed] == [(n.module_set, n.lora_config) for n in expected]
     assert all(c["learning_rate"] == configs[best]["learning_rate"] for c in handed)
@@ -150,10 +153,8 @@ def test_the_picks_cheaper_neighbours_come_once_all_else_has_ended_each_once_and
 def test_the_cheaper_neighbour_runs_beside_the_picks_confirmation_once_the_searchs_trials_have_ended(run_config):
     search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1)
     configs = {t: search.suggest(t) for t in "abcd"}
-    space = search._cheaper.__self__
-    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
-    best = max(configs, key=lambda t: len([n for n in space.cheaper(TrialParams.from_config(configs[t]))
-                                          if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]))
+    fresh = fresh_neighbours(search, configs)
+    best = max(fresh, key=lambda t: len(fresh[t]))
     others = [t for t in configs if t != best]
     report(search, best, 4, 0.50, 9000, last=True)
     confirm = search.suggest("e")  # the leader's confirmation starts at once; the search's trials still run
@@ -171,10 +172,8 @@ def test_where_the_neighbour_and_the_picks_confirmation_qualify_together_the_nei
     the two ends sooner, and the pick's confirmation runs beside it."""
     search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1)
     configs = {t: search.suggest(t) for t in "abcd"}
-    space = search._cheaper.__self__
-    ran = {(c["module_set"], c["lora_config"]["r"], c["learning_rate"]) for c in configs.values()}
-    best = max(configs, key=lambda t: len([n for n in space.cheaper(TrialParams.from_config(configs[t]))
-                                          if (n.module_set, n.lora_config["r"], n.learning_rate) not in ran]))
+    fresh = fresh_neighbours(search, configs)
+    best = max(fresh, key=lambda t: len(fresh[t]))
     for trial_id in [t for t in configs if t != best]:
         report(search, trial_id, 4, 0.90, 9000, last=True)
     report(search, best, 4, 0.50, 9000, last=True)  # the last search trial to end is the leader
