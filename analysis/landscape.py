@@ -130,11 +130,11 @@ def load(directory: str | Path) -> Landscape:
     directory = Path(directory)
     header = _header(directory / HEADER_FILE)
     path = directory / ROWS_FILE
-    if not path.is_file() and (directory / f"{ROWS_FILE}.gz").is_file():
+    if not path.is_file():
         path = directory / f"{ROWS_FILE}.gz"
-    elif not path.is_file():
-        raise LandscapeError(f"{path} is missing; a landscape is {HEADER_FILE} and {ROWS_FILE} (or {ROWS_FILE}.gz; "
-                             "docs/landscape.md)")
+    if not path.is_file():
+        raise LandscapeError(f"{directory / ROWS_FILE} is missing; a landscape is {HEADER_FILE} and {ROWS_FILE} (or "
+                             f"{ROWS_FILE}.gz; docs/landscape.md)")
     try:
         text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as e:

@@ -312,8 +312,9 @@ class SharedTrainer:
             answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
             with self.pack.only(trial.index) as model:
                 answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
-            progress.generate_seconds += time.perf_counter() - generating
-            progress.eval_seconds += time.perf_counter() - generating
+            generated = time.perf_counter() - generating
+            progress.generate_seconds += generated
+            progress.eval_seconds += generated
             report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
