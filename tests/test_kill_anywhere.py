@@ -6,6 +6,7 @@ accounted for and no configuration trained twice."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import signal
@@ -20,9 +21,17 @@ KILLS = 20
 
 
 def _written(run_dir: Path) -> dict[str, int]:
-    """The modification time of each file of the search's experiment: a change means Tune is syncing."""
-    return {str(path): path.stat().st_mtime_ns for path in (run_dir / "tune").rglob("*") if path.is_file()} \
-        if (run_dir / "tune").is_dir() else {}
+    """The modification time of each file of the search's experiment: a change means Tune is syncing.
+    A file or folder Tune removes while it is listed (its temporary markers) counts as gone:
+    os.walk skips a folder that vanished, and a file's stat may still miss."""
+    times = {}
+    for folder, _, names in os.walk(run_dir / "tune"):
+        for name in names:
+            try:
+                times[os.path.join(folder, name)] = os.stat(os.path.join(folder, name)).st_mtime_ns
+            except FileNotFoundError:
+                continue
+    return times
 
 
 def _invalid_json(run_dir: Path) -> list[str]:

@@ -295,8 +295,8 @@ def test_pick_agrees_with_trials_csv_under_the_stated_rule_and_plots_are_real_pn
     done = trials[(trials.status == "finished") & (trials.step == 12)].copy()
     by_id = trials.set_index("trial_id")
 
-    def root(trial_id):
-        while isinstance(by_id.loc[trial_id].parent, str):
+    def root(trial_id):  # a cheaper neighbour names the pick it came from, but is a configuration of its own
+        while isinstance(by_id.loc[trial_id].parent, str) and by_id.loc[trial_id].origin != "cheaper":
             trial_id = by_id.loc[trial_id].parent
         return trial_id
 
