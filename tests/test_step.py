@@ -4,6 +4,7 @@ the model computes with its attention mask and labels, batch by seed and step.
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 import pytest
@@ -39,6 +40,80 @@ def test_answer_loss_on_right_padded_rows_without_a_mask_equals_the_models_maske
         wide_ids = torch.nn.functional.pad(batch["input_ids"], (0, 7), value=0)
         wide_labels = torch.nn.functional.pad(batch["labels"], (0, 7), value=IGNORE)
         got = answer_loss(model, wide_ids, wide_labels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _loss_and_grads(model, batch, **options):
+    model.zero_grad()
+    loss = answer_loss(model, batch["input_ids"], batch["labels"], **options)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _rows_into_head(model, batch) -> list[int]:
+    """The rows of hidden states the output layer is given in one answer-only loss."""
+    seen = []
+    head = model.get_base_model().get_output_embeddings() if hasattr(model, "get_base_model") \
+        else model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        answer_loss(model, batch["input_ids"], batch["labels"], answer_only=True)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("head", ["plain", "softcapped", "adapted"])
+def test_the_answer_only_loss_and_gradients_equal_the_full_logits_and_the_head_sees_only_answer_positions(tiny, head):
+    """The output layer computes logits for the positions whose next token is an answer only;
+    the loss and every gradient are the full forward's, also where the model's forward changes
+    the logits after the head (Gemma 2's softcap) and where the head itself is adapted."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model, rows = copy.deepcopy(tiny[0]), tiny[1]  # PEFT adapts the model in place
+    torch.manual_seed(0)
+    if head == "softcapped":
+        model = Gemma2ForCausalLM(Gemma2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, vocab_size=100, pad_token_id=0, final_logit_softcapping=2.0)).eval()
+    targets = ["q_proj", "v_proj", "lm_head"] if head == "adapted" else ["q_proj", "v_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    batch = collate(rows, 0, torch.device("cpu"))
+    full, full_grads = _loss_and_grads(model, batch)
+    only, only_grads = _loss_and_grads(model, batch, answer_only=True)
+    with torch.no_grad():
+        expected = model(**batch).loss
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(only, full, rtol=1e-5, atol=1e-6)
+    assert full_grads.keys() == only_grads.keys() and any("lora_A" in name for name in full_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    answers = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert _rows_into_head(model, batch) == [answers] and answers < batch["labels"].numel() // 2
+
+
+def test_a_model_that_does_not_call_its_output_layer_as_a_module_gets_the_answer_positions_of_its_full_logits(tiny):
+    """The hook cannot select what the output layer is never given as a module call: such a
+    forward's full logits are selected afterwards, to the same loss."""
+    model, rows = tiny
+
+    class HeadByWeight(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids):
+            hidden = self.inner.get_decoder()(input_ids=input_ids).last_hidden_state
+            return type("Out", (), {"logits": torch.nn.functional.linear(hidden, self.get_output_embeddings().weight)})
+
+    batch = collate(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(**batch).loss
+        got = answer_loss(HeadByWeight(model), batch["input_ids"], batch["labels"], answer_only=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -9,9 +9,10 @@ import torch
 
 from trainables.data import IGNORE, collate
 from trainables.generate import standard_error
+from trainables.step import answer_logits, next_is_answer
 
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
-# A batch's bf16 logits span the vocabulary, so the budget is what keeps them within
+# A batch's bf16 logits (at its answer positions, at most all its tokens) span the vocabulary, so the budget keeps them within
 # EVAL_LOGITS_BYTES: a 262k-token vocabulary gets 2048 tokens a batch, a 49k one 10922 (8x a
 # short train batch's tokens were 16k-token batches of 8.6 GB of logits with a 262k vocabulary,
 # and as much again in float32 for the answer positions: such trials held up to 25.7 GB).
@@ -96,16 +97,17 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, token_budg
         start = end
         batch = collate(chunk, pad_token_id, torch.device("cpu"))
         ids, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels"))
+        scored = next_is_answer(labels)
         with autocast:
-            logits = model(input_ids=ids.repeat(blocks, 1)).logits
-        logits = logits.view(blocks, *ids.shape, -1)
+            logits = answer_logits(model, ids.repeat(blocks, 1), scored.repeat(blocks, 1))
+        answer_scores = logits.view(blocks, -1, logits.shape[-1]).float()  # block, answer token, vocabulary
         labels = labels[:, 1:]
         keep = labels != IGNORE
-        answer_logits, answer_labels = logits[:, :, :-1][:, keep].float(), labels[keep]  # answer positions only
+        answer_labels = labels[keep]
         row_of_token = keep.nonzero()[:, 0]
         token_losses = torch.nn.functional.cross_entropy(
-            answer_logits.flatten(0, 1), answer_labels.repeat(blocks), reduction="none").double().view(blocks, -1)
-        token_correct = (answer_logits.argmax(-1) == answer_labels).long()
+            answer_scores.flatten(0, 1), answer_labels.repeat(blocks), reduction="none").double().view(blocks, -1)
+        token_correct = (answer_scores.argmax(-1) == answer_labels).long()
         row_losses.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.float64)
                           .index_add_(1, row_of_token, token_losses))
         row_correct.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.long)

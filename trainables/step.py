@@ -44,11 +44,50 @@ WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autoc
 log = logging.getLogger(__name__)
 
 
-def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, token_loss=None) -> torch.Tensor:
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, token_loss=None,
+                answer_only: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens (labels != IGNORE), next-token shifted: the
     same value as the model's own loss with `labels`, without its host-side checks.
-    `token_loss`: the function of (logits, labels) that computes it (a compiled one)."""
+    `token_loss`: the function of (logits, labels) that computes it (a compiled one).
+    `answer_only`: the output layer computes logits at the answer positions only
+    (`answer_logits`); the number of those differs per batch, so not in a captured or
+    compiled step, whose shapes are fixed."""
+    if answer_only:
+        targets = labels[:, 1:]
+        return torch.nn.functional.cross_entropy(
+            answer_logits(model, input_ids, next_is_answer(labels)).float(), targets[targets != IGNORE])
     return (token_loss or shifted_cross_entropy)(model(input_ids=input_ids).logits, labels)
+
+
+def next_is_answer(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits score a token: those whose next token is an answer token."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the positions `keep` (rows x tokens, bool), row by row: (kept,
+    vocabulary). The output layer sees only those positions' hidden states, through a hook on
+    the model's output embeddings, and the model's own forward does what follows it (a logit
+    softcap or scale), so the values are the full forward's. Answers are a third of the
+    reference task's tokens, and the output layer's matmul and its backward over a 49k or
+    larger vocabulary are a fifth of a small model's step; on a large vocabulary the full
+    logits are also the step's largest tensor. A model whose forward does not call its
+    output embeddings as a module (the hook never runs) gives its full logits, selected here."""
+    base = _base(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+
+    def rows_kept(module, args):
+        return (args[0][keep], *args[1:]) if args and args[0].shape[:2] == keep.shape else None
+
+    handle = head.register_forward_pre_hook(rows_kept) if isinstance(head, torch.nn.Module) else None
+    try:
+        logits = model(input_ids=input_ids).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if logits.dim() == 2 else logits[keep]
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -194,7 +233,8 @@ class TrainStep:
             self._clear_grads()
             ids, labels = self.ids[index, :width].long(), self.labels[index, :width].long()
             with self.autocast:
-                loss = self.compiled.loss(self.model, ids, labels) if self.compiled else answer_loss(self.model, ids, labels)
+                loss = self.compiled.loss(self.model, ids, labels) if self.compiled \
+                    else answer_loss(self.model, ids, labels, answer_only=True)
             loss.backward()
             return loss.detach(), int(lengths.sum())
         self.static_ids.copy_(self.ids[index])
