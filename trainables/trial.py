@@ -19,6 +19,7 @@ import torch
 from rundir.params import TrialParams
 from trainables.checkpoint import PROCESS, TrialCheckpoint, adapter_config
 from trainables.config import TrialSetup, let_tune_wait_for_the_last_trial
+from trainables.cores import CoreShare, node_cpus
 from trainables.data import load_split
 from trainables.divergence import eval_diverged, train_diverged
 from trainables.evaluation import eval_token_budget, evaluate
@@ -39,13 +40,26 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
     called_at = time.time()
     let_tune_wait_for_the_last_trial()
     hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
-    from peft import LoraConfig, get_peft_model
+    import peft  # noqa: F401 - here, so that its import counts in the trial's imports (Progress.imported_at)
 
     progress = Progress(called_at=called_at, imported_at=time.time())
     params = TrialParams.from_config(config)
-    torch.set_num_threads(setup.cpu_threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    torch.set_num_threads(setup.cpu_threads)
+    cores = None if cuda else CoreShare(setup.cpu_threads, node_cpus(setup.cpu_threads))
+    try:
+        _set_up_and_train(params, setup, device, progress, cores)
+    finally:
+        if cores is not None:
+            cores.close()
+
+
+def _set_up_and_train(params: TrialParams, setup: TrialSetup, device: torch.device, progress: Progress,
+                      cores: CoreShare | None) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.init()  # resetting the statistics needs CUDA started; without bitsandbytes no import starts it
         for index in range(torch.cuda.device_count()):
@@ -63,7 +77,8 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
         optimizer = loraplus_adamw(model, params.learning_rate, params.loraplus_lr_ratio, cuda)
         scheduler = warmup_cosine(optimizer, setup.warmup_steps, setup.max_steps)
         restore(model, optimizer, scheduler, params.start_from, progress)
-        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, answer_metrics, device, progress)
+        _train(model, optimizer, scheduler, params, setup, train_rows, eval_rows, answer_metrics, device, progress,
+               cores)
     finally:
         del optimizer, scheduler
         try:
@@ -80,9 +95,11 @@ def train_lora(config: dict, setup: TrialSetup) -> None:
 
 
 def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, train_rows, eval_rows,
-           answer_metrics: AnswerMetrics | None, device: torch.device, progress: Progress) -> None:
+           answer_metrics: AnswerMetrics | None, device: torch.device, progress: Progress,
+           cores: CoreShare | None = None) -> None:
     """Steps from `progress.step` to `setup.max_steps`; every `eval_every` steps and at the last,
-    an evaluation (loss, then `answer_metrics` where given), a checkpoint and a report."""
+    an evaluation (loss, then `answer_metrics` where given), a checkpoint and a report. On CPU,
+    `cores` sets the threads of each step and evaluation to the trial's share of its node."""
     from ray import tune
 
     cuda = device.type == "cuda"
@@ -101,6 +118,8 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
     try:
         while progress.step < setup.max_steps:
             started = time.perf_counter()
+            if cores is not None:
+                cores.apply()
             loss, batch_tokens = train_step(progress.step)
             optimizer.step()
             scheduler.step()
@@ -116,6 +135,8 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
             if diverged := train_diverged(train_loss, progress.step):
                 raise diverged
             started = time.perf_counter()
+            if cores is not None:
+                cores.apply()
             evaluation = evaluate(model, eval_rows, setup.pad_token_id, device, autocast, eval_budget)
             if diverged := eval_diverged(evaluation.loss, progress.step):
                 raise diverged
