@@ -21,6 +21,7 @@ set -- "${@/#/--set=}"
 pids=()
 for spec in "budget.num_samples=4,6,8,12,16" "budget.reduction_factor=2,3,4" "budget.grace_period=10,20" \
             "search.priors=auto,none|search" "selection.confirm_top_k=0,1,2,3|search" "selection.cheaper=0,1,2,4|search" \
+            "selection.confirm_max_seeds=2,3,4|search" \
             "eval_rows=8,16,32|search" "search.learning_rate=[2.0e-4,3.0e-3],[7.7e-4,3.0e-3]|search random_asha" \
             "search.module_sets=[attention_qv,attention,mlp,all_linear],[attention,mlp,all_linear],[mlp,all_linear]|search random_asha"; do
   sweep "${spec%%|*}" "$( [[ $spec == *"|"* ]] && echo "${spec#*|}" )" "$@" &

@@ -4,9 +4,9 @@ leave it.
 Ray gives each CPU trial `resources.cpus_per_trial` CPUs, so the embedded default runs two
 trials at once on a 2-core machine. Its last stages often run one trial alone (the seeds that
 tell the pick from a close configuration come one after another), and the other core then
-sits idle: on that machine a step of the reference task takes 1.66 s with two threads against
-2.72 s with one, and the same with two threads in each of two trials at once takes 7.5 s
-(OpenMP's threads spin for a core the other trial holds). So the share follows the trials
+sits idle: on that machine a step of the default takes 1.76 s with two threads against 2.81 s
+with one, and 7.2 s with two threads in each of two trials at once (OpenMP's threads spin for a
+core the other trial holds; bench/cpu_step.py, bench/results/cpu_step.json). So the share follows the trials
 that run: each registers its process in one folder of the node's temporary directory, and
 before each step and each evaluation takes the node's CPUs (as Ray counts them) divided by the
 live registered processes, never fewer than its own `cpus_per_trial`. A process that died
