@@ -39,7 +39,7 @@ class SelectionConfig:
     confirm_top_k: int = field(default=1, metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"})
     confirm_seeds: int = field(default=1, metadata={"help": "extra seeds per confirmed candidate"})
     cheaper: int = field(default=1, metadata={"help": "after the search, the pick's nearest cheaper neighbours (next smaller rank, a module set inside its own) trained in full, at most this many; 0: off"})
-    confirm_max_seeds: int = field(default=2, metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart from it; at least confirm_seeds + 1"})
+    confirm_max_seeds: int = field(default=0, metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart from it; at least confirm_seeds + 1, or 0: no seeds past the confirmation"})
     retrain: bool = field(default=False, metadata={"help": "train the pick once more on all the training data and export its adapter weights"})
     trust_metric_code: bool = field(default=False, metadata={"help": "let every trial import and run the metric function that selection.metric names (your code)"})
 
@@ -122,9 +122,10 @@ class SelectionConfig:
         seeds, most = self.confirm_seeds, self.confirm_max_seeds
         if isinstance(most, bool) or not isinstance(most, int):
             found.append(f"{key('confirm_max_seeds')}={most!r} is not a whole number. Fix: use a number such as 4.")
-        elif isinstance(seeds, int) and not isinstance(seeds, bool) and most < seeds + 1:
+        elif isinstance(seeds, int) and not isinstance(seeds, bool) and most != 0 and most < seeds + 1:
             found.append(
                 f"{key('confirm_max_seeds')}={most} is less than {key('confirm_seeds')} + 1 = {seeds + 1}, the runs "
-                f"every confirmed candidate gets anyway. Fix: set {key('confirm_max_seeds')} to {seeds + 1} or more."
+                f"every confirmed candidate gets anyway. Fix: set {key('confirm_max_seeds')} to {seeds + 1} or more, "
+                f"or 0 for no seeds past the confirmation."
             )
         return found

@@ -179,6 +179,16 @@ def test_no_more_seeds_at_confirm_max_seeds():
     assert decision.pick == "big" and decision.more_seeds == {}  # undecided, but both have their 2 runs
 
 
+def test_confirm_max_seeds_zero_asks_for_no_seed_past_the_confirmation_whatever_confirm_seeds_is():
+    undecided = SelectionConfig(confirm_top_k=1, confirm_seeds=2, confirm_max_seeds=0)
+    assert undecided.problems() == []
+
+    decision = decide(LEADERS, undecided, max_steps=10)
+
+    assert decision.pick == "big" and decision.confirm == ["big"]  # still confirmed with its 2 seeds
+    assert decision.more_seeds == {}  # though the two leaders' intervals overlap (the first test above)
+
+
 def test_with_paired_rows_seeds_go_on_while_they_outweigh_the_paired_rows_part():
     # The same hard and easy rows for every run: each run's own row standard error (about 0.04) outweighs
     # cheap's seeds' part (0.52 and 0.56: 0.02), but the rows' part of its difference from big's rows is
