@@ -39,7 +39,7 @@ class SelectionConfig:
     confirm_top_k: int = field(default=1, metadata={"help": "leading candidates re-run with other seeds at the full budget; the pick uses their mean; 0: off"})
     confirm_seeds: int = field(default=1, metadata={"help": "extra seeds per confirmed candidate"})
     cheaper: int = field(default=1, metadata={"help": "after the search, the pick's nearest cheaper neighbours (next smaller rank, a module set inside its own) trained in full, at most this many; 0: off"})
-    confirm_max_seeds: int = field(default=0, metadata={"help": "runs, its own included, that a configuration may get while the pick cannot be told apart from it; at least confirm_seeds + 1, or 0: no seeds past the confirmation"})
+    confirm_max_seeds: int = field(default=0, metadata={"help": "runs (its own included) a configuration may get while the pick cannot be told from it: >= confirm_seeds + 1, or 0: none past the confirmation"})
     retrain: bool = field(default=False, metadata={"help": "train the pick once more on all the training data and export its adapter weights"})
     trust_metric_code: bool = field(default=False, metadata={"help": "let every trial import and run the metric function that selection.metric names (your code)"})
 
