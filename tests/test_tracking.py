@@ -23,6 +23,9 @@ from search.run import main
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tracked"
 STATES = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
+# steps a trial trains: enough that Tune saves its experiment state while the second trial runs
+# (the kill needs a trial that crosses it), however fast the tiny model's steps become
+STEPS = 96
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,8 @@ def tracked(tiny_model_dir, tmp_path_factory):
     # as a team's server would hold it: artifacts beside the store, not in the working directory
     client.create_experiment("sweeps", artifact_location=str(output / "artifacts"))
     sets = [f"model.path={tiny_model_dir}", "search.module_sets=[attention_qv,mlp]", "search.ranks=[2,4]",
-            "search.learning_rate=[1e-3,2e-2]", "budget.num_samples=3", "budget.max_steps=12", "budget.eval_every=3",
-            "budget.grace_period=12", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
+            "search.learning_rate=[1e-3,2e-2]", "budget.num_samples=3", f"budget.max_steps={STEPS}", "budget.eval_every=12",
+            f"budget.grace_period={STEPS}", "budget.batch_size=4", "data.eval_examples=8", "data.eval_generate_examples=0",
             "resources.max_concurrent_trials=1", "selection.promote=false", "selection.confirm_top_k=0", "selection.cheaper=0",
             "selection.retrain=true", "tracking.mlflow.enabled=true", f"tracking.mlflow.tracking_uri={uri}",
             "tracking.mlflow.experiment=sweeps", "tracking.wandb.enabled=true", "tracking.wandb.mode=offline"]
@@ -55,7 +58,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
     process.send_signal(signal.SIGKILL)
     log, _ = process.communicate()
     assert not (run_dir / "trials.csv").exists(), "the run finished before it could be killed:\n" + log[-3000:]
-    (crossing,) = [trial_id for trial_id, step in _saved(run_dir).items() if step < 12]
+    (crossing,) = [trial_id for trial_id, step in _saved(run_dir).items() if step < STEPS]
 
     resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=900)
