@@ -56,6 +56,7 @@ from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_f
 from trainables.step import cuda_graph, first_line
 
 log = logging.getLogger(__name__)
+ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
 
 
 class SlotOutOfMemory(RuntimeError):
@@ -343,7 +344,8 @@ class Pack:
         """The step as the captured graph's replay, capturing it first where none fits."""
         given = list(batches.values())
         rows, width = max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given)
-        answers = max(answers_per_row(labels) for _, labels in given)
+        # rounded up: a step with a few more answer tokens than the last fits the same capture (and compile)
+        answers = -(-max(answers_per_row(labels) for _, labels in given) // ANSWER_ROUNDING) * ANSWER_ROUNDING
         captured = self.captured
         if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
                 or self.dropout != captured.dropout or self.layout != captured.layout):
