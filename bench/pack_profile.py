@@ -38,16 +38,19 @@ def phases(pack, batches: dict, autocast) -> dict[str, float]:
     """Milliseconds of each phase of a step, as Pack.step runs them at capacity, averaged."""
     import torch
 
+    from trainables.packed import answers_per_row
+
     order = sorted(batches)
     ids = torch.cat([batches[i][0] for i in order])
     labels = torch.cat([batches[i][1] for i in order])
     stepping = torch.ones(pack.capacity, dtype=torch.bool, device=ids.device)
+    answers = answers_per_row(labels.cpu())  # as Pack.step passes it: logits at the answer positions only
     totals = {"forward+loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     for _ in range(REPEATS):
         out = {}
 
         def forward():
-            out["loss"] = pack.losses(ids, labels, autocast).sum()
+            out["loss"] = pack.losses(ids, labels, autocast, answers=answers).sum()
 
         totals["forward+loss"] += _timed(forward)
         totals["backward"] += _timed(lambda: out["loss"].backward())

@@ -46,11 +46,17 @@ def trial_params(k: int, r: int = 16) -> TrialParams:
                        loraplus_lr_ratio=1.0, seed=k, origin=Origin.SEARCH)
 
 
-def rows(count: int, tokens: int, vocab: int, seed: int):
+def rows(count: int, tokens: int, vocab: int, seed: int, scored: int = 0):
+    """`count` random sequences and their labels: every token, or with `scored` its last that many
+    only, as a prompt and its answer."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [(ids := torch.randint(3, vocab, (tokens,), generator=g).tolist(), ids) for _ in range(count)]
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (tokens,), generator=g).tolist()
+        out.append((ids, [-100] * (tokens - scored) + ids[tokens - scored:] if scored else ids))
+    return out
 
 
 def sync(device) -> None:
@@ -60,7 +66,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
+def alone(model, device, steps: int, batch: int, tokens: int, scored: int = 0) -> dict:
     """One trial as its own process trains it."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -72,7 +78,7 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
     torch.manual_seed(0)
     peft = get_peft_model(model, LoraConfig(**params.lora_config))
     optimizer = loraplus_adamw(peft, params.learning_rate, 1.0, device.type == "cuda")
-    data = rows(batch * 4, tokens, model.config.vocab_size, 0)
+    data = rows(batch * 4, tokens, model.config.vocab_size, 0, scored)
     step = TrainStep(peft, data, batch, 0, steps + WARMUP, 0, device, cuda_graph=True)
     for k in range(WARMUP):
         step(k)
@@ -91,7 +97,8 @@ def alone(model, device, steps: int, batch: int, tokens: int) -> dict:
             "peak_memory_gb": peak_gb(device)}
 
 
-def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False):
+def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False,
+             scored: int = 0):
     """A pack of `slots` trials, and each one's batch (on the host, as the shared trainer gives them)."""
     import torch
 
@@ -100,17 +107,18 @@ def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, gra
     pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
                 compile_backend="inductor" if compiled else None)
     indices = [pack.add(trial_params(k)) for k in range(slots)]
-    data = {i: rows(batch, tokens, model.config.vocab_size, i) for i in indices}
+    data = {i: rows(batch, tokens, model.config.vocab_size, i, scored) for i in indices}
     batches = {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in indices}
     return pack, batches
 
 
-def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False) -> dict:
+def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False,
+           scored: int = 0) -> dict:
     """`slots` trials in one pack, each with its own batch each step."""
     from trainables.packed import unpack
 
     reset_peak(device)
-    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph, compiled)
+    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph, compiled, scored)
     autocast = bf16(device)
     started = time.perf_counter()
     for _ in range(WARMUP):
@@ -217,6 +225,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (64; 512 with --llama8b)")
     parser.add_argument("--llama8b", action="store_true")
     parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights")
+    parser.add_argument("--scored", type=int, default=0, help="tokens scored per sequence, its last ones, as an "
+                        "answer after its prompt; 0: every token (the summary's figures); another value writes its own file")
     parser.add_argument("--modes", default="eager,cuda_graph,compiled",
                         help="the pack's step modes to time (cuda_graph; compiled: torch.compile, then captured; GPU only)")
     args = parser.parse_args()
@@ -225,7 +235,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = load(args, device)
     reset_peak(device)
-    single = alone(model, device, args.steps, batch, tokens)
+    single = alone(model, device, args.steps, batch, tokens, args.scored)
     print(f"one trial alone: {single['tokens_per_second']:,.0f} tokens/s ({single['step_mode']}), "
           f"{single['peak_memory_gb']:.2f} GB", flush=True)
     check = None
@@ -241,7 +251,7 @@ def main() -> None:
         for slots in [int(s) for s in args.slots.split(",")]:
             try:
                 point = packed(model, device, slots, args.steps, batch, tokens, graph=mode != "eager",
-                               compiled=mode == "compiled")
+                               compiled=mode == "compiled", scored=args.scored)
             except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
                 print(f"{mode} K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 reset_peak(device)
@@ -260,7 +270,7 @@ def main() -> None:
         "device": (torch.cuda.get_device_name(0) if device.type == "cuda"
                    else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__, "model": "llama-3-8b shapes, random" if args.llama8b else args.model,
-        "rows_per_trial": batch, "tokens_per_row": tokens, "steps": args.steps,
+        "rows_per_trial": batch, "tokens_per_row": tokens, "scored_per_row": args.scored or tokens, "steps": args.steps,
         "alone": single, "packed": curve, "curves": curves, "graph_check": check,
         "best_mode": best["step_mode"] if best else None,
         "shared_packing_speedup": best["tokens_per_second"] / single["tokens_per_second"] if best else None,
@@ -271,9 +281,9 @@ def main() -> None:
         result["processes_that_fit"] = int(total // single["peak_memory_gb"]) if total else None
         result["shared_slots_that_fit"] = curve[-1]["slots"] if curve else 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"shared_packing{'_8b' if args.llama8b else ''}_{name}.json"
+    out = RESULTS / f"shared_packing{'_8b' if args.llama8b else ''}{f'_scored{args.scored}' if args.scored else ''}_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    if device.type == "cuda":  # the summary holds the GPU figures the issue names
+    if device.type == "cuda" and not args.scored:  # the summary holds the GPU figures the issue names
         summary_path = RESULTS / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if args.llama8b:

@@ -11,7 +11,7 @@ from rundir.params import Origin, TrialParams
 from trainables.evaluation import evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
-from trainables.packed import Pack
+from trainables.packed import Pack, answers_per_row
 from trainables.step import answer_loss
 
 WARMUP, MAX_STEPS = 2, 10
@@ -306,7 +306,7 @@ def dispatched_ops(pack: Pack, ids: torch.Tensor, labels: torch.Tensor) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        pack.losses(ids, labels).sum().backward()
+        pack.losses(ids, labels, answers=answers_per_row(labels)).sum().backward()
         pack.update(torch.ones(pack.capacity, dtype=torch.bool))
     return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
@@ -335,7 +335,7 @@ def test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eage
             pack.model.zero_grad(set_to_none=True)
             for layer in pack._layers.values():
                 layer.A.grad = layer.B.grad = None
-            step = losses(ids, labels)
+            step = losses(ids, labels, answers=answers_per_row(labels))
             step.sum().backward()
             update(torch.ones(pack.capacity, dtype=torch.bool))
             steps.append(step.detach())
@@ -345,6 +345,31 @@ def test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eage
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for i in eager_weights:
         close_weights(compiled_weights[i], eager_weights[i], f"slot {i} compiled")
+
+
+def test_the_output_layer_of_a_packed_step_computes_logits_at_the_answer_positions_only(tiny_model_dir):
+    """Each row's logits at as many positions as the row with most answer tokens has, not at
+    all of its positions; the step's losses are those over every position's logits. A slot that
+    adapts the output layer itself turns this off for the pack, with the same losses."""
+    pack, ids, labels = full_pack(tiny_model_dir, [mixed(k, dropout=0.0) for k in range(4)])
+    labels[:, :6] = -100  # answers: the last 4 of each row's 10 tokens
+    head = pack.model.get_output_embeddings().base
+    seen = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    try:
+        with torch.no_grad():
+            answered = pack.losses(ids, labels, answers=answers_per_row(labels))
+            full = pack.losses(ids, labels)
+    finally:
+        handle.remove()
+    assert answers_per_row(labels) == 4 and seen == [(ids.shape[0], 4), (ids.shape[0], ids.shape[1])]
+    torch.testing.assert_close(answered, full, rtol=1e-5, atol=1e-6)
+    pack.remove(0)
+    pack.add(params(["lm_head"], 4, 1, False, 1.0, 1e-3))
+    with torch.no_grad():
+        torch.testing.assert_close(pack.losses(ids, labels, answers=answers_per_row(labels))[1:], full[1:],
+                                   rtol=1e-5, atol=1e-6)
+    assert isinstance(pack.model.get_output_embeddings().base, torch.nn.Linear)  # the adapted layer, not AnswerHead
 
 
 def test_trials_that_open_and_end_write_their_slots_entries_into_the_tensors_the_step_already_uses(tiny_model_dir):

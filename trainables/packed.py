@@ -56,6 +56,7 @@ from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_f
 from trainables.step import cuda_graph, first_line
 
 log = logging.getLogger(__name__)
+ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
 
 
 class SlotOutOfMemory(RuntimeError):
@@ -141,6 +142,7 @@ class Captured:
 
     rows: int
     width: int
+    answers: int  # answer positions scored per row (`answer_positions`)
     dropout: bool
     layout: int
     ids: torch.Tensor
@@ -175,6 +177,11 @@ class Pack:
         self.compile_backend = compile_backend
         self._compiled: tuple | None = None
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
+        # the output layer of a training step sees only the answer positions (`AnswerHead`)
+        self.answer_positions: torch.Tensor | None = None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Module):
+            model.set_output_embeddings(AnswerHead(head, self))
         # each slot's entries: what `add` writes and `remove` clears; float64 for the few numbers
         # of a slot, as the Python floats of torch's own AdamW and schedule are
         self.learning_rate = torch.zeros(capacity, dtype=torch.float64, device=self.device)
@@ -214,6 +221,14 @@ class Pack:
         if not free:
             raise ValueError(f"all {self.capacity} slots of the pack are taken")
         index = free[0]
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(head, AnswerHead) and any(check_target_module_exists(config, name)
+                                                for name, module in self.model.named_modules() if module is head):
+            # a slot that adapts the output layer: its logits at every position from now on, so that
+            # its LoRA sees the hidden states (and dropout masks) it would alone; the logits are then
+            # selected (`losses`)
+            self.model.set_output_embeddings(head.base)
+            self.layout += 1
         wrapped = {id(layer.base) for layer in self._layers.values()}  # seen as their PackedLinear
         targets = [(name, module) for name, module in self.model.named_modules()
                    if name and id(module) not in wrapped and check_target_module_exists(config, name)]
@@ -329,11 +344,14 @@ class Pack:
         """The step as the captured graph's replay, capturing it first where none fits."""
         given = list(batches.values())
         rows, width = max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given)
+        # rounded up: a step with a few more answer tokens than the last fits the same capture (and compile)
+        answers = -(-max(answers_per_row(labels) for _, labels in given) // ANSWER_ROUNDING) * ANSWER_ROUNDING
         captured = self.captured
-        if (captured is None or rows != captured.rows or width > captured.width or self.dropout != captured.dropout
-                or self.layout != captured.layout):
+        if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
+                or self.dropout != captured.dropout or self.layout != captured.layout):
             self.captured = None  # its memory goes back to the allocator before the next capture takes its own
-            captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0), autocast)
+            captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0),
+                                                     max(answers, captured.answers if captured else 0), autocast)
         ids, labels = _gathered({i: batches.get(i) for i in range(self.capacity)}, rows, captured.width)
         captured.ids.copy_(_pinned(ids), non_blocking=True)
         captured.labels.copy_(_pinned(labels), non_blocking=True)
@@ -347,9 +365,10 @@ class Pack:
         losses = captured.losses.clone()  # the next replay overwrites the graph's own
         return {i: losses[i] for i in order}
 
-    def _capture(self, rows: int, width: int, autocast) -> Captured:
-        """The whole step, forward, backward and update, over static tensors; captured as a CUDA
-        graph on a GPU. The warm-up passes (forward and backward of padding only) touch no weight."""
+    def _capture(self, rows: int, width: int, answers: int, autocast) -> Captured:
+        """The whole step, forward, backward and update, over static tensors, `answers` answer
+        positions scored per row; captured as a CUDA graph on a GPU. The warm-up passes (forward
+        and backward of padding only) touch no weight."""
         ids = torch.zeros(self.capacity * rows, width, dtype=torch.long, device=self.device)
         labels = torch.full_like(ids, IGNORE)
         stepping = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
@@ -363,7 +382,7 @@ class Pack:
 
         def step() -> torch.Tensor:
             with context:
-                losses = losses_of(ids, labels)
+                losses = losses_of(ids, labels, answers=answers)
             losses.sum().backward()
             update(stepping)
             return losses.detach()
@@ -375,16 +394,16 @@ class Pack:
                 self._zero_grad()
                 losses.copy_(step())
 
-            return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, replay)
+            return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, replay)
 
         def warmup() -> None:  # padding only, and no slot steps: no weight or moment moves
             with context:
-                losses = losses_of(ids, labels)
+                losses = losses_of(ids, labels, answers=answers)
             losses.sum().backward()
             update(torch.zeros_like(stepping))  # compiled here, if at all: nothing compiles under the capture
 
         graph, losses = cuda_graph(warmup, step, self._zero_grad)
-        return Captured(rows, width, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
+        return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
     def _compile(self) -> tuple:
         """The step's forward and update with two parts through torch.compile, each a few
@@ -404,24 +423,38 @@ class Pack:
         to one count and one width: a slot without a batch (None) gives padding rows only."""
         given = [b for b in batches.values() if b is not None]
         ids, labels = _gathered(batches, max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given))
+        answers = answers_per_row(labels)
         ids, labels = _pinned(ids).to(self.device, non_blocking=True), _pinned(labels).to(self.device, non_blocking=True)
         slots = list(batches)
         self.selection = None if slots == list(range(self.capacity)) else torch.tensor(slots, device=self.device)
         try:
-            losses = self.losses(ids, labels, autocast)
+            losses = self.losses(ids, labels, autocast, answers=answers)
         finally:
             self.selection = None
         # each slot's gradients are those of its own loss: no parameter is shared between slots
         losses.sum().backward()
         return {i: losses[n].detach() for n, i in enumerate(slots) if batches[i] is not None}
 
-    def losses(self, ids: torch.Tensor, labels: torch.Tensor, autocast=None, tail=None) -> torch.Tensor:
+    def losses(self, ids: torch.Tensor, labels: torch.Tensor, autocast=None, tail=None,
+               answers: int | None = None) -> torch.Tensor:
         """Each slot's mean token loss over its own block of rows (`[slots]`; 0 for a block
-        without labels): the forward of a packed step, the same operations for any pack."""
-        with autocast or torch.autocast(self.device.type, enabled=False):
-            logits = self.model(input_ids=ids).logits
+        without labels): the forward of a packed step, the same operations for any pack. With
+        `answers` (at least the answer tokens of any row: `answers_per_row`), the output layer
+        computes logits at that many positions per row (`answer_positions`), the same number in
+        every step, so a captured or compiled step keeps its shapes; without, at every position."""
+        positions, targets = (None, labels[:, 1:]) if answers is None else answer_positions(labels, answers)
+        self.answer_positions = positions
+        try:
+            with autocast or torch.autocast(self.device.type, enabled=False):
+                logits = self.model(input_ids=ids).logits
+        finally:
+            self.answer_positions = None
+        if positions is None:
+            logits = logits[:, :-1]
+        elif logits.shape[1] != positions.shape[1]:  # a model whose forward never called its output layer's module
+            logits = logits[:, :-1].gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
         slots = self.capacity if self.selection is None else self.selection.shape[0]
-        return (tail or slot_losses)(logits, labels, slots)
+        return (tail or slot_losses)(logits, targets, slots)
 
     def update(self, stepping: torch.Tensor, adamw=None) -> None:
         """One AdamW step (PEFT's LoRA+ groups, the warm-up and cosine schedule) of every slot in
@@ -537,6 +570,9 @@ def unpack(model: nn.Module) -> None:
     for name, module in packed:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, AnswerHead):
+        model.set_output_embeddings(head.base)
 
 
 def _gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows: int, width: int):
@@ -560,12 +596,49 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.pin_memory() if tensor.device.type == "cpu" and torch.cuda.is_available() else tensor
 
 
-def slot_losses(logits: torch.Tensor, labels: torch.Tensor, slots: int) -> torch.Tensor:
-    """Each of `slots` blocks of rows' mean next-token loss over its labelled tokens (0 where none is)."""
-    targets = labels[:, 1:].reshape(slots, -1)
-    tokens = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+def slot_losses(logits: torch.Tensor, targets: torch.Tensor, slots: int) -> torch.Tensor:
+    """Each of `slots` blocks of rows' mean loss over its labelled tokens (0 where none is):
+    `logits[r, j]` scores `targets[r, j]` (IGNORE: not scored)."""
+    targets = targets.reshape(slots, -1)
+    tokens = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                          ignore_index=IGNORE, reduction="none").view(slots, -1)
     return tokens.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+
+
+def answers_per_row(labels: torch.Tensor) -> int:
+    """The most answer tokens any row of `labels` (a host tensor) has past its first token: the
+    positions per row `answer_positions` must keep; at least 1."""
+    return max(1, int((labels[:, 1:] != IGNORE).sum(1).max()))
+
+
+def answer_positions(labels: torch.Tensor, answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[rows, answers]`: each row's positions whose next token is an answer token, in order, then
+    other positions to fill; and the tokens they predict (IGNORE for the fillers). A sort, not a
+    selection: the shapes do not depend on the data, and nothing waits for the host."""
+    targets = labels[:, 1:]
+    width = targets.shape[1]
+    order = torch.arange(width, device=labels.device)
+    key = torch.where(targets != IGNORE, order, order + width)  # answers first, each part in order
+    positions = key.argsort(dim=1)[:, :min(answers, width)]
+    return positions, targets.gather(1, positions)
+
+
+class AnswerHead(nn.Module):
+    """The model's output layer, given only the hidden states at `pack.answer_positions` when a
+    training step has set them, so that the logits (a pack's largest tensors: rows x positions x
+    vocabulary) are computed at the answer positions only; the model's own forward still does
+    what follows the layer (a softcap). At every position otherwise (evaluation, generation)."""
+
+    def __init__(self, base: nn.Module, pack: Pack):
+        super().__init__()
+        self.base = base
+        self.pack = [pack]  # in a list: not a submodule, not part of the model's state
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        positions = self.pack[0].answer_positions
+        if positions is None:
+            return self.base(hidden)
+        return self.base(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])))
 
 
 def adamw_(weight, grad, avg, avg_sq, average, decay, squares, correction, size) -> None:
