@@ -40,9 +40,15 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _node_ports(ip: str) -> list[str]:
-    """Every port a node listens on, free ones, so that nothing meets another Ray on this machine."""
-    manager, objects, agent, agent_grpc, runtime_env, metrics, workers = _free_ports(7)
+def _node_ports(ip: str, avoid: tuple[int, ...] = ()) -> list[str]:
+    """Every port a node listens on, free ones, so that nothing meets another Ray on this machine;
+    none of them, nor any of `avoid`, inside the worker ports' range (Ray refuses a node whose
+    components share a port, and free ports come close together)."""
+    while True:
+        manager, objects, agent, agent_grpc, runtime_env, metrics, workers = _free_ports(7)
+        if not any(workers <= port <= workers + 40 for port in (manager, objects, agent, agent_grpc, runtime_env,
+                                                                  metrics, *avoid)):
+            break
     return [f"--node-ip-address={ip}", f"--node-manager-port={manager}", f"--object-manager-port={objects}",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
@@ -86,9 +92,9 @@ def ray_start_cluster():
     env |= {"RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     head_port = _free_ports(1)[0]
     nodes = [  # the head finds the token and turns token auth on by itself; other nodes must be told
-        ({}, ["--head", f"--port={head_port}", "--include-dashboard=false", *_node_ports("127.0.0.1"),
+        ({}, ["--head", f"--port={head_port}", "--include-dashboard=false", *_node_ports("127.0.0.1", (head_port,)),
               '--resources={"node_head": 1}']),
-        ({"RAY_AUTH_MODE": "token"}, [f"--address=127.0.0.1:{head_port}", *_node_ports("127.0.0.2"),
+        ({"RAY_AUTH_MODE": "token"}, [f"--address=127.0.0.1:{head_port}", *_node_ports("127.0.0.2", (head_port,)),
                                       '--resources={"node_second": 1}']),
     ]
     groups, temp_dirs = [], []

@@ -73,8 +73,8 @@ def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     softcap or scale), so the values are the full forward's. Answers are a third of the
     embedded default's tokens, and its CPU step takes 2.81 s instead of 3.28
     (bench/results/cpu_step.json); on a large vocabulary the full logits are also the step's
-    largest tensor. A model whose forward does not call its
-    output embeddings as a module (the hook never runs) gives its full logits, selected here."""
+    largest tensor. A model whose forward does not call its output embeddings as a module (the
+    hook never runs) gives its full logits, selected here."""
     base = _base(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
 
