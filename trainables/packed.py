@@ -53,7 +53,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import cuda_graph, first_line
+from trainables.step import cuda_graph, first_line, output_layer
 
 log = logging.getLogger(__name__)
 ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
@@ -179,8 +179,8 @@ class Pack:
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
         # the output layer of a training step sees only the answer positions (`AnswerHead`)
         self.answer_positions: torch.Tensor | None = None
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, nn.Module):
+        head = output_layer(model)
+        if head is not None:
             model.set_output_embeddings(AnswerHead(head, self))
         # each slot's entries: what `add` writes and `remove` clears; float64 for the few numbers
         # of a slot, as the Python floats of torch's own AdamW and schedule are
@@ -221,7 +221,7 @@ class Pack:
         if not free:
             raise ValueError(f"all {self.capacity} slots of the pack are taken")
         index = free[0]
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = output_layer(self.model)
         if isinstance(head, AnswerHead) and any(check_target_module_exists(config, name)
                                                 for name, module in self.model.named_modules() if module is head):
             # a slot that adapts the output layer: its logits at every position from now on, so that
@@ -452,7 +452,7 @@ class Pack:
         if positions is None:
             logits = logits[:, :-1]
         elif logits.shape[1] != positions.shape[1]:  # a model whose forward never called its output layer's module
-            logits = logits[:, :-1].gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+            logits = rows_at(logits[:, :-1], positions)
         slots = self.capacity if self.selection is None else self.selection.shape[0]
         return (tail or slot_losses)(logits, targets, slots)
 
@@ -570,7 +570,7 @@ def unpack(model: nn.Module) -> None:
     for name, module in packed:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_layer(model)
     if isinstance(head, AnswerHead):
         model.set_output_embeddings(head.base)
 
@@ -623,6 +623,11 @@ def answer_positions(labels: torch.Tensor, answers: int) -> tuple[torch.Tensor, 
     return positions, targets.gather(1, positions)
 
 
+def rows_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`values[r, positions[r, j]]` for each row r: `[rows, positions, ...]` from `[rows, tokens, ...]`."""
+    return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
+
+
 class AnswerHead(nn.Module):
     """The model's output layer, given only the hidden states at `pack.answer_positions` when a
     training step has set them, so that the logits (a pack's largest tensors: rows x positions x
@@ -638,7 +643,7 @@ class AnswerHead(nn.Module):
         positions = self.pack[0].answer_positions
         if positions is None:
             return self.base(hidden)
-        return self.base(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])))
+        return self.base(rows_at(hidden, positions))
 
 
 def adamw_(weight, grad, avg, avg_sq, average, decay, squares, correction, size) -> None:

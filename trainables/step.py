@@ -75,19 +75,25 @@ def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     (bench/results/cpu_step.json); on a large vocabulary the full logits are also the step's
     largest tensor. A model whose forward does not call its output embeddings as a module (the
     hook never runs) gives its full logits, selected here."""
-    base = _base(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head = output_layer(model)
 
     def rows_kept(module, args):
         return (args[0][keep], *args[1:]) if args and args[0].shape[:2] == keep.shape else None
 
-    handle = head.register_forward_pre_hook(rows_kept) if isinstance(head, torch.nn.Module) else None
+    handle = head.register_forward_pre_hook(rows_kept) if head is not None else None
     try:
         logits = model(input_ids=input_ids).logits
     finally:
         if handle is not None:
             handle.remove()
     return logits if logits.dim() == 2 else logits[keep]
+
+
+def output_layer(model) -> torch.nn.Module | None:
+    """The (base) model's output embeddings as a module, or None for a model that names none."""
+    base = _base(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
