@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 from ray.tune.experiment import Trial
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import Searcher
 from ray.tune.search.search_generator import SearchGenerator
 
 from rundir.location import RunLocation
@@ -39,14 +39,15 @@ def run_config(tiny_model_dir):
     return config, resolved
 
 
-def staged(run_config, with_cheaper: bool = False, **selection) -> StagedSearch:
+def staged(run_config, with_cheaper: bool = False, storage=None, max_concurrent: int = 0, **selection) -> StagedSearch:
     config, resolved = run_config
     config = replace(config, selection=replace(config.selection, **selection))
     space = LoraSpace(config.search, resolved, config.seed)
-    inner = StudySearcher(space, metric="eval_loss", mode="min",
+    inner = StudySearcher(space, metric="eval_loss", mode="min", storage=storage,
                           sampler=optuna.samplers.TPESampler(seed=config.seed), max_steps=MAX_STEPS)
     return StagedSearch(inner, config.budget.num_samples, config.selection, MAX_STEPS, config.seed,
-                        RunLocation(Path("/runs/x")), cheaper=space.cheaper if with_cheaper else None)
+                        RunLocation(Path("/runs/x")), cheaper=space.cheaper if with_cheaper else None,
+                        max_concurrent=max_concurrent)
 
 
 def report(search: Searcher, trial_id: str, step: int, loss: float, params: int, last: bool = False, stop: bool = False,
@@ -226,19 +227,112 @@ def test_optuna_sees_only_the_searchs_trials_and_pruned_stops(run_config):
 
 
 def test_tune_saves_and_restores_the_stage_and_the_inner_searcher(run_config, tmp_path):
-    search = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
-    inner = search.searcher.searcher
+    search = SearchGenerator(staged(run_config))
+    inner = search.searcher
     configs = play_search(inner)
     search.save_to_dir(str(tmp_path), session_str="s")
 
-    restored = SearchGenerator(ConcurrencyLimiter(staged(run_config), max_concurrent=8))
+    restored = SearchGenerator(staged(run_config))
     restored.restore_from_dir(str(tmp_path))
-    again = restored.searcher.searcher
+    again = restored.searcher
     assert len(again.searcher.study.trials) == 4  # Optuna's study came back too
     handed = [again.suggest(t) for t in ("p", "q", "r")]
     assert [(c["origin"], c["parent"]) for c in handed] == [("promoted", "c"), ("confirm", "b"), ("confirm", "a")]
     assert handed[0]["lora_config"] == configs["c"]["lora_config"]
     assert [inner.suggest(t) for t in ("p", "q", "r")] == handed  # the same as the run that was not interrupted
+
+
+def journal(path: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def saved_copy(search: StagedSearch, run_config, tmp_path: Path, name: str) -> StagedSearch:
+    """What a resumed driver holds: the Tuner's fresh copy (the study in the same journal),
+    restored from the searcher state that Tune saved now."""
+    directory = tmp_path / name
+    directory.mkdir()
+    SearchGenerator(search).save_to_dir(str(directory), session_str="s")
+    restored = SearchGenerator(staged(run_config, storage=journal(tmp_path / "study.log")))
+    restored.restore_from_dir(str(directory))
+    return restored.searcher
+
+
+def finish_everything(search: StagedSearch, first: dict[str, dict]) -> dict[str, dict]:
+    """Every trial in `first` and every later one the search hands out finished at the full budget;
+    all the trials it handed out, once it says FINISHED (within a bound: a search that waits for a
+    trial that never runs answers None for good)."""
+    handed, waiting, number = dict(first), list(first), 0
+    for _ in range(40):
+        for trial_id in waiting:
+            loss = 0.5 + 0.01 * sorted(handed).index(trial_id)
+            report(search, trial_id, MAX_STEPS, loss, 1000 * (1 + len(trial_id)), last=True)
+        waiting = []
+        while isinstance(proposal := search.suggest(f"n{number}"), dict):
+            handed[f"n{number}"], waiting = proposal, [*waiting, f"n{number}"]
+            number += 1
+        if proposal == Searcher.FINISHED:
+            return handed
+    raise AssertionError(f"the search never finished: it handed out {sorted(handed)}")
+
+
+def test_a_trial_tune_restored_from_after_the_searchers_saved_copy_is_taken_up_and_told(run_config, tmp_path):
+    search = staged(run_config, storage=journal(tmp_path / "study.log"))
+    tune_holds = {t: search.suggest(t) for t in "ab"}
+    report(search, "a", MAX_STEPS, 0.5, 9000, last=True)
+    restored = saved_copy(search, run_config, tmp_path, "before_c")
+    tune_holds["c"] = search.suggest("c")  # Tune saved its trials with c, then the kill came before the searcher's copy
+
+    restored.align(tune_holds)
+    report(restored, "c", 2, 0.6, 1000)  # c goes on from its checkpoint: its reports reach its Optuna trial
+    report(restored, "c", MAX_STEPS, 0.55, 1000, last=True)
+    study = restored.searcher.study
+    assert (study.trials[2].params, study.trials[2].state.name) == (search.searcher.study.trials[2].params, "COMPLETE")
+    assert study.trials[2].intermediate_values == {2: 0.6, MAX_STEPS: 0.55}
+    handed = finish_everything(restored, {"b": tune_holds["b"]})
+    proposed = [trial_id for trial_id, config in {**tune_holds, **handed}.items() if config["origin"] in ("search", "prior")]
+    assert len(proposed) == 4 and len(study.trials) == 4  # num_samples: c counts, and nothing is proposed twice
+
+
+def test_a_trial_the_searchers_copy_holds_and_tune_lost_is_proposed_again_and_the_search_finishes(run_config, tmp_path):
+    search = staged(run_config, storage=journal(tmp_path / "study.log"))
+    tune_holds = {t: search.suggest(t) for t in "ab"}
+    report(search, "a", MAX_STEPS, 0.5, 9000, last=True)
+    search.suggest("c")  # the searcher's copy was saved with c; Tune's trials, saved before, lack it
+    restored = saved_copy(search, run_config, tmp_path, "with_c")
+
+    restored.align(tune_holds)
+    handed = finish_everything(restored, {"b": tune_holds["b"]})
+    proposed = [trial_id for trial_id, config in {**tune_holds, **handed}.items() if config["origin"] in ("search", "prior")]
+    assert len(proposed) == 4  # c's place was proposed again
+    states = [trial.state.name for trial in restored.searcher.study.trials]
+    assert states.count("FAIL") == 1 and states[2] == "FAIL" and len(states) == 5  # c ended as lost
+
+
+def test_a_promotion_tune_holds_is_not_handed_out_twice_and_one_it_lost_is_handed_out_again(run_config, tmp_path):
+    search = staged(run_config, storage=journal(tmp_path / "study.log"))
+    configs = play_search(search)
+    before = saved_copy(search, run_config, tmp_path, "before_p")
+    promoted = search.suggest("p")
+    assert (promoted["origin"], promoted["parent"]) == ("promoted", "c")
+    after = saved_copy(search, run_config, tmp_path, "with_p")
+
+    before.align({**configs, "p": promoted})  # Tune holds the promotion the copy had not handed out
+    assert [before.suggest(t)["origin"] for t in "qr"] == ["confirm", "confirm"]
+    after.align(configs)  # Tune lost the promotion the copy had handed out
+    assert after.suggest("p2") == promoted
+
+
+def test_at_most_max_concurrent_trials_are_out_and_a_resume_may_change_how_many(run_config, tmp_path):
+    search = staged(run_config, storage=journal(tmp_path / "study.log"), max_concurrent=2)
+    assert isinstance(search.suggest("a"), dict) and isinstance(search.suggest("b"), dict)
+    assert search.suggest("c") is None
+    search.on_trial_complete("a", None, error=True)
+    assert isinstance(search.suggest("c"), dict)
+    restored = saved_copy(search, run_config, tmp_path, "saved")  # built with no limit: the resume's own setting
+    assert isinstance(restored.suggest("d"), dict)
 
 
 def test_asha_neither_stops_nor_records_stage_trials(tmp_path):
@@ -295,7 +389,7 @@ def test_a_grid_hands_out_every_point_then_each_again_with_the_next_seeds_and_no
     parts = search_parts(config, LoraSpace(config.search, resolved, config.seed), [], RunLocation(tmp_path),
                          str(tmp_path / "asha_state.pkl"))
     assert isinstance(parts.scheduler, FIFOScheduler)  # no ASHA: every run reaches the full budget
-    handed = {f"t{i}": parts.search_alg.suggest(f"t{i}") for i in range(12)}
+    handed = {f"t{i}": parts.staged.suggest(f"t{i}") for i in range(12)}
     points = grid_points(config.search)
     first = [handed[f"t{i}"] for i in range(4)]
     assert [(c["origin"], c["seed"]) for c in first] == [("search", 3)] * 4
@@ -303,7 +397,7 @@ def test_a_grid_hands_out_every_point_then_each_again_with_the_next_seeds_and_no
     again = [handed[f"t{i}"] for i in range(4, 12)]
     assert sorted((c["parent"], c["seed"]) for c in again) == sorted((f"t{i}", s) for i in range(4) for s in (4, 5))
     assert all(c["origin"] == "confirm" for c in again)
-    assert parts.search_alg.suggest("x") is None  # all twelve run: nothing more until they end
+    assert parts.staged.suggest("x") is None  # all twelve run: nothing more until they end
     for i, config_ in handed.items():  # the best a stage would confirm or promote gets nothing more
-        report(parts.search_alg, i, MAX_STEPS, 0.5 if config_["lora_config"]["r"] == 2 else 0.9, 100, last=True)
-    assert parts.search_alg.suggest("y") == Searcher.FINISHED
+        report(parts.staged, i, MAX_STEPS, 0.5 if config_["lora_config"]["r"] == 2 else 0.9, 100, last=True)
+    assert parts.staged.suggest("y") == Searcher.FINISHED

@@ -19,6 +19,7 @@ from ray.tune.search import Searcher
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 QUEUED_POINT = "queued_point"  # the user attribute that holds the point a queued trial was asked with
 RERUN, RERUN_OF = "rerun", "rerun_of"  # the user attributes of a trial added for a rerun (`tell_rerun`)
+TUNE_TRIAL = "tune_trial"  # the user attribute that names the Tune trial an Optuna trial was asked for
 
 
 class StudySearcher(Searcher):
@@ -38,6 +39,11 @@ class StudySearcher(Searcher):
     the copy of this searcher that Tune saved, at most a second before a kill. A resumed search
     tells no trial twice (a trial told after that copy stays as the study has it), and ends a
     trial asked after that copy, which Tune will never run, as FAIL (`_fail_lost_trials`).
+
+    Tune saves its trials and this searcher in separate files, so a resumed copy may miss a trial
+    Tune restored, or hold one Tune lost (`StagedSearch.align`): `adopt` finds the first in the
+    study, where each asked trial names its Tune trial; `forget` lets `_fail_lost_trials` end the
+    second.
 
     Tune's saved copy (`get_state`, `save`) is plain state: which Optuna trial each Tune trial
     is, which were told, and the sampler with its random state; the study itself is read back
@@ -73,6 +79,7 @@ class StudySearcher(Searcher):
     def suggest(self, trial_id: str) -> dict:
         self._fail_lost_trials()
         trial = self.study.ask()
+        trial.set_user_attr(TUNE_TRIAL, trial_id)
         self._numbers[trial_id] = trial.number
         config = self._space(trial)
         return {**trial.params, **config}
@@ -122,6 +129,19 @@ class StudySearcher(Searcher):
             params=original.params, distributions=original.distributions,
             state=TrialState.COMPLETE if full else TrialState.PRUNED, value=value if full else None,
             intermediate_values={int(result["step"]): value}, user_attrs={RERUN: rerun_id, RERUN_OF: trial_id}))
+
+    def adopt(self, trial_id: str) -> None:
+        """Take up Tune's trial `trial_id`, asked after the copy of this searcher that Tune restored."""
+        asked = [t.number for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(TUNE_TRIAL) == trial_id]
+        if not asked:
+            raise KeyError(f"the study {self._study_name!r} holds no trial asked for Tune's trial {trial_id}")
+        self._numbers[trial_id] = asked[-1]
+
+    def forget(self, trial_id: str) -> None:
+        """Drop Tune's trial `trial_id`, which Tune lost with the driver: its Optuna trial, if still
+        running, ends as FAIL at the next `suggest` (`_fail_lost_trials`)."""
+        self._numbers.pop(trial_id, None)
+        self._told.discard(trial_id)
 
     def get_state(self) -> dict:
         state = {"numbers": dict(self._numbers), "told": set(self._told), "sampler": self._sampler}

@@ -2,7 +2,7 @@
 
 `replay` wires the search as a run does (`search.tuning.tuner.search_parts`: Optuna's sampler
 behind `StudySearcher`, the priors, ASHA, `StagedSearch` with its promotions and confirmations,
-the concurrency limiter), and plays Tune's part through their public `Searcher` and
+the limit on concurrent trials), and plays Tune's part through their public `Searcher` and
 `TrialScheduler` methods, in the order Tune's controller calls them: each report goes to the
 scheduler first, to the searcher unless the scheduler stops the trial, and a trial's end to
 both. A trial is a lookup: its configuration snapped to the grid's nearest point, its seed one
@@ -134,7 +134,7 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for constant_liar, once per search
         parts = search_parts(config, space, priors, RunLocation(Path(scratch)), str(Path(scratch) / "asha_state.pkl"))
-        search_alg, scheduler = parts.search_alg, parts.scheduler
+        staged, scheduler = parts.staged, parts.scheduler
         scheduler.set_search_properties(config.selection.metric, config.selection.direction)
         running: dict[str, _Running] = {}
         done: dict[str, _Running] = {}
@@ -146,7 +146,7 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_
         while True:
             while not finished and len(running) < config.resources.max_concurrent_trials:
                 trial_id = f"{number:08x}"
-                proposal = search_alg.suggest(trial_id)
+                proposal = staged.suggest(trial_id)
                 if proposal is None:
                     break
                 if proposal == Searcher.FINISHED:
@@ -167,10 +167,10 @@ def replay(landscape: Landscape, config: Config, rng: np.random.Generator, eval_
             state.reported.append(result)
             decision = scheduler.on_trial_result(controller, state.trial, result)
             if decision != TrialScheduler.STOP:
-                search_alg.on_trial_result(trial_id, result)
+                staged.on_trial_result(trial_id, result)
             if decision == TrialScheduler.STOP or not state.rows:
                 scheduler.on_trial_complete(controller, state.trial, result)
-                search_alg.on_trial_complete(trial_id, result=result)
+                staged.on_trial_complete(trial_id, result=result)
                 gpu_seconds += now - state.started
                 done[trial_id] = running.pop(trial_id)
             else:

@@ -52,6 +52,9 @@ class StagedSearch(Searcher):
     promoted. It may do more: a trial that led for a while keeps its extra seed. A trial's
     rank among the leaders only falls as more trials finish, so no leader is missed.
 
+    At most `max_concurrent` trials are out at once (0: no limit), as Tune's ConcurrencyLimiter
+    would keep them, here where the trials' ends are known (`align`).
+
     A Tune search wrapper, as ConcurrencyLimiter is one: the wrapped searcher is `.searcher`
     and sees only the search's trials; `get_state`/`set_state` carry this wrapper's own state,
     which Tune saves beside the wrapped searcher's and restores with `Tuner.restore`. The
@@ -59,7 +62,8 @@ class StagedSearch(Searcher):
     analysis uses), not from files, so a run kept at a URI needs nothing downloaded."""
 
     def __init__(self, searcher: Searcher, num_samples: int, selection: SelectionConfig, max_steps: int, seed: int,
-                 location: RunLocation, repeats: int = 0, cheaper: Callable[[TrialParams], list[TrialParams]] | None = None):
+                 location: RunLocation, repeats: int = 0, cheaper: Callable[[TrialParams], list[TrialParams]] | None = None,
+                 max_concurrent: int = 0):
         super().__init__(metric=selection.metric, mode=selection.direction)
         self.searcher = searcher
         self._num_samples = num_samples
@@ -69,17 +73,20 @@ class StagedSearch(Searcher):
         self._proposed = 0  # trials the wrapped searcher proposed
         self._queue: list[TrialParams] = []
         self._stale = True  # a trial ended since the queue was last computed
-        self._handed: set[tuple] = set()  # (PROMOTED, parent) and (CONFIRM, parent, seed index)
+        self._handed: set[tuple] = set()  # the stage trials handed out or queued (`_handed_key`)
         self._params: dict[str, TrialParams] = {}  # every trial handed out, by trial id
         self._rows: dict[str, list[dict]] = {}  # each trial's reports (scalars, and the latest's per-row values)
         self._ended: dict[str, bool] = {}  # trial id -> failed, once it ended
         self._reruns: list[dict] = []  # Tune configs of trials to run again with a larger GPU share
         self._cheaper = cheaper  # the configurations next to a pick that train fewer parameters
+        self.max_concurrent = max_concurrent  # trials out at once (0: no limit); not saved, a resume may change it
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.max_concurrent and len(self._params) - len(self._ended) >= self.max_concurrent:
+            return None
         if self._reruns:
             config = self._reruns.pop(0)
             self._params[trial_id] = TrialParams.from_config(config)
@@ -130,8 +137,50 @@ class StagedSearch(Searcher):
                               full_data=params.full_data, gpu_share=gpu_share)
         self._reruns.append(rerun.to_config())
 
+    def align(self, held: dict[str, dict]) -> None:
+        """Make this searcher's record agree with the trials Tune restored, `held` (trial id: config).
+
+        Tune saves its trials and its searchers in two files, and a background upload copies them
+        into storage while the next save may rewrite either, so after a kill storage can hold a
+        searcher a little behind or ahead of the trials. Only Tune's trials will run: one handed
+        out after this copy is taken up (`_adopt`), and one Tune lost is given back to be handed
+        out again (`_forget`). Called before Tune first asks this process for a trial."""
+        for trial_id in [trial_id for trial_id in self._params if trial_id not in held]:
+            self._forget(trial_id)
+        for trial_id, config in held.items():
+            if trial_id not in self._params:
+                self._adopt(trial_id, TrialParams.from_config(config))
+
+    def _adopt(self, trial_id: str, params: TrialParams) -> None:
+        self._params[trial_id], self._stale = params, True
+        if params.origin.proposed:
+            self._proposed += 1
+            if hasattr(self.searcher, "adopt"):
+                self.searcher.adopt(trial_id)
+            self._queue += [params.repeat(Origin.CONFIRM, trial_id, seed=self._seed + 1 + k) for k in range(self._repeats)]
+        elif params.origin == Origin.RERUN:
+            self._reruns = [c for c in self._reruns if TrialParams.from_config(c) != params]
+        else:
+            self._handed.add(_handed_key(params, self._seed))
+        self._queue = [queued for queued in self._queue if queued != params]
+
+    def _forget(self, trial_id: str) -> None:
+        params = self._params.pop(trial_id)
+        self._rows.pop(trial_id, None)
+        self._ended.pop(trial_id, None)
+        self._stale = True
+        if params.origin.proposed:  # the searcher proposes it, or another in its place, again
+            self._proposed -= 1
+            if hasattr(self.searcher, "forget"):
+                self.searcher.forget(trial_id)
+            self._queue = [queued for queued in self._queue if queued.parent != trial_id]
+        elif params.origin == Origin.RERUN:
+            self._reruns.insert(0, params.to_config())
+        else:
+            self._queue.insert(0, params)
+
     def get_state(self) -> dict:
-        return {key: value for key, value in self.__dict__.items() if key != "searcher"}
+        return {key: value for key, value in self.__dict__.items() if key not in ("searcher", "max_concurrent")}
 
     def set_state(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -161,8 +210,6 @@ class StagedSearch(Searcher):
     def _record(self, trial_id: str, result: dict | None) -> None:
         if not result or "step" not in result:
             return
-        if trial_id not in self._params and isinstance(result.get("config"), dict):
-            self._params[trial_id] = TrialParams.from_config(result["config"])  # handed out after the restored state
         row = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
         # the per-row eval values, for the pick's paired comparison: on the latest report only,
         # which is the one the rule reads, so the searcher's saved state stays small
@@ -225,6 +272,16 @@ class StagedSearch(Searcher):
                 out.append(replace(neighbour, origin=Origin.CHEAPER, parent=pick, seed=self._seed, start_from=None,
                                    full_data=False, gpu_share=None))
         return out
+
+
+def _handed_key(params: TrialParams, seed: int) -> tuple:
+    """How `_handed` knows a stage's trial: a promotion by its parent, a confirmation by its
+    parent and seed index, a cheaper neighbour by its configuration."""
+    if params.origin == Origin.PROMOTED:
+        return Origin.PROMOTED, params.parent
+    if params.origin == Origin.CONFIRM:
+        return Origin.CONFIRM, params.parent, params.seed - seed - 1
+    return Origin.CHEAPER, *_configuration(params)
 
 
 def _configuration(params: TrialParams) -> tuple:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from analysis.candidates import decide
 from analysis.results import read_trial_files
@@ -146,26 +145,35 @@ class OutOfMemoryReruns(tune.Callback):
 
 
 class TellLostTrials(tune.Callback):
-    """Tells the searcher of a trial that Tune ended without telling it, and runs it again. Where
-    Tune cannot reuse a worker for the next trial (the last trial's thread outlived
+    """Keeps the staged searcher in step with the trials Tune holds.
+
+    On the first step of a process, before Tune asks for a trial, the searcher is aligned with the
+    trials Tune restored (`StagedSearch.align`): Tune's saved trials and saved searcher may come from
+    two different saves.
+
+    Each step after, it tells the searcher of a trial that Tune ended without telling it, and runs
+    it again. Where Tune cannot reuse a worker for the next trial (the last trial's thread outlived
     TUNE_FUNCTION_THREAD_TIMEOUT_S: trainables.config.let_tune_wait_for_the_last_trial), Ray 2.60
     ends that trial in ERROR before it starts and never calls the searcher
     (TuneController._on_trial_reset); StagedSearch, which ends the search once every trial it
-    handed out has ended, and the limiter around it, which counts it as running, would wait for
-    it for good. Each step, an ended trial the searcher was not told of is told as failed, and
-    its configuration is handed out again (origin `rerun`): it never ran, so no fault of its own
-    is known."""
+    handed out has ended and counts it as running, would wait for it for good. An ended trial the
+    searcher was not told of is told as failed, and its configuration is handed out again (origin
+    `rerun`): it never ran, so no fault of its own is known."""
 
-    def __init__(self, staged: StagedSearch, search_alg):
-        self.staged, self.search_alg = staged, search_alg  # search_alg: staged, or the limiter around it
+    def __init__(self, staged: StagedSearch):
+        self.staged = staged
+        self.aligned = False  # pickled with the Tuner as False: a restored Tuner aligns once too
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         from ray.tune.experiment import Trial
 
+        if not self.aligned:
+            self.staged.align({trial.trial_id: trial.config for trial in trials})
+            self.aligned = True
         for trial in trials:
             if trial.status in (Trial.ERROR, Trial.TERMINATED) and not self.staged.ended(trial.trial_id):
-                self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
-                                                  error=trial.status == Trial.ERROR)
+                self.staged.on_trial_complete(trial.trial_id, result=trial.last_result or None,
+                                              error=trial.status == Trial.ERROR)
                 if trial.status == Trial.ERROR and "step" not in (trial.last_result or {}):
                     self.staged.run_again(trial.trial_id, TrialParams.from_config(trial.config).gpu_share)
 
@@ -184,8 +192,7 @@ class SearchParts:
     """The search's deciding parts, wired once (`search_parts`) for the real run and for the simulator."""
 
     searcher: StudySearcher  # Optuna's sampler behind Tune's searcher interface
-    staged: StagedSearch     # the searcher with the promotions, confirmations and a grid's repeats around it
-    search_alg: Searcher     # `staged`, or the concurrency limiter around it: what Tune asks
+    staged: StagedSearch     # what Tune asks: the searcher with the promotions, confirmations and a grid's repeats
     scheduler: TrialScheduler  # ASHA on training steps; none that stops (FIFO) for a grid
 
 
@@ -227,10 +234,8 @@ def search_parts(config: Config, space, priors: list[dict], location: RunLocatio
                                   grace_period=budget.grace_period, reduction_factor=budget.reduction_factor)
         repeats = 0
     staged = StagedSearch(searcher, num_samples, selection, budget.max_steps, config.seed, location, repeats=repeats,
-                          cheaper=space.cheaper)
-    slots = config.resources.max_concurrent_trials
-    search_alg = ConcurrencyLimiter(staged, max_concurrent=slots) if slots else staged
-    return SearchParts(searcher, staged, search_alg, scheduler)
+                          cheaper=space.cheaper, max_concurrent=config.resources.max_concurrent_trials or 0)
+    return SearchParts(searcher, staged, scheduler)
 
 
 def build_tuner(config: Config, trainable, space, priors: list[dict], location: RunLocation) -> tune.Tuner:
@@ -244,14 +249,13 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     # works on the network filesystems a cluster's output lives on (SQLite's file locks often do not).
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
     parts = search_parts(config, space, priors, location, str((location.local / ASHA_STATE).resolve()), storage)
-    staged, search_alg = parts.staged, parts.search_alg
+    staged = parts.staged
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
-    # The limiter that max_concurrent_trials would make inside Tune is made in search_parts, so that
-    # TellLostTrials can tell it of a lost trial too: it would otherwise count that trial as running for good.
-    # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna)
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, search_alg, -1,
-                      [*reruns, TellLostTrials(staged, search_alg)],
+    # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna); it keeps
+    # to max_concurrent_trials itself, so Tune is given no limit of its own
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [*reruns, TellLostTrials(staged)],
+                      max_concurrent_trials=None,
                       metric=config.selection.metric, mode=config.selection.direction, scheduler=parts.scheduler)
 
 
@@ -265,9 +269,6 @@ def experiment(name: str, trainable, config: Config, location: RunLocation, sear
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
             num_samples=num_samples,
-            # a search_alg that is its own limiter already (build_tuner) needs none from Tune
-            max_concurrent_trials=None if isinstance(search_alg, ConcurrencyLimiter)
-            else config.resources.max_concurrent_trials or None,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
             **tune_config,
@@ -298,4 +299,5 @@ def retrain(config: Config, trainable, location: RunLocation, picked: str | None
     params = {trial.trial_id: trial.params for trial in trials}[picked]
     configs = [params.repeat(Origin.RETRAIN, picked, seed=config.seed, full_data=True).to_config()]
     fit_or_restore(RETRAIN_EXPERIMENT, location, trainable,
-                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs)))
+                   lambda: experiment(RETRAIN_EXPERIMENT, trainable, config, location, GivenConfigs(configs), len(configs),
+                                      max_concurrent_trials=config.resources.max_concurrent_trials or None))
