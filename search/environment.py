@@ -18,6 +18,15 @@ TUNE_SIGINT = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
 # progress reporter prints; the newer one prints its boxes at any verbosity.
 TUNE_PLAIN_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0"}
 
+
+
+def pending_trials(slots: int) -> dict[str, str]:
+    """Tune keeps one trial pending at a time for a searcher that is not wrapped in its own
+    ConcurrencyLimiter (as StagedSearch is not), so `slots` free slots would fill one after another,
+    each waiting for the last one's worker; with as many pending as slots, all start at once."""
+    return {"TUNE_MAX_PENDING_TRIALS_PG": str(slots)}
+
+
 _before: dict[str, str | None] = {}
 
 

@@ -216,10 +216,9 @@ class SearchRecipe:
                     alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
                     beside = gpus if plan.shared and alone else 0.0
                     with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
-                        # Tune keeps one trial pending at a time for a searcher without a concurrency limit,
-                        # so trials would start one after another: on an H100 with 8 slots, 3 were running
-                        # 30 s in. With the limit at the cluster's slot count, every slot starts at once,
-                        # and Optuna proposes only when a slot is free.
+                        # The limit at the cluster's slot count, and as many trials pending in Tune
+                        # (environment.pending_trials): every slot starts at once (with one pending, on an
+                        # H100 with 8 slots, 3 were running 30 s in), and Optuna proposes only when a slot is free.
                         if plan.shared:
                             slots = trainer_slots(trainers, config.resources.pack_slots,
                                                   config.resources.max_concurrent_trials)

@@ -159,3 +159,46 @@ def test_contract_error_messages_off_the_console_stops_the_drivers_raylet_lines_
     assert capsys.readouterr().out == ""
     ray_worker.print_to_stdstream(message("The actor is very large (2)"), ignore_prefix=False)
     assert "The actor is very large (2)" in capsys.readouterr().out
+
+
+def test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says(local_ray, tmp_path, monkeypatch):
+    """StagedSearch limits concurrency itself, without Tune's ConcurrencyLimiter: Tune then keeps one
+    trial pending at a time unless TUNE_MAX_PENDING_TRIALS_PG says more (environment.pending_trials)."""
+    import time
+
+    from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.search import Searcher
+
+    class Endless(Searcher):
+        def suggest(self, trial_id):
+            return {"x": 1}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            pass
+
+    class MostPending(tune.Callback):
+        def __init__(self):
+            self.most = 0
+
+        def on_step_end(self, iteration, trials, **info):
+            self.most = max(self.most, sum(trial.status == Trial.PENDING for trial in trials))
+
+    def trainable(config):
+        time.sleep(0.5)
+        tune.report({"done": 1})
+
+    def most_pending(setting: str | None) -> int:
+        if setting is None:
+            monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+        else:
+            monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", setting)
+        seen = MostPending()
+        tune.Tuner(tune.with_resources(trainable, {"cpu": 0.25}),
+                   tune_config=tune.TuneConfig(search_alg=Endless(), num_samples=5, metric="done", mode="max"),
+                   run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"pending-{setting}", callbacks=[seen],
+                                             verbose=0)).fit()
+        return seen.most
+
+    assert most_pending(None) == 1
+    assert most_pending("4") == 4

@@ -335,6 +335,22 @@ def test_at_most_max_concurrent_trials_are_out_and_a_resume_may_change_how_many(
     assert isinstance(restored.suggest("d"), dict)
 
 
+def test_the_search_s_tuner_has_tune_keep_a_trial_pending_for_each_slot(run_config, tmp_path, monkeypatch):
+    import os
+
+    from search import environment
+    from search.tuning.tuner import build_tuner
+
+    config, resolved = run_config
+    config = replace(config, resources=replace(config.resources, max_concurrent_trials=3))
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    try:
+        build_tuner(config, lambda _: None, LoraSpace(config.search, resolved, config.seed), [], RunLocation(tmp_path))
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "3"
+    finally:
+        environment.restore()
+
+
 def test_asha_neither_stops_nor_records_stage_trials(tmp_path):
     asha = ResumableASHA(state_path=str(tmp_path / "rungs.json"), time_attr="step", metric="eval_loss", mode="min",
                          max_t=8, grace_period=2, reduction_factor=2)

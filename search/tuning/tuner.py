@@ -18,6 +18,7 @@ from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
 from rundir.params import Origin, TrialParams
+from search import environment
 from search.config import SHARED, Config
 from search.output.tracking import logger_callbacks
 from search.output.trial_lines import progress_callbacks, status_reporter
@@ -250,6 +251,8 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     storage = JournalStorage(JournalFileBackend(str((location.local / OPTUNA_STUDY).resolve())))
     parts = search_parts(config, space, priors, location, str((location.local / ASHA_STATE).resolve()), storage)
     staged = parts.staged
+    if config.resources.max_concurrent_trials:
+        environment.setenvs(environment.pending_trials(config.resources.max_concurrent_trials), keep_users=True)
     # A shared trial has no GPU share of its own to enlarge: its trainer holds the GPU for all its slots.
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna); it keeps
