@@ -232,6 +232,29 @@ runpy.run_module("search.run", run_name="__main__")
 """
 
 
+# The driver, with one of Tune's two state files held back from storage once a second trial has a
+# directory there (`searcher`: the searcher's state; `trials`: the experiment state with the trials),
+# SIGKILLed once three trials have a checkpoint: storage then holds a searcher behind Tune's trials,
+# or ahead of them, as a kill between the two files' uploads leaves it.
+KILLED_WITH_STATE_FILES_FROM_DIFFERENT_SAVES = """
+import glob, os, runpy, signal, sys
+import pyarrow as pa
+from rundir.atomicfs import RunStorage
+held = {"searcher": "search_gen_state-", "trials": "experiment_state-"}[sys.argv.pop(1)]
+open_output_stream = RunStorage.open_output_stream
+def held_back_then_killed(self, path, metadata):
+    experiment = os.path.dirname(path)
+    if len({os.path.dirname(c) for c in glob.glob(os.path.join(experiment, "trial_*", "checkpoint_*"))}) >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.path.basename(path).startswith(held) and len(glob.glob(os.path.join(experiment, "trial_*"))) >= 2:
+        return pa.BufferOutputStream()  # this save of the file never reaches storage
+    return open_output_stream(self, path, metadata)
+RunStorage.open_output_stream = held_back_then_killed
+sys.argv[0] = "search.run"
+runpy.run_module("search.run", run_name="__main__")
+"""
+
+
 def trial_reports(run_dir: Path) -> dict[str, list[dict]]:
     """Each trial's reports, by trial id, from Tune's result.json in the search and the retrain."""
     out = {}

@@ -16,6 +16,7 @@ import pytest
 
 from helpers import (
     KILLED_AS_TUNE_DELETES_A_CHECKPOINT,
+    KILLED_WITH_STATE_FILES_FROM_DIFFERENT_SAVES,
     assert_steps_in_order,
     interrupted_search_args,
     start_cli,
@@ -113,3 +114,27 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_model_di
     log, _ = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "search.ranks" in log and "seed" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("held", ["searcher", "trials"])
+def test_a_resume_whose_saved_searcher_is_behind_or_ahead_of_tunes_trials_runs_every_configuration_once(
+        tiny_model_dir, tmp_path, held):
+    run_dir = tmp_path / "killed"
+    args = interrupted_search_args(tiny_model_dir, tmp_path, "killed")
+    process = subprocess.Popen([sys.executable, "-c", KILLED_WITH_STATE_FILES_FROM_DIFFERENT_SAVES, held, *args],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, log[-3000:]
+
+    resumed = start_cli(["--resume", *args])
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    proposed = trials[trials.origin.isin(["search", "prior"])]
+    assert len(proposed) == 6 and trials.trial_id.is_unique, trials[["trial_id", "origin", "status"]].to_string()
+    assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
+    configuration = ["module_set", "r", "alpha_ratio", "learning_rate", "use_rslora"]
+    assert not proposed.duplicated(configuration).any(), "a configuration trained twice"
+    for trial_id, rows in trial_reports(run_dir).items():
+        assert_steps_in_order(trial_id, rows)

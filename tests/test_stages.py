@@ -325,6 +325,27 @@ def test_a_promotion_tune_holds_is_not_handed_out_twice_and_one_it_lost_is_hande
     assert after.suggest("p2") == promoted
 
 
+def test_a_restored_search_drops_the_directories_of_trials_tune_does_not_hold_and_aligns_the_searcher(run_config, tmp_path):
+    from search.tuning.tuner import TellLostTrials
+
+    search = staged(run_config, storage=journal(tmp_path / "study.log"))
+    configs = {t: search.suggest(t) for t in "abc"}  # the searcher's copy holds c; Tune's trials do not
+    for trial_id in ("a", "b", "c", "x"):  # x: a trial neither knew of, whose worker wrote files before the kill
+        (tmp_path / "tune" / f"trial_{trial_id}").mkdir(parents=True)
+        (tmp_path / "tune" / f"trial_{trial_id}" / "result.json").write_text("{}\n")
+    (tmp_path / "tune" / "experiment_state-x.json").write_text("{}")
+    restored = TellLostTrials(search, RunLocation(tmp_path))
+    tune_holds = [Trial("t", config=configs[t], trial_id=t, stub=True) for t in "ab"]
+
+    restored.on_step_begin(0, tune_holds)
+    assert sorted(p.name for p in (tmp_path / "tune").iterdir()) == ["experiment_state-x.json", "trial_a", "trial_b"]
+    # c's place goes to the searcher again: two more proposals make budget.num_samples (4)
+    assert [search.suggest(t)["origin"] for t in "de"] == ["search", "search"]
+    (tmp_path / "tune" / "trial_d").mkdir()
+    restored.on_step_begin(1, tune_holds)  # once per process: later trials' directories stay
+    assert (tmp_path / "tune" / "trial_d").is_dir()
+
+
 def test_at_most_max_concurrent_trials_are_out_and_a_resume_may_change_how_many(run_config, tmp_path):
     search = staged(run_config, storage=journal(tmp_path / "study.log"), max_concurrent=2)
     assert isinstance(search.suggest("a"), dict) and isinstance(search.suggest("b"), dict)

@@ -150,7 +150,11 @@ class TellLostTrials(tune.Callback):
 
     On the first step of a process, before Tune asks for a trial, the searcher is aligned with the
     trials Tune restored (`StagedSearch.align`): Tune's saved trials and saved searcher may come from
-    two different saves.
+    two different saves. Then every trial directory of the experiment that Tune does not hold is
+    removed: Tune's saved trials may be a second or more behind the kill, while the worker of a
+    trial started meanwhile wrote its reports and checkpoints into storage, and the analysis reads
+    every trial directory. Such a trial is never continued; its configuration, or another in its
+    place, runs again.
 
     Each step after, it tells the searcher of a trial that Tune ended without telling it, and runs
     it again. Where Tune cannot reuse a worker for the next trial (the last trial's thread outlived
@@ -161,15 +165,23 @@ class TellLostTrials(tune.Callback):
     searcher was not told of is told as failed, and its configuration is handed out again (origin
     `rerun`): it never ran, so no fault of its own is known."""
 
-    def __init__(self, staged: StagedSearch):
-        self.staged = staged
+    def __init__(self, staged: StagedSearch, location: RunLocation):
+        self.staged, self.location = staged, location
         self.aligned = False  # pickled with the Tuner as False: a restored Tuner aligns once too
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        import pyarrow.fs as pafs
         from ray.tune.experiment import Trial
 
         if not self.aligned:
             self.staged.align({trial.trial_id: trial.config for trial in trials})
+            held = {trial_directory(trial.trial_id) for trial in trials}
+            filesystem = self.location.storage_filesystem()
+            selector = pafs.FileSelector(self.location.experiment_storage(SEARCH_EXPERIMENT), allow_not_found=True)
+            for entry in filesystem.get_file_info(selector):
+                if entry.type == pafs.FileType.Directory and entry.base_name.startswith("trial_") \
+                        and entry.base_name not in held:
+                    filesystem.delete_dir(entry.path)
             self.aligned = True
         for trial in trials:
             if trial.status in (Trial.ERROR, Trial.TERMINATED) and not self.staged.ended(trial.trial_id):
@@ -257,7 +269,7 @@ def build_tuner(config: Config, trainable, space, priors: list[dict], location: 
     reruns = [] if config.resources.packing == SHARED else [OutOfMemoryReruns(staged)]
     # -1: as many trials as the staged searcher hands out (num_samples of them from Optuna); it keeps
     # to max_concurrent_trials itself, so Tune is given no limit of its own
-    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [*reruns, TellLostTrials(staged)],
+    return experiment(SEARCH_EXPERIMENT, trainable, config, location, staged, -1, [*reruns, TellLostTrials(staged, location)],
                       max_concurrent_trials=None,
                       metric=config.selection.metric, mode=config.selection.direction, scheduler=parts.scheduler)
 
