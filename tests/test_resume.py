@@ -69,18 +69,21 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
     assert pick["value"] == pytest.approx(plain_pick["value"], rel=1e-6)
 
 
-def test_sigkill_as_tune_deletes_a_checkpoint_then_resume_continues_every_trial(tiny_model_dir, tmp_path, uninterrupted):
-    run_dir = tmp_path / "killed"
-    args = interrupted_search_args(tiny_model_dir, tmp_path, "killed")
-    process = subprocess.Popen([sys.executable, "-c", KILLED_AS_TUNE_DELETES_A_CHECKPOINT, *args], cwd=ROOT,
+def killed_then_resumed(script: str, script_args: list[str], args: list[str]) -> None:
+    """The search of `args` run by `script` (tests/helpers.py) until it SIGKILLs itself, then resumed to its end."""
+    process = subprocess.Popen([sys.executable, "-c", script, *script_args, *args], cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     log, _ = process.communicate(timeout=600)
     assert process.returncode == -signal.SIGKILL, log[-3000:]
-
     resumed = start_cli(["--resume", *args])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
+
+
+def test_sigkill_as_tune_deletes_a_checkpoint_then_resume_continues_every_trial(tiny_model_dir, tmp_path, uninterrupted):
+    run_dir = tmp_path / "killed"
+    killed_then_resumed(KILLED_AS_TUNE_DELETES_A_CHECKPOINT, [], interrupted_search_args(tiny_model_dir, tmp_path, "killed"))
     trials = pd.read_csv(run_dir / "trials.csv")
     assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
     key = ["origin", "module_set", "r", "alpha_ratio", "learning_rate", "seed", "step"]
@@ -120,16 +123,8 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_model_di
 def test_a_resume_whose_saved_searcher_is_behind_or_ahead_of_tunes_trials_runs_every_configuration_once(
         tiny_model_dir, tmp_path, held):
     run_dir = tmp_path / "killed"
-    args = interrupted_search_args(tiny_model_dir, tmp_path, "killed")
-    process = subprocess.Popen([sys.executable, "-c", KILLED_WITH_STATE_FILES_FROM_DIFFERENT_SAVES, held, *args],
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    log, _ = process.communicate(timeout=600)
-    assert process.returncode == -signal.SIGKILL, log[-3000:]
-
-    resumed = start_cli(["--resume", *args])
-    log, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, log[-3000:]
+    killed_then_resumed(KILLED_WITH_STATE_FILES_FROM_DIFFERENT_SAVES, [held],
+                        interrupted_search_args(tiny_model_dir, tmp_path, "killed"))
     trials = pd.read_csv(run_dir / "trials.csv")
     proposed = trials[trials.origin.isin(["search", "prior"])]
     assert len(proposed) == 6 and trials.trial_id.is_unique, trials[["trial_id", "origin", "status"]].to_string()
