@@ -69,7 +69,7 @@ def _phases(run_dir: Path, started: float) -> dict:
     its process's start, where it records one."""
     from analysis.results import read_run_config
     from analysis.timing import run_clock
-    from rundir.layout import RAY_SESSION, RUN_CONFIG
+    from rundir.layout import LOGS, RAY_SESSION, RUN_CONFIG, SETUP_TIMES
 
     trials = read_trial_files(run_dir)
     first = min((trial.rows[0] for trial in trials if trial.rows), key=lambda row: row["busy_from"])
@@ -79,7 +79,10 @@ def _phases(run_dir: Path, started: float) -> dict:
             "trial_code_loaded": first["worker_started_at"] - started,
             "peft_imported": first["entered_at"] - started,
             "first_step": first["busy_from"] - started,
-            "as_the_run_records": clock.first_step_seconds if clock else None}
+            "as_the_run_records": clock.first_step_seconds if clock else None,
+            # the driver's own record of its setup steps, from its process's start (search.recipe)
+            "setup_times": json.loads((run_dir / LOGS / SETUP_TIMES).read_text())
+            if (run_dir / LOGS / SETUP_TIMES).exists() else None}
 
 
 if __name__ == "__main__":

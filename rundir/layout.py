@@ -12,6 +12,7 @@ ASHA_STATE = "asha_state.pkl"    # ASHA's state (saved by its own `save`), which
 DRIVER_PID = "driver.pid"        # meaningful on the driver's machine only: never uploaded
 RAY_SESSION = "ray_session"      # the name of the driver's Ray session, to find its leftover workers
 LOGS = "logs"                    # what Ray, Optuna, datasets and transformers log in the driver, a file each
+SETUP_TIMES = "setup_times.json"  # in LOGS: seconds from the command's start to each step of the driver's setup
 OPTUNA_STUDY = "optuna_study.log"      # Optuna's journal of the search's study: optuna-dashboard opens it
 MLFLOW_RUN = "mlflow_run.json"   # the MLflow run of the search, under which each trial's run is nested
 

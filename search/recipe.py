@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.config import is_user_metric, needs_generations
-from rundir.layout import LOGS
+from rundir.files import write_json_atomic
+from rundir.layout import LOGS, SETUP_TIMES
 from rundir.location import RunLocation, locate
 from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
@@ -38,6 +40,13 @@ class SearchRecipe:
         self.started_at = started_at
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
         self.ray_start = None  # a local Ray starting in the background, from `setup` on
+        self.setup_times: dict[str, float] = {}  # seconds from `started_at` to each step of the setup (`_done`)
+
+    def _done(self, step: str) -> None:
+        """Note when `step` of the driver's setup ended: with the trials' own clock readings, where
+        the time before the first training step goes (written to the run's logs, SETUP_TIMES)."""
+        if self.started_at is not None:
+            self.setup_times[step] = round(time.time() - self.started_at, 3)
 
     def setup(self) -> int | None:
         try:
@@ -59,6 +68,7 @@ class SearchRecipe:
         from search.output.tracking import mlflow_store_problem
         from search.resources.plan import plan_resources
 
+        self._done("setup_began")  # the command's imports before it
         config = self.config
         if is_user_metric(config.selection.metric):  # the config allows it only with selection.trust_metric_code
             from trainables.generate import UserMetric
@@ -74,6 +84,7 @@ class SearchRecipe:
             _check_output(self.location, resume=self.resume or bool(self.retrain_of), overwrite=self.overwrite)
         self.cluster = cluster = resolve_address(self.address)
         self.prepared = prepare_model(config)
+        self._done("model_prepared")
         self.config = config = replace(config, search=self.prepared.space(config.search))
         store_problem = mlflow_store_problem(config.tracking.mlflow, dry_run=self.dry_run)
         if store_problem:
@@ -81,6 +92,7 @@ class SearchRecipe:
         local = self.address is None
         # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
         self.plan = plan = plan_resources(config, self.prepared, local=local)
+        self._done("resources_planned")  # the memory probe, or its cached answer, on a GPU
         if plan.shared:
             check_shared_packing(self.prepared.resolved)
         if plan.memory_probe:
@@ -88,6 +100,7 @@ class SearchRecipe:
         if self.dry_run:
             return self._dry_run()
         check_device(config, plan.gpus_per_trial, local=local)
+        self._done("device_checked")
         self.config = config = plan.applied(config)
         if cluster is None:
             keep_local_ray_on_loopback()  # before this process first imports ray
@@ -139,7 +152,6 @@ class SearchRecipe:
         """Tokenize the data (in memory: bad data is input error with nothing written), then
         create the run directory with the data and the resolved config (uploaded at once to a
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
-        from rundir.files import write_json_atomic
         from rundir.layout import DATA, RUN_CONFIG
         from search.inputs.data import eval_sample_line, template_fallback_line
         from search.inputs.prepare import load_tokenizer, prepare_data
@@ -149,6 +161,7 @@ class SearchRecipe:
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
         splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
+        self._done("data_prepared")
         say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
         fallback = template_fallback_line(prepared_data, config.data)
         if fallback:
@@ -177,6 +190,7 @@ class SearchRecipe:
             "started_at": self.started_at,
         })
         write_json_atomic(run_dir / RUN_CONFIG, record.to_json())
+        self._done("run_directory_written")
         try:
             location.push(data=True)  # every node reads the data from there
         except Exception as e:  # noqa: BLE001 - the output was writable a moment ago: say what failed
@@ -210,6 +224,7 @@ class SearchRecipe:
                     else:
                         started_here = connect(cluster) or cluster is not None
                     record_ray_session(location.local)
+                    self._done("ray_started")
                     gpus = plan.gpus_per_trial
                     # a DoRA trial, or one that adapts expert weights, of a shared run trains in a process of
                     # its own, beside its GPU's trainer
@@ -226,6 +241,9 @@ class SearchRecipe:
                             slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                         config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                         trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                        self._done("trainers_started" if plan.shared else "tuner_starting")
+                        (location.local / LOGS).mkdir(exist_ok=True)
+                        write_json_atomic(location.local / LOGS / SETUP_TIMES, self.setup_times)
                         if not self.retrain_of:
                             priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
                                                   config.budget.num_samples)

@@ -67,6 +67,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_search_run.py": (
         "test_search_finishes_and_writes_the_four_outputs",
         "test_the_run_config_records_the_resources_as_resolved",
+        "test_the_driver_records_when_each_step_of_its_setup_ended_before_the_first_training_step",
         "test_asha_stops_some_trials_before_the_full_budget",
         "test_stopped_trials_within_tolerance_are_promoted_from_their_checkpoint",
         "test_promotions_and_confirmations_run_in_the_searchs_tuner_on_its_workers",

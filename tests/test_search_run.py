@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import load_trials
+from helpers import load_trials, trial_reports
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,18 @@ def test_the_run_config_records_the_resources_as_resolved(tiny_run):
     _, run_dir = tiny_run
     resources = json.loads((run_dir / "run_config.json").read_text())["resources"]
     assert resources["gpus_per_trial"] == 0.0 and resources["compile"] is False
+
+
+def test_the_driver_records_when_each_step_of_its_setup_ended_before_the_first_training_step(tiny_run):
+    _, run_dir = tiny_run
+    times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
+    steps = ["setup_began", "model_prepared", "resources_planned", "device_checked", "data_prepared",
+             "run_directory_written", "ray_started", "tuner_starting"]
+    assert list(times) == steps
+    assert list(times.values()) == sorted(times.values()) and times["setup_began"] > 0
+    started_at = json.loads((run_dir / "run_config.json").read_text())["started_at"]
+    first_step = min(row["busy_from"] for rows in trial_reports(run_dir).values() for row in rows)
+    assert times["tuner_starting"] < first_step - started_at
 
 
 def test_asha_stops_some_trials_before_the_full_budget(tiny_run):
