@@ -242,7 +242,9 @@ def main() -> int:
         account["driver_steps"] = [{"step": name, "from": round(began - started_epoch, 2), "to": round(end - started_epoch, 2)}
                                    for name, began, end in marks]
         # the driver's own record of its setup steps, in seconds from its process's start (search.recipe)
-        setup_times = run_dir / "logs" / "setup_times.json"
+        from rundir.layout import LOGS, SETUP_TIMES
+
+        setup_times = run_dir / LOGS / SETUP_TIMES
         account["setup_times"] = json.loads(setup_times.read_text()) if setup_times.exists() else None
         trial_clocks = timeline(reports, started_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""

@@ -19,7 +19,6 @@ TUNE_SIGINT = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
 TUNE_PLAIN_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0"}
 
 
-
 def pending_trials(slots: int) -> dict[str, str]:
     """Tune keeps one trial pending at a time for a searcher that is not wrapped in its own
     ConcurrencyLimiter (as StagedSearch is not), so `slots` free slots would fill one after another,

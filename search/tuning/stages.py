@@ -234,18 +234,20 @@ class StagedSearch(Searcher):
         out = []
         for parent in decision.promote:
             start_from = self._last_checkpoint(parent)
-            if (Origin.PROMOTED, parent) in self._handed or not start_from:  # every report carries one
+            promotion = self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from)
+            if _handed_key(promotion, self._seed) in self._handed or not start_from:  # every report carries one
                 continue
-            self._handed.add((Origin.PROMOTED, parent))
-            out.append(self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from))
+            self._handed.add(_handed_key(promotion, self._seed))
+            out.append(promotion)
         wanted = {parent: selection.confirm_seeds for parent in decision.confirm}
         for parent, runs in decision.more_seeds.items():
             wanted[parent] = max(wanted.get(parent, 0), runs)
         for parent, runs in wanted.items():
             for k in range(runs):
-                if (Origin.CONFIRM, parent, k) not in self._handed:
-                    self._handed.add((Origin.CONFIRM, parent, k))
-                    out.append(self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k))
+                confirmation = self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k)
+                if _handed_key(confirmation, self._seed) not in self._handed:
+                    self._handed.add(_handed_key(confirmation, self._seed))
+                    out.append(confirmation)
         search_running = any(params.origin.proposed and trial_id in running for trial_id, params in self._params.items())
         promoting = any(p.origin == Origin.PROMOTED for p in [*out, *self._queue]) or any(
             params.origin == Origin.PROMOTED and trial_id in running for trial_id, params in self._params.items())
@@ -266,11 +268,12 @@ class StagedSearch(Searcher):
         tried = {_configuration(params) for params in self._params.values()}
         out = []
         for neighbour in self._cheaper(self._params[pick]):
-            key = (Origin.CHEAPER, *_configuration(neighbour))
+            candidate = replace(neighbour, origin=Origin.CHEAPER, parent=pick, seed=self._seed, start_from=None,
+                                full_data=False, gpu_share=None)
+            key = _handed_key(candidate, self._seed)
             if len(out) < left and _configuration(neighbour) not in tried and key not in self._handed:
                 self._handed.add(key)
-                out.append(replace(neighbour, origin=Origin.CHEAPER, parent=pick, seed=self._seed, start_from=None,
-                                   full_data=False, gpu_share=None))
+                out.append(candidate)
         return out
 
 
