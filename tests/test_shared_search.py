@@ -195,7 +195,9 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate", "use_rslora", "lora_dropout"]
     assert not trials.duplicated(configuration).any(), "a configuration trained twice"
     for trial_id, rows in trial_reports(run_dir).items():
-        assert_steps_in_order(trial_id, rows)
+        # within the exactness a pack holds against PEFT (tests/test_packed.py); a batch out of
+        # order after the resume would move the step's train loss by far more
+        assert_steps_in_order(trial_id, rows, rel=1e-5)
     assert (run_dir / "pick.json").is_file()
 
 
