@@ -53,7 +53,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import cuda_graph, first_line, output_layer
+from trainables.step import cuda_graph, first_line, output_layer, repeated_blocks
 
 log = logging.getLogger(__name__)
 ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
@@ -74,8 +74,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.base = base
         object.__setattr__(self, "pack", pack)  # not a submodule: the pack owns the model
-        self.number = number  # the layer's own key in the dropout hash
         capacity, device = pack.capacity, pack.device
+        # the layer's own key in the dropout hash; a tensor, so that one compiled decoder layer
+        # serves every layer (an int would be a guard of its own: a compile per layer)
+        self.number = torch.tensor(number, device=device)
         self.scale = torch.zeros(capacity, device=device)
         self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
         self._allocate(rank)
@@ -175,7 +177,9 @@ class Pack:
         # the captured step's loss over the logits and its AdamW through torch.compile (backend
         # "inductor" on a GPU; `_compile` says why those two and not the model)
         self.compile_backend = compile_backend
+        self.compile_layers = True  # with a backend, the decoder layers too (`_compile`)
         self._compiled: tuple | None = None
+        self._layers_compiled = False
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
         # the output layer of a training step sees only the answer positions (`AnswerHead`)
         self.answer_positions: torch.Tensor | None = None
@@ -302,13 +306,19 @@ class Pack:
         own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps.
         With `cuda_graph`, the captured step instead (see the module's docstring); a capture that
         fails or runs out of memory leaves the pack stepping eagerly from then on, and says so."""
-        if self.cuda_graph:
+        while self.cuda_graph:
             try:
                 return self._replay(batches, autocast)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
-                log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps eagerly",
-                            type(error).__name__, first_line(error))
-                self.cuda_graph, self.captured = False, None
+                self.captured = None
+                if self._compiled is not None and self._layers_compiled:
+                    log.warning("the decoder layers could not be compiled into the captured step (%s: %s); the pack "
+                                "captures them uncompiled", type(error).__name__, first_line(error))
+                    self.compile_layers, self._compiled = False, None
+                else:
+                    log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps "
+                                "eagerly", type(error).__name__, first_line(error))
+                    self.cuda_graph = False
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         self._zero_grad()
@@ -387,14 +397,11 @@ class Pack:
             update(stepping)
             return losses.detach()
 
-        if self.device.type != "cuda":  # no graph without a GPU: the same step on the same tensors, eagerly (tests)
-            losses = torch.zeros(self.capacity, device=self.device)
-
-            def replay() -> None:
-                self._zero_grad()
-                losses.copy_(step())
-
-            return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, replay)
+        def step_compiled_before() -> torch.Tensor:
+            # the warm-up compiled every part for these shapes: a guard that fails under the
+            # capture raises here, naming itself, instead of compiling inside the capture
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return step()
 
         def warmup() -> None:  # padding only, and no slot steps: no weight or moment moves
             with context:
@@ -402,21 +409,51 @@ class Pack:
             losses.sum().backward()
             update(torch.zeros_like(stepping))  # compiled here, if at all: nothing compiles under the capture
 
-        graph, losses = cuda_graph(warmup, step, self._zero_grad)
+        captured_step = step_compiled_before if self.compile_backend else step
+        if self.device.type != "cuda":
+            # no graph without a GPU (tests): the warm-up, then the same step on the same tensors
+            # at every replay, eagerly, held to compiling nothing after the warm-up as a capture is
+            losses = torch.zeros(self.capacity, device=self.device)
+            warmup()
+
+            def replay() -> None:
+                self._zero_grad()
+                losses.copy_(captured_step())
+
+            return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, replay)
+
+        graph, losses = cuda_graph(warmup, captured_step, self._zero_grad)
         return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
     def _compile(self) -> tuple:
-        """The step's forward and update with two parts through torch.compile, each a few
-        seconds' compile: the loss over the logits (the float logits and their softmax are never
-        held whole: 5.6 GB at K=8 against 8.3) and AdamW on one stacked tensor (one kernel for
-        its passes). On an H100 they took the captured step from 48.7 to 37.3 ms at K=8
-        (bench/results/h100-2026-12-05-packed-compiled/). The model itself is not compiled:
-        whole, it compiled for 409 s; by decoder layer, the layer compiled again under the
-        capture, which failed it."""
+        """The step's forward and update through torch.compile by the parts that repeat, each a
+        few seconds' compile: the loss over the logits (the float logits and their softmax are
+        never held whole: 5.6 GB at K=8 against 8.3), AdamW on one stacked tensor (one kernel
+        for its passes), and, with `compile_layers`, one decoder layer's code for every layer
+        (its norms, rotary and activation fused: the eager layers' elementwise kernels took
+        most of a K=32 step on an H200, bench/results/h200-2026-12-06-pack/). Compiled whole,
+        the model took 409 s on an H100's host. The compiled layers stand in the model only
+        for the captured forward; evaluation runs the layers themselves."""
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)
-        return partial(self.losses, tail=tail), partial(self.update, adamw=adamw)
+        losses_of, update = partial(self.losses, tail=tail), partial(self.update, adamw=adamw)
+        layers = repeated_blocks(self.model) if self.compile_layers else {}
+        self._layers_compiled = bool(layers)
+        if not layers:
+            return losses_of, update
+        compiled = {name: torch.compile(layer, backend=backend, dynamic=False) for name, layer in layers.items()}
+
+        def with_compiled_layers(*args, **kwargs) -> torch.Tensor:
+            for name, layer in compiled.items():
+                self.model.set_submodule(name, layer)
+            try:
+                return losses_of(*args, **kwargs)
+            finally:
+                for name, layer in layers.items():
+                    self.model.set_submodule(name, layer)
+
+        return with_compiled_layers, update
 
     def _pass(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], autocast) -> dict[int, torch.Tensor]:
         """Forward and backward of the slots of `batches` (in their order), whose rows are padded
