@@ -1,9 +1,12 @@
 """Which way of running the packed step is fastest on a GPU, side by side: the loss and AdamW
 compiled with the model eager (`tail`), the decoder layers compiled too (`layers`, what a pack
 with `resources.compile` does), both captured as a CUDA graph, and the layers compiled without
-the capture (`layers_uncaptured`). SmolLM2-135M's shapes, random init, 8 x 64 tokens a slot.
+the capture (`layers_uncaptured`). SmolLM2-135M's shapes, random init, 8 x 64 tokens a slot;
+with `--dropout`, every slot's LoRA dropout that (the search's space has dropout, and its masks
+are a hash over every adapted layer's input).
 
     TORCH_LOGS=recompiles python bench/pack_variants.py [--slots 8,32] [--variants tail,layers,layers_uncaptured]
+        [--dropout 0.05]
 
 A capture that fails falls back as the shared trainer's does, and the row says to which mode."""
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.shared_packing import WARMUP, alone, bf16, load, new_pack, peak_gb, reset_peak, sync  # noqa: E402
+from bench.shared_packing import WARMUP, alone, bf16, load, peak_gb, reset_peak, rows, sync, trial_params  # noqa: E402
 
 ROWS, TOKENS = 8, 64
 
@@ -28,13 +31,31 @@ class _Args:
     model = "smollm2"
 
 
-def run(model, device, variant: str, slots: int, steps: int) -> str:
+def new_pack(model, device, slots: int, steps: int, graph: bool, dropout: float):
+    """bench/shared_packing.py's pack of `slots` configurations, each with LoRA dropout `dropout`."""
+    import dataclasses
+
+    import torch
+
+    from trainables.packed import Pack
+
+    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
+                compile_backend="inductor")
+    for k in range(slots):
+        params = trial_params(k)
+        pack.add(dataclasses.replace(params, lora_config={**params.lora_config, "lora_dropout": dropout}))
+    data = {i: rows(ROWS, TOKENS, model.config.vocab_size, i) for i in range(slots)}
+    return pack, {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in data}
+
+
+def run(model, device, variant: str, slots: int, steps: int, dropout: float) -> str:
     import torch
 
     from trainables.packed import _gathered, answers_per_row, unpack
 
     reset_peak(device)
-    pack, batches = new_pack(model, device, slots, steps, ROWS, TOKENS, variant != "layers_uncaptured", compiled=True)
+    torch.compiler.reset()  # each row compiles afresh, within torch.compile's limit of recompiles
+    pack, batches = new_pack(model, device, slots, steps, variant != "layers_uncaptured", dropout)
     pack.compile_layers = variant != "tail"
     autocast = bf16(device)
     if variant == "layers_uncaptured":
@@ -67,7 +88,7 @@ def run(model, device, variant: str, slots: int, steps: int) -> str:
     seconds = time.perf_counter() - started
     mode = "compiled, uncaptured" if variant == "layers_uncaptured" else pack.step_mode
     layers = "layers compiled" if pack._layers_compiled else "layers eager"
-    line = (f"{variant} K={slots}: {steps * slots * ROWS * TOKENS / seconds:,.0f} tokens/s, "
+    line = (f"{variant} K={slots} dropout {dropout}: {steps * slots * ROWS * TOKENS / seconds:,.0f} tokens/s, "
             f"{1000 * seconds / steps:.1f} ms a step, {mode}, {layers}, first {WARMUP} steps {first:.1f} s, "
             f"last mean loss {losses.float().mean().item():.5f}, peak {peak_gb(device):.2f} GB")
     pack.captured = None
@@ -80,6 +101,7 @@ def main() -> None:
     parser.add_argument("--slots", default="8,32")
     parser.add_argument("--variants", default="tail,layers,layers_uncaptured")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
     import torch
 
@@ -90,7 +112,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         for slots in (int(k) for k in args.slots.split(",")):
             try:
-                print(run(model, device, variant, slots, args.steps), flush=True)
+                print(run(model, device, variant, slots, args.steps, args.dropout), flush=True)
             except Exception as error:  # noqa: BLE001 - a variant that fails is a row of the table
                 print(f"{variant} K={slots}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
 
