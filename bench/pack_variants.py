@@ -6,7 +6,7 @@ with `--dropout`, every slot's LoRA dropout that (the search's space has dropout
 are a hash over every adapted layer's input).
 
     TORCH_LOGS=recompiles python bench/pack_variants.py [--slots 8,32] [--variants tail,layers,layers_uncaptured]
-        [--dropout 0.05]
+        [--dropout 0.05] [--lax]
 
 A capture that fails falls back as the shared trainer's does, and the row says to which mode."""
 
@@ -102,10 +102,13 @@ def main() -> None:
     parser.add_argument("--variants", default="tail,layers,layers_uncaptured")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--lax", action="store_true", help="let the capture compile (it then fails) to see why it would")
     args = parser.parse_args()
     import torch
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if args.lax:  # the capture may compile, so that TORCH_LOGS=recompiles names the guard that made it
+        torch.compiler.set_stance = lambda *a, **k: nullcontext()
     model = load(_Args, device)
     base = alone(model, device, args.steps, ROWS, TOKENS)
     print(f"one trial alone: {base['tokens_per_second']:,.0f} tokens/s ({base['step_mode']})", flush=True)

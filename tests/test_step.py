@@ -454,3 +454,37 @@ def test_the_capture_recipe_warms_up_on_a_side_stream_then_clears_gradients_then
     assert out == "loss" and isinstance(graph, Graph)
     assert calls == ["side waits for main", "on side", *["warm-up pass"] * step_module.WARMUP_PASSES, "off side",
                      "main waits for side", "gradients cleared", "capture begins", "step", "capture ends"]
+
+
+def test_under_a_capture_sdpa_gets_the_mask_it_gets_outside_one_none_for_causal_rows_and_the_padding_mask_else(
+        tiny, monkeypatch):
+    """A CUDA graph's capture counts as tracing to transformers (the GPU machine's version), which
+    then builds the causal mask it leaves to sdpa's `is_causal` outside one: the captured step ran
+    another attention than its warm-up, and torch.compile compiled again under the capture. The
+    registered mask function answers as outside a capture whatever tracing says; with padding it
+    is sdpa's own. The capture is played by transformers' own test of whether to skip the mask
+    answering no, as it does under one."""
+    import transformers.masking_utils as masking
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+
+    from trainables.step import causal_attention_as_sdpa_chooses
+
+    model, _ = tiny
+    ids = torch.randint(3, 100, (2, 9))
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, 6:] = 0
+    before = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=padding).logits]
+    causal_attention_as_sdpa_chooses()
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    causal = dict(batch_size=2, q_length=9, kv_length=9, mask_function=causal_mask_function, attention_mask=None)
+    assert mask(**causal) is None
+    with_padding = dict(causal, attention_mask=padding.bool())
+    assert torch.equal(mask(**with_padding), sdpa_mask(**with_padding))  # the rows' padding is masked
+    window = dict(causal, local_size=4)  # a sliding window is a mask of its own
+    assert torch.equal(mask(**window), sdpa_mask(**dict(window, allow_is_causal_skip=False)))
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+    assert sdpa_mask(**causal) is not None  # transformers' own, as under a capture
+    assert mask(**causal) is None
+    after = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=padding).logits]
+    for was, now in zip(before, after):
+        torch.testing.assert_close(now, was, rtol=0, atol=0)

@@ -53,7 +53,7 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import cuda_graph, first_line, output_layer, repeated_blocks
+from trainables.step import causal_attention_as_sdpa_chooses, cuda_graph, first_line, output_layer, repeated_blocks
 
 log = logging.getLogger(__name__)
 ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
@@ -173,6 +173,8 @@ class Pack:
         self._layers: dict[str, PackedLinear] = {}
         self.layout = 0  # bumped when a layer's tensors are made: a captured step must be captured again
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        if self.cuda_graph:
+            causal_attention_as_sdpa_chooses()
         self.captured: Captured | None = None
         # the captured step's loss over the logits and its AdamW through torch.compile (backend
         # "inductor" on a GPU; `_compile` says why those two and not the model)

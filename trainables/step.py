@@ -89,6 +89,32 @@ def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     return logits if logits.dim() == 2 else logits[keep]
 
 
+def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
+    """transformers' sdpa mask, except None where a row needs the causal mask only (no padding
+    mask, no window, no cache): sdpa's own `is_causal` then, whose flash kernel takes no mask.
+    transformers answers so itself, except while a CUDA graph is being captured, which it takes
+    for tracing: there it builds the mask, so a captured step ran another attention than its
+    warm-up (and torch.compile, seeing a mask where it compiled without one, compiled again under
+    the capture, which fails it)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
+    if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+            and kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+            and all(isinstance(n, int) and n == 0 for n in offsets) and kwargs.get("q_length") == kwargs.get("kv_length")):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def causal_attention_as_sdpa_chooses() -> None:
+    """sdpa's mask in this process as transformers chooses it outside a capture, inside one too
+    (`_sdpa_mask_causal_by_sdpa`), through its public registry of mask functions. Only sdpa's:
+    eager and flash attention build their masks otherwise."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register("sdpa", _sdpa_mask_causal_by_sdpa)
+
+
 def output_layer(model) -> torch.nn.Module | None:
     """The (base) model's output embeddings as a module, or None for a model that names none."""
     base = _base(model)
@@ -204,6 +230,7 @@ class TrainStep:
     def _try_graph(self) -> None:
         if not self.graph_wanted:
             return
+        causal_attention_as_sdpa_chooses()
         try:
             self._capture()
             self.mode = "cuda_graph"
