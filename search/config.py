@@ -114,19 +114,25 @@ class ResourcesConfig:
     # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
-    compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph; auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps"})
+    compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph (a shared trainer: compiled, then captured); auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps, and for every unquantized shared trainer"})
     packing: str = field(default=AUTO, metadata={"help": "shared: one trainer per GPU trains the adapters of up to pack_slots trials in one pass; processes: a process per trial; auto: the faster"})
     pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
 
-    def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool) -> bool:
+    def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool,
+                 shared: bool = False) -> bool:
         """Whether trials compile their steps: `compile` as given, or for auto, GPU trials of a
         model of COMPILE_FROM_PARAMS or more whose every trial trains COMPILE_FROM_STEPS steps
         or more (`steps_every_trial`: the grace period, before which ASHA stops none; each
         trial pays its own compile), and a plain bf16 model without gradient checkpointing
         (`bf16_unchecked`: neither bitsandbytes' 4-bit layers nor recomputed activations were
-        measured compiled)."""
+        measured compiled). A `shared` trainer on a GPU compiles whatever the model's size: it
+        compiles once for all its trials (8 s on an H100), and its compiled step trained
+        SmolLM2 at 3.88x one trial alone with 8 slots against 2.98x uncompiled
+        (bench/results/h100-2026-12-05-packed-compiled/)."""
         if self.compile != "auto":
             return bool(self.compile)
+        if shared:
+            return gpus_per_trial > 0 and bf16_unchecked
         return (gpus_per_trial > 0 and total_params >= COMPILE_FROM_PARAMS and steps_every_trial >= COMPILE_FROM_STEPS
                 and bf16_unchecked)
 

@@ -150,6 +150,11 @@ def test_auto_compile_is_for_gpu_trials_of_large_models_that_train_long_enough()
     assert not auto.compiled(0.125, 135e6, 10_000, True)  # SmolLM2: the CUDA graph serves it
     assert not auto.compiled(0.5, big, long - 1, True)  # too short to pay for the compile
     assert not auto.compiled(0.5, big, long, False)  # 4-bit or gradient checkpointing: not measured
+    # a shared trainer compiles once for all its trials: on a GPU, a plain bf16 model of any size
+    assert auto.compiled(0.125, 135e6, 10, True, shared=True)
+    assert not auto.compiled(0.0, 135e6, 10, True, shared=True)  # a CPU trainer
+    assert not auto.compiled(0.125, 135e6, 10, False, shared=True)  # 4-bit or gradient checkpointing
+    assert not ResourcesConfig(compile=False).compiled(0.125, 135e6, 10, True, shared=True)
     assert ResourcesConfig(compile=True).compiled(0.125, 135e6, 10, False)
     assert not ResourcesConfig(compile=False).compiled(1.0, 8e9, 10_000, True)
 

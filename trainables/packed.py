@@ -103,7 +103,7 @@ class PackedLinear(nn.Module):
             A, B, scale = A.index_select(0, slots), B.index_select(0, slots), scale.index_select(0, slots)
         rows = x.reshape(A.shape[0], -1, *x.shape[1:])  # [slots, rows, ..., in]: each slot's own block
         if self.training and self.pack.dropout:
-            rows = self.pack.dropped(rows, self.number)
+            rows = self.pack.drop(rows, self.number)
         low = torch.bmm(rows.flatten(1, -2), A.transpose(1, 2).to(rows.dtype))
         # the scale on B rather than on the product, and the sum in the same kernel: no pass over
         # the layer's output for either, forward or backward
@@ -182,6 +182,7 @@ class Pack:
         self.compile_layers = True  # with a backend, the decoder layers too (`_compile`)
         self._compiled: tuple | None = None
         self._layers_compiled = False
+        self.drop = self.dropped  # compiled with the step (`_compile`)
         unpack(model)  # a process's cached base model may still hold an earlier pack's layers
         # the output layer of a training step sees only the answer positions (`AnswerHead`)
         self.answer_positions: torch.Tensor | None = None
@@ -439,6 +440,9 @@ class Pack:
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)
+        # the dropout hash in one kernel: uncompiled, its int64 passes over every adapted layer's
+        # input tripled a K=32 step with the layers eager (H100, bench/results/h100-2026-12-06-pack/)
+        self.drop = torch.compile(self.dropped, backend=backend, dynamic=False)
         losses_of, update = partial(self.losses, tail=tail), partial(self.update, adamw=adamw)
         layers = repeated_blocks(self.model) if self.compile_layers else {}
         self._layers_compiled = bool(layers)

@@ -43,7 +43,8 @@ def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
     gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
     steps_every_trial = min(config.budget.grace_period, config.budget.max_steps)
     compiled = config.resources.compiled(gpus, prepared.total_params, steps_every_trial,
-                                         config.model.quantization == "none" and not config.model.gradient_checkpointing)
+                                         config.model.quantization == "none" and not config.model.gradient_checkpointing,
+                                         shared=packing == SHARED)
     probe = None
     # a shared trial holds no share of a GPU: its trainer holds the GPU
     if config.resources.gpus_per_trial == "auto" and gpu_memory_gb and packing != SHARED:
