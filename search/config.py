@@ -114,7 +114,7 @@ class ResourcesConfig:
     # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against
     # 196 ms eager on an H200 (bench/results/step_modes.json).
     cuda_graphs: bool = field(default=True, metadata={"help": "on GPU, replay each trial's train step as a CUDA graph captured once per trial; false: eager steps"})
-    compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step instead of a CUDA graph (a shared trainer: compiled, then captured); auto: for unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose every trial trains {COMPILE_FROM_STEPS}+ steps, and for every unquantized shared trainer"})
+    compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step (shared: then captured); auto: unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose trials all train {COMPILE_FROM_STEPS}+ steps, and shared trainers"})
     packing: str = field(default=AUTO, metadata={"help": "shared: one trainer per GPU trains the adapters of up to pack_slots trials in one pass; processes: a process per trial; auto: the faster"})
     pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
 
