@@ -436,7 +436,9 @@ class Pack:
         (its norms, rotary and activation fused: the eager layers' elementwise kernels took
         most of a K=32 step on an H200, bench/results/h200-2026-12-06-pack/). Compiled whole,
         the model took 409 s on an H100's host. The compiled layers stand in the model only
-        for the captured forward; evaluation runs the layers themselves."""
+        for the captured forward; evaluation runs the layers themselves. On an H100 they have
+        so far compiled again under the capture, and `step` captured them uncompiled
+        (bench/results/h100-2026-12-06-pack/)."""
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)
