@@ -161,8 +161,8 @@ def _module_notes(run_config: RunConfig) -> str:
 STEP_MODES = {"cuda_graph": "as a CUDA graph", "compiled": "compiled", "eager": "eagerly",
               "packed": "packed in a shared trainer",
               "packed+cuda_graph": "packed in a shared trainer as a CUDA graph",
-              "packed+compiled+cuda_graph": "packed in a shared trainer, compiled (its decoder layers where they "
-                                            "could be captured so, its loss and AdamW), as a CUDA graph"}
+              "packed+compiled+cuda_graph": "packed in a shared trainer, its loss, AdamW and dropout masks compiled, "
+                                            "as a CUDA graph"}
 
 
 def _step_modes(trials: pd.DataFrame, compile_on) -> str:

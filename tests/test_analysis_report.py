@@ -182,8 +182,7 @@ def test_packed_trials_whose_pack_compiled_are_not_called_uncompiled_and_one_who
 
     assert analyse(run_dir) == 0
     report = (run_dir / "report.md").read_text()
-    assert ("Train steps ran packed in a shared trainer, compiled (its decoder layers where they could be captured so, "
-            "its loss and AdamW), as a CUDA graph in 2, "
+    assert ("Train steps ran packed in a shared trainer, its loss, AdamW and dropout masks compiled, as a CUDA graph in 2, "
             "packed in a shared trainer as a CUDA graph in 1 trials.") in report
     assert "resources.compile was on, but 1 trial(s) trained uncompiled" in report
     named = report.split("trained uncompiled")[1].split("\n")[0]

@@ -413,7 +413,7 @@ def test_dropout_keeps_each_slots_share_and_its_masks_depend_on_its_own_seed_and
         assert torch.equal(pack.dropped(ones[:1], layer=0)[0] != 0, kept[1])
 
 
-@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("backend", [None, "aot_eager", "aot_eager+layers"])
 def test_the_captured_step_replayed_without_a_gpu_trains_as_the_eager_step_and_is_captured_once(tiny_model_dir, backend):
     """The CUDA graph's path with the graph faked (no GPU here): the step runs over the captured
     step's static tensors, eagerly, or with `backend` through torch.compile ("aot_eager" traces
@@ -426,7 +426,8 @@ def test_the_captured_step_replayed_without_a_gpu_trains_as_the_eager_step_and_i
     for captured in (False, True):
         pack, _, _ = full_pack(tiny_model_dir, trials, max_rank=32)
         pack.cuda_graph = captured  # on the CPU, a pack only takes the graph's path when told to
-        pack.compile_backend = backend if captured else None
+        pack.compile_backend = backend.split("+")[0] if captured and backend else None
+        pack.compile_layers = bool(backend and backend.endswith("+layers"))  # the decoder layers compiled too
         vocab = pack.model.config.vocab_size
         for i in pack.slots:
             pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))

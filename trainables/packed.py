@@ -179,7 +179,9 @@ class Pack:
         # the captured step's loss over the logits and its AdamW through torch.compile (backend
         # "inductor" on a GPU; `_compile` says why those two and not the model)
         self.compile_backend = compile_backend
-        self.compile_layers = True  # with a backend, the decoder layers too (`_compile`)
+        # with a backend, the decoder layers too (`_compile`): off until a GPU captures them compiled;
+        # on an H100 they compiled again under the capture, and the fallback cost 25 s of compiling
+        self.compile_layers = False
         self._compiled: tuple | None = None
         self._layers_compiled = False
         self.drop = self.dropped  # compiled with the step (`_compile`)
@@ -438,7 +440,7 @@ class Pack:
         the model took 409 s on an H100's host. The compiled layers stand in the model only
         for the captured forward; evaluation runs the layers themselves. On an H100 they have
         so far compiled again under the capture, and `step` captured them uncompiled
-        (bench/results/h100-2026-12-06-pack/)."""
+        (bench/results/h100-2026-12-06-pack/): `compile_layers` is off by default."""
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)
