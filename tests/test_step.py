@@ -485,6 +485,8 @@ def test_under_a_capture_sdpa_gets_the_mask_it_gets_outside_one_none_for_causal_
     monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
     assert sdpa_mask(**causal) is not None  # transformers' own, as under a capture
     assert mask(**causal) is None
+    # transformers before 5 gives the query positions instead of their count
+    assert mask(**{**{k: v for k, v in causal.items() if k != "q_length"}, "cache_position": torch.arange(9)}) is None
     after = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=padding).logits]
     for was, now in zip(before, after):
         torch.testing.assert_close(now, was, rtol=0, atol=0)

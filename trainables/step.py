@@ -99,9 +99,12 @@ def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
+    # transformers before 5 names the queries by `cache_position` instead of `q_length`
+    positions = kwargs.get("cache_position")
+    queries = kwargs.get("q_length", positions.shape[0] if positions is not None else None)
     if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
             and kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
-            and all(isinstance(n, int) and n == 0 for n in offsets) and kwargs.get("q_length") == kwargs.get("kv_length")):
+            and all(isinstance(n, int) and n == 0 for n in offsets) and queries == kwargs.get("kv_length")):
         return None
     return sdpa_mask(*args, **kwargs)
 
