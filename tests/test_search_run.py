@@ -257,10 +257,21 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--set", "resources.gpus_per_trial=1"], "has 0 GPU"),
     (["--config", "nowhere.yaml"], "cannot read it"),
 ])
-def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, args, expected):
-    result = _cli(*args, "--output", str(tmp_path / "out"), cwd=tmp_path)
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, args, expected, capsys, monkeypatch):
+    """On the embedded default's model (tests/test_bad_input.py holds the rest on the tiny one)."""
+    monkeypatch.chdir(tmp_path)  # relative paths are the user's working directory's
+    code = main([*args, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_on_the_command_line_exits_the_process_with_2_and_no_traceback(tmp_path):
+    result = _cli("--set", "search.ranks=[1024]", "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert expected in result.stderr
+    assert "exceed the smallest dimension" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
