@@ -211,7 +211,9 @@ AUTO_PACKING = {
                         "captured, 3.88x with its loss and AdamW compiled (resources.compile; bench/results/"
                         "h100-2026-12-05-packed-compiled/), against 3.4x for 8 processes (bench/results/"
                         "trial_throughput.json); but the reference search packed took 162 s against 111 s with "
-                        "processes (bench/results/h100-2026-12-05-shared-search/)"),
+                        "processes (bench/results/h100-2026-12-05-shared-search/), its dropout masks then uncompiled, "
+                        "which tripled a K=32 step (bench/results/h100-2026-12-06-pack/; compiled since, a packed "
+                        "search not yet timed again)"),
 }
 
 
