@@ -176,8 +176,8 @@ class Pack:
         if self.cuda_graph:
             causal_attention_as_sdpa_chooses()
         self.captured: Captured | None = None
-        # the captured step's loss over the logits and its AdamW through torch.compile (backend
-        # "inductor" on a GPU; `_compile` says why those two and not the model)
+        # the captured step's parts through torch.compile (backend "inductor" on a GPU; `_compile`
+        # says which and why)
         self.compile_backend = compile_backend
         # with a backend, the decoder layers too (`_compile`): off until a GPU captures them compiled;
         # on an H100 they compiled again under the capture, and the fallback cost 25 s of compiling
@@ -309,8 +309,10 @@ class Pack:
         the model in one pass, the empty ones as padding; a pass that runs out of GPU memory is
         split in two and run again, down to one slot a pass (the gradients of each slot are its
         own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps.
-        With `cuda_graph`, the captured step instead (see the module's docstring); a capture that
-        fails or runs out of memory leaves the pack stepping eagerly from then on, and says so."""
+        With `cuda_graph`, the captured step instead (see the module's docstring); a capture of
+        compiled decoder layers that fails is made again with the layers uncompiled, and a
+        capture that fails or runs out of memory leaves the pack stepping eagerly from then on;
+        the log says so each time."""
         while self.cuda_graph:
             try:
                 return self._replay(batches, autocast)
