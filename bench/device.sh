@@ -45,7 +45,10 @@ for item in "${benches[@]}"; do
   fi
   # bench:ARG+ARG passes its arguments on (grid:--configs=0,1,2,3, search_vs_grid:--set=resources.cuda_graphs=true)
   bench=${item%%:*}; extra=(); [ "$item" != "$bench" ] && IFS=+ read -ra extra <<< "${item#*:}"
+  marker=$(mktemp)
   timeout "${limit[$bench]:-400}" python "bench/$bench.py" "${extra[@]}" 2>&1 | tee "$OUT/$bench.log"
   echo "$bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/status.txt"
-  cp bench/results/*.json "$OUT/" 2>/dev/null; cp bench/results/*.json "$KEEP/" 2>/dev/null
+  # only what this bench wrote comes back: a call returns a few files, and bench/results holds dozens
+  find bench/results -maxdepth 1 -name '*.json' -newer "$marker" -exec cp {} "$OUT/" \;
+  cp bench/results/*.json "$KEEP/" 2>/dev/null
 done
