@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROWS, TOKENS, REPEATS = 8, 64, 5
 
 
-class _Args:
+class RandomSmolLM2:  # bench.shared_packing.load's arguments: SmolLM2's shapes, random weights
     llama8b = False
     random = True  # SmolLM2's shapes, random weights: no model files on the machine
     model = "smollm2"
@@ -70,7 +70,7 @@ def main() -> None:
     from trainables.packed import Pack, unpack
 
     device = torch.device("cuda", 0)
-    model = load_model(_Args, device)
+    model = load_model(RandomSmolLM2, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     for slots in (int(k) for k in args.slots.split(",")):
         pack = Pack(model, slots, warmup_steps=2, max_steps=100)

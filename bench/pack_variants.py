@@ -20,32 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.shared_packing import WARMUP, alone, bf16, load, peak_gb, reset_peak, rows, sync, trial_params  # noqa: E402
+from bench.pack_profile import RandomSmolLM2  # noqa: E402 - after the path is set
+from bench.shared_packing import WARMUP, alone, bf16, load, new_pack, peak_gb, reset_peak, sync  # noqa: E402
 
 ROWS, TOKENS = 8, 64
-
-
-class _Args:
-    llama8b = False
-    random = True
-    model = "smollm2"
-
-
-def new_pack(model, device, slots: int, steps: int, graph: bool, dropout: float):
-    """bench/shared_packing.py's pack of `slots` configurations, each with LoRA dropout `dropout`."""
-    import dataclasses
-
-    import torch
-
-    from trainables.packed import Pack
-
-    pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
-                compile_backend="inductor")
-    for k in range(slots):
-        params = trial_params(k)
-        pack.add(dataclasses.replace(params, lora_config={**params.lora_config, "lora_dropout": dropout}))
-    data = {i: rows(ROWS, TOKENS, model.config.vocab_size, i) for i in range(slots)}
-    return pack, {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in data}
 
 
 def run(model, device, variant: str, slots: int, steps: int, dropout: float) -> str:
@@ -55,7 +33,8 @@ def run(model, device, variant: str, slots: int, steps: int, dropout: float) -> 
 
     reset_peak(device)
     torch.compiler.reset()  # each row compiles afresh, within torch.compile's limit of recompiles
-    pack, batches = new_pack(model, device, slots, steps, variant != "layers_uncaptured", dropout)
+    pack, batches = new_pack(model, device, slots, steps, ROWS, TOKENS, variant != "layers_uncaptured", compiled=True,
+                             dropout=dropout)
     pack.compile_layers = variant != "tail"
     autocast = bf16(device)
     if variant == "layers_uncaptured":
@@ -109,7 +88,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if args.lax:  # the capture may compile, so that TORCH_LOGS=recompiles names the guard that made it
         torch.compiler.set_stance = lambda *a, **k: nullcontext()
-    model = load(_Args, device)
+    model = load(RandomSmolLM2, device)
     base = alone(model, device, args.steps, ROWS, TOKENS)
     print(f"one trial alone: {base['tokens_per_second']:,.0f} tokens/s ({base['step_mode']})", flush=True)
     for variant in args.variants.split(","):

@@ -98,15 +98,20 @@ def alone(model, device, steps: int, batch: int, tokens: int, scored: int = 0) -
 
 
 def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False,
-             scored: int = 0):
-    """A pack of `slots` trials, and each one's batch (on the host, as the shared trainer gives them)."""
+             scored: int = 0, dropout: float = 0.0):
+    """A pack of `slots` trials, each with LoRA dropout `dropout`, and each one's batch (on the
+    host, as the shared trainer gives them)."""
+    import dataclasses
+
     import torch
 
     from trainables.packed import Pack
 
     pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
                 compile_backend="inductor" if compiled else None)
-    indices = [pack.add(trial_params(k)) for k in range(slots)]
+    configs = (trial_params(k) for k in range(slots))
+    indices = [pack.add(dataclasses.replace(p, lora_config={**p.lora_config, "lora_dropout": dropout}))
+               for p in configs]
     data = {i: rows(batch, tokens, model.config.vocab_size, i, scored) for i in indices}
     batches = {i: (torch.tensor([r[0] for r in data[i]]), torch.tensor([r[1] for r in data[i]])) for i in indices}
     return pack, batches
