@@ -72,6 +72,17 @@ def drop_superseded_checkpoints(fs: pafs.FileSystem, trial_dir: str, keep_from: 
     return older
 
 
+
+def drop_trial_directories(fs: pafs.FileSystem, experiment_dir: str, keep: set[str]) -> list[str]:
+    """Delete, through `fs`, each trial directory of `experiment_dir` (`trial_...`) whose name is
+    not in `keep`; return their paths."""
+    entries = fs.get_file_info(pafs.FileSelector(experiment_dir, allow_not_found=True))
+    dropped = [entry.path for entry in entries if entry.type == pafs.FileType.Directory
+               and entry.base_name.startswith("trial_") and entry.base_name not in keep]
+    for path in dropped:
+        fs.delete_dir(path)
+    return dropped
+
 class _ReplaceOnClose:
     """A binary file written under a temporary name beside `path`, moved onto `path` when closed."""
 

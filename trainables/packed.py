@@ -318,10 +318,10 @@ class Pack:
                 return self._replay(batches, autocast)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
                 self.captured = None
-                if self._compiled is not None and self._layers_compiled:
+                if self._layers_compiled:
                     log.warning("the decoder layers could not be compiled into the captured step (%s: %s); the pack "
                                 "captures them uncompiled", type(error).__name__, first_line(error))
-                    self.compile_layers, self._compiled = False, None
+                    self.compile_layers, self._compiled, self._layers_compiled = False, None, False
                 else:
                     log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps "
                                 "eagerly", type(error).__name__, first_line(error))

@@ -235,9 +235,10 @@ class StagedSearch(Searcher):
         for parent in decision.promote:
             start_from = self._last_checkpoint(parent)
             promotion = self._params[parent].repeat(Origin.PROMOTED, parent, start_from=start_from)
-            if _handed_key(promotion, self._seed) in self._handed or not start_from:  # every report carries one
+            key = _handed_key(promotion, self._seed)
+            if key in self._handed or not start_from:  # every report carries one
                 continue
-            self._handed.add(_handed_key(promotion, self._seed))
+            self._handed.add(key)
             out.append(promotion)
         wanted = {parent: selection.confirm_seeds for parent in decision.confirm}
         for parent, runs in decision.more_seeds.items():
@@ -245,8 +246,9 @@ class StagedSearch(Searcher):
         for parent, runs in wanted.items():
             for k in range(runs):
                 confirmation = self._params[parent].repeat(Origin.CONFIRM, parent, seed=self._seed + 1 + k)
-                if _handed_key(confirmation, self._seed) not in self._handed:
-                    self._handed.add(_handed_key(confirmation, self._seed))
+                key = _handed_key(confirmation, self._seed)
+                if key not in self._handed:
+                    self._handed.add(key)
                     out.append(confirmation)
         search_running = any(params.origin.proposed and trial_id in running for trial_id, params in self._params.items())
         promoting = any(p.origin == Origin.PROMOTED for p in [*out, *self._queue]) or any(

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from analysis.candidates import decide
 from analysis.results import read_trial_files
+from rundir.atomicfs import drop_trial_directories
 from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
@@ -170,18 +171,13 @@ class TellLostTrials(tune.Callback):
         self.aligned = False  # pickled with the Tuner as False: a restored Tuner aligns once too
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
-        import pyarrow.fs as pafs
         from ray.tune.experiment import Trial
 
         if not self.aligned:
             self.staged.align({trial.trial_id: trial.config for trial in trials})
-            held = {trial_directory(trial.trial_id) for trial in trials}
-            filesystem = self.location.storage_filesystem()
-            selector = pafs.FileSelector(self.location.experiment_storage(SEARCH_EXPERIMENT), allow_not_found=True)
-            for entry in filesystem.get_file_info(selector):
-                if entry.type == pafs.FileType.Directory and entry.base_name.startswith("trial_") \
-                        and entry.base_name not in held:
-                    filesystem.delete_dir(entry.path)
+            drop_trial_directories(self.location.storage_filesystem(),
+                                   self.location.experiment_storage(SEARCH_EXPERIMENT),
+                                   keep={trial_directory(trial.trial_id) for trial in trials})
             self.aligned = True
         for trial in trials:
             if trial.status in (Trial.ERROR, Trial.TERMINATED) and not self.staged.ended(trial.trial_id):
