@@ -490,3 +490,41 @@ def test_under_a_capture_sdpa_gets_the_mask_it_gets_outside_one_none_for_causal_
     after = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=padding).logits]
     for was, now in zip(before, after):
         torch.testing.assert_close(now, was, rtol=0, atol=0)
+
+
+def test_under_a_capture_the_check_for_sequences_packed_in_a_row_leaves_sdpa_its_causal_kernel(
+        tiny, monkeypatch, request):
+    """Under a capture transformers keeps its check of the position ids for several sequences
+    packed in one row, which outside one reads them and finds none: it joins that check to the
+    causal mask and builds the mask, so sdpa ran with a mask where the warm-up ran `is_causal`,
+    and the compiled decoder layers compiled again under the capture. With the registered
+    function the attention is called as outside one. The capture is played by transformers' own
+    `is_tracing` answering yes, as it does under one; sdpa is watched where transformers calls it."""
+    import transformers.masking_utils as masking
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from trainables.step import causal_attention_as_sdpa_chooses
+
+    model, _ = tiny
+    monkeypatch.setattr(model.config, "use_cache", False)  # as the trainers load it: no cache, so the check runs
+    ids = torch.randint(3, 100, (2, 9))
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def watched(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is None and bool(kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", watched)
+    AttentionMaskInterface.register("sdpa", masking.sdpa_mask)  # transformers' own, whatever ran before
+    request.addfinalizer(lambda: AttentionMaskInterface.register("sdpa", masking.sdpa_mask))
+    outside = model(input_ids=ids).logits
+    assert calls and all(calls)  # outside a capture: sdpa's is_causal, no mask
+    monkeypatch.setattr(masking, "is_tracing", lambda *args, **kwargs: True)
+    calls.clear()
+    model(input_ids=ids)
+    assert calls and not any(calls)  # transformers' own under a capture: a mask
+    causal_attention_as_sdpa_chooses()
+    calls.clear()
+    captured = model(input_ids=ids).logits
+    assert calls and all(calls)
+    torch.testing.assert_close(captured, outside, rtol=0, atol=0)

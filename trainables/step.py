@@ -95,15 +95,23 @@ def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
     transformers answers so itself, except while a CUDA graph is being captured, which it takes
     for tracing: there it builds the mask, so a captured step ran another attention than its
     warm-up (and torch.compile, seeing a mask where it compiled without one, compiled again under
-    the capture, which fails it)."""
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    the capture, which fails it).
+
+    Under a capture transformers also keeps the check of its position ids for several sequences
+    packed in one row (`find_packed_sequence_indices`), which outside one reads them and finds
+    none: it then hands over the causal function joined with that check, and forbids the skip.
+    The train steps' rows never pack sequences (each is one example from position 0,
+    right-padded), so in the processes that register this (`causal_attention_as_sdpa_chooses`)
+    any causal function over whole rows is the causal mask; a model that is not causal
+    (`config.is_causal` false) keeps transformers' own."""
+    from transformers.masking_utils import sdpa_mask
 
     offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
     # transformers before 5 names the queries by `cache_position` instead of `q_length`
     positions = kwargs.get("cache_position")
     queries = kwargs.get("q_length", positions.shape[0] if positions is not None else None)
     if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+            and getattr(kwargs.get("config"), "is_causal", True)
             and all(isinstance(n, int) and n == 0 for n in offsets) and queries == kwargs.get("kv_length")):
         return None
     return sdpa_mask(*args, **kwargs)
@@ -112,7 +120,8 @@ def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
 def causal_attention_as_sdpa_chooses() -> None:
     """sdpa's mask in this process as transformers chooses it outside a capture, inside one too
     (`_sdpa_mask_causal_by_sdpa`), through its public registry of mask functions. Only sdpa's:
-    eager and flash attention build their masks otherwise."""
+    eager and flash attention build their masks otherwise. Called by the train steps only: it
+    declares that the rows this process's model sees without a mask are whole sequences."""
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionMaskInterface.register("sdpa", _sdpa_mask_causal_by_sdpa)
