@@ -458,3 +458,37 @@ def test_the_captured_step_replayed_without_a_gpu_trains_as_the_eager_step_and_i
     pack.add(params(["lm_head"], 4, 1, False, 1.0, 1e-3))
     pack.step({0: batch(7, 2, 10, vocab)})
     assert id(pack.captured) != captures[-1]
+
+
+def test_a_pack_told_its_rows_captures_its_step_once_as_batches_widen(tiny_model_dir):
+    """A pack sized by the batches it has seen captures its step again for each wider batch, or
+    one with more answer tokens, as in a search's first steps; told the rows its trials draw from
+    (`reserve`, as the shared trainer does with its data) it captures once, and steps as the pack
+    that captured as it went."""
+    trials = [mixed(3, 0.0), mixed(0, 0.0)]
+    widths = [6, 8, 12, 9]  # the batches widen: 12 is the data's widest row
+    runs = []
+    for reserved in (False, True):
+        pack, _, _ = full_pack(tiny_model_dir, trials, max_rank=32)
+        pack.cuda_graph = True  # on the CPU, a pack only takes the graph's path when told to
+        vocab = pack.model.config.vocab_size
+        for i in pack.slots:
+            pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+        steps = [{i: batch(10 * step + i, 2, width, vocab) for i in pack.slots} for step, width in enumerate(widths)]
+        if reserved:
+            pack.reserve((ids.tolist(), labels.tolist()) for step in steps for ids, labels in step.values()
+                         for ids, labels in zip(ids, labels))
+        losses, captures = [], []
+        for step in steps:
+            losses.append({i: float(v) for i, v in pack.step(step).items()})
+            captures.append(id(pack.captured))
+        runs.append((losses, captures, {i: pack.adapter_state(i) for i in pack.slots}))
+    (grown_losses, grown, grown_weights), (reserved_losses, once, reserved_weights) = runs
+    assert len(set(grown)) > 1  # without the reservation a wider batch captures again
+    assert len(set(once)) == 1
+    for a, b in zip(grown_losses, reserved_losses):
+        assert b == pytest.approx(a, rel=1e-5)
+    # wider padding sums the matmuls in another order; after four steps AdamW has turned that
+    # rounding, in a gradient near zero, into a fraction of a step of its learning rate
+    for i in grown_weights:
+        close_weights(reserved_weights[i], grown_weights[i], f"slot {i} reserved", 1e-4)

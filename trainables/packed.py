@@ -22,11 +22,13 @@ The step runs at capacity: an empty slot's rows are padding, its scale 0 and its
 and a trial that opens, ends or fails writes its slot's entries into the same tensors, so the
 step's shapes and operations stay those of the first step. On a GPU (`cuda_graph`) the whole
 step, forward, backward and update, is captured once as a CUDA graph and replayed: the batches
-are copied into the graph's own input tensors (every slot's rows padded to the widest batch
-seen), which slots step is a mask in a device tensor, and nothing in the step waits for the host.
+are copied into the graph's own input tensors (every slot's rows padded to the widest row of
+the trials' data, which the trainer `reserve`s, or else of the batches seen), which slots step
+is a mask in a device tensor, and nothing in the step waits for the host.
 The capture is redone only when the tensors it holds change: a slot first adapts a layer or
 brings a rank above the layer's largest (`max_rank` sizes them for the search's largest rank from
-the start), a batch is wider than the captured width, or dropout turns on or off for the pack.
+the start), a batch is wider than the captured width (never, where the rows were reserved), or
+dropout turns on or off for the pack.
 
 PEFT cannot do this itself: its mixed-adapter batches (`adapter_names`) refuse training mode
 (huggingface/peft#631). DoRA (a merged weight per adapter for its norm), Conv1D layers (GPT-2) and
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -176,6 +179,9 @@ class Pack:
         if self.cuda_graph:
             causal_attention_as_sdpa_chooses()
         self.captured: Captured | None = None
+        # the widest row and most answer tokens a row of the pack's trials holds, where the trainer
+        # knows its data (`reserve`): the first capture is then the last one the batches need
+        self.reserved_width = self.reserved_answers = 0
         # the captured step's parts through torch.compile (backend "inductor" on a GPU; `_compile`
         # says which and why)
         self.compile_backend = compile_backend
@@ -302,6 +308,17 @@ class Pack:
         mode = "cuda_graph" if self.cuda_graph else "eager"
         return f"compiled+{mode}" if self.compile_backend and self.cuda_graph else mode
 
+    def reserve(self, rows: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
+        """Capture the step wide enough for every row of `rows` (input ids and labels: all the rows
+        the pack's trials will draw batches from) from its first capture. A capture sized by the
+        batches seen so far is redone each time a wider batch, or one with more answer tokens, comes,
+        which happens many times in a search's first steps; with the decoder layers compiled,
+        each capture compiles them again too. Padding rows to the widest costs a step little where
+        the captured step is bound by its launches, and its compute is already the widest batch's."""
+        for ids, labels in rows:
+            self.reserved_width = max(self.reserved_width, len(ids))
+            self.reserved_answers = max(self.reserved_answers, sum(label != IGNORE for label in labels[1:]))
+
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,
         on the host or the pack's device): its loss, left on the device (a NaN or infinite one is the caller's
@@ -360,9 +377,11 @@ class Pack:
     def _replay(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[int, torch.Tensor]:
         """The step as the captured graph's replay, capturing it first where none fits."""
         given = list(batches.values())
-        rows, width = max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given)
+        rows = max(ids.shape[0] for ids, _ in given)
+        width = max(self.reserved_width, *(ids.shape[1] for ids, _ in given))
+        answers = max(self.reserved_answers, *(answers_per_row(labels) for _, labels in given))
         # rounded up: a step with a few more answer tokens than the last fits the same capture (and compile)
-        answers = -(-max(answers_per_row(labels) for _, labels in given) // ANSWER_ROUNDING) * ANSWER_ROUNDING
+        answers = -(-answers // ANSWER_ROUNDING) * ANSWER_ROUNDING
         captured = self.captured
         if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
                 or self.dropout != captured.dropout or self.layout != captured.layout):
