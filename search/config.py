@@ -207,13 +207,10 @@ AUTO_PACKING = {
     "cpu": (PROCESSES, "on an idle 2-core CPU the batched pack of 2 to 8 SmolLM2 trials trained at 1.03x to 1.07x of "
                        "one trial alone, with 1.7x to 5.8x its memory (bench/results/shared_packing_cpu.json): a CPU's "
                        "step is bound by its arithmetic, which a pack does not reduce"),
-    "cuda": (PROCESSES, "on one H100 the batched pack of 8 SmolLM2 trials trained at 2.98x one trial alone "
-                        "captured, 3.88x with its loss and AdamW compiled (resources.compile; bench/results/"
-                        "h100-2026-12-05-packed-compiled/), against 3.4x for 8 processes (bench/results/"
-                        "trial_throughput.json); but the reference search packed took 162 s against 111 s with "
-                        "processes (bench/results/h100-2026-12-05-shared-search/), its dropout masks then uncompiled, "
-                        "which tripled a K=32 step (bench/results/h100-2026-12-06-pack/; compiled since, a packed "
-                        "search not yet timed again)"),
+    "cuda": (PROCESSES, "on one H100 the reference search took 77 s with processes and 100 s packed, on the same "
+                        "machine (bench/results/h100-2026-12-06-sitting2/), although the packed step of 8 SmolLM2 "
+                        "trials trains at 3.9x one trial alone, and 4.9x with 32, against 3.4x for 8 processes "
+                        "(bench/results/trial_throughput.json)"),
 }
 
 
