@@ -183,6 +183,40 @@ def test_where_the_neighbour_and_the_picks_confirmation_qualify_together_the_nei
     assert search.suggest("x") is None
 
 
+def test_a_slot_left_idle_beside_the_cheaper_neighbour_runs_its_confirmation_which_is_not_run_again(run_config):
+    """Should the neighbour become the pick, its confirmation would follow it, a trial's time
+    after all else ended: with a slot to spare it runs beside the neighbour instead, and when the
+    neighbour becomes the pick it is not handed out again. Without a spare slot, nothing extra."""
+    search = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1,
+                    max_concurrent=4)
+    configs = {t: search.suggest(t) for t in "abcd"}
+    fresh = fresh_neighbours(search, configs)
+    best = max(fresh, key=lambda t: len(fresh[t]))
+    for trial_id in [t for t in configs if t != best]:
+        report(search, trial_id, 4, 0.90, 9000, last=True)
+    report(search, best, 4, 0.50, 9000, last=True)
+    handed = {t: search.suggest(t) for t in "efg"}
+    assert [(c["origin"], c["parent"], c["seed"]) for c in handed.values()] == [
+        ("cheaper", best, 3), ("confirm", best, 4), ("confirm", "e", 4)]
+    assert search.suggest("x") is None  # the neighbour's only confirmation is out
+    report(search, "e", 4, 0.51, 3000, last=True)  # within tolerance and cheaper: the new pick
+    assert search.suggest("x") is None  # its confirmation already runs: nothing more to hand out
+    report(search, "f", 4, 0.50, 9000, last=True)
+    report(search, "g", 4, 0.51, 3000, last=True)
+    assert search.suggest("x") == Searcher.FINISHED
+
+    full = staged(run_config, with_cheaper=True, promote=False, confirm_top_k=1, confirm_seeds=1, cheaper=1,
+                  max_concurrent=2)
+    configs = {t: full.suggest(t) for t in "ab"}
+    report(full, "a", 4, 0.90, 9000, last=True)
+    report(full, "b", 4, 0.50, 9000, last=True)
+    configs |= {t: full.suggest(t) for t in "cd"}
+    for trial_id in "cd":
+        report(full, trial_id, 4, 0.90, 9000, last=True)
+    handed = [full.suggest(t) for t in "efg"]
+    assert [c["origin"] for c in handed[:2]] == ["cheaper", "confirm"] and handed[2] is None  # two slots, both taken
+
+
 def test_the_stages_compare_a_trial_with_the_best_row_by_row_where_both_reported_rows(run_config):
     search = staged(run_config, confirm_top_k=1, confirm_seeds=1, confirm_max_seeds=3)
     {t: search.suggest(t) for t in "abcd"}

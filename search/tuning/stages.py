@@ -12,7 +12,9 @@ as soon as a trial qualifies:
   configurations next to the pick that train fewer parameters
   (`LoraSpace.cheaper`: its next smaller rank, a module set inside its own) are trained to the
   full budget, up to `selection.cheaper` of them, nearest first: a sampler finds the region that
-  is good, and the rule asks for the cheapest point in it, which the sampler has no reason to try.
+  is good, and the rule asks for the cheapest point in it, which the sampler has no reason to try;
+  where a slot would stand idle beside it, the neighbour's own confirmation runs there at once
+  (`_spare_confirmation`), instead of after it should it become the pick.
 Which trials qualify is `analysis.candidates.decide`'s answer over the trials' reports.
 The retrain of the pick on all the data follows as a Tune run of its own (`search.tuning.tuner.retrain`),
 handed out by `GivenConfigs`.
@@ -108,6 +110,10 @@ class StagedSearch(Searcher):
         if self._queue:
             self._params[trial_id] = self._queue.pop(0)
             return self._params[trial_id].to_config()
+        spare = self._spare_confirmation()
+        if spare is not None:
+            self._params[trial_id] = spare
+            return spare.to_config()
         return Searcher.FINISHED if len(self._ended) == len(self._params) else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -277,6 +283,28 @@ class StagedSearch(Searcher):
                 self._handed.add(key)
                 out.append(candidate)
         return out
+
+
+    def _spare_confirmation(self) -> TrialParams | None:
+        """A confirmation of a cheaper neighbour that is still running, for a slot nothing else
+        wants now (only where `max_concurrent` says how many there are). Should the neighbour
+        become the pick, its confirmation would follow it, a whole trial's time after every other
+        trial has ended; beside it, it takes a slot that would stand idle. Should it not, the run
+        is one more seed of a configuration that ran, which the pick's comparison reads as any
+        other. A later confirmation that qualifies waits for a slot, as it would behind any trial."""
+        selection = self._selection
+        if not (self.max_concurrent and selection.confirm_top_k and selection.confirm_seeds):
+            return None
+        for trial_id, params in list(self._params.items()):
+            if params.origin != Origin.CHEAPER or trial_id in self._ended:
+                continue
+            for k in range(selection.confirm_seeds):
+                confirmation = params.repeat(Origin.CONFIRM, trial_id, seed=self._seed + 1 + k)
+                key = _handed_key(confirmation, self._seed)
+                if key not in self._handed:
+                    self._handed.add(key)
+                    return confirmation
+        return None
 
 
 def _handed_key(params: TrialParams, seed: int) -> tuple:
