@@ -121,3 +121,31 @@ def test_choosing_releasing_and_reporting_never_wait_for_a_step_in_progress(trai
     go_on.set()
     assert [r.report.step for r in reports(trainer, "a")] == [3, 6]
     assert trainer.free_slots() == 2 and trainer.pack.free_slots() == [1, 2]  # b's slot was freed between steps
+
+
+def test_a_trial_that_opens_while_another_steps_waits_for_one_step_not_for_the_others_budget(trial_setup):
+    """The stepping thread takes the pack again right after each step, and a lock gives a waiter
+    no turn: a search's first trials waited while the first one trained up to its reports' limit
+    (on an H100, 24 s of a 100 s packed search). A trial that opens gets in before the next step."""
+    import threading
+    from dataclasses import replace
+
+    trainer = SharedTrainer(replace(trial_setup, max_steps=60, eval_every=30), capacity=3)
+    try:
+        assert trainer.open("a", shared_trial(), None)
+        stepped = threading.Event()
+        real = trainer.pack.step
+
+        def step(batches, autocast=None):
+            out = real(batches, autocast)
+            stepped.set()
+            return out
+
+        trainer.pack.step = step
+        assert stepped.wait(60)
+        before = trainer.open_trials["a"].progress.step
+        assert trainer.open("b", shared_trial(seed=1), None)
+        assert trainer.open_trials["a"].progress.step - before <= 2  # the step in progress, and at most one more
+    finally:
+        trainer.stop()
+

@@ -115,6 +115,10 @@ class SharedTrainer:
         self.pack_lock = threading.Lock()
         self.lock = threading.Condition()
         self.released: list[int] = []  # slots whose trials ended, freed in the pack before its next step
+        # trials waiting for the pack to open their slot: the stepping thread lets them in before
+        # its next step, or it would take the pack again at once (a lock gives no turn to a waiter)
+        # and a search's first trials would wait for the first one's whole budget of reports
+        self.opening = 0
         self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
@@ -136,25 +140,31 @@ class SharedTrainer:
         from trainables.metrics import Progress
 
         params = TrialParams.from_config(config)
-        with self.pack_lock:
+        with self.lock:
+            self.opening += 1
+        try:
+            with self.pack_lock:
+                with self.lock:
+                    self._release(trial_id)
+                self._free_released()
+                if not self.pack.free_slots():
+                    return None
+                index = self.pack.add(params)
+                now = time.time()
+                progress = Progress(called_at=now, imported_at=now, busy_from=now)
+                try:
+                    if files:
+                        self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
+                except BaseException:
+                    self.pack.remove(index)
+                    raise
+                rows = self.splits["train" if params.full_data else "search_train"]
+                token = uuid.uuid4().hex
+                with self.lock:
+                    self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
+        finally:
             with self.lock:
-                self._release(trial_id)
-            self._free_released()
-            if not self.pack.free_slots():
-                return None
-            index = self.pack.add(params)
-            now = time.time()
-            progress = Progress(called_at=now, imported_at=now, busy_from=now)
-            try:
-                if files:
-                    self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
-            except BaseException:
-                self.pack.remove(index)
-                raise
-            rows = self.splits["train" if params.full_data else "search_train"]
-            token = uuid.uuid4().hex
-            with self.lock:
-                self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
+                self.opening -= 1
                 self.lock.notify_all()
         return token
 
@@ -210,6 +220,9 @@ class SharedTrainer:
     def _run(self) -> None:
         try:
             while True:
+                with self.lock:
+                    while self.opening and not self.stopping:
+                        self.lock.wait(0.5)
                 with self.pack_lock:
                     self._free_released()
                     with self.lock:
