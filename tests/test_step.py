@@ -528,3 +528,19 @@ def test_under_a_capture_the_check_for_sequences_packed_in_a_row_leaves_sdpa_its
     captured = model(input_ids=ids).logits
     assert calls and all(calls)
     torch.testing.assert_close(captured, outside, rtol=0, atol=0)
+    # a model with windows keeps transformers' mask where it joins functions: they may be its window
+    from transformers import MistralConfig
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        and_masks,
+        causal_mask_function,
+        packed_sequence_mask_function,
+    )
+
+    joined = and_masks(causal_mask_function, packed_sequence_mask_function(torch.zeros(2, 9, dtype=torch.long)))
+    packed = dict(batch_size=2, q_length=9, kv_length=9, mask_function=joined, attention_mask=None,
+                  allow_is_causal_skip=False)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    assert mask(**packed, config=model.config) is None
+    assert mask(**packed, config=MistralConfig(sliding_window=4)) is not None
+    assert mask(**packed) is not None  # no config: nothing known of its layers

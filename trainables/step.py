@@ -101,20 +101,33 @@ def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
     packed in one row (`find_packed_sequence_indices`), which outside one reads them and finds
     none: it then hands over the causal function joined with that check, and forbids the skip.
     The train steps' rows never pack sequences (each is one example from position 0,
-    right-padded), so in the processes that register this (`causal_attention_as_sdpa_chooses`)
-    any causal function over whole rows is the causal mask; a model that is not causal
-    (`config.is_causal` false) keeps transformers' own."""
-    from transformers.masking_utils import sdpa_mask
+    right-padded), so in the processes that register this (`causal_attention_as_sdpa_chooses`),
+    for a model whose every layer attends to all earlier tokens (`_full_causal`), any mask
+    function over whole rows is the causal mask. A model with windows or chunks, whose masks
+    transformers may also build by joining functions, keeps transformers' own."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
     # transformers before 5 names the queries by `cache_position` instead of `q_length`
     positions = kwargs.get("cache_position")
     queries = kwargs.get("q_length", positions.shape[0] if positions is not None else None)
+    plain = kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
     if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and getattr(kwargs.get("config"), "is_causal", True)
+            and (plain or _full_causal(kwargs.get("config")))
             and all(isinstance(n, int) and n == 0 for n in offsets) and queries == kwargs.get("kv_length")):
         return None
     return sdpa_mask(*args, **kwargs)
+
+
+def _full_causal(config) -> bool:
+    """Whether every layer of the model `config` describes attends to all earlier tokens: a causal
+    model without sliding windows or chunks. False without a config."""
+    if config is None or not getattr(config, "is_causal", True):
+        return False
+    types = getattr(config, "layer_types", None)
+    if types:
+        return set(types) == {"full_attention"}
+    return not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)
 
 
 def causal_attention_as_sdpa_chooses() -> None:
