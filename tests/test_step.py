@@ -544,3 +544,4 @@ def test_under_a_capture_the_check_for_sequences_packed_in_a_row_leaves_sdpa_its
     assert mask(**packed, config=model.config) is None
     assert mask(**packed, config=MistralConfig(sliding_window=4)) is not None
     assert mask(**packed) is not None  # no config: nothing known of its layers
+    assert mask(**packed, config=model.config, allow_is_bidirectional_skip=False) is not None  # a bidirectional mask

@@ -112,8 +112,9 @@ def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
     positions = kwargs.get("cache_position")
     queries = kwargs.get("q_length", positions.shape[0] if positions is not None else None)
     plain = kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
-    if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and (plain or _full_causal(kwargs.get("config")))
+    # a bidirectional mask (`create_bidirectional_mask`, the only caller that names this) is never causal
+    joined_causal = "allow_is_bidirectional_skip" not in kwargs and _full_causal(kwargs.get("config"))
+    if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None and (plain or joined_causal)
             and all(isinstance(n, int) and n == 0 for n in offsets) and queries == kwargs.get("kv_length")):
         return None
     return sdpa_mask(*args, **kwargs)
