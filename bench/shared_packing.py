@@ -98,9 +98,9 @@ def alone(model, device, steps: int, batch: int, tokens: int, scored: int = 0) -
 
 
 def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False,
-             scored: int = 0, dropout: float = 0.0):
+             scored: int = 0, dropout: float = 0.0, layers: bool = False):
     """A pack of `slots` trials, each with LoRA dropout `dropout`, and each one's batch (on the
-    host, as the shared trainer gives them)."""
+    host, as the shared trainer gives them); with `layers`, its decoder layers compiled too."""
     import dataclasses
 
     import torch
@@ -109,6 +109,7 @@ def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, gra
 
     pack = Pack(model, slots, warmup_steps=2, max_steps=steps + WARMUP, max_rank=32, cuda_graph=graph,
                 compile_backend="inductor" if compiled else None)
+    pack.compile_layers = layers
     configs = (trial_params(k) for k in range(slots))
     indices = [pack.add(dataclasses.replace(p, lora_config={**p.lora_config, "lora_dropout": dropout}))
                for p in configs]
@@ -118,12 +119,12 @@ def new_pack(model, device, slots: int, steps: int, batch: int, tokens: int, gra
 
 
 def packed(model, device, slots: int, steps: int, batch: int, tokens: int, graph: bool, compiled: bool = False,
-           scored: int = 0) -> dict:
+           scored: int = 0, layers: bool = False) -> dict:
     """`slots` trials in one pack, each with its own batch each step."""
     from trainables.packed import unpack
 
     reset_peak(device)
-    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph, compiled, scored)
+    pack, batches = new_pack(model, device, slots, steps, batch, tokens, graph, compiled, scored, layers=layers)
     autocast = bf16(device)
     started = time.perf_counter()
     for _ in range(WARMUP):
@@ -233,7 +234,8 @@ def main() -> None:
     parser.add_argument("--scored", type=int, default=0, help="tokens scored per sequence, its last ones, as an "
                         "answer after its prompt; 0: every token (the summary's figures); another value writes its own file")
     parser.add_argument("--modes", default="eager,cuda_graph,compiled",
-                        help="the pack's step modes to time (cuda_graph; compiled: torch.compile, then captured; GPU only)")
+                        help="the pack's step modes to time (cuda_graph; compiled: torch.compile, then captured; "
+                             "compiled_layers: its decoder layers compiled too; GPU only)")
     args = parser.parse_args()
     batch = args.rows or (4 if args.llama8b else 8)
     tokens = args.tokens or (512 if args.llama8b else 64)
@@ -256,7 +258,8 @@ def main() -> None:
         for slots in [int(s) for s in args.slots.split(",")]:
             try:
                 point = packed(model, device, slots, args.steps, batch, tokens, graph=mode != "eager",
-                               compiled=mode == "compiled", scored=args.scored)
+                               compiled=mode.startswith("compiled"), scored=args.scored,
+                               layers=mode == "compiled_layers")
             except Exception as error:  # noqa: BLE001 - a pack that does not fit ends the curve, and says why
                 print(f"{mode} K={slots}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 reset_peak(device)
