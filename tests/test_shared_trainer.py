@@ -128,24 +128,27 @@ def test_a_trial_that_opens_while_another_steps_waits_for_one_step_not_for_the_o
     no turn: a search's first trials waited while the first one trained up to its reports' limit
     (on an H100, 24 s of a 100 s packed search). A trial that opens gets in before the next step."""
     import threading
+    import time
     from dataclasses import replace
 
     trainer = SharedTrainer(replace(trial_setup, max_steps=60, eval_every=30), capacity=3)
     try:
-        assert trainer.open("a", shared_trial(), None)
-        stepped = threading.Event()
-        real = trainer.pack.step
+        real, steps = trainer.pack.step, []
 
-        def step(batches, autocast=None):
+        def step(batches, autocast=None):  # a's first step ends only once b has asked for a slot
             out = real(batches, autocast)
-            stepped.set()
+            steps.append(len(batches))
+            deadline = time.monotonic() + 30
+            while len(steps) == 1 and not trainer.opening and time.monotonic() < deadline:
+                time.sleep(0.001)
             return out
 
         trainer.pack.step = step
-        assert stepped.wait(60)
-        before = trainer.open_trials["a"].progress.step
-        assert trainer.open("b", shared_trial(seed=1), None)
-        assert trainer.open_trials["a"].progress.step - before <= 2  # the step in progress, and at most one more
+        assert trainer.open("a", shared_trial(), None)
+        opened = threading.Thread(target=lambda: trainer.open("b", shared_trial(seed=1), None))
+        opened.start()
+        opened.join(30)
+        assert not opened.is_alive() and "b" in trainer.open_trials
+        assert trainer.open_trials["a"].progress.step <= 2  # the step b waited for, and at most one more
     finally:
         trainer.stop()
-
