@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -140,33 +141,38 @@ class SharedTrainer:
         from trainables.metrics import Progress
 
         params = TrialParams.from_config(config)
+        with self._opening(), self.pack_lock:
+            with self.lock:
+                self._release(trial_id)
+            self._free_released()
+            if not self.pack.free_slots():
+                return None
+            index = self.pack.add(params)
+            now = time.time()
+            progress = Progress(called_at=now, imported_at=now, busy_from=now)
+            try:
+                if files:
+                    self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
+            except BaseException:
+                self.pack.remove(index)
+                raise
+            rows = self.splits["train" if params.full_data else "search_train"]
+            token = uuid.uuid4().hex
+            with self.lock:
+                self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
+        return token
+
+    @contextmanager
+    def _opening(self):
+        """Counted in `opening` while a trial waits for the pack and opens its slot."""
         with self.lock:
             self.opening += 1
         try:
-            with self.pack_lock:
-                with self.lock:
-                    self._release(trial_id)
-                self._free_released()
-                if not self.pack.free_slots():
-                    return None
-                index = self.pack.add(params)
-                now = time.time()
-                progress = Progress(called_at=now, imported_at=now, busy_from=now)
-                try:
-                    if files:
-                        self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
-                except BaseException:
-                    self.pack.remove(index)
-                    raise
-                rows = self.splits["train" if params.full_data else "search_train"]
-                token = uuid.uuid4().hex
-                with self.lock:
-                    self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
+            yield
         finally:
             with self.lock:
                 self.opening -= 1
                 self.lock.notify_all()
-        return token
 
     def next_report(self, trial_id: str) -> SlotReport | None:
         """The trial's next report with its checkpoint, or None after its last; waits for it.
