@@ -492,3 +492,17 @@ def test_a_pack_told_its_rows_captures_its_step_once_as_batches_widen(tiny_model
     # rounding, in a gradient near zero, into a fraction of a step of its learning rate
     for i in grown_weights:
         close_weights(reserved_weights[i], grown_weights[i], f"slot {i} reserved", 1e-4)
+
+
+def test_a_slot_without_dropout_keeps_every_element_whatever_its_hash_and_one_with_keeps_its_share():
+    """A slot without dropout shares the pack's dropout with slots that have it, at keep 1: every
+    element must be kept, the hashes nearest 2**32 too (as a float32 they round to 1.0, which is
+    not below 1). A slot's share of kept elements over evenly spread hashes is its keep."""
+    from trainables.packed import _kept
+
+    top = torch.tensor([2**32 - 1, 2**32 - 2**7, 2**32 - 2**8, 0], dtype=torch.int64)
+    assert _kept(top, torch.tensor(1.0)).all()
+    spread = torch.arange(0, 2**32, 2**16, dtype=torch.int64)  # 65,536 evenly spread hashes
+    for keep in (0.5, 0.9, 0.95):
+        assert _kept(spread, torch.tensor(keep)).float().mean().item() == pytest.approx(keep, abs=1e-4)
+

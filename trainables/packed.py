@@ -565,7 +565,7 @@ class Pack:
         key = _mix(seed * 1_000_003 + step * 8191 + layer)
         key = _mix(key[:, None] ^ place[0][None, :])[:, :, None] ^ place[1][None, None, :]  # [slots, rows, tokens]
         draw = _mix(_mix(key)[..., None] ^ _mix(place[2] + 0x5bd1e995))
-        kept = (draw.to(torch.float32) * 2.0 ** -32) < keep[:, None, None, None]
+        kept = _kept(draw, keep[:, None, None, None])
         return rows * kept / keep[:, None, None, None].to(rows.dtype)
 
     def _zero_grad(self) -> None:
@@ -722,6 +722,13 @@ def adamw_(weight, grad, avg, avg_sq, average, decay, squares, correction, size)
     avg_sq.mul_(decay).addcmul_(grad * squares, grad)
     denom = (avg_sq.sqrt() / correction).add_(EPS)
     weight.addcmul_(avg / denom, size)
+
+
+def _kept(draw: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Whether each element with hash `draw` (in [0, 2**32)) is kept at probability `keep`: its top
+    24 bits as a float32 in [0, 1), which float32 holds exactly. The whole hash as a float32 rounds
+    its top values up to 1.0, which a slot without dropout (keep 1) would then drop."""
+    return ((draw >> 8).to(torch.float32) * 2.0 ** -24) < keep
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
