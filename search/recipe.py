@@ -311,6 +311,7 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         compile=plan.compiled,
         gradient_checkpointing=config.model.gradient_checkpointing,
         max_rank=max(config.search.ranks),
+        dropout=config.search.dropout[1] > 0,  # [low, high] (SpaceConfig keeps one value as both)
         generate_examples=config.data.eval_generate_examples,
         generate_every_round=needs_generations(config.selection.metric),
         tokenizer=tokenizer,

@@ -506,3 +506,33 @@ def test_a_slot_without_dropout_keeps_every_element_whatever_its_hash_and_one_wi
     for keep in (0.5, 0.9, 0.95):
         assert _kept(spread, torch.tensor(keep)).float().mean().item() == pytest.approx(keep, abs=1e-4)
 
+
+def test_a_pack_that_reserved_dropout_captures_once_as_slots_with_and_without_it_come_and_go(tiny_model_dir):
+    """Dropout turning on or off for the pack captured its step again (and with compiled layers,
+    compiled them again): as a slot with dropout joined one without, and again when it left.
+    Reserved (`reserve(..., dropout=True)`, as the shared trainer does for a space with dropout),
+    the masks are drawn from the first capture, the slot without dropout keeps every element,
+    and its losses are those of the pack that captured as it went, to the last digit."""
+    runs = []
+    for reserved in (False, True):
+        pack = Pack(base(tiny_model_dir), capacity=2, warmup_steps=WARMUP, max_steps=MAX_STEPS, max_rank=32)
+        pack.cuda_graph = True  # on the CPU, a pack only takes the graph's path when told to
+        vocab = pack.model.config.vocab_size
+        assert pack.add(mixed(3, 0.0)) == 0
+        if reserved:
+            pack.reserve([], dropout=True)
+        losses, captures = [], []
+        for step, change in enumerate([None, ("add", mixed(0, 0.1)), ("remove", 1), None]):
+            if change and change[0] == "add":
+                assert pack.add(change[1]) == 1
+            elif change:
+                pack.remove(change[1])
+            result = pack.step({i: batch(10 * step + i, 2, 10, vocab) for i in pack.slots})
+            losses.append(float(result[0]))
+            captures.append(id(pack.captured))
+        runs.append((losses, captures))
+    (grown_losses, grown), (reserved_losses, once) = runs
+    assert len(set(grown)) > 1  # without the reservation, dropout turning on captures again
+    assert len(set(once)) == 1
+    assert reserved_losses == grown_losses
+

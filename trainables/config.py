@@ -157,6 +157,7 @@ class TrialSetup:
     pad_token_id: int
     gradient_checkpointing: bool = False
     max_rank: int = 1        # the space's largest rank: a shared trainer sizes its stacked adapters for it once
+    dropout: bool = False    # some trial may have LoRA dropout: a shared trainer draws its masks from the start
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
     generate_examples: int = 0  # eval rows whose answers are generated (trainables/generate.py); 0: none

@@ -27,8 +27,8 @@ the trials' data, which the trainer `reserve`s, or else of the batches seen), wh
 is a mask in a device tensor, and nothing in the step waits for the host.
 The capture is redone only when the tensors it holds change: a slot first adapts a layer or
 brings a rank above the layer's largest (`max_rank` sizes them for the search's largest rank from
-the start), a batch is wider than the captured width (never, where the rows were reserved), or
-dropout turns on or off for the pack.
+the start), a batch is wider than the captured width, or dropout turns on or off for the pack
+(neither, where the trainer reserved its rows and dropout).
 
 PEFT cannot do this itself: its mixed-adapter batches (`adapter_names`) refuse training mode
 (huggingface/peft#631). DoRA (a merged weight per adapter for its norm), Conv1D layers (GPT-2) and
@@ -182,6 +182,7 @@ class Pack:
         # the widest row and most answer tokens a row of the pack's trials holds, where the trainer
         # knows its data (`reserve`): the first capture is then the last one the batches need
         self.reserved_width = self.reserved_answers = 0
+        self.reserved_dropout = False  # the masks drawn whatever the slots' dropout (`reserve`)
         # the captured step's parts through torch.compile (backend "inductor" on a GPU; `_compile`
         # says which and why)
         self.compile_backend = compile_backend
@@ -204,7 +205,7 @@ class Pack:
         self.steps = torch.zeros(capacity, dtype=torch.long, device=self.device)  # optimizer steps taken
         self.keep = torch.ones(capacity, device=self.device)  # 1 - lora_dropout
         self.seed = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        self.dropout = False  # any slot's dropout above 0: the masks are drawn only then
+        self.dropout = False  # any slot's dropout above 0, or reserved: the masks are drawn only then
 
     # -- slots -----------------------------------------------------------------------------
     @contextmanager
@@ -268,7 +269,7 @@ class Pack:
             self.steps[index], self.seed[index] = 0, params.seed
             self.keep[index] = 1 - config.lora_dropout
         self.slots[index] = Slot(params, layers, index)
-        self.dropout = bool((self.keep < 1).any())
+        self.dropout = self.reserved_dropout or bool((self.keep < 1).any())
         return index
 
     def remove(self, index: int) -> None:
@@ -283,7 +284,7 @@ class Pack:
                 layer.scale[index], layer.rank[index] = 0, 0
             self.learning_rate[index], self.loraplus_ratio[index], self.steps[index] = 0, 0, 0
             self.keep[index] = 1
-        self.dropout = bool((self.keep < 1).any())
+        self.dropout = self.reserved_dropout or bool((self.keep < 1).any())
 
     def _wrap(self, name: str, rank: int) -> PackedLinear:
         """The packed layer at `name` with room for `rank`, put in place of the model's Linear the
@@ -308,13 +309,17 @@ class Pack:
         mode = "cuda_graph" if self.cuda_graph else "eager"
         return f"compiled+{mode}" if self.compile_backend and self.cuda_graph else mode
 
-    def reserve(self, rows: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
+    def reserve(self, rows: Iterable[tuple[Sequence[int], Sequence[int]]], dropout: bool = False) -> None:
         """Capture the step wide enough for every row of `rows` (input ids and labels: all the rows
-        the pack's trials will draw batches from) from its first capture. A capture sized by the
+        the pack's trials will draw batches from) from its first capture, and with `dropout` (some
+        trial may have LoRA dropout) with the dropout masks drawn from it. A capture sized by the
         batches seen so far is redone each time a wider batch, or one with more answer tokens, comes,
-        which happens many times in a search's first steps; with the decoder layers compiled,
-        each capture compiles them again too. Padding rows to the widest costs a step little where
-        the captured step is bound by its launches, and its compute is already the widest batch's."""
+        which happens many times in a search's first steps, and again when dropout turns on or off;
+        with the decoder layers compiled, each capture compiles them again too. Padding rows to the
+        widest costs a step little where the captured step is bound by its launches, and its compute
+        is already the widest batch's; a slot without dropout keeps every element of the masks."""
+        self.reserved_dropout = self.reserved_dropout or dropout
+        self.dropout = self.dropout or dropout
         for ids, labels in rows:
             self.reserved_width = max(self.reserved_width, len(ids))
             # counted in C (list.count): a large training set's rows are read once, before the first step
