@@ -101,7 +101,10 @@ class SharedTrainer:
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
-        self.pack.reserve((row for rows in self.splits.values() for row in rows), dropout=setup.dropout)
+        # dropout reserved only for a captured step, the one it spares a capture: an eager step
+        # would draw masks for slots that have none
+        self.pack.reserve((row for rows in self.splits.values() for row in rows),
+                          dropout=setup.dropout and self.pack.cuda_graph)
         self.eval_rows = load_split(setup.data_dir, "eval")
         vocab_size = base.config.get_text_config().vocab_size
         # each split's eval batch budget, by the split's longest train batch, once
