@@ -72,7 +72,6 @@ def drop_superseded_checkpoints(fs: pafs.FileSystem, trial_dir: str, keep_from: 
     return older
 
 
-
 def drop_trial_directories(fs: pafs.FileSystem, experiment_dir: str, keep: set[str]) -> list[str]:
     """Delete, through `fs`, each trial directory of `experiment_dir` (`trial_...`) whose name is
     not in `keep`; return their paths."""
@@ -82,6 +81,7 @@ def drop_trial_directories(fs: pafs.FileSystem, experiment_dir: str, keep: set[s
     for path in dropped:
         fs.delete_dir(path)
     return dropped
+
 
 class _ReplaceOnClose:
     """A binary file written under a temporary name beside `path`, moved onto `path` when closed."""

@@ -284,7 +284,6 @@ class StagedSearch(Searcher):
                 out.append(candidate)
         return out
 
-
     def _spare_confirmation(self) -> TrialParams | None:
         """A confirmation of a cheaper neighbour that is still running, for a slot nothing else
         wants now (only where `max_concurrent` says how many there are). Should the neighbour
