@@ -269,7 +269,7 @@ class Pack:
             self.steps[index], self.seed[index] = 0, params.seed
             self.keep[index] = 1 - config.lora_dropout
         self.slots[index] = Slot(params, layers, index)
-        self.dropout = self.reserved_dropout or bool((self.keep < 1).any())
+        self._dropout_follows_the_slots()
         return index
 
     def remove(self, index: int) -> None:
@@ -284,6 +284,10 @@ class Pack:
                 layer.scale[index], layer.rank[index] = 0, 0
             self.learning_rate[index], self.loraplus_ratio[index], self.steps[index] = 0, 0, 0
             self.keep[index] = 1
+        self._dropout_follows_the_slots()
+
+    def _dropout_follows_the_slots(self) -> None:
+        """`dropout` from the slots' keep probabilities, or on where it was reserved."""
         self.dropout = self.reserved_dropout or bool((self.keep < 1).any())
 
     def _wrap(self, name: str, rank: int) -> PackedLinear:
@@ -319,7 +323,7 @@ class Pack:
         widest costs a step little where the captured step is bound by its launches, and its compute
         is already the widest batch's; a slot without dropout keeps every element of the masks."""
         self.reserved_dropout = self.reserved_dropout or dropout
-        self.dropout = self.dropout or dropout
+        self._dropout_follows_the_slots()
         for ids, labels in rows:
             self.reserved_width = max(self.reserved_width, len(ids))
             # counted in C (list.count): a large training set's rows are read once, before the first step
