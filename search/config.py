@@ -207,20 +207,38 @@ AUTO_PACKING = {
     "cpu": (PROCESSES, "on an idle 2-core CPU the batched pack of 2 to 8 SmolLM2 trials trained at 1.03x to 1.07x of "
                        "one trial alone, with 1.7x to 5.8x its memory (bench/results/shared_packing_cpu.json): a CPU's "
                        "step is bound by its arithmetic, which a pack does not reduce"),
-    "cuda": (PROCESSES, "on one H100 the reference search took 77 s with processes and 100 s packed, on the same "
-                        "machine (bench/results/h100-2026-12-06-sitting2/), although the packed step of 8 SmolLM2 "
-                        "trials trains at 3.9x one trial alone, and 4.9x with 32, against 3.4x for 8 processes "
-                        "(bench/results/trial_throughput.json)"),
+    "cuda": (SHARED, "on one H100 the reference search took 83 s packed against 91 s with processes, on the same "
+                     "machine (bench/results/h100-2026-12-06-sitting3/): the pack's one process imports and loads the "
+                     "model once, and a new trial needs no process of its own (one started mid-search took 18 s to "
+                     "train what a started one trains in 9)"),
+}
+# Where `auto` keeps processes on a GPU whatever AUTO_PACKING says: what the packed step was never
+# measured on, and what it cannot train.
+PROCESSES_FOR = {
+    "quantized": "the base model is quantized (model.quantization), and the packed step was measured on "
+                 "unquantized weights only",
+    "checkpointed": "model.gradient_checkpointing is on, and the packed step was measured without it",
+    "conv1d": "module sets adapt Conv1D layers (GPT-2 style), which the shared trainer does not train",
 }
 
 
-def resolve_packing(config: Config, cuda: bool) -> tuple[str, str]:
+def resolve_packing(config: Config, cuda: bool, conv1d: bool = False) -> tuple[str, str]:
     """The packing a run of `config` uses, SHARED or PROCESSES, and why where `auto` chose it
     ("" where resources.packing names it): for auto, the one `AUTO_PACKING` gives this kind of
-    device, the faster where bench/shared_packing.py measured them."""
+    device, the faster where bench/ measured them, unless a GPU run is one the shared trainer
+    was not measured on or cannot train (`PROCESSES_FOR`; `conv1d`: a module set adapts Conv1D
+    layers)."""
     if config.resources.packing != AUTO:
         return config.resources.packing, ""
-    return AUTO_PACKING["cuda" if cuda else "cpu"]
+    packing, reason = AUTO_PACKING["cuda" if cuda else "cpu"]
+    if packing == SHARED:
+        kept = [PROCESSES_FOR[key] for key, present in (
+            ("quantized", config.model.quantization != "none"),
+            ("checkpointed", config.model.gradient_checkpointing),
+            ("conv1d", conv1d)) if present]
+        if kept:
+            return PROCESSES, "; ".join(kept)
+    return packing, reason
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import assert_steps_in_order, processes_in_session, run_cli, start_cli, trial_reports, write_run_config
 from search.cluster.resume import resume_check
-from search.config import PROCESSES, SHARED, load, resolve_packing, to_dict
+from search.config import PROCESSES, PROCESSES_FOR, SHARED, load, resolve_packing, to_dict
 from search.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +108,20 @@ def test_auto_packing_resolves_by_device_with_its_reason_and_a_named_packing_sta
         assert resolve_packing(load(None, ["resources.packing=shared"]), cuda) == (SHARED, "")
         assert resolve_packing(load(None, ["resources.packing=processes"]), cuda) == (PROCESSES, "")
     assert resolve_packing(load(None, []), False)[0] == PROCESSES  # measured slower on the 2-core CPU
+    assert resolve_packing(load(None, []), True)[0] == SHARED  # measured faster on an H100
+
+
+def test_auto_keeps_processes_on_a_gpu_for_what_the_pack_was_not_measured_on_or_cannot_train_and_says_which():
+    quantized = load(None, ["model.quantization=4bit"])
+    checkpointed = load(None, ["model.gradient_checkpointing=true"])
+    assert resolve_packing(quantized, True) == (PROCESSES, PROCESSES_FOR["quantized"])
+    assert resolve_packing(checkpointed, True) == (PROCESSES, PROCESSES_FOR["checkpointed"])
+    assert resolve_packing(load(None, []), True, conv1d=True) == (PROCESSES, PROCESSES_FOR["conv1d"])
+    both = resolve_packing(load(None, ["model.quantization=4bit", "model.gradient_checkpointing=true"]), True)
+    assert both[0] == PROCESSES and "model.quantization" in both[1] and "gradient_checkpointing" in both[1]
+    # named packings and the CPU's choice are not second-guessed
+    assert resolve_packing(load(None, ["model.quantization=4bit", "resources.packing=shared"]), True) == (SHARED, "")
+    assert resolve_packing(quantized, False)[0] == PROCESSES and "2-core CPU" in resolve_packing(quantized, False)[1]
 
 
 def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):
