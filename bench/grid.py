@@ -74,7 +74,7 @@ def run_config(name: str, lora: dict, model_path: str, splits: dict, pad_token_i
     from transformers import AutoModelForCausalLM
 
     from trainables.data import load_split
-    from trainables.evaluation import evaluate
+    from trainables.evaluation import EvalBudget, evaluate
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -87,7 +87,7 @@ def run_config(name: str, lora: dict, model_path: str, splits: dict, pad_token_i
     device = torch.device("cuda" if cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     eval_rows = load_split(splits["_dir"], "eval")
-    evaluation = evaluate(model, eval_rows, pad_token_id, device, autocast, token_budget=8 * 8 * 64 if cuda else 0)
+    evaluation = evaluate(model, eval_rows, pad_token_id, device, autocast, EvalBudget(8 * 8 * 64, 8 * 8 * 64) if cuda else None)
     wall = time.perf_counter() - started
     return {"config": name, "lora": lora, "steps": steps, "train_seconds": train_seconds, "gpu_seconds": wall,
             **evaluation.metrics(), "trainable_params": model.get_nb_trainable_parameters()[0]}

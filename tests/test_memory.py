@@ -55,14 +55,22 @@ def test_a_negative_memory_margin_is_refused_with_the_key():
     assert any("resources.memory_margin" in p for p in ResourcesConfig(memory_margin=-0.5).problems())
 
 
-def test_a_262k_vocabulary_shrinks_eval_batches_to_a_gigabyte_of_logits():
-    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_token_budget
+def test_eval_batches_hold_a_gigabyte_of_answer_logits_and_up_to_eight_train_steps_of_tokens():
+    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_budget
 
     train_tokens = 16 * 128
-    large, small = eval_token_budget(train_tokens, 262_144), eval_token_budget(train_tokens, 49_152)
-    assert large * 262_144 * 2 <= EVAL_LOGITS_BYTES and large < small
-    assert small * 49_152 * 2 <= EVAL_LOGITS_BYTES
-    assert eval_token_budget(64 * 1024, 262_144) == 64 * 1024  # never less than a train batch, whose logits training holds
+    large, small = eval_budget(train_tokens, 262_144, 30), eval_budget(train_tokens, 49_152, 30)
+    assert large.answers * 262_144 * 2 <= EVAL_LOGITS_BYTES and large.answers < small.answers
+    assert small.answers * 49_152 * 2 <= EVAL_LOGITS_BYTES
+    # never fewer answers than a train step's tokens, whose logits training holds
+    assert eval_budget(64 * 1024, 262_144, 30).answers == 64 * 1024
+    # tokens: a train step keeps every layer's activations, an eval pass the one layer it is in
+    assert eval_budget(train_tokens, 262_144, 30).tokens == 8 * train_tokens
+    assert eval_budget(train_tokens, 262_144, 3).tokens == 3 * train_tokens  # a shallow model: fewer
+    # with gradient checkpointing the step keeps one layer's: a batch holds its answers' tokens at most
+    assert eval_budget(train_tokens, 49_152, 30, checkpointed=True) == small.__class__(small.answers, small.answers)
+    # a shared trainer of 8 slots of 8 x 128 tokens: its step holds 8 batches, its answers' logits one trial's
+    assert eval_budget(1024, 49_152, 30, slots=8) == small.__class__(64 * 1024, small.answers)
 
 
 class FakeVocabModel(torch.nn.Module):
@@ -79,15 +87,29 @@ class FakeVocabModel(torch.nn.Module):
         return type("Output", (), {"logits": self.head(input_ids)})()
 
 
-def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_token_budget():
-    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_token_budget, evaluate
+def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_budget_of_tokens_and_answers():
+    from trainables.evaluation import EVAL_LOGITS_BYTES, eval_budget, evaluate
 
     model = FakeVocabModel()
-    budget = eval_token_budget(16 * 64, model.config.get_text_config().vocab_size)
-    rows = [([1] * 100, [-100] * 90 + [2] * 10)] * 100  # 10,000 tokens
+    budget = eval_budget(16 * 64, model.config.get_text_config().vocab_size, 30)
+    rows = [([1] * 100, [-100] * 50 + [2] * 50)] * 300  # 30,000 tokens, 50 scored positions a row
     evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), budget)
     assert len(model.batches) > 1
-    assert all(b * t <= budget and b * t * 262_144 * 2 <= EVAL_LOGITS_BYTES for b, t in model.batches)
+    assert all(b * t <= budget.tokens and b * 50 * 262_144 * 2 <= EVAL_LOGITS_BYTES for b, t in model.batches)
+    # the logits bind here, not the tokens: a GiB of bf16 logits over 262,144 tokens is 2,048 positions, 40 rows
+    assert max(b for b, _ in model.batches) == 40
+
+
+def test_a_pack_evaluates_its_slots_together_in_as_many_passes_as_one_trial_evaluates_itself():
+    from trainables.evaluation import eval_budget, evaluate, evaluate_blocks
+
+    off, cpu = torch.autocast("cpu", enabled=False), torch.device("cpu")
+    rows = [([1] * 100, [-100] * 95 + [2] * 5)] * 300
+    alone, pack = FakeVocabModel(), FakeVocabModel()
+    evaluate(alone, rows, 0, cpu, off, eval_budget(16 * 64, 262_144, 30))
+    evaluate_blocks(pack, rows, 0, cpu, off, eval_budget(16 * 64, 262_144, 30, slots=4), blocks=4)
+    assert len(pack.batches) == len(alone.batches) > 1
+    assert [b for b, _ in pack.batches] == [4 * b for b, _ in alone.batches]
 
 
 def test_the_probe_trains_the_spaces_heaviest_configuration():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rundir.params import Origin, TrialParams
-from trainables.evaluation import evaluate, evaluate_blocks
+from trainables.evaluation import EvalBudget, evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
 from trainables.packed import Pack, answers_per_row
@@ -196,11 +196,12 @@ def test_a_freed_slot_adds_nothing_and_takes_the_next_trial(tiny_model_dir):
     assert pack.add(params(**CONFIGS[0])) == first
 
 
-@pytest.mark.parametrize("token_budget", [0, 60])
-def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_model_dir, token_budget):
+@pytest.mark.parametrize("budget", [None, EvalBudget(60, 60), EvalBudget(1000, 12)])
+def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_model_dir, budget):
     """The shared trainer evaluates every slot due at a step in one pass of the pack: each block's
     losses and accuracies, row by row, are those of its slot alone (rows of several lengths, a row
-    whose answer was cut away, a token budget that splits them into batches, or rows per batch)."""
+    whose answer was cut away, a budget of tokens or of answer positions that splits them into
+    batches, or rows per batch)."""
     model = base(tiny_model_dir)
     vocab = model.config.vocab_size
     pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
@@ -215,10 +216,10 @@ def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_mode
     off, cpu = torch.autocast("cpu", enabled=False), torch.device("cpu")
     chosen = [slots[3], slots[0], slots[2]]  # any slots, in any order
     with pack.only(*chosen):
-        together = evaluate_blocks(model, rows, 0, cpu, off, token_budget, blocks=len(chosen))
+        together = evaluate_blocks(model, rows, 0, cpu, off, budget, blocks=len(chosen))
     for i, evaluation in zip(chosen, together):
         with pack.only(i):
-            alone = evaluate(model, rows, 0, cpu, off, token_budget)
+            alone = evaluate(model, rows, 0, cpu, off, budget)
         assert len(evaluation.row_loss) == len(rows) - 1
         torch.testing.assert_close(torch.tensor(evaluation.row_loss), torch.tensor(alone.row_loss), rtol=1e-5, atol=1e-6)
         assert evaluation.row_accuracy == alone.row_accuracy

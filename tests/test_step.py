@@ -162,14 +162,14 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_model
 
 
 def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
-    from trainables.evaluation import evaluate
+    from trainables.evaluation import EvalBudget, evaluate
 
     model, rows = tiny
     model.eval()
     no_autocast = torch.autocast("cpu", enabled=False)
     by_rows = evaluate(model, rows, 0, torch.device("cpu"), no_autocast)
     for budget in (13, 30, 1000):  # one row per batch (the longest has 13 tokens), some, all
-        by_tokens = evaluate(model, rows, 0, torch.device("cpu"), no_autocast, token_budget=budget)
+        by_tokens = evaluate(model, rows, 0, torch.device("cpu"), no_autocast, EvalBudget(budget, budget))
         assert by_tokens.loss == pytest.approx(by_rows.loss, rel=1e-5) and by_tokens.accuracy == by_rows.accuracy
         assert by_tokens.loss_se == pytest.approx(by_rows.loss_se, rel=1e-5) and by_tokens.accuracy_se == by_rows.accuracy_se
 
@@ -188,7 +188,7 @@ def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(ti
 
 def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny):
     """evaluate passes no attention mask: the padding after a row must not change its loss or accuracy."""
-    from trainables.evaluation import evaluate
+    from trainables.evaluation import EvalBudget, evaluate
 
     model, rows = tiny
     model.eval()
@@ -202,7 +202,7 @@ def test_eval_of_right_padded_batches_without_a_mask_equals_each_row_alone(tiny)
             hits += (logits[keep].argmax(-1) == target[keep]).sum().item()
             count += int(keep.sum())
     assert len({len(ids) for ids, _ in rows}) > 1  # batches really hold padding
-    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=1000)
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), EvalBudget(1000, 1000))
     assert evaluation.loss == pytest.approx(losses / count, rel=1e-5) and evaluation.accuracy == hits / count
 
 
@@ -355,7 +355,7 @@ def test_a_model_on_several_devices_is_seen_as_such_and_one_on_a_single_device_i
 def test_eval_standard_errors_are_those_of_the_per_row_means_computed_by_hand(tiny):
     """Each row's mean loss and token accuracy, computed alone with torch; the standard error
     of their mean over rows is std (n - 1) / sqrt(n)."""
-    from trainables.evaluation import evaluate
+    from trainables.evaluation import EvalBudget, evaluate
 
     model, rows = tiny
     model.eval()
@@ -367,7 +367,7 @@ def test_eval_standard_errors_are_those_of_the_per_row_means_computed_by_hand(ti
             keep = target != IGNORE
             row_losses.append(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item())
             row_accuracies.append((logits[keep].argmax(-1) == target[keep]).float().mean().item())
-    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=30)
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), EvalBudget(30, 30))
 
     by_hand = torch.tensor(row_losses, dtype=torch.float64)
     assert evaluation.loss_se == pytest.approx((by_hand.std() / len(rows) ** 0.5).item(), rel=1e-4)
@@ -381,7 +381,7 @@ def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_b
     came in (evaluate batches them by length); a row without answer tokens has none and is left
     out. Weighted by each row's answer tokens they give the reported eval loss, and their own
     standard error is the reported one."""
-    from trainables.evaluation import evaluate
+    from trainables.evaluation import EvalBudget, evaluate
 
     model, rows = tiny
     ids = rows[0][0]
@@ -399,7 +399,7 @@ def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_b
             row_accuracies.append((logits[keep].argmax(-1) == target[keep]).float().mean().item())
             row_tokens.append(int(keep.sum()))
             row_lengths.append(len(ids))
-    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), token_budget=30)
+    evaluation = evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), EvalBudget(30, 30))
     metrics = evaluation.metrics()
 
     assert row_lengths != sorted(row_lengths)  # the batches' order is not the rows'

@@ -11,21 +11,42 @@ from trainables.data import IGNORE, collate
 from trainables.generate import standard_error
 from trainables.step import answer_logits, next_is_answer
 
-EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU a token budget decides:
-# A batch's bf16 logits (at its answer positions, at most all its tokens) span the vocabulary, so the budget keeps them within
-# EVAL_LOGITS_BYTES: a 262k-token vocabulary gets 2048 tokens a batch, a 49k one 10922 (8x a
-# short train batch's tokens were 16k-token batches of 8.6 GB of logits with a 262k vocabulary,
-# and as much again in float32 for the answer positions: such trials held up to 25.7 GB).
-# Never fewer than a train batch's tokens, whose logits training holds anyway. Eval keeps no
-# activations for a backward pass, so past the logits a batch holds less than a train step.
+EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU an `EvalBudget` decides
+# A batch's bf16 logits (at its answer positions) span the vocabulary, so its answer positions
+# are held within EVAL_LOGITS_BYTES of them: a 262k-token vocabulary gets 2048 a batch, a 49k one
+# 10922 (a 16k-token batch of answers was 8.6 GB of logits with a 262k vocabulary, and as much
+# again in float32: such trials held up to 25.7 GB). Never fewer than a train step's tokens,
+# whose logits training holds anyway.
 EVAL_LOGITS_BYTES = 1 << 30
+# A batch's padded tokens: up to this many train steps' tokens (fewer for a model of fewer decoder
+# layers). A train step keeps every layer's activations for its backward pass, and an eval pass
+# only the layer it is in, so a batch of this many train steps' tokens holds less than the step
+# did, for a model of at least this many layers; with gradient checkpointing the step keeps one
+# layer's, and a batch holds one step's tokens. A shared trainer's train step is all its slots'
+# batches: its evaluation of several slots at once goes in a few passes instead of dozens.
+EVAL_STEPS_OF_TOKENS = 8
 
 
-def eval_token_budget(train_tokens_per_batch: int, vocab_size: int) -> int:
-    """Padded tokens per eval batch on GPU: as many as keep the batch's bf16 logits within
-    EVAL_LOGITS_BYTES, and at least a train batch's."""
-    return max(train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
+@dataclass(frozen=True)
+class EvalBudget:
+    """What one eval batch on a GPU holds at most: `tokens` padded tokens and `answers` answer
+    positions (those whose logits are computed), over all the blocks of an `evaluate_blocks`."""
 
+    tokens: int
+    answers: int
+
+    def fits(self, rows: int, width: int, answers: int, blocks: int = 1) -> bool:
+        return rows * width * blocks <= self.tokens and answers * blocks <= self.answers
+
+
+def eval_budget(train_tokens_per_batch: int, vocab_size: int, layers: int, checkpointed: bool = False,
+                slots: int = 1) -> EvalBudget:
+    """The eval batch budget of a trial whose train batch holds `train_tokens_per_batch` padded
+    tokens, on a model of `vocab_size` and `layers` decoder layers (EVAL_LOGITS_BYTES,
+    EVAL_STEPS_OF_TOKENS), or of a shared trainer whose step holds `slots` such batches."""
+    answers = max(train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
+    steps = 1 if checkpointed else max(1, min(EVAL_STEPS_OF_TOKENS, layers))
+    return EvalBudget(tokens=max(answers, steps * slots * train_tokens_per_batch), answers=answers)
 
 
 @dataclass(frozen=True)
@@ -62,36 +83,37 @@ def rounded(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0) -> Evaluation:
+def evaluate(model, rows, pad_token_id: int, device, autocast, budget: EvalBudget | None = None) -> Evaluation:
     """Loss and accuracy over the answer tokens of `rows` (teacher forcing), with standard errors
-    over the rows (`Evaluation`). Batches hold up to `token_budget`
-    padded tokens (on GPU: a small model's eval is then a few launches), or without one
-    (CPU) EVAL_BATCH rows. Rows are right-padded and no attention mask is passed, as in
+    over the rows (`Evaluation`). Batches hold as many rows as `budget` allows (on GPU: a small
+    model's eval is then a few launches), or without one (CPU) EVAL_BATCH rows. Rows are
+    right-padded and no attention mask is passed, as in
     training (causal attention: no real token sees the padding after it). The sums stay on
     the device and are read once at the end (selecting the answer positions still waits for
     each batch's logits)."""
-    return evaluate_blocks(model, rows, pad_token_id, device, autocast, token_budget)[0]
+    return evaluate_blocks(model, rows, pad_token_id, device, autocast, budget)[0]
 
 
 @torch.no_grad()
-def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, token_budget: int = 0,
+def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: EvalBudget | None = None,
                     blocks: int = 1) -> list[Evaluation]:
     """`evaluate` of `blocks` models at once: each batch goes through `model` as `blocks` copies
     of its rows, one after another, and block n's rows give the n-th `Evaluation`. A pack whose
-    selection holds n slots (`Pack.only`) is n adapted models in one forward pass; the token
-    budget is shared by the blocks, so a batch's logits stay as large as one model's."""
+    selection holds n slots (`Pack.only`) is n adapted models in one forward pass; the budget
+    holds all the blocks' rows, so a batch's logits stay as large as one model's."""
     model.eval()
     # per block and row: summed loss, correct tokens; per row: answer tokens
     row_losses, row_correct, row_counts = [], [], []
     order = sorted(range(len(rows)), key=lambda index: len(rows[index][0]))  # similar lengths together: less padding
     rows = [rows[index] for index in order]
-    budget = token_budget // blocks
+    answers = [max(0, len(labels) - 1 - list(labels[1:]).count(IGNORE)) for _, labels in rows]  # scored positions
     start = 0
     while start < len(rows):
         end = min(len(rows), start + EVAL_BATCH)
-        if token_budget:  # as many rows as fit: (rows) x (the longest's length)
-            end = start + 1
-            while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= budget:
+        if budget:  # as many rows as fit: (rows) x (the longest's length) tokens, and their answers
+            end, held = start + 1, answers[start]
+            while end < len(rows) and budget.fits(end - start + 1, len(rows[end][0]), held + answers[end], blocks):
+                held += answers[end]
                 end += 1
         chunk = rows[start:end]
         start = end

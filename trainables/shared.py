@@ -87,7 +87,7 @@ class SharedTrainer:
         import torch
 
         from trainables.data import load_split
-        from trainables.evaluation import eval_token_budget
+        from trainables.evaluation import eval_budget
         from trainables.generate import AnswerMetrics
         from trainables.model import load_base_model
         from trainables.packed import Pack
@@ -106,10 +106,12 @@ class SharedTrainer:
         self.pack.reserve((row for rows in self.splits.values() for row in rows),
                           dropout=setup.dropout and self.pack.cuda_graph)
         self.eval_rows = load_split(setup.data_dir, "eval")
-        vocab_size = base.config.get_text_config().vocab_size
-        # each split's eval batch budget, by the split's longest train batch, once
-        self.eval_budget = {name: eval_token_budget(setup.batch_size * max(len(ids) for ids, _ in rows), vocab_size)
-                            if self.cuda else 0 for name, rows in self.splits.items()}
+        text = base.config.get_text_config()
+        # each split's eval batch budget, by the pack's train step at the split's widest rows, once
+        self.eval_budget = {name: eval_budget(setup.batch_size * max(len(ids) for ids, _ in rows), text.vocab_size,
+                                              getattr(text, "num_hidden_layers", 1), setup.gradient_checkpointing,
+                                              slots=capacity)
+                            if self.cuda else None for name, rows in self.splits.items()}
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
@@ -319,7 +321,8 @@ class SharedTrainer:
         if not evaluating:
             return
         started = time.perf_counter()
-        budget = min(self.eval_budget["train" if trial.params.full_data else "search_train"] for trial, _ in evaluating)
+        budget = min((self.eval_budget["train" if trial.params.full_data else "search_train"] for trial, _ in evaluating),
+                     key=lambda budget: budget.tokens if budget else 0)
         with self.pack.only(*(trial.index for trial, _ in evaluating)) as model:
             evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
                                           blocks=len(evaluating))

@@ -122,13 +122,18 @@ def probe(spec: ProbeSpec, cache_dir: Path | None = None, device: str = "") -> d
     return measured
 
 
+# What the probe runs (`_measure`): a new value when that changes, so that no run reads a
+# measure of what trials no longer do. 2: the eval batch at `eval_budget`'s tokens and answers.
+PROBE_RUNS = 2
+
+
 def _probe_key(spec: ProbeSpec, device: str) -> str:
     import torch
 
     model = Path(spec.model_path)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir() if f.is_file()) \
         if model.is_dir() else [spec.model_path]
-    return hashlib.sha256(json.dumps([asdict(spec), files, device, torch.__version__], sort_keys=True,
+    return hashlib.sha256(json.dumps([asdict(spec), files, device, torch.__version__, PROBE_RUNS], sort_keys=True,
                                      default=str).encode()).hexdigest()[:20]
 
 
@@ -143,7 +148,8 @@ def _measure(spec: ProbeSpec) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainables.evaluation import eval_token_budget, evaluate
+    from trainables.data import IGNORE
+    from trainables.evaluation import eval_budget, evaluate
     from trainables.metrics import allocated_peak_gb, outside_allocator, process_peak_gb
     from trainables.model import load_base_model
     from trainables.optim import loraplus_adamw
@@ -165,9 +171,16 @@ def _measure(spec: ProbeSpec) -> dict:
         for step in range(2):
             train_step(step)
             optimizer.step()
-        budget = eval_token_budget(train_step.tokens_per_batch, vocab_size)
-        evaluate(model, [(ids, ids)] * max(1, budget // spec.max_length), pad_token_id, device,
-                 torch.autocast("cuda", dtype=torch.bfloat16), budget)
+        text = model.config.get_text_config()
+        budget = eval_budget(train_step.tokens_per_batch, vocab_size, getattr(text, "num_hidden_layers", 1),
+                             spec.gradient_checkpointing)
+        # the eval batch a trial's budget allows at its largest: its padded tokens full, and as many
+        # answer positions as it allows among them
+        rows = max(1, budget.tokens // spec.max_length)
+        answers = min(spec.max_length - 1, max(1, budget.answers // rows))
+        labels = [IGNORE] * (spec.max_length - answers) + ids[spec.max_length - answers:]
+        evaluate(model, [(ids, labels)] * rows, pad_token_id, device, torch.autocast("cuda", dtype=torch.bfloat16),
+                 budget)
         torch.cuda.synchronize(device)
         outside, source = outside_allocator()  # as a trial counts its peak_memory_gb
         return {"footprint_gb": process_peak_gb(True), "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
