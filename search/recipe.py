@@ -241,6 +241,9 @@ class SearchRecipe:
                             slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                         config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                         trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
+                        if trainers and self.started_at is not None:  # the first trainer's own steps, on the same clock
+                            for step, at in ray.get(trainers[0].startup.remote()).items():
+                                self.setup_times[step] = round(at - self.started_at, 3)
                         self._done("trainers_started" if plan.shared else "tuner_starting")
                         (location.local / LOGS).mkdir(exist_ok=True)
                         write_json_atomic(location.local / LOGS / SETUP_TIMES, self.setup_times)

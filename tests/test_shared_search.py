@@ -187,6 +187,17 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # the retrained weights
 
 
+def test_a_shared_run_records_its_trainers_start_between_rays_and_the_first_step(shared_run):
+    run_dir, _ = shared_run
+    times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
+    steps = ["ray_started", "trainer_constructing", "trainer_imported", "trainer_model_loaded", "trainer_data_loaded",
+             "trainers_started"]
+    assert [times[step] for step in steps] == sorted(times[step] for step in steps)
+    started_at = json.loads((run_dir / "run_config.json").read_text())["started_at"]
+    first_step = min(row["busy_from"] for rows in trial_reports(run_dir).values() for row in rows)
+    assert times["trainers_started"] < first_step - started_at
+
+
 def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
     args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0",

@@ -29,6 +29,16 @@ def reports(trainer: SharedTrainer, trial_id: str) -> list[SlotReport]:
     return out
 
 
+def test_a_trainer_says_when_it_began_and_when_it_had_its_imports_model_and_data(trainer):
+    import time
+
+    startup = trainer.startup()
+    steps = ["trainer_constructing", "trainer_imported", "trainer_model_loaded", "trainer_data_loaded"]
+    assert list(startup) == steps
+    assert list(startup.values()) == sorted(startup.values()) and startup["trainer_constructing"] <= time.time()
+    assert startup["trainer_data_loaded"] - startup["trainer_constructing"] > 0  # real readings, not one stamp
+
+
 def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trainer):
     assert trainer.open("a", shared_trial(), None)
     assert trainer.open("b", shared_trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)

@@ -83,6 +83,9 @@ class SharedTrainer:
     def __init__(self, setup: TrialSetup, capacity: int):
         from trainables.model import hide_bitsandbytes_unless_needed
 
+        # when its construction began and each part of it ended (time.time(), the driver's clock on
+        # one machine): where a shared run's time before its first step goes (`startup`)
+        self.startup_times = {"trainer_constructing": time.time()}
         hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
         import torch
 
@@ -96,8 +99,10 @@ class SharedTrainer:
         self.setup = setup
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        self.startup_times["trainer_imported"] = time.time()
         base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
                                setup.gradient_checkpointing)
+        self.startup_times["trainer_model_loaded"] = time.time()
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
@@ -113,6 +118,7 @@ class SharedTrainer:
                                               slots=capacity)
                             if self.cuda else None for name, rows in self.splits.items()}
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
+        self.startup_times["trainer_data_loaded"] = time.time()
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
         # Two locks, always taken in this order: `pack_lock` while the pack steps or changes (a step
@@ -131,6 +137,12 @@ class SharedTrainer:
         self.thread.start()
 
     # -- what clients call ---------------------------------------------------------------------
+    def startup(self) -> dict[str, float]:
+        """When (time.time()) this trainer's construction began (its process started and its code
+        loaded), and when it had imported torch, transformers and PEFT, loaded the base model, and
+        read the data and the tokenizer."""
+        return dict(self.startup_times)
+
     def free_slots(self) -> int:
         """The slots `open` can give now (a released slot counts as free: `open` frees it first)."""
         with self.lock:
