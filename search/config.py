@@ -117,6 +117,9 @@ class ResourcesConfig:
     compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step (shared: then captured); auto: unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose trials all train {COMPILE_FROM_STEPS}+ steps, and shared trainers"})
     packing: str = field(default=AUTO, metadata={"help": "shared: one trainer per GPU trains the adapters of up to pack_slots trials in one pass; processes: a process per trial; auto: the faster"})
     pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
+    # Off by default: in the reference search (16 trials of up to 100 steps) compiling the layers took
+    # about 10 s more than the faster steps saved (bench/results/h100-2026-12-06-sitting2/).
+    pack_compile_layers: bool = field(default=False, metadata={"help": "with shared packing on a GPU and resources.compile: the decoder layers compiled into the captured step too (on an H100, SmolLM2 at 5.7x one trial alone with 8 slots and 8.05x with 64, against 3.9x and 5.1x; about 10 s more compiling at the first step): for long searches"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool,
                  shared: bool = False) -> bool:
@@ -135,6 +138,12 @@ class ResourcesConfig:
             return gpus_per_trial > 0 and bf16_unchecked
         return (gpus_per_trial > 0 and total_params >= COMPILE_FROM_PARAMS and steps_every_trial >= COMPILE_FROM_STEPS
                 and bf16_unchecked)
+
+    def layers_compiled(self, shared: bool, compiled: bool) -> bool:
+        """Whether a shared trainer compiles its decoder layers into its captured step: with
+        `pack_compile_layers`, where the run packs (`shared`) and compiles its step (`compiled`,
+        what `compiled` resolved)."""
+        return shared and compiled and self.pack_compile_layers
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
              bytes_per_param: float = 2.0, footprint_gb: float | None = None) -> float:
@@ -168,6 +177,9 @@ class ResourcesConfig:
             out.append(f"resources.gpus_per_trial is {self.gpus_per_trial}; allowed: 0, a fraction in (0, 1], or a whole number")
         if isinstance(self.compile, str) and self.compile != "auto":
             out.append(f"resources.compile is {self.compile!r}; allowed: auto, true or false")
+        if self.pack_compile_layers and self.compile is False:
+            out.append("resources.pack_compile_layers is true but resources.compile is false; the layers compile into "
+                       "the compiled step only: set resources.compile to auto or true, or pack_compile_layers to false")
         if self.max_concurrent_trials < 0:
             out.append(f"resources.max_concurrent_trials is {self.max_concurrent_trials}; allowed: 0 (no limit) or more")
         if self.memory_margin < 0:

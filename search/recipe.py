@@ -312,6 +312,7 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         pad_token_id=data_info.pad_token_id,
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=plan.compiled,
+        compile_layers=plan.layers_compiled,
         gradient_checkpointing=config.model.gradient_checkpointing,
         max_rank=max(config.search.ranks),
         dropout=config.search.dropout[1] > 0,  # [low, high] (SpaceConfig keeps one value as both)

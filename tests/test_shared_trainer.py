@@ -39,6 +39,17 @@ def test_a_trainer_says_when_it_began_and_when_it_had_its_imports_model_and_data
     assert startup["trainer_data_loaded"] - startup["trainer_constructing"] > 0  # real readings, not one stamp
 
 
+def test_a_trainer_set_to_compile_its_layers_tells_its_pack(trial_setup):
+    from dataclasses import replace
+
+    for asked in (True, False):
+        trainer = SharedTrainer(replace(trial_setup, compile_layers=asked), capacity=1)
+        try:
+            assert trainer.pack.compile_layers is asked
+        finally:
+            trainer.stop()
+
+
 def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trainer):
     assert trainer.open("a", shared_trial(), None)
     assert trainer.open("b", shared_trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)

@@ -160,6 +160,7 @@ class TrialSetup:
     dropout: bool = False    # some trial may have LoRA dropout: a shared trainer draws its masks from the start
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
+    compile_layers: bool = False  # a shared trainer's compiled step compiles the decoder layers too (Pack.compile_layers)
     generate_examples: int = 0  # eval rows whose answers are generated (trainables/generate.py); 0: none
     # Generating answers costs several times a loss evaluation (on an H200, 256 rows took 2.4x the
     # search's training time, bench/results/h200-2026-12-01-generate256/), so it runs at every eval round

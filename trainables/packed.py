@@ -186,8 +186,8 @@ class Pack:
         # the captured step's parts through torch.compile (backend "inductor" on a GPU; `_compile`
         # says which and why)
         self.compile_backend = compile_backend
-        # with a backend, the decoder layers too (`_compile`): off until a GPU captures them compiled;
-        # on an H100 they compiled again under the capture, and the fallback cost 25 s of compiling
+        # with a backend, the decoder layers too (`_compile`; resources.pack_compile_layers): faster
+        # steps for about 10 s more compiling, which a short search does not win back
         self.compile_layers = False
         self._compiled: tuple | None = None
         self._layers_compiled = False
@@ -469,9 +469,10 @@ class Pack:
         (its norms, rotary and activation fused: the eager layers' elementwise kernels took
         most of a K=32 step on an H200, bench/results/h200-2026-12-06-pack/). Compiled whole,
         the model took 409 s on an H100's host. The compiled layers stand in the model only
-        for the captured forward; evaluation runs the layers themselves. On an H100 they have
-        so far compiled again under the capture, and `step` captured them uncompiled
-        (bench/results/h100-2026-12-06-pack/): `compile_layers` is off by default."""
+        for the captured forward; evaluation runs the layers themselves. On an H100 the pack
+        trains at 5.69x one trial alone with 8 slots and 8.05x with 64 with them, 3.90x and
+        5.06x without (bench/results/h100-2026-12-06-sitting3/); `compile_layers` is off by
+        default (resources.pack_compile_layers): a short search does not win back the compiling."""
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)

@@ -105,6 +105,7 @@ class SharedTrainer:
         self.startup_times["trainer_model_loaded"] = time.time()
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
+        self.pack.compile_layers = setup.compile_layers
         self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         # dropout reserved only for a captured step, the one it spares a capture: an eager step
         # would draw masks for slots that have none

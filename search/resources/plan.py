@@ -18,6 +18,7 @@ class ResourcePlan:
     packing_reason: str          # why `auto` chose it; "" where resources.packing named it
     gpus_per_trial: float        # `auto` resolved: 0 without CUDA
     compiled: bool               # trials torch.compile their steps (`resources.compile`, auto resolved)
+    layers_compiled: bool        # a shared trainer compiles its decoder layers too (`resources.pack_compile_layers`)
     gpu_memory_gb: float | None  # this machine's GPU, where the run is local and has one
     memory_probe: Probe | None   # what the share was measured from, where it was
 
@@ -52,6 +53,7 @@ def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
         probe = _probe_memory(config, prepared, compiled, gpu_memory_gb)
         gpus = probe.share
     return ResourcePlan(packing=packing, packing_reason=packing_reason, gpus_per_trial=gpus, compiled=compiled,
+                        layers_compiled=config.resources.layers_compiled(packing == SHARED, compiled),
                         gpu_memory_gb=gpu_memory_gb, memory_probe=probe)
 
 
