@@ -231,15 +231,17 @@ PROCESSES_FOR = {
                  "unquantized weights only",
     "checkpointed": "model.gradient_checkpointing is on, and the packed step was measured without it",
     "conv1d": "module sets adapt Conv1D layers (GPT-2 style), which the shared trainer does not train",
+    "beside": "the space has trials the shared trainer does not train (DoRA, or expert weights), which would run in "
+              "processes beside it, a mix not measured on a GPU",
 }
 
 
-def resolve_packing(config: Config, cuda: bool, conv1d: bool = False) -> tuple[str, str]:
+def resolve_packing(config: Config, cuda: bool, conv1d: bool = False, experts: bool = False) -> tuple[str, str]:
     """The packing a run of `config` uses, SHARED or PROCESSES, and why where `auto` chose it
     ("" where resources.packing names it): for auto, the one `AUTO_PACKING` gives this kind of
     device, the faster where bench/ measured them, unless a GPU run is one the shared trainer
     was not measured on or cannot train (`PROCESSES_FOR`; `conv1d`: a module set adapts Conv1D
-    layers)."""
+    layers; `experts`: one adapts a mixture's expert weights)."""
     if config.resources.packing != AUTO:
         return config.resources.packing, ""
     packing, reason = AUTO_PACKING["cuda" if cuda else "cpu"]
@@ -247,7 +249,8 @@ def resolve_packing(config: Config, cuda: bool, conv1d: bool = False) -> tuple[s
         kept = [PROCESSES_FOR[key] for key, present in (
             ("quantized", config.model.quantization != "none"),
             ("checkpointed", config.model.gradient_checkpointing),
-            ("conv1d", conv1d)) if present]
+            ("conv1d", conv1d),
+            ("beside", any(config.search.use_dora) or experts)) if present]
         if kept:
             return PROCESSES, "; ".join(kept)
     return packing, reason

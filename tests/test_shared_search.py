@@ -117,6 +117,9 @@ def test_auto_keeps_processes_on_a_gpu_for_what_the_pack_was_not_measured_on_or_
     assert resolve_packing(quantized, True) == (PROCESSES, PROCESSES_FOR["quantized"])
     assert resolve_packing(checkpointed, True) == (PROCESSES, PROCESSES_FOR["checkpointed"])
     assert resolve_packing(load(None, []), True, conv1d=True) == (PROCESSES, PROCESSES_FOR["conv1d"])
+    dora = load(None, ["search.use_dora=[false,true]"])
+    assert resolve_packing(dora, True) == (PROCESSES, PROCESSES_FOR["beside"])
+    assert resolve_packing(load(None, []), True, experts=True) == (PROCESSES, PROCESSES_FOR["beside"])
     both = resolve_packing(load(None, ["model.quantization=4bit", "model.gradient_checkpointing=true"]), True)
     assert both[0] == PROCESSES and "model.quantization" in both[1] and "gradient_checkpointing" in both[1]
     # named packings and the CPU's choice are not second-guessed

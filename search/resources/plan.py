@@ -39,7 +39,8 @@ def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
 
     cuda = torch.cuda.is_available()
     conv1d = any(resolved.fan_in_fan_out for resolved in prepared.resolved.values())
-    packing, packing_reason = resolve_packing(config, cuda, conv1d)
+    experts = any(resolved.holds_fixed for resolved in prepared.resolved.values())
+    packing, packing_reason = resolve_packing(config, cuda, conv1d, experts)
     gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda and local else None
     bytes_per_param = 0.5 if config.model.quantization == "4bit" else 4.0 if config.model.dtype == "float32" else 2.0
     gpus = config.resources.gpus(cuda, prepared.total_params, gpu_memory_gb, bytes_per_param)
