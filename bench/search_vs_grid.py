@@ -242,10 +242,13 @@ def main() -> int:
         account["driver_steps"] = [{"step": name, "from": round(began - started_epoch, 2), "to": round(end - started_epoch, 2)}
                                    for name, began, end in marks]
         # the driver's own record of its setup steps, in seconds from its process's start (search.recipe)
-        from rundir.layout import LOGS, SETUP_TIMES
+        from rundir.layout import LOGS, SETUP_TIMES, TRAINER_TIME
 
         setup_times = run_dir / LOGS / SETUP_TIMES
         account["setup_times"] = json.loads(setup_times.read_text()) if setup_times.exists() else None
+        # a shared run's trainers: the seconds each pack spent on steps, evaluations, answers, checkpoints, opening
+        trainer_time = run_dir / LOGS / TRAINER_TIME
+        account["trainer_time"] = json.loads(trainer_time.read_text()) if trainer_time.exists() else None
         trial_clocks = timeline(reports, started_epoch)
         report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
         first_step = first_step_seconds(read_trial_files(run_dir), started_epoch)  # the run directory goes with the block

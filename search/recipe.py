@@ -15,7 +15,7 @@ from pathlib import Path
 
 from analysis.config import is_user_metric, needs_generations
 from rundir.files import write_json_atomic
-from rundir.layout import LOGS, SETUP_TIMES
+from rundir.layout import LOGS, SETUP_TIMES, TRAINER_TIME
 from rundir.location import RunLocation, locate
 from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
@@ -255,6 +255,9 @@ class SearchRecipe:
                                            lambda: build_tuner(config, trainable, space, priors, location))
                         if (config.selection.retrain or self.retrain_of) and stop.requested is None:
                             retrain(config, trainable, location, self.retrain_of)
+                        if trainers:  # where each pack's time went, before the trainers are killed
+                            write_json_atomic(location.local / LOGS / TRAINER_TIME,
+                                              ray.get([trainer.time_spent.remote() for trainer in trainers]))
             except KeyboardInterrupt:
                 pass  # raised by `stop`, which remembers the signal; what was saved is said below
             except Exception as e:  # a failure of the search itself, not of one trial (those are results)

@@ -91,6 +91,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
         "test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray",
         "test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick",
         "test_a_shared_run_records_its_trainers_start_between_rays_and_the_first_step",
+        "test_a_shared_run_records_where_its_packs_time_went",
         "test_a_killed_shared_search_resumes_with_every_trial_once",
         "test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retries_carry_them_on",
     ),

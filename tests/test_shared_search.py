@@ -201,6 +201,17 @@ def test_a_shared_run_records_its_trainers_start_between_rays_and_the_first_step
     assert times["trainers_started"] < first_step - started_at
 
 
+def test_a_shared_run_records_where_its_packs_time_went(shared_run):
+    run_dir, _ = shared_run
+    trainers = json.loads((run_dir / "logs" / "trainer_time.json").read_text())
+    assert len(trainers) == 1  # one trainer on a machine without GPUs
+    count = trainers[0]["count"]
+    search_reports = sum(len(rows) for rows in trial_reports(run_dir).values())
+    assert count["checkpoints"] >= search_reports  # one with every report (and the retrain's)
+    assert count["opening"] >= len(trial_reports(run_dir)) and count["steps"] >= MAX_STEPS
+    assert trainers[0]["seconds"]["steps"] > 0
+
+
 def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
     args = _args(tiny_model_dir, tmp_path, "killed", "selection.promote=false", "selection.confirm_top_k=0",

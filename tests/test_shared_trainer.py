@@ -63,6 +63,24 @@ def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trai
     assert a[0].report.pack_size == 2
 
 
+def test_the_trainer_accounts_for_its_packs_time_job_by_job(trainer):
+    import time
+
+    started = time.perf_counter()
+    assert trainer.open("a", shared_trial(), None)
+    assert trainer.open("b", shared_trial(lr=3e-3, seed=1), None)
+    a, b = reports(trainer, "a"), reports(trainer, "b")
+    spent = trainer.time_spent()
+    assert spent["count"]["opening"] == 2
+    assert spent["count"]["checkpoints"] == len(a) + len(b) == 4  # one with each report
+    assert spent["count"]["steps"] >= 6  # six steps each, together where both stepped
+    assert 2 <= spent["count"]["evaluation"] <= 4  # the trials due at one step evaluate in one pass
+    assert spent["count"]["generation"] == 0 and spent["seconds"]["generation"] == 0  # no answers asked for
+    assert all(spent["seconds"][job] > 0 for job in ("steps", "evaluation", "checkpoints", "opening"))
+    # one job at a time holds the pack: together they fit in the time the trials took
+    assert sum(spent["seconds"].values()) <= time.perf_counter() - started
+
+
 def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_without_stopping(trial_setup, trainer):
     assert trainer.open("whole", shared_trial(seed=5), None)
     whole = reports(trainer, "whole")

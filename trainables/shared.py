@@ -77,6 +77,10 @@ class _Open:
     loss_count: int = 0
 
 
+# The pack's jobs, in the trainer's account of its time (`SharedTrainer.time_spent`).
+PACK_JOBS = ("steps", "evaluation", "generation", "checkpoints", "opening")
+
+
 class SharedTrainer:
     """The base model of `setup` on this process's device, with `capacity` adapter slots."""
 
@@ -132,6 +136,9 @@ class SharedTrainer:
         # its next step, or it would take the pack again at once (a lock gives no turn to a waiter)
         # and a search's first trials would wait for the first one's whole budget of reports
         self.opening = 0
+        # seconds the pack spent on each of its jobs, and how many of each it did (`time_spent`)
+        self.spent = dict.fromkeys(PACK_JOBS, 0.0)
+        self.done = dict.fromkeys(PACK_JOBS, 0)
         self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
@@ -143,6 +150,22 @@ class SharedTrainer:
         loaded), and when it had imported torch, transformers and PEFT, loaded the base model, and
         read the data and the tokenizer."""
         return dict(self.startup_times)
+
+    def time_spent(self) -> dict[str, dict]:
+        """Where the pack's time went since the trainer started, job by job (PACK_JOBS): seconds
+        and how many times, with `steps` the packed steps (their captures and compiles included),
+        `evaluation` the eval passes (one for all the slots due at a step), `generation` each
+        slot's answers, `checkpoints` each report's checkpoint, `opening` the slots opened.
+        Whatever the pack does in one job the others wait for: it is the trainer's account of a
+        shared search's time after its first step."""
+        with self.lock:
+            return {"seconds": {job: round(seconds, 3) for job, seconds in self.spent.items()}, "count": dict(self.done)}
+
+    def _spent(self, job: str, since: float, count: int = 1) -> None:
+        seconds = time.perf_counter() - since
+        with self.lock:
+            self.spent[job] += seconds
+            self.done[job] += count
 
     def free_slots(self) -> int:
         """The slots `open` can give now (a released slot counts as free: `open` frees it first)."""
@@ -165,6 +188,7 @@ class SharedTrainer:
             self._free_released()
             if not self.pack.free_slots():
                 return None
+            opening = time.perf_counter()
             index = self.pack.add(params)
             now = time.time()
             progress = Progress(called_at=now, imported_at=now, busy_from=now)
@@ -175,6 +199,7 @@ class SharedTrainer:
                 self.pack.remove(index)
                 raise
             rows = self.splits["train" if params.full_data else "search_train"]
+            self._spent("opening", opening)
             token = uuid.uuid4().hex
             with self.lock:
                 self.open_trials[trial_id] = _Open(index, token, params, progress, rows)
@@ -285,6 +310,7 @@ class SharedTrainer:
             batch = collate(examples, self.setup.pad_token_id, torch.device("cpu"))
             batches[trial.index] = (batch["input_ids"], batch["labels"])
             tokens[trial.index] = int(batch["attention_mask"].sum())
+        stepping = time.perf_counter()
         try:
             losses = self.pack.step(batches, self.autocast)
         except SlotOutOfMemory as error:  # one slot alone did not fit beside the base: that trial fails
@@ -292,6 +318,7 @@ class SharedTrainer:
             with self.lock:
                 culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
             return
+        self._spent("steps", stepping)
         elapsed = time.perf_counter() - started
         due = []
         for trial in ready:
@@ -322,6 +349,7 @@ class SharedTrainer:
         # the steps' own clock is the host's, which runs ahead of a GPU's queue: the wait for the
         # steps still queued is training time too
         waited = time.perf_counter() - waiting
+        self._spent("steps", waiting, count=0)
         evaluating = []
         for trial, train_loss in zip(due, train_losses):
             trial.progress.train_seconds += waited
@@ -340,6 +368,7 @@ class SharedTrainer:
             evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
                                           blocks=len(evaluating))
         evaluated = time.perf_counter() - started
+        self._spent("evaluation", started)
         for (trial, train_loss), evaluation in zip(evaluating, evaluations):
             progress = trial.progress
             progress.eval_seconds += evaluated
@@ -352,12 +381,16 @@ class SharedTrainer:
             with self.pack.only(trial.index) as model:
                 answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
             generated = time.perf_counter() - generating
+            if answering:
+                self._spent("generation", generating)
             progress.generate_seconds += generated
             progress.eval_seconds += generated
             report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
+            checkpointing = time.perf_counter()
             files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
+            self._spent("checkpoints", checkpointing)
             progress.busy_from = time.time()
             with self.lock:
                 trial.reports.append(SlotReport(report, files))
