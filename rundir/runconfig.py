@@ -70,6 +70,8 @@ class Resources:
     packing: str = field(default="processes", kw_only=True)
     packing_reason: str = field(default="", kw_only=True)  # why `auto` chose `packing`; "": it was named
     pack_slots: int
+    # a run recorded before the shared trainer could compile its layers compiled none
+    pack_compile_layers: bool = field(default=False, kw_only=True)
     memory_probe: MemoryProbe | None = None  # None: no probe ran (no GPU, a fixed share, or shared packing)
 
 

@@ -119,7 +119,7 @@ class ResourcesConfig:
     pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
     # Off by default: in the reference search (16 trials of up to 100 steps) compiling the layers took
     # about 10 s more than the faster steps saved (bench/results/h100-2026-12-06-sitting2/).
-    pack_compile_layers: bool = field(default=False, metadata={"help": "with shared packing on a GPU and resources.compile: the decoder layers compiled into the captured step too (on an H100, SmolLM2 at 5.7x one trial alone with 8 slots and 8.05x with 64, against 3.9x and 5.1x; about 10 s more compiling at the first step): for long searches"})
+    pack_compile_layers: bool = field(default=False, metadata={"help": "shared packing on a GPU: compile the decoder layers into the captured step too (faster steps, ~10 s more compiling): for long searches"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool,
                  shared: bool = False) -> bool:

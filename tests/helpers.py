@@ -97,7 +97,7 @@ def write_run_config(run_dir: Path, *, max_steps: int = MAX_STEPS, base_model_pa
                    "reduction_factor": 2, "batch_size": 8, "warmup_steps": 4, "landscape_seeds": 2},
         "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1, "max_concurrent_trials": 0, "max_failures": 0,
                       "memory_margin": 0.25, "cuda_graphs": True, "compile": False, "packing": "processes", "packing_reason": "",
-                      "pack_slots": 8, "memory_probe": None, **(resources or {})},
+                      "pack_slots": 8, "pack_compile_layers": False, "memory_probe": None, **(resources or {})},
         "selection": {"metric": metric, "mode": mode, "tolerance": tolerance, "cost": cost},
         "tracking": {},
         "base_model": {"path": base_model_path, "name": base_model_path, "origin": "a local directory",

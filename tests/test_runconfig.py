@@ -24,7 +24,7 @@ def test_the_record_reads_back_what_it_writes_field_for_field_and_in_order(recor
 
 
 def test_a_file_without_the_optional_fields_gets_their_defaults(recorded):
-    for key in ("packing", "packing_reason", "memory_probe"):
+    for key in ("packing", "packing_reason", "pack_compile_layers", "memory_probe"):
         del recorded["resources"][key]
     del recorded["budget"]["landscape_seeds"]
     del recorded["started_at"]
@@ -32,6 +32,7 @@ def test_a_file_without_the_optional_fields_gets_their_defaults(recorded):
     record = RunConfig.from_json(recorded)
 
     assert (record.resources.packing, record.resources.memory_probe) == ("processes", None)
+    assert record.resources.pack_compile_layers is False
     assert record.budget.landscape_seeds == 1 and record.started_at is None
 
 
