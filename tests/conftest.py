@@ -29,6 +29,11 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_landscape_run.py": ("test_a_grid_run_trains_every_point_with_every_seed_to_the_full_budget",
                               "test_the_grid_run_becomes_a_landscape_that_the_simulator_replays"),
     "test_moe_search.py": ALL,
+    # premises about libraries' own behaviour, each a fresh interpreter or a killed writer: the
+    # fast tier keeps a test of the product's own behaviour in each of these modules
+    "test_worker_imports.py": ("test_peft_imports_bitsandbytes_when_nothing_hides_it",
+                               "test_bitsandbytes_stays_importable_where_it_may_be_needed"),
+    "test_atomicfs.py": ("test_premise_pyarrows_own_local_filesystem_leaves_half_a_file_when_killed_midway",),
     "test_console.py": (
         "test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended",
         "test_a_failed_trial_s_line_gives_its_one_line_reason",
