@@ -14,6 +14,7 @@ from trainables.generate import (
     UserMetric,
     answerable,
     generate_answers,
+    generate_answers_blocks,
     matches,
     normalise,
     split_row,
@@ -97,6 +98,36 @@ def test_generation_leaves_the_model_in_train_mode_when_it_found_it_so(fitted, t
         assert fitted.training
     finally:
         fitted.eval()
+
+
+def test_slots_of_a_pack_that_answer_together_give_the_answers_each_gives_alone(fitted, tokenizer):
+    """A shared trainer's slots that answer at one step decode together (`AnswerMetrics.blocks`):
+    each block's answers and metrics are its slot's own, whatever the others answer."""
+    from rundir.params import Origin, TrialParams
+    from trainables.packed import Pack, unpack
+
+    rows = [row(q, a) for q, a in QUESTIONS.items()]
+    pack = Pack(fitted, capacity=3, warmup_steps=1, max_steps=2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for seed, scale in enumerate([0.0, 0.0, 3.0]):  # slot 2's adapter garbles the answers, the others keep them
+            lora = {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                    "use_rslora": False, "use_dora": False, "task_type": "CAUSAL_LM"}
+            index = pack.add(TrialParams(lora_config=lora, module_set="x", alpha_ratio=1.0, learning_rate=1e-3,
+                                         loraplus_lr_ratio=1.0, seed=seed, origin=Origin.SEARCH))
+            pack.load_adapter_state(index, {k: torch.randn(v.shape, generator=g) * scale if "lora_B" in k else v
+                                            for k, v in pack.adapter_state(index).items()})
+        chosen = [2, 0]
+        with pack.only(*chosen) as model:
+            together, references = generate_answers_blocks(model, rows, tokenizer, 0, CPU, NO_AUTOCAST, blocks=2)
+            metrics = AnswerMetrics(rows, tokenizer, None).blocks(model, 0, CPU, NO_AUTOCAST, blocks=2)
+        for slot, answers in zip(chosen, together):
+            with pack.only(slot) as model:
+                assert (answers, references) == generate_answers(model, rows, tokenizer, 0, CPU, NO_AUTOCAST)
+        assert together[1] == ANSWERS and together[0] != ANSWERS  # two adapters, two sets of answers
+        assert [m["eval_exact_match"] for m in metrics] == [sum(matches(together[0], ANSWERS)) / len(ANSWERS), 1.0]
+    finally:
+        unpack(fitted)
 
 
 def test_a_user_metric_function_receives_exactly_the_generations_and_references(fitted, tokenizer, tmp_path,

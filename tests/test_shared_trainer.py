@@ -81,6 +81,25 @@ def test_the_trainer_accounts_for_its_packs_time_job_by_job(trainer):
     assert sum(spent["seconds"].values()) <= time.perf_counter() - started
 
 
+def test_trials_at_the_full_budget_report_their_answers_generated_by_the_pack(trial_setup):
+    from dataclasses import replace
+
+    trainer = SharedTrainer(replace(trial_setup, generate_examples=4), capacity=2)
+    try:
+        assert trainer.open("a", shared_trial(), None)
+        assert trainer.open("b", shared_trial(lr=3e-3, seed=1), None)
+        a, b = reports(trainer, "a"), reports(trainer, "b")
+        for rows in (a, b):
+            assert rows[0].report.eval_row_exact_match is None  # answers at the full budget only
+            final = rows[-1].report
+            assert len(final.eval_row_exact_match) == 4 and 0 <= final.eval_exact_match <= 1
+            assert final.eval_generate_seconds > 0
+        spent = trainer.time_spent()
+        assert 1 <= spent["count"]["generation"] <= 2  # one pass where both reached the budget at one step
+    finally:
+        trainer.stop()
+
+
 def test_a_trial_continued_from_its_checkpoint_reports_what_it_would_have_without_stopping(trial_setup, trainer):
     assert trainer.open("whole", shared_trial(seed=5), None)
     whole = reports(trainer, "whole")

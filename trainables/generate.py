@@ -63,9 +63,21 @@ def generate_answers(model, rows: list[tuple[list[int], list[int]]], tokenizer: 
     settings of the model's generation config (a repetition penalty) apply, as they would
     where the model is used. Runs `model` in eval mode (no dropout) and leaves it in the mode
     it found."""
+    generations, references = generate_answers_blocks(model, rows, tokenizer, pad_token_id, device, autocast)
+    return generations[0], references
+
+
+def generate_answers_blocks(model, rows: list[tuple[list[int], list[int]]], tokenizer: PreTrainedTokenizerBase,
+                            pad_token_id: int, device: torch.device, autocast,
+                            blocks: int = 1) -> tuple[list[list[str]], list[str]]:
+    """`generate_answers` of `blocks` models at once: each call of `generate` holds `blocks`
+    copies of its prompts, one after another, and block n's rows are the n-th model's answers
+    (a pack whose selection holds n slots, `Pack.only`, is n adapted models in one pass: the
+    slots that answer at one step decode together, in as many steps as one slot alone)."""
     training = model.training
     model.eval()
-    generations, references = [], []
+    generations: list[list[str]] = [[] for _ in range(blocks)]
+    references: list[str] = []
     for start in range(0, len(rows), GENERATE_BATCH):
         prompts, answers = zip(*(split_row(*row) for row in rows[start:start + GENERATE_BATCH]))
         width = max(map(len, prompts))
@@ -75,13 +87,14 @@ def generate_answers(model, rows: list[tuple[list[int], list[int]]], tokenizer: 
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         with autocast:
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
-                                 max_new_tokens=max(map(len, answers)) + MARGIN_TOKENS, pad_token_id=pad_token_id,
-                                 eos_token_id=stop_token_ids(model, tokenizer))
-        generations += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            out = model.generate(input_ids=ids.repeat(blocks, 1).to(device), attention_mask=mask.repeat(blocks, 1).to(device),
+                                 do_sample=False, num_beams=1, max_new_tokens=max(map(len, answers)) + MARGIN_TOKENS,
+                                 pad_token_id=pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+        for block, answered in enumerate(out[:, width:].reshape(blocks, len(prompts), -1)):
+            generations[block] += tokenizer.batch_decode(answered, skip_special_tokens=True)
         references += tokenizer.batch_decode(answers, skip_special_tokens=True)
     model.train(training)
-    return [text.strip() for text in generations], [text.strip() for text in references]
+    return [[text.strip() for text in block] for block in generations], [text.strip() for text in references]
 
 
 def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -173,13 +186,22 @@ class AnswerMetrics:
         and each row's match (`eval_row_exact_match`, 1.0 or 0.0, in the order of `rows`: every trial
         answers the same rows, so two trials' lists pair row by row), and the user's metric under
         its name."""
-        generations, references = generate_answers(model, self.rows, self.tokenizer, pad_token_id, device, autocast)
-        hits = matches(generations, references)
-        metrics = {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_se": standard_error(hits),
-                   "eval_row_exact_match": hits}
-        if self.user_metric is not None:
-            metrics[self.user_metric.name] = self.user_metric(generations, references)
-        return metrics
+        return self.blocks(model, pad_token_id, device, autocast)[0]
+
+    def blocks(self, model, pad_token_id: int, device: torch.device, autocast,
+               blocks: int = 1) -> list[dict[str, float | list[float]]]:
+        """The metrics of `blocks` models answering at once (`generate_answers_blocks`), block by block."""
+        generations, references = generate_answers_blocks(model, self.rows, self.tokenizer, pad_token_id, device,
+                                                           autocast, blocks)
+        out = []
+        for answers in generations:
+            hits = matches(answers, references)
+            metrics = {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_se": standard_error(hits),
+                       "eval_row_exact_match": hits}
+            if self.user_metric is not None:
+                metrics[self.user_metric.name] = self.user_metric(answers, references)
+            out.append(metrics)
+        return out
 
 
 @functools.cache

@@ -154,8 +154,9 @@ class SharedTrainer:
     def time_spent(self) -> dict[str, dict]:
         """Where the pack's time went since the trainer started, job by job (PACK_JOBS): seconds
         and how many times, with `steps` the packed steps (their captures and compiles included),
-        `evaluation` the eval passes (one for all the slots due at a step), `generation` each
-        slot's answers, `checkpoints` each report's checkpoint, `opening` the slots opened.
+        `evaluation` the eval passes (one for all the slots due at a step), `generation` the
+        answer passes (one for all the slots that answer at a step), `checkpoints` each
+        report's checkpoint, `opening` the slots opened.
         Whatever the pack does in one job the others wait for: it is the trainer's account of a
         shared search's time after its first step."""
         with self.lock:
@@ -336,9 +337,10 @@ class SharedTrainer:
     def _report(self, due: list[_Open], pack_size: int) -> None:
         """Evaluate the adapters of the trials `due` together, one forward pass of the pack for
         all of them per eval batch (`evaluate_blocks`: evaluated one at a time, the other slots
-        would wait for each), then queue each one's report and checkpoint; a NaN or infinite
-        loss fails its trial instead, and its slot stops stepping. Each trial is charged the whole
-        evaluation pass, as it is the whole of each packed step."""
+        would wait for each), and those that answer at this step generate their answers together
+        too, then queue each one's report and checkpoint; a NaN or infinite loss fails its trial
+        instead, and its slot stops stepping. Each trial is charged the whole evaluation pass and
+        generation, as it is the whole of each packed step."""
         from trainables.divergence import eval_diverged, train_diverged
         from trainables.evaluation import evaluate_blocks
         from trainables.metrics import trial_report
@@ -369,22 +371,33 @@ class SharedTrainer:
                                           blocks=len(evaluating))
         evaluated = time.perf_counter() - started
         self._spent("evaluation", started)
+        scored = []
         for (trial, train_loss), evaluation in zip(evaluating, evaluations):
-            progress = trial.progress
-            progress.eval_seconds += evaluated
-            if diverged := eval_diverged(evaluation.loss, progress.step):
+            trial.progress.eval_seconds += evaluated
+            if diverged := eval_diverged(evaluation.loss, trial.progress.step):
                 with self.lock:
                     trial.error = diverged
-                continue
+            else:
+                scored.append((trial, train_loss, evaluation))
+        # the slots that answer at this step answer together, in one pass of the pack per decoding
+        # step (`AnswerMetrics.blocks`), each charged the whole of it, as with the evaluation
+        answering = [trial for trial, _, _ in scored if self.answer_metrics
+                     and (setup.generate_every_round or trial.progress.step == setup.max_steps)]
+        answers = {}
+        if answering:
             generating = time.perf_counter()
-            answering = self.answer_metrics and (setup.generate_every_round or progress.step == setup.max_steps)
-            with self.pack.only(trial.index) as model:
-                answered = self.answer_metrics(model, setup.pad_token_id, self.device, self.autocast) if answering else {}
+            with self.pack.only(*(trial.index for trial in answering)) as model:
+                answers = dict(zip((trial.index for trial in answering),
+                                   self.answer_metrics.blocks(model, setup.pad_token_id, self.device, self.autocast,
+                                                              blocks=len(answering))))
             generated = time.perf_counter() - generating
-            if answering:
-                self._spent("generation", generating)
-            progress.generate_seconds += generated
-            progress.eval_seconds += generated
+            self._spent("generation", generating)
+            for trial in answering:
+                trial.progress.generate_seconds += generated
+                trial.progress.eval_seconds += generated
+        for trial, train_loss, evaluation in scored:
+            progress = trial.progress
+            answered = answers.get(trial.index, {})
             report = trial_report(progress, evaluation, answered, train_loss, self.pack.trainable_params(trial.index),
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
