@@ -127,6 +127,21 @@ def test_auto_keeps_processes_on_a_gpu_for_what_the_pack_was_not_measured_on_or_
     assert resolve_packing(quantized, False)[0] == PROCESSES and "2-core CPU" in resolve_packing(quantized, False)[1]
 
 
+def test_the_packing_line_says_when_a_trainer_compiles_its_layers_and_what_trains_beside_it():
+    from search.config import ResourcesConfig
+    from search.inputs.dryrun import packing_line
+    from search.resources.plan import ResourcePlan
+
+    def plan(layers: bool) -> ResourcePlan:  # as a GPU run resolves it
+        return ResourcePlan(packing=SHARED, packing_reason="", gpus_per_trial=0.125, compiled=True,
+                            layers_compiled=layers, gpu_memory_gb=80.0, memory_probe=None)
+
+    asked = ResourcesConfig(packing=SHARED, pack_compile_layers=True)
+    assert "decoder layers compiled into the captured step" in packing_line(asked, plan(True))
+    assert "decoder layers" not in packing_line(asked, plan(False))
+    assert "DoRA trials train in processes of their own beside it" in packing_line(asked, plan(False), dora=True)
+
+
 def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):
     tiny = ["--set", f"model.path={tiny_model_dir}", "--set", "search.ranks=[2,4]"]
     assert main([*tiny, "--set", "resources.packing=shared", "--set", "resources.pack_slots=4", "--dry-run"]) == 0
