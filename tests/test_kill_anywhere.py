@@ -64,6 +64,7 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
     rng = random.Random(20)
     args = interrupted_search_args(tiny_model_dir, tmp_path, "killed")
     kills = 0
+    last_log = ""  # the console of the run that ended by itself: what a short table of trials needs to be read
     for attempt in range(KILLS):
         process = start_cli(["--resume", *args] if run_dir.joinpath("run_config.json").exists() else args)
         started = time.monotonic()
@@ -82,6 +83,7 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
             time.sleep(0.005 if at_sync else 0.1)
         if process.poll() is not None:  # the search finished before this kill
             log, _ = process.communicate()
+            last_log = f"attempt {attempt} (after {kills} kills):\n{log[-4000:]}"
             assert process.returncode == 0, log[-3000:]
             break
         process.send_signal(signal.SIGKILL)
@@ -92,13 +94,14 @@ def test_a_search_killed_at_twenty_moments_ends_with_every_trial_once_and_valid_
     if not (run_dir / "trials.csv").exists():
         resumed = start_cli(["--resume", *args])
         log, _ = resumed.communicate(timeout=900)
+        last_log = f"the resume after {kills} kills:\n{log[-4000:]}"
         assert resumed.returncode == 0, log[-3000:]
 
     assert kills >= KILLS // 2, f"only {kills} kills landed before the search finished: lengthen it"
     assert not _invalid_json(run_dir)
     trials = pd.read_csv(run_dir / "trials.csv")
     searched = trials[trials.origin.isin(["search", "prior"])]
-    assert len(searched) == INTERRUPTED_TRIALS, trials[["trial_id", "origin", "status"]].to_string()
+    assert len(searched) == INTERRUPTED_TRIALS, f"{trials[['trial_id', 'origin', 'status']].to_string()}\n{last_log}"
     assert trials.trial_id.is_unique
     assert (trials.status != "failed").all(), trials[["trial_id", "status", "error"]].to_string()
     configuration = ["module_set", "r", "alpha_ratio", "learning_rate"]
