@@ -9,7 +9,7 @@ import torch
 
 from trainables.data import IGNORE, collate
 from trainables.generate import standard_error
-from trainables.step import answer_logits, next_is_answer
+from trainables.step import answer_logits, next_is_answer, scored_positions
 
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU an `EvalBudget` decides
 # A batch's bf16 logits (at its answer positions) span the vocabulary, so its answer positions
@@ -37,6 +37,14 @@ class EvalBudget:
 
     def fits(self, rows: int, width: int, answers: int, blocks: int = 1) -> bool:
         return rows * width * blocks <= self.tokens and answers * blocks <= self.answers
+
+
+def model_eval_budget(model, train_tokens_per_batch: int, checkpointed: bool = False, slots: int = 1) -> EvalBudget:
+    """`eval_budget` with the vocabulary and decoder layers of `model`'s own text config (one layer
+    where the config does not say)."""
+    text = model.config.get_text_config()
+    return eval_budget(train_tokens_per_batch, text.vocab_size, getattr(text, "num_hidden_layers", 1), checkpointed,
+                       slots)
 
 
 def eval_budget(train_tokens_per_batch: int, vocab_size: int, layers: int, checkpointed: bool = False,
@@ -106,7 +114,7 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: Ev
     row_losses, row_correct, row_counts = [], [], []
     order = sorted(range(len(rows)), key=lambda index: len(rows[index][0]))  # similar lengths together: less padding
     rows = [rows[index] for index in order]
-    answers = [max(0, len(labels) - 1 - list(labels[1:]).count(IGNORE)) for _, labels in rows]  # scored positions
+    answers = [scored_positions(labels) for _, labels in rows] if budget else []
     start = 0
     while start < len(rows):
         end = min(len(rows), start + EVAL_BATCH)

@@ -56,7 +56,14 @@ from trainables.checkpoint import SLOT, TrialCheckpoint, adapter_config
 from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
-from trainables.step import causal_attention_as_sdpa_chooses, cuda_graph, first_line, output_layer, repeated_blocks
+from trainables.step import (
+    causal_attention_as_sdpa_chooses,
+    cuda_graph,
+    first_line,
+    output_layer,
+    repeated_blocks,
+    scored_positions,
+)
 
 log = logging.getLogger(__name__)
 ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of this
@@ -326,8 +333,7 @@ class Pack:
         self._dropout_follows_the_slots()
         for ids, labels in rows:
             self.reserved_width = max(self.reserved_width, len(ids))
-            # counted in C (list.count): a large training set's rows are read once, before the first step
-            self.reserved_answers = max(self.reserved_answers, len(labels) - 1 - list(labels[1:]).count(IGNORE))
+            self.reserved_answers = max(self.reserved_answers, scored_positions(labels))
 
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,

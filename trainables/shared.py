@@ -94,7 +94,7 @@ class SharedTrainer:
         import torch
 
         from trainables.data import load_split
-        from trainables.evaluation import eval_budget
+        from trainables.evaluation import model_eval_budget
         from trainables.generate import AnswerMetrics
         from trainables.model import load_base_model
         from trainables.packed import Pack
@@ -116,11 +116,9 @@ class SharedTrainer:
         self.pack.reserve((row for rows in self.splits.values() for row in rows),
                           dropout=setup.dropout and self.pack.cuda_graph)
         self.eval_rows = load_split(setup.data_dir, "eval")
-        text = base.config.get_text_config()
         # each split's eval batch budget, by the pack's train step at the split's widest rows, once
-        self.eval_budget = {name: eval_budget(setup.batch_size * max(len(ids) for ids, _ in rows), text.vocab_size,
-                                              getattr(text, "num_hidden_layers", 1), setup.gradient_checkpointing,
-                                              slots=capacity)
+        self.eval_budget = {name: model_eval_budget(base, setup.batch_size * max(len(ids) for ids, _ in rows),
+                                                    setup.gradient_checkpointing, slots=capacity)
                             if self.cuda else None for name, rows in self.splits.items()}
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
         self.startup_times["trainer_data_loaded"] = time.time()

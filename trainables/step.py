@@ -59,6 +59,12 @@ def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, token_loss
     return (token_loss or shifted_cross_entropy)(model(input_ids=input_ids).logits, labels)
 
 
+def scored_positions(labels) -> int:
+    """How many positions of one row's `labels` (a list) score a token: those `next_is_answer`
+    keeps. Counted in C (list.count): a large training set's rows are read once, before a search."""
+    return max(0, len(labels) - 1 - list(labels[1:]).count(IGNORE))
+
+
 def next_is_answer(labels: torch.Tensor) -> torch.Tensor:
     """The positions whose logits score a token: those whose next token is an answer token."""
     keep = torch.zeros_like(labels, dtype=torch.bool)

@@ -22,7 +22,7 @@ from trainables.config import TrialSetup, let_tune_wait_for_the_last_trial
 from trainables.cores import CoreShare, node_cpus
 from trainables.data import load_split
 from trainables.divergence import eval_diverged, train_diverged
-from trainables.evaluation import eval_budget, evaluate
+from trainables.evaluation import evaluate, model_eval_budget
 from trainables.generate import AnswerMetrics
 from trainables.metrics import Progress, trial_report
 from trainables.model import forget_base_model, hide_bitsandbytes_unless_needed, load_base_model, return_freed_memory
@@ -112,9 +112,7 @@ def _train(model, optimizer, scheduler, params: TrialParams, setup: TrialSetup, 
                            device, cuda_graph=setup.cuda_graphs,
                            compiled="inductor" if setup.compile and cuda else None)
     progress.train_seconds += time.perf_counter() - started  # the capture counts as training time
-    text = model.config.get_text_config()
-    budget = (eval_budget(train_step.tokens_per_batch, text.vocab_size, getattr(text, "num_hidden_layers", 1),
-                          setup.gradient_checkpointing) if cuda else None)
+    budget = model_eval_budget(model, train_step.tokens_per_batch, setup.gradient_checkpointing) if cuda else None
     loss_sum, loss_count = torch.zeros((), device=device), 0
     try:
         while progress.step < setup.max_steps:

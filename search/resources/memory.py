@@ -149,7 +149,7 @@ def _measure(spec: ProbeSpec) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from trainables.data import IGNORE
-    from trainables.evaluation import eval_budget, evaluate
+    from trainables.evaluation import evaluate, model_eval_budget
     from trainables.metrics import allocated_peak_gb, outside_allocator, process_peak_gb
     from trainables.model import load_base_model
     from trainables.optim import loraplus_adamw
@@ -171,9 +171,7 @@ def _measure(spec: ProbeSpec) -> dict:
         for step in range(2):
             train_step(step)
             optimizer.step()
-        text = model.config.get_text_config()
-        budget = eval_budget(train_step.tokens_per_batch, vocab_size, getattr(text, "num_hidden_layers", 1),
-                             spec.gradient_checkpointing)
+        budget = model_eval_budget(model, train_step.tokens_per_batch, spec.gradient_checkpointing)
         # the eval batch a trial's budget allows at its largest: its padded tokens full, and as many
         # answer positions as it allows among them
         rows = max(1, budget.tokens // spec.max_length)
