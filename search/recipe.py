@@ -319,6 +319,8 @@ def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info
         gradient_checkpointing=config.model.gradient_checkpointing,
         max_rank=max(config.search.ranks),
         dropout=config.search.dropout[1] > 0,  # [low, high] (SpaceConfig keeps one value as both)
+        # a set that adapts expert weights trains beside the trainer (trainables.placement)
+        module_sets=tuple(tuple(res.target_modules) for res in prepared.resolved.values() if not res.holds_fixed),
         generate_examples=config.data.eval_generate_examples,
         generate_every_round=needs_generations(config.selection.metric),
         tokenizer=tokenizer,

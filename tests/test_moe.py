@@ -334,3 +334,23 @@ def test_a_hybrid_set_that_peft_refuses_exits_2_naming_what_it_cannot_adapt(tmp_
     assert err.startswith("error: search.module_sets has 'all_linear', which PEFT cannot adapt on FalconH1ForCausalLM")
     assert "'out_proj' is incompatible with Mamba-based models" in err
     assert main(["--dry-run", "--set", f"model.path={path}", "--set", "search.module_sets=[attention_qv,attention,mlp]"]) == 0
+
+
+def test_a_shared_trainer_prepares_the_layers_of_the_sets_it_packs_and_none_of_a_set_that_adapts_expert_weights(tmp_path):
+    """The trainer makes the layers of the space's module sets before its first trial
+    (`TrialSetup.module_sets`, `Pack.prepare`); a set that adapts expert weights trains beside it."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from rundir.location import locate
+    from search.recipe import trial_setup
+    from trainables.config import cache_root
+
+    config = load_config(None, [f"model.path={model_dir(tmp_path, 'mixtral', CONFIGS['mixtral'])}",
+                                "search.module_sets=[attention_qv, attention, experts]"])
+    prepared = prepare_model(config)
+    config = replace(config, search=prepared.space(config.search))
+    plan = SimpleNamespace(gpus_per_trial=1.0, compiled=True, layers_compiled=False)
+    setup = trial_setup(config, plan, prepared, locate(str(tmp_path), "run", cache_root()),
+                        SimpleNamespace(pad_token_id=0))
+    assert setup.module_sets == (("q_proj", "v_proj"), ("k_proj", "o_proj", "q_proj", "v_proj"))

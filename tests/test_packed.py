@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rundir.params import Origin, TrialParams
+from trainables.data import IGNORE
 from trainables.evaluation import EvalBudget, evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
@@ -493,6 +494,38 @@ def test_a_pack_told_its_rows_captures_its_step_once_as_batches_widen(tiny_model
     # rounding, in a gradient near zero, into a fraction of a step of its learning rate
     for i in grown_weights:
         close_weights(reserved_weights[i], grown_weights[i], f"slot {i} reserved", 1e-4)
+
+
+def test_a_pack_prepared_for_the_spaces_module_sets_opens_every_trial_into_one_capture_made_before_any(tiny_model_dir):
+    """Trials of four module sets open one after another. A pack that makes each trial's layers as
+    it opens captures its step again for each set it has not seen; one prepared for the space's
+    sets (`prepare`, as the shared trainer does before its first trial) captures once, before
+    any trial, and its slots step as the other pack's to the last digit: a layer no slot adapts
+    adds zeros."""
+    sets = [config["target_modules"] for config in CONFIGS]
+    runs = []
+    for prepared in (False, True):
+        pack = Pack(base(tiny_model_dir), capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS, max_rank=32)
+        pack.cuda_graph = True  # on the CPU, a pack only takes the graph's path when told to
+        vocab = pack.model.config.vocab_size
+        pack.reserve([([1] * 10, [IGNORE] * 4 + [1] * 6)])
+        if prepared:
+            pack.prepare(sets, rows=2)
+            assert pack.captured is not None and pack.slots == {}
+        losses, captures = [], [pack.captured]  # held, so that no two captures share an id
+        for step in range(4):
+            assert pack.add(mixed(step, 0.0)) == step
+            result = pack.step({i: batch(10 * step + i, 2, 10, vocab) for i in pack.slots})
+            losses.append({i: float(v) for i, v in result.items()})
+            captures.append(pack.captured)
+        runs.append((losses, captures, {i: pack.adapter_state(i) for i in pack.slots}))
+    (grown_losses, grown, grown_weights), (prepared_losses, once, prepared_weights) = runs
+    # each trial that adapts layers no earlier one did captures again: the fourth adapts the first three's
+    assert len({id(c) for c in grown[1:]}) == 3
+    assert len({id(c) for c in once}) == 1
+    assert prepared_losses == grown_losses
+    for i in grown_weights:
+        close_weights(prepared_weights[i], grown_weights[i], f"slot {i} prepared", 0.0)
 
 
 def test_a_slot_without_dropout_keeps_every_element_whatever_its_hash_and_one_with_keeps_its_share():

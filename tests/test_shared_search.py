@@ -208,7 +208,8 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
 def test_a_shared_run_records_its_trainers_start_between_rays_and_the_first_step(shared_run):
     run_dir, _ = shared_run
     times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
-    steps = ["ray_started", "trainer_constructing", "trainer_imported", "trainer_model_loaded", "trainer_data_loaded",
+    steps = ["ray_started", "trainer_code_loaded", "trainer_constructing",
+             "trainer_imported", "trainer_model_loaded", "trainer_data_loaded",
              "trainers_started"]
     assert [times[step] for step in steps] == sorted(times[step] for step in steps)
     started_at = json.loads((run_dir / "run_config.json").read_text())["started_at"]

@@ -33,7 +33,8 @@ def test_a_trainer_says_when_it_began_and_when_it_had_its_imports_model_and_data
     import time
 
     startup = trainer.startup()
-    steps = ["trainer_constructing", "trainer_imported", "trainer_model_loaded", "trainer_data_loaded"]
+    steps = ["trainer_code_loaded", "trainer_constructing", "trainer_imported", "trainer_model_loaded",
+             "trainer_data_loaded"]
     assert list(startup) == steps
     assert list(startup.values()) == sorted(startup.values()) and startup["trainer_constructing"] <= time.time()
     assert startup["trainer_data_loaded"] - startup["trainer_constructing"] > 0  # real readings, not one stamp
@@ -76,6 +77,7 @@ def test_the_trainer_accounts_for_its_packs_time_job_by_job(trainer):
     assert spent["count"]["steps"] >= 6  # six steps each, together where both stepped
     assert 2 <= spent["count"]["evaluation"] <= 4  # the trials due at one step evaluate in one pass
     assert spent["count"]["generation"] == 0 and spent["seconds"]["generation"] == 0  # no answers asked for
+    assert spent["count"]["preparing"] == 0  # a pack on the CPU steps eagerly: no capture to make before the first trial
     assert all(spent["seconds"][job] > 0 for job in ("steps", "evaluation", "checkpoints", "opening"))
     # one job at a time holds the pack: together they fit in the time the trials took
     assert sum(spent["seconds"].values()) <= time.perf_counter() - started

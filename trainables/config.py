@@ -158,6 +158,9 @@ class TrialSetup:
     gradient_checkpointing: bool = False
     max_rank: int = 1        # the space's largest rank: a shared trainer sizes its stacked adapters for it once
     dropout: bool = False    # some trial may have LoRA dropout: a shared trainer draws its masks from the start
+    # the target_modules of the space's module sets that a shared trainer packs: it makes their
+    # layers and captures its step before the first trial opens (Pack.prepare)
+    module_sets: tuple[tuple[str, ...], ...] = ()
     cuda_graphs: bool = True  # capture each trial's train step as a CUDA graph on GPU (trainables/step.py)
     compile: bool = False  # on GPU, torch.compile the train step instead (trainables/step.py)
     compile_layers: bool = False  # a shared trainer's compiled step compiles the decoder layers too (Pack.compile_layers)

@@ -293,6 +293,35 @@ class Pack:
             self.keep[index] = 1
         self._dropout_follows_the_slots()
 
+    def prepare(self, module_sets: Iterable[Sequence[str]], rows: int, autocast=None) -> None:
+        """Before any slot opens: wrap every layer that a trial of one of `module_sets` (the
+        space's target_modules lists) adapts, at the pack's `max_rank`, and with `cuda_graph`
+        capture the step for `rows` rows a slot as wide as `reserve` said. Slots then open into
+        that capture. Otherwise the first trial captures (and compiles) the step, and each
+        trial that adapts layers no earlier one did makes new tensors, captured again, while
+        the trials that came with it wait. A set that names the output layer is left to `add`,
+        which changes the step's head for it. A capture that fails here is tried again, and
+        given up as `step` says, at the first step."""
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        for targets in module_sets:
+            config = LoraConfig(target_modules=list(targets))
+            names = [name for name, module in self.model.named_modules()
+                     if name and type(module) is nn.Linear and check_target_module_exists(config, name)]
+            for name in names:
+                self._wrap(name, self.max_rank)
+        if not self.cuda_graph or not self.reserved_width:
+            return
+        try:
+            self._captured_for(rows, self.reserved_width, self.reserved_answers, autocast)
+        except Exception as error:  # noqa: BLE001 - the first step captures again, and says what fails
+            self.captured = None
+            log.warning("the packed step could not be captured before the first trial (%s: %s)",
+                        type(error).__name__, first_line(error))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def _dropout_follows_the_slots(self) -> None:
         """`dropout` from the slots' keep probabilities, or on where it was reserved."""
         self.dropout = self.reserved_dropout or bool((self.keep < 1).any())
@@ -396,14 +425,7 @@ class Pack:
         rows = max(ids.shape[0] for ids, _ in given)
         width = max(self.reserved_width, *(ids.shape[1] for ids, _ in given))
         answers = max(self.reserved_answers, *(answers_per_row(labels) for _, labels in given))
-        # rounded up: a step with a few more answer tokens than the last fits the same capture (and compile)
-        answers = -(-answers // ANSWER_ROUNDING) * ANSWER_ROUNDING
-        captured = self.captured
-        if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
-                or self.dropout != captured.dropout or self.layout != captured.layout):
-            self.captured = None  # its memory goes back to the allocator before the next capture takes its own
-            captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0),
-                                                     max(answers, captured.answers if captured else 0), autocast)
+        captured = self._captured_for(rows, width, answers, autocast)
         ids, labels = _gathered({i: batches.get(i) for i in range(self.capacity)}, rows, captured.width)
         captured.ids.copy_(_pinned(ids), non_blocking=True)
         captured.labels.copy_(_pinned(labels), non_blocking=True)
@@ -416,6 +438,19 @@ class Pack:
         captured.replay()
         losses = captured.losses.clone()  # the next replay overwrites the graph's own
         return {i: losses[i] for i in order}
+
+    def _captured_for(self, rows: int, width: int, answers: int, autocast) -> Captured:
+        """The capture that steps `rows` rows a slot of up to `width` tokens and `answers` answer
+        positions each: the one held where it fits, else a new one."""
+        # rounded up: a step with a few more answer tokens than the last fits the same capture (and compile)
+        answers = -(-answers // ANSWER_ROUNDING) * ANSWER_ROUNDING
+        captured = self.captured
+        if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
+                or self.dropout != captured.dropout or self.layout != captured.layout):
+            self.captured = None  # its memory goes back to the allocator before the next capture takes its own
+            captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0),
+                                                     max(answers, captured.answers if captured else 0), autocast)
+        return captured
 
     def _capture(self, rows: int, width: int, answers: int, autocast) -> Captured:
         """The whole step, forward, backward and update, over static tensors, `answers` answer

@@ -42,6 +42,8 @@ from trainables.config import TrialSetup
 if TYPE_CHECKING:
     from trainables.metrics import Progress
 
+# when this process loaded the trainer's code, as Ray unpickled its class: how long its worker took to start
+CODE_LOADED_AT = time.time()
 PENDING_REPORTS = 2  # reports a slot may run ahead of its client before it waits for it
 FAILURE_GRACE_S = 2.0  # after the stepping thread fails: time for the waiting clients to take the reason
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class _Open:
 
 
 # The pack's jobs, in the trainer's account of its time (`SharedTrainer.time_spent`).
-PACK_JOBS = ("steps", "evaluation", "generation", "checkpoints", "opening")
+PACK_JOBS = ("preparing", "steps", "evaluation", "generation", "checkpoints", "opening")
 
 
 class SharedTrainer:
@@ -89,7 +91,7 @@ class SharedTrainer:
 
         # when its construction began and each part of it ended (time.time(), the driver's clock on
         # one machine): where a shared run's time before its first step goes (`startup`)
-        self.startup_times = {"trainer_constructing": time.time()}
+        self.startup_times = {"trainer_code_loaded": CODE_LOADED_AT, "trainer_constructing": time.time()}
         hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
         import torch
 
@@ -104,8 +106,14 @@ class SharedTrainer:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         self.startup_times["trainer_imported"] = time.time()
+        # the GPU's context made while transformers is imported and the weights are read, not after
+        context = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": self.device}, daemon=True)
+        if self.cuda:
+            context.start()
         base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
                                setup.gradient_checkpointing)
+        if self.cuda:
+            context.join()
         self.startup_times["trainer_model_loaded"] = time.time()
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
@@ -144,14 +152,15 @@ class SharedTrainer:
 
     # -- what clients call ---------------------------------------------------------------------
     def startup(self) -> dict[str, float]:
-        """When (time.time()) this trainer's construction began (its process started and its code
-        loaded), and when it had imported torch, transformers and PEFT, loaded the base model, and
+        """When (time.time()) this process loaded the trainer's code, when its construction began,
+        and when it had imported torch, transformers and PEFT, loaded the base model, and
         read the data and the tokenizer."""
         return dict(self.startup_times)
 
     def time_spent(self) -> dict[str, dict]:
         """Where the pack's time went since the trainer started, job by job (PACK_JOBS): seconds
-        and how many times, with `steps` the packed steps (their captures and compiles included),
+        and how many times, with `preparing` the layers and captured step made before the first
+        trial (`Pack.prepare`), `steps` the packed steps (their captures and compiles included),
         `evaluation` the eval passes (one for all the slots due at a step), `generation` the
         answer passes (one for all the slots that answer at a step), `checkpoints` each
         report's checkpoint, `opening` the slots opened.
@@ -267,6 +276,7 @@ class SharedTrainer:
     # -- the stepping thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._prepare()
             while True:
                 with self.lock:
                     while self.opening and not self.stopping:
@@ -293,6 +303,16 @@ class SharedTrainer:
             # been told why, the process ends, and Ray restarts it (max_restarts) for their retries
             time.sleep(FAILURE_GRACE_S)
             os._exit(1)
+
+    def _prepare(self) -> None:
+        """The pack's layers and captured step made before the first trial opens (`Pack.prepare`),
+        while Tune starts the trials' clients; they open once it is done."""
+        if not self.pack.cuda_graph or not self.setup.module_sets:
+            return  # nothing captured: made as the trials come, the layers cost an eager step nothing meanwhile
+        with self.pack_lock:
+            preparing = time.perf_counter()
+            self.pack.prepare(self.setup.module_sets, self.setup.batch_size, self.autocast)
+            self._spent("preparing", preparing)
 
     def _step(self, ready: list[_Open]) -> None:
         import torch
