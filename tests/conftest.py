@@ -33,7 +33,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     # fast tier keeps a test of the product's own behaviour in each of these modules
     "test_worker_imports.py": ("test_peft_imports_bitsandbytes_when_nothing_hides_it",
                                "test_bitsandbytes_stays_importable_where_it_may_be_needed"),
-    "test_atomicfs.py": ("test_premise_pyarrows_own_local_filesystem_leaves_half_a_file_when_killed_midway",),
+    "test_atomicfs.py": ("test_premise_pyarrows_own_local_filesystem_leaves_half_a_file_when_killed_midway",
+                         "test_a_sync_killed_midway_leaves_a_whole_state_file"),
     "test_console.py": (
         "test_every_trial_has_a_start_line_with_its_configuration_and_an_end_line_that_says_how_it_ended",
         "test_a_failed_trial_s_line_gives_its_one_line_reason",
@@ -88,7 +89,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_bench_plumbing.py": ("test_the_grid_runs_end_to_end_in_smoke_mode",),
     "test_retrain.py": ("test_a_tiny_search_then_the_retrain_command_gives_weights_that_load_from_the_printed_path",),
     "test_packed.py": ("test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eager_one",),
-    "test_local_ray.py": ("test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray",),
+    "test_local_ray.py": ("test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray",
+                          "test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_leaves_nothing_running"),
     "test_ray_contract.py": ("test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says",),
     "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (
