@@ -60,6 +60,13 @@ def checkpoint_index(path: str) -> int:
     return int(match.group(1))
 
 
+def has_experiment_state(fs: pafs.FileSystem, experiment_dir: str) -> bool:
+    """Whether `experiment_dir` holds an experiment state (`experiment_state-*.json`) for Tune to
+    restore its trials from."""
+    entries = fs.get_file_info(pafs.FileSelector(experiment_dir, allow_not_found=True))
+    return any(entry.type == pafs.FileType.File and _EXPERIMENT_STATE.fullmatch(entry.base_name) for entry in entries)
+
+
 def drop_superseded_checkpoints(fs: pafs.FileSystem, trial_dir: str, keep_from: int) -> list[str]:
     """Delete, through `fs`, each checkpoint directory of `trial_dir` whose index is below
     `keep_from`; return their paths, oldest first."""

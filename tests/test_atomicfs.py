@@ -200,3 +200,20 @@ def test_at_the_experiments_end_ended_trials_keep_one_checkpoint_and_unfinished_
     _state(fs, tmp_path)
     callback.on_experiment_end([ended, stopped])
     assert ended.kept() == ["checkpoint_000001"] and stopped.kept() == ["checkpoint_000000", "checkpoint_000001"]
+
+
+def test_an_experiment_state_is_found_only_once_whole(tmp_path):
+    """A resume restores Tune's experiment only where a whole state is (search.tuning.tuner.fit_or_restore):
+    not in a missing directory, nor from the temporary file of a state still being written."""
+    import pyarrow.fs as pafs
+
+    from rundir.atomicfs import has_experiment_state
+
+    fs, experiment = pafs.LocalFileSystem(), tmp_path / "tune"
+    assert not has_experiment_state(fs, str(experiment))
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"a Tuner")
+    (experiment / f".experiment_state-2026-12-06_14-29-49.json.{os.getpid()}.tmp").write_text("{")
+    assert not has_experiment_state(fs, str(experiment))
+    (experiment / "experiment_state-2026-12-06_14-29-49.json").write_text("{}")
+    assert has_experiment_state(fs, str(experiment))

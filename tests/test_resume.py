@@ -133,3 +133,61 @@ def test_a_resume_whose_saved_searcher_is_behind_or_ahead_of_tunes_trials_runs_e
     assert not proposed.duplicated(configuration).any(), "a configuration trained twice"
     for trial_id, rows in trial_reports(run_dir).items():
         assert_steps_in_order(trial_id, rows)
+
+
+def _five_samples(storage: Path):
+    """A Tuner over a searcher that hands out five configurations, then none, with Tune told no
+    number of samples (-1), as the search's Tuner is; made here, it writes its own file at once."""
+    from ray import tune
+    from ray.tune.search import Searcher
+
+    class Five(Searcher):
+        def __init__(self):
+            super().__init__(metric="x", mode="min")
+            self.handed = 0
+
+        def suggest(self, trial_id):
+            if self.handed == 5:
+                return Searcher.FINISHED
+            self.handed += 1
+            return {"a": self.handed}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            pass
+
+    def trainable(config):
+        tune.report({"x": config["a"]})
+
+    def build():
+        return tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=Five(), num_samples=-1),
+                          run_config=tune.RunConfig(name="five", storage_path=str(storage), verbose=0))
+
+    return trainable, build
+
+
+def test_premise_tune_restores_a_tuner_killed_before_its_first_state_as_an_experiment_of_one_sample(local_ray, tmp_path):
+    """Why `fit_or_restore` builds again where no experiment state is: a driver killed after
+    making its Tuner and before Tune's first state leaves a Tuner that `can_restore`, and its
+    restore starts the experiment anew with one trial where the searcher had five to hand out.
+    Should Tune restore it whole one day, this fails and the check can go."""
+    from ray import tune
+
+    trainable, build = _five_samples(tmp_path)
+    build()  # the killed driver's
+    path = str(tmp_path / "five")
+    assert tune.Tuner.can_restore(path)
+    assert len(tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True).fit()) == 1
+
+
+def test_a_search_whose_driver_was_killed_before_tunes_first_state_runs_every_sample(local_ray, tmp_path):
+    from rundir.location import locate
+    from search.tuning.tuner import fit_or_restore
+    from trainables.config import cache_root
+
+    location = locate(str(tmp_path), "run", cache_root())
+    location.local.mkdir()
+    trainable, build = _five_samples(Path(location.storage))
+    build()  # the killed driver's: its Tuner's file, and no experiment state
+    fit_or_restore("five", location, trainable, build)
+    results = list((location.local / "five").glob("*/result.json"))
+    assert len(results) == 5

@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from analysis.candidates import decide
 from analysis.results import read_trial_files
-from rundir.atomicfs import drop_trial_directories
+from rundir.atomicfs import drop_trial_directories, has_experiment_state
 from rundir.files import atomic_path
 from rundir.layout import ASHA_STATE, OPTUNA_STUDY, RETRAIN_EXPERIMENT, SEARCH_EXPERIMENT, trial_directory
 from rundir.location import RunLocation
@@ -97,7 +97,10 @@ def fit_or_restore(name: str, location: RunLocation, trainable, build) -> None:
     local copy of the run for the analysis, however the fit ended."""
     path, filesystem = location.experiment_storage(name), location.storage_filesystem()
     try:
-        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        # A Tuner writes its own file when made, and Tune its first state only later: restored
+        # before that state, Tune 2.60 starts the experiment anew with one sample in place of
+        # the searcher's many (tests/test_resume.py), so a driver killed in between is built again
+        if tune.Tuner.can_restore(path, storage_filesystem=filesystem) and has_experiment_state(filesystem, path):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        storage_filesystem=filesystem)
         else:
