@@ -133,8 +133,8 @@ class Slot:
         """(PEFT's state-dict key, the slot's part of the layer's tensor) of each adapter weight, in
         the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq" their gradients or
         AdamW moments."""
-        r = self.params.lora_config["r"]  # every layer's rank of the slot (`Pack.add`); read on the device, a sync each
         for name, layer in self.layers.items():
+            r = int(layer.rank[self.index])
             for matrix in ("A", "B"):
                 tensor = getattr(layer, matrix)
                 if what == "grad":
@@ -655,25 +655,16 @@ class Pack:
     def checkpoint(self, index: int, progress: Progress, base_model_name_or_path: str) -> TrialCheckpoint:
         """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model.
         Its dropout needs no generator state: the masks are a function of the trial's seed and step."""
+        slot = self.slots[index]
         from peft import LoraConfig
 
-        slot = self.slots[index]
-        # the slot's hundreds of tensors to the host in one copy: one by one, each waited for the GPU
-        parts = [weight.detach() for what in ("", "avg", "avg_sq") for _, weight in slot.named_weights(what)]
-        host = torch.cat([part.reshape(-1) for part in parts]).cpu().split([part.numel() for part in parts])
-        parts = [piece.view(part.shape).clone() for piece, part in zip(host, parts)]  # clones: no shared storage
-        keys, count = [key for key, _ in slot.named_weights()], len(parts) // 3
-        weights, avgs, avg_sqs = parts[:count], parts[count:2 * count], parts[2 * count:]
-        params = [nn.Parameter(weight.clone()) for weight in weights]
-        # the optimizer's own, not the host's, flags (fused on a GPU), as a per-process trial's checkpoint records them
-        optimizer = loraplus_adamw(SlotWeights(list(zip(params[::2], params[1::2]))), slot.params.learning_rate,
-                                   slot.params.loraplus_lr_ratio, self.device.type == "cuda")
+        optimizer, scheduler, params = self._trial_optimizer(index)
         steps = int(self.steps[index])
-        scheduler = warmup_cosine(optimizer, self.warmup_steps, self.max_steps, steps)
         if steps:  # torch's AdamW holds no state before its first step
-            for param, avg, avg_sq in zip(params, avgs, avg_sqs):
-                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg, "exp_avg_sq": avg_sq}
-        return TrialCheckpoint.take(progress, dict(zip(keys, weights)),
+            for param, (_, avg), (_, avg_sq) in zip(params, slot.named_weights("avg"), slot.named_weights("avg_sq")):
+                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg.detach().clone(),
+                                          "exp_avg_sq": avg_sq.detach().clone()}
+        return TrialCheckpoint.take(progress, self.adapter_state(index),
                                     adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
                                     optimizer, scheduler, [], SLOT)
 

@@ -40,7 +40,6 @@ from rundir.report import TrialReport
 from trainables.config import TrialSetup
 
 if TYPE_CHECKING:
-    from trainables.checkpoint import TrialCheckpoint
     from trainables.metrics import Progress
 
 # when this process loaded the trainer's code, as Ray unpickled its class: how long its worker took to start
@@ -64,15 +63,6 @@ class SlotReport:
     files: dict[str, bytes]
 
 
-@dataclass(frozen=True)
-class _Queued:
-    """A report as its slot queues it: its checkpoint becomes files in the client's call
-    (`next_report`), not in the stepping thread, which every slot waits for."""
-
-    report: TrialReport
-    checkpoint: TrialCheckpoint
-
-
 @dataclass
 class _Open:
     """A trial in a slot."""
@@ -82,7 +72,7 @@ class _Open:
     params: TrialParams
     progress: Progress
     rows: list
-    reports: deque = field(default_factory=deque)  # _Queued, then None after the last
+    reports: deque = field(default_factory=deque)  # SlotReport, then None after the last
     error: BaseException | None = None
     finished: bool = False
     loss_sum: object = 0.0      # a tensor on the device once the slot has stepped
@@ -173,8 +163,7 @@ class SharedTrainer:
         trial (`Pack.prepare`), `steps` the packed steps (their captures and compiles included),
         `evaluation` the eval passes (one for all the slots due at a step), `generation` the
         answer passes (one for all the slots that answer at a step), `checkpoints` each
-        report's checkpoint taken to the host (made into files in its client's `next_report`),
-        `opening` the slots opened.
+        report's checkpoint, `opening` the slots opened.
         Whatever the pack does in one job the others wait for: it is the trainer's account of a
         shared search's time after its first step."""
         with self.lock:
@@ -245,15 +234,14 @@ class SharedTrainer:
                 if trial is None:
                     raise RuntimeError(f"trial {trial_id} holds no slot on this trainer: it was released")
                 if trial.reports:
-                    queued = trial.reports.popleft()
+                    report = trial.reports.popleft()
                     self.lock.notify_all()
-                    break
+                    return report
                 if trial.error is not None:
                     raise trial.error
                 if self.failure is not None:
                     raise RuntimeError(f"the shared trainer failed: {type(self.failure).__name__}: {self.failure}")
                 self.lock.wait(1.0)
-        return None if queued is None else SlotReport(queued.report, queued.checkpoint.to_files())
 
     def release(self, trial_id: str, token: str | None = None) -> None:
         """Free the trial's slot at once; nothing for a trial that holds none. With `token` (what
@@ -432,11 +420,11 @@ class SharedTrainer:
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
             checkpointing = time.perf_counter()
-            checkpoint = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path)
+            files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
             self._spent("checkpoints", checkpointing)
             progress.busy_from = time.time()
             with self.lock:
-                trial.reports.append(_Queued(report, checkpoint))
+                trial.reports.append(SlotReport(report, files))
                 if progress.step >= setup.max_steps:
                     trial.finished = True
                     trial.reports.append(None)
