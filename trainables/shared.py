@@ -308,7 +308,7 @@ class SharedTrainer:
         """The pack's layers and captured step made before the first trial opens (`Pack.prepare`),
         while Tune starts the trials' clients; they open once it is done."""
         if not self.pack.cuda_graph or not self.setup.module_sets:
-            return  # nothing captured: made as the trials come, the layers cost an eager step nothing meanwhile
+            return  # an eager pack captures nothing, and a layer made before any slot adapts it costs every pass
         with self.pack_lock:
             preparing = time.perf_counter()
             self.pack.prepare(self.setup.module_sets, self.setup.batch_size, self.autocast)
