@@ -63,3 +63,16 @@ def test_an_unknown_key_is_refused_naming_it(recorded, section):
 
     with pytest.raises(ValueError, match=rf"unknown key {key} \(= 2\); the known keys are \["):
         RunConfig.from_json(recorded)
+
+
+def test_the_run_config_record_has_a_field_for_every_budget_and_resources_setting():
+    """A setting added to the config and not to the record fails every run as it writes
+    run_config.json (the whole search otherwise runs only in the slow tier)."""
+    from dataclasses import fields
+
+    from rundir.runconfig import Budget, Resources
+    from search.config import BudgetConfig, ResourcesConfig
+
+    for settings, record in ((BudgetConfig, Budget), (ResourcesConfig, Resources)):
+        missing = {f.name for f in fields(settings)} - {f.name for f in fields(record)}
+        assert not missing, f"{record.__name__} lacks {sorted(missing)}"
