@@ -1,6 +1,8 @@
 """Where a packed step's time goes on the GPU (SmolLM2, K = 1 and 8 slots): forward, backward
 and optimizer timed with syncs, the base model's forward alone, and torch.profiler's top ops by
-self CPU and by CUDA time.
+self CPU and by CUDA time. Then a report's checkpoint, which the pack holds every slot for (0.12 s
+in the reference search on an H100, `trainer_time.json`): taken (`Pack.checkpoint`) and made into
+files (`to_files`), timed with syncs, and the ops of one taken.
 
     python bench/pack_profile.py [--slots 1,8]     (on the GPU machine, after device.sh's setup)
 
@@ -58,6 +60,20 @@ def phases(pack, batches: dict, autocast) -> dict[str, float]:
     return {name: round(1000 * seconds / REPEATS, 1) for name, seconds in totals.items()}
 
 
+def checkpoint_phases(pack, indices: list[int]) -> dict[str, float]:
+    """Milliseconds a slot's checkpoint takes, as the shared trainer takes one with each report:
+    taken off the pack, then made into files, averaged over the slots."""
+    from trainables.metrics import Progress
+
+    progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=3)
+    taken, written = 0.0, 0.0
+    for i in indices:
+        out = {}
+        taken += _timed(lambda i=i: out.update(checkpoint=pack.checkpoint(i, progress, "smollm2")))
+        written += _timed(lambda: out["checkpoint"].to_files())
+    return {"taken": round(1000 * taken / len(indices), 1), "files": round(1000 * written / len(indices), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", default="1,8", help="pack sizes to profile, comma-separated")
@@ -67,6 +83,7 @@ def main() -> None:
 
     from bench.shared_packing import load as load_model
     from bench.shared_packing import rows, trial_params
+    from trainables.metrics import Progress
     from trainables.packed import Pack, unpack
 
     device = torch.device("cuda", 0)
@@ -97,6 +114,12 @@ def main() -> None:
             torch.cuda.synchronize()
         print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
         print(profiled.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+        print(f"K={slots} checkpoint ms: {checkpoint_phases(pack, indices)}", flush=True)
+        progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=3)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+            pack.checkpoint(indices[0], progress, "smollm2")
+            torch.cuda.synchronize()
+        print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         for i in indices:
             pack.remove(i)
         unpack(model)
