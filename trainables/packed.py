@@ -252,9 +252,7 @@ class Pack:
             # selected (`losses`)
             self.model.set_output_embeddings(head.base)
             self.layout += 1
-        wrapped = {id(layer.base) for layer in self._layers.values()}  # seen as their PackedLinear
-        targets = [(name, module) for name, module in self.model.named_modules()
-                   if name and id(module) not in wrapped and check_target_module_exists(config, name)]
+        targets = self._targets(config)
         if not targets:
             raise ValueError(f"target_modules {config.target_modules} names no layer of the model")
         wrong = [name for name, module in targets if not isinstance(module, (nn.Linear, PackedLinear))]
@@ -303,14 +301,11 @@ class Pack:
         which changes the step's head for it. A capture that fails here is tried again, and
         given up as `step` says, at the first step."""
         from peft import LoraConfig
-        from peft.tuners.tuners_utils import check_target_module_exists
 
         for targets in module_sets:
-            config = LoraConfig(target_modules=list(targets))
-            names = [name for name, module in self.model.named_modules()
-                     if name and type(module) is nn.Linear and check_target_module_exists(config, name)]
-            for name in names:
-                self._wrap(name, self.max_rank)
+            for name, module in self._targets(LoraConfig(target_modules=list(targets))):
+                if isinstance(module, (nn.Linear, PackedLinear)):  # another layer: `add` refuses its trials
+                    self._wrap(name, self.max_rank)
         if not self.cuda_graph or not self.reserved_width:
             return
         try:
@@ -321,6 +316,15 @@ class Pack:
                         type(error).__name__, first_line(error))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _targets(self, config) -> list[tuple[str, nn.Module]]:
+        """The layers a trial of `config` (a PEFT `LoraConfig`) adapts, by name; a packed layer as its
+        PackedLinear, not as the Linear inside it."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        wrapped = {id(layer.base) for layer in self._layers.values()}
+        return [(name, module) for name, module in self.model.named_modules()
+                if name and id(module) not in wrapped and check_target_module_exists(config, name)]
 
     def _dropout_follows_the_slots(self) -> None:
         """`dropout` from the slots' keep probabilities, or on where it was reserved."""
