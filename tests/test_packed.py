@@ -229,6 +229,52 @@ def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_mode
     assert len({round(e.loss, 6) for e in together}) == len(chosen)  # three adapters, three different scores
 
 
+def aten_ops(run) -> list[str]:
+    """The aten operations that `run()` dispatches, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return [event.name for event in prof.events() if event.name.startswith("aten::")]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_selections_passes_without_gradients_reuse_its_matrices_and_score_as_made_anew(tiny_model_dir, autocast):
+    """Evaluation and generation pass the rows of a selection (`Pack.only`) through the model
+    without gradients, generation once per token: the slots' matrices are taken from the stacks
+    once, not at every pass, and the logits are those the training path's operations give
+    (bitwise, in fp32 and under bf16 autocast); a selection made after a slot's weights changed
+    sees the new ones."""
+    model = base(tiny_model_dir)
+    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
+    for i in slots:
+        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    ids, _ = batch(5, 3, 9, model.config.vocab_size)
+    chosen = [slots[3], slots[1]]
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def logits(grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), cast:
+            return model(input_ids=ids.repeat(len(chosen), 1)).logits.detach()
+
+    with pack.only(*chosen):
+        made_anew = logits(grad=True)
+        first = aten_ops(lambda: logits(grad=False))
+        out = {}
+        second = aten_ops(lambda: out.update(logits=logits(grad=False)))
+    assert torch.equal(out["logits"], made_anew)
+    layers = sum(1 for m in model.modules() if type(m).__name__ == "PackedLinear")
+    assert first.count("aten::index_select") - second.count("aten::index_select") == 3 * layers  # A, B, scale
+    assert len(second) <= len(first) - 4 * layers, (len(first), len(second))
+    changed = nonzero_b(pack.adapter_state(chosen[0]), 99)
+    pack.load_adapter_state(chosen[0], changed)
+    with pack.only(*chosen):
+        again = logits(grad=False)
+        assert torch.equal(again, logits(grad=True))
+    assert not torch.equal(again, made_anew)
+
+
 def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_reported(tiny_model_dir, tmp_path):
     from peft import PeftModel
 

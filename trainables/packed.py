@@ -90,6 +90,7 @@ class PackedLinear(nn.Module):
         self.number = torch.tensor(number, device=device)
         self.scale = torch.zeros(capacity, device=device)
         self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
+        self.frozen: dict = {}  # within `Pack.only`: the selection's matrices as its passes without gradients take them
         self._allocate(rank)
 
     def _allocate(self, rank: int) -> None:
@@ -107,18 +108,31 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        A, B, scale = self.A, self.B, self.scale
         slots = self.pack.selection
-        if slots is not None:
-            A, B, scale = A.index_select(0, slots), B.index_select(0, slots), scale.index_select(0, slots)
-        rows = x.reshape(A.shape[0], -1, *x.shape[1:])  # [slots, rows, ..., in]: each slot's own block
+        # a selection's passes without gradients (evaluation, and generation's one pass per token)
+        # take its slots' matrices as its first pass made them: selected, cast and scaled again at
+        # every pass, they were a third of the operations a pass dispatches
+        frozen = self.frozen if slots is not None and not torch.is_grad_enabled() else None
+        rows = x.reshape(self.pack.capacity if slots is None else len(slots), -1, *x.shape[1:])  # [slots, rows, ..., in]
         if self.training and self.pack.dropout:
             rows = self.pack.drop(rows, self.number)
-        low = torch.bmm(rows.flatten(1, -2), A.transpose(1, 2).to(rows.dtype))
-        # the scale on B rather than on the product, and the sum in the same kernel: no pass over
-        # the layer's output for either, forward or backward
-        scaled = (B * scale[:, None, None]).transpose(1, 2).to(low.dtype)
-        return torch.baddbmm(out.view(low.shape[0], -1, out.shape[-1]), low, scaled).view(out.shape)
+        down = frozen.get(("down", rows.dtype)) if frozen is not None else None
+        if down is None:
+            A = self.A if slots is None else self.A.index_select(0, slots)
+            down = A.transpose(1, 2).to(rows.dtype)
+            if frozen is not None:
+                frozen["down", rows.dtype] = down
+        low = torch.bmm(rows.flatten(1, -2), down)
+        up = frozen.get(("up", low.dtype)) if frozen is not None else None
+        if up is None:
+            B, scale = (self.B, self.scale) if slots is None else (self.B.index_select(0, slots),
+                                                                  self.scale.index_select(0, slots))
+            # the scale on B rather than on the product, and the sum in the same kernel: no pass
+            # over the layer's output for either, forward or backward
+            up = (B * scale[:, None, None]).transpose(1, 2).to(low.dtype)
+            if frozen is not None:
+                frozen["up", low.dtype] = up
+        return torch.baddbmm(out.view(low.shape[0], -1, out.shape[-1]), low, up).view(out.shape)
 
 
 @dataclass
@@ -225,6 +239,8 @@ class Pack:
             yield self.model
         finally:
             self.selection = None
+            for layer in self._layers.values():  # the next selection, or the same slots trained since, take them anew
+                layer.frozen = {}
 
     def free_slots(self) -> list[int]:
         return [i for i in range(self.capacity) if i not in self.slots]
