@@ -76,6 +76,8 @@ def test_the_trainer_accounts_for_its_packs_time_job_by_job(trainer):
     assert spent["count"]["checkpoints"] == len(a) + len(b) == 4  # one with each report
     assert spent["count"]["steps"] >= 6  # six steps each, together where both stepped
     assert 2 <= spent["count"]["evaluation"] <= 4  # the trials due at one step evaluate in one pass
+    assert spent["slots"]["evaluation"] == len(a) + len(b)  # but each trial's evaluation counts in the slots served
+    assert spent["count"]["steps"] < spent["slots"]["steps"] == 12  # six steps of each trial, some of both at once
     assert spent["count"]["generation"] == 0 and spent["seconds"]["generation"] == 0  # no answers asked for
     assert spent["count"]["preparing"] == 0  # a pack on the CPU steps eagerly: no capture to make before the first trial
     assert all(spent["seconds"][job] > 0 for job in ("steps", "evaluation", "checkpoints", "opening"))

@@ -145,6 +145,7 @@ class SharedTrainer:
         # seconds the pack spent on each of its jobs, and how many of each it did (`time_spent`)
         self.spent = dict.fromkeys(PACK_JOBS, 0.0)
         self.done = dict.fromkeys(PACK_JOBS, 0)
+        self.served = dict.fromkeys(PACK_JOBS, 0)
         self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
@@ -163,17 +164,22 @@ class SharedTrainer:
         trial (`Pack.prepare`), `steps` the packed steps (their captures and compiles included),
         `evaluation` the eval passes (one for all the slots due at a step), `generation` the
         answer passes (one for all the slots that answer at a step), `checkpoints` each
-        report's checkpoint, `opening` the slots opened.
+        report's checkpoint, `opening` the slots opened; and `slots`, how many slots those
+        served, summed: a step, an evaluation or an answer pass serves several at once. Two
+        searches' ASHA decisions differ as their reports arrive in another order, so they make
+        different numbers of passes of different sizes: seconds per slot served compare them.
         Whatever the pack does in one job the others wait for: it is the trainer's account of a
         shared search's time after its first step."""
         with self.lock:
-            return {"seconds": {job: round(seconds, 3) for job, seconds in self.spent.items()}, "count": dict(self.done)}
+            return {"seconds": {job: round(seconds, 3) for job, seconds in self.spent.items()}, "count": dict(self.done),
+                    "slots": dict(self.served)}
 
-    def _spent(self, job: str, since: float, count: int = 1) -> None:
+    def _spent(self, job: str, since: float, count: int = 1, slots: int = 1) -> None:
         seconds = time.perf_counter() - since
         with self.lock:
             self.spent[job] += seconds
             self.done[job] += count
+            self.served[job] += slots * count
 
     def free_slots(self) -> int:
         """The slots `open` can give now (a released slot counts as free: `open` frees it first)."""
@@ -337,7 +343,7 @@ class SharedTrainer:
             with self.lock:
                 culprit.error = torch.OutOfMemoryError(f"CUDA out of memory in the shared trainer with one slot: {error}")
             return
-        self._spent("steps", stepping)
+        self._spent("steps", stepping, slots=len(ready))
         elapsed = time.perf_counter() - started
         due = []
         for trial in ready:
@@ -388,7 +394,7 @@ class SharedTrainer:
             evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
                                           blocks=len(evaluating))
         evaluated = time.perf_counter() - started
-        self._spent("evaluation", started)
+        self._spent("evaluation", started, slots=len(evaluating))
         scored = []
         for (trial, train_loss), evaluation in zip(evaluating, evaluations):
             trial.progress.eval_seconds += evaluated
@@ -409,7 +415,7 @@ class SharedTrainer:
                                    self.answer_metrics.blocks(model, setup.pad_token_id, self.device, self.autocast,
                                                               blocks=len(answering))))
             generated = time.perf_counter() - generating
-            self._spent("generation", generating)
+            self._spent("generation", generating, slots=len(answering))
             for trial in answering:
                 trial.progress.generate_seconds += generated
                 trial.progress.eval_seconds += generated
