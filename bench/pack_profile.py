@@ -2,7 +2,9 @@
 and optimizer timed with syncs, the base model's forward alone, and torch.profiler's top ops by
 self CPU and by CUDA time. Then a report's checkpoint, which the pack holds every slot for (0.12 s
 in the reference search on an H100, `trainer_time.json`): taken (`Pack.checkpoint`) and made into
-files (`to_files`), timed with syncs, and the ops of one taken.
+files (`to_files`), timed with syncs, and the ops of one taken. Then a report's evaluation and
+answer round for 1, K/2 and K slots at once (`report_passes`): the searches' own accounts cannot
+compare them, as two searches make different passes.
 
     python bench/pack_profile.py [--slots 1,8]     (on the GPU machine, after device.sh's setup)
 
@@ -18,6 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROWS, TOKENS, REPEATS = 8, 64, 5
+# a report's passes (`report_passes`): the reference task's eval split, 1,200 rows of a short question and its
+# answer, and the 32 of them that a trial at the full budget answers
+EVAL_ROWS, PROMPT, ANSWER, ANSWER_PROMPTS = 1200, 24, 12, 32
 
 
 class RandomSmolLM2:  # bench.shared_packing.load's arguments: SmolLM2's shapes, random weights
@@ -74,6 +79,35 @@ def checkpoint_phases(pack, indices: list[int]) -> dict[str, float]:
     return {"taken": round(1000 * taken / len(indices), 1), "files": round(1000 * written / len(indices), 1)}
 
 
+def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, float]]:
+    """Milliseconds of a report's passes as the shared trainer makes them for n of the pack's slots
+    at once (`Pack.only`): an evaluation of EVAL_ROWS rows of the reference task's shape (prompts of
+    PROMPT tokens, answers of ANSWER), and an answer round of ANSWER_PROMPTS prompts, per token
+    generated (a random model's answers never end early)."""
+    import torch
+
+    from bench.shared_packing import rows
+    from trainables.evaluation import evaluate_blocks, model_eval_budget
+
+    model, device = pack.model, pack.device
+    vocab = model.config.vocab_size
+    eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, vocab, 7, scored=ANSWER)
+    budget = model_eval_budget(model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
+    prompts = torch.tensor([ids[:PROMPT] for ids, _ in eval_rows[:ANSWER_PROMPTS]], device=device)
+    out = {"evaluation": {}, "per_token": {}}
+    for n in sorted({1, max(1, len(indices) // 2), len(indices)}):
+        with pack.only(*indices[:n]) as model:
+            out["evaluation"][n] = round(1000 * _timed(lambda n=n: evaluate_blocks(
+                model, eval_rows, 0, device, autocast, budget, blocks=n)), 1)
+            with autocast:
+                seconds = _timed(lambda n=n: model.generate(
+                    input_ids=prompts.repeat(n, 1), attention_mask=torch.ones_like(prompts).repeat(n, 1),
+                    do_sample=False, num_beams=1, max_new_tokens=ANSWER + 4, min_new_tokens=ANSWER + 4, pad_token_id=0,
+                    use_cache=True))
+            out["per_token"][n] = round(1000 * seconds / (ANSWER + 4), 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", default="1,8", help="pack sizes to profile, comma-separated")
@@ -120,6 +154,8 @@ def main() -> None:
             pack.checkpoint(indices[0], progress, "smollm2")
             torch.cuda.synchronize()
         print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(f"K={slots} report passes ms, by slots served at once: {report_passes(pack, indices, autocast)}",
+              flush=True)
         for i in indices:
             pack.remove(i)
         unpack(model)
