@@ -275,6 +275,34 @@ def test_a_selections_passes_without_gradients_reuse_its_matrices_and_score_as_m
     assert not torch.equal(again, made_anew)
 
 
+def test_a_selection_keeps_its_matrices_within_the_packs_budget_and_scores_the_same_beyond_it(tiny_model_dir,
+                                                                                              monkeypatch):
+    """Kept matrices are held together for the whole selection, so they stay within FROZEN_BYTES
+    (a large model's would take gigabytes): past it a layer makes its matrices at each pass
+    again, with the same logits, and a new selection starts its budget afresh."""
+    import trainables.packed as packed
+
+    model = base(tiny_model_dir)
+    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
+    for i in slots:
+        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    ids, _ = batch(6, 2, 8, model.config.vocab_size)
+    layers = [m for m in model.modules() if type(m).__name__ == "PackedLinear"]
+    with pack.only(*slots), torch.no_grad():
+        everything = model(input_ids=ids.repeat(len(slots), 1)).logits
+        kept = pack.frozen_bytes
+    assert kept > 0 and all(len(layer.frozen) == 0 for layer in layers)  # given up with the selection
+    monkeypatch.setattr(packed, "FROZEN_BYTES", kept // 3)
+    with pack.only(*slots), torch.no_grad():
+        first = model(input_ids=ids.repeat(len(slots), 1)).logits
+        assert 0 < pack.frozen_bytes <= kept // 3
+        assert 0 < sum(len(layer.frozen) for layer in layers) < 2 * len(layers)
+        assert torch.equal(model(input_ids=ids.repeat(len(slots), 1)).logits, first)
+    assert pack.frozen_bytes == 0
+    assert torch.equal(first, everything)
+
+
 def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_reported(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
