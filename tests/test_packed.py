@@ -93,6 +93,15 @@ class PeftAlone:
         return name.replace(".default", "")
 
 
+def pack_of_configs(model) -> tuple[Pack, list[int]]:
+    """A pack of four slots on `model` holding CONFIGS, each with B drawn too (`nonzero_b`)."""
+    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
+    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
+    for i in slots:
+        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    return pack, slots
+
+
 def close(actual: dict, expected: dict, what: str, atol: float = 1e-7) -> None:
     assert sorted(actual) == sorted(expected), what
     for key, value in expected.items():
@@ -205,10 +214,7 @@ def test_the_slots_evaluated_in_one_pass_score_as_each_evaluated_alone(tiny_mode
     batches, or rows per batch)."""
     model = base(tiny_model_dir)
     vocab = model.config.vocab_size
-    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
-    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
-    for i in slots:
-        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    pack, slots = pack_of_configs(model)
     rows = []
     for k, length in enumerate([7, 12, 9, 15, 12, 6, 10]):
         ids, labels = batch(700 + k, 1, length, vocab)
@@ -246,10 +252,7 @@ def test_a_selections_passes_without_gradients_reuse_its_matrices_and_score_as_m
     (bitwise, in fp32 and under bf16 autocast); a selection made after a slot's weights changed
     sees the new ones."""
     model = base(tiny_model_dir)
-    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
-    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
-    for i in slots:
-        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    pack, slots = pack_of_configs(model)
     ids, _ = batch(5, 3, 9, model.config.vocab_size)
     chosen = [slots[3], slots[1]]
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
@@ -283,10 +286,7 @@ def test_a_selection_keeps_its_matrices_within_the_packs_budget_and_scores_the_s
     import trainables.packed as packed
 
     model = base(tiny_model_dir)
-    pack = Pack(model, capacity=4, warmup_steps=WARMUP, max_steps=MAX_STEPS)
-    slots = [pack.add(params(**config, seed=n)) for n, config in enumerate(CONFIGS)]
-    for i in slots:
-        pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+    pack, slots = pack_of_configs(model)
     ids, _ = batch(6, 2, 8, model.config.vocab_size)
     layers = [m for m in model.modules() if type(m).__name__ == "PackedLinear"]
     with pack.only(*slots), torch.no_grad():
