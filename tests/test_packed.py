@@ -303,6 +303,19 @@ def test_a_selection_keeps_its_matrices_within_the_packs_budget_and_scores_the_s
     assert torch.equal(first, everything)
 
 
+def test_a_slots_checkpoint_reads_no_number_per_layer_off_the_device(tiny_model_dir):
+    """A report's checkpoint holds every slot of the pack: each number it reads off a GPU waits for
+    the GPU's queue. Its layers' rank is the trial's, known on the host, so it reads as many numbers
+    for a slot of 14 layers as for one of 4."""
+    pack, slots = pack_of_configs(base(tiny_model_dir))
+    progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=0)
+    reads = {}
+    for slot in (slots[0], slots[3]):  # q_proj and v_proj; every projection
+        ops = aten_ops(lambda slot=slot: pack.checkpoint(slot, progress, "tiny"))
+        reads[len(pack.slots[slot].layers)] = ops.count("aten::_local_scalar_dense")
+    assert set(reads) == {4, 14} and reads[4] == reads[14], reads
+
+
 def test_an_adapter_trained_in_a_pack_loads_in_peft_and_scores_what_its_trial_reported(tiny_model_dir, tmp_path):
     from peft import PeftModel
 

@@ -161,8 +161,8 @@ class Slot:
         """(PEFT's state-dict key, the slot's part of the layer's tensor) of each adapter weight, in
         the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq" their gradients or
         AdamW moments."""
+        r = self.params.lora_config["r"]  # every layer's rank of the slot (`Pack.add`), not read from the device: a wait each
         for name, layer in self.layers.items():
-            r = int(layer.rank[self.index])
             for matrix in ("A", "B"):
                 tensor = getattr(layer, matrix)
                 if what == "grad":
