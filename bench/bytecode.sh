@@ -2,7 +2,7 @@
 # imports, as a normal install has (pip compiles at install). The staged wheels went in with
 # --no-compile, and the machine's own torch sits in a read-only site-packages without bytecode for
 # the modules torch imports only when asked (dynamo, inductor, DTensor, sympy): each new process
-# compiled some 600 of them from source, 2.2 s of a shared trainer's first capture alone
+# compiled some 600 of them from source, 2.2 s of a shared trainer's model load and first capture
 # (bench/results/h100-2026-12-06-sitting7/start_profile_*.txt). All of it is kept under
 # /tmp/pycache, compiled once per machine.
 export PYTHONPYCACHEPREFIX=/tmp/pycache

@@ -64,7 +64,7 @@ class SearchRecipe:
             keep_local_ray_on_loopback,
             resolve_address,
         )
-        from search.inputs.prepare import check_device, check_shared_packing, prepare_model
+        from search.inputs.prepare import bytecode_line, check_device, check_shared_packing, prepare_model
         from search.output.tracking import mlflow_store_problem
         from search.resources.plan import plan_resources
 
@@ -97,6 +97,8 @@ class SearchRecipe:
             check_shared_packing(self.prepared.resolved)
         if plan.memory_probe:
             print(plan.memory_probe.line(), flush=True)
+        if bytecode := bytecode_line():
+            print(bytecode, flush=True)
         if self.dry_run:
             return self._dry_run()
         check_device(config, plan.gpus_per_trial, local=local)

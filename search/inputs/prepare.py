@@ -5,6 +5,9 @@ tokenized data. Any problem here is bad input (exit 2), found before a GPU is as
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -200,3 +203,44 @@ def check_shared_packing(resolved: dict[str, modules.ResolvedModules]) -> None:
         raise ConfigError(f"resources.packing is 'shared' but module set(s) {', '.join(conv1d)} adapt Conv1D layers "
                           f"(GPT-2 style), which the shared trainer does not train. Fix: use "
                           f"resources.packing=processes or auto")
+
+
+# Modules of torch that a trial process imports only when it compiles, captures or loads a model
+# (dynamo, inductor, DTensor through transformers): where an install has no bytecode for them and
+# Python cannot write it, every process compiles hundreds of modules from source. On the GPU
+# machine's read-only torch that was 2.2 s of a shared trainer's model load and first capture, and torch's
+# and transformers' imports took 3.7 s and 7.1 s against 1.5 s and 4.2 s with it
+# (bench/results/h100-2026-12-06-sitting7/, sitting8/). Containers often install with --no-compile.
+ON_DEMAND = ("torch/_dynamo/convert_frame.py", "torch/_inductor/compile_fx.py", "torch/distributed/tensor/_api.py")
+
+
+def bytecode_line(site: Path | None = None) -> str | None:
+    """A line where torch (in `site`, else where Python finds it) has no bytecode for the modules
+    it imports on demand (ON_DEMAND) and this Python will not write it, saying what to do; None
+    where it has it, or will write it at the first import."""
+    if site is None:
+        spec = importlib.util.find_spec("torch")  # locates torch without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        site = Path(next(iter(spec.submodule_search_locations))).parent
+    cached = {relative: Path(importlib.util.cache_from_source(str(site / relative))) for relative in ON_DEMAND
+              if (site / relative).exists()}  # where this Python looks for each one's bytecode
+    unwritten = [relative for relative, path in cached.items()
+                 if not path.exists() and (sys.dont_write_bytecode or not _writable(path))]
+    if not unwritten:
+        return None
+    why = ("PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode
+           else f"{cached[unwritten[0]].parent} is not writable")
+    return (f"torch at {site / 'torch'} has no bytecode for the modules it imports on demand ({unwritten[0]}, ...) and "
+            f"Python will not write it ({why}): every trial process compiles hundreds of them from source, seconds each. "
+            f"Fix: python -m compileall -q {site / 'torch'} as the install's owner, or set PYTHONPYCACHEPREFIX to a "
+            f"writable directory (and unset PYTHONDONTWRITEBYTECODE)")
+
+
+def _writable(cached: Path) -> bool:
+    """Whether Python can write the bytecode file `cached`: its directory, or the nearest one that
+    exists on the way to it, is writable."""
+    directory = cached.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return os.access(directory, os.W_OK)
