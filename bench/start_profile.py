@@ -1,8 +1,8 @@
 """Where a shared trainer's start goes on the GPU, in one fresh process, as SharedTrainer's
 constructor and `_prepare` run it: the imports (torch, transformers, PEFT), the GPU's context,
 the base model loaded, then `Pack.prepare` for the reference space's four module sets under
-cProfile, and the first replay. In the reference search these are 2.7 s, 6.5 s and 5.9 s of its
-19.4 s to the first step (bench/results/h100-2026-12-06-sitting6/).
+cProfile. In the reference search these are 1.6 s, 4.5 s and 4.7 s of its 15.8 s to the first
+step (bench/results/h100-2026-12-06-sitting8/).
 
     python bench/start_profile.py [--model PATH] [--slots 8]   (on the GPU machine, after device.sh's setup)
 
