@@ -91,8 +91,7 @@ class PackedLinear(nn.Module):
         # the layer's own key in the dropout hash; a tensor, so that one compiled decoder layer
         # serves every layer (an int would be a guard of its own: a compile per layer)
         self.number = torch.tensor(number, device=device)
-        self.scale = torch.zeros(capacity, device=device)
-        self.rank = torch.zeros(capacity, dtype=torch.long, device=device)  # 0: the slot does not adapt this layer
+        self.scale = torch.zeros(capacity, device=device)  # 0: the slot does not adapt this layer
         self.frozen: dict = {}  # within `Pack.only`: the selection's matrices as its passes without gradients take them
         self._allocate(rank)
 
@@ -161,7 +160,7 @@ class Slot:
         """(PEFT's state-dict key, the slot's part of the layer's tensor) of each adapter weight, in
         the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq" their gradients or
         AdamW moments."""
-        r = self.params.lora_config["r"]  # every layer's rank of the slot (`Pack.add`), not read from the device: a wait each
+        r = self.params.lora_config["r"]  # every layer's rank of the slot (`Pack.add`), known on the host
         for name, layer in self.layers.items():
             for matrix in ("A", "B"):
                 tensor = getattr(layer, matrix)
@@ -310,7 +309,7 @@ class Pack:
                 A = torch.empty(config.r, layer.base.in_features, dtype=torch.float32)
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=init)
                 layer.A[index, :config.r] = A.to(self.device)
-                layer.scale[index], layer.rank[index] = scale, config.r
+                layer.scale[index] = scale
                 layers[name] = layer
             self.learning_rate[index], self.loraplus_ratio[index] = params.learning_rate, params.loraplus_lr_ratio
             self.steps[index], self.seed[index] = 0, params.seed
@@ -328,7 +327,7 @@ class Pack:
             for layer in self._layers.values():
                 for name in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq"):
                     getattr(layer, name)[index] = 0
-                layer.scale[index], layer.rank[index] = 0, 0
+                layer.scale[index] = 0
             self.learning_rate[index], self.loraplus_ratio[index], self.steps[index] = 0, 0, 0
             self.keep[index] = 1
         self._dropout_follows_the_slots()
