@@ -12,7 +12,7 @@ from trainables.data import IGNORE
 from trainables.evaluation import EvalBudget, evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
-from trainables.packed import Pack, answers_per_row
+from trainables.packed import Pack, PackedLinear, answers_per_row
 from trainables.step import answer_loss
 
 WARMUP, MAX_STEPS = 2, 10
@@ -267,7 +267,7 @@ def test_a_selections_passes_without_gradients_reuse_its_matrices_and_score_as_m
         out = {}
         second = aten_ops(lambda: out.update(logits=logits(grad=False)))
     assert torch.equal(out["logits"], made_anew)
-    layers = sum(1 for m in model.modules() if type(m).__name__ == "PackedLinear")
+    layers = sum(1 for m in model.modules() if isinstance(m, PackedLinear))
     assert first.count("aten::index_select") - second.count("aten::index_select") == 3 * layers  # A, B, scale
     assert len(second) <= len(first) - 4 * layers, (len(first), len(second))
     changed = nonzero_b(pack.adapter_state(chosen[0]), 99)
@@ -288,7 +288,7 @@ def test_a_selection_keeps_its_matrices_within_the_packs_budget_and_scores_the_s
     model = base(tiny_model_dir)
     pack, slots = pack_of_configs(model)
     ids, _ = batch(6, 2, 8, model.config.vocab_size)
-    layers = [m for m in model.modules() if type(m).__name__ == "PackedLinear"]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     with pack.only(*slots), torch.no_grad():
         everything = model(input_ids=ids.repeat(len(slots), 1)).logits
         kept = pack.frozen_bytes
