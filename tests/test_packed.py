@@ -303,16 +303,52 @@ def test_a_selection_keeps_its_matrices_within_the_packs_budget_and_scores_the_s
     assert torch.equal(first, everything)
 
 
-def test_a_slots_checkpoint_reads_no_number_per_layer_off_the_device(tiny_model_dir):
-    """A report's checkpoint holds every slot of the pack: each number it reads off a GPU waits for
-    the GPU's queue. Its layers' rank is the trial's, known on the host, so it reads as many numbers
-    for a slot of 14 layers as for one of 4."""
-    pack, slots = pack_of_configs(base(tiny_model_dir))
-    progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=0)
+def test_a_slots_checkpoint_reads_the_pack_in_as_many_operations_for_4_layers_as_for_14(tiny_model_dir):
+    """A report's checkpoint is taken while every slot of the pack waits, and each read of a GPU's
+    tensors waits for the GPU's queue: a slot's weights and AdamW moments leave the pack's tensors
+    in one copy, and its rank is the trial's, known on the host, whether the slot adapts 4 layers
+    or 14. What the checkpoint holds is what the pack holds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = base(tiny_model_dir)
+    pack, slots = pack_of_configs(model)
+    pack.step({i: batch(i, 2, 8, model.config.vocab_size) for i in slots})
+    layers = [module for module in model.modules() if isinstance(module, PackedLinear)]
+    stacks = {getattr(layer, name).untyped_storage().data_ptr() for layer in layers
+              for name in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq")}
+
+    class PackReads(TorchDispatchMode):
+        """The operations that read one of the pack's stacked tensors, but for views and clones:
+        a clone of a slot's part (the part of a rank below the layer's is not contiguous) is the
+        GPU's own copy, queued without waiting."""
+
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = [t for arg in [*args, *(kwargs or {}).values()] for t in (arg if isinstance(arg, (list, tuple)) else [arg])
+                      if isinstance(t, torch.Tensor)]
+            reads = any(t.untyped_storage().data_ptr() in stacks for t in inputs)
+            if reads and not func.is_view and func.name() != "aten::clone":
+                self.reads.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=1)
     reads = {}
     for slot in (slots[0], slots[3]):  # q_proj and v_proj; every projection
+        with PackReads() as mode:
+            checkpoint = pack.checkpoint(slot, progress, "tiny")
+        reads[len(pack.slots[slot].layers)] = mode.reads
         ops = aten_ops(lambda slot=slot: pack.checkpoint(slot, progress, "tiny"))
-        reads[len(pack.slots[slot].layers)] = ops.count("aten::_local_scalar_dense")
+        reads[len(pack.slots[slot].layers)].append(ops.count("aten::_local_scalar_dense"))
+        weights = dict(pack.slots[slot].named_weights())
+        close(checkpoint.adapter, {key: weight.detach() for key, weight in weights.items()}, "adapter", atol=0)
+        state = list(checkpoint.optimizer["state"].values())
+        assert len(state) == len(weights)
+        for moment, name in (("exp_avg", "avg"), ("exp_avg_sq", "avg_sq")):
+            held = [entry[moment] for entry in state]
+            assert all(torch.equal(a, b) for a, b in zip(held, (m for _, m in pack.slots[slot].named_weights(name))))
     assert set(reads) == {4, 14} and reads[4] == reads[14], reads
 
 

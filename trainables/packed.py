@@ -671,8 +671,8 @@ class Pack:
     # -- state -----------------------------------------------------------------------------
     def adapter_state(self, index: int) -> dict[str, torch.Tensor]:
         """The slot's adapter as PEFT's state dict (keys without the adapter name), on the CPU."""
-        return {key: weight.detach().to("cpu", copy=True).contiguous()
-                for key, weight in self.slots[index].named_weights()}
+        keys, weights = zip(*self.slots[index].named_weights())
+        return dict(zip(keys, on_host(weights)))
 
     def gradients(self, index: int) -> dict[str, torch.Tensor]:
         """The slot's gradients of the last step, by PEFT's key, on the CPU."""
@@ -692,7 +692,8 @@ class Pack:
         weights, at the slot's step, and those copies in `Slot.named_weights`' order: the
         optimizer of the checkpoints of both trainers."""
         slot = self.slots[index]
-        params = [nn.Parameter(w.detach().clone()) for _, w in slot.named_weights()]
+        # the optimizer is never stepped: its parameters only name the state's entries
+        params = [nn.Parameter(w.detach()) for _, w in slot.named_weights()]
         optimizer = loraplus_adamw(SlotWeights(list(zip(params[::2], params[1::2]))), slot.params.learning_rate,
                                    slot.params.loraplus_lr_ratio, self.device.type == "cuda")
         return optimizer, warmup_cosine(optimizer, self.warmup_steps, self.max_steps, int(self.steps[index])), params
@@ -705,11 +706,15 @@ class Pack:
 
         optimizer, scheduler, params = self._trial_optimizer(index)
         steps = int(self.steps[index])
+        keys, weights = zip(*slot.named_weights())
+        moments = [m for _, m in slot.named_weights("avg")] + [m for _, m in slot.named_weights("avg_sq")] if steps else []
+        host = on_host(list(weights) + moments)
         if steps:  # torch's AdamW holds no state before its first step
-            for param, (_, avg), (_, avg_sq) in zip(params, slot.named_weights("avg"), slot.named_weights("avg_sq")):
-                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg.detach().clone(),
-                                          "exp_avg_sq": avg_sq.detach().clone()}
-        return TrialCheckpoint.take(progress, self.adapter_state(index),
+            n = len(weights)
+            for param, avg, avg_sq in zip(params, host[n:2 * n], host[2 * n:]):
+                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg.clone(),
+                                          "exp_avg_sq": avg_sq.clone()}
+        return TrialCheckpoint.take(progress, dict(zip(keys, host)),
                                     adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
                                     optimizer, scheduler, [], SLOT)
 
@@ -753,6 +758,16 @@ def _gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows
         labels.append(nn.functional.pad(slot_labels if batch is not None else torch.full_like(slot_labels, IGNORE),
                                         pad, value=IGNORE))
     return torch.cat(ids), torch.cat(labels)
+
+
+def on_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` (of one dtype, on one device) on the CPU, made by one transfer: read one
+    by one, a slot's weights and moments were some 1,300 small copies, each waiting for the GPU.
+    They are views of one host tensor."""
+    if not tensors:
+        return []
+    flat = torch.cat([tensor.detach().reshape(-1) for tensor in tensors]).to("cpu")
+    return [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from rundir.report import TrialReport
 from trainables.config import TrialSetup
 
 if TYPE_CHECKING:
+    from trainables.checkpoint import TrialCheckpoint
     from trainables.metrics import Progress
 
 # when this process loaded the trainer's code, as Ray unpickled its class: how long its worker took to start
@@ -52,6 +53,18 @@ log = logging.getLogger(__name__)
 def packed_mode(pack_mode: str) -> str:
     """A packed trial's `step_mode`: "packed", and how the pack stepped where it was not eagerly."""
     return "packed" if pack_mode == "eager" else f"packed+{pack_mode}"
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """A report and its checkpoint as the stepping thread took them, on the host: the client's own
+    call (`next_report`) makes the checkpoint's files, so that the slots step meanwhile."""
+
+    report: TrialReport
+    checkpoint: TrialCheckpoint
+
+    def files(self) -> SlotReport:
+        return SlotReport(self.report, self.checkpoint.to_files())
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ class _Open:
     params: TrialParams
     progress: Progress
     rows: list
-    reports: deque = field(default_factory=deque)  # SlotReport, then None after the last
+    reports: deque = field(default_factory=deque)  # _Taken, then None after the last
     error: BaseException | None = None
     finished: bool = False
     loss_sum: object = 0.0      # a tensor on the device once the slot has stepped
@@ -232,22 +245,24 @@ class SharedTrainer:
                 self.lock.notify_all()
 
     def next_report(self, trial_id: str) -> SlotReport | None:
-        """The trial's next report with its checkpoint, or None after its last; waits for it.
-        Raises the trial's failure: TrialDiverged, CUDA's out-of-memory error, or the trainer's own."""
+        """The trial's next report with its checkpoint's files, or None after its last; waits for it.
+        The files are made here, in the client's call, while the pack steps on. Raises the trial's
+        failure: TrialDiverged, CUDA's out-of-memory error, or the trainer's own."""
         with self.lock:
             while True:
                 trial = self.open_trials.get(trial_id)
                 if trial is None:
                     raise RuntimeError(f"trial {trial_id} holds no slot on this trainer: it was released")
                 if trial.reports:
-                    report = trial.reports.popleft()
+                    taken = trial.reports.popleft()
                     self.lock.notify_all()
-                    return report
+                    break
                 if trial.error is not None:
                     raise trial.error
                 if self.failure is not None:
                     raise RuntimeError(f"the shared trainer failed: {type(self.failure).__name__}: {self.failure}")
                 self.lock.wait(1.0)
+        return None if taken is None else taken.files()
 
     def release(self, trial_id: str, token: str | None = None) -> None:
         """Free the trial's slot at once; nothing for a trial that holds none. With `token` (what
@@ -426,11 +441,11 @@ class SharedTrainer:
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
             checkpointing = time.perf_counter()
-            files = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path).to_files()
+            checkpoint = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path)
             self._spent("checkpoints", checkpointing)
             progress.busy_from = time.time()
             with self.lock:
-                trial.reports.append(SlotReport(report, files))
+                trial.reports.append(_Taken(report, checkpoint))
                 if progress.step >= setup.max_steps:
                     trial.finished = True
                     trial.reports.append(None)
