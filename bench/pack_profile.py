@@ -3,7 +3,8 @@ and optimizer timed with syncs, the base model's forward alone, and torch.profil
 self CPU and by CUDA time. Then a report's checkpoint, which the pack holds every slot for (0.12 s
 in the reference search on an H100, `trainer_time.json`): taken (`Pack.checkpoint`) and made into
 files (`to_files`), timed with syncs, and the ops of one taken. Then a report's evaluation and
-answer round for 1, K/2 and K slots at once (`report_passes`): the searches' own accounts cannot
+answer round for 1, K/2 and K slots at once, the evaluation at its budget and at four times it, with
+the memory each takes (`report_passes`): the searches' own accounts cannot
 compare them, as two searches make different passes.
 
     python bench/pack_profile.py [--slots 1,8]     (on the GPU machine, after device.sh's setup)
@@ -87,18 +88,25 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
     import torch
 
     from bench.shared_packing import rows
-    from trainables.evaluation import evaluate_blocks, model_eval_budget
+    from trainables.evaluation import EvalBudget, evaluate_blocks, model_eval_budget
 
     model, device = pack.model, pack.device
     vocab = model.config.vocab_size
     eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, vocab, 7, scored=ANSWER)
     budget = model_eval_budget(model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
     prompts = torch.tensor([ids[:PROMPT] for ids, _ in eval_rows[:ANSWER_PROMPTS]], device=device)
-    out = {"evaluation": {}, "per_token": {}}
+    # the budget four times as large: fewer, larger passes, and the memory they take
+    larger = EvalBudget(tokens=4 * budget.tokens, answers=4 * budget.answers)
+    out = {"evaluation": {}, "evaluation_peak_gb": {}, "evaluation_4x_budget": {}, "evaluation_4x_peak_gb": {},
+           "per_token": {}}
     for n in sorted({1, max(1, len(indices) // 2), len(indices)}):
         with pack.only(*indices[:n]) as model:
-            out["evaluation"][n] = round(1000 * _timed(lambda n=n: evaluate_blocks(
-                model, eval_rows, 0, device, autocast, budget, blocks=n)), 1)
+            for key, chosen in (("evaluation", budget), ("evaluation_4x_budget", larger)):
+                torch.cuda.reset_peak_memory_stats()
+                out[key][n] = round(1000 * _timed(lambda n=n, chosen=chosen: evaluate_blocks(
+                    model, eval_rows, 0, device, autocast, chosen, blocks=n)), 1)
+                peak = "evaluation_peak_gb" if chosen is budget else "evaluation_4x_peak_gb"
+                out[peak][n] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             with autocast:
                 seconds = _timed(lambda n=n: model.generate(
                     input_ids=prompts.repeat(n, 1), attention_mask=torch.ones_like(prompts).repeat(n, 1),
