@@ -84,10 +84,12 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
     """Milliseconds of a report's passes as the shared trainer makes them for n of the pack's slots
     at once (`Pack.only`): an evaluation of EVAL_ROWS rows of the reference task's shape (prompts of
     PROMPT tokens, answers of ANSWER), and an answer round of ANSWER_PROMPTS prompts, per token
-    generated (a random model's answers never end early)."""
+    generated (a random model's answers never end early), by the answer round's own decoding (trainables/decode.py)
+    and by transformers' `generate`."""
     import torch
 
     from bench.shared_packing import rows
+    from trainables.decode import greedy_tokens
     from trainables.evaluation import EvalBudget, evaluate_blocks, model_eval_budget
 
     model, device = pack.model, pack.device
@@ -98,7 +100,7 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
     # the budget four times as large: fewer, larger passes, and the memory they take
     larger = EvalBudget(tokens=4 * budget.tokens, answers=4 * budget.answers)
     out = {"evaluation": {}, "evaluation_peak_gb": {}, "evaluation_4x_budget": {}, "evaluation_4x_peak_gb": {},
-           "per_token": {}}
+           "per_token": {}, "per_token_generate": {}}
     for n in sorted({1, max(1, len(indices) // 2), len(indices)}):
         with pack.only(*indices[:n]) as model:
             for key, chosen in (("evaluation", budget), ("evaluation_4x_budget", larger)):
@@ -107,11 +109,14 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
                     model, eval_rows, 0, device, autocast, chosen, blocks=n)), 1)
                 peak = "evaluation_peak_gb" if chosen is budget else "evaluation_4x_peak_gb"
                 out[peak][n] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            ids, mask = prompts.repeat(n, 1), torch.ones_like(prompts).repeat(n, 1)
             with autocast:
-                seconds = _timed(lambda n=n: model.generate(
-                    input_ids=prompts.repeat(n, 1), attention_mask=torch.ones_like(prompts).repeat(n, 1),
-                    do_sample=False, num_beams=1, max_new_tokens=ANSWER + 4, min_new_tokens=ANSWER + 4, pad_token_id=0,
-                    use_cache=True))
+                seconds = _timed(lambda ids=ids, mask=mask: model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=ANSWER + 4,
+                    min_new_tokens=ANSWER + 4, pad_token_id=0, use_cache=True))
+            out["per_token_generate"][n] = round(1000 * seconds / (ANSWER + 4), 1)
+            # the answer round's own decoding (trainables/decode.py), its step captured
+            seconds = _timed(lambda ids=ids, mask=mask: greedy_tokens(model, ids, mask, ANSWER + 4, [], 0, autocast))
             out["per_token"][n] = round(1000 * seconds / (ANSWER + 4), 1)
     return out
 

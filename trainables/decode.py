@@ -1,0 +1,143 @@
+"""Greedy decoding whose step is captured once per call as a CUDA graph.
+
+A decoding step is one forward of the model for one token a row. On a GPU, launching its kernels
+takes far longer than running them: with SmolLM2 and 8 packed slots an H100 spent 75 ms a token,
+an answer round of 16 tokens 1.2 s (`bench/pack_profile.py`). So the step runs over static
+tensors, a static KV cache (transformers' `StaticCache`) and an attention mask made inside the
+step from the cache position, with nothing read back to the host: after a few eager steps it is
+captured, and each further token is a replay. Without a GPU (tests) the same step runs eagerly.
+
+The tokens are those of transformers' greedy `generate`: the rows left-padded, each row's
+positions counting its own tokens, a row that has stopped padded after its stop token, and the
+answer as long as the longest row's. Models whose generation config asks for more than greedy
+tokens (a repetition penalty, suppressed or forced tokens) go through `generate` instead
+(`plain_greedy`), as does a model whose step cannot be captured (a mixture of experts routes its
+tokens on the host)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from trainables.step import WARMUP_PASSES, first_line
+
+log = logging.getLogger(__name__)
+
+# Generation-config fields that leave greedy tokens as the argmax of the logits: ids, lengths,
+# caching, and sampling settings that greedy decoding ignores. Any other field set (a repetition
+# penalty, bad words) adds a logits processor, which only `generate` applies.
+GREEDY_FIELDS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "do_sample", "num_beams", "temperature", "top_k", "top_p", "min_p", "typical_p", "use_cache",
+    "cache_implementation", "transformers_version", "_from_model_config", "return_dict_in_generate",
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+})
+
+
+def plain_greedy(model) -> bool:
+    """Whether greedy decoding of `model`, as its generation config sets it, is the argmax of its
+    logits at each step (`GREEDY_FIELDS`), and its cache can be static."""
+    config = getattr(model, "generation_config", None)
+    set_fields = set(config.to_diff_dict()) if config is not None else set()
+    return set_fields <= GREEDY_FIELDS and getattr(model.config.get_text_config(), "sliding_window", None) is None
+
+
+def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+                  pad_token_id: int, autocast=None) -> torch.Tensor:
+    """`model`'s greedy continuation of the left-padded rows `ids` (`mask` 1 at their real tokens):
+    `[rows, n]` new tokens, n at most `max_new_tokens`, a row padded with `pad_token_id` after its
+    first of `stop_ids`, and n the last step at which a row still had not stopped, as `generate`
+    ends. On a GPU the decoding step is captured after WARMUP_PASSES eager steps."""
+    from transformers import StaticCache
+
+    rows, width = ids.shape
+    device = ids.device
+    length = width + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    forward = _forward(model, cache)
+    keys = torch.arange(length, device=device)
+    real = torch.cat([mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    stops = torch.tensor(stop_ids or [-1], device=device)
+    capture = device.type == "cuda"
+    # no autocast cache under capture (torch.cuda.graph's own rule): casts are redone at every replay
+    context = (torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False) if capture and autocast is not None
+               else autocast or nullcontext())
+
+    with torch.no_grad(), context:
+        queries = torch.arange(width, device=device)
+        # a row's tokens see its real tokens up to themselves; a padding token sees itself too, so
+        # that no row of the attention is empty: what an empty row gives differs by kernel (NaN in
+        # some), and it would go into the padding's keys and values of the next layer
+        attend = (real[:, None, :] & (keys <= queries[:, None])) | (keys == queries[:, None])
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` counts them
+        first = forward(ids, attend[:, None], positions, queries).argmax(-1)
+        out = torch.full((rows, max_new_tokens), pad_token_id, dtype=ids.dtype, device=device)
+        out[:, 0] = first
+        done = torch.isin(first, stops)
+        token, position = first[:, None].clone(), positions[:, -1:] + 1
+        cache_position, column = torch.tensor([width], device=device), torch.tensor([1], device=device)
+
+        def step() -> None:
+            attend = (real & (keys <= cache_position))[:, None, None, :]
+            chosen = forward(token, attend, position, cache_position).argmax(-1)
+            chosen = torch.where(done, pad_token_id, chosen)
+            done.logical_or_(torch.isin(chosen, stops))
+            out.index_copy_(1, column, chosen[:, None])
+            token.copy_(chosen[:, None])
+            for counter in (position, cache_position, column):
+                counter.add_(1)
+
+        _run(step, max_new_tokens - 1, capture)
+    stopped = torch.isin(out, stops).cumsum(1) > 0
+    going = (~stopped).any(0).nonzero()  # the steps at which a row had not yet stopped
+    n = min(max_new_tokens, int(going.max()) + 2) if len(going) else 1
+    return out[:, :n]
+
+
+def _run(step, steps: int, capture: bool) -> None:
+    """`step()` `steps` times: the first WARMUP_PASSES eagerly (on a side stream with `capture`),
+    the rest as replays of one capture, or eagerly where none is made."""
+    eager = min(steps, WARMUP_PASSES) if capture else steps
+    side = torch.cuda.Stream() if capture else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if side is not None else nullcontext():
+        for _ in range(eager):
+            step()
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+    if eager == steps:
+        return
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # recorded, not run: the capture leaves every tensor as the eager steps left it
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:
+        log.warning("the decoding step could not be captured (%s): it runs eagerly", first_line(error))
+        for _ in range(steps - eager):
+            step()
+        return
+    for _ in range(steps - eager):
+        graph.replay()
+
+
+def _forward(model, cache):
+    """The model's last-position logits for `ids` at `positions`, its cache passed under the name
+    its transformers version gives it, and the arguments it takes passed only if it does."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes = set(inspect.signature(base.forward).parameters)
+    cache_name = "cache" if "cache" in takes else "past_key_values"
+
+    def forward(ids, attend, positions, cache_position):
+        kwargs = {cache_name: cache, "attention_mask": attend, "position_ids": positions, "use_cache": True}
+        if "cache_position" in takes:
+            kwargs["cache_position"] = cache_position
+        if "logits_to_keep" in takes:
+            kwargs["logits_to_keep"] = 1
+        return model(input_ids=ids, **kwargs).logits[:, -1]
+
+    return forward
