@@ -41,6 +41,7 @@ trial's own AdamW with PEFT's LoRA+ groups, so either trainer continues the othe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -190,6 +191,38 @@ class Captured:
     losses: torch.Tensor
     replay: object
     order: tuple = ()  # the slots `stepping` holds
+
+
+@dataclass
+class SlotSnapshot:
+    """A slot's checkpoint as the pack took it: its weights, then (after its first step) its AdamW
+    moments, in one tensor on the pack's device (`flat`, in `shapes`), the trial's optimizer and
+    schedule to hold them, and `progress` as it stood. `checkpoint()` reads them off the device:
+    a shared trainer calls it in the client's call, so that the slots step on meanwhile."""
+
+    keys: list[str]
+    shapes: list[torch.Size]
+    flat: torch.Tensor
+    done: torch.cuda.Event | None  # recorded after `flat` was made: whichever stream reads it waits for it
+    steps: int
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    adapter_config: dict
+    progress: Progress
+
+    def checkpoint(self) -> TrialCheckpoint:
+        if self.done is not None:
+            self.done.synchronize()
+        host = self.flat.to("cpu")
+        parts = [part.view(shape) for part, shape in zip(host.split([shape.numel() for shape in self.shapes]), self.shapes)]
+        n = len(self.keys)
+        if self.steps:  # torch's AdamW holds no state before its first step
+            for param, avg, avg_sq in zip(self.params, parts[n:2 * n], parts[2 * n:]):
+                self.optimizer.state[param] = {"step": torch.tensor(float(self.steps)), "exp_avg": avg.clone(),
+                                               "exp_avg_sq": avg_sq.clone()}
+        return TrialCheckpoint.take(self.progress, dict(zip(self.keys, parts)), self.adapter_config, self.optimizer,
+                                    self.scheduler, [], SLOT)
 
 
 class Pack:
@@ -671,8 +704,8 @@ class Pack:
     # -- state -----------------------------------------------------------------------------
     def adapter_state(self, index: int) -> dict[str, torch.Tensor]:
         """The slot's adapter as PEFT's state dict (keys without the adapter name), on the CPU."""
-        keys, weights = zip(*self.slots[index].named_weights())
-        return dict(zip(keys, on_host(weights)))
+        return {key: weight.detach().to("cpu", copy=True).contiguous()
+                for key, weight in self.slots[index].named_weights()}
 
     def gradients(self, index: int) -> dict[str, torch.Tensor]:
         """The slot's gradients of the last step, by PEFT's key, on the CPU."""
@@ -687,36 +720,41 @@ class Pack:
             for key, weight in weights.items():
                 weight.copy_(state[key])
 
-    def _trial_optimizer(self, index: int):
-        """The slot's trial's own AdamW (PEFT's LoRA+ groups) and schedule over copies of its
-        weights, at the slot's step, and those copies in `Slot.named_weights`' order: the
-        optimizer of the checkpoints of both trainers."""
+    def _trial_optimizer(self, index: int, steps: int | None = None):
+        """The slot's trial's own AdamW (PEFT's LoRA+ groups) and schedule, at the slot's step
+        (`steps`, else read off the device), and the parameters that name its state's entries in
+        `Slot.named_weights`' order: the optimizer of the checkpoints of both trainers."""
         slot = self.slots[index]
-        # the optimizer is never stepped: its parameters only name the state's entries
+        # the optimizer is never stepped: its parameters, the slot's own parts, only name the state's entries
         params = [nn.Parameter(w.detach()) for _, w in slot.named_weights()]
         optimizer = loraplus_adamw(SlotWeights(list(zip(params[::2], params[1::2]))), slot.params.learning_rate,
                                    slot.params.loraplus_lr_ratio, self.device.type == "cuda")
-        return optimizer, warmup_cosine(optimizer, self.warmup_steps, self.max_steps, int(self.steps[index])), params
+        steps = int(self.steps[index]) if steps is None else steps
+        return optimizer, warmup_cosine(optimizer, self.warmup_steps, self.max_steps, steps), params
 
     def checkpoint(self, index: int, progress: Progress, base_model_name_or_path: str) -> TrialCheckpoint:
         """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model.
         Its dropout needs no generator state: the masks are a function of the trial's seed and step."""
-        slot = self.slots[index]
+        return self.snapshot(index, progress, base_model_name_or_path).checkpoint()
+
+    def snapshot(self, index: int, progress: Progress, base_model_name_or_path: str) -> SlotSnapshot:
+        """The slot's checkpoint as far as the pack must take it: its weights and AdamW moments
+        copied on the device in one operation, not yet read off it (`SlotSnapshot.checkpoint`)."""
         from peft import LoraConfig
 
-        optimizer, scheduler, params = self._trial_optimizer(index)
-        steps = int(self.steps[index])
+        slot = self.slots[index]
+        steps = int(self.steps[index])  # a report's evaluation read its losses: the GPU's queue is empty here
+        optimizer, scheduler, params = self._trial_optimizer(index, steps)
         keys, weights = zip(*slot.named_weights())
         moments = [m for _, m in slot.named_weights("avg")] + [m for _, m in slot.named_weights("avg_sq")] if steps else []
-        host = on_host(list(weights) + moments)
-        if steps:  # torch's AdamW holds no state before its first step
-            n = len(weights)
-            for param, avg, avg_sq in zip(params, host[n:2 * n], host[2 * n:]):
-                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": avg.clone(),
-                                          "exp_avg_sq": avg_sq.clone()}
-        return TrialCheckpoint.take(progress, dict(zip(keys, host)),
-                                    adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
-                                    optimizer, scheduler, [], SLOT)
+        parts = list(weights) + moments
+        flat = torch.cat([part.detach().reshape(-1) for part in parts])
+        done = torch.cuda.Event() if flat.is_cuda else None
+        if done is not None:
+            done.record()
+        return SlotSnapshot(list(keys), [part.shape for part in parts], flat, done, steps, params, optimizer, scheduler,
+                            adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
+                            dataclasses.replace(progress))
 
     def restore(self, index: int, checkpoint: TrialCheckpoint, progress: Progress) -> None:
         """Continue the slot and `progress` from `checkpoint`, of a slot or of a per-process trial
@@ -758,16 +796,6 @@ def _gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows
         labels.append(nn.functional.pad(slot_labels if batch is not None else torch.full_like(slot_labels, IGNORE),
                                         pad, value=IGNORE))
     return torch.cat(ids), torch.cat(labels)
-
-
-def on_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of `tensors` (of one dtype, on one device) on the CPU, made by one transfer: read one
-    by one, a slot's weights and moments were some 1,300 small copies, each waiting for the GPU.
-    They are views of one host tensor."""
-    if not tensors:
-        return []
-    flat = torch.cat([tensor.detach().reshape(-1) for tensor in tensors]).to("cpu")
-    return [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ from rundir.report import TrialReport
 from trainables.config import TrialSetup
 
 if TYPE_CHECKING:
-    from trainables.checkpoint import TrialCheckpoint
     from trainables.metrics import Progress
+    from trainables.packed import SlotSnapshot
 
 # when this process loaded the trainer's code, as Ray unpickled its class: how long its worker took to start
 CODE_LOADED_AT = time.time()
@@ -57,14 +57,15 @@ def packed_mode(pack_mode: str) -> str:
 
 @dataclass(frozen=True)
 class _Taken:
-    """A report and its checkpoint as the stepping thread took them, on the host: the client's own
-    call (`next_report`) makes the checkpoint's files, so that the slots step meanwhile."""
+    """A report and its slot's snapshot as the stepping thread took them: the client's own call
+    (`next_report`) reads the snapshot off the device and makes the checkpoint's files, so that
+    the slots step meanwhile."""
 
     report: TrialReport
-    checkpoint: TrialCheckpoint
+    snapshot: SlotSnapshot
 
     def files(self) -> SlotReport:
-        return SlotReport(self.report, self.checkpoint.to_files())
+        return SlotReport(self.report, self.snapshot.checkpoint().to_files())
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ class SharedTrainer:
         trial (`Pack.prepare`), `steps` the packed steps (their captures and compiles included),
         `evaluation` the eval passes (one for all the slots due at a step), `generation` the
         answer passes (one for all the slots that answer at a step), `checkpoints` each
-        report's checkpoint, `opening` the slots opened; and `slots`, how many slots those
+        report's snapshot of its slot (`Pack.snapshot`: its files are made in the client's call),
+        `opening` the slots opened; and `slots`, how many slots those
         served, summed: a step, an evaluation or an answer pass serves several at once. Two
         searches' ASHA decisions differ as their reports arrive in another order, so they make
         different numbers of passes of different sizes: seconds per slot served compare them.
@@ -441,11 +443,11 @@ class SharedTrainer:
                                   setup.total_params, self.cuda, packed_mode(self.pack.step_mode), pack_size=pack_size,
                                   trainer_pid=os.getpid())
             checkpointing = time.perf_counter()
-            checkpoint = self.pack.checkpoint(trial.index, progress, self.pack.model.name_or_path)
+            snapshot = self.pack.snapshot(trial.index, progress, self.pack.model.name_or_path)
             self._spent("checkpoints", checkpointing)
             progress.busy_from = time.time()
             with self.lock:
-                trial.reports.append(_Taken(report, checkpoint))
+                trial.reports.append(_Taken(report, snapshot))
                 if progress.step >= setup.max_steps:
                     trial.finished = True
                     trial.reports.append(None)
