@@ -133,3 +133,22 @@ def test_a_generation_config_that_asks_more_than_greedy_tokens_goes_through_gene
     assert not torch.equal(penalised, greedy_tokens(model, ids, mask, 6, stops, 0))  # the penalty changes them
     answers, _ = generate_answers_blocks(model, rows, tokenizer, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     assert answers[0][0] == tokenizer.decode(penalised[0], skip_special_tokens=True).strip()
+
+
+def test_a_model_whose_cache_cannot_be_static_answers_through_generate_with_a_warning_faked(
+        tiny_model_dir, monkeypatch, caplog):
+    """Faked: a model whose static cache fails (a transformers version or an architecture without
+    one) makes `greedy_tokens` raise; its answers are then generate's, and the log says why."""
+    import trainables.decode as decode_module
+
+    def no_static_cache(*args, **kwargs):
+        raise TypeError("StaticCache.__init__() got an unexpected keyword argument 'config'")
+
+    model = tiny(tiny_model_dir)
+    ids, mask = left_padded([4, 6], model.config.vocab_size, seed=3)
+    expected = generated(model, ids, mask, 8, [2])
+    monkeypatch.setattr(decode_module, "greedy_tokens", no_static_cache)
+    with caplog.at_level("WARNING", logger="trainables.decode"):
+        got = decode_module.decode(model, ids, mask, 8, [2], 0, torch.autocast("cpu", enabled=False))
+    assert torch.equal(got, expected)
+    assert "cannot decode over a static cache (StaticCache.__init__() got an unexpected keyword" in caplog.text

@@ -45,6 +45,23 @@ def plain_greedy(model) -> bool:
     return set_fields <= GREEDY_FIELDS and getattr(model.config.get_text_config(), "sliding_window", None) is None
 
 
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int], pad_token_id: int,
+           autocast) -> torch.Tensor:
+    """The new tokens of `model`'s greedy answers to the left-padded rows `ids`: `greedy_tokens`
+    where its generation config asks for nothing more (`plain_greedy`), else transformers'
+    `generate`, which also answers, with a warning, for a model whose cache cannot be static."""
+    if plain_greedy(model):
+        try:
+            return greedy_tokens(model, ids, mask, max_new_tokens, stop_ids, pad_token_id, autocast)
+        except (TypeError, ValueError, NotImplementedError) as error:
+            log.warning("%s cannot decode over a static cache (%s): its answers go through generate",
+                        type(model).__name__, first_line(error))
+    with autocast:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+    return out[:, ids.shape[1]:]
+
+
 def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                   pad_token_id: int, autocast=None) -> torch.Tensor:
     """`model`'s greedy continuation of the left-padded rows `ids` (`mask` 1 at their real tokens):

@@ -22,7 +22,7 @@ import torch
 
 from trainables.config import TrialSetup
 from trainables.data import IGNORE
-from trainables.decode import greedy_tokens, plain_greedy
+from trainables.decode import decode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,7 +77,6 @@ def generate_answers_blocks(model, rows: list[tuple[list[int], list[int]]], toke
     slots that answer at one step decode together, in as many steps as one slot alone)."""
     training = model.training
     model.eval()
-    greedy = plain_greedy(model)
     generations: list[list[str]] = [[] for _ in range(blocks)]
     references: list[str] = []
     for start in range(0, len(rows), GENERATE_BATCH):
@@ -89,13 +88,8 @@ def generate_answers_blocks(model, rows: list[tuple[list[int], list[int]]], toke
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.repeat(blocks, 1).to(device), mask.repeat(blocks, 1).to(device)
-        longest, stops = max(map(len, answers)) + MARGIN_TOKENS, stop_token_ids(model, tokenizer)
-        if greedy:
-            out = greedy_tokens(model, ids, mask, longest, stops, pad_token_id, autocast)
-        else:
-            with autocast:
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                     max_new_tokens=longest, pad_token_id=pad_token_id, eos_token_id=stops)[:, width:]
+        out = decode(model, ids, mask, max(map(len, answers)) + MARGIN_TOKENS, stop_token_ids(model, tokenizer),
+                     pad_token_id, autocast)
         for block, answered in enumerate(out.reshape(blocks, len(prompts), -1)):
             generations[block] += tokenizer.batch_decode(answered, skip_special_tokens=True)
         references += tokenizer.batch_decode(answers, skip_special_tokens=True)
