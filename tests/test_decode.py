@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rundir.params import Origin, TrialParams
-from trainables.decode import greedy_tokens, plain_greedy
+from trainables.decode import greedy_tokens, plain_greedy, static_decoding
 from trainables.generate import generate_answers_blocks, stop_token_ids
 
 SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
@@ -122,9 +122,10 @@ def test_a_generation_config_that_asks_more_than_greedy_tokens_goes_through_gene
     from transformers import AutoTokenizer
 
     model = tiny(tiny_model_dir)
-    assert plain_greedy(model)
+    assert plain_greedy(model) and static_decoding(model, torch.device("cuda", 0))
+    assert not static_decoding(model, torch.device("cpu"))  # nothing captured: generate's growing cache is faster
     model.generation_config.repetition_penalty = 5.0
-    assert not plain_greedy(model)
+    assert not plain_greedy(model) and not static_decoding(model, torch.device("cuda", 0))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [([5, 6, 7, 8, 9], [-100, -100, -100, 8, 9]), ([11, 12, 13], [-100, -100, 13])]
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
@@ -147,6 +148,7 @@ def test_a_model_whose_cache_cannot_be_static_answers_through_generate_with_a_wa
     model = tiny(tiny_model_dir)
     ids, mask = left_padded([4, 6], model.config.vocab_size, seed=3)
     expected = generated(model, ids, mask, 8, [2])
+    monkeypatch.setattr(decode_module, "static_decoding", lambda model, device: True)  # as on a GPU
     monkeypatch.setattr(decode_module, "greedy_tokens", no_static_cache)
     with caplog.at_level("WARNING", logger="trainables.decode"):
         got = decode_module.decode(model, ids, mask, 8, [2], 0, torch.autocast("cpu", enabled=False))

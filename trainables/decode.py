@@ -11,8 +11,8 @@ The tokens are those of transformers' greedy `generate`: the rows left-padded, e
 positions counting its own tokens, a row that has stopped padded after its stop token, and the
 answer as long as the longest row's. Models whose generation config asks for more than greedy
 tokens (a repetition penalty, suppressed or forced tokens) go through `generate` instead
-(`plain_greedy`), as does a model whose step cannot be captured (a mixture of experts routes its
-tokens on the host)."""
+(`plain_greedy`), as do a CPU's answers, where nothing is captured (`static_decoding`). A step
+that cannot be captured (a mixture of experts routes its tokens on the host) runs eagerly."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ GREEDY_FIELDS = frozenset({
 })
 
 
+def static_decoding(model, device: torch.device) -> bool:
+    """Whether `decode` answers through `greedy_tokens`: on a GPU, where its step is captured, for
+    a model whose greedy decoding is the argmax of its logits (`plain_greedy`). On a CPU nothing is
+    captured, and `generate`'s cache, which grows with the answer, is the faster: 5.2 s against
+    5.7 s for 32 of the reference task's answers with SmolLM2 on the 2-core machine."""
+    return device.type == "cuda" and plain_greedy(model)
+
+
 def plain_greedy(model) -> bool:
     """Whether greedy decoding of `model`, as its generation config sets it, is the argmax of its
     logits at each step (`GREEDY_FIELDS`), and its cache can be static."""
@@ -48,9 +56,9 @@ def plain_greedy(model) -> bool:
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int], pad_token_id: int,
            autocast) -> torch.Tensor:
     """The new tokens of `model`'s greedy answers to the left-padded rows `ids`: `greedy_tokens`
-    where its generation config asks for nothing more (`plain_greedy`), else transformers'
-    `generate`, which also answers, with a warning, for a model whose cache cannot be static."""
-    if plain_greedy(model):
+    where it pays (`static_decoding`), else transformers' `generate`, which also answers, with a
+    warning, for a model whose cache cannot be static."""
+    if static_decoding(model, ids.device):
         try:
             return greedy_tokens(model, ids, mask, max_new_tokens, stop_ids, pad_token_id, autocast)
         except (TypeError, ValueError, NotImplementedError) as error:
