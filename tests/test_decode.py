@@ -154,3 +154,28 @@ def test_a_model_whose_cache_cannot_be_static_answers_through_generate_with_a_wa
         got = decode_module.decode(model, ids, mask, 8, [2], 0, torch.autocast("cpu", enabled=False))
     assert torch.equal(got, expected)
     assert "cannot decode over a static cache (StaticCache.__init__() got an unexpected keyword" in caplog.text
+
+
+def test_smollm2s_greedy_tokens_for_the_reference_tasks_questions_are_generates(smollm2_dir):
+    """The embedded default's own weights, on questions of the reference task in its chat template:
+    a trained model's answers end at different steps, which a random one's seldom do."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    lines = (Path(__file__).resolve().parents[1] / "bench/data/facts/facts_eval.jsonl").read_text().splitlines()[:6]
+    prompts = [tokenizer.apply_chat_template(json.loads(line)["messages"][:-1], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] for line in lines]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    # the answers' first sentence: its end comes at a different step in each
+    stops = stop_token_ids(model, tokenizer) + tokenizer.convert_tokens_to_ids(["."])
+    expected = generated(model, ids, mask, 24, stops)
+    assert torch.equal(greedy_tokens(model, ids, mask, 24, stops, 0), expected)
+    stopped = torch.isin(expected, torch.tensor(stops))
+    ends = {int(row.nonzero()[0]) for row in stopped if row.any()}
+    assert len(ends) >= 2, ends
