@@ -174,6 +174,30 @@ def test_eval_by_token_budget_gives_the_same_loss_and_accuracy_as_by_rows(tiny):
         assert by_tokens.loss_se == pytest.approx(by_rows.loss_se, rel=1e-5) and by_tokens.accuracy_se == by_rows.accuracy_se
 
 
+def test_an_evaluation_reads_nothing_back_from_the_device_inside_the_models_forward(tiny):
+    """On a GPU, a mask's selection of the answer positions at the output layer waited for every
+    layer before it, batch by batch: the evaluation chooses them on the host, so that no
+    operation inside a forward reads the device (a nonzero, or a scalar's read)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from trainables.evaluation import EvalBudget, evaluate
+
+    model, rows = tiny
+    model.eval()
+    ranges = []
+    model.register_forward_pre_hook(lambda module, args: ranges.append(record_function("model forward").__enter__()))
+    model.register_forward_hook(lambda module, args, out: ranges[-1].__exit__(None, None, None))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), EvalBudget(30, 30))
+    events = prof.events()
+    forwards = [event.time_range for event in events if event.name == "model forward"]
+    reads = [event.name for event in events if event.name in ("aten::nonzero", "aten::_local_scalar_dense")]
+    inside = [event.name for event in events if event.name in ("aten::nonzero", "aten::_local_scalar_dense")
+              and any(f.start <= event.time_range.start and event.time_range.end <= f.end for f in forwards)]
+    assert len(forwards) >= 3 and reads  # several batches; the host's own choices are made outside
+    assert inside == []
+
+
 def test_the_padded_split_is_built_once_per_worker_and_rebuilt_for_other_rows(tiny):
     model, rows = tiny
     cpu = torch.device("cpu")

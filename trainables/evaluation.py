@@ -97,8 +97,8 @@ def evaluate(model, rows, pad_token_id: int, device, autocast, budget: EvalBudge
     model's eval is then a few launches), or without one (CPU) EVAL_BATCH rows. Rows are
     right-padded and no attention mask is passed, as in
     training (causal attention: no real token sees the padding after it). The sums stay on
-    the device and are read once at the end (selecting the answer positions still waits for
-    each batch's logits)."""
+    the device and are read once at the end, and the answer positions are chosen on the host:
+    no batch waits for the one before it."""
     return evaluate_blocks(model, rows, pad_token_id, device, autocast, budget)[0]
 
 
@@ -126,15 +126,20 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: Ev
         chunk = rows[start:end]
         start = end
         batch = collate(chunk, pad_token_id, torch.device("cpu"))
-        ids, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels"))
+        # which positions score which token is known on the host, before the batch goes to the
+        # device: selecting them there waits for nothing, so the host prepares the next batch
+        # while the device runs this one (a mask's selection waited for every layer, each batch)
+        labels = batch["labels"]
         scored = next_is_answer(labels)
+        size = scored.numel()
+        kept = torch.cat([scored.flatten().nonzero()[:, 0] + block * size for block in range(blocks)])
+        keep = labels[:, 1:] != IGNORE
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        kept, answer_labels, row_of_token = (t.to(device, non_blocking=True)
+                                             for t in (kept, labels[:, 1:][keep], keep.nonzero()[:, 0]))
         with autocast:
-            logits = answer_logits(model, ids.repeat(blocks, 1), scored.repeat(blocks, 1))
+            logits = answer_logits(model, ids.repeat(blocks, 1), scored.repeat(blocks, 1), kept)
         answer_scores = logits.view(blocks, -1, logits.shape[-1]).float()  # block, answer token, vocabulary
-        labels = labels[:, 1:]
-        keep = labels != IGNORE
-        answer_labels = labels[keep]
-        row_of_token = keep.nonzero()[:, 0]
         token_losses = torch.nn.functional.cross_entropy(
             answer_scores.flatten(0, 1), answer_labels.repeat(blocks), reduction="none").double().view(blocks, -1)
         token_correct = (answer_scores.argmax(-1) == answer_labels).long()
@@ -145,7 +150,7 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: Ev
         row_counts.append(keep.sum(1))
     model.train()
     rows_order = torch.argsort(torch.tensor(order))  # from the batches' order back to the rows' own
-    counts = torch.cat(row_counts).cpu()[rows_order]
+    counts = torch.cat(row_counts)[rows_order]
     answered = counts > 0  # a row whose answer was truncated away has no token to score
     count = int(counts.sum())
     out = []

@@ -72,7 +72,7 @@ def next_is_answer(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """The model's logits at the positions `keep` (rows x tokens, bool), row by row: (kept,
     vocabulary). The output layer sees only those positions' hidden states, through a hook on
     the model's output embeddings, and the model's own forward does what follows it (a logit
@@ -80,11 +80,16 @@ def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     embedded default's tokens, and its CPU step takes 2.81 s instead of 3.28
     (bench/results/cpu_step.json); on a large vocabulary the full logits are also the step's
     largest tensor. A model whose forward does not call its output embeddings as a module (the
-    hook never runs) gives its full logits, selected here."""
+    hook never runs) gives its full logits, selected here. `kept`, where the caller knows them on
+    the host, are `keep`'s positions in the flattened rows: selecting them then waits for nothing,
+    where a mask's selection waits for the GPU to have run every layer before it."""
     head = output_layer(model)
 
+    def select(values: torch.Tensor) -> torch.Tensor:
+        return values[keep] if kept is None else values.flatten(0, 1).index_select(0, kept)
+
     def rows_kept(module, args):
-        return (args[0][keep], *args[1:]) if args and args[0].shape[:2] == keep.shape else None
+        return (select(args[0]), *args[1:]) if args and args[0].shape[:2] == keep.shape else None
 
     handle = head.register_forward_pre_hook(rows_kept) if head is not None else None
     try:
@@ -92,7 +97,7 @@ def answer_logits(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     finally:
         if handle is not None:
             handle.remove()
-    return logits if logits.dim() == 2 else logits[keep]
+    return logits if logits.dim() == 2 else select(logits)
 
 
 def _sdpa_mask_causal_by_sdpa(*args, **kwargs):
