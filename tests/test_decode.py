@@ -179,3 +179,62 @@ def test_smollm2s_greedy_tokens_for_the_reference_tasks_questions_are_generates(
     stopped = torch.isin(expected, torch.tensor(stops))
     ends = {int(row.nonzero()[0]) for row in stopped if row.any()}
     assert len(ends) >= 2, ends
+
+
+@pytest.mark.parametrize("capture", ["made", "refused"])
+def test_the_decoding_step_runs_eagerly_then_is_captured_once_and_replayed_with_a_fake_cuda(monkeypatch, caplog,
+                                                                                             capture):
+    """What a GPU does with the step, on stand-ins for CUDA's streams and graph (no GPU here): the
+    warm-up steps on a side stream, one capture (errors of other threads' CUDA calls left to
+    them), a replay for each further token. A capture refused (a step that reads the device)
+    leaves the tokens to eager steps, as many as the replays would have made, and says so."""
+    from contextlib import contextmanager
+
+    import trainables.decode as decode_module
+    from trainables.step import WARMUP_PASSES
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextmanager
+    def on(stream):
+        calls.append(f"on {stream.name}")
+        yield
+        calls.append(f"off {stream.name}")
+
+    @contextmanager
+    def capturing(graph, capture_error_mode="global"):
+        calls.append(f"capture begins, {capture_error_mode}")
+        yield
+        if capture == "refused":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        calls.append("capture ends")
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    with caplog.at_level("WARNING", logger="trainables.decode"):
+        decode_module._run(lambda: calls.append("step"), 10, capture=True)
+    warm = ["side waits for main", "on side", *["step"] * WARMUP_PASSES, "off side", "main waits for side"]
+    if capture == "made":
+        assert calls == [*warm, "capture begins, thread_local", "step", "capture ends", *["replay"] * (10 - WARMUP_PASSES)]
+        assert caplog.text == ""
+    else:
+        assert calls == [*warm, "capture begins, thread_local", "step", *["step"] * (10 - WARMUP_PASSES)]
+        assert "could not be captured (CUDA error: operation not permitted when stream is capturing)" in caplog.text
+    calls.clear()
+    decode_module._run(lambda: calls.append("step"), 2, capture=True)  # no further token: nothing to capture
+    assert calls == ["side waits for main", "on side", "step", "step", "off side", "main waits for side"]

@@ -462,8 +462,8 @@ def test_the_capture_recipe_warms_up_on_a_side_stream_then_clears_gradients_then
         calls.append(f"off {stream.name}")
 
     @contextmanager
-    def capturing(graph):
-        calls.append("capture begins")
+    def capturing(graph, capture_error_mode="global"):
+        calls.append(f"capture begins, {capture_error_mode}")
         yield
         calls.append("capture ends")
 
@@ -477,7 +477,7 @@ def test_the_capture_recipe_warms_up_on_a_side_stream_then_clears_gradients_then
                                         lambda: calls.append("gradients cleared"))
     assert out == "loss" and isinstance(graph, Graph)
     assert calls == ["side waits for main", "on side", *["warm-up pass"] * step_module.WARMUP_PASSES, "off side",
-                     "main waits for side", "gradients cleared", "capture begins", "step", "capture ends"]
+                     "main waits for side", "gradients cleared", "capture begins, thread_local", "step", "capture ends"]
 
 
 def test_under_a_capture_sdpa_gets_the_mask_it_gets_outside_one_none_for_causal_rows_and_the_padding_mask_else(

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from trainables.step import WARMUP_PASSES, first_line
+from trainables.step import CAPTURE_ERROR_MODE, WARMUP_PASSES, first_line
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _run(step, steps: int, capture: bool) -> None:
     graph = torch.cuda.CUDAGraph()
     try:
         # recorded, not run: the capture leaves every tensor as the eager steps left it
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
             step()
     except RuntimeError as error:
         log.warning("the decoding step could not be captured (%s): it runs eagerly", first_line(error))

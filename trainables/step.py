@@ -41,6 +41,10 @@ from trainables.data import IGNORE, batch_indices, collate
 
 T = TypeVar("T")
 WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS, autocast, allocator)
+# A capture forbids unsafe CUDA calls in its own thread only: a shared trainer's clients read
+# their checkpoints off the GPU in threads of their own while its stepping thread captures, and
+# the default ("global") would fail both the capture and the client's read.
+CAPTURE_ERROR_MODE = "thread_local"
 log = logging.getLogger(__name__)
 
 
@@ -353,7 +357,7 @@ def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads:
     torch.cuda.current_stream().wait_stream(side)
     clear_grads()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
         out = step()
     return graph, out
 
