@@ -126,6 +126,13 @@ def test_a_generation_config_that_asks_more_than_greedy_tokens_goes_through_gene
     assert not static_decoding(model, torch.device("cpu"))  # nothing captured: generate's growing cache is faster
     model.generation_config.repetition_penalty = 5.0
     assert not plain_greedy(model) and not static_decoding(model, torch.device("cuda", 0))
+    model.generation_config.repetition_penalty = 1.0
+    assert plain_greedy(model)
+    model.config.layer_types = ["sliding_attention", "full_attention"]  # a mask of its own in some layers
+    assert not plain_greedy(model)
+    model.config.layer_types = ["full_attention", "full_attention"]
+    assert plain_greedy(model)
+    model.generation_config.repetition_penalty = 5.0
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [([5, 6, 7, 8, 9], [-100, -100, -100, 8, 9]), ([11, 12, 13], [-100, -100, 13])]
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)

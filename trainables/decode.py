@@ -35,6 +35,10 @@ GREEDY_FIELDS = frozenset({
     "cache_implementation", "transformers_version", "_from_model_config", "return_dict_in_generate",
     "output_attentions", "output_hidden_states", "output_scores", "output_logits",
 })
+# Values at which a logits processor's field leaves the logits as they are, as a config may spell them out
+NEUTRAL = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+           "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_return_sequences": 1,
+           "diversity_penalty": 0.0, "renormalize_logits": False, "remove_invalid_values": False}
 
 
 def static_decoding(model, device: torch.device) -> bool:
@@ -47,10 +51,15 @@ def static_decoding(model, device: torch.device) -> bool:
 
 def plain_greedy(model) -> bool:
     """Whether greedy decoding of `model`, as its generation config sets it, is the argmax of its
-    logits at each step (`GREEDY_FIELDS`), and its cache can be static."""
+    logits at each step (`GREEDY_FIELDS`), and every layer attends to all the tokens before it,
+    which is the mask `greedy_tokens` makes (no sliding window, no chunked or linear attention)."""
     config = getattr(model, "generation_config", None)
-    set_fields = set(config.to_diff_dict()) if config is not None else set()
-    return set_fields <= GREEDY_FIELDS and getattr(model.config.get_text_config(), "sliding_window", None) is None
+    diff = config.to_diff_dict() if config is not None else {}
+    set_fields = {name for name, value in diff.items() if value is not None and not (name in NEUTRAL and NEUTRAL[name] == value)}
+    text = model.config.get_text_config()
+    full_attention = (getattr(text, "sliding_window", None) is None
+                      and set(getattr(text, "layer_types", None) or ["full_attention"]) == {"full_attention"})
+    return set_fields <= GREEDY_FIELDS and full_attention
 
 
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int], pad_token_id: int,
