@@ -196,14 +196,15 @@ class Captured:
 @dataclass
 class SlotSnapshot:
     """A slot's checkpoint as the pack took it: its weights, then (after its first step) its AdamW
-    moments, in one tensor on the pack's device (`flat`, in `shapes`), the trial's optimizer and
-    schedule to hold them, and `progress` as it stood. `checkpoint()` reads them off the device:
-    a shared trainer calls it in the client's call, so that the slots step on meanwhile."""
+    moments, in one host tensor (`flat`, in `shapes`; on a GPU, a copy still under way), the
+    trial's optimizer and schedule to hold them, and `progress` as it stood. `checkpoint()` waits
+    for the copy and makes the checkpoint: a shared trainer calls it in the client's call, so that
+    the slots step on meanwhile."""
 
     keys: list[str]
     shapes: list[torch.Size]
-    flat: torch.Tensor
-    done: torch.cuda.Event | None  # recorded after `flat` was made: whichever stream reads it waits for it
+    flat: torch.Tensor              # on the host; on a GPU, filled once `done` has passed
+    done: torch.cuda.Event | None  # recorded after the copy into `flat`: its reader waits for it
     steps: int
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -214,8 +215,8 @@ class SlotSnapshot:
     def checkpoint(self) -> TrialCheckpoint:
         if self.done is not None:
             self.done.synchronize()
-        host = self.flat.to("cpu")
-        parts = [part.view(shape) for part, shape in zip(host.split([shape.numel() for shape in self.shapes]), self.shapes)]
+        sizes = [shape.numel() for shape in self.shapes]
+        parts = [part.view(shape) for part, shape in zip(self.flat.split(sizes), self.shapes)]
         n = len(self.keys)
         if self.steps:  # torch's AdamW holds no state before its first step
             for param, avg, avg_sq in zip(self.params, parts[n:2 * n], parts[2 * n:]):
@@ -739,7 +740,8 @@ class Pack:
 
     def snapshot(self, index: int, progress: Progress, base_model_name_or_path: str) -> SlotSnapshot:
         """The slot's checkpoint as far as the pack must take it: its weights and AdamW moments
-        copied on the device in one operation, not yet read off it (`SlotSnapshot.checkpoint`)."""
+        gathered on the device in one operation and copied to the host behind the step's work,
+        waited for by `SlotSnapshot.checkpoint`, not here."""
         from peft import LoraConfig
 
         slot = self.slots[index]
@@ -749,8 +751,14 @@ class Pack:
         moments = [m for _, m in slot.named_weights("avg")] + [m for _, m in slot.named_weights("avg_sq")] if steps else []
         parts = list(weights) + moments
         flat = torch.cat([part.detach().reshape(-1) for part in parts])
-        done = torch.cuda.Event() if flat.is_cuda else None
-        if done is not None:
+        done = None
+        if flat.is_cuda:
+            # copied to page-locked host memory behind the step's work, without waiting for it: a
+            # snapshot held on the device until its client read it would be GPU memory that the
+            # pack's plan never counted (an 8B model's all-projection slot at rank 32: 0.96 GB)
+            on_device, flat = flat, torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            flat.copy_(on_device, non_blocking=True)
+            done = torch.cuda.Event()
             done.record()
         return SlotSnapshot(list(keys), [part.shape for part in parts], flat, done, steps, params, optimizer, scheduler,
                             adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
