@@ -1,6 +1,6 @@
 """Helpers that several test modules share: hand-made trial tables and run directories (in the
 layout Ray 2.60 was seen to write), the command line run in a fresh interpreter, and the processes
-a test's Ray left running."""
+a test's Ray left running, and stand-ins for CUDA's streams and graphs."""
 
 from __future__ import annotations
 
@@ -333,3 +333,45 @@ def shared_trial(lr: float = 1e-3, r: int = 4, seed: int = 0, modules=("q_proj",
                    "use_dora": False, "task_type": "CAUSAL_LM"}
     return TrialParams(lora_config=lora_config, module_set="+".join(modules), alpha_ratio=2.0, learning_rate=lr,
                        loraplus_lr_ratio=4.0, seed=seed, origin=Origin.SEARCH).to_config()
+
+
+def fake_cuda(monkeypatch, calls: list[str], refuse_capture: bool = False) -> type:
+    """Stand-ins for CUDA's streams and graph (no GPU here) in torch.cuda, each recording what it
+    is asked in `calls`: a capture that `refuse_capture`s raises as CUDA does when the captured
+    work reads the device. The graph class, whose instances the capture recipe returns."""
+    from contextlib import contextmanager
+
+    import torch
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextmanager
+    def on(stream):
+        calls.append(f"on {stream.name}")
+        yield
+        calls.append(f"off {stream.name}")
+
+    @contextmanager
+    def capturing(graph, capture_error_mode="global"):
+        calls.append(f"capture begins, {capture_error_mode}")
+        yield
+        if refuse_capture:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        calls.append("capture ends")
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    return Graph

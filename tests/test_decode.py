@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import fake_cuda
 from rundir.params import Origin, TrialParams
 from trainables.decode import greedy_tokens, plain_greedy, static_decoding
 from trainables.generate import generate_answers_blocks, stop_token_ids
@@ -195,44 +196,11 @@ def test_the_decoding_step_runs_eagerly_then_is_captured_once_and_replayed_with_
     warm-up steps on a side stream, one capture (errors of other threads' CUDA calls left to
     them), a replay for each further token. A capture refused (a step that reads the device)
     leaves the tokens to eager steps, as many as the replays would have made, and says so."""
-    from contextlib import contextmanager
-
     import trainables.decode as decode_module
     from trainables.step import WARMUP_PASSES
 
     calls = []
-
-    class Stream:
-        def __init__(self, name="side"):
-            self.name = name
-
-        def wait_stream(self, other):
-            calls.append(f"{self.name} waits for {other.name}")
-
-    class Graph:
-        def replay(self):
-            calls.append("replay")
-
-    @contextmanager
-    def on(stream):
-        calls.append(f"on {stream.name}")
-        yield
-        calls.append(f"off {stream.name}")
-
-    @contextmanager
-    def capturing(graph, capture_error_mode="global"):
-        calls.append(f"capture begins, {capture_error_mode}")
-        yield
-        if capture == "refused":
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        calls.append("capture ends")
-
-    main = Stream("main")
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    fake_cuda(monkeypatch, calls, refuse_capture=capture == "refused")
     with caplog.at_level("WARNING", logger="trainables.decode"):
         decode_module._run(lambda: calls.append("step"), 10, capture=True)
     warm = ["side waits for main", "on side", *["step"] * WARMUP_PASSES, "off side", "main waits for side"]

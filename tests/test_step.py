@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 
+from helpers import fake_cuda
 from trainables.data import IGNORE, batch_indices, collate
 from trainables.step import TrainStep, answer_loss
 
@@ -438,41 +439,10 @@ def test_eval_reports_each_rows_own_values_in_the_order_of_the_rows_not_of_its_b
 def test_the_capture_recipe_warms_up_on_a_side_stream_then_clears_gradients_then_captures_with_a_fake_cuda(monkeypatch):
     """torch.cuda.graph's own recipe, which both the trial's step and the pack's take from
     `cuda_graph`: the order of its calls, on stand-ins for CUDA's stream and graph (no GPU here)."""
-    from contextlib import contextmanager
-
     from trainables import step as step_module
 
     calls = []
-
-    class Stream:
-        def __init__(self, name="side"):
-            self.name = name
-
-        def wait_stream(self, other):
-            calls.append(f"{self.name} waits for {other.name}")
-
-    class Graph:
-        def replay(self):
-            calls.append("replay")
-
-    @contextmanager
-    def on(stream):
-        calls.append(f"on {stream.name}")
-        yield
-        calls.append(f"off {stream.name}")
-
-    @contextmanager
-    def capturing(graph, capture_error_mode="global"):
-        calls.append(f"capture begins, {capture_error_mode}")
-        yield
-        calls.append("capture ends")
-
-    main = Stream("main")
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    Graph = fake_cuda(monkeypatch, calls)
     graph, out = step_module.cuda_graph(lambda: calls.append("warm-up pass"), lambda: calls.append("step") or "loss",
                                         lambda: calls.append("gradients cleared"))
     assert out == "loss" and isinstance(graph, Graph)
