@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from trainables.step import CAPTURE_ERROR_MODE, WARMUP_PASSES, first_line
+from trainables.step import WARMUP_PASSES, cuda_graph, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,30 +132,30 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
 
 
 def _run(step, steps: int, capture: bool) -> None:
-    """`step()` `steps` times: the first WARMUP_PASSES eagerly (on a side stream with `capture`),
-    the rest as replays of one capture, or eagerly where none is made."""
-    eager = min(steps, WARMUP_PASSES) if capture else steps
-    side = torch.cuda.Stream() if capture else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side) if side is not None else nullcontext():
-        for _ in range(eager):
+    """`step()` `steps` times: with `capture` and more than WARMUP_PASSES of them, the warm-up
+    passes and one capture of `cuda_graph`'s recipe, then a replay for each further step (eager
+    steps where the capture is refused); else eagerly."""
+    if not capture or steps <= WARMUP_PASSES:
+        for _ in range(steps):
             step()
-    if side is not None:
-        torch.cuda.current_stream().wait_stream(side)
-    if eager == steps:
         return
-    graph = torch.cuda.CUDAGraph()
+    warmed = []
+
+    def warmup() -> None:
+        step()
+        warmed.append(True)
+
     try:
-        # recorded, not run: the capture leaves every tensor as the eager steps left it
-        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
-            step()
+        # the capture records the step without running it: the tensors stay as the warm-up left them
+        graph, _ = cuda_graph(warmup, step, lambda: None)
     except RuntimeError as error:
+        if len(warmed) < WARMUP_PASSES:
+            raise  # an eager step failed, not the capture
         log.warning("the decoding step could not be captured (%s): it runs eagerly", first_line(error))
-        for _ in range(steps - eager):
+        for _ in range(steps - WARMUP_PASSES):
             step()
         return
-    for _ in range(steps - eager):
+    for _ in range(steps - WARMUP_PASSES):
         graph.replay()
 
 

@@ -58,8 +58,8 @@ def packed_mode(pack_mode: str) -> str:
 @dataclass(frozen=True)
 class _Taken:
     """A report and its slot's snapshot as the stepping thread took them: the client's own call
-    (`next_report`) reads the snapshot off the device and makes the checkpoint's files, so that
-    the slots step meanwhile."""
+    (`next_report`) waits for the snapshot's copy to the host and makes the checkpoint's files,
+    so that the slots step meanwhile."""
 
     report: TrialReport
     snapshot: SlotSnapshot
