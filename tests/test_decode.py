@@ -213,3 +213,21 @@ def test_the_decoding_step_runs_eagerly_then_is_captured_once_and_replayed_with_
     calls.clear()
     decode_module._run(lambda: calls.append("step"), 2, capture=True)  # no further token: nothing to capture
     assert calls == ["step", "step"]
+
+
+def test_a_decoding_step_that_fails_before_its_capture_raises_with_a_fake_cuda(monkeypatch):
+    """Only a refused capture leaves the tokens to eager steps: a step that fails in the warm-up
+    (out of memory, a bad shape) fails the round, not a retry of it."""
+    import trainables.decode as decode_module
+
+    calls = []
+    fake_cuda(monkeypatch, calls)
+
+    def step():
+        calls.append("step")
+        if calls.count("step") == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_module._run(step, 10, capture=True)
+    assert calls.count("step") == 2 and not any(call.startswith("capture") for call in calls)
