@@ -146,8 +146,10 @@ def test_a_generation_config_that_asks_more_than_greedy_tokens_goes_through_gene
 
 def test_a_model_whose_cache_cannot_be_static_answers_through_generate_with_a_warning_faked(
         tiny_model_dir, monkeypatch, caplog):
-    """Faked: a model whose static cache fails (a transformers version or an architecture without
-    one) makes `greedy_tokens` raise; its answers are then generate's, and the log says why."""
+    """Faked: a transformers whose StaticCache takes other arguments (another version, or an
+    architecture without one); the answers are then generate's, and the log says why."""
+    import transformers
+
     import trainables.decode as decode_module
 
     def no_static_cache(*args, **kwargs):
@@ -157,11 +159,37 @@ def test_a_model_whose_cache_cannot_be_static_answers_through_generate_with_a_wa
     ids, mask = left_padded([4, 6], model.config.vocab_size, seed=3)
     expected = generated(model, ids, mask, 8, [2])
     monkeypatch.setattr(decode_module, "static_decoding", lambda model, device: True)  # as on a GPU
-    monkeypatch.setattr(decode_module, "greedy_tokens", no_static_cache)
+    monkeypatch.setattr(transformers, "StaticCache", no_static_cache)
     with caplog.at_level("WARNING", logger="trainables.decode"):
         got = decode_module.decode(model, ids, mask, 8, [2], 0, torch.autocast("cpu", enabled=False))
     assert torch.equal(got, expected)
     assert "cannot decode over a static cache (StaticCache.__init__() got an unexpected keyword" in caplog.text
+
+
+def test_a_static_cache_of_one_dtype_under_autocast_answers_through_generate_faked(tiny_model_dir, monkeypatch, caplog):
+    """Faked transformers 5.17 (the GPU machines'): its static cache holds the values in the keys'
+    dtype, and an fp32 model under bf16 autocast gives fp32 keys (after the rotary embedding) and
+    bf16 values, so filling the cache with the prompts raises. The answers are then generate's."""
+    from transformers.cache_utils import StaticLayer
+
+    import trainables.decode as decode_module
+
+    made = StaticLayer.lazy_initialization
+
+    def one_dtype(self, key_states, value_states):
+        made(self, key_states, value_states)
+        self.values = self.values.to(self.keys.dtype)
+
+    model = tiny(tiny_model_dir)
+    ids, mask = left_padded([4, 6], model.config.vocab_size, seed=3)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16)
+    expected = generated(model, ids, mask, 8, [2], cast)
+    monkeypatch.setattr(decode_module, "static_decoding", lambda model, device: True)  # as on a GPU
+    monkeypatch.setattr(StaticLayer, "lazy_initialization", one_dtype)
+    with caplog.at_level("WARNING", logger="trainables.decode"):
+        got = decode_module.decode(model, ids, mask, 8, [2], 0, cast)
+    assert torch.equal(got, expected)
+    assert "cannot decode over a static cache (index_copy_(): self and source expected to have the same dtype" in caplog.text
 
 
 def test_smollm2s_greedy_tokens_for_the_reference_tasks_questions_are_generates(smollm2_dir):

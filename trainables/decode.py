@@ -41,6 +41,12 @@ NEUTRAL = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length
            "diversity_penalty": 0.0, "renormalize_logits": False, "remove_invalid_values": False}
 
 
+class StaticCacheRefused(Exception):
+    """The model's static cache could not be made or filled with the prompts (its cause says why):
+    its transformers version or architecture has no static cache, or one that holds keys and values
+    of one dtype where autocast gives them two (transformers 5.17 with fp32 weights)."""
+
+
 def static_decoding(model, device: torch.device) -> bool:
     """Whether `decode` answers through `greedy_tokens`: on a GPU, where its step is captured, for
     a model whose greedy decoding is the argmax of its logits (`plain_greedy`). On a CPU nothing is
@@ -70,9 +76,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, st
     if static_decoding(model, ids.device):
         try:
             return greedy_tokens(model, ids, mask, max_new_tokens, stop_ids, pad_token_id, autocast)
-        except (TypeError, ValueError, NotImplementedError) as error:
+        except StaticCacheRefused as refused:
             log.warning("%s cannot decode over a static cache (%s): its answers go through generate",
-                        type(model).__name__, first_line(error))
+                        type(model).__name__, first_line(refused.__cause__))
     with autocast:
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
@@ -84,14 +90,13 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     """`model`'s greedy continuation of the left-padded rows `ids` (`mask` 1 at their real tokens):
     `[rows, n]` new tokens, n at most `max_new_tokens`, a row padded with `pad_token_id` after its
     first of `stop_ids`, and n the last step at which a row still had not stopped, as `generate`
-    ends. On a GPU the decoding step is captured after WARMUP_PASSES eager steps."""
+    ends. On a GPU the decoding step is captured after WARMUP_PASSES eager steps. Raises
+    StaticCacheRefused where the model's static cache cannot be made or take the prompts."""
     from transformers import StaticCache
 
     rows, width = ids.shape
     device = ids.device
     length = width + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    forward = _forward(model, cache)
     keys = torch.arange(length, device=device)
     real = torch.cat([mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     stops = torch.tensor(stop_ids or [-1], device=device)
@@ -107,7 +112,13 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
         # some), and it would go into the padding's keys and values of the next layer
         attend = (real[:, None, :] & (keys <= queries[:, None])) | (keys == queries[:, None])
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` counts them
-        first = forward(ids, attend[:, None], positions, queries).argmax(-1)
+        try:  # the cache is made and first filled here: nothing is captured yet, and `generate` can still answer
+            forward = _forward(model, StaticCache(config=model.config, max_cache_len=length))
+            first = forward(ids, attend[:, None], positions, queries).argmax(-1)
+        except torch.OutOfMemoryError:
+            raise  # generate's cache would not fit either
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+            raise StaticCacheRefused from error
         out = torch.full((rows, max_new_tokens), pad_token_id, dtype=ids.dtype, device=device)
         out[:, 0] = first
         done = torch.isin(first, stops)
