@@ -1,8 +1,8 @@
 """Where a packed step's time goes on the GPU (SmolLM2, K = 1 and 8 slots): forward, backward
 and optimizer timed with syncs, the base model's forward alone, and torch.profiler's top ops by
-self CPU and by CUDA time. Then a report's checkpoint, which the pack holds every slot for (0.12 s
-in the reference search on an H100, `trainer_time.json`): taken (`Pack.checkpoint`) and made into
-files (`to_files`), timed with syncs, and the ops of one taken. Then a report's evaluation and
+self CPU and by CUDA time. Then a report's checkpoint, which the pack holds every slot for (0.09 s
+in the reference search on an H100, `trainer_time.json`): its snapshot (`Pack.snapshot`), the
+checkpoint made of it and its files, and the ops of one snapshot. Then a report's evaluation and
 answer round for 1, K/2 and K slots at once, the evaluation at its budget and at four times it, with
 the memory each takes (`report_passes`): the searches' own accounts cannot
 compare them, as two searches make different passes.
@@ -67,17 +67,28 @@ def phases(pack, batches: dict, autocast) -> dict[str, float]:
 
 
 def checkpoint_phases(pack, indices: list[int]) -> dict[str, float]:
-    """Milliseconds a slot's checkpoint takes, as the shared trainer takes one with each report:
-    taken off the pack, then made into files, averaged over the slots."""
+    """Milliseconds a slot's checkpoint takes, as the shared trainer takes one with each report,
+    averaged over the slots: the stepping thread's snapshot (`Pack.snapshot`), on the host alone
+    (what the other slots wait for) and until its copy has reached the host; then, as the client's
+    call does it, the checkpoint made of it (`SlotSnapshot.checkpoint`) and its files."""
+    import torch
+
     from trainables.metrics import Progress
 
     progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=3)
-    taken, written = 0.0, 0.0
+    host, synced, made, written = 0.0, 0.0, 0.0, 0.0
     for i in indices:
         out = {}
-        taken += _timed(lambda i=i: out.update(checkpoint=pack.checkpoint(i, progress, "smollm2")))
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out["snapshot"] = pack.snapshot(i, progress, "smollm2")
+        host += time.perf_counter() - started
+        torch.cuda.synchronize()
+        synced += time.perf_counter() - started
+        made += _timed(lambda: out.update(checkpoint=out["snapshot"].checkpoint()))
         written += _timed(lambda: out["checkpoint"].to_files())
-    return {"taken": round(1000 * taken / len(indices), 1), "files": round(1000 * written / len(indices), 1)}
+    return {name: round(1000 * seconds / len(indices), 1) for name, seconds in
+            (("snapshot_host", host), ("snapshot_synced", synced), ("checkpoint", made), ("files", written))}
 
 
 def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, float]]:
@@ -164,7 +175,7 @@ def main() -> None:
         print(f"K={slots} checkpoint ms: {checkpoint_phases(pack, indices)}", flush=True)
         progress = Progress(called_at=0.0, imported_at=0.0, busy_from=0.0, step=3)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
-            pack.checkpoint(indices[0], progress, "smollm2")
+            pack.snapshot(indices[0], progress, "smollm2")
             torch.cuda.synchronize()
         print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         print(f"K={slots} report passes ms, by slots served at once: {report_passes(pack, indices, autocast)}",

@@ -5,8 +5,9 @@ puts the slots' micro-batches side by side (slot k's rows are the k-th block of 
 every base layer once over all rows, and adds every slot's low-rank path in a fixed number of
 batched operations, whatever the number of slots (Punica's and LoRAFusion's layout rather than a
 loop over adapters): each adapted layer holds the slots' A and B stacked, `[capacity, rank, in]`
-and `[capacity, out, rank]`, ranks padded to the layer's largest with zeros that stay zero (their
-gradients are exact zeros), and each slot's scale as an entry of a tensor, 0 for a slot
+and B transposed, `[capacity, rank, out]` (a slot's part of either is then contiguous: its
+checkpoint leaves the pack in one copy), ranks padded to the layer's largest with zeros that stay
+zero (their gradients are exact zeros), and each slot's scale as an entry of a tensor, 0 for a slot
 that does not adapt the layer or holds no trial. Nothing in a decoder mixes the rows of a batch,
 so a slot's loss, gradients and update are those of its adapter trained alone; tests/test_packed.py
 holds them to PEFT's own model with the same `LoraConfig`.
@@ -99,7 +100,7 @@ class PackedLinear(nn.Module):
     def _allocate(self, rank: int) -> None:
         """The stacked weights and AdamW moments at `rank`, keeping what they held (a new rank is padding)."""
         capacity, device = self.pack.capacity, self.pack.device
-        shapes = {"A": (capacity, rank, self.base.in_features), "B": (capacity, self.base.out_features, rank)}
+        shapes = {"A": (capacity, rank, self.base.in_features), "B": (capacity, rank, self.base.out_features)}
         old = {name: getattr(self, name, None) for name in ("A", "B", "A_avg", "B_avg", "A_avg_sq", "B_avg_sq")}
         for name, old_tensor in old.items():
             new = torch.zeros(shapes[name[0]], device=device)
@@ -126,7 +127,7 @@ class PackedLinear(nn.Module):
             # the scale on B rather than on the product, and the sum in the same kernel: no pass
             # over the layer's output for either, forward or backward
             B, scale = _selected(self.B, slots), _selected(self.scale, slots)
-            return (B * scale[:, None, None]).transpose(1, 2).to(low.dtype)
+            return (B * scale[:, None, None]).to(low.dtype)
 
         up = self._matrix("up", low.dtype, keep, scaled_up)
         return torch.baddbmm(out.view(low.shape[0], -1, out.shape[-1]), low, up).view(out.shape)
@@ -158,9 +159,15 @@ class Slot:
     index: int
 
     def named_weights(self, what: str = ""):
-        """(PEFT's state-dict key, the slot's part of the layer's tensor) of each adapter weight, in
-        the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq" their gradients or
-        AdamW moments."""
+        """(PEFT's state-dict key, the slot's part of the layer's tensor, in PEFT's shape) of each
+        adapter weight, in the layers' order: the weights, or with `what` "grad", "avg" or "avg_sq"
+        their gradients or AdamW moments. A B is a transposed view (`stored`)."""
+        for key, part in self.stored(what):
+            yield key, part.T if key.endswith("lora_B.weight") else part
+
+    def stored(self, what: str = ""):
+        """`named_weights` as the layers hold them: B as its transpose, `[rank, out]`, so every part
+        is contiguous."""
         r = self.params.lora_config["r"]  # every layer's rank of the slot (`Pack.add`), known on the host
         for name, layer in self.layers.items():
             for matrix in ("A", "B"):
@@ -169,8 +176,7 @@ class Slot:
                     tensor = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
                 elif what:
                     tensor = getattr(layer, f"{matrix}_{what}")
-                part = tensor[self.index, :r] if matrix == "A" else tensor[self.index, :, :r]
-                yield f"base_model.model.{name}.lora_{matrix}.weight", part
+                yield f"base_model.model.{name}.lora_{matrix}.weight", tensor[self.index, :r]
 
 
 @dataclass
@@ -196,19 +202,20 @@ class Captured:
 @dataclass
 class SlotSnapshot:
     """A slot's checkpoint as the pack took it: its weights, then (after its first step) its AdamW
-    moments, in one host tensor (`flat`, in `shapes`; on a GPU, a copy still under way), the
-    trial's optimizer and schedule to hold them, and `progress` as it stood. `checkpoint()` waits
-    for the copy and makes the checkpoint: a shared trainer calls it in the client's call, so that
-    the slots step on meanwhile."""
+    moments, in one host tensor (`flat`, parts as the layers store them, `Slot.stored`; on a GPU, a
+    copy still under way), and `progress` as it stood. `checkpoint()` waits for the copy and makes
+    the checkpoint with the trial's optimizer and schedule: a shared trainer calls it in the
+    client's call, so that the slots step on meanwhile."""
 
     keys: list[str]
     shapes: list[torch.Size]
     flat: torch.Tensor              # on the host; on a GPU, filled once `done` has passed
     done: torch.cuda.Event | None  # recorded after the copy into `flat`: its reader waits for it
     steps: int
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    params: TrialParams
+    fused: bool                     # the optimizer's, as a per-process trial on the same device makes it
+    warmup_steps: int
+    max_steps: int
     adapter_config: dict
     progress: Progress
 
@@ -218,12 +225,28 @@ class SlotSnapshot:
         sizes = [shape.numel() for shape in self.shapes]
         parts = [part.view(shape) for part, shape in zip(self.flat.split(sizes), self.shapes)]
         n = len(self.keys)
+        # in PEFT's shapes: a B transposed back into a tensor of its own; an A's moment copied, as
+        # torch.save would save all of `flat` with each view of it
+        parts = [part.T.contiguous() if self.keys[i % n].endswith("lora_B.weight") else part.clone() if i >= n
+                 else part for i, part in enumerate(parts)]
+        optimizer, scheduler, weights = trial_optimizer(self.params, parts[:n], self.fused, self.warmup_steps,
+                                                        self.max_steps, self.steps)
         if self.steps:  # torch's AdamW holds no state before its first step
-            for param, avg, avg_sq in zip(self.params, parts[n:2 * n], parts[2 * n:]):
-                self.optimizer.state[param] = {"step": torch.tensor(float(self.steps)), "exp_avg": avg.clone(),
-                                               "exp_avg_sq": avg_sq.clone()}
-        return TrialCheckpoint.take(self.progress, dict(zip(self.keys, parts)), self.adapter_config, self.optimizer,
-                                    self.scheduler, [], SLOT)
+            for param, avg, avg_sq in zip(weights, parts[n:2 * n], parts[2 * n:]):
+                optimizer.state[param] = {"step": torch.tensor(float(self.steps)), "exp_avg": avg, "exp_avg_sq": avg_sq}
+        return TrialCheckpoint.take(self.progress, dict(zip(self.keys, parts[:n])), self.adapter_config, optimizer,
+                                    scheduler, [], SLOT)
+
+
+def trial_optimizer(params: TrialParams, weights: list[torch.Tensor], fused: bool, warmup_steps: int, max_steps: int,
+                    steps: int):
+    """A slot's trial's own AdamW (PEFT's LoRA+ groups) and schedule at `steps`, over parameters
+    made of `weights` (PEFT's shapes, in `Slot.named_weights`' order), which only name its state's
+    entries: it is never stepped. The optimizer of the checkpoints of both trainers."""
+    held = [nn.Parameter(w.detach()) for w in weights]
+    optimizer = loraplus_adamw(SlotWeights(list(zip(held[::2], held[1::2]))), params.learning_rate,
+                               params.loraplus_lr_ratio, fused)
+    return optimizer, warmup_cosine(optimizer, warmup_steps, max_steps, steps), held
 
 
 class Pack:
@@ -660,7 +683,7 @@ class Pack:
         `stepping` (`[capacity]` bool), as torch's AdamW with the trial's own groups takes it (its
         operations, in its order); the other slots keep their weights and moments: their moments'
         decay is 1 and their step size 0. Padding stays zero without a mask: its gradients are
-        exact zeros (A's padded rows and B's padded columns meet only zeros), and so are its moments."""
+        exact zeros (the padded rows of A and of B's transpose meet only zeros), and so are its moments."""
         beta1, beta2 = BETAS
         on = stepping.double()
         taken = self.steps + stepping.long()
@@ -721,18 +744,6 @@ class Pack:
             for key, weight in weights.items():
                 weight.copy_(state[key])
 
-    def _trial_optimizer(self, index: int, steps: int | None = None):
-        """The slot's trial's own AdamW (PEFT's LoRA+ groups) and schedule, at the slot's step
-        (`steps`, else read off the device), and the parameters that name its state's entries in
-        `Slot.named_weights`' order: the optimizer of the checkpoints of both trainers."""
-        slot = self.slots[index]
-        # the optimizer is never stepped: its parameters, the slot's own parts, only name the state's entries
-        params = [nn.Parameter(w.detach()) for _, w in slot.named_weights()]
-        optimizer = loraplus_adamw(SlotWeights(list(zip(params[::2], params[1::2]))), slot.params.learning_rate,
-                                   slot.params.loraplus_lr_ratio, self.device.type == "cuda")
-        steps = int(self.steps[index]) if steps is None else steps
-        return optimizer, warmup_cosine(optimizer, self.warmup_steps, self.max_steps, steps), params
-
     def checkpoint(self, index: int, progress: Progress, base_model_name_or_path: str) -> TrialCheckpoint:
         """The slot's checkpoint at `progress`, its adapter as PEFT saves one on the base model.
         Its dropout needs no generator state: the masks are a function of the trial's seed and step."""
@@ -740,17 +751,17 @@ class Pack:
 
     def snapshot(self, index: int, progress: Progress, base_model_name_or_path: str) -> SlotSnapshot:
         """The slot's checkpoint as far as the pack must take it: its weights and AdamW moments
-        gathered on the device in one operation and copied to the host behind the step's work,
-        waited for by `SlotSnapshot.checkpoint`, not here."""
+        gathered on the device in one operation (every part is contiguous: `Slot.stored`) and
+        copied to the host behind the step's work, waited for by `SlotSnapshot.checkpoint`, which
+        also makes the trial's optimizer, not here."""
         from peft import LoraConfig
 
         slot = self.slots[index]
         steps = int(self.steps[index])  # a report's evaluation read its losses: the GPU's queue is empty here
-        optimizer, scheduler, params = self._trial_optimizer(index, steps)
-        keys, weights = zip(*slot.named_weights())
-        moments = [m for _, m in slot.named_weights("avg")] + [m for _, m in slot.named_weights("avg_sq")] if steps else []
+        keys, weights = zip(*slot.stored())
+        moments = [m for _, m in slot.stored("avg")] + [m for _, m in slot.stored("avg_sq")] if steps else []
         parts = list(weights) + moments
-        flat = torch.cat([part.detach().reshape(-1) for part in parts])
+        flat = torch.cat([part.detach().view(-1) for part in parts])
         done = None
         if flat.is_cuda:
             # copied to page-locked host memory behind the step's work, without waiting for it: a
@@ -760,7 +771,8 @@ class Pack:
             flat.copy_(on_device, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return SlotSnapshot(list(keys), [part.shape for part in parts], flat, done, steps, params, optimizer, scheduler,
+        return SlotSnapshot(list(keys), [part.shape for part in parts], flat, done, steps, slot.params,
+                            self.device.type == "cuda", self.warmup_steps, self.max_steps,
                             adapter_config(LoraConfig(**slot.params.lora_config), base_model_name_or_path),
                             dataclasses.replace(progress))
 
@@ -768,9 +780,11 @@ class Pack:
         """Continue the slot and `progress` from `checkpoint`, of a slot or of a per-process trial
         (whose dropout generators a slot has not: its masks are drawn from its seed and step)."""
         self.load_adapter_state(index, checkpoint.adapter)
-        optimizer, scheduler, params = self._trial_optimizer(index)
-        checkpoint.restore(optimizer, scheduler, progress)
         slot = self.slots[index]
+        optimizer, scheduler, params = trial_optimizer(slot.params, [w for _, w in slot.named_weights()],
+                                                       self.device.type == "cuda", self.warmup_steps, self.max_steps,
+                                                       int(self.steps[index]))
+        checkpoint.restore(optimizer, scheduler, progress)
         with torch.no_grad():
             for param, (_, avg), (_, avg_sq) in zip(params, slot.named_weights("avg"), slot.named_weights("avg_sq")):
                 state = optimizer.state.get(param)
