@@ -5,7 +5,7 @@ in the reference search on an H100, `trainer_time.json`): its snapshot (`Pack.sn
 checkpoint made of it and its files, and the ops of one snapshot. Then a report's evaluation and
 answer round for 1, K/2 and K slots at once, the evaluation at its budget and at four times it, with
 the memory each takes (`report_passes`): the searches' own accounts cannot
-compare them, as two searches make different passes.
+compare them, as two searches make different passes. Last, the ops of one slot's evaluation.
 
     python bench/pack_profile.py [--slots 1,8]     (on the GPU machine, after device.sh's setup)
 
@@ -132,6 +132,28 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
     return out
 
 
+def evaluation_profile(pack, index: int, autocast) -> str:
+    """torch.profiler's top ops of one slot's evaluation at its budget, by self CPU and by CUDA
+    time: whether its passes wait on the host's launches or on the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.shared_packing import rows
+    from trainables.evaluation import evaluate_blocks, model_eval_budget
+
+    eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, pack.model.config.vocab_size, 7, scored=ANSWER)
+    budget = model_eval_budget(pack.model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
+    with pack.only(index) as model:
+        evaluate_blocks(model, eval_rows, 0, pack.device, autocast, budget)  # its matrices kept, as after a first pass
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+            evaluate_blocks(model, eval_rows, 0, pack.device, autocast, budget)
+            torch.cuda.synchronize()
+    averages = profiled.key_averages()
+    return (averages.table(sort_by="self_cpu_time_total", row_limit=12) + "\n"
+            + averages.table(sort_by="cuda_time_total", row_limit=10))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", default="1,8", help="pack sizes to profile, comma-separated")
@@ -180,6 +202,7 @@ def main() -> None:
         print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         print(f"K={slots} report passes ms, by slots served at once: {report_passes(pack, indices, autocast)}",
               flush=True)
+        print(f"K={slots} one slot's evaluation:\n{evaluation_profile(pack, indices[0], autocast)}", flush=True)
         for i in indices:
             pack.remove(i)
         unpack(model)
