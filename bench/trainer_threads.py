@@ -13,6 +13,7 @@ Results: bench/results/cpu-2026-12-07-trainer-threads/."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ REPEATS = 5
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     import torch
 
     from bench.pack_profile import RandomSmolLM2
