@@ -195,11 +195,12 @@ def test_a_trial_that_opens_while_another_steps_waits_for_one_step_not_for_the_o
 
     trainer = SharedTrainer(replace(trial_setup, max_steps=60, eval_every=30), capacity=3)
     try:
-        real, steps = trainer.pack.step, []
+        real, steps, stepping = trainer.pack.step, [], threading.Event()
 
         def step(batches, autocast=None):  # a's first step ends only once b has asked for a slot
             out = real(batches, autocast)
             steps.append(len(batches))
+            stepping.set()
             deadline = time.monotonic() + 30
             while len(steps) == 1 and not trainer.opening and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -207,10 +208,12 @@ def test_a_trial_that_opens_while_another_steps_waits_for_one_step_not_for_the_o
 
         trainer.pack.step = step
         assert trainer.open("a", shared_trial(), None)
+        assert stepping.wait(30)  # b asks while a's first step holds the pack, not before it
         opened = threading.Thread(target=lambda: trainer.open("b", shared_trial(seed=1), None))
         opened.start()
         opened.join(30)
         assert not opened.is_alive() and "b" in trainer.open_trials
+        assert steps[0] == 1  # a alone: b came while it stepped
         assert trainer.open_trials["a"].progress.step <= 2  # the step b waited for, and at most one more
     finally:
         trainer.stop()
