@@ -226,7 +226,7 @@ class SlotSnapshot:
         parts = [part.view(shape) for part, shape in zip(self.flat.split(sizes), self.shapes)]
         n = len(self.keys)
         # in PEFT's shapes: a B transposed back into a tensor of its own; an A's moment copied, as
-        # torch.save would save all of `flat` with each view of it
+        # torch.save writes a view's whole storage, which would put all of `flat` in the state
         parts = [part.T.contiguous() if self.keys[i % n].endswith("lora_B.weight") else part.clone() if i >= n
                  else part for i, part in enumerate(parts)]
         optimizer, scheduler, weights = trial_optimizer(self.params, parts[:n], self.fused, self.warmup_steps,
