@@ -91,6 +91,16 @@ def checkpoint_phases(pack, indices: list[int]) -> dict[str, float]:
             (("snapshot_host", host), ("snapshot_synced", synced), ("checkpoint", made), ("files", written))}
 
 
+def evaluation_inputs(pack):
+    """The eval rows of the reference task's shape (EVAL_ROWS prompts of PROMPT tokens, answers of
+    ANSWER) and the eval budget of the pack, as its trainer sets it for ROWS rows a slot."""
+    from bench.shared_packing import rows
+    from trainables.evaluation import model_eval_budget
+
+    eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, pack.model.config.vocab_size, 7, scored=ANSWER)
+    return eval_rows, model_eval_budget(pack.model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
+
+
 def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, float]]:
     """Milliseconds of a report's passes as the shared trainer makes them for n of the pack's slots
     at once (`Pack.only`): an evaluation of EVAL_ROWS rows of the reference task's shape (prompts of
@@ -99,14 +109,11 @@ def report_passes(pack, indices: list[int], autocast) -> dict[str, dict[int, flo
     and by transformers' `generate`."""
     import torch
 
-    from bench.shared_packing import rows
     from trainables.decode import greedy_tokens
-    from trainables.evaluation import EvalBudget, evaluate_blocks, model_eval_budget
+    from trainables.evaluation import EvalBudget, evaluate_blocks
 
-    model, device = pack.model, pack.device
-    vocab = model.config.vocab_size
-    eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, vocab, 7, scored=ANSWER)
-    budget = model_eval_budget(model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
+    device = pack.device
+    eval_rows, budget = evaluation_inputs(pack)
     prompts = torch.tensor([ids[:PROMPT] for ids, _ in eval_rows[:ANSWER_PROMPTS]], device=device)
     # the budget four times as large: fewer, larger passes, and the memory they take
     larger = EvalBudget(tokens=4 * budget.tokens, answers=4 * budget.answers)
@@ -138,11 +145,9 @@ def evaluation_profile(pack, index: int, autocast) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.shared_packing import rows
-    from trainables.evaluation import evaluate_blocks, model_eval_budget
+    from trainables.evaluation import evaluate_blocks
 
-    eval_rows = rows(EVAL_ROWS, PROMPT + ANSWER, pack.model.config.vocab_size, 7, scored=ANSWER)
-    budget = model_eval_budget(pack.model, ROWS * (PROMPT + ANSWER), slots=pack.capacity)
+    eval_rows, budget = evaluation_inputs(pack)
     with pack.only(index) as model:
         evaluate_blocks(model, eval_rows, 0, pack.device, autocast, budget)  # its matrices kept, as after a first pass
         torch.cuda.synchronize()
