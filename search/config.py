@@ -90,7 +90,7 @@ SHARED = "shared"        # one trainer per GPU holds the base model once and tra
 PROCESSES = "processes"  # every trial is a process of its own, with its own copy of the base model
 AUTO = "auto"
 PACKINGS = (AUTO, SHARED, PROCESSES)
-TRIAL_FIXED_GB = 2.5  # CUDA context, allocator slack, an eval batch's logits (up to 1 GiB): SmolLM2 trials peaked at 1.4-2.7 GB
+TRIAL_FIXED_GB = 2.5  # CUDA context, allocator slack, an eval batch's logits (see eval_budget): SmolLM2 trials peaked at 1.4-2.7 GB
 
 
 def trial_memory_gb(total_params: int, bytes_per_param: float) -> float:
@@ -108,7 +108,7 @@ class ResourcesConfig:
     # 0.25, from searches on one H200 (bench/results/h200-2026-12-01-memory/): the probe's heaviest
     # configuration held more than any trial of the search did (SmolLM2 9.4 GB against at most 7.0;
     # a 262k-vocabulary 270M model 13.0 GB against at most 11.3 with 8 trials to the GPU and no
-    # out-of-memory failure, once eval batches hold at most 1 GiB of logits). At 1.0 the probe halved
+    # out-of-memory failure, with eval batches of at most 1 GiB of bf16 logits). At 1.0 the probe halved
     # SmolLM2's packing to 4 a GPU, and the search took 116 s instead of 98.
     memory_margin: float = field(default=0.25, metadata={"help": "under auto, each trial's measured GPU footprint is counted (1 + memory_margin) times when packing trials on a GPU"})
     # On by default: SmolLM2 with all seven projections at r16 steps in 19 ms replayed against

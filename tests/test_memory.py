@@ -55,10 +55,10 @@ def test_a_negative_memory_margin_is_refused_with_the_key():
     assert any("resources.memory_margin" in p for p in ResourcesConfig(memory_margin=-0.5).problems())
 
 
-def test_eval_batches_hold_a_gigabyte_of_answer_logits_and_up_to_eight_train_steps_of_tokens():
+def test_eval_batches_hold_four_gigabytes_of_answer_logits_and_up_to_eight_train_steps_of_tokens():
     from trainables.evaluation import EVAL_LOGITS_BYTES, eval_budget
 
-    train_tokens = 16 * 128
+    train_tokens = 16 * 512
     large, small = eval_budget(train_tokens, 262_144, 30), eval_budget(train_tokens, 49_152, 30)
     assert large.answers * 262_144 * 2 <= EVAL_LOGITS_BYTES and large.answers < small.answers
     assert small.answers * 49_152 * 2 <= EVAL_LOGITS_BYTES
@@ -91,13 +91,13 @@ def test_eval_batches_of_a_262k_vocabulary_model_stay_within_the_budget_of_token
     from trainables.evaluation import EVAL_LOGITS_BYTES, eval_budget, evaluate
 
     model = FakeVocabModel()
-    budget = eval_budget(16 * 64, model.config.get_text_config().vocab_size, 30)
+    budget = eval_budget(16 * 256, model.config.get_text_config().vocab_size, 30)
     rows = [([1] * 100, [-100] * 50 + [2] * 50)] * 300  # 30,000 tokens, 50 scored positions a row
     evaluate(model, rows, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False), budget)
     assert len(model.batches) > 1
     assert all(b * t <= budget.tokens and b * 50 * 262_144 * 2 <= EVAL_LOGITS_BYTES for b, t in model.batches)
-    # the logits bind here, not the tokens: a GiB of bf16 logits over 262,144 tokens is 2,048 positions, 40 rows
-    assert max(b for b, _ in model.batches) == 40
+    # the logits bind here, not the tokens: 4 GiB of bf16 logits over 262,144 tokens is 8,192 positions, 163 rows
+    assert max(b for b, _ in model.batches) == 163
 
 
 def test_a_pack_evaluates_its_slots_together_in_as_many_passes_as_one_trial_evaluates_itself():
@@ -170,3 +170,52 @@ def test_a_probe_of_the_same_model_configuration_and_gpu_is_read_from_the_cache_
     assert len(measured) == 3
     assert (first["cached"], again["cached"], other_gpu["cached"], other_model["cached"]) == (False, True, False, False)
     assert again["footprint_gb"] == first["footprint_gb"] and again["seconds"] == 0.0
+
+
+def test_the_float32_loss_taken_in_chunks_equals_the_loss_of_every_answer_at_once(monkeypatch):
+    import trainables.evaluation as evaluation
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 50, generator=generator).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (37,), generator=generator)
+    labels[3] = logits[3].float().argmax()  # one right answer at least
+    whole = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    monkeypatch.setattr(evaluation, "EVAL_LOSS_CHUNK_BYTES", 4 * 50 * 8)  # 8 positions a chunk: 5 chunks
+    losses, correct = evaluation.answer_losses(logits, labels)
+    assert losses.dtype == torch.float64 and torch.equal(losses, whole.double())
+    assert torch.equal(correct, (logits.float().argmax(-1) == labels).long()) and correct[3] == 1
+
+
+def test_an_evaluation_with_its_loss_in_chunks_gives_what_it_gives_in_one(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    import trainables.evaluation as evaluation
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for length in (9, 14, 14, 21, 30):
+        ids = torch.randint(3, 100, (length,), generator=generator).tolist()
+        rows.append((ids, [-100] * (length // 2) + ids[length // 2:]))
+    off, cpu = torch.autocast("cpu", enabled=False), torch.device("cpu")
+    budget = evaluation.EvalBudget(1000, 1000)
+    once = evaluation.evaluate(model, rows, 0, cpu, off, budget)
+    monkeypatch.setattr(evaluation, "EVAL_LOSS_CHUNK_BYTES", 4 * model.config.vocab_size * 3)  # 3 positions a chunk
+    chunked = evaluation.evaluate(model, rows, 0, cpu, off, budget)
+    assert chunked == once and len(once.row_loss) == 5
+
+
+def test_a_gpu_trainers_eval_passes_grow_to_half_the_room_its_evaluations_show():
+    from trainables.evaluation import EvalBudget, EvalRoom
+
+    rule, room = EvalBudget(tokens=30_000, answers=40_000), EvalRoom()
+    assert room.budget(rule) is rule and room.budget(None) is None  # nothing learnt yet
+    # a pass of 30,000 tokens held 3 GB beyond what was allocated: 100 kB a token; 40 GB free
+    room.learn(largest=30_000, transient=3 * 10**9, room=40 * 10**9)
+    assert room.budget(rule) == EvalBudget(tokens=200_000, answers=40_000)  # 20 GB at 100 kB a token
+    room.learn(largest=200_000, transient=3 * 10**9, room=40 * 10**9)  # cheaper a token than it seemed
+    assert room.budget(rule).tokens == 1_333_333
+    room.learn(largest=30_000, transient=3 * 10**9, room=4 * 10**9)  # little room left: the rule's own tokens
+    assert room.budget(rule) is rule
+    room.learn(largest=30_000, transient=0, room=4 * 10**9)  # a pass that held nothing teaches nothing
+    assert room.budget(rule) is rule

@@ -217,3 +217,68 @@ def test_a_trial_that_opens_while_another_steps_waits_for_one_step_not_for_the_o
         assert trainer.open_trials["a"].progress.step <= 2  # the step b waited for, and at most one more
     finally:
         trainer.stop()
+
+
+@pytest.fixture
+def memory_faked(monkeypatch, trainer):
+    """The trainer as on a GPU (no GPU here) whose memory readings are faked: nothing allocated
+    before an evaluation, 1,000 bytes a token of its largest pass at its peak, 1 MB free of 10 MB.
+    Its rule's eval passes hold 14 tokens: one of the 6 eval rows of 8 to 13 tokens each, so the
+    largest holds the longest row; a pass of more holds that many rows padded to the longest.
+    What it evaluates with is recorded in `trainer.budgets`."""
+    import torch
+
+    import trainables.evaluation as evaluation
+    from trainables.evaluation import EvalBudget, EvalRoom
+
+    longest = max(len(ids) for ids, _ in trainer.eval_rows)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: trainer.peak)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**6, 10**7))
+    trainer.eval_room, trainer.budgets = EvalRoom(), []
+    trainer.eval_budget = dict.fromkeys(("search_train", "train"), EvalBudget(tokens=14, answers=10**6))
+    real = evaluation.evaluate_blocks
+
+    def recorded(model, rows, pad_token_id, device, autocast, budget=None, blocks=1):
+        trainer.budgets.append(budget)
+        trainer.peak = 1_000 * min(budget.tokens // longest, len(rows)) * longest
+        return real(model, rows, pad_token_id, device, autocast, budget, blocks)
+
+    monkeypatch.setattr(evaluation, "evaluate_blocks", recorded)
+    return trainer
+
+
+def test_a_gpu_trainers_evaluations_grow_to_half_the_memory_its_first_one_left_faked(memory_faked):
+    trainer = memory_faked
+    assert trainer.open("a", shared_trial(), None)
+    assert len(reports(trainer, "a")) == 2
+    # the first in the rule's passes; the next in passes of 500 kB (half the free MB) at 1 kB a token
+    assert [budget.tokens for budget in trainer.budgets] == [14, 500]
+    trainer.share = 0.05  # a trial beside it may take the rest of the GPU: 500 kB is the trainer's
+    assert trainer.open("b", shared_trial(), None)
+    assert len(reports(trainer, "b")) == 2
+    assert [budget.tokens for budget in trainer.budgets[2:]] == [500, 250]
+
+
+def test_an_evaluation_out_of_memory_in_grown_passes_is_taken_again_in_the_rules_faked(memory_faked, monkeypatch,
+                                                                                       caplog):
+    import torch
+
+    import trainables.evaluation as evaluation
+
+    trainer, recorded = memory_faked, evaluation.evaluate_blocks
+
+    def out_of_memory_when_grown(model, rows, pad_token_id, device, autocast, budget=None, blocks=1):
+        if budget.tokens > 14:
+            trainer.budgets.append(budget)
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return recorded(model, rows, pad_token_id, device, autocast, budget, blocks)
+
+    monkeypatch.setattr(evaluation, "evaluate_blocks", out_of_memory_when_grown)
+    assert trainer.open("a", shared_trial(), None)
+    with caplog.at_level("WARNING", logger="trainables.shared"):
+        rows = reports(trainer, "a")
+    assert len(rows) == 2 and all(math.isfinite(row.report.eval_loss) for row in rows)  # the trial goes on
+    assert [budget.tokens for budget in trainer.budgets] == [14, 500, 14]
+    assert trainer.eval_room.tokens == 0 and "ran out of GPU memory" in caplog.text

@@ -13,17 +13,14 @@ from trainables.step import answer_logits, next_is_answer, scored_positions
 
 EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU an `EvalBudget` decides
 # A batch's bf16 logits (at its answer positions) span the vocabulary, so its answer positions
-# are held within EVAL_LOGITS_BYTES of them: a 262k-token vocabulary gets 2048 a batch, a 49k one
-# 10922 (a 16k-token batch of answers was 8.6 GB of logits with a 262k vocabulary, and as much
-# again in float32: such trials held up to 25.7 GB). Never fewer than a train step's tokens,
-# whose logits training holds anyway.
-EVAL_LOGITS_BYTES = 1 << 30
-# A batch's padded tokens: up to this many train steps' tokens (fewer for a model of fewer decoder
-# layers). A train step keeps every layer's activations for its backward pass, and an eval pass
-# only the layer it is in, so a batch of this many train steps' tokens holds less than the step
-# did, for a model of at least this many layers; with gradient checkpointing the step keeps one
-# layer's, and a batch holds one step's tokens. A shared trainer's train step is all its slots'
-# batches: its evaluation of several slots at once goes in a few passes instead of dozens.
+# are held within EVAL_LOGITS_BYTES of them: a 262k-token vocabulary gets 8192 a batch, a 49k one
+# 43690 (a 16k-token batch of answers was 8.6 GB of logits with a 262k vocabulary). Their float32
+# loss is taken EVAL_LOSS_CHUNK_BYTES of float32 logits at a time (`answer_losses`), whose copy and
+# log-softmax hold twice that: a batch holds at most 4 + 1 GiB for its logits, as one of a quarter
+# of the answers did with its float32 copy and log-softmax whole. Never fewer than a train step's
+# tokens, whose logits training holds anyway.
+EVAL_LOGITS_BYTES = 4 << 30
+EVAL_LOSS_CHUNK_BYTES = 1 << 29
 EVAL_STEPS_OF_TOKENS = 8
 
 
@@ -55,6 +52,44 @@ def eval_budget(train_tokens_per_batch: int, vocab_size: int, layers: int, check
     answers = max(train_tokens_per_batch, EVAL_LOGITS_BYTES // (2 * vocab_size))
     steps = 1 if checkpointed else max(1, min(EVAL_STEPS_OF_TOKENS, layers))
     return EvalBudget(tokens=max(answers, steps * slots * train_tokens_per_batch), answers=answers)
+
+
+def pass_tokens(rows, budget: EvalBudget | None, blocks: int = 1) -> list[int]:
+    """The padded tokens of each pass `evaluate_blocks` makes over `rows` (blocks included)."""
+    rows = sorted(rows, key=lambda row: len(row[0]))
+    return [(end - start) * len(rows[end - 1][0]) * blocks for start, end in batch_bounds(rows, budget, blocks)]
+
+
+@dataclass
+class EvalRoom:
+    """The padded tokens a GPU trainer's eval passes may hold, learnt from its own evaluations:
+    the rule of `eval_budget` bounds a pass by the train step's memory, which a trainer that owns
+    its GPU may exceed where its memory shows room. After an evaluation whose largest pass held
+    `largest` tokens, at most `transient` bytes beyond what was allocated before it (the
+    allocator's peak since its start, so an upper bound), a pass may hold as many tokens as half
+    of `room` (what the device and the trainer's share of it still hold) takes at that cost a
+    token: the other half is left to the allocator's fragments and the reports' snapshots."""
+
+    tokens: int = 0
+
+    def budget(self, budget: EvalBudget | None) -> EvalBudget | None:
+        """`budget`, with as many tokens as the room allows where that is more."""
+        if budget is None or self.tokens <= budget.tokens:
+            return budget
+        return EvalBudget(tokens=self.tokens, answers=budget.answers)
+
+    def learn(self, largest: int, transient: int, room: int) -> None:
+        if largest > 0 and transient > 0:
+            self.tokens = int(room / 2 / (transient / largest))
+
+
+def device_room(device, share: float = 1.0) -> int:
+    """Bytes the trainer on `device` may still allocate: what the device has free and the
+    allocator holds unused, within `share` of the device's memory (a trial in a process of its
+    own may take the rest)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    return max(0, min(free + reserved - allocated, int(share * total) - allocated))
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,38 @@ def rounded(values: list[float]) -> list[float]:
     return [float(f"{value:.9g}") for value in values]
 
 
+def batch_bounds(rows, budget: EvalBudget | None, blocks: int = 1) -> list[tuple[int, int]]:
+    """The eval batches of `rows` (sorted by length, as `evaluate_blocks` sorts them) as (start,
+    end): as many rows as fit `budget`, (rows) x (the longest's length) x `blocks` tokens and their
+    answers, or without one EVAL_BATCH rows."""
+    if budget is None:
+        return [(start, min(len(rows), start + EVAL_BATCH)) for start in range(0, len(rows), EVAL_BATCH)]
+    answers = [scored_positions(labels) for _, labels in rows]
+    bounds, start = [], 0
+    while start < len(rows):
+        end, held = start + 1, answers[start]
+        while end < len(rows) and budget.fits(end - start + 1, len(rows[end][0]), held + answers[end], blocks):
+            held += answers[end]
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer position's float32 cross-entropy (as float64, to be summed) and whether its
+    top logit is its label (as int64), EVAL_LOSS_CHUNK_BYTES of float32 logits at a time: the
+    float32 copy and its log-softmax of every position at once would hold four times the bf16
+    logits again."""
+    chunk = max(1, EVAL_LOSS_CHUNK_BYTES // (4 * logits.shape[-1]))
+    losses, correct = [], []
+    for start in range(0, len(logits), chunk):
+        scores, wanted = logits[start:start + chunk].float(), labels[start:start + chunk]
+        losses.append(torch.nn.functional.cross_entropy(scores, wanted, reduction="none"))
+        correct.append(scores.argmax(-1) == wanted)
+    return torch.cat(losses).double(), torch.cat(correct).long()
+
+
 @torch.no_grad()
 def evaluate(model, rows, pad_token_id: int, device, autocast, budget: EvalBudget | None = None) -> Evaluation:
     """Loss and accuracy over the answer tokens of `rows` (teacher forcing), with standard errors
@@ -114,17 +181,8 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: Ev
     row_losses, row_correct, row_counts = [], [], []
     order = sorted(range(len(rows)), key=lambda index: len(rows[index][0]))  # similar lengths together: less padding
     rows = [rows[index] for index in order]
-    answers = [scored_positions(labels) for _, labels in rows] if budget else []
-    start = 0
-    while start < len(rows):
-        end = min(len(rows), start + EVAL_BATCH)
-        if budget:  # as many rows as fit: (rows) x (the longest's length) tokens, and their answers
-            end, held = start + 1, answers[start]
-            while end < len(rows) and budget.fits(end - start + 1, len(rows[end][0]), held + answers[end], blocks):
-                held += answers[end]
-                end += 1
+    for start, end in batch_bounds(rows, budget, blocks):
         chunk = rows[start:end]
-        start = end
         batch = collate(chunk, pad_token_id, torch.device("cpu"))
         # which positions score which token is known on the host, before the batch goes to the
         # device: selecting them there waits for nothing, so the host prepares the next batch
@@ -139,10 +197,7 @@ def evaluate_blocks(model, rows, pad_token_id: int, device, autocast, budget: Ev
                                              for t in (kept, labels[:, 1:][keep], keep.nonzero()[:, 0]))
         with autocast:
             logits = answer_logits(model, ids.repeat(blocks, 1), scored.repeat(blocks, 1), kept)
-        answer_scores = logits.view(blocks, -1, logits.shape[-1]).float()  # block, answer token, vocabulary
-        token_losses = torch.nn.functional.cross_entropy(
-            answer_scores.flatten(0, 1), answer_labels.repeat(blocks), reduction="none").double().view(blocks, -1)
-        token_correct = (answer_scores.argmax(-1) == answer_labels).long()
+        token_losses, token_correct = (t.view(blocks, -1) for t in answer_losses(logits, answer_labels.repeat(blocks)))
         row_losses.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.float64)
                           .index_add_(1, row_of_token, token_losses))
         row_correct.append(torch.zeros(blocks, len(chunk), device=device, dtype=torch.long)

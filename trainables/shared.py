@@ -98,9 +98,10 @@ PACK_JOBS = ("preparing", "steps", "evaluation", "generation", "checkpoints", "o
 
 
 class SharedTrainer:
-    """The base model of `setup` on this process's device, with `capacity` adapter slots."""
+    """The base model of `setup` on this process's device, with `capacity` adapter slots; on a GPU
+    of whose memory `share` is the trainer's."""
 
-    def __init__(self, setup: TrialSetup, capacity: int):
+    def __init__(self, setup: TrialSetup, capacity: int, share: float = 1.0):
         from trainables.model import hide_bitsandbytes_unless_needed
 
         # when its construction began and each part of it ended (time.time(), the driver's clock on
@@ -110,7 +111,7 @@ class SharedTrainer:
         import torch
 
         from trainables.data import load_split
-        from trainables.evaluation import model_eval_budget
+        from trainables.evaluation import EvalRoom, model_eval_budget
         from trainables.generate import AnswerMetrics
         from trainables.model import load_base_model
         from trainables.packed import Pack
@@ -142,6 +143,9 @@ class SharedTrainer:
         self.eval_budget = {name: model_eval_budget(base, setup.batch_size * max(len(ids) for ids, _ in rows),
                                                     setup.gradient_checkpointing, slots=capacity)
                             if self.cuda else None for name, rows in self.splits.items()}
+        # on a GPU, eval passes as large as the memory the first evaluations left shows room for
+        # (`share` of the GPU is the trainer's: a trial in a process of its own may use the rest)
+        self.eval_room, self.share = (EvalRoom() if self.cuda else None), share
         self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
         self.startup_times["trainer_data_loaded"] = time.time()
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
@@ -382,8 +386,10 @@ class SharedTrainer:
         too, then queue each one's report and checkpoint; a NaN or infinite loss fails its trial
         instead, and its slot stops stepping. Each trial is charged the whole evaluation pass and
         generation, as it is the whole of each packed step."""
+        import torch
+
         from trainables.divergence import eval_diverged, train_diverged
-        from trainables.evaluation import evaluate_blocks
+        from trainables.evaluation import device_room, evaluate_blocks, pass_tokens
         from trainables.metrics import trial_report
 
         setup = self.setup
@@ -407,9 +413,29 @@ class SharedTrainer:
         started = time.perf_counter()
         budget = min((self.eval_budget["train" if trial.params.full_data else "search_train"] for trial, _ in evaluating),
                      key=lambda budget: budget.tokens if budget else 0)
+        room, blocks = self.eval_room, len(evaluating)
         with self.pack.only(*(trial.index for trial, _ in evaluating)) as model:
-            evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
-                                          blocks=len(evaluating))
+            if room is None:
+                evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast,
+                                              budget, blocks=blocks)
+            else:
+                held, grown = torch.cuda.memory_allocated(self.device), room.budget(budget)
+                try:
+                    evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device,
+                                                  self.autocast, grown, blocks=blocks)
+                except torch.OutOfMemoryError:
+                    if grown is budget:
+                        raise
+                    # the room was misjudged: the rule's passes, which held before, from now on
+                    log.warning("an evaluation in passes of %d tokens ran out of GPU memory; evaluating in passes "
+                                "of %d tokens from now on", grown.tokens, budget.tokens)
+                    room.tokens, grown = 0, budget
+                    torch.cuda.empty_cache()
+                    evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device,
+                                                  self.autocast, grown, blocks=blocks)
+                else:
+                    room.learn(max(pass_tokens(self.eval_rows, grown, blocks)),
+                               torch.cuda.max_memory_allocated(self.device) - held, device_room(self.device, self.share))
         evaluated = time.perf_counter() - started
         self._spent("evaluation", started, slots=len(evaluating))
         scored = []

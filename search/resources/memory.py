@@ -124,7 +124,8 @@ def probe(spec: ProbeSpec, cache_dir: Path | None = None, device: str = "") -> d
 
 # What the probe runs (`_measure`): a new value when that changes, so that no run reads a
 # measure of what trials no longer do. 2: the eval batch at `eval_budget`'s tokens and answers.
-PROBE_RUNS = 2
+# 3: up to 4 GiB of bf16 logits, their float32 loss in chunks.
+PROBE_RUNS = 3
 
 
 def _probe_key(spec: ProbeSpec, device: str) -> str:

@@ -34,10 +34,11 @@ def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float
     """The handles of the run's trainers, started and answering, for the block; killed after it.
     One per whole GPU that Ray's cluster has, each with that GPU but the share `beside` (what a
     trial in a process of its own beside the trainer takes: a DoRA trial,
-    trainables.placement.in_own_process; 0 when the space has none) and `cpus_per_trial` CPUs,
-    else one with `cpus_per_trial` CPUs. Ray restarts a trainer that dies (its trials fail with
-    the reason, and Tune's retries, resources.max_failures, continue them from their checkpoints
-    on it). A trainer that cannot start ends the run here, before any trial: TrainerNotStarted, naming
+    trainables.placement.in_own_process; 0 when the space has none), told as its share of the
+    GPU's memory for its evaluations, and `cpus_per_trial` CPUs, else one with `cpus_per_trial`
+    CPUs. Ray restarts a trainer that dies (its trials fail with the reason, and Tune's retries,
+    resources.max_failures, continue them from their checkpoints on it). A trainer that cannot
+    start ends the run here, before any trial: TrainerNotStarted, naming
     what its constructor raised."""
     import ray
 
@@ -50,7 +51,8 @@ def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float
     handles = []
     try:
         for index in range(max(1, gpus)):
-            handles.append(trainer.options(name=f"{TRAINER_NAME}{index}", **options).remote(setup, resources.pack_slots))
+            actor = trainer.options(name=f"{TRAINER_NAME}{index}", **options)
+            handles.append(actor.remote(setup, resources.pack_slots, 1 - beside))
         for index, handle in enumerate(handles):
             try:
                 ray.get(handle.free_slots.remote())
