@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class SearchRecipe:
         self.started_at = started_at
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
         self.ray_start = None  # a local Ray starting in the background, from `setup` on
+        self.ray_output = ExitStack()  # Ray's output kept in the logs while it shuts down (`search`, `finish`)
         self.setup_times: dict[str, float] = {}  # seconds from `started_at` to each step of the setup (`_done`)
 
     def _done(self, step: str) -> None:
@@ -218,7 +219,9 @@ class SearchRecipe:
         cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop(self.stop.program)
         started_here = False  # this process started Ray, or joined a cluster in `setup`: it lets go at the end
-        with ray_core_output_in_logs():  # from Ray's start to its shutdown
+        ended = False  # the search ran to its end: a local Ray goes down while `finish` analyses it
+        with ExitStack() as output:
+            output.enter_context(ray_core_output_in_logs())  # from Ray's start to its shutdown
             try:
                 with stop:
                     if self.ray_start is not None:
@@ -260,6 +263,7 @@ class SearchRecipe:
                         if trainers:  # where each pack's time went, before the trainers are killed
                             write_json_atomic(location.local / LOGS / TRAINER_TIME,
                                               ray.get([trainer.time_spent.remote() for trainer in trainers]))
+                    ended = True
             except KeyboardInterrupt:
                 pass  # raised by `stop`, which remembers the signal; what was saved is said below
             except Exception as e:  # a failure of the search itself, not of one trial (those are results)
@@ -267,7 +271,10 @@ class SearchRecipe:
                 return 1
             finally:
                 if self.ray_start is not None:
-                    self.ray_start.shut_down()
+                    analysing = ended and stop.requested is None
+                    self.ray_start.shut_down(wait=not analysing)
+                    if analysing:  # its output stays in the logs until it is down (`finish`)
+                        self.ray_output = output.pop_all()
                 elif started_here:
                     ray.shutdown()
         if stop.requested:  # no analysis: the run ends within seconds, and `--resume` analyses at its end
@@ -276,6 +283,14 @@ class SearchRecipe:
         return None
 
     def finish(self) -> int:
+        try:
+            return self._finish()
+        finally:  # the local Ray that `search` began to shut down, down
+            if self.ray_start is not None:
+                self.ray_start.join()
+            self.ray_output.close()
+
+    def _finish(self) -> int:
         from analysis.pipeline import analyse
 
         config, location = self.config, self.location

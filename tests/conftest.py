@@ -100,7 +100,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_retrain.py": ("test_a_tiny_search_then_the_retrain_command_gives_weights_that_load_from_the_printed_path",),
     "test_packed.py": ("test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eager_one",),
     "test_local_ray.py": ("test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray",
-                          "test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_leaves_nothing_running"),
+                          "test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_leaves_nothing_running",
+                          "test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on"),
     "test_ray_contract.py": ("test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says",),
     "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (

@@ -123,3 +123,33 @@ def test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on
     assert result.returncode == 0, result.stderr[-3000:]
     assert "after: None {'127.0.0.1'}" in result.stdout
     assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"
+
+
+def test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on(ray_tmpdir):
+    """A search that ended analyses while its Ray shuts down (search/recipe.py): `shut_down(wait=False)`
+    returns while Ray's shutdown is still held here, and `join` returns once Ray is down."""
+    script = (
+        "import threading\n"
+        "from search.cluster.connect import LocalRayStart\n"
+        "start = LocalRayStart()\n"
+        "assert start.wait()\n"
+        "import ray\n"
+        "release, real = threading.Event(), ray.shutdown\n"
+        "def held():\n"
+        "    release.wait()\n"
+        "    real()\n"
+        "ray.shutdown = held\n"
+        "timer = threading.Timer(60, release.set)  # a shut_down that waits fails the test, not hangs it\n"
+        "timer.daemon = True\n"
+        "timer.start()\n"
+        "start.shut_down(wait=False)\n"
+        "print('returned with ray up:', ray.is_initialized())\n"
+        "release.set()\n"
+        "start.join()\n"
+        "print('joined with ray up:', ray.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "returned with ray up: True\njoined with ray up: False" in result.stdout
+    assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"

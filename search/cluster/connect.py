@@ -121,6 +121,10 @@ class LocalRayStart:
         finally:
             self._ready.set()
         self._release.wait()
+        if self._started:
+            import ray
+
+            ray.shutdown()
 
     def wait(self) -> bool:
         """`connect`'s answer once Ray has started; what kept it from starting is raised here."""
@@ -129,14 +133,16 @@ class LocalRayStart:
             raise self._error
         return bool(self._started)
 
-    def shut_down(self) -> None:
-        """Ray, once started, shut down where this started it; then the thread ends."""
-        import ray
-
+    def shut_down(self, wait: bool = True) -> None:
+        """Ray, once started, shut down by the thread that started it; then the thread ends. With
+        `wait` false the caller goes on meanwhile (Ray's shutdown takes seconds, which the
+        analysis of a search that ended can use), and `join` waits for it."""
         self._ready.wait()
-        if self._started:
-            ray.shutdown()
         self._release.set()
+        if wait:
+            self.join()
+
+    def join(self) -> None:
         self._thread.join()
 
 
