@@ -225,7 +225,7 @@ def test_the_decoding_step_runs_eagerly_then_is_captured_once_and_replayed_with_
     them), a replay for each further token. A capture refused (a step that reads the device)
     leaves the tokens to eager steps, as many as the replays would have made, and says so."""
     import trainables.decode as decode_module
-    from trainables.step import WARMUP_PASSES
+    from trainables.decode import DECODE_WARMUP_PASSES as WARMUP_PASSES
 
     calls = []
     fake_cuda(monkeypatch, calls, refuse_capture=capture == "refused")
@@ -253,9 +253,10 @@ def test_a_decoding_step_that_fails_before_its_capture_raises_with_a_fake_cuda(m
 
     def step():
         calls.append("step")
-        if calls.count("step") == 2:
+        if calls.count("step") == decode_module.DECODE_WARMUP_PASSES:
             raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.OutOfMemoryError):
         decode_module._run(step, 10, capture=True)
-    assert calls.count("step") == 2 and not any(call.startswith("capture") for call in calls)
+    assert calls.count("step") == decode_module.DECODE_WARMUP_PASSES
+    assert not any(call.startswith("capture") for call in calls)

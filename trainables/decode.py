@@ -22,9 +22,14 @@ from contextlib import nullcontext
 
 import torch
 
-from trainables.step import WARMUP_PASSES, cuda_graph, first_line
+from trainables.step import cuda_graph, first_line
 
 log = logging.getLogger(__name__)
+# eager decoding steps on a side stream before the capture: one makes what a step makes lazily
+# (cuBLAS's workspace on that stream); the cache was allocated and filled by the prefill, and no
+# optimizer's state or autocast cache is made (the training step's WARMUP_PASSES are for those).
+# Each is a token decoded eagerly where a replay would do.
+DECODE_WARMUP_PASSES = 1
 
 # Generation-config fields that leave greedy tokens as the argmax of the logits: ids, lengths,
 # caching, and sampling settings that greedy decoding ignores. Any other field set (a repetition
@@ -90,7 +95,7 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     """`model`'s greedy continuation of the left-padded rows `ids` (`mask` 1 at their real tokens):
     `[rows, n]` new tokens, n at most `max_new_tokens`, a row padded with `pad_token_id` after its
     first of `stop_ids`, and n the last step at which a row still had not stopped, as `generate`
-    ends. On a GPU the decoding step is captured after WARMUP_PASSES eager steps. Raises
+    ends. On a GPU the decoding step is captured after DECODE_WARMUP_PASSES eager steps. Raises
     StaticCacheRefused where the model's static cache cannot be made or take the prompts."""
     from transformers import StaticCache
 
@@ -143,10 +148,10 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
 
 
 def _run(step, steps: int, capture: bool) -> None:
-    """`step()` `steps` times: with `capture` and more than WARMUP_PASSES of them, the warm-up
+    """`step()` `steps` times: with `capture` and two more than DECODE_WARMUP_PASSES of them, the warm-up
     passes and one capture of `cuda_graph`'s recipe, then a replay for each further step (eager
     steps where the capture is refused); else eagerly."""
-    if not capture or steps <= WARMUP_PASSES:
+    if not capture or steps <= DECODE_WARMUP_PASSES + 1:  # a capture is paid back from its second replay
         for _ in range(steps):
             step()
         return
@@ -158,15 +163,15 @@ def _run(step, steps: int, capture: bool) -> None:
 
     try:
         # the capture records the step without running it: the tensors stay as the warm-up left them
-        graph, _ = cuda_graph(warmup, step, lambda: None)
+        graph, _ = cuda_graph(warmup, step, lambda: None, DECODE_WARMUP_PASSES)
     except RuntimeError as error:
-        if len(warmed) < WARMUP_PASSES:
+        if len(warmed) < DECODE_WARMUP_PASSES:
             raise  # an eager step failed, not the capture
         log.warning("the decoding step could not be captured (%s): it runs eagerly", first_line(error))
-        for _ in range(steps - WARMUP_PASSES):
+        for _ in range(steps - DECODE_WARMUP_PASSES):
             step()
         return
-    for _ in range(steps - WARMUP_PASSES):
+    for _ in range(steps - DECODE_WARMUP_PASSES):
         graph.replay()
 
 

@@ -344,15 +344,15 @@ class TrainStep:
             torch.compiler.reset()  # the next trial's adapter is new modules: it compiles again anyway
 
 
-def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads: Callable[[], None]
-               ) -> tuple[torch.cuda.CUDAGraph, T]:
-    """`step` captured as a CUDA graph, as `torch.cuda.graph` asks: `warmup` run WARMUP_PASSES
-    times on a side stream first, then the gradients cleared so that the captured backward
-    allocates them from the graph's pool. The graph, and what `step` returned (its static outputs)."""
+def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads: Callable[[], None],
+               passes: int = WARMUP_PASSES) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`step` captured as a CUDA graph, as `torch.cuda.graph` asks: `warmup` run `passes` times
+    on a side stream first, then the gradients cleared so that the captured backward allocates
+    them from the graph's pool. The graph, and what `step` returned (its static outputs)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(WARMUP_PASSES):
+        for _ in range(passes):
             warmup()
     torch.cuda.current_stream().wait_stream(side)
     clear_grads()
