@@ -105,6 +105,17 @@ def _processes_left(path: Path, wait_s: float) -> list[int]:
         time.sleep(0.5)
 
 
+def _run_alone(script: str, ray_tmpdir: Path) -> str:
+    """`script` run by a fresh interpreter with a Ray temp dir of its own and no address to join:
+    its output, once it exited 0 and left no Ray process running."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"
+    return result.stdout
+
+
 def test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on_loopback(ray_tmpdir):
     """A `ray start --address` launched later from the same process (a notebook, a test) refuses to
     join a cluster while the switch is in its environment."""
@@ -117,12 +128,7 @@ def test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on
         "connect(None, num_cpus=1)\n"
         "print('after:', os.environ.get(LOOPBACK_ENV), {n['NodeManagerAddress'] for n in ray.nodes()})\n"
         "ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "after: None {'127.0.0.1'}" in result.stdout
-    assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"
+    assert "after: None {'127.0.0.1'}" in _run_alone(script, ray_tmpdir)
 
 
 def test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on(ray_tmpdir):
@@ -147,9 +153,4 @@ def test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the
         "release.set()\n"
         "start.join()\n"
         "print('joined with ray up:', ray.is_initialized())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                            env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "returned with ray up: True\njoined with ray up: False" in result.stdout
-    assert not _processes_left(ray_tmpdir, wait_s=10), "the test's Ray is still running"
+    assert "returned with ray up: True\njoined with ray up: False" in _run_alone(script, ray_tmpdir)
