@@ -78,6 +78,9 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_cli.py": ("test_a_trusted_metric_function_is_announced_first_and_one_that_cannot_be_imported_exits_2",),
     # SmolLM2's own weights, 10 s: the fast tier keeps the decoding's equality on tiny models
     "test_decode.py": ("test_smollm2s_greedy_tokens_for_the_reference_tasks_questions_are_generates",),
+    # fresh interpreters: the fast tier keeps the simulator's own tests in process
+    "test_simulate.py": ("test_the_simulator_cli_refuses_more_eval_rows_than_the_landscape_kept",
+                         "test_the_simulator_cli_exits_2_with_one_error_line_naming_the_row"),
     "test_search_run.py": (
         "test_search_finishes_and_writes_the_four_outputs",
         "test_the_run_config_records_the_resources_as_resolved",
@@ -101,7 +104,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
     "test_packed.py": ("test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eager_one",),
     "test_local_ray.py": ("test_a_stale_current_cluster_file_is_ignored_and_the_search_runs_on_its_own_loopback_ray",
                           "test_sigterm_while_the_local_ray_starts_exits_143_with_the_resume_line_and_leaves_nothing_running",
-                          "test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on"),
+                          "test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on",
+                          "test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on_loopback"),
     "test_ray_contract.py": ("test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says",),
     "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (
