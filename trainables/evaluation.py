@@ -21,6 +21,13 @@ EVAL_BATCH = 16  # rows per eval batch on CPU; on GPU an `EvalBudget` decides
 # tokens, whose logits training holds anyway.
 EVAL_LOGITS_BYTES = 4 << 30
 EVAL_LOSS_CHUNK_BYTES = 1 << 29
+# A batch's padded tokens: up to this many train steps' tokens (fewer for a model of fewer decoder
+# layers). A train step keeps every layer's activations for its backward pass, and an eval pass
+# only the layer it is in, so a batch of this many train steps' tokens holds less than the step
+# did, for a model of at least this many layers; with gradient checkpointing the step keeps one
+# layer's, and a batch holds one step's tokens. A shared trainer's train step is all its slots'
+# batches: its evaluation of several slots at once goes in a few passes instead of dozens. A
+# shared trainer on a GPU may then grow its passes into the memory left free (`EvalRoom`).
 EVAL_STEPS_OF_TOKENS = 8
 
 

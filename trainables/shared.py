@@ -429,7 +429,7 @@ class SharedTrainer:
                     # the room was misjudged: the rule's passes, which held before, from now on
                     log.warning("an evaluation in passes of %d tokens ran out of GPU memory; evaluating in passes "
                                 "of %d tokens from now on", grown.tokens, budget.tokens)
-                    room.tokens, grown = 0, budget
+                    self.eval_room, grown = None, budget
                     torch.cuda.empty_cache()
                     evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device,
                                                   self.autocast, grown, blocks=blocks)
