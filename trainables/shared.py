@@ -415,24 +415,25 @@ class SharedTrainer:
                      key=lambda budget: budget.tokens if budget else 0)
         room, blocks = self.eval_room, len(evaluating)
         with self.pack.only(*(trial.index for trial, _ in evaluating)) as model:
+            def evaluate(budget):
+                return evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast, budget,
+                                       blocks=blocks)
+
             if room is None:
-                evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device, self.autocast,
-                                              budget, blocks=blocks)
+                evaluations = evaluate(budget)
             else:
                 held, grown = torch.cuda.memory_allocated(self.device), room.budget(budget)
                 try:
-                    evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device,
-                                                  self.autocast, grown, blocks=blocks)
+                    evaluations = evaluate(grown)
                 except torch.OutOfMemoryError:
                     if grown is budget:
                         raise
                     # the room was misjudged: the rule's passes, which held before, from now on
                     log.warning("an evaluation in passes of %d tokens ran out of GPU memory; evaluating in passes "
                                 "of %d tokens from now on", grown.tokens, budget.tokens)
-                    self.eval_room, grown = None, budget
+                    self.eval_room = None
                     torch.cuda.empty_cache()
-                    evaluations = evaluate_blocks(model, self.eval_rows, setup.pad_token_id, self.device,
-                                                  self.autocast, grown, blocks=blocks)
+                    evaluations = evaluate(budget)
                 else:
                     room.learn(max(pass_tokens(self.eval_rows, grown, blocks)),
                                torch.cuda.max_memory_allocated(self.device) - held, device_room(self.device, self.share))
