@@ -72,6 +72,11 @@ ANSWER_ROUNDING = 8  # a captured step's answer positions per row: a multiple of
 # What a selection's layers keep of its matrices for its passes without gradients (`Pack.keeps`):
 # all of SmolLM2's with 8 slots at rank 32 on every projection (157 MB in bf16)
 FROZEN_BYTES = 1 << 28
+# Eager passes before the step's capture. One makes all a pass makes lazily: the compile, the
+# gradients (cleared again before the capture) and cuBLAS's workspace on the side stream. The
+# moments are allocated with the weights and the autocast cache is off, so a second pass makes
+# nothing; each costs the first step an eager pass of every layer.
+PACK_WARMUP_PASSES = 1
 
 
 class SlotOutOfMemory(RuntimeError):
@@ -593,7 +598,8 @@ class Pack:
             # no graph without a GPU (tests): the warm-up, then the same step on the same tensors
             # at every replay, eagerly, held to compiling nothing after the warm-up as a capture is
             losses = torch.zeros(self.capacity, device=self.device)
-            warmup()
+            for _ in range(PACK_WARMUP_PASSES):
+                warmup()
 
             def replay() -> None:
                 self._zero_grad()
@@ -601,7 +607,7 @@ class Pack:
 
             return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, replay)
 
-        graph, losses = cuda_graph(warmup, captured_step, self._zero_grad)
+        graph, losses = cuda_graph(warmup, captured_step, self._zero_grad, PACK_WARMUP_PASSES)
         return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
 
     def _compile(self) -> tuple:
