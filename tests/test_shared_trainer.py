@@ -40,6 +40,48 @@ def test_a_trainer_says_when_it_began_and_when_it_had_its_imports_model_and_data
     assert startup["trainer_data_loaded"] - startup["trainer_constructing"] > 0  # real readings, not one stamp
 
 
+def test_a_trainer_prepares_its_pack_while_it_reads_its_eval_data_and_tokenizer(trial_setup, monkeypatch):
+    """The pack's preparing (seconds of compiling and capturing on a GPU) is the first step's last
+    wait: it begins before the constructor reads what only the host needs, not after."""
+    import threading
+
+    from trainables.generate import AnswerMetrics
+
+    began, seen = threading.Event(), []
+    prepare, for_trial = SharedTrainer._prepare, AnswerMetrics.for_trial.__func__
+
+    def preparing(self):
+        began.set()
+        prepare(self)
+
+    def reading(cls, *args, **kwargs):
+        seen.append(began.wait(20))
+        return for_trial(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SharedTrainer, "_prepare", preparing)
+    monkeypatch.setattr(AnswerMetrics, "for_trial", classmethod(reading))
+    trainer = SharedTrainer(trial_setup, capacity=1)
+    try:
+        assert seen == [True]
+    finally:
+        trainer.stop()
+
+
+def test_a_trainer_whose_construction_fails_after_its_pack_began_preparing_leaves_no_stepping_thread(
+        trial_setup, monkeypatch):
+    import threading
+
+    from trainables.generate import AnswerMetrics
+
+    def unreadable(cls, *args, **kwargs):
+        raise RuntimeError("the tokenizer could not be read")
+
+    monkeypatch.setattr(AnswerMetrics, "for_trial", classmethod(unreadable))
+    with pytest.raises(RuntimeError, match="tokenizer could not be read"):
+        SharedTrainer(trial_setup, capacity=1)
+    assert not [t for t in threading.enumerate() if t.name == "shared-trainer"]
+
+
 def test_a_trainer_set_to_compile_its_layers_tells_its_pack(trial_setup):
     from dataclasses import replace
 

@@ -102,11 +102,11 @@ class SharedTrainer:
     of whose memory `share` is the trainer's."""
 
     def __init__(self, setup: TrialSetup, capacity: int, share: float = 1.0):
-        from trainables.model import hide_bitsandbytes_unless_needed
-
         # when its construction began and each part of it ended (time.time(), the driver's clock on
         # one machine): where a shared run's time before its first step goes (`startup`)
         self.startup_times = {"trainer_code_loaded": CODE_LOADED_AT, "trainer_constructing": time.time()}
+        from trainables.model import hide_bitsandbytes_unless_needed
+
         hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
         import torch
 
@@ -138,16 +138,6 @@ class SharedTrainer:
         # would draw masks for slots that have none
         self.pack.reserve((row for rows in self.splits.values() for row in rows),
                           dropout=setup.dropout and self.pack.cuda_graph)
-        self.eval_rows = load_split(setup.data_dir, "eval")
-        # each split's eval batch budget, by the pack's train step at the split's widest rows, once
-        self.eval_budget = {name: model_eval_budget(base, setup.batch_size * max(len(ids) for ids, _ in rows),
-                                                    setup.gradient_checkpointing, slots=capacity)
-                            if self.cuda else None for name, rows in self.splits.items()}
-        # on a GPU, eval passes as large as the memory the first evaluations left shows room for
-        # (`share` of the GPU is the trainer's: a trial in a process of its own may use the rest)
-        self.eval_room, self.share = (EvalRoom() if self.cuda else None), share
-        self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
-        self.startup_times["trainer_data_loaded"] = time.time()
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
         # Two locks, always taken in this order: `pack_lock` while the pack steps or changes (a step
@@ -166,14 +156,30 @@ class SharedTrainer:
         self.served = dict.fromkeys(PACK_JOBS, 0)
         self.failure: BaseException | None = None  # the stepping thread's own failure: every trial's
         self.stopping = False
+        # the pack prepares (`_prepare`: seconds of compiling and capturing, the first step's last
+        # wait) while the rest, on the host only, is read here: no trial opens before this returns
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
         self.thread.start()
+        try:
+            self.eval_rows = load_split(setup.data_dir, "eval")
+            # each split's eval batch budget, by the pack's train step at the split's widest rows, once
+            self.eval_budget = {name: model_eval_budget(base, setup.batch_size * max(len(ids) for ids, _ in rows),
+                                                        setup.gradient_checkpointing, slots=capacity)
+                                if self.cuda else None for name, rows in self.splits.items()}
+            # on a GPU, eval passes as large as the memory the first evaluations left shows room for
+            # (`share` of the GPU is the trainer's: a trial in a process of its own may use the rest)
+            self.eval_room, self.share = (EvalRoom() if self.cuda else None), share
+            self.answer_metrics = AnswerMetrics.for_trial(self.eval_rows, setup)
+        except BaseException:
+            self.stop()  # a trainer that failed to construct prepares nothing more
+            raise
+        self.startup_times["trainer_data_loaded"] = time.time()
 
     # -- what clients call ---------------------------------------------------------------------
     def startup(self) -> dict[str, float]:
         """When (time.time()) this process loaded the trainer's code, when its construction began,
-        and when it had imported torch, transformers and PEFT, loaded the base model, and
-        read the data and the tokenizer."""
+        and when it had imported torch, loaded the base model (importing transformers and PEFT),
+        and read the data and the tokenizer; the pack's preparing began before the last."""
         return dict(self.startup_times)
 
     def time_spent(self) -> dict[str, dict]:
