@@ -117,9 +117,11 @@ class ResourcesConfig:
     compile: bool | str = field(default="auto", metadata={"help": f"on GPU, torch.compile the train step (shared: then captured); auto: unquantized {COMPILE_FROM_PARAMS / 1e9:g}B+ models whose trials all train {COMPILE_FROM_STEPS}+ steps, and shared trainers"})
     packing: str = field(default=AUTO, metadata={"help": "shared: one trainer per GPU trains the adapters of up to pack_slots trials in one pass; processes: a process per trial; auto: the faster"})
     pack_slots: int = field(default=8, metadata={"help": "with shared packing: trials one trainer trains at once"})
-    # Off by default: in the reference search (16 trials of up to 100 steps) compiling the layers took
-    # about 10 s more than the faster steps saved (bench/results/h100-2026-12-06-sitting2/).
-    pack_compile_layers: bool = field(default=False, metadata={"help": "shared packing on a GPU: compile the decoder layers into the captured step too (faster steps, ~10 s more compiling): for long searches"})
+    # auto: on where a shared trainer compiles its step. The reference search on the real weights on
+    # one H100 (bench/results/h100-2026-12-07-sitting13/): 37.3 and 38.4 s with the layers compiled
+    # from inductor's cache against 42.1-45.8 s without, the steps 6.3-6.8 s against 10.1-11.4 s; with
+    # the cache empty, 58.4 s against 55.6 s (the layers' first compile, 25 s against 14 s of preparing).
+    pack_compile_layers: bool | str = field(default=AUTO, metadata={"help": "shared packing on a GPU: compile the decoder layers into the captured step too (steps about 1.6x as fast; the first search on a machine compiles them, about 11 s more for SmolLM2 on an H100, later ones read inductor's cache); auto: wherever the trainer compiles its step"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool,
                  shared: bool = False) -> bool:
@@ -141,9 +143,9 @@ class ResourcesConfig:
 
     def layers_compiled(self, shared: bool, compiled: bool) -> bool:
         """Whether a shared trainer compiles its decoder layers into its captured step: with
-        `pack_compile_layers`, where the run packs (`shared`) and compiles its step (`compiled`,
-        what `compiled` resolved)."""
-        return shared and compiled and self.pack_compile_layers
+        `pack_compile_layers` true or auto, where the run packs (`shared`) and compiles its step
+        (`compiled`, what `compiled` resolved)."""
+        return shared and compiled and self.pack_compile_layers in (True, AUTO)
 
     def gpus(self, cuda: bool, total_params: int, gpu_memory_gb: float | None = None,
              bytes_per_param: float = 2.0, footprint_gb: float | None = None) -> float:
@@ -177,7 +179,9 @@ class ResourcesConfig:
             out.append(f"resources.gpus_per_trial is {self.gpus_per_trial}; allowed: 0, a fraction in (0, 1], or a whole number")
         if isinstance(self.compile, str) and self.compile != "auto":
             out.append(f"resources.compile is {self.compile!r}; allowed: auto, true or false")
-        if self.pack_compile_layers and self.compile is False:
+        if isinstance(self.pack_compile_layers, str) and self.pack_compile_layers != AUTO:
+            out.append(f"resources.pack_compile_layers is {self.pack_compile_layers!r}; allowed: auto, true or false")
+        if self.pack_compile_layers is True and self.compile is False:
             out.append("resources.pack_compile_layers is true but resources.compile is false; the layers compile into "
                        "the compiled step only: set resources.compile to auto or true, or pack_compile_layers to false")
         if self.max_concurrent_trials < 0:

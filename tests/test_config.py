@@ -159,20 +159,29 @@ def test_auto_compile_is_for_gpu_trials_of_large_models_that_train_long_enough()
     assert not ResourcesConfig(compile=False).compiled(1.0, 8e9, 10_000, True)
 
 
-def test_a_shared_trainer_compiles_its_layers_only_when_asked_packed_and_compiled():
+def test_a_shared_trainer_compiles_its_layers_wherever_it_compiles_its_step_unless_told_not_to():
     from search.config import ResourcesConfig
 
-    asked = ResourcesConfig(pack_compile_layers=True)
-    assert asked.layers_compiled(shared=True, compiled=True)
-    assert not asked.layers_compiled(shared=False, compiled=True)  # a process's compile is its own
-    assert not asked.layers_compiled(shared=True, compiled=False)  # a CPU trainer, or compile resolved off
-    assert not ResourcesConfig().layers_compiled(shared=True, compiled=True)  # off by default
+    for given in (True, "auto"):
+        resources = ResourcesConfig(pack_compile_layers=given)
+        assert resources.layers_compiled(shared=True, compiled=True)
+        assert not resources.layers_compiled(shared=False, compiled=True)  # a process's compile is its own
+        assert not resources.layers_compiled(shared=True, compiled=False)  # a CPU trainer, or compile resolved off
+    assert ResourcesConfig().pack_compile_layers == "auto"
+    assert not ResourcesConfig(pack_compile_layers=False).layers_compiled(shared=True, compiled=True)
 
 
 def test_compiled_layers_without_a_compiled_step_are_refused_naming_both_keys():
     with pytest.raises(ConfigError, match=r"resources.pack_compile_layers is true but resources.compile is false"):
         load(None, ["resources.pack_compile_layers=true", "resources.compile=false"])
     assert load(None, ["resources.pack_compile_layers=true"]).resources.pack_compile_layers is True
+    # auto follows the step: nothing to refuse
+    assert load(None, ["resources.compile=false"]).resources.pack_compile_layers == "auto"
+
+
+def test_pack_compile_layers_other_than_auto_true_or_false_is_refused_naming_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"resources.pack_compile_layers is 'sometimes'; allowed: auto, true or false"):
+        load(None, ["resources.pack_compile_layers=sometimes"])
 
 
 def test_the_embedded_default_yaml_and_the_dataclass_defaults_agree():

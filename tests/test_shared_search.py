@@ -137,9 +137,22 @@ def test_the_packing_line_says_when_a_trainer_compiles_its_layers_and_what_train
                             layers_compiled=layers, gpu_memory_gb=80.0, memory_probe=None)
 
     asked = ResourcesConfig(packing=SHARED, pack_compile_layers=True)
-    assert "decoder layers compiled into the captured step" in packing_line(asked, plan(True))
+    assert "decoder layers compiled into the captured step (resources.pack_compile_layers=true: the first search " \
+           "on a machine compiles them, later ones read inductor's cache)" in packing_line(asked, plan(True))
+    assert "(resources.pack_compile_layers=auto:" in packing_line(ResourcesConfig(packing=SHARED), plan(True))
     assert "decoder layers" not in packing_line(asked, plan(False))
     assert "DoRA trials train in processes of their own beside it" in packing_line(asked, plan(False), dora=True)
+
+
+def test_a_plan_applied_to_the_config_records_what_auto_resolved_to_for_the_layers_compile():
+    from search.config import Config
+    from search.resources.plan import ResourcePlan
+
+    for layers in (True, False):
+        plan = ResourcePlan(packing=SHARED, packing_reason="", gpus_per_trial=0.125, compiled=True,
+                            layers_compiled=layers, gpu_memory_gb=80.0, memory_probe=None)
+        resources = plan.applied(Config()).resources
+        assert resources.pack_compile_layers is layers and resources.compile is True and resources.packing == SHARED
 
 
 def test_the_dry_run_says_which_packing_the_run_uses(tiny_model_dir, capsys):

@@ -620,8 +620,9 @@ class Pack:
         the model took 409 s on an H100's host. The compiled layers stand in the model only
         for the captured forward; evaluation runs the layers themselves. On an H100 the pack
         trains at 5.69x one trial alone with 8 slots and 8.05x with 64 with them, 3.90x and
-        5.06x without (bench/results/h100-2026-12-06-sitting3/); `compile_layers` is off by
-        default (resources.pack_compile_layers): a short search does not win back the compiling."""
+        5.06x without (bench/results/h100-2026-12-06-sitting3/). A run compiles them wherever it
+        compiles its step (resources.pack_compile_layers: auto): once inductor's cache holds them the
+        reference search takes 37-38 s against 42-46 s (bench/results/h100-2026-12-07-sitting13/)."""
         backend = self.compile_backend
         tail = torch.compile(slot_losses, backend=backend, dynamic=False)
         adamw = torch.compile(adamw_, backend=backend, dynamic=False)

@@ -141,8 +141,9 @@ def packing_line(resources: ResourcesConfig, plan, dora: bool = False, experts: 
     if plan.packing == SHARED:
         return (f"Packing: shared ({given}): one trainer per GPU (one on a CPU) holds the base model once and trains "
                 f"up to {resources.pack_slots} trials' adapters together"
-                + ("; their decoder layers compiled into the captured step (resources.pack_compile_layers)"
-                   if plan.layers_compiled else "")
+                + (f"; their decoder layers compiled into the captured step (resources.pack_compile_layers="
+                   f"{str(resources.pack_compile_layers).lower()}: the first search on a machine compiles them, "
+                   f"later ones read inductor's cache)" if plan.layers_compiled else "")
                 + "".join(f"; {kind} train in processes of their own beside it" for kind, present in (
                     ("DoRA trials", dora),
                     ("trials that adapt expert weights (the shared trainer adapts Linear layers only)", experts))

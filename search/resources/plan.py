@@ -18,7 +18,7 @@ class ResourcePlan:
     packing_reason: str          # why `auto` chose it; "" where resources.packing named it
     gpus_per_trial: float        # `auto` resolved: 0 without CUDA
     compiled: bool               # trials torch.compile their steps (`resources.compile`, auto resolved)
-    layers_compiled: bool        # a shared trainer compiles its decoder layers too (`resources.pack_compile_layers`)
+    layers_compiled: bool        # the trainer compiles its decoder layers too (`resources.pack_compile_layers`, auto resolved)
     gpu_memory_gb: float | None  # this machine's GPU, where the run is local and has one
     memory_probe: Probe | None   # what the share was measured from, where it was
 
@@ -29,7 +29,8 @@ class ResourcePlan:
     def applied(self, config: Config) -> Config:
         """`config` with its `auto` resources replaced by what they resolved to, as
         `run_config.json` records it and the Tune side reads it."""
-        return replace(config, resources=replace(config.resources, compile=self.compiled, packing=self.packing))
+        return replace(config, resources=replace(config.resources, compile=self.compiled, packing=self.packing,
+                                                 pack_compile_layers=self.layers_compiled))
 
 
 def plan_resources(config: Config, prepared, local: bool) -> ResourcePlan:
