@@ -121,7 +121,7 @@ class ResourcesConfig:
     # one H100 (bench/results/h100-2026-12-07-sitting13/): 37.3 and 38.4 s with the layers compiled
     # from inductor's cache against 42.1-45.8 s without, the steps 6.3-6.8 s against 10.1-11.4 s; with
     # the cache empty, 58.4 s against 55.6 s (the layers' first compile, 25 s against 14 s of preparing).
-    pack_compile_layers: bool | str = field(default=AUTO, metadata={"help": "shared packing on a GPU: compile the decoder layers into the captured step too (steps about 1.6x as fast; the first search on a machine compiles them, about 11 s more for SmolLM2 on an H100, later ones read inductor's cache); auto: wherever the trainer compiles its step"})
+    pack_compile_layers: bool | str = field(default=AUTO, metadata={"help": "shared packing on a GPU: compile the decoder layers into the captured step too (a machine's first search compiles them); auto: where the step compiles"})
 
     def compiled(self, gpus_per_trial: float, total_params: int, steps_every_trial: int, bf16_unchecked: bool,
                  shared: bool = False) -> bool:
