@@ -27,7 +27,7 @@ from trainables.step import cuda_graph, first_line
 log = logging.getLogger(__name__)
 # eager decoding steps on a side stream before the capture: one makes what a step makes lazily
 # (cuBLAS's workspace on that stream); the cache was allocated and filled by the prefill, and no
-# optimizer's state or autocast cache is made (the training step's WARMUP_PASSES are for those).
+# optimizer's state or autocast cache is made (a per-process trial's WARMUP_PASSES are for those).
 # Each is a token decoded eagerly where a replay would do.
 DECODE_WARMUP_PASSES = 1
 
