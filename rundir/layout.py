@@ -14,6 +14,7 @@ RAY_SESSION = "ray_session"      # the name of the driver's Ray session, to find
 LOGS = "logs"                    # what Ray, Optuna, datasets and transformers log in the driver, a file each
 SETUP_TIMES = "setup_times.json"  # in LOGS: seconds from the command's start to each step of the driver's setup
 TRAINER_TIME = "trainer_time.json"  # in LOGS: where each shared trainer's pack spent its time, a run's search
+TRAINER_HOST_LOG = "trainer_host.log"  # in LOGS: what the shared trainer's process started by the driver printed
 OPTUNA_STUDY = "optuna_study.log"      # Optuna's journal of the search's study: optuna-dashboard opens it
 MLFLOW_RUN = "mlflow_run.json"   # the MLflow run of the search, under which each trial's run is nested
 

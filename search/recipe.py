@@ -15,7 +15,7 @@ from pathlib import Path
 
 from analysis.config import is_user_metric, needs_generations
 from rundir.files import write_json_atomic
-from rundir.layout import LOGS, SETUP_TIMES, TRAINER_TIME
+from rundir.layout import LOGS, SETUP_TIMES, TRAINER_HOST_LOG, TRAINER_TIME
 from rundir.location import RunLocation, locate
 from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
@@ -23,7 +23,7 @@ from search.cluster.resume import record_driver, record_ray_session
 from search.config import Config, ConfigError, to_dict
 from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, command_again, stopped
-from trainables.config import TrialSetup, cache_root
+from trainables.config import BaseSpec, TrialSetup, cache_root
 
 
 class SearchRecipe:
@@ -40,6 +40,7 @@ class SearchRecipe:
         self.started_at = started_at
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
         self.ray_start = None  # a local Ray starting in the background, from `setup` on
+        self.host = None  # a shared trainer's process started with it (trainables/host.py)
         self.ray_output = ExitStack()  # Ray's output kept in the logs while it shuts down (`search`, `finish`)
         self.setup_times: dict[str, float] = {}  # seconds from `started_at` to each step of the setup (`_done`)
 
@@ -52,7 +53,9 @@ class SearchRecipe:
     def setup(self) -> int | None:
         try:
             return self._setup()
-        except BaseException:  # bad input or a stop: the Ray started meanwhile goes too
+        except BaseException:  # bad input or a stop: the Ray and the trainer's process started meanwhile go too
+            if self.host is not None:
+                self.host.close()
             if self.ray_start is not None:
                 self.ray_start.shut_down()
             raise
@@ -132,6 +135,10 @@ class SearchRecipe:
                 # a new run's local Ray starts (seconds) while the data is prepared; not before the
                 # model's checks, so that bad input of the model or the device costs no Ray start
                 self.ray_start = LocalRayStart()
+                if plan.shared:  # and its trainer's process, which loads the model meanwhile (trainables/host.py)
+                    from trainables.host import TrainerHost, visible_gpu
+
+                    self.host = TrainerHost(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
             self.data_info = self._start()
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
@@ -235,7 +242,9 @@ class SearchRecipe:
                     # its own, beside its GPU's trainer
                     alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
                     beside = gpus if plan.shared and alone else 0.0
-                    with shared_trainers(config.resources, setup, beside) if plan.shared else nullcontext([]) as trainers:
+                    host = self.host.address if self.host is not None else None
+                    with (shared_trainers(config.resources, setup, beside, host) if plan.shared
+                          else nullcontext([])) as trainers:
                         # The limit at the cluster's slot count, and as many trials pending in Tune
                         # (environment.pending_trials): every slot starts at once (with one pending, on an
                         # H100 with 8 slots, 3 were running 30 s in), and Optuna proposes only when a slot is free.
@@ -270,6 +279,8 @@ class SearchRecipe:
                 failed(e, location, self.stop)
                 return 1
             finally:
+                if self.host is not None:  # its trainer's actor is gone: so is the process, its output kept
+                    self.host.close(location.local / LOGS / TRAINER_HOST_LOG)
                 if self.ray_start is not None:
                     analysing = ended and stop.requested is None
                     self.ray_start.shut_down(wait=not analysing)
@@ -308,32 +319,38 @@ class SearchRecipe:
         return code
 
 
-def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info: DataInfo) -> TrialSetup:
-    """What every trial of the run reads: the config's trial settings, as the plan resolved them."""
+def base_spec(config: Config, plan, prepared) -> BaseSpec:
+    """What a trial's base model is loaded from (`TrialSetup.base`)."""
     from trainables.model import resolve_dtype
 
-    tokenizer = config.model.tokenizer
-    if tokenizer and Path(tokenizer).expanduser().is_dir():  # trials run in directories of their own
-        tokenizer = str(Path(tokenizer).expanduser().resolve())
-    return TrialSetup(
+    return BaseSpec(
         # the alias or a hub id is resolved on the node that runs the trial (its own cache);
         # a directory is passed as resolved here and must be visible to every node
         model_path=prepared.path if Path(config.model.path).is_dir() else config.model.path,
         dtype=resolve_dtype(config.model.dtype, cuda=plan.gpus_per_trial > 0),
         quantization=config.model.quantization,
         trust_remote_code=config.model.trust_remote_code,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        cpu_threads=config.resources.cpus_per_trial)
+
+
+def trial_setup(config: Config, plan, prepared, location: RunLocation, data_info: DataInfo) -> TrialSetup:
+    """What every trial of the run reads: the config's trial settings, as the plan resolved them."""
+    tokenizer = config.model.tokenizer
+    if tokenizer and Path(tokenizer).expanduser().is_dir():  # trials run in directories of their own
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
+    return TrialSetup(
+        **asdict(base_spec(config, plan, prepared)),
         data_dir=location.data_dir(),
         max_steps=config.budget.max_steps,
         eval_every=config.budget.eval_every,
         batch_size=config.budget.batch_size,
-        cpu_threads=config.resources.cpus_per_trial,
         warmup_steps=config.budget.warmup_steps,
         total_params=prepared.total_params,
         pad_token_id=data_info.pad_token_id,
         cuda_graphs=config.resources.cuda_graphs and not config.model.gradient_checkpointing,
         compile=plan.compiled,
         compile_layers=plan.layers_compiled,
-        gradient_checkpointing=config.model.gradient_checkpointing,
         max_rank=max(config.search.ranks),
         dropout=config.search.dropout[1] > 0,  # [low, high] (SpaceConfig keeps one value as both)
         # a set that adapts expert weights trains beside the trainer (trainables.placement)

@@ -107,13 +107,16 @@ SLOW: dict[str, str | tuple[str, ...]] = {
                           "test_a_local_ray_shut_down_without_waiting_goes_down_in_its_thread_while_the_caller_goes_on",
                           "test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on_loopback"),
     "test_ray_contract.py": ("test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says",),
+    "test_host.py": ("test_a_host_takes_one_actor_and_an_actor_on_another_gpu_or_after_it_makes_a_trainer_of_its_own",
+                     "test_a_host_exits_when_the_actor_that_took_it_is_killed",
+                     "test_an_actor_whose_host_died_ends_itself_for_ray_to_make_it_again"),
     "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (
         "test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts",  # a fresh interpreter
         "test_a_dora_trial_of_a_shared_search_trains_in_a_process_of_its_own_beside_the_packed_ones",
         "test_a_trainer_leaves_a_dora_trial_its_share_of_the_gpu_named_to_ray",
         "test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick",
-        "test_a_shared_run_records_its_trainers_start_between_rays_and_the_first_step",
+        "test_a_shared_run_records_its_trainers_start_which_began_before_rays_and_ended_before_the_first_step",
         "test_a_shared_run_records_where_its_packs_time_went",
         "test_a_killed_shared_search_resumes_with_every_trial_once",
         "test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retries_carry_them_on",

@@ -139,6 +139,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class BaseSpec:
+    """What loading a trial's base model reads (`TrialSetup.base`): known before the run's data,
+    so that a shared trainer's process can load its model while the driver prepares the rest
+    (trainables/host.py)."""
+
+    model_path: str
+    dtype: str
+    quantization: str
+    trust_remote_code: bool
+    gradient_checkpointing: bool
+    cpu_threads: int
+
+
+@dataclass(frozen=True)
 class TrialSetup:
     """Everything a trial needs besides its sampled parameters; handed to Tune once
     through `tune.with_parameters`, so it travels by object reference, not per trial."""
@@ -172,3 +186,8 @@ class TrialSetup:
     generate_every_round: bool = False
     tokenizer: str = ""         # decodes those answers: a reference as model_path is, resolved on the trial's node; "": model_path's
     metric_function: str = ""   # the user's `module:function` that selection.metric names, reported under that name; "": none
+
+    @property
+    def base(self) -> BaseSpec:
+        return BaseSpec(self.model_path, self.dtype, self.quantization, self.trust_remote_code,
+                        self.gradient_checkpointing, self.cpu_threads)

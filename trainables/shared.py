@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from rundir.params import TrialParams
 from rundir.report import TrialReport
-from trainables.config import TrialSetup
+from trainables.config import BaseSpec, TrialSetup
 
 if TYPE_CHECKING:
     from trainables.metrics import Progress
@@ -93,6 +93,44 @@ class _Open:
     loss_count: int = 0
 
 
+@dataclass(frozen=True)
+class LoadedBase:
+    """A shared trainer's base model on this process's device, loaded from `spec`, and when
+    (time.time()) the loading began and each part of it ended (`SharedTrainer.startup`)."""
+
+    spec: BaseSpec
+    model: object
+    times: dict[str, float]
+
+
+def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT) -> LoadedBase:
+    """Import torch, transformers and PEFT and load the base model of `spec` on this process's
+    device (the first GPU it sees, else the CPU); `code_loaded_at`: when its process had loaded
+    the trainer's code."""
+    times = {"trainer_code_loaded": code_loaded_at, "trainer_constructing": time.time()}
+    from trainables.model import hide_bitsandbytes_unless_needed
+
+    hide_bitsandbytes_unless_needed(spec.quantization, spec.trust_remote_code)
+    import torch
+
+    from trainables.model import load_base_model
+
+    torch.set_num_threads(spec.cpu_threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    times["trainer_imported"] = time.time()
+    # the GPU's context made while transformers is imported and the weights are read, not after
+    context = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": device}, daemon=True)
+    if cuda:
+        context.start()
+    model = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
+                            spec.gradient_checkpointing)
+    if cuda:
+        context.join()
+    times["trainer_model_loaded"] = time.time()
+    return LoadedBase(spec, model, times)
+
+
 # The pack's jobs, in the trainer's account of its time (`SharedTrainer.time_spent`).
 PACK_JOBS = ("preparing", "steps", "evaluation", "generation", "checkpoints", "opening")
 
@@ -101,35 +139,25 @@ class SharedTrainer:
     """The base model of `setup` on this process's device, with `capacity` adapter slots; on a GPU
     of whose memory `share` is the trainer's."""
 
-    def __init__(self, setup: TrialSetup, capacity: int, share: float = 1.0):
+    def __init__(self, setup: TrialSetup, capacity: int, share: float = 1.0, loaded: LoadedBase | None = None):
+        """`loaded`: the base model loaded ahead (trainables/host.py), used where it was loaded as
+        `setup` asks; else the model is loaded here."""
+        if loaded is None or loaded.spec != setup.base:
+            loaded = load_base(setup.base)
         # when its construction began and each part of it ended (time.time(), the driver's clock on
         # one machine): where a shared run's time before its first step goes (`startup`)
-        self.startup_times = {"trainer_code_loaded": CODE_LOADED_AT, "trainer_constructing": time.time()}
-        from trainables.model import hide_bitsandbytes_unless_needed
-
-        hide_bitsandbytes_unless_needed(setup.quantization, setup.trust_remote_code)
+        self.startup_times = dict(loaded.times)
         import torch
 
         from trainables.data import load_split
         from trainables.evaluation import EvalRoom, model_eval_budget
         from trainables.generate import AnswerMetrics
-        from trainables.model import load_base_model
         from trainables.packed import Pack
 
-        torch.set_num_threads(setup.cpu_threads)
         self.setup = setup
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
-        self.startup_times["trainer_imported"] = time.time()
-        # the GPU's context made while transformers is imported and the weights are read, not after
-        context = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": self.device}, daemon=True)
-        if self.cuda:
-            context.start()
-        base = load_base_model(setup.model_path, setup.dtype, setup.quantization, setup.trust_remote_code, self.device,
-                               setup.gradient_checkpointing)
-        if self.cuda:
-            context.join()
-        self.startup_times["trainer_model_loaded"] = time.time()
+        base = loaded.model
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
         self.pack.compile_layers = setup.compile_layers

@@ -1,6 +1,7 @@
 """The shared trainers of a run with `resources.packing=shared`: one Ray actor per GPU of the
 cluster (one on a cluster without GPUs), each holding the base model once and training the
-adapters of up to `resources.pack_slots` trials in one pass (trainables/shared.py). Every
+adapters of up to `resources.pack_slots` trials in one pass (trainables/shared.py), in its own
+process or in the one the driver started before Ray (trainables/host.py). Every
 configuration stays a Tune trial of its own, whose light client (trainables/client.py) trains
 in a slot of one of them. They serve the search and the retrain, and are killed at the end.
 """
@@ -15,6 +16,7 @@ from ray import tune
 
 from search.config import ResourcesConfig
 from trainables.config import TrialSetup
+from trainables.host import HostAddress, Trainer
 
 # Trainers are found by name in the driver's own Ray namespace (a new one for each driver, so
 # two runs on one cluster never see each other's), where a resumed run's trainers have the same names.
@@ -30,7 +32,8 @@ class TrainerNotStarted(RuntimeError):
 
 
 @contextmanager
-def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float = 0.0) -> Iterator[list]:
+def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float = 0.0,
+                    host: HostAddress | None = None) -> Iterator[list]:
     """The handles of the run's trainers, started and answering, for the block; killed after it.
     One per whole GPU that Ray's cluster has, each with that GPU but the share `beside` (what a
     trial in a process of its own beside the trainer takes: a DoRA trial,
@@ -39,20 +42,19 @@ def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float
     CPUs. Ray restarts a trainer that dies (its trials fail with the reason, and Tune's retries,
     resources.max_failures, continue them from their checkpoints on it). A trainer that cannot
     start ends the run here, before any trial: TrainerNotStarted, naming
-    what its constructor raised."""
+    what its constructor raised. `host`: a trainer's process the driver started before Ray, which
+    the trainer on its GPU takes (trainables/host.py)."""
     import ray
 
-    from trainables.shared import SharedTrainer
-
     gpus = math.floor(ray.cluster_resources().get("GPU", 0) + 1e-9)
-    trainer = ray.remote(SharedTrainer)
+    trainer = ray.remote(Trainer)
     options = {"num_cpus": resources.cpus_per_trial, "max_concurrency": resources.pack_slots + SPARE_CALLS,
                "max_restarts": -1, **({"num_gpus": 1 - beside} if gpus else {})}
     handles = []
     try:
         for index in range(max(1, gpus)):
             actor = trainer.options(name=f"{TRAINER_NAME}{index}", **options)
-            handles.append(actor.remote(setup, resources.pack_slots, 1 - beside))
+            handles.append(actor.remote(setup, resources.pack_slots, 1 - beside, host))
         for index, handle in enumerate(handles):
             try:
                 ray.get(handle.free_slots.remote())

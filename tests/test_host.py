@@ -1,0 +1,156 @@
+"""The shared trainer's process that the driver starts before Ray (trainables/host.py): it loads the
+model before its actor asks, answers the actor's calls as the trainer in the actor would, serves
+one actor only, and ends with its driver and with the actor that took it; an actor whose host died
+ends itself, and one that finds no host of its GPU makes a trainer of its own.
+Tiny random-init Llama and real `datasets` splits (tests/conftest.py), on the CPU; the actor's
+side runs in this process or, where it must die, in a process of its own."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from helpers import shared_trial
+from trainables.host import HostAddress, Trainer, TrainerHost, visible_gpu
+from trainables.shared import SharedTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def host(trial_setup):
+    host = TrainerHost(trial_setup.base, gpu="")
+    yield host
+    host.close()
+
+
+def reports(trainer, trial_id: str) -> list:
+    out = []
+    while (report := trainer.next_report(trial_id)) is not None:
+        out.append(report)
+    return out
+
+
+def exited(host: TrainerHost, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while host.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not host.running()
+
+
+def test_the_host_loads_its_model_before_it_is_asked_trains_as_the_trainer_in_the_actor_would_and_ends_with_its_driver(
+        trial_setup, host, tmp_path):
+    time.sleep(1.0)  # the driver prepares its data meanwhile
+    asked = time.time()
+    trainer = Trainer(trial_setup, 2, 1.0, host.address)
+    startup = trainer.startup()
+    assert startup["trainer_constructing"] < asked  # the load began before the actor existed
+    assert list(startup.values()) == sorted(startup.values())
+    assert trainer.free_slots() == 2
+    token = trainer.open("a", shared_trial(lr=2e-3, r=4), None)
+    hosted = reports(trainer, "a")
+    trainer.release("a", token)
+    assert {r.report.trainer_pid for r in hosted} == {host.pid}  # it trained in the host, not here
+
+    alone = SharedTrainer(trial_setup, capacity=2)
+    try:
+        alone.open("a", shared_trial(lr=2e-3, r=4), None)
+        here = reports(alone, "a")
+    finally:
+        alone.stop()
+    assert [r.report.step for r in hosted] == [r.report.step for r in here] == [3, 6]
+    assert [r.report.eval_loss for r in hosted] == pytest.approx([r.report.eval_loss for r in here], rel=1e-6)
+    assert hosted[-1].files.keys() == here[-1].files.keys()
+    assert trainer.time_spent()["count"]["steps"] == 6
+    with pytest.raises(RuntimeError, match="holds no slot on this trainer"):  # raised there, raised here as it was
+        trainer.next_report("never-opened")
+    assert trainer.free_slots() == 2  # and it serves on
+
+    host.close(tmp_path / "logs" / "trainer_host.log")  # the driver lets go: the host ends, its output kept
+    assert not host.running() and not Path(host.address.socket).exists()
+    kept = (tmp_path / "logs" / "trainer_host.log").read_text()
+    assert f"process {host.pid}" in kept and trial_setup.model_path in kept
+
+
+def test_a_host_takes_one_actor_and_an_actor_on_another_gpu_or_after_it_makes_a_trainer_of_its_own(
+        trial_setup, host, monkeypatch):
+    from trainables.model import forget_base_model
+
+    def trained_in(trainer) -> int:
+        trainer.open("a", shared_trial(), None)
+        return reports(trainer, "a")[-1].report.trainer_pid
+
+    first = Trainer(trial_setup, 1, 1.0, host.address)
+    second = Trainer(trial_setup, 1, 1.0, host.address)
+    pids = {"first": trained_in(first), "second": trained_in(second)}
+    second.stop()
+    forget_base_model()  # this process's next trainer loads its own model, as a new actor's process would
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # Ray gave this actor another GPU than the host's "0"
+    elsewhere = Trainer(trial_setup, 1, 1.0, replace(host.address, gpu="0"))
+    pids["elsewhere"] = trained_in(elsewhere)
+    elsewhere.stop()
+    forget_base_model()
+    assert pids == {"first": host.pid, "second": os.getpid(), "elsewhere": os.getpid()}
+
+
+def test_an_actor_finds_its_gpu_as_ray_names_it_in_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert (visible_gpu(True), visible_gpu(False)) == ("3", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu(True) == "0"  # Ray numbers a machine's GPUs from 0 where the list is not set
+
+
+def test_what_loading_the_model_raised_is_what_the_actor_raises_and_the_host_exits(trial_setup, tmp_path):
+    missing = replace(trial_setup, model_path=str(tmp_path / "no-such-model"))
+    host = TrainerHost(missing.base, gpu="")
+    try:
+        with pytest.raises(Exception, match="no-such-model"):
+            Trainer(missing, 1, 1.0, host.address)
+        assert exited(host)
+    finally:
+        host.close(tmp_path / "host.log")
+
+
+def _actor_in_a_process(setup, address: HostAddress, then: str) -> subprocess.Popen:
+    """A Trainer made in a process of its own (as Ray's worker is), which then waits (`then`
+    "wait") or calls the trainer once more after its host is gone ("call")."""
+    code = ("import pickle, sys, time\n"
+            "from trainables.host import Trainer\n"
+            "setup, address, then = pickle.load(sys.stdin.buffer)\n"
+            "trainer = Trainer(setup, 1, 1.0, address)\n"
+            "print(trainer.free_slots(), flush=True)\n"
+            "sys.stdin.buffer.read()\n"
+            "if then == 'call':\n"
+            "    trainer.free_slots()\n"
+            "    print('answered', flush=True)\n"
+            "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process.stdin.write(pickle.dumps((setup, address, then)))
+    process.stdin.flush()
+    assert process.stdout.readline().strip() == b"1"  # constructed, and answering through the host
+    return process
+
+
+def test_a_host_exits_when_the_actor_that_took_it_is_killed(trial_setup, host):
+    actor = _actor_in_a_process(trial_setup, host.address, "wait")
+    actor.send_signal(signal.SIGKILL)
+    actor.wait()
+    assert exited(host)
+
+
+def test_an_actor_whose_host_died_ends_itself_for_ray_to_make_it_again(trial_setup, host):
+    actor = _actor_in_a_process(trial_setup, host.address, "call")
+    os.kill(host.pid, signal.SIGKILL)
+    assert exited(host)
+    actor.stdin.close()  # now the call
+    assert actor.wait(60) == 1
+    assert b"answered" not in actor.stdout.read()
