@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import assert_steps_in_order, processes_in_session, run_cli, start_cli, trial_reports, write_run_config
+from helpers import alive, assert_steps_in_order, processes_in_session, run_cli, start_cli, trial_reports, write_run_config
 from search.cluster.resume import resume_check
 from search.config import PROCESSES, PROCESSES_FOR, SHARED, load, resolve_packing, to_dict
 from search.run import main
@@ -272,16 +272,20 @@ def test_a_killed_shared_search_resumes_with_every_trial_once(tiny_model_dir, tm
     assert (run_dir / "pick.json").is_file()
 
 
-def _trainer_pids(run_dir: Path) -> list[int]:
-    """The run's shared trainer processes: Ray workers named for the actor's class, with files
+def _actor_pids(run_dir: Path) -> list[int]:
+    """The run's shared trainers' Ray actors: Ray workers named for the actor's class, with files
     open in the Ray session that the run recorded."""
     session = (run_dir / "ray_session").read_text().strip()  # the session's name
     return [pid for pid in processes_in_session(session)
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::SharedTrainer")]
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::Trainer")]
 
 
+@pytest.mark.parametrize("killed", ["the process holding its pack", "its Ray actor"])
 def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retries_carry_them_on(tiny_model_dir,
-                                                                                                 tmp_path):
+                                                                                                 tmp_path, killed):
+    """The trainer of a new local run is a process the driver started (trainables/host.py) and a Ray
+    actor that hands it its calls: either one killed ends both, and Ray makes the actor again with
+    a trainer of its own."""
     run_dir = tmp_path / "dying"
     args = _args(tiny_model_dir, tmp_path, "dying", "budget.num_samples=4", "resources.max_failures=1",
                  "selection.promote=false", "selection.confirm_top_k=0", "selection.cheaper=0")
@@ -289,8 +293,10 @@ def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retrie
     deadline = time.monotonic() + 300
     while not trial_reports(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    (trainer,) = _trainer_pids(run_dir)
-    os.kill(trainer, signal.SIGKILL)
+    (first,) = {row["trainer_pid"] for rows in trial_reports(run_dir).values() for row in rows}
+    (actor,) = _actor_pids(run_dir)
+    assert actor != first  # the pack is in the driver's process for it, not in the actor
+    os.kill(first if killed == "the process holding its pack" else actor, signal.SIGKILL)
     log, _ = process.communicate(timeout=900)
     assert process.returncode == 0, log[-5000:]
 
@@ -304,3 +310,5 @@ def test_a_trainer_killed_mid_search_fails_its_trials_with_the_reason_and_retrie
     for trial_id, rows in trial_reports(run_dir).items():
         steps = [row["step"] for row in rows]
         assert steps == sorted(set(steps)), f"{trial_id} reported a step twice: {steps}"
+    later = {row["trainer_pid"] for rows in trial_reports(run_dir).values() for row in rows} - {first}
+    assert len(later) == 1 and not alive(first)  # the trainer Ray made again, in its actor's own process
