@@ -41,6 +41,7 @@ class SearchRecipe:
         self.dry_run, self.resume, self.overwrite, self.retrain_of = dry_run, resume, overwrite, retrain_of
         self.ray_start = None  # a local Ray starting in the background, from `setup` on
         self.host = None  # a shared trainer's process started with it (trainables/host.py)
+        self.widest_rows = (0, 0)  # of a new run's training splits (`_start`, TrialSetup.widest_rows)
         self.ray_output = ExitStack()  # Ray's output kept in the logs while it shuts down (`search`, `finish`)
         self.setup_times: dict[str, float] = {}  # seconds from `started_at` to each step of the setup (`_done`)
 
@@ -183,6 +184,11 @@ class SearchRecipe:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         save_splits(splits, run_dir / DATA)
+        if self.plan.shared:
+            from trainables.step import widest
+
+            self.widest_rows = widest(row for name in ("search_train", "train")
+                                      for row in zip(splits[name]["input_ids"], splits[name]["labels"]))
         probe = self.plan.memory_probe
         record = RunConfig.from_json({
             **to_dict(config),
@@ -221,7 +227,7 @@ class SearchRecipe:
         from search.tuning.tuner import build_tuner, fit_or_restore, retrain, trainable_for
 
         config, plan, location, data_info = self.config, self.plan, self.location, self.data_info
-        setup = trial_setup(config, plan, self.prepared, location, data_info)
+        setup = replace(trial_setup(config, plan, self.prepared, location, data_info), widest_rows=self.widest_rows)
         environment.setenvs(environment.TUNE_STATE, keep_users=True)
         cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop(self.stop.program)

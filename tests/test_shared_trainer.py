@@ -67,6 +67,40 @@ def test_a_trainer_prepares_its_pack_while_it_reads_its_eval_data_and_tokenizer(
         trainer.stop()
 
 
+def test_a_trainer_given_the_drivers_count_of_its_widest_rows_prepares_for_them_before_it_reads_its_splits(
+        trial_setup, monkeypatch):
+    import threading
+    from dataclasses import replace
+
+    from trainables.data import load_split
+    from trainables.step import widest
+
+    counted = widest(row for name in ("search_train", "train") for row in load_split(trial_setup.data_dir, name))
+    alone = SharedTrainer(trial_setup, capacity=1)
+    alone.stop()
+    began, seen = threading.Event(), []
+    prepare, read = SharedTrainer._prepare, SharedTrainer._read_splits
+
+    def preparing(self):
+        began.set()
+        prepare(self)
+
+    def reading(self):
+        seen.append(began.wait(20))
+        return read(self)
+
+    monkeypatch.setattr(SharedTrainer, "_prepare", preparing)
+    monkeypatch.setattr(SharedTrainer, "_read_splits", reading)
+    trainer = SharedTrainer(replace(trial_setup, widest_rows=counted), capacity=1)
+    try:
+        assert seen == [True]
+        assert (trainer.pack.reserved_width, trainer.pack.reserved_answers) == counted
+        assert (alone.pack.reserved_width, alone.pack.reserved_answers) == counted  # what it counts itself
+        assert trainer.splits.keys() == {"search_train", "train"}
+    finally:
+        trainer.stop()
+
+
 def test_a_trainer_whose_construction_fails_after_its_pack_began_preparing_leaves_no_stepping_thread(
         trial_setup, monkeypatch):
     import threading

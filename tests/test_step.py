@@ -12,7 +12,7 @@ import torch
 
 from helpers import fake_cuda
 from trainables.data import IGNORE, batch_indices, collate
-from trainables.step import TrainStep, answer_loss
+from trainables.step import TrainStep, answer_loss, widest
 
 
 @pytest.fixture(scope="module")
@@ -539,3 +539,11 @@ def test_under_a_capture_the_check_for_sequences_packed_in_a_row_leaves_sdpa_its
     assert mask(**packed, config=MistralConfig(sliding_window=4)) is not None
     assert mask(**packed) is not None  # no config: nothing known of its layers
     assert mask(**packed, config=model.config, allow_is_bidirectional_skip=False) is not None  # a bidirectional mask
+
+
+def test_the_widest_rows_are_the_longest_row_and_the_most_positions_whose_next_token_is_an_answer():
+    rows = [([1, 2, 3, 4], [IGNORE, IGNORE, 7, 8]),  # 4 tokens; positions 1 and 2 score 7 and 8
+            ([1, 2, 3], [IGNORE, 5, 6]),              # 3 tokens; positions 0 and 1 score
+            ([1, 2], [IGNORE, IGNORE])]               # nothing scored
+    assert widest(rows) == (4, 2)
+    assert widest(rows[1:]) == (3, 2) and widest(rows[2:]) == (2, 0) and widest([]) == (0, 0)

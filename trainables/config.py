@@ -186,6 +186,10 @@ class TrialSetup:
     generate_every_round: bool = False
     tokenizer: str = ""         # decodes those answers: a reference as model_path is, resolved on the trial's node; "": model_path's
     metric_function: str = ""   # the user's `module:function` that selection.metric names, reported under that name; "": none
+    # the widest row of the training splits and the most positions a row scores (trainables.step.widest),
+    # as the driver counted them: a shared trainer prepares its capture for them before it reads the
+    # splits itself; (0, 0): not counted (a resumed run), it reads them first
+    widest_rows: tuple[int, int] = (0, 0)
 
     @property
     def base(self) -> BaseSpec:

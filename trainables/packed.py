@@ -64,7 +64,7 @@ from trainables.step import (
     first_line,
     output_layer,
     repeated_blocks,
-    scored_positions,
+    widest,
 )
 
 log = logging.getLogger(__name__)
@@ -465,11 +465,15 @@ class Pack:
         with the decoder layers compiled, each capture compiles them again too. Padding rows to the
         widest costs a step little where the captured step is bound by its launches, and its compute
         is already the widest batch's; a slot without dropout keeps every element of the masks."""
+        self.reserve_widths(*widest(rows), dropout=dropout)
+
+    def reserve_widths(self, width: int, answers: int, dropout: bool = False) -> None:
+        """`reserve` for rows whose widest is `width` tokens and whose most scored positions are
+        `answers` (`widest`), as whoever tokenized them counted them."""
         self.reserved_dropout = self.reserved_dropout or dropout
         self._dropout_follows_the_slots()
-        for ids, labels in rows:
-            self.reserved_width = max(self.reserved_width, len(ids))
-            self.reserved_answers = max(self.reserved_answers, scored_positions(labels))
+        self.reserved_width = max(self.reserved_width, width)
+        self.reserved_answers = max(self.reserved_answers, answers)
 
     def step(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], autocast=None) -> dict[int, torch.Tensor]:
         """One optimizer step for each slot in `batches` (slot -> (input_ids, labels), right-padded,

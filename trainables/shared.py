@@ -161,11 +161,14 @@ class SharedTrainer:
         self.pack = Pack(base, capacity, setup.warmup_steps, setup.max_steps, setup.max_rank, cuda_graph=setup.cuda_graphs,
                          compile_backend="inductor" if setup.compile and self.cuda else None)
         self.pack.compile_layers = setup.compile_layers
-        self.splits = {name: load_split(setup.data_dir, name) for name in ("search_train", "train")}
         # dropout reserved only for a captured step, the one it spares a capture: an eager step
         # would draw masks for slots that have none
-        self.pack.reserve((row for rows in self.splits.values() for row in rows),
-                          dropout=setup.dropout and self.pack.cuda_graph)
+        dropout = setup.dropout and self.pack.cuda_graph
+        if setup.widest_rows[0]:  # counted by the driver: the splits are read while the pack prepares
+            self.pack.reserve_widths(*setup.widest_rows, dropout=dropout)
+        else:
+            self.splits = self._read_splits()
+            self.pack.reserve((row for rows in self.splits.values() for row in rows), dropout=dropout)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
         self.open_trials: dict[str, _Open] = {}
         # Two locks, always taken in this order: `pack_lock` while the pack steps or changes (a step
@@ -189,6 +192,8 @@ class SharedTrainer:
         self.thread = threading.Thread(target=self._run, name="shared-trainer", daemon=True)
         self.thread.start()
         try:
+            if setup.widest_rows[0]:
+                self.splits = self._read_splits()
             self.eval_rows = load_split(setup.data_dir, "eval")
             # each split's eval batch budget, by the pack's train step at the split's widest rows, once
             self.eval_budget = {name: model_eval_budget(base, setup.batch_size * max(len(ids) for ids, _ in rows),
@@ -202,6 +207,11 @@ class SharedTrainer:
             self.stop()  # a trainer that failed to construct prepares nothing more
             raise
         self.startup_times["trainer_data_loaded"] = time.time()
+
+    def _read_splits(self) -> dict[str, list]:
+        from trainables.data import load_split
+
+        return {name: load_split(self.setup.data_dir, name) for name in ("search_train", "train")}
 
     # -- what clients call ---------------------------------------------------------------------
     def startup(self) -> dict[str, float]:

@@ -32,7 +32,7 @@ the trial runs the same step eagerly, says so in the worker's log, and reports
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -67,6 +67,15 @@ def scored_positions(labels) -> int:
     """How many positions of one row's `labels` (a list) score a token: those `next_is_answer`
     keeps. Counted in C (list.count): a large training set's rows are read once, before a search."""
     return max(0, len(labels) - 1 - list(labels[1:]).count(IGNORE))
+
+
+def widest(rows: Iterable[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int]:
+    """The most tokens of any row of `rows` (input ids and labels), and the most positions any
+    row scores (`scored_positions`): what a packed step's capture is sized for (`Pack.reserve`)."""
+    width = answers = 0
+    for ids, labels in rows:
+        width, answers = max(width, len(ids)), max(answers, scored_positions(labels))
+    return width, answers
 
 
 def next_is_answer(labels: torch.Tensor) -> torch.Tensor:
