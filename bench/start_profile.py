@@ -4,7 +4,7 @@ the base model loaded, then `Pack.prepare` for the reference space's four module
 cProfile. In the reference search these are 1.6 s, 4.5 s and 4.7 s of its 15.8 s to the first
 step (bench/results/h100-2026-12-06-sitting8/).
 
-    python bench/start_profile.py [--model PATH] [--slots 8]   (on the GPU machine, after device.sh's setup)
+    python bench/start_profile.py [--model PATH] [--slots 8] [--no-layers]   (on the GPU machine, after device.sh's setup)
 
 PATH defaults to the embedded default as the search converted it (LORA_SEARCH_CACHE). Prints the
 seconds of each part and the profile's top functions by cumulative and by own time."""
@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--model", default=str(cache_root()
                                                / "smollm2-135m-instruct"))
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the decoder layers into the step, as resources.pack_compile_layers auto does on a GPU")
     args = parser.parse_args()
     began = time.perf_counter()
     marks: list[tuple[str, float]] = []
@@ -62,6 +64,7 @@ def main() -> int:
     profile.disable()
     mark("base model loaded")
     pack = Pack(base, args.slots, 10, 100, 32, cuda_graph=True, compile_backend="inductor")
+    pack.compile_layers = args.layers
     ids = list(range(100, 100 + WIDTH))
     pack.reserve([(ids, [-100] * (WIDTH - ANSWER) + ids[-ANSWER:])], dropout=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
