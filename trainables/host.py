@@ -164,10 +164,14 @@ class Trainer:
             control = host.connect()
             control.send((CONSTRUCT, (setup, capacity, share)))
             status, value = control.recv()
-        except (OSError, EOFError):  # gone: this actor was made again after it died, or it after the actor
+        except (OSError, EOFError) as e:  # gone: this actor was made again after it died, or it after the actor
+            log.warning("the shared trainer's process that the driver started is gone (%s: %s); this actor holds "
+                        "the trainer itself", type(e).__name__, e)
             return None
-        if status == "refused":
+        if status == "refused":  # it took an actor before this one, which Ray made again after it died
             control.close()
+            log.warning("the shared trainer's process that the driver started serves another actor; this actor "
+                        "holds the trainer itself")
             return None
         if status == "raised":
             raise value

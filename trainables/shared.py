@@ -16,11 +16,13 @@ A trial's report is a per-process trial's `TrialReport` (trainables/metrics.py b
 wall time of the packed steps the trial was in (every trial in a step is charged the whole
 step), so `tokens_per_second` is the trial's share; the trainer's throughput is their sum.
 `peak_memory_gb` is the trainer's: every trial of the pack shares it. `trainer_pid` is the
-trainer's process, which a resume after a killed driver stops (search/cluster/resume.py): Tune's own
+trainer's process: its Ray actor's, which a resume after a killed driver stops (search/cluster/resume.py),
+or the one the driver started before Ray, which ends with the driver (trainables/host.py). Tune's own
 `pid` of the trial is its client's.
 
-Created by the driver as a Ray actor (`ray.remote(SharedTrainer)`), with a concurrency of at
-least its capacity: each client waits in `next_report`.
+Made by the run's Ray actor of the trainer (`trainables.host.Trainer`), with a concurrency of at
+least its capacity (each client waits in `next_report`), in the actor's process or in the one the
+driver started before Ray.
 """
 
 from __future__ import annotations
