@@ -1,7 +1,7 @@
 """`first_step_seconds` of a run: from the command to the first training step of any trial, on a
 warm cache (the embedded model converted, the libraries imported once before).
 
-    PYTHONPATH=$PWD python bench/first_step.py [--out FILE] [--trainer-ready] [-- search.run arguments]
+    PYTHONPATH=$PWD python bench/first_step.py [--out FILE] [--facts] [--trainer-ready] [-- search.run arguments]
 
 Starts `python -m search.run` (the default run unless arguments follow `--`) in a process of its
 own, so the command's own imports count, and reads the trials' reports as they come: a trial's
@@ -32,13 +32,21 @@ POLL_S, LIMIT_S = 2.0, 1800
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="")
+    parser.add_argument("--facts", action="store_true",
+                        help="the reference search of bench/search_vs_grid.py (its default settings) instead of the "
+                             "default run; arguments after -- follow its own")
     parser.add_argument("--trainer-ready", action="store_true",
                         help="stop once a shared run's trainers are ready (setup_times' trainers_started), before any "
                              "step: on a CPU a shared run's first report takes minutes")
     parser.add_argument("search_args", nargs="*")
     args = parser.parse_args()
+    search_args = args.search_args
+    if args.facts:  # as a user would type it: every override on the command line
+        from bench.search_vs_grid import facts_overrides
+
+        search_args = [x for s in facts_overrides(16, 100, 1200, "auto") for x in ("--set", s)] + search_args
     with tempfile.TemporaryDirectory() as output:
-        command = [sys.executable, "-m", "search.run", "--output", output, "--name", "first-step", *args.search_args]
+        command = [sys.executable, "-m", "search.run", "--output", output, "--name", "first-step", *search_args]
         started = time.time()
         run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         figure = None

@@ -20,7 +20,7 @@ from rundir.location import RunLocation, locate
 from rundir.runconfig import CREATED_BY, DataInfo, RunConfig
 from search import environment
 from search.cluster.resume import record_driver, record_ray_session
-from search.config import Config, ConfigError, to_dict
+from search.config import AUTO, SHARED, Config, ConfigError, to_dict
 from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, command_again, stopped
 from trainables.config import BaseSpec, TrialSetup, cache_root
@@ -62,6 +62,14 @@ class SearchRecipe:
             raise
 
     def _setup(self) -> int | None:
+        from trainables.host import TrainerHost, gpu_likely
+
+        resources = self.config.resources
+        if (not self.dry_run and self.address is None and not (self.resume or self.retrain_of)
+                and (resources.packing == SHARED or resources.packing == AUTO and gpu_likely())):
+            # a new local run that may share its GPU: the trainer's process first, so that its
+            # imports run beside this process's (trainables/host.py); let go where the plan does not share
+            self.host = TrainerHost(resources.cpus_per_trial)
         from search.cluster.connect import (
             LocalRayStart,
             check_cluster_gpus,
@@ -97,6 +105,9 @@ class SearchRecipe:
         local = self.address is None
         # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
         self.plan = plan = plan_resources(config, self.prepared, local=local)
+        if self.host is not None and not plan.shared:
+            self.host.close()
+            self.host = None
         self._done("resources_planned")  # the memory probe, or its cached answer, on a GPU
         if plan.shared:
             check_shared_packing(self.prepared.resolved)
@@ -136,11 +147,13 @@ class SearchRecipe:
                 # a new run's local Ray starts (seconds) while the data is prepared; not before the
                 # model's checks, so that bad input of the model or the device costs no Ray start
                 self.ray_start = LocalRayStart()
-                if plan.shared:  # and its trainer's process, which loads the model meanwhile (trainables/host.py)
-                    from trainables.host import TrainerHost, visible_gpu
+            if self.host is not None:  # its trainer's process imports transformers and PEFT for this model meanwhile
+                from trainables.host import visible_gpu
 
-                    self.host = TrainerHost(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
+                self.host.load(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
             self.data_info = self._start()
+            if self.host is not None:  # the input is checked: the trainer's process may take the GPU
+                self.host.go()
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import shared_trial
-from trainables.host import HostAddress, Trainer, TrainerHost, visible_gpu
+from trainables.host import HostAddress, Trainer, TrainerHost, gpu_likely, visible_gpu
 from trainables.shared import SharedTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def host(trial_setup):
-    host = TrainerHost(trial_setup.base, gpu="")
+    host = TrainerHost.for_model(trial_setup.base, gpu="")
     yield host
     host.close()
 
@@ -48,7 +48,9 @@ def exited(host: TrainerHost, within: float = 30.0) -> bool:
 
 def test_the_host_loads_its_model_before_it_is_asked_trains_as_the_trainer_in_the_actor_would_and_ends_with_its_driver(
         trial_setup, host, tmp_path):
-    time.sleep(1.0)  # the driver prepares its data meanwhile
+    while not Path(host.address.socket).exists():  # the host imported torch, then read what to load
+        time.sleep(0.05)
+    time.sleep(0.5)  # the driver prepares its data, and Ray starts, meanwhile
     asked = time.time()
     trainer = Trainer(trial_setup, 2, 1.0, host.address)
     startup = trainer.startup()
@@ -110,7 +112,7 @@ def test_an_actor_finds_its_gpu_as_ray_names_it_in_cuda_visible_devices(monkeypa
 
 def test_what_loading_the_model_raised_is_what_the_actor_raises_and_the_host_exits(trial_setup, tmp_path):
     missing = replace(trial_setup, model_path=str(tmp_path / "no-such-model"))
-    host = TrainerHost(missing.base, gpu="")
+    host = TrainerHost.for_model(missing.base, gpu="")
     try:
         with pytest.raises(Exception, match="no-such-model"):
             Trainer(missing, 1, 1.0, host.address)
@@ -154,3 +156,50 @@ def test_an_actor_whose_host_died_ends_itself_for_ray_to_make_it_again(trial_set
     actor.stdin.close()  # now the call
     assert actor.wait(60) == 1
     assert b"answered" not in actor.stdout.read()
+
+
+def test_bad_data_of_a_shared_run_exits_2_and_its_trainer_process_goes_without_taking_the_gpu(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The driver starts the trainer's process first thing, but lets it take the GPU's memory
+    (`go`) only once the data is checked: bad data exits 2 with that process gone."""
+    import json
+
+    from search.run import main
+
+    made, went = [], []
+    start, go = TrainerHost.__init__, TrainerHost.go
+
+    def starting(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(TrainerHost, "__init__", starting)
+    monkeypatch.setattr(TrainerHost, "go", lambda self: (went.append(self), go(self)))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    code = main(["--output", str(tmp_path / "out"), "--set", f"model.path={tiny_model_dir}", "--set",
+                 "resources.packing=shared", "--set", f"data.train={wrong}", "--set", "search.ranks=[2,4]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.train" in err, err
+    assert len(made) == 1 and not made[0].running() and went == []
+
+
+def test_a_gpu_hidden_by_cuda_visible_devices_is_no_gpu_to_start_a_trainer_process_for(monkeypatch):
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not gpu_likely()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_likely() == Path("/dev/nvidiactl").exists()  # this machine's answer: NVIDIA's driver is there or not
+
+
+def test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go(trial_setup):
+    host = TrainerHost(trial_setup.cpu_threads)
+    try:
+        host.load(trial_setup.base, "")
+        time.sleep(12)  # longer than the imports and the tiny model's load take on this machine
+        went = time.time()
+        host.go()
+        startup = Trainer(trial_setup, 1, 1.0, host.address).startup()
+        assert startup["trainer_imported"] < went < startup["trainer_model_loaded"]
+    finally:
+        host.close()

@@ -5,11 +5,13 @@ A Ray actor exists only once Ray is up, and a trainer's own start (torch, transf
 imported, the weights loaded, the step compiled and captured) takes seconds more after that: on an
 H100 the reference search's first step came 13.6 s after the command, 3.4 s of it Ray's start and
 10.2 s the trainer's (bench/results/h100-2026-12-07-sitting13/). A new run on a local Ray therefore
-starts one trainer's process at once (`TrainerHost`, from `BaseSpec`, which the driver knows before
-its data), and the run's Ray actor of that trainer (`Trainer`) hands its calls to it over a local
-socket. A process outside Ray is not Ray's to place: it takes the GPU that Ray gives the actor
-only because the driver gave it the same one, and an actor on any other GPU, or made again after
-either process died, or on a cluster or a resumed run (no host), holds a `SharedTrainer` itself.
+starts one trainer's process first thing (`TrainerHost`: it imports torch beside the driver's own
+imports), tells it the model once its plan is made (`BaseSpec`), and lets it take the GPU once its
+input is checked (bad input exits 2 with no GPU's memory taken); the run's Ray actor of that trainer
+(`Trainer`) hands its calls to it over a local socket. A process outside Ray is not Ray's to
+place: it takes the GPU that Ray gives the actor only because the driver gave it the same one, and
+an actor on any other GPU, or made again after either process died, or on a cluster or a resumed
+run (no host), holds a `SharedTrainer` itself.
 
 The host lives as long as its driver and its actor: it exits when the driver's pipe to it closes
 (the driver ended, however it ended) and when the actor that took it lets go (killed at the run's
@@ -84,6 +86,15 @@ def _running(pid: int) -> bool:
         return True
 
 
+def gpu_likely() -> bool:
+    """Whether this machine has an NVIDIA GPU that CUDA_VISIBLE_DEVICES leaves visible, told before
+    torch is imported (which takes a second): NVIDIA's driver's device file. A wrong guess costs a
+    process that imports torch and is let go, or a trainer's process started later."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists()
+
+
 def visible_gpu(cuda: bool) -> str:
     """The first GPU this process sees, as CUDA_VISIBLE_DEVICES names it (Ray numbers a machine's
     GPUs from that list, or from 0 where it is not set); "" without CUDA."""
@@ -94,15 +105,14 @@ def visible_gpu(cuda: bool) -> str:
 
 
 class TrainerHost:
-    """The driver's side: the host process, started at once with the model of `spec` to load on
-    `gpu` (`visible_gpu`), its output kept in a file until `close` moves it into the run's logs."""
+    """The driver's side: the host process, started at once (it imports torch meanwhile); `load`
+    tells it the model and the GPU, `go` that the driver's input is checked, so that it may take the
+    GPU's memory; its output kept in a file until `close` moves it into the run's logs."""
 
-    def __init__(self, spec: BaseSpec, gpu: str):
+    def __init__(self, cpu_threads: int):
         self._dir = Path(tempfile.mkdtemp(prefix="lora-search-host-"))
         env = dict(os.environ)
-        if gpu:  # the host's one GPU is its device 0, as a Ray actor's is
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        env.setdefault("OMP_NUM_THREADS", str(spec.cpu_threads))  # as Ray sets a worker's
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads))  # as Ray sets a worker's
         # the host imports this package as the driver does, from where it is, installed or not
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -110,10 +120,34 @@ class TrainerHost:
         with open(self._log, "wb") as out:
             self._process = subprocess.Popen([sys.executable, "-m", "trainables.host"], stdin=subprocess.PIPE,
                                              stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.address: HostAddress | None = None
+
+    @classmethod
+    def for_model(cls, spec: BaseSpec, gpu: str) -> TrainerHost:
+        """A host told at once to load `spec` on `gpu`, with nothing left to check."""
+        host = cls(spec.cpu_threads)
+        host.load(spec, gpu)
+        host.go()
+        return host
+
+    def load(self, spec: BaseSpec, gpu: str) -> HostAddress:
+        """Tell the host the model of `spec` and the GPU (`visible_gpu`, "" for none) its actor will
+        have: it imports transformers and PEFT meanwhile, and waits for `go` to load the weights."""
         self.address = HostAddress(str(self._dir / "socket"), os.urandom(32), gpu, self._process.pid)
+        self._send((spec, self.address))
+        return self.address
+
+    def go(self) -> None:
+        """The driver's input is checked: the host may take the GPU's memory and load the weights."""
+        self._send(True)
+
+    def _send(self, message: object) -> None:
         # the host's stdin stays open while the driver lives: its end is the host's signal to exit
-        self._process.stdin.write(pickle.dumps((spec, self.address)))
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(pickle.dumps(message))
+            self._process.stdin.flush()
+        except OSError:  # the host is gone: its actor finds it gone and holds the trainer itself
+            pass
 
     @property
     def pid(self) -> int:
@@ -295,25 +329,39 @@ def _send(connection: Connection, status: str, value: object) -> None:
         pass
 
 
-def _exit_with_driver() -> None:
-    """Exit once the driver's pipe closes: the driver closed it, or it ended (a kill -9 too)."""
-    sys.stdin.buffer.read()
+def _exit_with_driver(go: threading.Event) -> None:
+    """Set `go` when the driver says so, and exit once its pipe closes: the driver closed it, or it
+    ended (a kill -9 too)."""
+    try:
+        pickle.load(sys.stdin.buffer)
+        go.set()
+        sys.stdin.buffer.read()
+    except EOFError:
+        pass
     os._exit(0)
 
 
 def main() -> None:
     started = time.time()
-    spec, address = pickle.load(sys.stdin.buffer)
+    # before the driver says what to load (it decides after its own imports): torch's seconds are the same
+    import torch  # noqa: F401
+
+    try:
+        spec, address = pickle.load(sys.stdin.buffer)
+    except EOFError:  # the run needs no host after all
+        os._exit(0)
+    if address.gpu:  # read at CUDA's first use, which comes after: the host's one GPU is its device 0, as an actor's is
+        os.environ["CUDA_VISIBLE_DEVICES"] = address.gpu
     print(f"the shared trainer's process {os.getpid()}, started by the driver {os.getppid()} before Ray, loads "
           f"{spec.model_path}", file=sys.stderr, flush=True)
     listener = Listener(address.socket, family="AF_UNIX", authkey=address.authkey)
-    host = _Host()
-    threading.Thread(target=_exit_with_driver, name="driver", daemon=True).start()
+    host, go = _Host(), threading.Event()
+    threading.Thread(target=_exit_with_driver, args=(go,), name="driver", daemon=True).start()
     threading.Thread(target=host.accept, args=(listener,), name="accept", daemon=True).start()
     from trainables.shared import load_base
 
     try:
-        host.loaded = load_base(spec, code_loaded_at=started)
+        host.loaded = load_base(spec, code_loaded_at=started, go=go)
     except Exception as e:  # noqa: BLE001 - raised by the actor that takes this host
         host.loaded = e
     host.ready.set()

@@ -105,10 +105,11 @@ class LoadedBase:
     times: dict[str, float]
 
 
-def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT) -> LoadedBase:
+def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: threading.Event | None = None) -> LoadedBase:
     """Import torch, transformers and PEFT and load the base model of `spec` on this process's
     device (the first GPU it sees, else the CPU); `code_loaded_at`: when its process had loaded
-    the trainer's code."""
+    the trainer's code. With `go`, the imports go on before it is set, the GPU's memory and the
+    weights only after (trainables/host.py: the driver sets it once it has checked its input)."""
     times = {"trainer_code_loaded": code_loaded_at, "trainer_constructing": time.time()}
     from trainables.model import hide_bitsandbytes_unless_needed
 
@@ -121,14 +122,25 @@ def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT) -> LoadedB
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     times["trainer_imported"] = time.time()
+
+    def context() -> None:
+        if go is not None:
+            go.wait()
+        torch.zeros(1, device=device)
+
     # the GPU's context made while transformers is imported and the weights are read, not after
-    context = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": device}, daemon=True)
+    made = threading.Thread(target=context, daemon=True)
     if cuda:
-        context.start()
+        made.start()
+    if go is not None:
+        import peft  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401 - the import's seconds, before the go
+
+        go.wait()
     model = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
                             spec.gradient_checkpointing)
     if cuda:
-        context.join()
+        made.join()
     times["trainer_model_loaded"] = time.time()
     return LoadedBase(spec, model, times)
 
