@@ -69,7 +69,8 @@ class SearchRecipe:
                 and (resources.packing == SHARED or resources.packing == AUTO and gpu_likely())):
             # a new local run that may share its GPU: the trainer's process first, so that its
             # imports run beside this process's (trainables/host.py); let go where the plan does not share
-            self.host = TrainerHost(resources.cpus_per_trial)
+            self.host = TrainerHost(resources.cpus_per_trial, self.config.model.quantization,
+                                    self.config.model.trust_remote_code)
         from search.cluster.connect import (
             LocalRayStart,
             check_cluster_gpus,

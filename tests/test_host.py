@@ -193,7 +193,7 @@ def test_a_gpu_hidden_by_cuda_visible_devices_is_no_gpu_to_start_a_trainer_proce
 
 
 def test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go(trial_setup):
-    host = TrainerHost(trial_setup.cpu_threads)
+    host = TrainerHost(trial_setup.cpu_threads, trial_setup.quantization, trial_setup.trust_remote_code)
     try:
         host.load(trial_setup.base, "")
         time.sleep(12)  # longer than the imports and the tiny model's load take on this machine

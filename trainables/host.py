@@ -105,11 +105,13 @@ def visible_gpu(cuda: bool) -> str:
 
 
 class TrainerHost:
-    """The driver's side: the host process, started at once (it imports torch meanwhile); `load`
-    tells it the model and the GPU, `go` that the driver's input is checked, so that it may take the
+    """The driver's side: the host process, started at once (it imports torch, transformers and
+    PEFT meanwhile); `load` tells it the model and the GPU, `go` that the driver's input is checked, so that it may take the
     GPU's memory; its output kept in a file until `close` moves it into the run's logs."""
 
-    def __init__(self, cpu_threads: int):
+    def __init__(self, cpu_threads: int, quantization: str, trust_remote_code: bool):
+        """`quantization` and `trust_remote_code` as the model's config says: whether the host may
+        leave bitsandbytes out of its imports of transformers and PEFT, which it makes at once."""
         self._dir = Path(tempfile.mkdtemp(prefix="lora-search-host-"))
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(cpu_threads))  # as Ray sets a worker's
@@ -121,11 +123,12 @@ class TrainerHost:
             self._process = subprocess.Popen([sys.executable, "-m", "trainables.host"], stdin=subprocess.PIPE,
                                              stdout=out, stderr=subprocess.STDOUT, env=env)
         self.address: HostAddress | None = None
+        self._send((quantization, trust_remote_code))
 
     @classmethod
     def for_model(cls, spec: BaseSpec, gpu: str) -> TrainerHost:
         """A host told at once to load `spec` on `gpu`, with nothing left to check."""
-        host = cls(spec.cpu_threads)
+        host = cls(spec.cpu_threads, spec.quantization, spec.trust_remote_code)
         host.load(spec, gpu)
         host.go()
         return host
@@ -341,12 +344,24 @@ def _exit_with_driver(go: threading.Event) -> None:
     os._exit(0)
 
 
+def _import_model_code(quantization: str, trust_remote_code: bool) -> None:
+    """transformers' and PEFT's imports, bitsandbytes left out where the model needs none, as a
+    trainer's own load makes them (`trainables.shared.load_base`)."""
+    from trainables.model import hide_bitsandbytes_unless_needed
+
+    hide_bitsandbytes_unless_needed(quantization, trust_remote_code)
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 def main() -> None:
     started = time.time()
-    # before the driver says what to load (it decides after its own imports): torch's seconds are the same
+    # before the driver says what to load (it decides after its own imports): the same seconds for any model
     import torch  # noqa: F401
 
     try:
+        quantization, trust_remote_code = pickle.load(sys.stdin.buffer)
+        _import_model_code(quantization, trust_remote_code)
         spec, address = pickle.load(sys.stdin.buffer)
     except EOFError:  # the run needs no host after all
         os._exit(0)
