@@ -231,6 +231,17 @@ class SearchRecipe:
     def search(self) -> int | None:
         """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
         starts (or joined in `setup`) and lets go at the end."""
+        try:
+            return self._search()
+        finally:  # however the search ended, the trainer's process started in `setup` goes too
+            self._close_host()
+
+    def _close_host(self) -> None:
+        if self.host is not None:  # its output kept with the run's logs
+            self.host.close(self.location.local / LOGS / TRAINER_HOST_LOG)
+            self.host = None
+
+    def _search(self) -> int | None:
         import ray
 
         from rundir.layout import SEARCH_EXPERIMENT
@@ -299,8 +310,7 @@ class SearchRecipe:
                 failed(e, location, self.stop)
                 return 1
             finally:
-                if self.host is not None:  # its trainer's actor is gone: so is the process, its output kept
-                    self.host.close(location.local / LOGS / TRAINER_HOST_LOG)
+                self._close_host()  # its trainer's actor is gone: so is the process, before Ray goes down
                 if self.ray_start is not None:
                     analysing = ended and stop.requested is None
                     self.ray_start.shut_down(wait=not analysing)
