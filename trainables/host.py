@@ -2,9 +2,9 @@
 and model load overlap Ray's start instead of following it.
 
 A Ray actor exists only once Ray is up, and a trainer's own start (torch, transformers and PEFT
-imported, the weights loaded, the step compiled and captured) takes seconds more after that: on an
-H100 the reference search's first step came 13.6 s after the command, 3.4 s of it Ray's start and
-10.2 s the trainer's (bench/results/h100-2026-12-07-sitting13/). A new run on a local Ray therefore
+imported, the weights loaded, the step compiled and captured) takes seconds more after that, one
+part after the other in one interpreter (bench/results/h100-2026-12-07-sitting14/README.md has the
+parts, before and after this module). A new run on a local Ray therefore
 starts one trainer's process first thing (`TrainerHost`: it imports torch beside the driver's own
 imports), tells it the model once its plan is made (`BaseSpec`), and lets it take the GPU once its
 input is checked (bad input exits 2 with no GPU's memory taken); the run's Ray actor of that trainer
