@@ -62,7 +62,7 @@ class SearchRecipe:
             raise
 
     def _setup(self) -> int | None:
-        from trainables.host import TrainerHost, gpu_likely
+        from trainables.host import TrainerHost, gpu_likely, visible_gpu
 
         resources = self.config.resources
         if (not self.dry_run and self.address is None and not (self.resume or self.retrain_of)
@@ -148,9 +148,7 @@ class SearchRecipe:
                 # a new run's local Ray starts (seconds) while the data is prepared; not before the
                 # model's checks, so that bad input of the model or the device costs no Ray start
                 self.ray_start = LocalRayStart()
-            if self.host is not None:  # its trainer's process imports transformers and PEFT for this model meanwhile
-                from trainables.host import visible_gpu
-
+            if self.host is not None:  # the trainer's process learns its model and GPU, and waits for the go
                 self.host.load(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
             self.data_info = self._start()
             if self.host is not None:  # the input is checked: the trainer's process may take the GPU

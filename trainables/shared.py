@@ -108,8 +108,9 @@ class LoadedBase:
 def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: threading.Event | None = None) -> LoadedBase:
     """Import torch, transformers and PEFT and load the base model of `spec` on this process's
     device (the first GPU it sees, else the CPU); `code_loaded_at`: when its process had loaded
-    the trainer's code. With `go`, the imports go on before it is set, the GPU's memory and the
-    weights only after (trainables/host.py: the driver sets it once it has checked its input)."""
+    the trainer's code. With `go`, the GPU's memory and the weights are taken only once it is set
+    (trainables/host.py, whose process made its imports before: the driver sets it once it has
+    checked its input)."""
     times = {"trainer_code_loaded": code_loaded_at, "trainer_constructing": time.time()}
     from trainables.model import hide_bitsandbytes_unless_needed
 
@@ -133,9 +134,6 @@ def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: thread
     if cuda:
         made.start()
     if go is not None:
-        import peft  # noqa: F401
-        from transformers import AutoModelForCausalLM  # noqa: F401 - the import's seconds, before the go
-
         go.wait()
     model = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
                             spec.gradient_checkpointing)
