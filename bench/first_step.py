@@ -57,8 +57,10 @@ def main() -> int:
                           else first_step_seconds(read_trial_files(Path(output) / "first-step"), started))
             except (OSError, ValueError):  # a report being written: read again at the next poll
                 continue
-        phases = {} if figure is None else _setup_times(Path(output) / "first-step") if args.trainer_ready \
-            else _phases(Path(output) / "first-step", started)
+        phases = {}
+        if figure is not None:
+            phases = (_setup_times(Path(output) / "first-step") if args.trainer_ready
+                      else _phases(Path(output) / "first-step", started))
         run.send_signal(signal.SIGINT)
         try:
             run.wait(120)
@@ -107,9 +109,7 @@ def _phases(run_dir: Path, started: float) -> dict:
             "peft_imported": first["entered_at"] - started,
             "first_step": first["busy_from"] - started,
             "as_the_run_records": clock.first_step_seconds if clock else None,
-            # the driver's own record of its setup steps, from its process's start (search.recipe)
-            "setup_times": json.loads((run_dir / LOGS / SETUP_TIMES).read_text())
-            if (run_dir / LOGS / SETUP_TIMES).exists() else None}
+            "setup_times": _setup_times(run_dir) if (run_dir / LOGS / SETUP_TIMES).exists() else None}
 
 
 if __name__ == "__main__":
