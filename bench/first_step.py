@@ -57,16 +57,16 @@ def main() -> int:
                           else first_step_seconds(read_trial_files(Path(output) / "first-step"), started))
             except (OSError, ValueError):  # a report being written: read again at the next poll
                 continue
-        phases = {}
-        if figure is not None:
-            phases = (_setup_times(Path(output) / "first-step") if args.trainer_ready
-                      else _phases(Path(output) / "first-step", started))
         run.send_signal(signal.SIGINT)
         try:
             run.wait(120)
         except subprocess.TimeoutExpired:
             run.kill()
             run.wait()
+        phases = {}
+        if figure is not None:  # read once the run has stopped: it adds its trainer's later steps (its pack prepared)
+            phases = (_setup_times(Path(output) / "first-step") if args.trainer_ready
+                      else _phases(Path(output) / "first-step", started))
     key = "trainers_ready_seconds" if args.trainer_ready else "first_step_seconds"
     record = {"benchmark": "first_step", "command": " ".join(command[1:]), key: figure,
               "phases": phases, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}

@@ -25,6 +25,10 @@ from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, command_again, stopped
 from trainables.config import BaseSpec, TrialSetup, cache_root
 
+# How long the driver waits for a shared trainer's account of its start: it answers between its
+# packed steps, which take seconds on a CPU.
+TRAINER_ANSWER_S = 30.0
+
 
 class SearchRecipe:
     """One run of `config`; `stop` learns what the run has saved as it goes. Each step returns
@@ -151,8 +155,10 @@ class SearchRecipe:
             if self.host is not None:  # the trainer's process learns its model and GPU, and waits for the go
                 self.host.load(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
             self.data_info = self._start()
-            if self.host is not None:  # the input is checked: the trainer's process may take the GPU
-                self.host.go()
+            if self.host is not None:  # the input is checked: the trainer's process may take the GPU, and make its trainer
+                from trainables.host import TrainerArgs
+
+                self.host.go(TrainerArgs(self._trial_setup(), config.resources.pack_slots, 1 - self._beside()))
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)
@@ -226,6 +232,18 @@ class SearchRecipe:
                               f"Fix: check the URI and its credentials, then start again with --overwrite") from None
         return record.data_info
 
+    def _trial_setup(self) -> TrialSetup:
+        """What every trial of the run reads (`trial_setup`), with the widest rows `_start` counted."""
+        return replace(trial_setup(self.config, self.plan, self.prepared, self.location, self.data_info),
+                       widest_rows=self.widest_rows)
+
+    def _beside(self) -> float:
+        """The share of each GPU that a trial training beside a shared run's trainer takes (0 where
+        none does): a DoRA trial, or one that adapts expert weights, trains in a process of its own."""
+        config = self.config
+        alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
+        return self.plan.gpus_per_trial if self.plan.shared and alone else 0.0
+
     def search(self) -> int | None:
         """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
         starts (or joined in `setup`) and lets go at the end."""
@@ -233,6 +251,21 @@ class SearchRecipe:
             return self._search()
         finally:  # however the search ended, the trainer's process started in `setup` goes too
             self._close_host()
+
+    def _trainers_setup(self, trainers: list) -> bool:
+        """Add the first shared trainer's own steps of its start to `setup_times`, on the same clock
+        (SharedTrainer.startup); whether it answered."""
+        import ray
+
+        if not trainers or self.started_at is None:
+            return False
+        try:
+            startup = ray.get(trainers[0].startup.remote(), timeout=TRAINER_ANSWER_S)
+        except (ray.exceptions.RayError, TimeoutError):  # a trainer that died says so in the trials' errors
+            return False
+        for step, at in startup.items():
+            self.setup_times[step] = round(at - self.started_at, 3)
+        return True
 
     def _close_host(self) -> None:
         if self.host is not None:  # its output kept with the run's logs
@@ -250,7 +283,7 @@ class SearchRecipe:
         from search.tuning.tuner import build_tuner, fit_or_restore, retrain, trainable_for
 
         config, plan, location, data_info = self.config, self.plan, self.location, self.data_info
-        setup = replace(trial_setup(config, plan, self.prepared, location, data_info), widest_rows=self.widest_rows)
+        setup = self._trial_setup()
         environment.setenvs(environment.TUNE_STATE, keep_users=True)
         cluster = self.cluster  # resolved in `setup`
         stop = GracefulStop(self.stop.program)
@@ -267,12 +300,8 @@ class SearchRecipe:
                     record_ray_session(location.local)
                     self._done("ray_started")
                     gpus = plan.gpus_per_trial
-                    # a DoRA trial, or one that adapts expert weights, of a shared run trains in a process of
-                    # its own, beside its GPU's trainer
-                    alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
-                    beside = gpus if plan.shared and alone else 0.0
                     host = self.host.address if self.host is not None else None
-                    with (shared_trainers(config.resources, setup, beside, host) if plan.shared
+                    with (shared_trainers(config.resources, setup, self._beside(), host) if plan.shared
                           else nullcontext([])) as trainers:
                         # The limit at the cluster's slot count, and as many trials pending in Tune
                         # (environment.pending_trials): every slot starts at once (with one pending, on an
@@ -284,20 +313,22 @@ class SearchRecipe:
                             slots = config.resources.max_concurrent_trials or trial_slots(gpus, config.resources.cpus_per_trial)
                         config = replace(config, resources=replace(config.resources, max_concurrent_trials=slots))
                         trainable = trainable_for(setup, config.resources.cpus_per_trial, gpus, trainers)
-                        if trainers and self.started_at is not None:  # the first trainer's own steps, on the same clock
-                            for step, at in ray.get(trainers[0].startup.remote()).items():
-                                self.setup_times[step] = round(at - self.started_at, 3)
+                        self._trainers_setup(trainers)
                         self._done("trainers_started" if plan.shared else "tuner_starting")
                         (location.local / LOGS).mkdir(exist_ok=True)
                         write_json_atomic(location.local / LOGS / SETUP_TIMES, self.setup_times)
-                        if not self.retrain_of:
-                            priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
-                                                  config.budget.num_samples)
-                            space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
-                            fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
-                                           lambda: build_tuner(config, trainable, space, priors, location))
-                        if (config.selection.retrain or self.retrain_of) and stop.requested is None:
-                            retrain(config, trainable, location, self.retrain_of)
+                        try:
+                            if not self.retrain_of:
+                                priors = prior_points(config.search, data_info.search_train_rows, config.task.kind,
+                                                      config.budget.num_samples)
+                                space = LoraSpace(config.search, self.prepared.resolved, config.seed, priors=len(priors))
+                                fit_or_restore(SEARCH_EXPERIMENT, location, trainable,
+                                               lambda: build_tuner(config, trainable, space, priors, location))
+                            if (config.selection.retrain or self.retrain_of) and stop.requested is None:
+                                retrain(config, trainable, location, self.retrain_of)
+                        finally:  # the trainer's steps after its start (its pack prepared), a stopped run's too
+                            if self._trainers_setup(trainers):
+                                write_json_atomic(location.local / LOGS / SETUP_TIMES, self.setup_times)
                         if trainers:  # where each pack's time went, before the trainers are killed
                             write_json_atomic(location.local / LOGS / TRAINER_TIME,
                                               ray.get([trainer.time_spent.remote() for trainer in trainers]))

@@ -108,6 +108,7 @@ SLOW: dict[str, str | tuple[str, ...]] = {
                           "test_the_loopback_switch_is_gone_from_the_process_once_its_local_ray_runs_on_loopback"),
     "test_ray_contract.py": ("test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_pg_says",),
     "test_host.py": ("test_a_host_takes_one_actor_and_an_actor_on_another_gpu_or_after_it_makes_a_trainer_of_its_own",
+                     "test_an_actor_that_asks_for_another_trainer_than_its_host_made_makes_its_own_and_the_host_goes",
                      "test_a_host_exits_when_the_actor_that_took_it_is_killed",
                      "test_an_actor_whose_host_died_ends_itself_for_ray_to_make_it_again",
                      "test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go"),

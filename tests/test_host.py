@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import shared_trial
-from trainables.host import HostAddress, Trainer, TrainerHost, gpu_likely, visible_gpu
+from trainables.host import HostAddress, Trainer, TrainerArgs, TrainerHost, gpu_likely, visible_gpu
 from trainables.shared import SharedTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,15 +46,37 @@ def exited(host: TrainerHost, within: float = 30.0) -> bool:
     return not host.running()
 
 
-def test_the_host_loads_its_model_before_it_is_asked_trains_as_the_trainer_in_the_actor_would_and_ends_with_its_driver(
-        trial_setup, host, tmp_path):
-    while not Path(host.address.socket).exists():  # the host imported torch, then read what to load
-        time.sleep(0.05)
-    time.sleep(0.5)  # the driver prepares its data, and Ray starts, meanwhile
+def made_without_an_actor(address: HostAddress) -> int:
+    """The free slots of the trainer that the host at `address` made at the driver's go, asked
+    over its socket as an actor's call is, with no actor ever asking it to make one."""
+    connection = address.connect()
+    try:
+        while True:
+            connection.send(("free_slots", ()))
+            status, value = connection.recv()
+            if status == "returned":
+                return value
+            assert "has no call" in str(value)  # not made yet: it loads the model, then makes it
+            time.sleep(0.05)
+    finally:
+        connection.close()
+
+
+def test_the_host_makes_its_trainer_at_the_drivers_go_trains_as_the_trainer_in_the_actor_would_and_ends_with_its_driver(
+        trial_setup, tmp_path):
+    host = TrainerHost.for_model(trial_setup.base, gpu="", trainer=TrainerArgs(trial_setup, 2, 1.0))
+    try:
+        the_host_serves(host, trial_setup, tmp_path)
+    finally:
+        host.close()
+
+
+def the_host_serves(host: TrainerHost, trial_setup, tmp_path) -> None:
+    assert made_without_an_actor(host.address) == 2  # while the driver waits for Ray, which makes the actor
     asked = time.time()
     trainer = Trainer(trial_setup, 2, 1.0, host.address)
     startup = trainer.startup()
-    assert startup["trainer_constructing"] < asked  # the load began before the actor existed
+    assert startup["pack_constructing"] < asked  # the trainer was made before its actor existed
     assert list(startup.values()) == sorted(startup.values())
     assert trainer.free_slots() == 2
     token = trainer.open("a", shared_trial(lr=2e-3, r=4), None)
@@ -101,6 +123,23 @@ def test_a_host_takes_one_actor_and_an_actor_on_another_gpu_or_after_it_makes_a_
     elsewhere.stop()
     forget_base_model()
     assert pids == {"first": host.pid, "second": os.getpid(), "elsewhere": os.getpid()}
+
+
+def test_an_actor_that_asks_for_another_trainer_than_its_host_made_makes_its_own_and_the_host_goes(trial_setup):
+    from trainables.model import forget_base_model
+
+    host = TrainerHost.for_model(trial_setup.base, gpu="", trainer=TrainerArgs(trial_setup, 2, 1.0))
+    try:
+        assert made_without_an_actor(host.address) == 2
+        trainer = Trainer(trial_setup, 3, 1.0, host.address)  # three slots, not the two the host's trainer has
+        assert trainer.free_slots() == 3
+        trainer.open("a", shared_trial(), None)
+        assert reports(trainer, "a")[-1].report.trainer_pid == os.getpid()
+        trainer.stop()
+        forget_base_model()
+        assert exited(host)  # its trainer's memory is let go
+    finally:
+        host.close()
 
 
 def test_an_actor_finds_its_gpu_as_ray_names_it_in_cuda_visible_devices(monkeypatch):
@@ -174,7 +213,7 @@ def test_bad_data_of_a_shared_run_exits_2_and_its_trainer_process_goes_without_t
         made.append(self)
 
     monkeypatch.setattr(TrainerHost, "__init__", starting)
-    monkeypatch.setattr(TrainerHost, "go", lambda self: (went.append(self), go(self)))
+    monkeypatch.setattr(TrainerHost, "go", lambda self, *args: (went.append(self), go(self, *args)))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
     code = main(["--output", str(tmp_path / "out"), "--set", f"model.path={tiny_model_dir}", "--set",

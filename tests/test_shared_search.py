@@ -222,7 +222,7 @@ def test_a_shared_run_records_its_trainers_start_which_began_before_rays_and_end
     run_dir, _ = shared_run
     times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
     steps = ["trainer_code_loaded", "trainer_constructing", "trainer_imported", "trainer_model_loaded",
-             "trainer_data_loaded", "trainers_started"]
+             "pack_constructing", "trainer_data_loaded", "trainers_started"]
     assert [times[step] for step in steps] == sorted(times[step] for step in steps)
     # the trainer's process, started by the driver, was loading the model while Ray started (trainables/host.py)
     assert times["trainer_constructing"] < times["ray_started"] < times["trainers_started"]

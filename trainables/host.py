@@ -7,8 +7,9 @@ part after the other in one interpreter (bench/results/h100-2026-12-07-sitting14
 parts, before and after this module). A new run on a local Ray therefore
 starts one trainer's process first thing (`TrainerHost`: it imports torch beside the driver's own
 imports), tells it the model once its plan is made (`BaseSpec`), and lets it take the GPU once its
-input is checked (bad input exits 2 with no GPU's memory taken); the run's Ray actor of that trainer
-(`Trainer`) hands its calls to it over a local socket. A process outside Ray is not Ray's to
+input is checked (bad input exits 2 with no GPU's memory taken), telling it then the trainer to
+make (`TrainerArgs`): so the weights' load and the pack's compiling go on while Ray starts. The
+run's Ray actor of that trainer (`Trainer`) hands its calls to it over a local socket. A process outside Ray is not Ray's to
 place: it takes the GPU that Ray gives the actor only because the driver gave it the same one, and
 an actor on any other GPU, or made again after either process died, or on a cluster or a resumed
 run (no host), holds a `SharedTrainer` itself.
@@ -73,6 +74,16 @@ class HostAddress:
                 time.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class TrainerArgs:
+    """What a `SharedTrainer` is made with; the host makes it once the driver's `go` gives them,
+    and serves it to an actor that asks for the same."""
+
+    setup: TrialSetup
+    capacity: int
+    share: float
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` runs; its parent, the driver, has not yet reaped one that ended (a
     zombie), which does not run."""
@@ -126,11 +137,11 @@ class TrainerHost:
         self._send((quantization, trust_remote_code))
 
     @classmethod
-    def for_model(cls, spec: BaseSpec, gpu: str) -> TrainerHost:
-        """A host told at once to load `spec` on `gpu`, with nothing left to check."""
+    def for_model(cls, spec: BaseSpec, gpu: str, trainer: TrainerArgs | None = None) -> TrainerHost:
+        """A host told at once to load `spec` on `gpu` (and make `trainer`), with nothing left to check."""
         host = cls(spec.cpu_threads, spec.quantization, spec.trust_remote_code)
         host.load(spec, gpu)
-        host.go()
+        host.go(trainer)
         return host
 
     def load(self, spec: BaseSpec, gpu: str) -> HostAddress:
@@ -140,9 +151,10 @@ class TrainerHost:
         self._send((spec, self.address))
         return self.address
 
-    def go(self) -> None:
-        """The driver's input is checked: the host may take the GPU's memory and load the weights."""
-        self._send(True)
+    def go(self, trainer: TrainerArgs | None = None) -> None:
+        """The driver's input is checked: the host may take the GPU's memory and load the weights,
+        and make `trainer` at once where given, before its actor asks (which Ray's start delays)."""
+        self._send(trainer)
 
     def _send(self, message: object) -> None:
         # the host's stdin stays open while the driver lives: its end is the host's signal to exit
@@ -188,18 +200,18 @@ class Trainer:
         self._address = None
         self._calls = threading.local()  # a connection per thread of the actor: calls wait side by side
         if host is not None and host.gpu == visible_gpu(host.gpu != ""):
-            self._address = self._taken(host, setup, capacity, share)
+            self._address = self._taken(host, TrainerArgs(setup, capacity, share))
         if self._address is None:
             from trainables.shared import SharedTrainer
 
             self._own = SharedTrainer(setup, capacity, share)
 
-    def _taken(self, host: HostAddress, setup: TrialSetup, capacity: int, share: float) -> HostAddress | None:
+    def _taken(self, host: HostAddress, args: TrainerArgs) -> HostAddress | None:
         """`host`, once its trainer is constructed for this actor; None where the host is gone or
         already serves another. What the construction raised is raised here, as the actor's."""
         try:
             control = host.connect()
-            control.send((CONSTRUCT, (setup, capacity, share)))
+            control.send((CONSTRUCT, (args,)))
             status, value = control.recv()
         except (OSError, EOFError) as e:  # gone: this actor was made again after it died, or it after the actor
             log.warning("the shared trainer's process that the driver started is gone (%s: %s); this actor holds "
@@ -207,8 +219,8 @@ class Trainer:
             return None
         if status == "refused":  # it took an actor before this one, which Ray made again after it died
             control.close()
-            log.warning("the shared trainer's process that the driver started serves another actor; this actor "
-                        "holds the trainer itself")
+            log.warning("the shared trainer's process that the driver started serves another actor, or made "
+                        "another trainer than this actor's (%s); this actor holds the trainer itself", value)
             return None
         if status == "raised":
             raise value
@@ -261,8 +273,10 @@ class _Host:
     first actor that asks (`CONSTRUCT`), whose calls it then answers, each connection in a thread."""
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set once `made` is: the model loaded, and the driver's trainer made
         self.loaded = None  # LoadedBase, or what loading it raised
+        self.args: TrainerArgs | None = None  # the trainer the driver's go asked for, if any
+        self.made: tuple[str, object] | None = None  # what making that trainer answered (`make`)
         self.trainer = None
         self.taken = False
         self.lock = threading.Lock()
@@ -288,7 +302,7 @@ class _Host:
                 with self.lock:
                     refused, self.taken = self.taken, True
                 if refused:
-                    _send(connection, "refused", None)
+                    _send(connection, "refused", "it serves another actor")
                     continue
                 control = True
                 answer = self.construct(*args)
@@ -304,17 +318,28 @@ class _Host:
             except Exception as e:  # noqa: BLE001 - the caller's: raised there as the trainer raised it
                 _send(connection, "raised", e)
 
-    def construct(self, setup: TrialSetup, capacity: int, share: float) -> tuple[str, object]:
+    def construct(self, args: TrainerArgs) -> tuple[str, object]:
+        """The answer to the actor's CONSTRUCT: the trainer made at the driver's go where it is the
+        one the actor asks for, else one made now (a host that the driver gave no trainer)."""
+        self.ready.wait()
+        if self.args is None:
+            return self.make(args)
+        if self.args != args:  # never from this package's driver: the actor makes its own, this process goes
+            threading.Timer(1.0, os._exit, (0,)).start()
+            return "refused", f"it made a trainer of {self.args}, the actor asks for one of {args}"
+        return self.made
+
+    def make(self, args: TrainerArgs) -> tuple[str, object]:
         from trainables.shared import SharedTrainer
 
-        self.ready.wait()
         if isinstance(self.loaded, BaseException):
             return "raised", self.loaded
         try:
-            self.trainer = SharedTrainer(setup, capacity, share, loaded=self.loaded)
+            self.trainer = SharedTrainer(args.setup, args.capacity, args.share, loaded=self.loaded)
         except Exception as e:  # noqa: BLE001 - the actor's constructor raises it
             return "raised", e
-        self.loaded = None  # the trainer holds the model now
+        finally:
+            self.loaded = None  # the trainer holds the model now, or nothing does
         return "returned", None
 
 
@@ -332,11 +357,11 @@ def _send(connection: Connection, status: str, value: object) -> None:
         pass
 
 
-def _exit_with_driver(go: threading.Event) -> None:
-    """Set `go` when the driver says so, and exit once its pipe closes: the driver closed it, or it
-    ended (a kill -9 too)."""
+def _exit_with_driver(go: threading.Event, host: _Host) -> None:
+    """Set `go` when the driver says so, with the trainer it asks for in `host.args`, and exit once
+    its pipe closes: the driver closed it, or it ended (a kill -9 too)."""
     try:
-        pickle.load(sys.stdin.buffer)
+        host.args = pickle.load(sys.stdin.buffer)
         go.set()
         sys.stdin.buffer.read()
     except EOFError:
@@ -371,7 +396,7 @@ def main() -> None:
           f"{spec.model_path}", file=sys.stderr, flush=True)
     listener = Listener(address.socket, family="AF_UNIX", authkey=address.authkey)
     host, go = _Host(), threading.Event()
-    threading.Thread(target=_exit_with_driver, args=(go,), name="driver", daemon=True).start()
+    threading.Thread(target=_exit_with_driver, args=(go, host), name="driver", daemon=True).start()
     threading.Thread(target=host.accept, args=(listener,), name="accept", daemon=True).start()
     from trainables.shared import load_base
 
@@ -379,6 +404,8 @@ def main() -> None:
         host.loaded = load_base(spec, code_loaded_at=started, go=go)
     except Exception as e:  # noqa: BLE001 - raised by the actor that takes this host
         host.loaded = e
+    if host.args is not None:  # the pack prepares now, while Ray starts and the actor is made
+        host.made = host.make(host.args)
     host.ready.set()
     threading.Event().wait()  # the threads above end the process
 

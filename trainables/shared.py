@@ -159,6 +159,7 @@ class SharedTrainer:
         # when its construction began and each part of it ended (time.time(), the driver's clock on
         # one machine): where a shared run's time before its first step goes (`startup`)
         self.startup_times = dict(loaded.times)
+        self.startup_times["pack_constructing"] = time.time()
         import torch
 
         from trainables.data import load_split
@@ -227,10 +228,13 @@ class SharedTrainer:
 
     # -- what clients call ---------------------------------------------------------------------
     def startup(self) -> dict[str, float]:
-        """When (time.time()) this process loaded the trainer's code, when its construction began,
+        """When (time.time()) this process loaded the trainer's code, when its model's load began,
         and when it had imported torch, loaded the base model (importing transformers and PEFT),
-        and read the data and the tokenizer; the pack's preparing began before the last."""
-        return dict(self.startup_times)
+        begun to make the pack and read the data and the tokenizer; the pack's preparing began
+        before the last, and its end is `pack_prepared` once it has ended (a pack that captures
+        nothing prepares nothing)."""
+        with self.lock:
+            return dict(self.startup_times)
 
     def time_spent(self) -> dict[str, dict]:
         """Where the pack's time went since the trainer started, job by job (PACK_JOBS): seconds
@@ -396,6 +400,8 @@ class SharedTrainer:
             preparing = time.perf_counter()
             self.pack.prepare(self.setup.module_sets, self.setup.batch_size, self.autocast)
             self._spent("preparing", preparing)
+            with self.lock:
+                self.startup_times["pack_prepared"] = time.time()
 
     def _step(self, ready: list[_Open]) -> None:
         import torch
