@@ -93,8 +93,9 @@ def _phases(run_dir: Path, started: float) -> dict:
     """Seconds from the start until each step on the way to the first training step was done: the
     run directory written (the driver's imports, the model and the data prepared), Ray's session
     recorded (Ray started), and for the trial that trained first, its trial code loaded in its
-    process (Tune's start, the process's start, its Ray and torch imports), PEFT imported, and its
-    first step begun (the model, the data and the adapter set up); and the run's own figure, from
+    process, Tune's call of it, its entry (a trial in a process of its own: PEFT imported; a shared
+    trial: its ask for a slot), and its first step begun (the model, the data and the adapter set
+    up; a shared trial's slot opened once the pack had prepared); and the run's own figure, from
     its process's start, where it records one."""
     from analysis.results import read_run_config
     from analysis.timing import run_clock
@@ -106,7 +107,8 @@ def _phases(run_dir: Path, started: float) -> dict:
     return {"run_directory_written": (run_dir / RUN_CONFIG).stat().st_mtime - started,
             "ray_started": (run_dir / RAY_SESSION).stat().st_mtime - started,
             "trial_code_loaded": first["worker_started_at"] - started,
-            "peft_imported": first["entered_at"] - started,
+            "trial_called": first["called_at"] - started,
+            "trial_entered": first["entered_at"] - started,
             "first_step": first["busy_from"] - started,
             "as_the_run_records": clock.first_step_seconds if clock else None,
             "setup_times": _setup_times(run_dir) if (run_dir / LOGS / SETUP_TIMES).exists() else None}

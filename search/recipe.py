@@ -75,6 +75,7 @@ class SearchRecipe:
             # imports run beside this process's (trainables/host.py); let go where the plan does not share
             self.host = TrainerHost(resources.cpus_per_trial, self.config.model.quantization,
                                     self.config.model.trust_remote_code)
+            self._done("trainer_process_started")  # the command's own imports and the config's reading before it
         from search.cluster.connect import (
             LocalRayStart,
             check_cluster_gpus,

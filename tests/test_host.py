@@ -50,14 +50,16 @@ def made_without_an_actor(address: HostAddress) -> int:
     """The free slots of the trainer that the host at `address` made at the driver's go, asked
     over its socket as an actor's call is, with no actor ever asking it to make one."""
     connection = address.connect()
+    deadline = time.monotonic() + 120
     try:
-        while True:
+        while time.monotonic() < deadline:
             connection.send(("free_slots", ()))
             status, value = connection.recv()
             if status == "returned":
                 return value
             assert "has no call" in str(value)  # not made yet: it loads the model, then makes it
             time.sleep(0.05)
+        raise AssertionError("the host made no trainer within 120 s of its go")
     finally:
         connection.close()
 

@@ -221,7 +221,7 @@ def test_a_shared_search_of_four_concurrent_trials_runs_to_its_exported_pick(sha
 def test_a_shared_run_records_its_trainers_start_which_began_before_rays_and_ended_before_the_first_step(shared_run):
     run_dir, _ = shared_run
     times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
-    steps = ["trainer_code_loaded", "trainer_constructing", "trainer_imported", "trainer_model_loaded",
+    steps = ["trainer_process_started", "trainer_code_loaded", "trainer_constructing", "trainer_imported", "trainer_model_loaded",
              "pack_constructing", "trainer_data_loaded", "trainers_started"]
     assert [times[step] for step in steps] == sorted(times[step] for step in steps)
     # the trainer's process, started by the driver, was loading the model while Ray started (trainables/host.py)
@@ -229,8 +229,10 @@ def test_a_shared_run_records_its_trainers_start_which_began_before_rays_and_end
     pids = {row["trainer_pid"] for rows in trial_reports(run_dir).values() for row in rows}
     assert len(pids) == 1 and f"process {pids.pop()}" in (run_dir / "logs" / "trainer_host.log").read_text()
     started_at = json.loads((run_dir / "run_config.json").read_text())["started_at"]
-    first_step = min(row["busy_from"] for rows in trial_reports(run_dir).values() for row in rows)
-    assert times["trainers_started"] < first_step - started_at
+    first = min((row for rows in trial_reports(run_dir).values() for row in rows), key=lambda row: row["busy_from"])
+    assert times["trainers_started"] < first["busy_from"] - started_at
+    # the first trial's way to its step: its client's process, Tune's call, its ask for a slot, the slot
+    assert first["worker_started_at"] < first["called_at"] < first["entered_at"] <= first["busy_from"]
 
 
 def test_a_shared_run_records_where_its_packs_time_went(shared_run):

@@ -128,9 +128,16 @@ def test_a_trainer_set_to_compile_its_layers_tells_its_pack(trial_setup):
 
 
 def test_each_trial_reports_at_its_eval_rounds_with_a_checkpoint_of_its_own(trainer):
-    assert trainer.open("a", shared_trial(), None)
+    import time
+
+    asked = time.time()
+    assert trainer.open("a", shared_trial(), None, (asked - 2.0, asked - 9.0))  # its client's clock: called, loaded
     assert trainer.open("b", shared_trial(lr=3e-3, r=8, seed=1, modules=("down_proj",)), None)
     a, b = reports(trainer, "a"), reports(trainer, "b")
+    first = a[0].report  # Tune called the client, which asked for a slot (entered), which then opened (busy)
+    assert (first.worker_started_at, first.called_at) == (asked - 9.0, asked - 2.0)
+    assert first.called_at < asked <= first.entered_at <= first.busy_from
+    assert b[0].report.called_at == b[0].report.entered_at  # a caller that says nothing: its call's arrival
     for rows in (a, b):
         assert [r.report.step for r in rows] == [3, 6]
         assert all(math.isfinite(r.report.eval_loss) and r.report.step_mode == "packed" for r in rows)

@@ -21,6 +21,7 @@ from trainables.checkpoint import read_files, write_files
 from trainables.config import let_tune_wait_for_the_last_trial
 
 FULL_WAIT_S = 0.2  # between rounds of asking while every slot is taken: a slot frees when a trial ends
+CLIENT_LOADED = time.time()  # when this worker process loaded the client's code: its reports' worker_started_at
 
 
 class TrainerDied(RuntimeError):
@@ -36,10 +37,11 @@ def train_lora_shared(config: dict, trainers: list) -> None:
     the trainer goes to Tune as trainables/trial.py's reports do, with its checkpoint, until the
     trainer says the trial is done. Raises what the trainer raised for the trial (TrialDiverged,
     ValueError for a configuration it cannot train), and TrainerDied when the trainer died."""
+    called_at = time.time()
     let_tune_wait_for_the_last_trial()
     trial_id = tune.get_context().get_trial_id()
     files = _checkpoint_files(TrialParams.from_config(config).start_from)
-    index, token = _open(trainers, trial_id, config, ray.put(files) if files else None)
+    index, token = _open(trainers, trial_id, config, ray.put(files) if files else None, (called_at, CLIENT_LOADED))
     trainer = trainers[index]
     try:
         while True:
@@ -83,11 +85,12 @@ def _checkpoint_files(start_from: str | None) -> dict[str, bytes] | None:
         return read_files(Path(directory))
 
 
-def _open(trainers: list, trial_id: str, config: dict, files) -> tuple[int, str]:
+def _open(trainers: list, trial_id: str, config: dict, files, client: tuple[float, float]) -> tuple[int, str]:
     """The index of the trainer that opened a slot for the trial, and the slot's token (`release`
     frees that slot only): trainers are asked in order of their free slots, most first, again
     every FULL_WAIT_S while all are full or being restarted. `files` is the checkpoint's files in
-    Ray's object store (put once, however often they are offered), or None. TrainerDied when every
+    Ray's object store (put once, however often they are offered), or None; `client`, when Tune
+    called the trial and when its process loaded this code (`SharedTrainer.open`). TrainerDied when every
     trainer has died for good."""
     while True:
         free, restarting = _free_slots(trainers)
@@ -97,7 +100,7 @@ def _open(trainers: list, trial_id: str, config: dict, files) -> tuple[int, str]
             if slots <= 0:
                 break
             try:
-                token = ray.get(trainers[index].open.remote(trial_id, config, files))
+                token = ray.get(trainers[index].open.remote(trial_id, config, files, client))
                 if token is not None:
                     return index, token
             except ray.exceptions.RayActorError:

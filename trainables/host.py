@@ -255,8 +255,9 @@ class Trainer:
     def free_slots(self) -> int:
         return self._call("free_slots")
 
-    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> str | None:
-        return self._call("open", trial_id, config, files)
+    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None,
+             client: tuple[float, float] | None = None) -> str | None:
+        return self._call("open", trial_id, config, files, client)
 
     def next_report(self, trial_id: str):
         return self._call("next_report", trial_id)

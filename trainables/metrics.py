@@ -28,6 +28,7 @@ class Progress:
     eval_seconds: float = 0.0
     generate_seconds: float = 0.0  # the part of eval_seconds spent generating answers
     tokens: int = 0           # real (unpadded) tokens trained on
+    worker_started_at: float = WORKER_STARTED  # when the trial's process loaded its code (a shared trial's client's)
 
     def metrics(self) -> dict:
         """The report's keys that come from here; `busy_to` is now."""
@@ -41,7 +42,7 @@ class Progress:
             "busy_to": time.time(),
             "called_at": self.called_at,
             "entered_at": self.imported_at,
-            "worker_started_at": WORKER_STARTED,
+            "worker_started_at": self.worker_started_at,
         }
 
 

@@ -265,15 +265,21 @@ class SharedTrainer:
         with self.lock:
             return self.pack.capacity - len(self.open_trials)
 
-    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None) -> str | None:
+    def open(self, trial_id: str, config: dict, files: dict[str, bytes] | None,
+             client: tuple[float, float] | None = None) -> str | None:
         """Give trial `trial_id` a slot, continuing from a checkpoint's `files` where given (its
         relative paths as a per-process trial's checkpoint has them), in place of any slot the
         trial still holds (a retry's attempt opens again); the slot's token, which `release` takes
         to free this slot and no later one of the trial, or None when every slot is taken.
-        ValueError for a configuration a pack cannot train."""
+        `client`: when Tune called the trial's client and when its process loaded the client's
+        code, which its reports give as `called_at` and `worker_started_at`; its `entered_at` is
+        this call's arrival, before it waits for the pack. ValueError for a configuration a pack
+        cannot train."""
         from trainables.checkpoint import TrialCheckpoint
-        from trainables.metrics import Progress
+        from trainables.metrics import WORKER_STARTED, Progress
 
+        arrived = time.time()
+        called_at, worker_started_at = client or (arrived, WORKER_STARTED)
         params = TrialParams.from_config(config)
         with self._opening(), self.pack_lock:
             with self.lock:
@@ -283,8 +289,8 @@ class SharedTrainer:
                 return None
             opening = time.perf_counter()
             index = self.pack.add(params)
-            now = time.time()
-            progress = Progress(called_at=now, imported_at=now, busy_from=now)
+            progress = Progress(called_at=called_at, imported_at=arrived, busy_from=time.time(),
+                                worker_started_at=worker_started_at)
             try:
                 if files:
                     self.pack.restore(index, TrialCheckpoint.from_files(files), progress)
