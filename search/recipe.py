@@ -55,27 +55,38 @@ class SearchRecipe:
         if self.started_at is not None:
             self.setup_times[step] = round(time.time() - self.started_at, 3)
 
+    def start_trainer_process(self) -> None:
+        """Start a new local run's shared trainer's process where the run may share its GPU: first,
+        before this process's own imports (`use_console`'s, `setup`'s), so that its imports run
+        beside them (trainables/host.py); `setup` lets it go where the plan does not share."""
+        from trainables.host import TrainerHost, gpu_likely
+
+        resources = self.config.resources
+        if (self.host is None and not self.dry_run and self.address is None and not (self.resume or self.retrain_of)
+                and (resources.packing == SHARED or resources.packing == AUTO and gpu_likely())):
+            self.host = TrainerHost(resources.cpus_per_trial, self.config.model.quantization,
+                                    self.config.model.trust_remote_code)
+            self._done("trainer_process_started")  # the interpreter's start and the config's reading before it
+
     def setup(self) -> int | None:
         try:
             return self._setup()
         except BaseException:  # bad input or a stop: the Ray and the trainer's process started meanwhile go too
-            if self.host is not None:
-                self.host.close()
+            self.close_trainer_process()
             if self.ray_start is not None:
                 self.ray_start.shut_down()
             raise
 
-    def _setup(self) -> int | None:
-        from trainables.host import TrainerHost, gpu_likely, visible_gpu
+    def close_trainer_process(self) -> None:
+        """Let a trainer's process started here go (a command that ends before the run's setup)."""
+        if self.host is not None:
+            self.host.close()
+            self.host = None
 
-        resources = self.config.resources
-        if (not self.dry_run and self.address is None and not (self.resume or self.retrain_of)
-                and (resources.packing == SHARED or resources.packing == AUTO and gpu_likely())):
-            # a new local run that may share its GPU: the trainer's process first, so that its
-            # imports run beside this process's (trainables/host.py); let go where the plan does not share
-            self.host = TrainerHost(resources.cpus_per_trial, self.config.model.quantization,
-                                    self.config.model.trust_remote_code)
-            self._done("trainer_process_started")  # the command's own imports and the config's reading before it
+    def _setup(self) -> int | None:
+        from trainables.host import visible_gpu
+
+        self.start_trainer_process()  # where the command did not start it before
         from search.cluster.connect import (
             LocalRayStart,
             check_cluster_gpus,
@@ -111,9 +122,8 @@ class SearchRecipe:
         local = self.address is None
         # the share by memory needs this machine's GPU; a cluster's GPUs are not known here
         self.plan = plan = plan_resources(config, self.prepared, local=local)
-        if self.host is not None and not plan.shared:
-            self.host.close()
-            self.host = None
+        if not plan.shared:
+            self.close_trainer_process()
         self._done("resources_planned")  # the memory probe, or its cached answer, on a GPU
         if plan.shared:
             check_shared_packing(self.prepared.resolved)

@@ -75,9 +75,15 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
-        use_console(args.console)
-        return SearchRecipe(config, args.address, stop, dry_run=args.dry_run, resume=args.resume,
-                            overwrite=args.overwrite, started_at=started_at)
+        recipe = SearchRecipe(config, args.address, stop, dry_run=args.dry_run, resume=args.resume,
+                              overwrite=args.overwrite, started_at=started_at)
+        recipe.start_trainer_process()  # before the libraries' imports that the console makes
+        try:
+            use_console(args.console)
+        except BaseException:
+            recipe.close_trainer_process()
+            raise
+        return recipe
 
     return run_command(stop, prepare)
 

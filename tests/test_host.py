@@ -225,6 +225,24 @@ def test_bad_data_of_a_shared_run_exits_2_and_its_trainer_process_goes_without_t
     assert len(made) == 1 and not made[0].running() and went == []
 
 
+def test_the_command_starts_the_trainers_process_before_it_imports_the_libraries_it_diverts_the_logs_of(
+        tiny_model_dir, tmp_path):
+    """Their imports take seconds, which the trainer's process spends on its own meanwhile."""
+    code = ("import sys\n"
+            "from trainables.host import TrainerHost\n"
+            "def started(self, *args):\n"
+            "    print(sorted(m for m in ('datasets', 'optuna', 'pandas', 'torch', 'transformers') if m in sys.modules))\n"
+            "    raise SystemExit(0)\n"
+            "TrainerHost.__init__ = started\n"
+            "from search.run import main\n"
+            f"main(['--output', {str(tmp_path)!r}, '--set', 'model.path={tiny_model_dir}', "
+            "'--set', 'resources.packing=shared'])\n"
+            "print('no trainer process')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.stdout.splitlines() == ["[]"], result.stdout + result.stderr
+
+
 def test_a_gpu_hidden_by_cuda_visible_devices_is_no_gpu_to_start_a_trainer_process_for(monkeypatch):
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
