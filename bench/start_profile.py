@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--model", default=str(cache_root()
                                                / "smollm2-135m-instruct"))
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--warm", action="store_true",
+                        help="make inductor's one-time setup before the model's load (trainables.packed.warm_inductor), "
+                             "as a shared trainer's process does while it waits for the driver's go")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the decoder layers into the step, as resources.pack_compile_layers auto does on a GPU")
     args = parser.parse_args()
@@ -53,8 +56,11 @@ def main() -> int:
     import peft  # noqa: F401
     mark("import peft")
     from trainables.model import load_base_model
-    from trainables.packed import Pack
+    from trainables.packed import Pack, warm_inductor
     mark("import trainables")
+    if args.warm:
+        warm_inductor()
+        mark("inductor warmed")
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: a check of the script
     torch.zeros(1, device=device)
     mark("GPU context")

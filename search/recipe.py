@@ -164,7 +164,8 @@ class SearchRecipe:
                 # model's checks, so that bad input of the model or the device costs no Ray start
                 self.ray_start = LocalRayStart()
             if self.host is not None:  # the trainer's process learns its model and GPU, and waits for the go
-                self.host.load(base_spec(config, plan, self.prepared), visible_gpu(plan.gpus_per_trial > 0))
+                gpu = plan.gpus_per_trial > 0
+                self.host.load(base_spec(config, plan, self.prepared), visible_gpu(gpu), warm=plan.compiled and gpu)
             self.data_info = self._start()
             if self.host is not None:  # the input is checked: the trainer's process may take the GPU, and make its trainer
                 from trainables.host import TrainerArgs

@@ -251,6 +251,21 @@ def test_a_gpu_hidden_by_cuda_visible_devices_is_no_gpu_to_start_a_trainer_proce
     assert gpu_likely() == Path("/dev/nvidiactl").exists()  # this machine's answer: NVIDIA's driver is there or not
 
 
+def test_a_host_whose_pack_will_compile_makes_inductors_one_time_setup_before_it_loads_the_weights(
+        trial_setup, tmp_path):
+    host = TrainerHost(trial_setup.cpu_threads, trial_setup.quantization, trial_setup.trust_remote_code)
+    try:
+        host.load(trial_setup.base, "", warm=True)
+        host.go()
+        trainer = Trainer(trial_setup, 1, 1.0, host.address)
+        startup = trainer.startup()
+        assert startup["trainer_imported"] < startup["compiler_warmed"] < startup["trainer_model_loaded"]
+        assert trainer.free_slots() == 1
+    finally:
+        host.close(tmp_path / "host.log")
+    assert "inductor's one-time setup made in" in (tmp_path / "host.log").read_text()
+
+
 def test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go(trial_setup):
     host = TrainerHost(trial_setup.cpu_threads, trial_setup.quantization, trial_setup.trust_remote_code)
     try:
@@ -260,5 +275,6 @@ def test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go(trial
         host.go()
         startup = Trainer(trial_setup, 1, 1.0, host.address).startup()
         assert startup["trainer_imported"] < went < startup["trainer_model_loaded"]
+        assert "compiler_warmed" not in startup  # not asked: its pack compiles nothing
     finally:
         host.close()

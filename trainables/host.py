@@ -144,11 +144,12 @@ class TrainerHost:
         host.go(trainer)
         return host
 
-    def load(self, spec: BaseSpec, gpu: str) -> HostAddress:
+    def load(self, spec: BaseSpec, gpu: str, warm: bool = False) -> HostAddress:
         """Tell the host the model of `spec` and the GPU (`visible_gpu`, "" for none) its actor will
-        have: it imports transformers and PEFT meanwhile, and waits for `go` to load the weights."""
+        have: it imports transformers and PEFT meanwhile, and waits for `go` to load the weights;
+        with `warm` (its pack will compile), it makes inductor's one-time setup while it waits."""
         self.address = HostAddress(str(self._dir / "socket"), os.urandom(32), gpu, self._process.pid)
-        self._send((spec, self.address))
+        self._send((spec, self.address, warm))
         return self.address
 
     def go(self, trainer: TrainerArgs | None = None) -> None:
@@ -382,13 +383,16 @@ def _import_model_code(quantization: str, trust_remote_code: bool) -> None:
 
 def main() -> None:
     started = time.time()
+    # the trainer's own account (its warnings, and what it made ahead) in its output, the run's trainer_host.log
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainables").setLevel(logging.INFO)
     # before the driver says what to load (it decides after its own imports): the same seconds for any model
     import torch  # noqa: F401
 
     try:
         quantization, trust_remote_code = pickle.load(sys.stdin.buffer)
         _import_model_code(quantization, trust_remote_code)
-        spec, address = pickle.load(sys.stdin.buffer)
+        spec, address, warm = pickle.load(sys.stdin.buffer)
     except EOFError:  # the run needs no host after all
         os._exit(0)
     if address.gpu:  # read at CUDA's first use, which comes after: the host's one GPU is its device 0, as an actor's is
@@ -402,7 +406,7 @@ def main() -> None:
     from trainables.shared import load_base
 
     try:
-        host.loaded = load_base(spec, code_loaded_at=started, go=go)
+        host.loaded = load_base(spec, code_loaded_at=started, go=go, warm=warm)
     except Exception as e:  # noqa: BLE001 - raised by the actor that takes this host
         host.loaded = e
     if host.args is not None:  # the pack prepares now, while Ray starts and the actor is made

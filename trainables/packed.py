@@ -925,3 +925,19 @@ def _unsupported(config) -> str | None:
 def _plain(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
     return module.base if isinstance(module, PackedLinear) else module
+
+
+def warm_inductor() -> float:
+    """Compile and train a tiny function with inductor on the CPU, in this process: the seconds it
+    took. Inductor's one-time setup in a process (its lowerings and operators registered, dynamo's
+    and AOT autograd's own start) is part of the first compile whatever its device: a small
+    function's compile from inductor's cache took 5.1-6.0 s without it and 0.22-0.31 s after it on
+    the 2-core CPU (bench/results/warm_inductor_cpu.json). A shared trainer's process does it while
+    it waits for the driver's go (trainables/host.py), so that the pack's preparing, the first
+    step's last wait (bench/results/h100-2026-12-07-sitting15/), does not."""
+    import time
+
+    started = time.perf_counter()
+    weight = torch.ones(4, 4, requires_grad=True)
+    torch.compile(lambda x: (x @ weight).relu().sum(), backend="inductor", dynamic=False)(torch.ones(2, 4)).backward()
+    return time.perf_counter() - started

@@ -105,12 +105,14 @@ class LoadedBase:
     times: dict[str, float]
 
 
-def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: threading.Event | None = None) -> LoadedBase:
+def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: threading.Event | None = None,
+              warm: bool = False) -> LoadedBase:
     """Import torch, transformers and PEFT and load the base model of `spec` on this process's
     device (the first GPU it sees, else the CPU); `code_loaded_at`: when its process had loaded
     the trainer's code. With `go`, the GPU's memory and the weights are taken only once it is set
     (trainables/host.py, whose process made its imports before: the driver sets it once it has
-    checked its input)."""
+    checked its input); with `warm` too, inductor's one-time setup is made meanwhile
+    (`warm_inductor`: the pack will compile its step)."""
     times = {"trainer_code_loaded": code_loaded_at, "trainer_constructing": time.time()}
     from trainables.model import hide_bitsandbytes_unless_needed
 
@@ -133,6 +135,14 @@ def load_base(spec: BaseSpec, code_loaded_at: float = CODE_LOADED_AT, go: thread
     made = threading.Thread(target=context, daemon=True)
     if cuda:
         made.start()
+    if go is not None and warm:
+        from trainables.packed import warm_inductor
+
+        try:
+            log.info("inductor's one-time setup made in %.2f s while the driver checked its input", warm_inductor())
+        except Exception as e:  # noqa: BLE001 - the pack's own compile makes it, or says what fails
+            log.warning("inductor's one-time setup could not be made ahead (%s: %s)", type(e).__name__, e)
+        times["compiler_warmed"] = time.time()
     if go is not None:
         go.wait()
     model = load_base_model(spec.model_path, spec.dtype, spec.quantization, spec.trust_remote_code, device,
