@@ -409,6 +409,9 @@ def main() -> None:
         host.loaded = load_base(spec, code_loaded_at=started, go=go, warm=warm)
     except Exception as e:  # noqa: BLE001 - raised by the actor that takes this host
         host.loaded = e
+    # the driver's go, which says whether it asks for a trainer: a load that failed before it
+    # came must not leave an actor's CONSTRUCT an answer never made
+    go.wait()
     if host.args is not None:  # the pack prepares now, while Ray starts and the actor is made
         host.made = host.make(host.args)
     host.ready.set()
