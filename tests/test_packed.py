@@ -4,6 +4,8 @@ tiny random-init Llama (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -582,6 +584,57 @@ def test_the_captured_step_replayed_without_a_gpu_trains_as_the_eager_step_and_i
     pack.add(params(["lm_head"], 4, 1, False, 1.0, 1e-3))
     pack.step({0: batch(7, 2, 10, vocab)})
     assert id(pack.captured) != captures[-1]
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager+layers"])
+def test_a_capture_that_runs_out_of_memory_is_made_in_passes_of_fewer_slots_and_trains_the_same_with_a_fake_gpu_error(
+        tiny_model_dir, monkeypatch, caplog, backend):
+    """The out-of-memory error is raised by a stand-in (there is no GPU here) for a pass of more than
+    two of the four slots, as the capture's warm-up meets it: the step is captured again in two
+    passes of two, trains each slot as the capture of one pass does, dropout's masks included,
+    and is not captured again at the next steps."""
+    trials = [mixed(k, dropout=0.1 * (k % 2)) for k in range(4)]
+
+    def run(limit: int | None):
+        pack, _, _ = full_pack(tiny_model_dir, trials, max_rank=32)
+        pack.cuda_graph = True  # on the CPU, a pack only takes the graph's path when told to
+        pack.compile_backend = "aot_eager" if backend else None
+        pack.compile_layers = bool(backend)
+        for i in pack.slots:
+            pack.load_adapter_state(i, nonzero_b(pack.adapter_state(i), i))
+        if limit:
+            real = pack.losses
+
+            def limited(*args, **kwargs):
+                selected = pack.capacity if pack.selection is None else len(pack.selection)
+                if selected > limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(pack, "losses", limited)
+        vocab = pack.model.config.vocab_size
+        losses, captures = [], []
+        for step in range(3):
+            widths = {0: 10, 1: 8, 2: 10, 3: 6} if step != 1 else {0: 10, 2: 10}
+            result = pack.step({i: batch(100 * step + i, 2, w, vocab) for i, w in widths.items()})
+            losses.append({i: float(v) for i, v in result.items()})
+            captures.append(id(pack.captured))
+        return pack, losses, {i: pack.adapter_state(i) for i in pack.slots}, captures
+
+    whole, whole_losses, whole_weights, _ = run(None)
+    caplog.set_level(logging.WARNING, logger="trainables.packed")
+    split, split_losses, split_weights, captures = run(2)
+    assert (whole.captured.pass_slots, split.captured.pass_slots, split.pass_slots) == (4, 2, 2)
+    assert split.cuda_graph and split._layers_compiled == bool(backend), "the capture must not give up its graph"
+    assert len(set(captures)) == 1, "the capture in passes of two must serve every later step"
+    assert [r.getMessage() for r in caplog.records if "ran out of GPU memory" in r.getMessage()] == [
+        "the packed step ran out of GPU memory in its capture with 4 slots a pass (CUDA out of memory (stand-in)); "
+        "the pack captures it with 2 a pass"]
+    for whole_step, split_step in zip(whole_losses, split_losses):
+        assert split_step == pytest.approx(whole_step, rel=1e-5)
+    for i in whole_weights:
+        close_weights(split_weights[i], whole_weights[i], f"slot {i} in passes of two", 1e-5 if backend is None else 1e-3)
+    assert split.steps.tolist() == [3, 2, 3, 2]
 
 
 def test_a_pack_told_its_rows_captures_its_step_once_as_batches_widen(tiny_model_dir):

@@ -25,7 +25,9 @@ step's shapes and operations stay those of the first step. On a GPU (`cuda_graph
 step, forward, backward and update, is captured once as a CUDA graph and replayed: the batches
 are copied into the graph's own input tensors (every slot's rows padded to the widest row of
 the trials' data, which the trainer `reserve`s, or else of the batches seen), which slots step
-is a mask in a device tensor, and nothing in the step waits for the host.
+is a mask in a device tensor, and nothing in the step waits for the host. Where one pass of
+every slot's rows does not fit in the GPU's memory, the graph holds passes of fewer slots, one
+after another, and one update (`step`).
 The capture is redone only when the tensors it holds change: a slot first adapts a layer or
 brings a rank above the layer's largest (`max_rank` sizes them for the search's largest rank from
 the start), a batch is wider than the captured width, or dropout turns on or off for the pack
@@ -150,6 +152,15 @@ class PackedLinear(nn.Module):
         return held
 
 
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from (a compiler's wrapping), is running out of GPU memory."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _selected(tensor: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
     """`tensor`'s entries of the selected slots, all where none are selected."""
     return tensor if slots is None else tensor.index_select(0, slots)
@@ -196,6 +207,7 @@ class Captured:
     answers: int  # answer positions scored per row (`answer_positions`)
     dropout: bool
     layout: int
+    pass_slots: int  # slots a forward and backward pass of the step holds
     ids: torch.Tensor
     labels: torch.Tensor
     stepping: torch.Tensor
@@ -411,14 +423,19 @@ class Pack:
                     self._wrap(name, self.max_rank)
         if not self.cuda_graph or not self.reserved_width:
             return
-        try:
-            self._captured_for(rows, self.reserved_width, self.reserved_answers, autocast)
-        except Exception as error:  # noqa: BLE001 - the first step captures again, and says what fails
-            self.captured = None
-            log.warning("the packed step could not be captured before the first trial (%s: %s)",
-                        type(error).__name__, first_line(error))
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        while True:
+            try:
+                self._captured_for(rows, self.reserved_width, self.reserved_answers, autocast)
+                return
+            except Exception as error:  # noqa: BLE001 - the first step captures again, and says what fails
+                self.captured = None
+                fewer = self._fewer_slots_a_pass(error)
+                if not fewer:
+                    log.warning("the packed step could not be captured before the first trial (%s: %s)",
+                                type(error).__name__, first_line(error))
+            self._release_memory()  # out of the handler, whose traceback holds the failed capture's tensors
+            if not fewer:
+                return
 
     def _targets(self, config) -> list[tuple[str, nn.Module]]:
         """The layers a trial of `config` (a PEFT `LoraConfig`) adapts, by name; a packed layer as its
@@ -482,16 +499,20 @@ class Pack:
         the model in one pass, the empty ones as padding; a pass that runs out of GPU memory is
         split in two and run again, down to one slot a pass (the gradients of each slot are its
         own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps.
-        With `cuda_graph`, the captured step instead (see the module's docstring); a capture of
-        compiled decoder layers that fails is made again with the layers uncompiled, and a
-        capture that fails or runs out of memory leaves the pack stepping eagerly from then on;
+        With `cuda_graph`, the captured step instead (see the module's docstring); a capture that
+        runs out of memory is made again with half the slots a pass, down to one (its passes
+        then run one after another inside the graph, each freeing its activations for the next);
+        a capture of compiled decoder layers that fails otherwise is made again with the layers
+        uncompiled, and a capture that still fails leaves the pack stepping eagerly from then on;
         the log says so each time."""
         while self.cuda_graph:
             try:
                 return self._replay(batches, autocast)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
                 self.captured = None
-                if self._layers_compiled:
+                if self._fewer_slots_a_pass(error):
+                    pass  # captured again below
+                elif self._layers_compiled:
                     log.warning("the decoder layers could not be compiled into the captured step (%s: %s); the pack "
                                 "captures them uncompiled", type(error).__name__, first_line(error))
                     self.compile_layers, self._compiled, self._layers_compiled = False, None, False
@@ -499,8 +520,7 @@ class Pack:
                     log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps "
                                 "eagerly", type(error).__name__, first_line(error))
                     self.cuda_graph = False
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            self._release_memory()  # out of the handler, whose traceback holds the failed capture's tensors
         self._zero_grad()
         order = sorted(batches)
         chunks = [list(range(self.capacity))] if self.pass_slots >= self.capacity else None
@@ -514,6 +534,8 @@ class Pack:
             chunk = chunks[start]
             try:
                 losses.update(self._pass({i: batches.get(i) for i in chunk}, autocast))
+                start += 1
+                continue
             except torch.OutOfMemoryError as error:
                 if len(chunk) == 1:
                     self._zero_grad()  # no slot steps: the passes before this one are dropped too
@@ -521,10 +543,7 @@ class Pack:
                 self._zero_grad()
                 losses, start, chunks = {}, 0, None
                 self.pass_slots = max(1, min(len(chunk), len(order)) // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            start += 1
+            self._release_memory()  # out of the handler, whose traceback holds the failed pass's activations
         stepping = torch.zeros(self.capacity, dtype=torch.bool)
         stepping[order] = True
         self.update(stepping.to(self.device))
@@ -550,6 +569,22 @@ class Pack:
         losses = captured.losses.clone()  # the next replay overwrites the graph's own
         return {i: losses[i] for i in order}
 
+    def _fewer_slots_a_pass(self, error: Exception) -> bool:
+        """After a capture that failed with `error`: where it ran out of GPU memory with more than
+        one slot a pass, halve the slots a pass (the log says so) and True: capture again."""
+        if self.pass_slots <= 1 or not _out_of_memory(error):
+            return False
+        before = min(self.pass_slots, self.capacity)
+        self.pass_slots = max(1, before // 2)
+        log.warning("the packed step ran out of GPU memory in its capture with %d slots a pass (%s); the pack "
+                    "captures it with %d a pass", before, first_line(error), self.pass_slots)
+        return True
+
+    def _release_memory(self) -> None:
+        """Give the allocator's unused blocks, a failed capture's pool among them, back to the GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _captured_for(self, rows: int, width: int, answers: int, autocast) -> Captured:
         """The capture that steps `rows` rows a slot of up to `width` tokens and `answers` answer
         positions each: the one held where it fits, else a new one."""
@@ -557,7 +592,8 @@ class Pack:
         answers = -(-answers // ANSWER_ROUNDING) * ANSWER_ROUNDING
         captured = self.captured
         if (captured is None or rows != captured.rows or width > captured.width or answers > captured.answers
-                or self.dropout != captured.dropout or self.layout != captured.layout):
+                or self.dropout != captured.dropout or self.layout != captured.layout
+                or min(self.pass_slots, self.capacity) != captured.pass_slots):
             self.captured = None  # its memory goes back to the allocator before the next capture takes its own
             captured = self.captured = self._capture(rows, max(width, captured.width if captured else 0),
                                                      max(answers, captured.answers if captured else 0), autocast)
@@ -577,13 +613,31 @@ class Pack:
         if self._compiled is None:
             self._compiled = self._compile() if self.compile_backend else (self.losses, self.update)
         losses_of, update = self._compiled
+        # the slots' passes, `pass_slots` each, on their own rows: inside the graph one pass's
+        # activations are freed before the next pass allocates its own, as in an eager step
+        per_pass = min(self.pass_slots, self.capacity)
+        passes = [(None if per_pass == self.capacity
+                   else torch.arange(first, min(first + per_pass, self.capacity), device=self.device),
+                   slice(first * rows, min(first + per_pass, self.capacity) * rows))
+                  for first in range(0, self.capacity, per_pass)]
+
+        def forward_backward() -> torch.Tensor:
+            losses = []
+            for selection, block in passes:
+                self.selection = selection
+                try:
+                    with context:
+                        part = losses_of(ids[block], labels[block], answers=answers)
+                finally:
+                    self.selection = None
+                part.sum().backward()
+                losses.append(part.detach())
+            return torch.cat(losses) if len(losses) > 1 else losses[0]
 
         def step() -> torch.Tensor:
-            with context:
-                losses = losses_of(ids, labels, answers=answers)
-            losses.sum().backward()
+            losses = forward_backward()
             update(stepping)
-            return losses.detach()
+            return losses
 
         def step_compiled_before() -> torch.Tensor:
             # the warm-up compiled every part for these shapes: a guard that fails under the
@@ -592,9 +646,7 @@ class Pack:
                 return step()
 
         def warmup() -> None:  # padding only, and no slot steps: no weight or moment moves
-            with context:
-                losses = losses_of(ids, labels, answers=answers)
-            losses.sum().backward()
+            forward_backward()
             update(torch.zeros_like(stepping))  # compiled here, if at all: nothing compiles under the capture
 
         captured_step = step_compiled_before if self.compile_backend else step
@@ -609,10 +661,12 @@ class Pack:
                 self._zero_grad()
                 losses.copy_(captured_step())
 
-            return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, replay)
+            return Captured(rows, width, answers, self.dropout, self.layout, per_pass, ids, labels, stepping, losses,
+                            replay)
 
         graph, losses = cuda_graph(warmup, captured_step, self._zero_grad, PACK_WARMUP_PASSES)
-        return Captured(rows, width, answers, self.dropout, self.layout, ids, labels, stepping, losses, graph.replay)
+        return Captured(rows, width, answers, self.dropout, self.layout, per_pass, ids, labels, stepping, losses,
+                        graph.replay)
 
     def _compile(self) -> tuple:
         """The step's forward and update through torch.compile by the parts that repeat, each a
