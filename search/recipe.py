@@ -24,6 +24,7 @@ from search.config import AUTO, SHARED, Config, ConfigError, to_dict
 from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, command_again, stopped
 from trainables.config import BaseSpec, TrialSetup, cache_root
+from trainables.host import TrainerArgs
 
 # How long the driver waits for a shared trainer's account of its start: it answers between its
 # packed steps, which take seconds on a CPU.
@@ -168,9 +169,7 @@ class SearchRecipe:
                 self.host.load(base_spec(config, plan, self.prepared), visible_gpu(gpu), warm=plan.compiled and gpu)
             self.data_info = self._start()
             if self.host is not None:  # the input is checked: the trainer's process may take the GPU, and make its trainer
-                from trainables.host import TrainerArgs
-
-                self.host.go(TrainerArgs(self._trial_setup(), config.resources.pack_slots, 1 - self._beside()))
+                self.host.go(self._trainer_args())
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)
@@ -249,12 +248,15 @@ class SearchRecipe:
         return replace(trial_setup(self.config, self.plan, self.prepared, self.location, self.data_info),
                        widest_rows=self.widest_rows)
 
-    def _beside(self) -> float:
-        """The share of each GPU that a trial training beside a shared run's trainer takes (0 where
-        none does): a DoRA trial, or one that adapts expert weights, trains in a process of its own."""
+    def _trainer_args(self) -> TrainerArgs:
+        """What a shared run's trainers are made with, by the trainer's process at the go and by
+        the actors that take it: the trials' setup, the slots, and each GPU's share but what a
+        trial training beside the trainer takes (a DoRA trial, or one that adapts expert weights,
+        trains in a process of its own)."""
         config = self.config
         alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
-        return self.plan.gpus_per_trial if self.plan.shared and alone else 0.0
+        beside = self.plan.gpus_per_trial if self.plan.shared and alone else 0.0
+        return TrainerArgs(self._trial_setup(), config.resources.pack_slots, 1 - beside)
 
     def search(self) -> int | None:
         """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
@@ -313,7 +315,7 @@ class SearchRecipe:
                     self._done("ray_started")
                     gpus = plan.gpus_per_trial
                     host = self.host.address if self.host is not None else None
-                    with (shared_trainers(config.resources, setup, self._beside(), host) if plan.shared
+                    with (shared_trainers(self._trainer_args(), config.resources.cpus_per_trial, host) if plan.shared
                           else nullcontext([])) as trainers:
                         # The limit at the cluster's slot count, and as many trials pending in Tune
                         # (environment.pending_trials): every slot starts at once (with one pending, on an

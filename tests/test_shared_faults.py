@@ -18,11 +18,12 @@ from search.cluster.resume import record_ray_session, stop_leftover_workers
 from search.config import ResourcesConfig
 from search.resources.trainers import shared_trainers
 from trainables.client import _free_slots
+from trainables.host import TrainerArgs
 
 
 @pytest.fixture
 def trainers(local_ray, trial_setup):
-    with shared_trainers(ResourcesConfig(pack_slots=2), trial_setup) as handles:
+    with shared_trainers(TrainerArgs(trial_setup, 2, 1.0), ResourcesConfig().cpus_per_trial) as handles:
         yield handles
 
 

@@ -14,9 +14,7 @@ from contextlib import contextmanager
 
 from ray import tune
 
-from search.config import ResourcesConfig
-from trainables.config import TrialSetup
-from trainables.host import HostAddress, Trainer
+from trainables.host import HostAddress, Trainer, TrainerArgs
 
 # Trainers are found by name in the driver's own Ray namespace (a new one for each driver, so
 # two runs on one cluster never see each other's), where a resumed run's trainers have the same names.
@@ -32,29 +30,27 @@ class TrainerNotStarted(RuntimeError):
 
 
 @contextmanager
-def shared_trainers(resources: ResourcesConfig, setup: TrialSetup, beside: float = 0.0,
-                    host: HostAddress | None = None) -> Iterator[list]:
-    """The handles of the run's trainers, started and answering, for the block; killed after it.
-    One per whole GPU that Ray's cluster has, each with that GPU but the share `beside` (what a
-    trial in a process of its own beside the trainer takes: a DoRA trial,
-    trainables.placement.in_own_process; 0 when the space has none), told as its share of the
-    GPU's memory for its evaluations, and `cpus_per_trial` CPUs, else one with `cpus_per_trial`
-    CPUs. Ray restarts a trainer that dies (its trials fail with the reason, and Tune's retries,
-    resources.max_failures, continue them from their checkpoints on it). A trainer that cannot
-    start ends the run here, before any trial: TrainerNotStarted, naming
-    what its constructor raised. `host`: a trainer's process the driver started before Ray, which
-    the trainer on its GPU takes (trainables/host.py)."""
+def shared_trainers(args: TrainerArgs, cpus_per_trial: int, host: HostAddress | None = None) -> Iterator[list]:
+    """The handles of the run's trainers, made with `args`, started and answering, for the block;
+    killed after it. One per whole GPU that Ray's cluster has, each with `args.share` of that GPU
+    (all but what a trial in a process of its own beside the trainer takes: a DoRA trial,
+    trainables.placement.in_own_process), told as its share of the GPU's memory for its
+    evaluations, and `cpus_per_trial` CPUs, else one with `cpus_per_trial` CPUs. Ray restarts a
+    trainer that dies (its trials fail with the reason, and Tune's retries, resources.max_failures,
+    continue them from their checkpoints on it). A trainer that cannot start ends the run here,
+    before any trial: TrainerNotStarted, naming what its constructor raised. `host`: a trainer's
+    process the driver started before Ray, which the trainer on its GPU takes (trainables/host.py)."""
     import ray
 
     gpus = math.floor(ray.cluster_resources().get("GPU", 0) + 1e-9)
     trainer = ray.remote(Trainer)
-    options = {"num_cpus": resources.cpus_per_trial, "max_concurrency": resources.pack_slots + SPARE_CALLS,
-               "max_restarts": -1, **({"num_gpus": 1 - beside} if gpus else {})}
+    options = {"num_cpus": cpus_per_trial, "max_concurrency": args.capacity + SPARE_CALLS,
+               "max_restarts": -1, **({"num_gpus": args.share} if gpus else {})}
     handles = []
     try:
         for index in range(max(1, gpus)):
             actor = trainer.options(name=f"{TRAINER_NAME}{index}", **options)
-            handles.append(actor.remote(setup, resources.pack_slots, 1 - beside, host))
+            handles.append(actor.remote(args.setup, args.capacity, args.share, host))
         for index, handle in enumerate(handles):
             try:
                 ray.get(handle.free_slots.remote())
