@@ -45,6 +45,7 @@ trial's own AdamW with PEFT's LoRA+ groups, so either trainer continues the othe
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -581,8 +582,11 @@ class Pack:
         return True
 
     def _release_memory(self) -> None:
-        """Give the allocator's unused blocks, a failed capture's pool among them, back to the GPU."""
+        """After a failed pass or capture: its tensors freed, and the allocator's unused blocks
+        given back to the GPU. A failed capture's tensors can sit in reference cycles (its frames
+        and closures) that only the collector frees, and the next try needs that memory."""
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
     def _captured_for(self, rows: int, width: int, answers: int, autocast) -> Captured:
