@@ -112,7 +112,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
                      "test_a_host_exits_when_the_actor_that_took_it_is_killed",
                      "test_an_actor_whose_host_died_ends_itself_for_ray_to_make_it_again",
                      "test_a_host_told_its_model_loads_the_weights_only_after_the_drivers_go",
-                     "test_a_host_whose_pack_will_compile_makes_inductors_one_time_setup_before_it_loads_the_weights"),
+                     "test_a_host_whose_pack_will_compile_makes_inductors_one_time_setup_before_it_loads_the_weights",
+                     "test_a_host_that_crashes_in_native_code_leaves_its_python_stack_in_its_log"),
     "test_shared_faults.py": ("test_a_trainer_that_cannot_load_the_model_ends_the_run_with_exit_1_and_its_reason_in_one_line",),
     "test_shared_search.py": (
         "test_shared_packing_of_conv1d_layers_exits_2_before_ray_starts",  # a fresh interpreter

@@ -162,6 +162,24 @@ def test_what_loading_the_model_raised_is_what_the_actor_raises_and_the_host_exi
         host.close(tmp_path / "host.log")
 
 
+def test_a_host_that_crashes_in_native_code_leaves_its_python_stack_in_its_log(trial_setup, tmp_path):
+    """A SIGSEGV sent to the host stands in for a crash in native code (a capture at the edge of
+    the GPU's memory), which no handler of Python's catches: the log must still say where it was."""
+    host = TrainerHost.for_model(trial_setup.base, gpu="")
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(host.address.socket).exists():  # made after the handler is on
+            assert host.running() and time.monotonic() < deadline, "the host never listened"
+            time.sleep(0.05)
+        os.kill(host.pid, signal.SIGSEGV)
+        assert exited(host)
+    finally:
+        host.close(tmp_path / "host.log")
+    log = (tmp_path / "host.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log, log[-2000:]
+    assert "trainables/host.py" in log.split("Fatal Python error")[1]
+
+
 def _actor_in_a_process(setup, address: HostAddress, then: str) -> subprocess.Popen:
     """A Trainer made in a process of its own (as Ray's worker is), which then waits (`then`
     "wait") or calls the trainer once more after its host is gone ("call")."""

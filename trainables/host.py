@@ -23,6 +23,7 @@ This module imports no torch where `Trainer` is made: the actor's process stays 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import pickle
@@ -386,6 +387,8 @@ def main() -> None:
     # the trainer's own account (its warnings, and what it made ahead) in its output, the run's trainer_host.log
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trainables").setLevel(logging.INFO)
+    # a crash in native code (a capture at the edge of the GPU's memory) leaves the Python stack in the log
+    faulthandler.enable()
     # before the driver says what to load (it decides after its own imports): the same seconds for any model
     import torch  # noqa: F401
 
