@@ -5,6 +5,10 @@ tiny random-init Llama (tests/conftest.py)."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -745,3 +749,16 @@ def test_a_pack_that_reserved_dropout_captures_once_as_slots_with_and_without_it
     assert len(set(once)) == 1
     assert reserved_losses == grown_losses
 
+
+
+def test_inductors_warm_up_makes_no_cpu_kernel_of_its_own_so_an_empty_cache_costs_it_no_cpp_compile(tmp_path):
+    """The shared trainer's process warms inductor on the CPU while it waits for the driver's go; a
+    GPU's step never compiles C++, so the warm-up must not either (with an empty cache a fused CPU
+    kernel's compile made it 46 s on an H100's host). Run with a cache of its own, it must have
+    compiled through inductor (its graph in the cache) and left no C++ source or library there."""
+    cache = tmp_path / "inductor"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", "from trainables.packed import warm_inductor; warm_inductor()"], check=True,
+                   cwd=root, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(root)})
+    assert any((cache / "fxgraph").rglob("*")), "the warm-up compiled nothing through inductor"
+    assert sorted(p.name for p in cache.rglob("*") if p.suffix in (".cpp", ".so")) == []

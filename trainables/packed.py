@@ -992,10 +992,15 @@ def warm_inductor() -> float:
     function's compile from inductor's cache took 5.1-6.0 s without it and 0.22-0.31 s after it on
     the 2-core CPU (bench/results/warm_inductor_cpu.json). A shared trainer's process does it while
     it waits for the driver's go (trainables/host.py), so that the pack's preparing, the first
-    step's last wait (bench/results/h100-2026-12-07-sitting15/), does not."""
+    step's last wait (bench/results/h100-2026-12-07-sitting15/), does not.
+    The function is a matrix product alone, forward and backward, which inductor hands to ATen:
+    no kernel of its own, so no C++ compile on the CPU, which a GPU's step never needs and which an
+    empty cache makes slow (a fused CPU kernel's warm-up took 46 s on an H100's host,
+    bench/results/h100-2026-12-07-sitting16/)."""
     import time
 
     started = time.perf_counter()
     weight = torch.ones(4, 4, requires_grad=True)
-    torch.compile(lambda x: (x @ weight).relu().sum(), backend="inductor", dynamic=False)(torch.ones(2, 4)).backward()
+    product = torch.compile(lambda x: x @ weight, backend="inductor", dynamic=False)(torch.ones(2, 4))
+    product.backward(torch.ones_like(product))
     return time.perf_counter() - started
