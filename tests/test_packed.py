@@ -4,10 +4,12 @@ tiny random-init Llama (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -609,6 +611,8 @@ def test_a_capture_with_compiled_layers_that_runs_out_of_memory_is_made_in_passe
 def captured_in_passes(tiny_model_dir, monkeypatch, caplog, backend: str | None) -> None:
     trials = [mixed(k, dropout=0.1 * (k % 2)) for k in range(4)]
 
+    selections = []  # the slot selections the step's passes read, as weak references
+
     def run(limit: int | None):
         pack, _, _ = full_pack(tiny_model_dir, trials, max_rank=32)
         pack.cuda_graph = True  # on the CPU, a pack only takes the graph's path when told to
@@ -620,6 +624,8 @@ def captured_in_passes(tiny_model_dir, monkeypatch, caplog, backend: str | None)
             real = pack.losses
 
             def limited(*args, **kwargs):
+                if pack.selection is not None:
+                    selections.append(weakref.ref(pack.selection))
                 selected = pack.capacity if pack.selection is None else len(pack.selection)
                 if selected > limit:
                     raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
@@ -642,8 +648,14 @@ def captured_in_passes(tiny_model_dir, monkeypatch, caplog, backend: str | None)
     assert split.cuda_graph and split._layers_compiled == (backend is not None), "the capture must not give up its graph"
     assert len(set(captures)) == 1, "the capture in passes of two must serve every later step"
     assert [r.getMessage() for r in caplog.records if "ran out of GPU memory" in r.getMessage()] == [
-        "the packed step ran out of GPU memory in its capture with 4 slots a pass (CUDA out of memory (stand-in)); "
+        "the packed step ran out of GPU memory before its capture with 4 slots a pass (CUDA out of memory (stand-in)); "
         "the pack captures it with 2 a pass"]
+    # a CUDA graph holds no Python object: with the replay standing for the graph's, what the capture
+    # read and nothing else holds must still be alive (the passes' slot selections, made before it)
+    assert len({id(ref()) for ref in selections}) == 2, "two passes of two slots, each read by its selection"
+    split.captured.replay = lambda: None
+    gc.collect()
+    assert all(ref() is not None for ref in selections), "a selection the graph reads was freed"
     for whole_step, split_step in zip(whole_losses, split_losses):
         assert split_step == pytest.approx(whole_step, rel=1e-5)
     for i in whole_weights:
@@ -772,3 +784,24 @@ def test_inductors_warm_up_makes_no_cpu_kernel_of_its_own_so_an_empty_cache_cost
                    cwd=root, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(root)})
     assert any((cache / "fxgraph").rglob("*")), "the warm-up compiled nothing through inductor"
     assert sorted(p.name for p in cache.rglob("*") if p.suffix in (".cpp", ".so")) == []
+
+
+def test_a_capture_that_fails_in_the_capture_itself_leaves_the_pack_eager_without_another_capture(tiny_model_dir,
+                                                                                                     caplog):
+    """Running out of memory in the warm-up before a capture halves the slots a pass and captures
+    again; the same error raised by the capture itself (CaptureFailed: no GPU here, the error is
+    made by hand) leaves the pack stepping eagerly, its passes as they were: a failed capture can
+    leave its memory pool held, and another graph of the process is not worth its risk."""
+    from trainables.step import CaptureFailed
+
+    pack, _, _ = full_pack(tiny_model_dir, [mixed(k, dropout=0.0) for k in range(4)])
+    pack.cuda_graph = True
+    oom = torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+    assert pack._capture_failed(oom) is True and (pack.pass_slots, pack.cuda_graph) == (2, True)
+    try:
+        raise CaptureFailed("CUDA out of memory (stand-in)") from oom
+    except CaptureFailed as failed:
+        assert pack._capture_failed(failed) is False
+    assert (pack.pass_slots, pack.cuda_graph) == (2, False)
+    assert "the packed step's capture failed (OutOfMemoryError: CUDA out of memory (stand-in)); the pack steps " \
+           "eagerly" in caplog.text

@@ -62,6 +62,7 @@ from trainables.data import IGNORE
 from trainables.metrics import Progress
 from trainables.optim import BETAS, EPS, SlotWeights, loraplus_adamw, schedule_factor, warmup_cosine
 from trainables.step import (
+    CaptureFailed,
     causal_attention_as_sdpa_chooses,
     cuda_graph,
     first_line,
@@ -215,6 +216,9 @@ class Captured:
     losses: torch.Tensor
     replay: object
     order: tuple = ()  # the slots `stepping` holds
+    # what else the graph reads and nothing else holds (a graph keeps no Python object): the
+    # passes' slot selections, made before the capture; freed, their memory would be another tensor's
+    keep: tuple = ()
 
 
 @dataclass
@@ -424,19 +428,14 @@ class Pack:
                     self._wrap(name, self.max_rank)
         if not self.cuda_graph or not self.reserved_width:
             return
-        while True:
+        again = True
+        while again:
             try:
                 self._captured_for(rows, self.reserved_width, self.reserved_answers, autocast)
                 return
-            except Exception as error:  # noqa: BLE001 - the first step captures again, and says what fails
-                self.captured = None
-                fewer = self._fewer_slots_a_pass(error)
-                if not fewer:
-                    log.warning("the packed step could not be captured before the first trial (%s: %s)",
-                                type(error).__name__, first_line(error))
+            except Exception as error:  # noqa: BLE001 - the pack steps eagerly where it gives up; the log says why
+                again = self._capture_failed(error)
             self._release_memory()  # out of the handler, whose traceback holds the failed capture's tensors
-            if not fewer:
-                return
 
     def _targets(self, config) -> list[tuple[str, nn.Module]]:
         """The layers a trial of `config` (a PEFT `LoraConfig`) adapts, by name; a packed layer as its
@@ -500,27 +499,17 @@ class Pack:
         the model in one pass, the empty ones as padding; a pass that runs out of GPU memory is
         split in two and run again, down to one slot a pass (the gradients of each slot are its
         own either way); a slot that does not fit alone raises SlotOutOfMemory, and no slot steps.
-        With `cuda_graph`, the captured step instead (see the module's docstring); a capture that
-        runs out of memory is made again with half the slots a pass, down to one (its passes
-        then run one after another inside the graph, each freeing its activations for the next);
-        a capture of compiled decoder layers that fails otherwise is made again with the layers
-        uncompiled, and a capture that still fails leaves the pack stepping eagerly from then on;
-        the log says so each time."""
+        With `cuda_graph`, the captured step instead (see the module's docstring); a capture whose
+        warm-up runs out of memory is made again with half the slots a pass, down to one (its
+        passes then run one after another inside the graph, each freeing its activations for the
+        next), one that cannot compile the decoder layers is made again with them uncompiled, and
+        a capture that fails otherwise, or in the capture itself, leaves the pack stepping eagerly
+        from then on (`_capture_failed`); the log says so each time."""
         while self.cuda_graph:
             try:
                 return self._replay(batches, autocast)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same; the log says why
-                self.captured = None
-                if self._fewer_slots_a_pass(error):
-                    pass  # captured again below
-                elif self._layers_compiled:
-                    log.warning("the decoder layers could not be compiled into the captured step (%s: %s); the pack "
-                                "captures them uncompiled", type(error).__name__, first_line(error))
-                    self.compile_layers, self._compiled, self._layers_compiled = False, None, False
-                else:
-                    log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps "
-                                "eagerly", type(error).__name__, first_line(error))
-                    self.cuda_graph = False
+                self._capture_failed(error)
             self._release_memory()  # out of the handler, whose traceback holds the failed capture's tensors
         self._zero_grad()
         order = sorted(batches)
@@ -570,16 +559,35 @@ class Pack:
         losses = captured.losses.clone()  # the next replay overwrites the graph's own
         return {i: losses[i] for i in order}
 
-    def _fewer_slots_a_pass(self, error: Exception) -> bool:
-        """After a capture that failed with `error`: where it ran out of GPU memory with more than
-        one slot a pass, halve the slots a pass (the log says so) and True: capture again."""
-        if self.pass_slots <= 1 or not _out_of_memory(error):
+    def _capture_failed(self, error: Exception) -> bool:
+        """After a capture that raised `error`, what the pack does next, which the log says: True
+        where it captures again. Where the warm-up before the capture ran out of GPU memory with
+        more than one slot a pass, it captures with half the slots a pass; where it could not
+        compile the decoder layers into the step, it captures them uncompiled. Otherwise, and
+        after any error of the capture itself (CaptureFailed), it steps eagerly from then on: a
+        capture that failed can leave its memory pool held (pytorch/pytorch#190348), and a later
+        graph of the process is not worth its risk."""
+        self.captured = None
+        if isinstance(error, CaptureFailed):
+            log.warning("the packed step's capture failed (%s: %s); the pack steps eagerly",
+                        type(error.__cause__ or error).__name__, first_line(error))
+            self.cuda_graph = False
             return False
-        before = min(self.pass_slots, self.capacity)
-        self.pass_slots = max(1, before // 2)
-        log.warning("the packed step ran out of GPU memory in its capture with %d slots a pass (%s); the pack "
-                    "captures it with %d a pass", before, first_line(error), self.pass_slots)
-        return True
+        if self.pass_slots > 1 and _out_of_memory(error):
+            before = min(self.pass_slots, self.capacity)
+            self.pass_slots = max(1, before // 2)
+            log.warning("the packed step ran out of GPU memory before its capture with %d slots a pass (%s); the "
+                        "pack captures it with %d a pass", before, first_line(error), self.pass_slots)
+            return True
+        if self._layers_compiled:
+            log.warning("the decoder layers could not be compiled into the captured step (%s: %s); the pack "
+                        "captures them uncompiled", type(error).__name__, first_line(error))
+            self.compile_layers, self._compiled, self._layers_compiled = False, None, False
+            return True
+        log.warning("the packed step could not be captured as a CUDA graph (%s: %s); the pack steps eagerly",
+                    type(error).__name__, first_line(error))
+        self.cuda_graph = False
+        return False
 
     def _release_memory(self) -> None:
         """After a failed pass or capture: its tensors freed, and the allocator's unused blocks
@@ -624,6 +632,7 @@ class Pack:
                    else torch.arange(first, min(first + per_pass, self.capacity), device=self.device),
                    slice(first * rows, min(first + per_pass, self.capacity) * rows))
                   for first in range(0, self.capacity, per_pass)]
+        selections = tuple(selection for selection, _ in passes if selection is not None)
 
         def forward_backward() -> torch.Tensor:
             losses = []
@@ -666,11 +675,11 @@ class Pack:
                 losses.copy_(captured_step())
 
             return Captured(rows, width, answers, self.dropout, self.layout, per_pass, ids, labels, stepping, losses,
-                            replay)
+                            replay, keep=selections)
 
         graph, losses = cuda_graph(warmup, captured_step, self._zero_grad, PACK_WARMUP_PASSES)
         return Captured(rows, width, answers, self.dropout, self.layout, per_pass, ids, labels, stepping, losses,
-                        graph.replay)
+                        graph.replay, keep=selections)
 
     def _compile(self) -> tuple:
         """The step's forward and update through torch.compile by the parts that repeat, each a

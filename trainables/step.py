@@ -353,11 +353,18 @@ class TrainStep:
             torch.compiler.reset()  # the next trial's adapter is new modules: it compiles again anyway
 
 
+class CaptureFailed(RuntimeError):
+    """The capture itself raised, after its warm-up ran (the error it raised is the cause)."""
+
+
 def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads: Callable[[], None],
                passes: int = WARMUP_PASSES) -> tuple[torch.cuda.CUDAGraph, T]:
     """`step` captured as a CUDA graph, as `torch.cuda.graph` asks: `warmup` run `passes` times
     on a side stream first, then the gradients cleared so that the captured backward allocates
-    them from the graph's pool. The graph, and what `step` returned (its static outputs)."""
+    them from the graph's pool. The graph, and what `step` returned (its static outputs). What
+    the warm-up raises is raised as it is; what the capture raises, as CaptureFailed. A graph
+    holds no Python object: every tensor it reads that it did not allocate itself must be kept by
+    the caller for as long as the graph is replayed."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -366,8 +373,11 @@ def cuda_graph(warmup: Callable[[], object], step: Callable[[], T], clear_grads:
     torch.cuda.current_stream().wait_stream(side)
     clear_grads()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
-        out = step()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
+            out = step()
+    except Exception as error:
+        raise CaptureFailed(first_line(error)) from error
     return graph, out
 
 
