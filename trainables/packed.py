@@ -998,7 +998,7 @@ def warm_inductor() -> float:
     """Compile and train a tiny function with inductor on the CPU, in this process: the seconds it
     took. Inductor's one-time setup in a process (its lowerings and operators registered, dynamo's
     and AOT autograd's own start) is part of the first compile whatever its device: a small
-    function's compile from inductor's cache took 5.1-6.0 s without it and 0.22-0.31 s after it on
+    function's compile from inductor's cache took 3.9-4.1 s without it and 0.8-1.0 s after it on
     the 2-core CPU (bench/results/warm_inductor_cpu.json). A shared trainer's process does it while
     it waits for the driver's go (trainables/host.py), so that the pack's preparing, the first
     step's last wait (bench/results/h100-2026-12-07-sitting15/), does not.
