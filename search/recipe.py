@@ -169,7 +169,7 @@ class SearchRecipe:
                 self.host.load(base_spec(config, plan, self.prepared), visible_gpu(gpu), warm=plan.compiled and gpu)
             self.data_info = self._start()
             if self.host is not None:  # the input is checked: the trainer's process may take the GPU, and make its trainer
-                self.host.go(self._trainer_args())
+                self.host.go(self._trainer_args(self._trial_setup()))
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
         keep_logs_in(location.local / LOGS)
         record_driver(location.local)
@@ -248,15 +248,15 @@ class SearchRecipe:
         return replace(trial_setup(self.config, self.plan, self.prepared, self.location, self.data_info),
                        widest_rows=self.widest_rows)
 
-    def _trainer_args(self) -> TrainerArgs:
+    def _trainer_args(self, setup: TrialSetup) -> TrainerArgs:
         """What a shared run's trainers are made with, by the trainer's process at the go and by
-        the actors that take it: the trials' setup, the slots, and each GPU's share but what a
+        the actors that take it: the trials' `setup`, the slots, and each GPU's share but what a
         trial training beside the trainer takes (a DoRA trial, or one that adapts expert weights,
         trains in a process of its own)."""
         config = self.config
         alone = any(config.search.use_dora) or any(res.holds_fixed for res in self.prepared.resolved.values())
         beside = self.plan.gpus_per_trial if self.plan.shared and alone else 0.0
-        return TrainerArgs(self._trial_setup(), config.resources.pack_slots, 1 - beside)
+        return TrainerArgs(setup, config.resources.pack_slots, 1 - beside)
 
     def search(self) -> int | None:
         """The search's Tuner, and the retrain of the pick where asked, on a Ray this process
@@ -315,7 +315,7 @@ class SearchRecipe:
                     self._done("ray_started")
                     gpus = plan.gpus_per_trial
                     host = self.host.address if self.host is not None else None
-                    with (shared_trainers(self._trainer_args(), config.resources.cpus_per_trial, host) if plan.shared
+                    with (shared_trainers(self._trainer_args(setup), config.resources.cpus_per_trial, host) if plan.shared
                           else nullcontext([])) as trainers:
                         # The limit at the cluster's slot count, and as many trials pending in Tune
                         # (environment.pending_trials): every slot starts at once (with one pending, on an
