@@ -21,7 +21,7 @@ from trainables.evaluation import EvalBudget, evaluate, evaluate_blocks
 from trainables.metrics import Progress
 from trainables.optim import loraplus_adamw, warmup_cosine
 from trainables.packed import Pack, PackedLinear, answers_per_row
-from trainables.step import answer_loss
+from trainables.step import CaptureFailed, answer_loss
 
 WARMUP, MAX_STEPS = 2, 10
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -772,7 +772,6 @@ def test_a_pack_that_reserved_dropout_captures_once_as_slots_with_and_without_it
     assert reserved_losses == grown_losses
 
 
-
 def test_inductors_warm_up_makes_no_cpu_kernel_of_its_own_so_an_empty_cache_costs_it_no_cpp_compile(tmp_path):
     """The shared trainer's process warms inductor on the CPU while it waits for the driver's go; a
     GPU's step never compiles C++, so the warm-up must not either (with an empty cache a fused CPU
@@ -792,8 +791,6 @@ def test_a_capture_that_fails_in_the_capture_itself_leaves_the_pack_eager_withou
     again; the same error raised by the capture itself (CaptureFailed: no GPU here, the error is
     made by hand) leaves the pack stepping eagerly, its passes as they were: a failed capture can
     leave its memory pool held, and another graph of the process is not worth its risk."""
-    from trainables.step import CaptureFailed
-
     pack, _, _ = full_pack(tiny_model_dir, [mixed(k, dropout=0.0) for k in range(4)])
     pack.cuda_graph = True
     oom = torch.OutOfMemoryError("CUDA out of memory (stand-in)")
