@@ -12,6 +12,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from analysis.config import is_user_metric, needs_generations
 from rundir.files import write_json_atomic
@@ -25,6 +26,9 @@ from search.output.console import keep_logs_in, ray_core_output_in_logs, say
 from search.signals import GracefulStop, command_again, stopped
 from trainables.config import BaseSpec, TrialSetup, cache_root
 from trainables.host import TrainerArgs
+
+if TYPE_CHECKING:  # the data's module imports torch, which the command imports later
+    from search.inputs.data import Rows
 
 # How long the driver waits for a shared trainer's account of its start: it answers between its
 # packed steps, which take seconds on a CPU.
@@ -95,7 +99,7 @@ class SearchRecipe:
             keep_local_ray_on_loopback,
             resolve_address,
         )
-        from search.inputs.prepare import bytecode_line, check_device, check_shared_packing, prepare_model
+        from search.inputs.prepare import bytecode_line, check_device, check_shared_packing, prepare_model, read_data
         from search.output.tracking import mlflow_store_problem
         from search.resources.plan import plan_resources
 
@@ -160,14 +164,16 @@ class SearchRecipe:
             check_driver_gone(location.local)
             stop_leftover_workers(location.local)
         else:
+            rows = read_data(config)
+            self._done("data_read")
             if cluster is None:
-                # a new run's local Ray starts (seconds) while the data is prepared; not before the
-                # model's checks, so that bad input of the model or the device costs no Ray start
+                # a new run's local Ray starts (seconds) while the data is tokenized; not before the
+                # checks of the model, the device and every row, so that bad input starts nothing
                 self.ray_start = LocalRayStart()
             if self.host is not None:  # the trainer's process learns its model and GPU, and waits for the go
                 gpu = plan.gpus_per_trial > 0
                 self.host.load(base_spec(config, plan, self.prepared), visible_gpu(gpu), warm=plan.compiled and gpu)
-            self.data_info = self._start()
+            self.data_info = self._start(rows)
             if self.host is not None:  # the input is checked: the trainer's process may take the GPU, and make its trainer
                 self.host.go(self._trainer_args(self._trial_setup()))
             self.stop.saved, self.stop.again = saved_line(location), "--resume"
@@ -188,8 +194,8 @@ class SearchRecipe:
                            any(res.holds_fixed for res in prepared.resolved.values())))
         return 0
 
-    def _start(self) -> DataInfo:
-        """Tokenize the data (in memory: bad data is input error with nothing written), then
+    def _start(self, rows: tuple[Rows, Rows]) -> DataInfo:
+        """Tokenize the data's `rows` (in memory: bad data is input error with nothing written), then
         create the run directory with the data and the resolved config (uploaded at once to a
         URI output, where every node reads the data). A stop meanwhile leaves it incomplete."""
         from rundir.layout import DATA, RUN_CONFIG
@@ -200,7 +206,7 @@ class SearchRecipe:
 
         config, prepared, location, stop = self.config, self.prepared, self.location, self.stop
         run_dir = location.local
-        splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path))
+        splits, prepared_data = prepare_data(config, load_tokenizer(config, prepared.path), rows)
         self._done("data_prepared")
         say(eval_sample_line(prepared_data, config.data.eval_examples))  # not with --quiet: it is no result
         fallback = template_fallback_line(prepared_data, config.data)

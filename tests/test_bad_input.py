@@ -18,6 +18,7 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started for bad input")
 
     monkeypatch.setattr(search.cluster.connect, "connect", refuse)
+    monkeypatch.setattr(search.cluster.connect, "LocalRayStart", refuse)  # a new run's Ray, started in the background
 
 
 @pytest.fixture

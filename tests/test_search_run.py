@@ -59,7 +59,7 @@ def test_the_run_config_records_the_resources_as_resolved(tiny_run):
 def test_the_driver_records_when_each_step_of_its_setup_ended_before_the_first_training_step(tiny_run):
     _, run_dir = tiny_run
     times = json.loads((run_dir / "logs" / "setup_times.json").read_text())
-    steps = ["setup_began", "model_prepared", "resources_planned", "device_checked", "data_prepared",
+    steps = ["setup_began", "model_prepared", "resources_planned", "device_checked", "data_read", "data_prepared",
              "run_directory_written", "ray_started", "tuner_starting"]
     assert list(times) == steps
     assert list(times.values()) == sorted(times.values()) and times["setup_began"] > 0

@@ -1,5 +1,5 @@
-"""Data: read, checked and tokenized once by the driver, before Ray starts; trials read it from disk
-(`trainables.data`).
+"""Data: read and every row's turns checked by the driver before a local Ray starts (`read`),
+then tokenized once while it starts (`prepare`); trials read it from disk (`trainables.data`).
 
 Sources (`data.train`, `data.eval`): a builtin task (`builtin:atlas`); a .jsonl, .json, .csv,
 .parquet or .txt file; a `datasets.save_to_disk` directory; or a dataset id in the local
@@ -78,9 +78,14 @@ class Rows:
     data: Any                    # a datasets.Dataset
     format: str                  # a key of FORMATS
     where: Callable[[int], str]  # names row i of `data` for a message: "qa.jsonl line 7"
+    turns: tuple = ()            # row i as chat turns (`_turns`), once `with_turns` has read and checked them
 
     def subset(self, indices: list[int], part: str) -> Rows:
         return replace(self, part=part, data=self.data.select(indices), where=lambda i: self.where(indices[i]))
+
+    def with_turns(self, roles: dict[str, str]) -> Rows:
+        """These rows with every row's turns read and checked (ValueError naming the first bad row)."""
+        return replace(self, turns=tuple(_turns(row, self, i, roles) for i, row in enumerate(self.data)))
 
 
 def load_source(source: str, key: str, columns: dict[str, str]) -> dict[str, Rows]:
@@ -361,15 +366,14 @@ def resolve_template(template: str, tokenizer) -> str:
 
 
 def tokenize(rows: Rows, tokenizer, template: str, cfg: DataConfig) -> tuple[dict[str, list], SourceInfo]:
-    """input_ids and labels per row, cut at data.max_length tokens; labels keep the tokens of the
+    """input_ids and labels per row of `rows` (`read`'s, their turns checked), cut at data.max_length
+    tokens; labels keep the tokens of the
     answers the row trains (`trained_turns`; every token of a text row), -100 elsewhere. A row
     whose trained answers are all empty is dropped and counted unless data.keep_empty_answers; a
     row with no label left after the first token (nothing to train on) is dropped and counted.
-    ValueError naming the row (file and line where the rows are lines), what it holds and what is
-    expected, for a row without its answer; or when every row is dropped."""
+    ValueError naming the source when every row is dropped."""
     input_ids, labels, truncated, dropped, empty = [], [], 0, 0, 0
-    for i, row in enumerate(rows.data):
-        turns = _turns(row, rows, i, cfg.roles)
+    for i, turns in enumerate(rows.turns):
         if not trained_turns(turns, cfg.train_turns, keep_empty=False):
             empty += 1
             if not cfg.keep_empty_answers:
@@ -532,25 +536,28 @@ def marked(ids: list[int], labels: list[int], tokenizer) -> str:
 
 
 def read(cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
-    """The rows to train on and to evaluate on, read and checked, not yet tokenized. Eval is
-    data.eval, else data.train's own eval split, else data.eval_fraction of data.train held
-    out by `seed`. ValueError for bad data, naming the key, the source and the row."""
+    """The rows to train on and to evaluate on, read, and every row's turns checked (`with_turns`),
+    not yet tokenized: no tokenizer is needed, so the driver finds bad rows before it starts
+    anything. Eval is data.eval, else data.train's own eval split, else data.eval_fraction of
+    data.train held out by `seed`. ValueError for bad data, naming the key, the source and the row."""
     train_splits = load_source(cfg.train, "data.train", cfg.columns)
     train = train_part(train_splits)
     if cfg.eval != AUTO_EVAL:
-        return train, eval_part(load_source(cfg.eval, "data.eval", cfg.columns))
-    own = own_eval_part(train_splits)
-    return (train, own) if own else hold_out(train, cfg.eval_fraction, seed)
+        evaluate = eval_part(load_source(cfg.eval, "data.eval", cfg.columns))
+    else:
+        own = own_eval_part(train_splits)
+        train, evaluate = (train, own) if own else hold_out(train, cfg.eval_fraction, seed)
+    return train.with_turns(cfg.roles), evaluate.with_turns(cfg.roles)
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, DataInfo]:
-    """Read (`read`) and tokenize train and eval once, in memory (nothing is written until the
-    whole input is known to be good). Keeps `search_fraction` of train and `eval_examples` of
-    eval (all: every row), chosen by `seed`. Returns the splits and what they hold. ValueError
-    for bad data, naming the key, the source and the row."""
+def prepare(cfg: DataConfig, tokenizer, seed: int, rows: tuple[Rows, Rows] | None = None) -> tuple[dict, DataInfo]:
+    """Tokenize train and eval (`rows`, as `read` gave them, or read here) once, in memory
+    (nothing is written until the whole input is known to be good). Keeps `search_fraction` of
+    train and `eval_examples` of eval (all: every row), chosen by `seed`. Returns the splits and
+    what they hold. ValueError for bad data, naming the key, the source and the row."""
     import datasets
 
-    train, evaluate = read(cfg, seed)
+    train, evaluate = rows or read(cfg, seed)
     template = resolve_template(cfg.template, tokenizer)
     (train_columns, train_info), (eval_columns, eval_info) = (
         tokenize(rows, tokenizer, template, cfg) for rows in (train, evaluate))

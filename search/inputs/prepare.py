@@ -1,6 +1,7 @@
-"""Everything checked and prepared before Ray starts: the base model's location, its
-module sets resolved against its own layers, the ranks it can take, the device, and the
-tokenized data. Any problem here is bad input (exit 2), found before a GPU is asked for.
+"""Everything checked and prepared before a GPU is asked for: the base model's location, its
+module sets resolved against its own layers, the ranks it can take, the device and the data, read
+and checked before a local Ray starts and tokenized while it starts. Any problem here is bad input
+(exit 2).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from search.config import Config, ConfigError, bad_input
 from search.inputs import modules
-from search.inputs.data import DataInfo, prepare
+from search.inputs.data import DataInfo, Rows, prepare, read
 from search.tuning.space import SpaceConfig, module_set_key
 from trainables.config import looks_local, relative_to_cwd
 from trainables.model import SMOLLM2_ALIAS, SMOLLM2_HUB_ID, local_model_dir
@@ -101,11 +102,18 @@ def load_tokenizer(config: Config, model_dir: str):
     return tokenizer
 
 
-def prepare_data(config: Config, tokenizer) -> tuple[dict, DataInfo]:
-    """The data read, checked and tokenized in memory (`search.inputs.data.prepare`); bad data
-    is a ConfigError that names the key, the source and the row."""
+def read_data(config: Config) -> tuple[Rows, Rows]:
+    """The rows to train and evaluate on, read and each row's turns checked, with no tokenizer
+    (`search.inputs.data.read`); bad data is a ConfigError that names the key, the source and the row."""
     with bad_input():
-        return prepare(config.data, tokenizer, config.seed)
+        return read(config.data, config.seed)
+
+
+def prepare_data(config: Config, tokenizer, rows: tuple[Rows, Rows] | None = None) -> tuple[dict, DataInfo]:
+    """The data (`rows` as `read_data` gave them, or read here) tokenized in memory
+    (`search.inputs.data.prepare`); bad data is a ConfigError that names the key, the source and the row."""
+    with bad_input():
+        return prepare(config.data, tokenizer, config.seed, rows)
 
 
 def prepare_model(config: Config) -> PreparedModel:
