@@ -4,6 +4,9 @@
     python bench/shared_packing.py --random    # SmolLM2-135M's shapes, random init: no model files needed
     python bench/shared_packing.py --llama8b   # Llama-3-8B shapes, random init, bf16, 4 x 512 tokens a trial
 
+With --random or --llama8b it needs torch, transformers and PEFT only (no Ray, Optuna, datasets or
+pandas), so a lent GPU machine runs it with nothing staged.
+
 1. One trial as a per-process trial trains it (trainables/trial.py's PEFT model and LoRA+ AdamW,
    trainables/step.py's step: a CUDA graph on GPU, eager on the CPU): training tokens/s.
 2. The shared trainer's pack (trainables/packed.py) at K slots, each a different configuration of

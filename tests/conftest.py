@@ -99,7 +99,8 @@ SLOW: dict[str, str | tuple[str, ...]] = {
         # a fresh interpreter: the fast tier keeps test_bad_input.py's cases of the same exit, in process
         "test_bad_input_on_the_command_line_exits_the_process_with_2_and_no_traceback",
     ),
-    "test_bench_plumbing.py": ("test_the_grid_runs_end_to_end_in_smoke_mode",),
+    "test_bench_plumbing.py": ("test_the_grid_runs_end_to_end_in_smoke_mode",
+                               "test_the_packing_benchmark_on_random_shapes_runs_without_ray_optuna_datasets_or_pandas"),
     "test_retrain.py": ("test_a_tiny_search_then_the_retrain_command_gives_weights_that_load_from_the_printed_path",),
     "test_packed.py": ("test_a_packed_step_compiles_whole_with_no_graph_break_and_trains_as_the_eager_one",
                        "test_inductors_warm_up_makes_no_cpu_kernel_of_its_own_so_an_empty_cache_costs_it_no_cpp_compile",

@@ -33,6 +33,27 @@ def test_the_grid_runs_end_to_end_in_smoke_mode(smollm2_dir):
     assert 0 < run["eval_loss"] < 20 and 0 <= run["eval_accuracy"] <= 1
 
 
+def test_the_packing_benchmark_on_random_shapes_runs_without_ray_optuna_datasets_or_pandas(tmp_path):
+    """What its docstring promises: a lent GPU machine, which lacks these, runs it with nothing staged."""
+    script = (
+        "import sys\n"
+        "for name in ('ray', 'optuna', 'datasets', 'pandas'):\n"
+        "    sys.modules[name] = None  # an import of any of them raises ImportError\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pathlib import Path\n"
+        "import bench.shared_packing as bench\n"
+        f"bench.RESULTS = Path({str(tmp_path)!r})\n"
+        "sys.argv = ['shared_packing.py', '--random', '--slots', '1', '--steps', '1', '--modes', 'eager',"
+        " '--rows', '1', '--tokens', '8']\n"
+        "bench.main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = tmp_path.glob("shared_packing_*.json")
+    figures = json.loads(written.read_text())
+    assert figures["alone"]["tokens_per_second"] > 0 and [p["slots"] for p in figures["packed"]] == [1]
+
+
 def test_the_search_benchmark_counts_overlapping_busy_windows_once_and_accounts_for_setup():
     sys.path.insert(0, str(ROOT))
     from bench.search_vs_grid import first_full_budget_result_at_least_as_good, time_account, timeline, union_seconds
