@@ -366,12 +366,12 @@ def resolve_template(template: str, tokenizer) -> str:
 
 
 def tokenize(rows: Rows, tokenizer, template: str, cfg: DataConfig) -> tuple[dict[str, list], SourceInfo]:
-    """input_ids and labels per row of `rows` (`read`'s, their turns checked), cut at data.max_length
-    tokens; labels keep the tokens of the
-    answers the row trains (`trained_turns`; every token of a text row), -100 elsewhere. A row
-    whose trained answers are all empty is dropped and counted unless data.keep_empty_answers; a
-    row with no label left after the first token (nothing to train on) is dropped and counted.
-    ValueError naming the source when every row is dropped."""
+    """input_ids and labels per row of `rows` (`read`'s, their turns checked), cut at
+    data.max_length tokens; labels keep the tokens of the answers the row trains (`trained_turns`;
+    every token of a text row), -100 elsewhere. A row whose trained answers are all empty is
+    dropped and counted unless data.keep_empty_answers; a row with no label left after the first
+    token (nothing to train on) is dropped and counted. ValueError naming the source when every
+    row is dropped."""
     input_ids, labels, truncated, dropped, empty = [], [], 0, 0, 0
     for i, turns in enumerate(rows.turns):
         if not trained_turns(turns, cfg.train_turns, keep_empty=False):
