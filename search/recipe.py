@@ -297,6 +297,7 @@ class SearchRecipe:
 
         from rundir.layout import SEARCH_EXPERIMENT
         from search.cluster.connect import connect, trial_slots
+        from search.cluster.ray_contract import import_what_tune_fit_imports
         from search.resources.trainers import shared_trainers, trainer_slots
         from search.tuning.prior import prior_points
         from search.tuning.space import LoraSpace
@@ -313,6 +314,7 @@ class SearchRecipe:
             output.enter_context(ray_core_output_in_logs())  # from Ray's start to its shutdown
             try:
                 with stop:
+                    import_what_tune_fit_imports()  # while Ray starts (where it does): fit would, after it
                     if self.ray_start is not None:
                         started_here = self.ray_start.wait()
                     else:

@@ -202,3 +202,44 @@ def test_contract_tune_keeps_as_many_trials_pending_as_tune_max_pending_trials_p
 
     assert most_pending(None) == 1
     assert most_pending("4") == 4
+
+
+FIT_IMPORTS_SEEN = """
+import json, sys
+import ray
+from ray import tune
+from search.cluster.ray_contract import TUNE_FIT_IMPORTS
+
+class Quiet(tune.Callback):
+    pass
+
+def trainable(config):
+    tune.report({"done": 1})
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+before = [name for name in TUNE_FIT_IMPORTS if name in sys.modules]
+tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=sys.argv[1], name="imports", callbacks=[Quiet()],
+                                                verbose=0)).fit()
+print(json.dumps({"before": before, "after": [name for name in TUNE_FIT_IMPORTS if name in sys.modules]}))
+"""
+
+
+def test_contract_tune_fit_imports_the_modules_the_driver_imports_while_ray_starts(tmp_path):
+    """`import_what_tune_fit_imports` moves work off the way to the first trial only while
+    `Tuner.fit` (with a callback, as every run passes) imports each of them itself."""
+    from search.cluster.ray_contract import TUNE_FIT_IMPORTS
+
+    done = subprocess.run([sys.executable, "-c", FIT_IMPORTS_SEEN, str(tmp_path)], check=False,
+                          env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen == {"before": [], "after": list(TUNE_FIT_IMPORTS)}
+
+
+def test_contract_import_what_tune_fit_imports_imports_each_module_it_names():
+    code = ("import json, sys\nfrom search.cluster.ray_contract import TUNE_FIT_IMPORTS, import_what_tune_fit_imports\n"
+            "before = [n for n in TUNE_FIT_IMPORTS if n in sys.modules]\nimport_what_tune_fit_imports()\n"
+            "print(json.dumps({'before': before, 'after': [n for n in TUNE_FIT_IMPORTS if n in sys.modules]}))")
+    from search.cluster.ray_contract import TUNE_FIT_IMPORTS
+
+    assert _in_a_fresh_process(code, _env()) == {"before": [], "after": list(TUNE_FIT_IMPORTS)}
