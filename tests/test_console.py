@@ -266,6 +266,52 @@ def test_a_grid_s_status_line_plans_every_point_with_every_seed_from_the_start(c
               for trial_id, origin in (("a", "search"), ("b", "confirm"))]
     reporter.report(trials, done=False)
     assert "0/16 trials done" in capsys.readouterr().out
-    tpe = status_reporter(load(None, ["budget.num_samples=8"]), -1)
+    tpe = status_reporter(load(None, ["budget.num_samples=8", "selection.cheaper=0"]), -1)
     tpe.report(trials, done=False)
     assert "0/9 trials done" in capsys.readouterr().out  # the search's 8, and the confirmation seen
+
+
+def _stub_trials(origins: list[str], ended: int) -> list:
+    from ray.tune.experiment import Trial
+
+    from helpers import shared_trial
+
+    trials = [Trial("t", config={**shared_trial(), "origin": origin}, trial_id=f"t{n}", stub=True)
+              for n, origin in enumerate(origins)]
+    for trial in trials[:ended]:
+        trial.set_status(Trial.TERMINATED)
+    return trials
+
+
+def test_a_searchs_status_line_counts_the_stage_trials_its_selection_asks_for_before_they_start(capsys):
+    from search.config import load
+    from search.output.trial_lines import status_reporter
+
+    config = load(None, ["budget.num_samples=4", "selection.confirm_top_k=2", "selection.confirm_seeds=2",
+                         "selection.cheaper=1"])
+    reporter = status_reporter(config, -1)
+    # 4 proposed, 2 leaders x 2 seeds and 1 cheaper neighbour expected: the time left counts 5 trials more, not 1
+    reporter.report(_stub_trials(["search"] * 4, ended=3), done=False)
+    line = capsys.readouterr().out
+    assert "3/9 trials done" in line
+    assert "left" in line
+    # more stage trials than expected: counted as they come
+    many = ["search"] * 4 + ["confirm"] * 4 + ["cheaper", "confirm"]
+    reporter.report(_stub_trials(many, ended=4), done=False)
+    assert "4/10 trials done" in capsys.readouterr().out
+
+
+def test_a_searchs_last_status_line_counts_the_stage_trials_that_came(capsys):
+    from search.config import load
+    from search.output.trial_lines import status_reporter
+
+    reporter = status_reporter(load(None, ["budget.num_samples=4"]), -1)  # 1 confirmation and 1 neighbour expected
+    trials = _stub_trials(["search"] * 4 + ["confirm"], ended=5)  # the pick had no cheaper neighbour
+    reporter.report(trials, done=False)
+    assert "5/6 trials done" in capsys.readouterr().out
+    assert reporter.should_report(trials, done=True)  # nothing ended since, and yet the plan changed
+    reporter.report(trials, done=True)
+    line = capsys.readouterr().out
+    assert "5/5 trials done, 0 running" in line
+    assert "left" not in line
+    assert not reporter.should_report(trials, done=True)

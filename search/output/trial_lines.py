@@ -40,14 +40,23 @@ def progress_callbacks(config: Config) -> list[tune.Callback]:
 
 def status_reporter(config: Config, num_samples: int) -> StatusLine:
     """The reporter that prints a run's status line; `num_samples` is the experiment's, -1 for
-    the search (budget.num_samples trials proposed, then the stages' trials as they come; a grid's
-    every point with every seed, all known from the start)."""
+    the search (budget.num_samples trials proposed, then the stages' trials: those the selection
+    asks for in any case expected from the start, the rest as they come; a grid's every point
+    with every seed, all known from the start)."""
     grid = num_samples < 0 and config.search.algorithm == GRID
+    expected = 0
     if grid:
         planned = len(grid_points(config.search)) * config.budget.landscape_seeds
+    elif num_samples < 0:
+        planned = config.budget.num_samples
+        selection = config.selection
+        # the final leaders' extra seeds and the pick's cheaper neighbours: without them the
+        # time left said a minute where the stages still had minutes to run
+        expected = selection.confirm_top_k * selection.confirm_seeds + selection.cheaper
     else:
-        planned = config.budget.num_samples if num_samples < 0 else num_samples
-    return StatusLine(config.selection, config.budget.max_steps, planned, stages_planned=grid)
+        planned = num_samples
+    return StatusLine(config.selection, config.budget.max_steps, planned, stages_planned=grid,
+                      stages_expected=expected)
 
 
 class TrialEvents(tune.Callback):
@@ -87,39 +96,46 @@ class TrialEvents(tune.Callback):
 class StatusLine(tune.ProgressReporter):
     """The status line, printed when trials have ended since the last one (the first time on a
     resume, which starts with trials done), and at least every HEARTBEAT_S: trials done out of
-    those planned (`planned` proposed, plus the stages' trials seen unless `stages_planned`:
-    `planned` counts them already), running, the best configuration at the full budget
-    (`max_steps`) by `selection`'s metric, as the report names it (`best_configuration`), and the
-    time left at the pace trials have ended since Tune started."""
+    those planned (`planned` proposed, plus the stages' trials unless `stages_planned`: `planned`
+    counts them already; until the run is done, at least `stages_expected` of them), running, the
+    best configuration at the full budget (`max_steps`) by `selection`'s metric, as the report
+    names it (`best_configuration`), and the time left at the pace trials have ended since Tune
+    started."""
 
-    def __init__(self, selection: SelectionConfig, max_steps: int, planned: int, stages_planned: bool = False) -> None:
+    def __init__(self, selection: SelectionConfig, max_steps: int, planned: int, stages_planned: bool = False,
+                 stages_expected: int = 0) -> None:
         self.selection, self.max_steps, self.planned = selection, max_steps, planned
-        self.stages_planned = stages_planned
+        self.stages_planned, self.stages_expected = stages_planned, stages_expected
         self.setup()
 
     def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
               mode: str | None = None, **kwargs) -> None:
         self._started = time.monotonic()
         self._ended_before: int | None = None  # ended when Tune started: a resume's finished trials
-        self._ended_said = 0
+        self._ended_said = self._planned_said = 0
         self._said_at = self._started
 
     def should_report(self, trials: list[Trial], done: bool = False) -> bool:
         ended = sum(trial.status in _ENDED for trial in trials)
         if self._ended_before is None:
             self._ended_before = ended
-        return ended != self._ended_said or time.monotonic() - self._said_at >= HEARTBEAT_S
+        # at the end, a plan that expected more stage trials than came is said as it was
+        return (ended != self._ended_said or time.monotonic() - self._said_at >= HEARTBEAT_S
+                or (done and self._planned(trials, done) != self._planned_said))
 
     def report(self, trials: list[Trial], done: bool, *sys_info: str) -> None:
         ended = sum(trial.status in _ENDED for trial in trials)
-        planned = self.planned + (0 if self.stages_planned else
-                                  sum(Origin(trial.config["origin"]) in _STAGES for trial in trials))
+        planned = self._planned(trials, done)
         running = sum(trial.status == Trial.RUNNING for trial in trials)
         now = time.monotonic()
         left = time_left_s(ended - (self._ended_before or 0), planned - ended, now - self._started)
         best = best_configuration(trials, self.selection, self.max_steps)
         say(status_text(ended, planned, running, self.selection.metric, best, left))
-        self._ended_said, self._said_at = ended, now
+        self._ended_said, self._planned_said, self._said_at = ended, planned, now
+
+    def _planned(self, trials: list[Trial], done: bool) -> int:
+        stages = 0 if self.stages_planned else sum(Origin(trial.config["origin"]) in _STAGES for trial in trials)
+        return self.planned + (stages if done else max(stages, self.stages_expected))
 
 
 def describe(params: TrialParams) -> str:
