@@ -29,7 +29,7 @@ ROWS, TOKENS = 8, 64
 def run(model, device, variant: str, slots: int, steps: int, dropout: float) -> str:
     import torch
 
-    from trainables.packed import _gathered, answers_per_row, unpack
+    from trainables.packed import answers_per_row, gathered, unpack
 
     reset_peak(device)
     torch.compiler.reset()  # each row compiles afresh, within torch.compile's limit of recompiles
@@ -42,7 +42,7 @@ def run(model, device, variant: str, slots: int, steps: int, dropout: float) -> 
         stepping = torch.ones(pack.capacity, dtype=torch.bool, device=device)
 
         def one_step():
-            ids, labels = _gathered(batches, ROWS, TOKENS)
+            ids, labels = gathered(batches, ROWS, TOKENS)
             answers = answers_per_row(labels)
             with autocast or nullcontext():
                 losses = losses_of(ids.to(device, non_blocking=True), labels.to(device, non_blocking=True),

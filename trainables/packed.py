@@ -546,7 +546,7 @@ class Pack:
         width = max(self.reserved_width, *(ids.shape[1] for ids, _ in given))
         answers = max(self.reserved_answers, *(answers_per_row(labels) for _, labels in given))
         captured = self._captured_for(rows, width, answers, autocast)
-        ids, labels = _gathered({i: batches.get(i) for i in range(self.capacity)}, rows, captured.width)
+        ids, labels = gathered({i: batches.get(i) for i in range(self.capacity)}, rows, captured.width)
         captured.ids.copy_(_pinned(ids), non_blocking=True)
         captured.labels.copy_(_pinned(labels), non_blocking=True)
         order = tuple(sorted(batches))
@@ -722,7 +722,7 @@ class Pack:
         """Forward and backward of the slots of `batches` (in their order), whose rows are padded
         to one count and one width: a slot without a batch (None) gives padding rows only."""
         given = [b for b in batches.values() if b is not None]
-        ids, labels = _gathered(batches, max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given))
+        ids, labels = gathered(batches, max(ids.shape[0] for ids, _ in given), max(ids.shape[1] for ids, _ in given))
         answers = answers_per_row(labels)
         ids, labels = _pinned(ids).to(self.device, non_blocking=True), _pinned(labels).to(self.device, non_blocking=True)
         slots = list(batches)
@@ -883,7 +883,7 @@ def unpack(model: nn.Module) -> None:
         model.set_output_embeddings(head.base)
 
 
-def _gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows: int, width: int):
+def gathered(batches: dict[int, tuple[torch.Tensor, torch.Tensor] | None], rows: int, width: int):
     """The batches' input ids and labels as one batch, each slot's block `rows` rows of `width`
     tokens (on the batches' device); a slot without a batch (None) gives padding rows only."""
     given = next(b for b in batches.values() if b is not None)
