@@ -33,6 +33,16 @@ def test_the_grid_runs_end_to_end_in_smoke_mode(smollm2_dir):
     assert 0 < run["eval_loss"] < 20 and 0 <= run["eval_accuracy"] <= 1
 
 
+def test_the_tokenizing_benchmark_times_every_row_of_the_data_it_is_given(tmp_path, smollm2_dir):
+    out = tmp_path / "tokenize.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "tokenize_data.py"), "--repeats", "1", "--out", str(out),
+                             "seed=0"], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["rows"] == {"train": 480, "eval": 240}  # the embedded default's atlas, as its dry run counts it
+    assert len(record["seconds"]) == 1 and record["seconds"][0] > 0
+
+
 def test_the_packing_benchmark_on_random_shapes_runs_without_ray_optuna_datasets_or_pandas(tmp_path):
     """What its docstring promises: a lent GPU machine, which lacks these, runs it with nothing staged."""
     script = (

@@ -224,6 +224,35 @@ def test_an_empty_earlier_answer_carries_no_loss_while_the_rows_other_answers_do
     assert sorted(answer_runs(splits["train"], tokenizer)) == sorted([f"{a}<|im_end|>\n"] for _, a in QA)
 
 
+def test_a_plain_row_opens_with_the_tokenizers_bos_once_and_every_turn_starts_on_a_token_boundary(tmp_path, smollm2_dir):
+    """A base model's tokenizer that adds a BOS: the BOS opens each row once (its first turn
+    tokenized with the special tokens, the rest without), an empty first turn included."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = None
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                                    special_tokens=[("<|endoftext|>", bos)])
+    assert tokenizer("Paris")["input_ids"][0] == bos  # the tokenizer adds it
+    rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            for question, answer in [("Capital of France?", "Paris"), ("", "Lyon")] * 4]
+    splits, _ = prepare(DataConfig(train=str(write_jsonl(tmp_path / "bos.jsonl", rows)), template="plain",
+                                   eval_fraction=0.25), tokenizer, seed=0)
+
+    def alone(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.eos_token_id
+    expected = {(bos, *alone("Capital of France?\n"), *alone("Paris"), eos): [*alone("Paris"), eos],
+                (bos, *alone("\n"), *alone("Lyon"), eos): [*alone("Lyon"), eos]}
+    rows = {tuple(ids): labels for ids, labels in zip(splits["train"]["input_ids"], splits["train"]["labels"])}
+    assert rows.keys() == expected.keys()
+    for ids, answer in expected.items():
+        assert rows[ids] == [IGNORE] * (len(ids) - len(answer)) + answer
+
+
 def test_eval_examples_scores_a_seeded_sample_of_a_large_eval_file_or_all_of_it(tmp_path, plain_tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": q, "completion": a} for q, a in QA])
     evaluate = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"Code of item {i}?", "completion": f"C{i}"}

@@ -29,7 +29,7 @@ import functools
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -372,17 +372,17 @@ def tokenize(rows: Rows, tokenizer, template: str, cfg: DataConfig) -> tuple[dic
     dropped and counted unless data.keep_empty_answers; a row with no label left after the first
     token (nothing to train on) is dropped and counted. ValueError naming the source when every
     row is dropped."""
-    input_ids, labels, truncated, dropped, empty = [], [], 0, 0, 0
+    kept, empty = [], 0
     for i, turns in enumerate(rows.turns):
         if not trained_turns(turns, cfg.train_turns, keep_empty=False):
             empty += 1
             if not cfg.keep_empty_answers:
                 continue
         trained = trained_turns(turns, cfg.train_turns, cfg.keep_empty_answers)
-        if rows.format == "text" or template == "plain":
-            ids, row_labels = _plain_tokens(turns, trained, tokenizer, cfg.separator)
-        else:
-            ids, row_labels = _chat_tokens(turns, trained, tokenizer, rows.where(i))
+        kept.append(_plain_pieces(turns, trained, cfg.separator) if rows.format == "text" or template == "plain"
+                    else _chat_pieces(turns, trained, tokenizer, rows.where(i)))
+    input_ids, labels, truncated, dropped = [], [], 0, 0
+    for ids, row_labels in _tokens(kept, tokenizer):
         if not any(label != IGNORE for label in row_labels[1:cfg.max_length]):
             dropped += 1
             continue
@@ -395,6 +395,40 @@ def tokenize(rows: Rows, tokenizer, template: str, cfg: DataConfig) -> tuple[dic
                          f"whose prompt fills it). Fix: raise data.max_length, or fill in the answers")
     info = SourceInfo(rows.key, rows.source, rows.part, rows.format, len(rows.data), truncated, dropped, empty)
     return {"input_ids": input_ids, "labels": labels}, info
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A row's text to tokenize apart from the rest: trained or not, with the tokenizer's own
+    special tokens (a BOS where it adds one) where it opens a plain row, and an EOS after it
+    where it is a plain row's answer."""
+
+    text: str
+    train: bool
+    special: bool = False
+    eos: bool = False
+
+
+def _tokens(rows: list[list[_Piece]], tokenizer) -> Iterator[tuple[list[int], list[int]]]:
+    """Each row's input_ids and labels, its pieces tokenized apart but every row's in one call:
+    a fast tokenizer encodes a batch in its own threads, where a call per piece paid the
+    tokenizer's overhead per piece (a third of tokenizing `facts`' 3,600 rows on 2 cores)."""
+    texts = {special: [piece.text for row in rows for piece in row if piece.text and piece.special is special]
+             for special in (False, True)}
+    encoded = {special: iter(tokenizer(batch, add_special_tokens=special)["input_ids"] if batch else [])
+               for special, batch in texts.items()}
+    eos = _eos(tokenizer)
+    for row in rows:
+        ids, labels = [], []
+        for piece in row:
+            if piece.text:
+                part = next(encoded[piece.special])
+            else:  # no text, and only the special tokens where it opens a plain row
+                part = tokenizer("", add_special_tokens=True)["input_ids"] if piece.special else []
+            part = part + (eos if piece.eos else [])
+            ids += part
+            labels += part if piece.train else [IGNORE] * len(part)
+        yield ids, labels
 
 
 def trained_turns(turns: list[dict], train_turns: str, keep_empty: bool) -> list[int]:
@@ -474,24 +508,22 @@ def _text(row: dict, field: str, rows: Rows, i: int) -> str:
     return value
 
 
-def _plain_tokens(turns: list[dict], trained: list[int], tokenizer, separator: str) -> tuple[list[int], list[int]]:
+def _plain_pieces(turns: list[dict], trained: list[int], separator: str) -> list[_Piece]:
     """Each turn's text in order, `separator` between one turn and the next, an answer ending in
     EOS (before the separator); labels on the `trained` answers and their EOS. Each turn is
     tokenized apart, so an answer starts on a token boundary, the first with the tokenizer's own
     special tokens (a BOS where it adds one)."""
-    ids, labels = [], []
+    pieces = []
     for k, turn in enumerate(turns):
         answer = turn["role"] == "assistant"
         # the separator after an answer's EOS opens the next turn, which is never an answer's own text
         after_answer = separator if k and turns[k - 1]["role"] == "assistant" else ""
         text = turn["content"] if answer else after_answer + turn["content"] + separator
-        piece = tokenizer(text, add_special_tokens=not ids)["input_ids"] + (_eos(tokenizer) if answer else [])
-        ids += piece
-        labels += piece if k in trained else [IGNORE] * len(piece)
-    return ids, labels
+        pieces.append(_Piece(text, k in trained, special=not pieces, eos=answer))
+    return pieces
 
 
-def _chat_tokens(turns: list[dict], trained: list[int], tokenizer, where: str) -> tuple[list[int], list[int]]:
+def _chat_pieces(turns: list[dict], trained: list[int], tokenizer, where: str) -> list[_Piece]:
     """The row rendered by the tokenizer's chat template; labels on each `trained` answer, from
     where its rendering departs from the prompt that asks for it (the generation prompt) to the
     end of its turn. Trained and untrained text are tokenized apart, as a prompt is at inference."""
@@ -504,24 +536,17 @@ def _chat_tokens(turns: list[dict], trained: list[int], tokenizer, where: str) -
                  for k in trained]
     except Exception as e:  # the template is the model's own Jinja code, which raises what it likes
         raise ValueError(f"{where}: the tokenizer's chat template refused the row ({type(e).__name__}: {e})") from None
-    ids, labels, done = [], [], 0
-
-    def add(text: str, train: bool) -> None:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids.extend(piece)
-        labels.extend(piece if train else [IGNORE] * len(piece))
-
+    pieces, done = [], 0
     for asked, answered, k in spans:
         if not full.startswith(answered):
             raise ValueError(f"{where}: the tokenizer's chat template renders the turns up to assistant turn {k + 1} "
                              f"differently once later turns follow, so that turn's tokens cannot be told apart. "
                              f"Fix: --set data.train_turns=last, or data.template=plain")
         start = max(done, len(os.path.commonprefix([asked, answered])))
-        add(full[done:start], False)
-        add(full[start:len(answered)], True)
+        pieces += [_Piece(full[done:start], False), _Piece(full[start:len(answered)], True)]
         done = len(answered)
-    add(full[done:], False)
-    return ids, labels
+    pieces.append(_Piece(full[done:], False))
+    return pieces
 
 
 def _eos(tokenizer) -> list[int]:
