@@ -315,3 +315,11 @@ def test_a_searchs_last_status_line_counts_the_stage_trials_that_came(capsys):
     assert "5/5 trials done, 0 running" in line
     assert "left" not in line
     assert not reporter.should_report(trials, done=True)
+    stopped = status_reporter(load(None, ["budget.num_samples=4"]), -1)
+    trials = _stub_trials(["search"] * 3, ended=2)
+    stopped.report(trials, done=False)
+    capsys.readouterr()
+    trials[2].set_status(trials[2].TERMINATED)  # Ctrl+C: the running trial ends, one proposal never came
+    stopped.report(trials, done=False)
+    assert "3/6 trials done, 0 running" in capsys.readouterr().out
+    assert not stopped.should_report(trials, done=True)  # no line at the end claims the plan was done

@@ -50,8 +50,8 @@ def status_reporter(config: Config, num_samples: int) -> StatusLine:
     elif num_samples < 0:
         planned = config.budget.num_samples
         selection = config.selection
-        # the final leaders' extra seeds and the pick's cheaper neighbours: without them the
-        # time left said a minute where the stages still had minutes to run
+        # the final leaders' extra seeds and the pick's cheaper neighbours: the time left counts
+        # the minutes they train before they are handed out
         expected = selection.confirm_top_k * selection.confirm_seeds + selection.cheaper
     else:
         planned = num_samples
@@ -119,9 +119,10 @@ class StatusLine(tune.ProgressReporter):
         ended = sum(trial.status in _ENDED for trial in trials)
         if self._ended_before is None:
             self._ended_before = ended
-        # at the end, a plan that expected more stage trials than came is said as it was
+        # a search that ended with fewer stage trials than planned says so; a stopped one, whose
+        # planned trials did not all end, says nothing more
         return (ended != self._ended_said or time.monotonic() - self._said_at >= HEARTBEAT_S
-                or (done and self._planned(trials, done) != self._planned_said))
+                or (done and ended == self._planned(trials, done) != self._planned_said))
 
     def report(self, trials: list[Trial], done: bool, *sys_info: str) -> None:
         ended = sum(trial.status in _ENDED for trial in trials)
