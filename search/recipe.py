@@ -314,7 +314,7 @@ class SearchRecipe:
             output.enter_context(ray_core_output_in_logs())  # from Ray's start to its shutdown
             try:
                 with stop:
-                    import_what_tune_fit_imports()  # while Ray starts (where it does): fit would, after it
+                    import_what_tune_fit_imports()  # while Ray starts, not in fit before its first trial
                     if self.ray_start is not None:
                         started_here = self.ray_start.wait()
                     else:

@@ -218,7 +218,7 @@ def trainable(config):
 
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 before = [name for name in TUNE_FIT_IMPORTS if name in sys.modules]
-tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=sys.argv[1], name="imports", callbacks=[Quiet()],
+tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=STORAGE, name="imports", callbacks=[Quiet()],
                                                 verbose=0)).fit()
 print(json.dumps({"before": before, "after": [name for name in TUNE_FIT_IMPORTS if name in sys.modules]}))
 """
@@ -229,10 +229,7 @@ def test_contract_tune_fit_imports_the_modules_the_driver_imports_while_ray_star
     `Tuner.fit` (with a callback, as every run passes) imports each of them itself."""
     from search.cluster.ray_contract import TUNE_FIT_IMPORTS
 
-    done = subprocess.run([sys.executable, "-c", FIT_IMPORTS_SEEN, str(tmp_path)], check=False,
-                          env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.splitlines()[-1])
+    seen = _in_a_fresh_process(FIT_IMPORTS_SEEN.replace("STORAGE", repr(str(tmp_path))), _env())
     assert seen == {"before": [], "after": list(TUNE_FIT_IMPORTS)}
 
 

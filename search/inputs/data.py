@@ -417,14 +417,14 @@ def _tokens(rows: list[list[_Piece]], tokenizer) -> Iterator[tuple[list[int], li
              for special in (False, True)}
     encoded = {special: iter(tokenizer(batch, add_special_tokens=special, return_attention_mask=False)["input_ids"]
                              if batch else []) for special, batch in texts.items()}
-    eos = _eos(tokenizer)
+    eos, opening = _eos(tokenizer), tokenizer("", add_special_tokens=True)["input_ids"]
     for row in rows:
         ids, labels = [], []
         for piece in row:
             if piece.text:
                 part = next(encoded[piece.special])
             else:  # no text, and only the special tokens where it opens a plain row
-                part = tokenizer("", add_special_tokens=True)["input_ids"] if piece.special else []
+                part = opening if piece.special else []
             part = part + (eos if piece.eos else [])
             ids += part
             labels += part if piece.train else [IGNORE] * len(part)
